@@ -1,0 +1,6 @@
+"""Datasets shipped with installed packages or simulated in code (never downloaded)."""
+
+from ._pbmc import pbmc68k
+from ._simulate import SimulatedTree, simulate_tree
+
+__all__ = ["pbmc68k", "simulate_tree", "SimulatedTree"]

@@ -1,0 +1,72 @@
+"""Maps from a latent representation back to genes (PCA loadings + centring mean)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._validation import to_dense
+
+logger = logging.getLogger(__name__)
+
+
+def fit_pca_decoder(
+    adata: AnnData,
+    obsm_key: str,
+    layer: str | None,
+    *,
+    loadings_key: str = "PCs",
+    rtol: float = 1e-2,
+    n_check: int = 500,
+) -> dict | None:
+    """Centring mean and loadings that map ``adata.obsm[obsm_key]`` back to expression.
+
+    scanpy's ``sc.pp.pca`` stores the loadings (``varm['PCs']``) but not the centring mean; the
+    mean of the expression the PCA was computed on recovers it. The map is kept only if it
+    reproduces the stored coordinates (so a PCA of another layer, or of scaled data, is caught).
+
+    Returns
+    -------
+    ``{"kind": "pca", "loadings": (d, g), "mean": (g,), "var_names": (g,)}`` or `None`.
+    """
+    rep = np.asarray(adata.obsm[obsm_key], dtype=np.float64)
+    if loadings_key not in adata.varm or adata.varm[loadings_key].shape[1] != rep.shape[1]:
+        logger.info(
+            "No PCA loadings adata.varm[%r] matching %r: generated cells will carry the latent "
+            "representation only.", loadings_key, obsm_key,
+        )
+        return None
+    loadings = np.asarray(adata.varm[loadings_key], dtype=np.float64)
+    genes = np.flatnonzero(np.abs(loadings).sum(1) > 0)  # PCA on HVGs leaves zero rows elsewhere
+    expr = adata.layers[layer] if layer is not None else adata.X
+    expr = expr[:, genes]
+    mean = np.asarray(expr.mean(0), dtype=np.float64).ravel() if sp.issparse(expr) else to_dense(expr).mean(0)
+    rows = np.random.default_rng(0).choice(adata.n_obs, min(n_check, adata.n_obs), replace=False)
+    projected = (to_dense(expr[np.sort(rows)]) - mean) @ loadings[genes]
+    target = rep[np.sort(rows)]
+    err = np.linalg.norm(projected - target) / max(np.linalg.norm(target), 1e-12)
+    if not np.isfinite(err) or err > rtol:
+        where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+        warnings.warn(
+            f"adata.obsm[{obsm_key!r}] is not the PCA of {where} with adata.varm[{loadings_key!r}] "
+            f"(relative mismatch {err:.3f}); generated cells will carry only the latent "
+            "representation. Pass `layer=` naming the expression the PCA was computed on.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return {
+        "kind": "pca",
+        "loadings": loadings[genes].T.astype(np.float32),  # (d, g)
+        "mean": mean.astype(np.float32),
+        "var_names": np.asarray(adata.var_names[genes]).astype(str),
+    }
+
+
+def decode(decoder: dict, z: np.ndarray) -> np.ndarray:
+    """Expression of latent coordinates ``z`` (n, d) -> (n, g)."""
+    return (z @ decoder["loadings"] + decoder["mean"]).astype(np.float32)

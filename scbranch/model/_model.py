@@ -1,0 +1,526 @@
+"""``BranchedDiffusion``: the scvi-tools model class users train, save, load and sample from."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.utils import setup_anndata_dsp, track
+
+from .._constants import OBS_KEYS, REGISTRY_KEYS, UNS_KEYS
+from .._validation import (
+    check_class_sizes,
+    check_finite,
+    check_obs_key,
+    check_rep_key,
+    get_matrix,
+    to_dense,
+)
+from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standardizer
+from ..module._discovery import discover_hierarchy, subsample_per_class
+from ..module._networks import count_parameters
+from ..module._sampling import SOLVERS
+from ..tl._branch_hierarchy import hierarchy_record
+from ._decoding import decode, fit_pca_decoder
+from ._training_plan import DiffusionTrainingPlan
+
+logger = logging.getLogger(__name__)
+
+
+class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
+    """Hierarchically branched diffusion model of cell types :cite:p:`Tseng2024`.
+
+    A score network with a shared trunk and one head per branch of a cell-type tree is trained
+    on a latent representation (``obsm_key``, e.g. PCA) or on expression (``layer``/``.X``).
+    Sampling follows the tree from t = 1 down, sharing the upper part of the reverse process
+    between related types.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Registry of a saved model (used by :meth:`load`; leave `None`).
+    hierarchy
+        The tree: `None` reuses ``adata.uns['scbranch_hierarchy']`` when it fits these data
+        and the forward process, otherwise discovers one; a :class:`~scbranch.module.BranchTree`,
+        a dict from :meth:`~scbranch.module.BranchTree.to_dict`, or a key of ``adata.uns``.
+    architecture
+        ``"branched"`` or ``"flat"`` (label-guided baseline with about the same parameter count).
+    width
+        Hidden width of the network.
+    n_trunk_blocks
+        Residual blocks shared by all branches.
+    n_head_blocks
+        Residual blocks of each branch head.
+    beta0, beta1, t_min
+        Forward process (VP-SDE), shared by discovery, training and sampling.
+    min_cells_per_class
+        Types with fewer training cells raise an error.
+    discovery_kwargs
+        Options of hierarchy discovery when one is discovered (see
+        :func:`scbranch.tl.branch_hierarchy`).
+
+    Examples
+    --------
+    >>> import scbranch as sb
+    >>> adata = sb.datasets.pbmc68k()
+    >>> sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    >>> model = sb.BranchedDiffusion(adata)
+    >>> model.train(max_epochs=5)  # doctest: +SKIP
+    >>> gen = model.generate(n_cells=100, seed=0)  # doctest: +SKIP
+    """
+
+    _module_cls = BranchedDiffusionModule
+    _training_plan_cls = DiffusionTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        hierarchy: BranchTree | Mapping | str | None = None,
+        architecture: str = "branched",
+        width: int = 256,
+        n_trunk_blocks: int = 1,
+        n_head_blocks: int = 3,
+        beta0: float = 0.1,
+        beta1: float = 20.0,
+        t_min: float = 1e-3,
+        min_cells_per_class: int = 3,
+        discovery_kwargs: dict | None = None,
+    ):
+        super().__init__(adata, registry)
+        setup = self.registry_["setup_args"]
+        self.obsm_key: str | None = setup.get("obsm_key")
+        self.layer: str | None = setup.get("layer")
+        data_key = REGISTRY_KEYS.REP_KEY if self.obsm_key else REGISTRY_KEYS.X_KEY
+        n_input = (
+            int(self.summary_stats[f"n_{REGISTRY_KEYS.REP_KEY}"])
+            if self.obsm_key
+            else int(self.summary_stats["n_vars"])
+        )
+        sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
+        classes = self.classes
+        shift = scale = None
+        self.decoder_ = None
+        if adata is not None:
+            x, labels = self._training_arrays(adata)
+            check_class_sizes(labels, classes, min_cells_per_class, self.labels_key)
+            shift, scale = global_standardizer(x)
+            tree, record = self._resolve_hierarchy(
+                hierarchy, adata, x, labels, shift, scale, sde, discovery_kwargs or {}
+            )
+            hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
+            self.hierarchy_record_ = record
+            self.class_counts_ = np.bincount(labels, minlength=len(classes))
+            if self.obsm_key is not None:
+                self.decoder_ = fit_pca_decoder(adata, self.obsm_key, self.layer)
+        elif hierarchy is None:
+            raise ValueError("A model built without AnnData needs `hierarchy`.")
+        elif isinstance(hierarchy, BranchTree):
+            hierarchy = hierarchy.to_dict()
+        self.module = self._module_cls(
+            n_input,
+            hierarchy,
+            architecture=architecture,
+            width=width,
+            n_trunk_blocks=n_trunk_blocks,
+            n_head_blocks=n_head_blocks,
+            beta0=beta0,
+            beta1=beta1,
+            t_min=t_min,
+            data_key=data_key,
+        )
+        if shift is not None:
+            self.module.set_standardization(shift, scale)
+        if self.module.tree.classes != classes:
+            raise ValueError(
+                f"The hierarchy's classes {self.module.tree.classes} differ from the labels "
+                f"{classes}; recompute the hierarchy on these data."
+            )
+        self._model_summary_string = (
+            f"BranchedDiffusion ({architecture}) on "
+            f"{'obsm[' + repr(self.obsm_key) + ']' if self.obsm_key else 'expression'} "
+            f"({n_input} dims), {len(classes)} classes, {self.module.tree.n_branches} branches, "
+            f"{count_parameters(self.module.net):,} parameters; tree "
+            f"{self.module.tree.to_newick(3)}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        layer: str | None = None,
+        obsm_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData object with the model.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        labels_key
+            Column of ``adata.obs`` with the cell types to generate.
+        layer
+            Layer of log-normalised expression to diffuse (or to decode a PCA into).
+            If `None`, ``adata.X``.
+        obsm_key
+            Key of ``adata.obsm`` with the latent representation to diffuse (e.g. ``"X_pca"``).
+            If `None`, diffuse expression (``layer`` or ``.X``).
+        **kwargs
+            Used by :meth:`load` (``source_registry``).
+
+        Examples
+        --------
+        >>> BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")  # doctest: +SKIP
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check_obs_key(adata, labels_key)
+        check_rep_key(adata, obsm_key=obsm_key, layer=layer)
+        if obsm_key is not None:
+            check_finite(adata.obsm[obsm_key], f"adata.obsm[{obsm_key!r}]")
+        else:
+            where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+            check_finite(adata.layers[layer] if layer else adata.X, where)
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        if obsm_key is not None:
+            fields.append(ObsmField(REGISTRY_KEYS.REP_KEY, obsm_key))
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ registry helpers
+    @property
+    def classes(self) -> list[str]:
+        """Cell types the model knows, in training order."""
+        mapping = self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+        return [str(c) for c in mapping]
+
+    @property
+    def labels_key(self) -> str:
+        """Column of ``obs`` that holds the cell types."""
+        return self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).original_key
+
+    @property
+    def tree(self) -> BranchTree:
+        """The branch tree of the model."""
+        return self.module.tree
+
+    def _training_arrays(self, adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
+        matrix = get_matrix(adata, obsm_key=self.obsm_key, layer=self.layer)
+        codes = self.get_from_registry(adata, REGISTRY_KEYS.LABELS_KEY)
+        return matrix, np.asarray(codes, dtype=np.int64).ravel()
+
+    def get_from_registry(self, adata: AnnData, key: str) -> np.ndarray:
+        """Data registered under ``key`` for ``adata``."""
+        return self.get_anndata_manager(adata, required=True).get_from_registry(key)
+
+    def _resolve_hierarchy(self, hierarchy, adata, x, labels, shift, scale, sde, discovery_kwargs):
+        classes = self.classes
+        if isinstance(hierarchy, BranchTree):
+            return hierarchy, {}
+        if isinstance(hierarchy, Mapping):
+            tree_dict = hierarchy.get("tree", hierarchy)
+            return BranchTree.from_dict(tree_dict), dict(hierarchy) if "tree" in hierarchy else {}
+        key = hierarchy if isinstance(hierarchy, str) else UNS_KEYS.HIERARCHY
+        if key in adata.uns:
+            record = adata.uns[key]
+            params = record.get("params", {})
+            problems = []
+            tree = BranchTree.from_dict(record["tree"])
+            if tree.classes != classes:
+                problems.append(f"its classes {tree.classes} differ from {classes}")
+            if params.get("groupby") != self.labels_key:
+                problems.append(f"it groups by {params.get('groupby')!r}, not {self.labels_key!r}")
+            if (params.get("use_rep") or None) != self.obsm_key or (
+                (params.get("layer") or None) != (None if self.obsm_key else self.layer)
+            ):
+                problems.append("it was computed on another representation")
+            try:
+                sde.check_same(params, what=f"hierarchy in adata.uns[{key!r}]")
+            except (ValueError, KeyError) as err:
+                problems.append(str(err))
+            if not problems:
+                logger.info("Using the hierarchy stored in adata.uns[%r].", key)
+                return tree, dict(record)
+            if isinstance(hierarchy, str):
+                raise ValueError(f"adata.uns[{key!r}] does not fit this model: {'; '.join(problems)}.")
+            logger.info(
+                "Not reusing adata.uns[%r] (%s); discovering the hierarchy.", key, "; ".join(problems)
+            )
+        elif isinstance(hierarchy, str):
+            raise KeyError(f"hierarchy={hierarchy!r} is not a key of adata.uns.")
+        opts = {
+            "n_cells_per_class": 200, "n_times": 200, "smooth_sigma": 3.0, "epsilon": 0.005,
+            "min_branch_length": 0.02, "seed": 0, **discovery_kwargs,
+        }
+        keep = subsample_per_class(labels, len(classes), opts["n_cells_per_class"], opts["seed"])
+        xs = (to_dense(x[keep]) - shift) / scale
+        result = discover_hierarchy(
+            xs, labels[keep], classes, sde, n_per_class=opts["n_cells_per_class"],
+            n_times=opts["n_times"], smooth_sigma=opts["smooth_sigma"], epsilon=opts["epsilon"],
+            min_branch_length=opts["min_branch_length"], seed=opts["seed"],
+        )
+        params = {
+            "groupby": self.labels_key, "use_rep": self.obsm_key or "", "layer": self.layer or "",
+            "standardization": "global", **opts, **sde.to_dict(),
+        }
+        logger.info("Discovered hierarchy: %s", result.tree.to_newick(3))
+        return result.tree, hierarchy_record(result, params)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        ema_decay: float = 0.999,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 1.0,
+        validation_size: float | None = None,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the score network with Lightning.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells. Default: enough for about 4,000 optimiser steps
+            (at most 2,000 epochs).
+        batch_size
+            Cells per optimiser step (per device under DDP).
+        lr
+            Peak learning rate of Adam (decays to 0 with a cosine schedule).
+        ema_decay
+            Decay of the weight EMA used for sampling (0 disables it).
+        accelerator, devices
+            Lightning device selection, e.g. ``accelerator="gpu", devices=-1,
+            strategy="ddp_find_unused_parameters_true"`` for all GPUs (from a script).
+        train_size
+            Fraction of cells to train on; the default uses every cell (a generator should see
+            all of them; set < 1 with ``check_val_every_n_epoch`` to monitor validation loss).
+        validation_size
+            Fraction of cells for validation (default ``1 - train_size``).
+        plan_kwargs
+            Options of :class:`~scbranch.model.DiffusionTrainingPlan` (``weight_decay``, ...).
+        datasplitter_kwargs
+            Options of the scvi-tools data splitter.
+        **trainer_kwargs
+            Passed to the Lightning trainer (``gradient_clip_val`` defaults to 1.0).
+
+        Examples
+        --------
+        >>> model.train(max_epochs=300)  # doctest: +SKIP
+        >>> model.train(accelerator="gpu", devices=1)  # doctest: +SKIP
+        """
+        # Another scvi model set up on the same AnnData overwrites obs['_scvi_labels']; replay
+        # our registration so we never train on wrong labels (CONVENTIONS.md §2.6 item 5).
+        self._validate_anndata(self.adata)
+        if max_epochs is None:
+            steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
+            max_epochs = int(min(2000, max(1, math.ceil(4000 / steps_per_epoch))))
+        plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **(plan_kwargs or {})}
+        datasplitter_kwargs = {
+            "data_and_attributes": [self.module.data_key, REGISTRY_KEYS.LABELS_KEY],
+            **(datasplitter_kwargs or {}),
+        }
+        trainer_kwargs.setdefault("gradient_clip_val", 1.0)
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **trainer_kwargs,
+        )
+
+    # ------------------------------------------------------------------ generation
+    def _counts(self, n_cells: int | Mapping[str, int], labels: Sequence[str] | None) -> dict[int, int]:
+        if isinstance(n_cells, Mapping):
+            if labels is not None:
+                raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
+            idx = self.tree.class_index(list(n_cells))
+            counts = {int(i): int(n) for i, n in zip(idx, n_cells.values(), strict=True)}
+        else:
+            chosen = self.classes if labels is None else labels
+            counts = {int(i): int(n_cells) for i in self.tree.class_index(list(chosen))}
+        if any(n < 0 for n in counts.values()):
+            raise ValueError("Cell counts must be non-negative.")
+        if sum(counts.values()) == 0:
+            raise ValueError("Nothing to generate: ask for at least one cell.")
+        return counts
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        n_cells: int | Mapping[str, int] = 100,
+        *,
+        labels: Sequence[str] | None = None,
+        solver: str = "heun",
+        n_steps: int = 25,
+        share: bool = True,
+        seed: int | None = None,
+        spacing: str = "logsnr",
+        progress_bar: bool = True,
+    ) -> AnnData:
+        """Generate cells of any of the model's cell types, as a NEW AnnData.
+
+        Parameters
+        ----------
+        n_cells
+            Cells per type (an int, for every type in ``labels``), or a dict
+            ``{cell type: count}``.
+        labels
+            Types to generate when ``n_cells`` is an int (default: all).
+        solver
+            ``"heun"`` (probability-flow ODE, 2 calls per step), ``"dpm2m"`` (probability-flow ODE,
+            multistep, 1 call per step) or ``"em"`` (reverse SDE, Euler-Maruyama; needs hundreds
+            of steps).
+        n_steps
+            Steps from t = 1 to ``t_min``; the grid always contains every branch time.
+        share
+            Share the reverse path above branch points between types (fewer network calls;
+            cells of different types then share noisy ancestors). `False` gives independent paths.
+        seed
+            Random seed; `None` draws one (it is recorded in ``uns['scbranch']['params']``).
+        spacing
+            Step spacing, ``"logsnr"`` (default) or ``"t"``.
+        progress_bar
+            Show a progress bar over the steps.
+
+        Returns
+        -------
+        AnnData with ``obs[labels_key]`` (categorical, all training types in training order),
+        ``obs['scbranch_generated']``, the latent in ``obsm[obsm_key]`` (latent models), decoded
+        expression in ``.X`` when the map to genes is known, and provenance in ``uns['scbranch']``.
+
+        Examples
+        --------
+        >>> gen = model.generate(n_cells={"CD19+ B": 1000}, solver="heun", n_steps=30, seed=0)  # doctest: +SKIP
+        """
+        if solver not in SOLVERS:
+            raise ValueError(f"Unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
+        counts = self._counts(n_cells, labels)
+        seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
+        progress = None
+        if progress_bar:
+            def progress(it):
+                return track(it, description="Sampling", style="tqdm")
+        res = self.module.sample_counts(
+            counts, solver=solver, n_steps=n_steps, share=share, seed=seed, spacing=spacing,
+            progress=progress,
+        )
+        z = res.x.float().cpu().numpy()
+        codes = res.labels.cpu().numpy()
+        params = {
+            "n_cells": {self.classes[c]: n for c, n in counts.items()},
+            "solver": solver, "n_steps": n_steps, "share": share, "seed": seed,
+            "spacing": spacing, "n_network_calls": res.n_network_calls,
+            "n_row_evaluations": res.n_row_evaluations,
+        }
+        return self._as_anndata(z, codes, params)
+
+    def _as_anndata(self, z: np.ndarray, codes: np.ndarray, params: dict) -> AnnData:
+        obs = pd.DataFrame(
+            {
+                self.labels_key: pd.Categorical.from_codes(codes, categories=self.classes),
+                OBS_KEYS.GENERATED: True,
+            },
+            index=[f"gen{i}" for i in range(len(z))],
+        )
+        obsm = {}
+        if self.obsm_key is not None:
+            obsm[self.obsm_key] = z
+            if self.decoder_ is not None:
+                x = decode(self.decoder_, z)
+                var = pd.DataFrame(index=self.decoder_["var_names"])
+            else:
+                x, var = None, None
+        else:
+            x = z
+            var = pd.DataFrame(index=np.asarray(self.get_var_names()).astype(str))
+        adata = AnnData(X=x, obs=obs, var=var, obsm=obsm or None)
+        adata.uns[UNS_KEYS.GENERATED] = {
+            "params": params,
+            "model": {
+                "architecture": self.module.architecture,
+                "labels_key": self.labels_key,
+                "obsm_key": self.obsm_key or "",
+                "layer": self.layer or "",
+                "decoded": x is not None and self.obsm_key is not None,
+                "summary": self._model_summary_string,
+                **self.module.sde.to_dict(),
+            },
+            "hierarchy": self.tree.to_dict(),
+        }
+        return adata
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs) -> BranchedDiffusion:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path
+            Directory the model was saved to.
+        adata
+            Optional AnnData to attach (its genes/representation must match the model's).
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load` (``accelerator``, ``device``,
+            ``prefix``).
+
+        Returns
+        -------
+        The model.
+
+        Examples
+        --------
+        >>> model = BranchedDiffusion.load("pbmc_model/")  # doctest: +SKIP
+        """
+        import os
+
+        prefix = kwargs.get("prefix") or ""
+        path = os.path.join(str(dir_path), f"{prefix}model.pt")
+        if not os.path.isdir(str(dir_path)):
+            raise FileNotFoundError(
+                f"No model directory at {str(dir_path)!r}. Save one with `model.save(dir_path)`."
+            )
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{str(dir_path)!r} holds no '{prefix}model.pt': it is not (or not completely) a "
+                "saved scbranch model."
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*no saved anndata.*", category=UserWarning)
+                model = super().load(str(dir_path), adata=adata, **kwargs)
+        except (EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"Could not load the model in {str(dir_path)!r}: {err}. The directory is corrupt, "
+                "partial, or from an incompatible version; retrain and save it again."
+            ) from err
+        return model

@@ -1,0 +1,299 @@
+"""Hierarchy discovery (METHOD.md §4): when do classes become indistinguishable under noise?
+
+Everything here is pure numpy/torch and knows nothing about AnnData; ``scbranch.tl`` wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.ndimage import gaussian_filter1d
+
+from ._sde import VPSDE
+from ._tree import BranchTree
+
+logger = logging.getLogger(__name__)
+
+
+def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-dimension centring and ONE global scale (METHOD.md §2).
+
+    Per-dimension standardisation would inflate minor dimensions and erase the hierarchy of
+    separations that the tree is built from, so only the total variance is normalised.
+
+    Returns
+    -------
+    ``(shift, scale)`` such that ``(x - shift) / scale`` has mean 0 and mean per-dimension variance 1.
+    """
+    if sp.issparse(x):  # no densification: E[x^2] - E[x]^2 per dimension
+        shift = np.asarray(x.mean(0), dtype=np.float64).ravel()
+        second = np.asarray(x.multiply(x).mean(0), dtype=np.float64).ravel()
+        scale = float(np.sqrt(np.mean(np.maximum(second - shift**2, 0.0))))
+    else:
+        x = np.asarray(x, dtype=np.float64)
+        shift = x.mean(0)
+        scale = float(np.sqrt(np.mean((x - shift) ** 2)))
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError("The data have zero variance; nothing to learn a hierarchy from.")
+    return shift, scale
+
+
+def subsample_per_class(
+    labels: np.ndarray, n_classes: int, n_per_class: int, seed: int
+) -> np.ndarray:
+    """Indices of up to ``n_per_class`` cells of each class (seeded, sorted)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > n_per_class:
+            idx = rng.choice(idx, n_per_class, replace=False)
+        keep.append(np.sort(idx))
+    return np.concatenate(keep)
+
+
+def similarity_curves(
+    x: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    sde: VPSDE,
+    times: np.ndarray,
+    *,
+    seed: int = 0,
+    max_chunk_elements: int = 2**24,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean pairwise cosine similarity within and between classes along the forward process.
+
+    Uses the mean-unit-vector identity: with ``u_i = x_i / |x_i|`` the mean cosine between sets
+    A and B is ``mean(u_A) . mean(u_B)``, and within A (distinct pairs only) it is
+    ``(|sum u_A|^2 - n_A) / (n_A (n_A - 1))``. Cost O(T C n d) instead of O(T C^2 n^2 d).
+
+    Parameters
+    ----------
+    x
+        Standardised data, shape ``(n, d)``.
+    labels
+        Class indices in ``[0, n_classes)``, shape ``(n,)``; every class needs >= 2 cells.
+    n_classes
+        Number of classes.
+    sde
+        Forward process used to noise the cells.
+    times
+        Time grid, shape ``(T,)``.
+    seed
+        Seed of the forward noise.
+    max_chunk_elements
+        Memory cap: how many floats one chunk of noised cells may hold.
+
+    Returns
+    -------
+    ``intra`` of shape ``(C, T)`` and ``inter`` of shape ``(C, C, T)`` (diagonal = intra).
+    """
+    x_t0 = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    lab = torch.as_tensor(labels, dtype=torch.long)
+    n, d = x_t0.shape
+    counts = torch.bincount(lab, minlength=n_classes).to(torch.float32)
+    if (counts < 2).any():
+        bad = int(torch.argmin(counts))
+        raise ValueError(f"Class index {bad} has {int(counts[bad])} cell(s); need at least 2.")
+    onehot = torch.nn.functional.one_hot(lab, n_classes).to(torch.float32)  # (n, C)
+    gen = torch.Generator().manual_seed(int(seed))
+    t_all = torch.as_tensor(np.asarray(times), dtype=torch.float32)
+    chunk = max(1, int(max_chunk_elements // max(n * d, 1)))
+    intra_out, inter_out = [], []
+    for start in range(0, len(t_all), chunk):
+        t = t_all[start : start + chunk]
+        a = sde.alpha(t).view(-1, 1, 1)
+        s = sde.sigma(t).view(-1, 1, 1)
+        xt = a * x_t0 + s * torch.randn((len(t), n, d), generator=gen)
+        u = xt / xt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sums = torch.einsum("nc,tnd->tcd", onehot, u)  # (Tc, C, d)
+        means = sums / counts.view(1, -1, 1)
+        inter = means @ means.transpose(1, 2)  # (Tc, C, C)
+        intra = (sums.pow(2).sum(-1) - counts) / (counts * (counts - 1))
+        intra_out.append(intra)
+        inter_out.append(inter)
+    intra = torch.cat(intra_out).T.numpy().astype(np.float64)
+    inter = torch.cat(inter_out).permute(1, 2, 0).numpy().astype(np.float64)
+    idx = np.arange(n_classes)
+    inter[idx, idx] = intra
+    return intra, inter
+
+
+def crossover_times(
+    intra: np.ndarray,
+    inter: np.ndarray,
+    times: np.ndarray,
+    *,
+    epsilon: float = 0.005,
+    classes: Sequence[str] | None = None,
+) -> np.ndarray:
+    """First time at which two classes are as similar to each other as to themselves.
+
+    ``t*_ij = min{t : inter_ij(t) >= (intra_i(t) + intra_j(t)) / 2 - epsilon}``, linearly
+    interpolated between grid points. Raises a clear error for a pair that never crosses.
+
+    Returns
+    -------
+    Symmetric matrix of shape ``(C, C)`` with zeros on the diagonal.
+    """
+    n_classes = intra.shape[0]
+    gap = inter - 0.5 * (intra[:, None, :] + intra[None, :, :]) + epsilon  # >= 0 once crossed
+    out = np.zeros((n_classes, n_classes))
+    names = classes if classes is not None else [str(i) for i in range(n_classes)]
+    for i in range(n_classes):
+        for j in range(i + 1, n_classes):
+            g = gap[i, j]
+            hits = np.flatnonzero(g >= 0)
+            if len(hits) == 0:
+                raise ValueError(
+                    f"Classes {names[i]!r} and {names[j]!r} never become indistinguishable under "
+                    f"the forward process (closest gap {-g.max():.4f} > 0). Increase `epsilon` "
+                    "(e.g. 0.01) or `beta1`, or check that the representation is standardised."
+                )
+            k = hits[0]
+            if k == 0:
+                t = float(times[0])
+            else:
+                # linear interpolation of the zero crossing between grid points k-1 and k
+                frac = -g[k - 1] / (g[k] - g[k - 1])
+                t = float(times[k - 1] + frac * (times[k] - times[k - 1]))
+            out[i, j] = out[j, i] = t
+    return out
+
+
+@dataclass
+class Agglomeration:
+    """Result of :func:`agglomerate`: merges in order and classes forced apart by the minimum."""
+
+    merges: list[tuple[tuple[int, ...], tuple[int, ...], float]]
+    short_pairs: list[tuple[int, int, float]]
+
+
+def agglomerate(cross: np.ndarray, *, min_branch_length: float = 0.02) -> Agglomeration:
+    """Union-find agglomeration of classes by increasing crossover time (METHOD.md §4.6).
+
+    The merged node's time is ``max(crossover, child_time + min_branch_length)`` for each child,
+    so times increase towards the root and no branch is shorter than ``min_branch_length``.
+    """
+    n = cross.shape[0]
+    parent = list(range(n))
+    members = {i: (i,) for i in range(n)}
+    node_time = {i: 0.0 for i in range(n)}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    pairs = sorted((cross[i, j], i, j) for i in range(n) for j in range(i + 1, n))
+    merges, short = [], []
+    for t, i, j in pairs:
+        ri, rj = find(i), find(j)
+        if ri == rj:
+            continue
+        time = max(float(t), node_time[ri] + min_branch_length, node_time[rj] + min_branch_length)
+        if time > float(t) + 1e-12:
+            short.append((i, j, float(t)))
+        if time > 1.0 - min_branch_length:
+            raise ValueError(
+                f"Merge at t={time:.3f} leaves no room for the root branch; decrease "
+                "`min_branch_length` or increase `beta1` so classes merge earlier."
+            )
+        merges.append((members[ri], members[rj], time))
+        parent[rj] = ri
+        members[ri] = tuple(sorted(members[ri] + members[rj]))
+        node_time[ri] = time
+        del members[rj]
+    return Agglomeration(merges=merges, short_pairs=short)
+
+
+@dataclass
+class DiscoveryResult:
+    """Everything discovery computed: the tree and the curves it came from."""
+
+    tree: BranchTree
+    times: np.ndarray
+    intra: np.ndarray
+    inter: np.ndarray
+    crossover: np.ndarray
+
+
+def discover_hierarchy(
+    x: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    sde: VPSDE,
+    *,
+    n_per_class: int = 200,
+    n_times: int = 200,
+    smooth_sigma: float = 3.0,
+    epsilon: float = 0.005,
+    min_branch_length: float = 0.02,
+    seed: int = 0,
+) -> DiscoveryResult:
+    """Discover the branch tree of standardised data (METHOD.md §4 steps 1-6).
+
+    Parameters
+    ----------
+    x
+        Standardised data (see :func:`global_standardizer`), shape ``(n, d)``.
+    labels
+        Class indices, shape ``(n,)``.
+    classes
+        Class names (length C).
+    sde
+        The forward process (must be the one the model trains with).
+    n_per_class
+        Cells per class used for the curves (seeded subsample).
+    n_times
+        Number of points of the time grid on ``[0, 1]``.
+    smooth_sigma
+        Width (grid steps) of the Gaussian filter applied to each curve; 0 disables smoothing.
+    epsilon
+        Tolerance of the crossover criterion.
+    min_branch_length
+        Shortest allowed branch, in units of diffusion time.
+    seed
+        Seed for subsampling and noise.
+
+    Returns
+    -------
+    The tree and the similarity curves.
+
+    Examples
+    --------
+    >>> from scbranch.datasets import simulate_tree
+    >>> sim = simulate_tree(depth=2, seed=0)
+    >>> res = discover_hierarchy(sim.x, sim.labels, sim.classes, VPSDE())
+    >>> res.tree.n_branches
+    7
+    """
+    n_classes = len(classes)
+    keep = subsample_per_class(labels, n_classes, n_per_class, seed)
+    times = np.linspace(0.0, 1.0, n_times)
+    intra, inter = similarity_curves(x[keep], labels[keep], n_classes, sde, times, seed=seed)
+    if smooth_sigma > 0:
+        intra = gaussian_filter1d(intra, smooth_sigma, axis=-1, mode="nearest")
+        inter = gaussian_filter1d(inter, smooth_sigma, axis=-1, mode="nearest")
+    cross = crossover_times(intra, inter, times, epsilon=epsilon, classes=classes)
+    agg = agglomerate(cross, min_branch_length=min_branch_length)
+    for i, j, t in agg.short_pairs:
+        if t < min_branch_length:
+            warnings.warn(
+                f"Classes {classes[i]!r} and {classes[j]!r} are indistinguishable already at "
+                f"t={t:.3f}; their branches were lengthened to min_branch_length="
+                f"{min_branch_length}. Consider merging these labels.",
+                UserWarning,
+                stacklevel=2,
+            )
+    tree = BranchTree.from_merges(classes, agg.merges)
+    logger.debug("Discovered hierarchy %s", tree.to_newick())
+    return DiscoveryResult(tree=tree, times=times, intra=intra, inter=inter, crossover=cross)

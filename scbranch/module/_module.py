@@ -1,0 +1,206 @@
+"""BranchedDiffusionModule: the pure-torch diffusion model behind ``BranchedDiffusion``.
+
+It fits scvi-tools' module contract: ``inference`` is the forward noising q(x_t | x_0) (draws t
+and the noise), ``generative`` is the noise prediction, ``loss`` the eps-prediction MSE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+
+from .._constants import REGISTRY_KEYS
+from ._networks import ScoreNetwork, count_parameters, flat_width_matching
+from ._sampling import SampleResult, sample
+from ._sde import VPSDE
+from ._tree import BranchTree
+
+ARCHITECTURES = ("branched", "flat")
+
+
+class BranchedDiffusionModule(BaseModuleClass):
+    """Branched (or flat, label-guided) eps-prediction diffusion model on standardised data.
+
+    Parameters
+    ----------
+    n_input
+        Dimension of the diffused representation.
+    hierarchy
+        Tree as written by :meth:`~scbranch.module.BranchTree.to_dict`.
+    architecture
+        ``"branched"`` (one head per branch) or ``"flat"`` (class embedding, one head, width
+        chosen so that the parameter count matches the branched network).
+    width, n_trunk_blocks, n_head_blocks, time_dim
+        Network size (see :class:`~scbranch.module.ScoreNetwork`).
+    beta0, beta1, t_min
+        Forward process (see :class:`~scbranch.module.VPSDE`).
+    data_key
+        Registry key of the diffused data (``"rep"`` for an obsm representation, ``"X"`` otherwise).
+
+    Examples
+    --------
+    >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
+    >>> module = BranchedDiffusionModule(4, tree.to_dict(), width=16)
+    >>> module.sample_counts({0: 3, 1: 2}, n_steps=5).x.shape
+    torch.Size([5, 4])
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        hierarchy: Mapping,
+        *,
+        architecture: str = "branched",
+        width: int = 256,
+        n_trunk_blocks: int = 1,
+        n_head_blocks: int = 3,
+        time_dim: int = 128,
+        beta0: float = 0.1,
+        beta1: float = 20.0,
+        t_min: float = 1e-3,
+        data_key: str = REGISTRY_KEYS.X_KEY,
+    ):
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
+        self.n_input = n_input
+        self.architecture = architecture
+        self.data_key = data_key
+        self.sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
+        self.tree = BranchTree.from_dict(hierarchy)
+        n_classes = self.tree.n_classes
+        branched = ScoreNetwork(
+            n_input, self.tree.n_heads, width, n_trunk_blocks, n_head_blocks, time_dim=time_dim
+        ) if architecture == "branched" else None
+        if architecture == "branched":
+            self.net = branched
+        else:
+            target = count_parameters(
+                ScoreNetwork(n_input, self.tree.n_heads, width, n_trunk_blocks, n_head_blocks,
+                             time_dim=time_dim)
+            )
+            n_blocks = n_trunk_blocks + n_head_blocks
+            flat_width = flat_width_matching(n_input, n_classes, target, n_blocks, time_dim)
+            self.net = ScoreNetwork(
+                n_input, 1, flat_width, n_trunk_blocks, n_head_blocks,
+                n_classes=n_classes, time_dim=time_dim,
+            )
+        # standardisation: per-dimension shift, one global scale (set by the model from data)
+        self.register_buffer("shift", torch.zeros(n_input))
+        self.register_buffer("scale", torch.ones(()))
+        self._refresh_lookup()
+
+    # ------------------------------------------------------------------ tree helpers
+    def _refresh_lookup(self) -> None:
+        """Tensors for vectorised branch lookup (derived from the tree, not saved)."""
+        self.register_buffer(
+            "_starts", torch.as_tensor(self.tree._starts, dtype=torch.float32), persistent=False
+        )
+        self.register_buffer("_ids", torch.as_tensor(self.tree._ids), persistent=False)
+        self.register_buffer(
+            "_heads", torch.as_tensor(self.tree._heads), persistent=False
+        )
+
+    def branch_of(self, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Branch id of each (class, time) pair."""
+        t = t.expand(labels.shape) if t.dim() == 0 else t
+        level = (t.unsqueeze(-1) >= self._starts[labels]).sum(-1).clamp_min(1) - 1
+        return self._ids[labels, level]
+
+    def set_standardization(self, shift: np.ndarray, scale: float) -> None:
+        """Store the centring vector and the global scale of the data."""
+        self.shift.copy_(torch.as_tensor(shift, dtype=torch.float32))
+        self.scale.fill_(float(scale))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Data space -> diffusion space."""
+        return (x - self.shift) / self.scale
+
+    def unstandardize(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion space -> data space."""
+        return z * self.scale + self.shift
+
+    # ------------------------------------------------------------------ scvi contract
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            "x0": tensors[self.data_key],
+            "labels": tensors[REGISTRY_KEYS.LABELS_KEY].long().view(-1),
+        }
+
+    @auto_move_data
+    def inference(self, x0: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward noising: draw t (stratified over the batch) and x_t ~ q(x_t | x_0)."""
+        x0 = self.standardize(x0.to(self.shift.dtype))
+        n = x0.shape[0]
+        # stratified times: lower-variance gradient estimates than i.i.d. uniform t
+        u = (torch.rand((), device=x0.device) + torch.arange(n, device=x0.device) / n) % 1.0
+        u = u[torch.randperm(n, device=x0.device)]
+        t = self.sde.t_min + (1 - self.sde.t_min) * u
+        xt, noise = self.sde.marginal(x0, t)
+        return {"xt": xt, "t": t, "noise": noise, "labels": labels}
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
+        return {k: inference_outputs[k] for k in ("xt", "t", "labels")}
+
+    @auto_move_data
+    def generative(
+        self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Predict the noise of ``xt``."""
+        branch = self.branch_of(labels, t)
+        return {"eps": self.predict_eps(xt, t, branch, labels)}
+
+    def predict_eps(
+        self, x: torch.Tensor, t: torch.Tensor, branch: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Noise prediction of the branch (branched) or of the class (flat) of every row."""
+        if self.architecture == "branched":
+            return self.net(x, t, self._heads[branch])
+        return self.net(x, t, torch.zeros_like(branch), labels)
+
+    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
+        """Mean squared error of the noise prediction."""
+        err = (generative_outputs["eps"] - inference_outputs["noise"]).pow(2).mean(-1)
+        return LossOutput(loss=err.mean(), reconstruction_loss=err)
+
+    # ------------------------------------------------------------------ sampling
+    def eps_fn(self) -> Callable:
+        """Noise predictor in the form the samplers expect."""
+
+        def fn(x, t, branch, label):
+            tt = torch.full((), float(t), device=x.device)
+            return self.predict_eps(x, tt, branch, label)
+
+        return fn
+
+    @torch.inference_mode()
+    def sample_counts(
+        self,
+        counts: Mapping[int, int],
+        *,
+        solver: str = "heun",
+        n_steps: int = 50,
+        share: bool = True,
+        seed: int = 0,
+        spacing: str = "logsnr",
+        progress: Callable | None = None,
+    ) -> SampleResult:
+        """Sample in the data space (un-standardised) for per-class counts."""
+        if self.architecture == "flat" and share:
+            share = False  # a label-guided network has no shared branches to reuse
+        device = self.shift.device
+        res = sample(
+            self.eps_fn(), self.tree, self.sde, counts, n_input=self.n_input, solver=solver,
+            n_steps=n_steps, share=share, seed=seed, spacing=spacing, device=device,
+            progress=progress,
+        )
+        res.x = self.unstandardize(res.x)
+        return res
+
+    @torch.inference_mode()
+    def sample(self, counts: Mapping[int, int], **kwargs) -> torch.Tensor:
+        """Generated data (data space) for per-class counts; see :meth:`sample_counts`."""
+        return self.sample_counts(counts, **kwargs).x

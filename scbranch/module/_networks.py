@@ -1,0 +1,173 @@
+"""Score networks: a shared residual trunk and one head per branch (METHOD.md §6).
+
+Both variants predict the noise ``eps`` of ``x_t = alpha x_0 + sigma eps``:
+
+* branched: no label input; the head is chosen by the branch of (class, t). Only the heads the
+  batch needs are evaluated, each on a contiguous slice of the rows sorted by head.
+* flat ("label-guided" baseline): a class embedding is added to the input and one head serves all.
+
+LayerNorm, not BatchNorm: running statistics drift, break train/eval agreement and would break
+the frozen-branch guarantee of class extension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FourierTimeEmbedding(nn.Module):
+    """Fixed random Fourier features of ``t`` followed by a small MLP."""
+
+    def __init__(self, dim: int, n_frequencies: int = 32, scale: float = 8.0, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(n_frequencies, generator=gen) * scale)
+        self.mlp = nn.Sequential(nn.Linear(2 * n_frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        arg = 2 * math.pi * t.view(-1, 1) * self.freqs
+        return self.mlp(torch.cat([arg.sin(), arg.cos()], dim=-1))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual MLP block with additive time conditioning."""
+
+    def __init__(self, width: int, time_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.time = nn.Linear(time_dim, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        z = self.fc1(self.norm(h)) + self.time(temb)
+        return h + self.fc2(nn.functional.silu(z))
+
+
+class Head(nn.Module):
+    """Branch-specific blocks and the output layer."""
+
+    def __init__(self, width: int, time_dim: int, n_blocks: int, n_output: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(width, time_dim) for _ in range(n_blocks))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, n_output)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.out(nn.functional.silu(self.norm(h)))
+
+
+class ScoreNetwork(nn.Module):
+    """Noise predictor with a shared trunk and ``n_heads`` heads.
+
+    Parameters
+    ----------
+    n_input
+        Dimension of the data.
+    n_heads
+        Number of heads (branches for the branched model, 1 for the flat model).
+    width
+        Hidden width.
+    n_trunk_blocks
+        Residual blocks shared by all heads.
+    n_head_blocks
+        Residual blocks in every head.
+    n_classes
+        If > 0, a class embedding is added to the input (flat, label-guided model).
+    time_dim
+        Width of the time embedding.
+
+    Examples
+    --------
+    >>> net = ScoreNetwork(8, n_heads=3, width=32)
+    >>> eps = net(torch.randn(5, 8), torch.rand(5), torch.tensor([0, 2, 2, 1, 0]))
+    >>> eps.shape
+    torch.Size([5, 8])
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_heads: int,
+        width: int = 256,
+        n_trunk_blocks: int = 1,
+        n_head_blocks: int = 3,
+        n_classes: int = 0,
+        time_dim: int = 128,
+    ):
+        super().__init__()
+        self.n_input = n_input
+        self.time_embed = FourierTimeEmbedding(time_dim)
+        self.inp = nn.Linear(n_input, width)
+        self.class_embed = nn.Embedding(n_classes, width) if n_classes > 0 else None
+        self.trunk = nn.ModuleList(ResidualBlock(width, time_dim) for _ in range(n_trunk_blocks))
+        self.heads = nn.ModuleList(
+            Head(width, time_dim, n_head_blocks, n_input) for _ in range(n_heads)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        head: torch.Tensor,
+        label: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the noise of ``x`` at times ``t`` with head ``head[i]`` for row ``i``."""
+        t = t.expand(x.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
+        temb = self.time_embed(t)
+        h = self.inp(x)
+        if self.class_embed is not None:
+            if label is None:
+                raise ValueError("This network is label-guided: pass `label`.")
+            h = h + self.class_embed(label)
+        for block in self.trunk:
+            h = block(h, temb)
+        if len(self.heads) == 1:
+            return self.heads[0](h, temb)
+        # Evaluate each needed head once, on the contiguous slice of rows that use it.
+        order = torch.argsort(head, stable=True)
+        counts = torch.bincount(head, minlength=len(self.heads)).tolist()
+        h_sorted, temb_sorted = h[order], temb[order]
+        out_sorted = torch.empty(x.shape, dtype=h.dtype, device=x.device)
+        start = 0
+        for head_id, count in enumerate(counts):
+            if count:
+                sl = slice(start, start + count)
+                out_sorted[sl] = self.heads[head_id](h_sorted[sl], temb_sorted[sl])
+                start += count
+        out = torch.empty_like(out_sorted)
+        out[order] = out_sorted
+        return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def flat_width_matching(
+    n_input: int,
+    n_classes: int,
+    target_params: int,
+    n_blocks: int,
+    time_dim: int = 128,
+) -> int:
+    """Width (a multiple of 8) of a flat network whose parameter count is closest to a target."""
+
+    def n_params(w: int) -> int:
+        blocks = n_blocks * (2 * w * w + 2 * w + time_dim * w + w + 2 * w)
+        return (
+            blocks
+            + (n_input + 1) * w  # input layer
+            + n_classes * w  # class embedding
+            + 2 * w + (w + 1) * n_input  # head norm and output
+            + (64 + 1) * time_dim + (time_dim + 1) * time_dim  # time MLP
+        )
+
+    widths = range(8, 8192, 8)
+    return min(widths, key=lambda w: abs(n_params(w) - target_params))

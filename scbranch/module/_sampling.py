@@ -1,0 +1,311 @@
+"""Reverse-time samplers on a branch-aware grid, with branch-shared ("fan-out") execution.
+
+All samplers work in the standardised space and call ``eps_fn(x, t, branch, label)``, which
+returns the predicted noise for rows ``x`` at the scalar time ``t`` (rows in branch ``branch[i]``;
+``label[i]`` is the class of a row, or -1 while the row is still shared by several classes).
+
+Execution (METHOD.md §8): the time grid contains every branch time, so no step straddles a branch
+point. At each grid step every live group of rows is advanced with ONE network call (the network
+groups rows by head internally). With ``share=True`` a group is a branch: it starts as a copy of
+the first rows of its parent's states and holds as many rows as the largest class below it needs.
+With ``share=False`` every class is its own group from t = 1 and follows its own branches.
+Noise is drawn per group from generators seeded by (seed, branch or class), so results do not
+depend on which other classes are sampled alongside (with ``share=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._sde import VPSDE
+from ._tree import BranchTree
+
+logger = logging.getLogger(__name__)
+
+EpsFn = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor], torch.Tensor]
+SOLVERS = ("em", "heun", "dpm2m")
+_CALLS_PER_STEP = {"em": 1, "heun": 2, "dpm2m": 1}
+
+
+def time_grid(
+    sde: VPSDE,
+    breakpoints: Sequence[float],
+    n_steps: int,
+    *,
+    spacing: str = "logsnr",
+) -> np.ndarray:
+    """Decreasing time grid from 1 to ``t_min`` that contains every breakpoint.
+
+    Steps are distributed over the segments between breakpoints in proportion to each segment's
+    length (in log-SNR for ``spacing="logsnr"``, in t for ``spacing="t"``; every segment gets at
+    least one step) and spaced uniformly in the same unit inside a segment.
+
+    Examples
+    --------
+    >>> grid = time_grid(VPSDE(), [0.5], 10)
+    >>> len(grid), 0.5 in grid
+    (11, True)
+    """
+    if spacing not in ("logsnr", "t"):
+        raise ValueError(f"spacing must be 'logsnr' or 't', got {spacing!r}.")
+    knots = [1.0] + sorted((float(b) for b in breakpoints if sde.t_min < b < 1.0), reverse=True)
+    knots.append(sde.t_min)
+    if n_steps < len(knots) - 1:
+        raise ValueError(
+            f"n_steps={n_steps} is smaller than the {len(knots) - 1} segments between branch "
+            "points; ask for more steps."
+        )
+
+    def unit(t):
+        return sde.log_snr(np.asarray(t, dtype=np.float64)) if spacing == "logsnr" else np.asarray(t)
+
+    def inverse(u):
+        return sde.t_from_log_snr(u) if spacing == "logsnr" else u
+
+    lengths = np.abs(np.diff(unit(np.array(knots))))
+    share = lengths / lengths.sum() * n_steps
+    steps = np.maximum(1, np.floor(share).astype(int))
+    while steps.sum() < n_steps:  # largest remainder first
+        steps[np.argmax(share - steps)] += 1
+    while steps.sum() > n_steps:
+        candidates = np.where(steps > 1, steps - share, -np.inf)
+        steps[np.argmax(candidates)] -= 1
+    grid = [1.0]
+    for (hi, lo), k in zip(zip(knots[:-1], knots[1:], strict=True), steps, strict=True):
+        inner = inverse(np.linspace(unit(hi), unit(lo), k + 1)[1:-1])
+        grid.extend(np.atleast_1d(inner).tolist())
+        grid.append(lo)  # exact knot, not a round trip through log-SNR
+    return np.array(grid)
+
+
+@dataclass
+class _Group:
+    branch: int
+    label: int  # class index, or -1 while shared by several classes
+    x: torch.Tensor
+    gen: torch.Generator
+    eps_prev: torch.Tensor | None = None  # data prediction of the previous step (multistep)
+    h_prev: torch.Tensor | None = None  # log-SNR step of the previous step (multistep)
+    classes: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class SampleResult:
+    """Samples in the standardised space and the cost of producing them."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    n_network_calls: int
+    n_row_evaluations: int
+    grid: np.ndarray
+    trajectory: list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list
+    )
+
+
+def _seeded_generator(device: torch.device, seed: int, kind: int, key: int) -> torch.Generator:
+    state = np.random.SeedSequence([int(seed) % 2**32, kind, key]).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def sample(
+    eps_fn: EpsFn,
+    tree: BranchTree,
+    sde: VPSDE,
+    counts: Mapping[int, int],
+    *,
+    n_input: int,
+    solver: str = "heun",
+    n_steps: int = 50,
+    share: bool = True,
+    seed: int = 0,
+    spacing: str = "logsnr",
+    denoise: bool = True,
+    device: torch.device | str = "cpu",
+    progress: Callable | None = None,
+) -> SampleResult:
+    """Draw samples of the requested classes by integrating the reverse process.
+
+    Parameters
+    ----------
+    eps_fn
+        Noise predictor ``eps_fn(x, t, branch, label)``.
+    tree
+        Branch tree of the model.
+    sde
+        Forward process.
+    counts
+        Number of cells per class index.
+    n_input
+        Dimension of the data.
+    solver
+        ``"em"`` (reverse-SDE Euler-Maruyama), ``"heun"`` (probability-flow ODE, Heun's method)
+        or ``"dpm2m"`` (probability-flow ODE, DPM-Solver++(2M) in log-SNR, one call per step).
+    n_steps
+        Number of grid steps from t = 1 to ``t_min``.
+    share
+        Share the reverse path above branch points between classes (fan-out).
+    seed
+        Seed; the result is deterministic for a given seed and device.
+    spacing
+        Step allocation and spacing unit, ``"logsnr"`` or ``"t"``.
+    denoise
+        Return the network's denoised prediction at ``t_min`` (one extra call).
+    device
+        Device of the states.
+    progress
+        Optional wrapper around the step iterator (e.g. a progress bar).
+
+    Returns
+    -------
+    Samples ordered by class in the order of ``counts``, and cost counters.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
+    counts = {int(c): int(n) for c, n in counts.items() if int(n) > 0}
+    if not counts:
+        raise ValueError("Nothing to sample: every requested count is 0.")
+    device = torch.device(device)
+    grid = time_grid(sde, tree.breakpoints(list(counts), sde.t_min), n_steps, spacing=spacing)
+    knots = set(tree.breakpoints(list(counts), sde.t_min))
+
+    def need(branch: int) -> int:
+        return max(counts.get(c, 0) for c in tree.branches[branch].classes)
+
+    if share:
+        root = tree.root
+        gen = _seeded_generator(device, seed, 0, root)
+        groups = [
+            _Group(
+                root,
+                -1 if len(tree.branches[root].classes) > 1 else tree.branches[root].classes[0],
+                torch.randn((need(root), n_input), generator=gen, device=device),
+                gen,
+            )
+        ]
+    else:
+        groups = []
+        for c, n in counts.items():
+            gen = _seeded_generator(device, seed, 1, c)
+            x = torch.randn((n, n_input), generator=gen, device=device)
+            groups.append(_Group(tree.lookup(np.array([c]), 1.0)[0], c, x, gen))
+
+    n_calls = 0
+    n_rows = 0
+
+    def call(x: torch.Tensor, t: float, branch: torch.Tensor, label: torch.Tensor):
+        nonlocal n_calls, n_rows
+        n_calls += 1
+        n_rows += x.shape[0]
+        return eps_fn(x, t, branch, label)
+
+    steps = range(len(grid) - 1)
+    if progress is not None:
+        steps = progress(steps)
+    first_in_segment = True
+    for k in steps:
+        t_hi, t_lo = float(grid[k]), float(grid[k + 1])
+        if not share:  # each class follows its own branch over (t_lo, t_hi)
+            mid = 0.5 * (t_hi + t_lo)
+            for g in groups:
+                g.branch = int(tree.lookup(np.array([g.label]), mid)[0])
+        sizes = [g.x.shape[0] for g in groups]
+        x = torch.cat([g.x for g in groups])
+        branch = torch.cat(
+            [torch.full((s,), g.branch, dtype=torch.long, device=device) for g, s in zip(groups, sizes, strict=True)]
+        )
+        label = torch.cat(
+            [torch.full((s,), g.label, dtype=torch.long, device=device) for g, s in zip(groups, sizes, strict=True)]
+        )
+        x_new = _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment)
+        for g, xs in zip(groups, torch.split(x_new, sizes), strict=True):
+            g.x = xs
+        first_in_segment = t_lo in knots
+        if share and first_in_segment:
+            groups = _fan_out(groups, tree, t_lo, need, device, seed)
+
+    # order the output by requested class
+    by_label = {g.label: g for g in groups}
+    x = torch.cat([by_label[c].x[:n] for c, n in counts.items()])
+    labels = torch.cat(
+        [torch.full((n,), c, dtype=torch.long, device=device) for c, n in counts.items()]
+    )
+    if denoise:
+        t = sde.t_min
+        branch = tree.lookup(labels, torch.tensor(t))
+        eps = call(x, t, branch, labels)
+        x = (x - sde.sigma(torch.tensor(t)) * eps) / sde.alpha(torch.tensor(t))
+    return SampleResult(x=x, labels=labels, n_network_calls=n_calls, n_row_evaluations=n_rows, grid=grid)
+
+
+def _fan_out(groups, tree, t, need, device, seed):
+    """Replace every group whose branch starts at ``t`` by its children (copies of its states)."""
+    out = []
+    for g in groups:
+        b = tree.branches[g.branch]
+        if b.children and abs(b.t_start - t) < 1e-12:
+            for ch in b.children:
+                n = need(ch)
+                if n == 0:
+                    continue
+                child = tree.branches[ch]
+                label = child.classes[0] if len(child.classes) == 1 else -1
+                gen = _seeded_generator(device, seed, 0, ch)
+                out.append(_Group(ch, label, g.x[:n].clone(), gen))
+        else:
+            out.append(g)
+    return out
+
+
+def _noise(groups, sizes, like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(
+        [
+            torch.randn((s, like.shape[1]), generator=g.gen, device=like.device, dtype=like.dtype)
+            for g, s in zip(groups, sizes, strict=True)
+        ]
+    )
+
+
+def _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment):
+    """Advance all rows from ``t_hi`` down to ``t_lo``."""
+    th, tl = torch.tensor(t_hi), torch.tensor(t_lo)
+    h = t_hi - t_lo
+    if solver == "em":
+        eps = call(x, t_hi, branch, label)
+        beta = sde.beta(th)
+        score = -eps / sde.sigma(th)
+        drift = 0.5 * beta * x + beta * score
+        return x + drift * h + torch.sqrt(beta * h) * _noise(groups, sizes, x)
+    if solver == "heun":
+
+        def velocity(xx, t, tt):  # dx/dt of the probability-flow ODE
+            eps = call(xx, t, branch, label)
+            return -0.5 * sde.beta(tt) * (xx - eps / sde.sigma(tt))
+
+        d1 = velocity(x, t_hi, th)
+        x_euler = x - h * d1
+        d2 = velocity(x_euler, t_lo, tl)
+        return x - 0.5 * h * (d1 + d2)
+    # DPM-Solver++(2M): data prediction, multistep in lambda = log(alpha / sigma)
+    eps = call(x, t_hi, branch, label)
+    a_hi, s_hi = sde.alpha(th), sde.sigma(th)
+    a_lo, s_lo = sde.alpha(tl), sde.sigma(tl)
+    x0 = (x - s_hi * eps) / a_hi
+    lam_hi, lam_lo = torch.log(a_hi / s_hi), torch.log(a_lo / s_lo)
+    hh = lam_lo - lam_hi
+    prev = [g.eps_prev for g in groups]
+    if not first_in_segment and all(p is not None for p in prev):
+        x0_prev = torch.cat(prev)
+        r = groups[0].h_prev / hh
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    else:
+        d = x0
+    for g, part in zip(groups, torch.split(x0, sizes), strict=True):
+        g.eps_prev = part
+        g.h_prev = hh
+    return (s_lo / s_hi) * x - a_lo * torch.expm1(-hh) * d

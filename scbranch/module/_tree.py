@@ -1,0 +1,327 @@
+"""The branch tree: which score head serves which classes over which diffusion times.
+
+A tree over C classes has 2C - 1 branches. Branch ``b`` is a triple (classes, t_start, t_end):
+for every class ``c`` in ``b.classes`` and every ``t_start <= t < t_end`` the reverse process of
+``c`` follows the score of branch ``b``. Leaves start at 0, the root ends at 1, and every class
+sits on exactly one branch at every time.
+
+Branch ids are stable and meaningful: leaves come first, in class order (leaf id == class
+index), then internal branches in the order they were formed, the root last.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+_NEWICK_SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass
+class Branch:
+    """One branch of the tree (one score head over one time interval)."""
+
+    id: int
+    classes: tuple[int, ...]
+    t_start: float
+    t_end: float
+    parent: int = -1
+    children: tuple[int, ...] = field(default_factory=tuple)
+    head: int = -1
+
+    @property
+    def length(self) -> float:
+        """Length of the branch in units of diffusion time."""
+        return self.t_end - self.t_start
+
+    @property
+    def is_leaf(self) -> bool:
+        """Whether the branch ends at t = 0 with a single class."""
+        return len(self.children) == 0
+
+
+class BranchTree:
+    """A hierarchy of branches over classes, with vectorised branch lookup.
+
+    Parameters
+    ----------
+    classes
+        Class names; their order defines class indices.
+    branches
+        Branches with ``id == position``; ``parent``/``children`` must be consistent.
+
+    Examples
+    --------
+    >>> tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
+    >>> tree.to_newick()
+    '((A:0.3,B:0.3):0.3,C:0.6);'
+    >>> tree.lookup(np.array([0, 0, 2]), np.array([0.1, 0.5, 0.9])).tolist()
+    [0, 3, 4]
+    """
+
+    def __init__(self, classes: Sequence[str], branches: Sequence[Branch]):
+        self.classes = [str(c) for c in classes]
+        self.branches = list(branches)
+        for i, b in enumerate(self.branches):
+            if b.id != i:
+                raise ValueError(f"Branch at position {i} has id {b.id}; ids must be positions.")
+            if b.head < 0:
+                b.head = b.id
+        self.validate()
+        self._build_lookup()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_merges(
+        cls,
+        classes: Sequence[str],
+        merges: Sequence[tuple[Sequence[int], Sequence[int], float]],
+    ) -> BranchTree:
+        """Build a tree from agglomeration steps.
+
+        Parameters
+        ----------
+        classes
+            Class names.
+        merges
+            ``C - 1`` triples ``(classes_a, classes_b, time)``: the two sets merged and the time of
+            the merge, in the order they happened. Times must increase along every path to the root.
+
+        Returns
+        -------
+        The tree.
+        """
+        n = len(classes)
+        if len(merges) != n - 1:
+            raise ValueError(f"A binary tree over {n} classes needs {n - 1} merges, got {len(merges)}.")
+        branches = [Branch(id=i, classes=(i,), t_start=0.0, t_end=1.0) for i in range(n)]
+        top = {i: i for i in range(n)}  # class -> id of the highest branch holding it so far
+        for set_a, set_b, time in merges:
+            ids = {top[c] for c in set_a} | {top[c] for c in set_b}
+            if len({top[c] for c in set_a}) != 1 or len({top[c] for c in set_b}) != 1 or len(ids) != 2:
+                raise ValueError(f"Merge of {set_a} and {set_b} does not join two existing subtrees.")
+            a, b = sorted(ids)
+            new_id = len(branches)
+            members = tuple(sorted(branches[a].classes + branches[b].classes))
+            for child in (a, b):
+                if time < branches[child].t_start:
+                    raise ValueError(
+                        f"Merge time {time} lies below its child's start {branches[child].t_start}."
+                    )
+                branches[child].t_end = float(time)
+                branches[child].parent = new_id
+            branches.append(
+                Branch(id=new_id, classes=members, t_start=float(time), t_end=1.0, children=(a, b))
+            )
+            for c in members:
+                top[c] = new_id
+        return cls(classes, branches)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def n_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def n_branches(self) -> int:
+        """Number of branches (2C - 1 for a binary tree)."""
+        return len(self.branches)
+
+    @property
+    def root(self) -> int:
+        """Id of the root branch."""
+        return next(b.id for b in self.branches if b.parent < 0)
+
+    @property
+    def n_heads(self) -> int:
+        """Number of distinct score heads the branches use."""
+        return max(b.head for b in self.branches) + 1
+
+    def leaf(self, c: int) -> int:
+        """Id of the leaf branch of class index ``c``."""
+        return self._leaf_of[c]
+
+    def path(self, c: int) -> list[int]:
+        """Branch ids of class ``c`` from its leaf (t = 0) up to the root (t = 1)."""
+        out, b = [], self._leaf_of[c]
+        while b >= 0:
+            out.append(b)
+            b = self.branches[b].parent
+        return out
+
+    def class_index(self, labels: Sequence[str] | str) -> np.ndarray:
+        """Class indices of label names; raises a clear error for unknown labels."""
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        pos = {c: i for i, c in enumerate(self.classes)}
+        unknown = [lab for lab in labels if str(lab) not in pos]
+        if unknown:
+            raise KeyError(
+                f"Unknown label(s) {unknown}; the model knows {self.classes}. "
+                "Check the spelling, or add new classes with `model.add_classes`."
+            )
+        return np.array([pos[str(lab)] for lab in labels], dtype=np.int64)
+
+    def branch_time(self, a: int, b: int) -> float:
+        """Diffusion time at which classes ``a`` and ``b`` join (their branch point)."""
+        if a == b:
+            return 0.0
+        above_a = set(self.path(a))
+        for br in self.path(b):
+            if br in above_a:
+                return self.branches[br].t_start
+        raise RuntimeError("Classes share no branch: the tree is not connected.")
+
+    def breakpoints(self, classes: Sequence[int] | None = None, t_min: float = 0.0) -> list[float]:
+        """Branch points in ``(t_min, 1)`` on the paths of ``classes`` (all classes by default)."""
+        classes = range(self.n_classes) if classes is None else classes
+        times = {self.branches[b].t_start for c in classes for b in self.path(c)[1:]}
+        return sorted(t for t in times if t_min < t < 1.0)
+
+    def validate(self) -> None:
+        """Check that every class sits on exactly one branch at every time in [0, 1]."""
+        n = len(self.classes)
+        leaves = [b for b in self.branches if not b.children]
+        if sorted(c for b in leaves for c in b.classes) != list(range(n)):
+            raise ValueError("Every class needs exactly one leaf branch.")
+        roots = [b for b in self.branches if b.parent < 0]
+        if len(roots) != 1 or roots[0].t_end != 1.0 or len(roots[0].classes) != n:
+            raise ValueError("The tree needs one root branch that holds every class and ends at t = 1.")
+        self._leaf_of = {}
+        for b in leaves:
+            if b.t_start != 0.0:
+                raise ValueError(f"Leaf branch {b.id} must start at t = 0, starts at {b.t_start}.")
+            self._leaf_of[b.classes[0]] = b.id
+        for b in self.branches:
+            if b.t_end < b.t_start:
+                raise ValueError(f"Branch {b.id} ends ({b.t_end}) before it starts ({b.t_start}).")
+            if b.children:
+                union = sorted(c for ch in b.children for c in self.branches[ch].classes)
+                if union != sorted(b.classes):
+                    raise ValueError(f"Branch {b.id} does not hold exactly its children's classes.")
+                for ch in b.children:
+                    child = self.branches[ch]
+                    if child.parent != b.id or child.t_end != b.t_start:
+                        raise ValueError(
+                            f"Branch {ch} must end where its parent {b.id} starts ({b.t_start})."
+                        )
+
+    # ------------------------------------------------------------------ lookup
+    def _build_lookup(self) -> None:
+        paths = [self.path(c) for c in range(self.n_classes)]
+        depth = max(len(p) for p in paths)
+        starts = np.full((self.n_classes, depth), np.inf)
+        ids = np.full((self.n_classes, depth), -1, dtype=np.int64)
+        for c, p in enumerate(paths):
+            starts[c, : len(p)] = [self.branches[b].t_start for b in p]
+            ids[c, : len(p)] = p
+        self._starts = starts
+        self._ids = ids
+        self._heads = np.array([b.head for b in self.branches], dtype=np.int64)
+
+    def lookup(self, labels, t):
+        """Branch ids for a batch of (class index, time) pairs, in one vectorised call.
+
+        Parameters
+        ----------
+        labels
+            Integer class indices, shape ``(n,)`` (numpy or torch).
+        t
+            Times in ``[0, 1]``, shape ``(n,)`` or a scalar.
+
+        Returns
+        -------
+        Branch ids of the same type and shape as ``labels``.
+        """
+        if isinstance(labels, torch.Tensor):
+            starts = torch.as_tensor(self._starts, dtype=torch.float32, device=labels.device)
+            ids = torch.as_tensor(self._ids, device=labels.device)
+            t = torch.as_tensor(t, dtype=torch.float32, device=labels.device).expand(labels.shape)
+            level = (t.unsqueeze(-1) >= starts[labels]).sum(-1).clamp_min(1) - 1
+            return ids[labels, level]
+        labels = np.asarray(labels, dtype=np.int64)
+        t = np.broadcast_to(np.asarray(t, dtype=np.float64), labels.shape)
+        level = np.maximum((t[..., None] >= self._starts[labels]).sum(-1), 1) - 1
+        return self._ids[labels, level]
+
+    def heads_of(self, branch_ids):
+        """Score-head index for each branch id (numpy or torch)."""
+        if isinstance(branch_ids, torch.Tensor):
+            return torch.as_tensor(self._heads, device=branch_ids.device)[branch_ids]
+        return self._heads[np.asarray(branch_ids)]
+
+    # ------------------------------------------------------------------ export
+    def to_newick(self, digits: int = 4) -> str:
+        """The tree in Newick format with branch lengths in units of diffusion time."""
+
+        def name(c: int) -> str:
+            s = self.classes[c]
+            return s if _NEWICK_SAFE.match(s) else "'" + s.replace("'", "''") + "'"
+
+        def rec(bid: int) -> str:
+            b = self.branches[bid]
+            length = f"{round(b.length, digits):g}"
+            if not b.children:
+                return f"{name(b.classes[0])}:{length}"
+            inner = ",".join(rec(ch) for ch in b.children)
+            return f"({inner}):{length}" if b.parent >= 0 else f"({inner})"
+
+        return rec(self.root) + ";"
+
+    def to_dict(self) -> dict:
+        """An h5ad-safe description (only str keys, numpy arrays and scalars)."""
+        membership = np.zeros((self.n_branches, self.n_classes), dtype=np.int8)
+        for b in self.branches:
+            membership[b.id, list(b.classes)] = 1
+        return {
+            "classes": np.array(self.classes, dtype=object),
+            "membership": membership,
+            "t_start": np.array([b.t_start for b in self.branches], dtype=np.float64),
+            "t_end": np.array([b.t_end for b in self.branches], dtype=np.float64),
+            "parent": np.array([b.parent for b in self.branches], dtype=np.int64),
+            "head": np.array([b.head for b in self.branches], dtype=np.int64),
+            "newick": self.to_newick(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BranchTree:
+        """Rebuild a tree written by :meth:`to_dict` (also after an h5ad round trip)."""
+        try:
+            classes = [str(c) for c in np.asarray(d["classes"]).tolist()]
+            membership = np.asarray(d["membership"])
+            parent = np.asarray(d["parent"]).astype(int)
+            t_start = np.asarray(d["t_start"], dtype=float)
+            t_end = np.asarray(d["t_end"], dtype=float)
+            head = np.asarray(d.get("head", np.arange(len(parent)))).astype(int)
+        except KeyError as err:
+            raise ValueError(f"Not a scbranch hierarchy: missing field {err}.") from None
+        children = {i: [] for i in range(len(parent))}
+        for i, p in enumerate(parent):
+            if p >= 0:
+                children[int(p)].append(i)
+        branches = [
+            Branch(
+                id=i,
+                classes=tuple(int(c) for c in np.flatnonzero(membership[i])),
+                t_start=float(t_start[i]),
+                t_end=float(t_end[i]),
+                parent=int(parent[i]),
+                children=tuple(children[i]),
+                head=int(head[i]),
+            )
+            for i in range(len(parent))
+        ]
+        return cls(classes, branches)
+
+    def __repr__(self) -> str:
+        return f"BranchTree({self.n_classes} classes, {self.n_branches} branches): {self.to_newick(3)}"
+
+    def total_length(self, classes: Sequence[int] | None = None) -> float:
+        """Sum of the lengths of all branches that the given classes pass through."""
+        classes = range(self.n_classes) if classes is None else classes
+        used = {b for c in classes for b in self.path(c)}
+        return float(sum(self.branches[b].length for b in used))
