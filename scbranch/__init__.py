@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _logging  # noqa: F401  (configures the "scbranch" logger)
-from . import datasets, model, module, pl, tl
+from . import datasets, metrics, model, module, pl, tl
 from .model import BranchedDiffusion
 
 try:
@@ -11,4 +11,4 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["BranchedDiffusion", "datasets", "model", "module", "pl", "tl", "__version__"]
+__all__ = ["BranchedDiffusion", "datasets", "metrics", "model", "module", "pl", "tl", "__version__"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import zipfile
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +32,7 @@ from ..module._discovery import discover_hierarchy, subsample_per_class
 from ..module._networks import count_parameters
 from ..module._sampling import SOLVERS
 from ..tl._branch_hierarchy import hierarchy_record
+from ._data import ResamplingDataSplitter
 from ._decoding import decode, fit_pca_decoder
 from ._training_plan import DiffusionTrainingPlan
 
@@ -82,6 +85,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
     _module_cls = BranchedDiffusionModule
     _training_plan_cls = DiffusionTrainingPlan
+    _data_splitter_cls = ResamplingDataSplitter
 
     def __init__(
         self,
@@ -292,6 +296,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int = 256,
         lr: float = 1e-3,
         ema_decay: float = 0.999,
+        class_balance: float = 0.0,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 1.0,
@@ -313,6 +318,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Peak learning rate of Adam (decays to 0 with a cosine schedule).
         ema_decay
             Decay of the weight EMA used for sampling (0 disables it).
+        class_balance
+            Oversample rare types: 0 trains on natural frequencies, 1 shows every type equally
+            often (cells are repeated, none dropped); values in between interpolate.
         accelerator, devices
             Lightning device selection, e.g. ``accelerator="gpu", devices=-1,
             strategy="ddp_find_unused_parameters_true"`` for all GPUs (from a script).
@@ -342,6 +350,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **(plan_kwargs or {})}
         datasplitter_kwargs = {
             "data_and_attributes": [self.module.data_key, REGISTRY_KEYS.LABELS_KEY],
+            "class_balance": class_balance,
             **(datasplitter_kwargs or {}),
         }
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
@@ -518,7 +527,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*no saved anndata.*", category=UserWarning)
                 model = super().load(str(dir_path), adata=adata, **kwargs)
-        except (EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        except (
+            EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError,
+            pickle.UnpicklingError, zipfile.BadZipFile,
+        ) as err:
             raise ValueError(
                 f"Could not load the model in {str(dir_path)!r}: {err}. The directory is corrupt, "
                 "partial, or from an incompatible version; retrain and save it again."

@@ -37,6 +37,15 @@ class DiffusionTrainingPlan(TrainingPlan):
         self._ema: list[torch.Tensor] | None = None
         self._ema_steps = 0
 
+    def get_optimizer_creator(self):  # noqa: D102
+        if self.optimizer_name != "Adam":
+            return super().get_optimizer_creator()
+        # The fused kernel updates millions of head parameters ~5x faster than the default
+        # for-each implementation on CPU (and is supported on CUDA).
+        return lambda params: torch.optim.Adam(
+            params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True
+        )
+
     def configure_optimizers(self):  # noqa: D102
         config = super().configure_optimizers()
         if self.cosine and "lr_scheduler" not in config:

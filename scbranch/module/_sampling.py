@@ -53,7 +53,7 @@ def time_grid(
     """
     if spacing not in ("logsnr", "t"):
         raise ValueError(f"spacing must be 'logsnr' or 't', got {spacing!r}.")
-    knots = [1.0] + sorted((float(b) for b in breakpoints if sde.t_min < b < 1.0), reverse=True)
+    knots = [1.0] + sorted({float(b) for b in breakpoints if sde.t_min < b < 1.0}, reverse=True)
     knots.append(sde.t_min)
     if n_steps < len(knots) - 1:
         raise ValueError(
@@ -171,8 +171,10 @@ def sample(
     if not counts:
         raise ValueError("Nothing to sample: every requested count is 0.")
     device = torch.device(device)
-    grid = time_grid(sde, tree.breakpoints(list(counts), sde.t_min), n_steps, spacing=spacing)
-    knots = set(tree.breakpoints(list(counts), sde.t_min))
+    # The grid holds every branch point of the tree, whichever classes are requested, so a
+    # class's samples (share=False) do not depend on which other classes are sampled with it.
+    knots = set(tree.breakpoints(None, sde.t_min))
+    grid = time_grid(sde, sorted(knots), n_steps, spacing=spacing)
 
     def need(branch: int) -> int:
         return max(counts.get(c, 0) for c in tree.branches[branch].classes)
@@ -229,6 +231,9 @@ def sample(
         if share and first_in_segment:
             groups = _fan_out(groups, tree, t_lo, need, device, seed)
 
+    if share:  # branch points below t_min: the children start from copies of the states
+        while any(tree.branches[g.branch].children for g in groups):
+            groups = _fan_out(groups, tree, None, need, device, seed)
     # order the output by requested class
     by_label = {g.label: g for g in groups}
     x = torch.cat([by_label[c].x[:n] for c, n in counts.items()])
@@ -244,11 +249,11 @@ def sample(
 
 
 def _fan_out(groups, tree, t, need, device, seed):
-    """Replace every group whose branch starts at ``t`` by its children (copies of its states)."""
+    """Replace every group whose branch starts at ``t`` (any, if None) by its children's copies."""
     out = []
     for g in groups:
         b = tree.branches[g.branch]
-        if b.children and abs(b.t_start - t) < 1e-12:
+        if b.children and (t is None or abs(b.t_start - t) < 1e-12):
             for ch in b.children:
                 n = need(ch)
                 if n == 0:

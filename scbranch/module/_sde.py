@@ -99,7 +99,7 @@ class VPSDE:
         """Raise if ``other`` describes a different process (METHOD.md §3: one process for all)."""
         o = other.to_dict() if isinstance(other, VPSDE) else other
         mine = self.to_dict()
-        bad = [k for k in ("beta0", "beta1") if not math.isclose(float(o[k]), mine[k])]
+        bad = [k for k in ("beta0", "beta1") if not math.isclose(float(o[k]), mine[k], rel_tol=1e-6)]
         if bad:
             details = ", ".join(f"{k}={o[k]} (model: {mine[k]})" for k in bad)
             raise ValueError(

@@ -58,7 +58,7 @@ class BranchTree:
     --------
     >>> tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
     >>> tree.to_newick()
-    '((A:0.3,B:0.3):0.3,C:0.6);'
+    '(C:0.6,(A:0.3,B:0.3):0.3);'
     >>> tree.lookup(np.array([0, 0, 2]), np.array([0.1, 0.5, 0.9])).tolist()
     [0, 3, 4]
     """
@@ -101,6 +101,11 @@ class BranchTree:
         branches = [Branch(id=i, classes=(i,), t_start=0.0, t_end=1.0) for i in range(n)]
         top = {i: i for i in range(n)}  # class -> id of the highest branch holding it so far
         for set_a, set_b, time in merges:
+            unknown = [c for c in (*set_a, *set_b) if c not in top]
+            if unknown:
+                raise ValueError(
+                    f"Merge of {set_a} and {set_b} names class indices {unknown} outside 0..{n - 1}."
+                )
             ids = {top[c] for c in set_a} | {top[c] for c in set_b}
             if len({top[c] for c in set_a}) != 1 or len({top[c] for c in set_b}) != 1 or len(ids) != 2:
                 raise ValueError(f"Merge of {set_a} and {set_b} does not join two existing subtrees.")

@@ -1,0 +1,75 @@
+"""Training data loading: scvi-tools' DataSplitter with optional class-balanced resampling."""
+
+from __future__ import annotations
+
+import numpy as np
+from scvi.dataloaders import AnnDataLoader, DataSplitter
+
+from .._constants import REGISTRY_KEYS
+
+
+def balanced_indices(labels: np.ndarray, class_balance: float, seed: int) -> np.ndarray:
+    """Positions into ``labels`` resampled so that class ``c`` appears ~ ``n_c**(1 - b)`` times.
+
+    ``b = class_balance``: 0 keeps natural frequencies, 1 shows every class equally often. The
+    epoch keeps its size; every cell of a class is repeated ``floor(r)`` times and a seeded
+    random subset once more, so rare types are oversampled without dropping any cell.
+
+    Examples
+    --------
+    >>> idx = balanced_indices(np.array([0] * 90 + [1] * 10), 1.0, seed=0)
+    >>> np.bincount(np.array([0] * 90 + [1] * 10)[idx]).tolist()
+    [50, 50]
+    """
+    if not 0.0 <= class_balance <= 1.0:
+        raise ValueError(f"class_balance must lie in [0, 1], got {class_balance}.")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    target = counts ** (1.0 - class_balance)
+    target = target / target.sum() * len(labels)
+    out = []
+    for c, n, want in zip(classes, counts, target, strict=True):
+        members = np.flatnonzero(labels == c)
+        reps, extra = divmod(int(round(want)), n)
+        out.append(np.tile(members, reps))
+        out.append(rng.choice(members, extra, replace=False))
+    return np.concatenate(out)
+
+
+class ResamplingDataSplitter(DataSplitter):
+    """:class:`scvi.dataloaders.DataSplitter` whose training loader can balance classes.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    class_balance
+        0 (natural class frequencies) to 1 (every class equally often); see
+        :func:`balanced_indices`.
+    resample_seed
+        Seed of the resampling.
+    **kwargs
+        Passed to :class:`~scvi.dataloaders.DataSplitter`.
+    """
+
+    def __init__(self, adata_manager, *, class_balance: float = 0.0, resample_seed: int = 0, **kwargs):
+        super().__init__(adata_manager, **kwargs)
+        self.class_balance = float(class_balance)
+        self.resample_seed = resample_seed
+
+    def train_dataloader(self):  # noqa: D102
+        if self.class_balance == 0.0:
+            return super().train_dataloader()
+        labels = np.asarray(
+            self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
+        ).ravel()[self.train_idx]
+        indices = self.train_idx[balanced_indices(labels, self.class_balance, self.resample_seed)]
+        return AnnDataLoader(
+            self.adata_manager,
+            indices=indices,
+            shuffle=True,
+            drop_last=self.drop_last,
+            load_sparse_tensor=self.load_sparse_tensor,
+            pin_memory=self.pin_memory,
+            **self.data_loader_kwargs,
+        )

@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+# make tests/_gaussian.py (and other test helpers) importable as top-level modules
+_TESTS = str(Path(__file__).parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Run every test in its own directory with a fixed scvi seed and log dir."""
+    import scvi
+
+    monkeypatch.chdir(tmp_path)
+    scvi.settings.seed = 0
+    scvi.settings.logging_dir = tmp_path
+    yield

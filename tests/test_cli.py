@@ -1,0 +1,275 @@
+"""The ``scbranch`` command line: fit -> generate, one-line errors, help, demo wiring."""
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import anndata as ad
+import pytest
+import scvi
+import torch
+
+import scbranch
+from scbranch.cli import main
+
+CLASSES = ["c0", "c1", "c2", "c3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny networks: one thread avoids OpenMP contention (sampling 30x faster on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny h5ad and a model fitted on it by ``scbranch fit`` (trained once per module)."""
+    root = tmp_path_factory.mktemp("cli")
+    old_cwd, old_logdir = os.getcwd(), scvi.settings.logging_dir
+    os.chdir(root)
+    scvi.settings.logging_dir = root / "scvi_log"
+    try:
+        adata = scbranch.datasets.simulate_tree(depth=2, n_per_class=40, dim=8, seed=0).to_anndata()
+        data = root / "cells.h5ad"
+        adata.write_h5ad(data)
+        model_dir = root / "model"
+        rc = main([
+            "fit", str(data), "--labels", "cell_type", "--rep", "X_latent", "--out",
+            str(model_dir), "--max-epochs", "2", "--width", "32", "--accelerator", "cpu",
+            "--seed", "0",
+        ])
+    finally:
+        os.chdir(old_cwd)
+        scvi.settings.logging_dir = old_logdir
+    return {"rc": rc, "data": data, "model_dir": model_dir}
+
+
+def _fake_module(run_demo):
+    module = types.ModuleType("scbranch._demo")
+    module.run_demo = run_demo
+    return module
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("scbranch: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_fit_saves_model_and_prints_tree(fitted):
+    assert fitted["rc"] == 0
+    assert (fitted["model_dir"] / "model.pt").is_file()
+    # the input file is not modified
+    assert "_scvi_manager_uuid" not in ad.read_h5ad(fitted["data"]).uns
+
+
+def test_fit_output_names_tree_and_dir(tmp_path, capsys):
+    adata = scbranch.datasets.simulate_tree(depth=1, n_per_class=20, dim=4, seed=1).to_anndata()
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    rc = main([
+        "fit", "d.h5ad", "--labels", "cell_type", "--rep", "X_latent", "--out", "m",
+        "--max-epochs", "1", "--width", "16", "--accelerator", "cpu", "--quiet",
+    ])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "c0" in out and "c1" in out and ";" in out  # Newick of the tree
+    assert "Saved model to m" in out
+
+
+def test_generate_round_trip(fitted, tmp_path, capsys):
+    out = tmp_path / "gen.h5ad"
+    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out),
+               "--seed", "0"])
+    assert rc == 0
+    gen = ad.read_h5ad(out)
+    assert gen.n_obs == 20
+    assert list(gen.obs["cell_type"].cat.categories) == CLASSES
+    assert gen.obs["cell_type"].value_counts().to_dict() == dict.fromkeys(CLASSES, 5)
+    assert gen.obsm["X_latent"].shape == (20, 8)
+    assert gen.uns["scbranch"]["params"]["seed"] == 0
+    assert str(out) in capsys.readouterr().out
+
+    # Same seed, same cells; a second write needs --overwrite.
+    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out),
+               "--seed", "0"])
+    assert rc == 2
+    line = _error_line(capsys)
+    assert "--overwrite" in line and str(out) in line
+    before = gen.obsm["X_latent"].copy()
+    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out),
+               "--seed", "0", "--overwrite", "-q"])
+    assert rc == 0
+    assert (ad.read_h5ad(out).obsm["X_latent"] == before).all()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary file left
+
+
+def test_generate_selected_labels_and_options(fitted, tmp_path):
+    out = tmp_path / "sub" / "two.h5ad"
+    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "3", "--labels", "c1, c3",
+               "--label", "c0", "--solver", "dpm2m", "--n-steps", "10", "--no-share",
+               "--out", str(out), "-q"])
+    assert rc == 0
+    gen = ad.read_h5ad(out)
+    assert gen.obs["cell_type"].value_counts().to_dict() == {"c0": 3, "c1": 3, "c2": 0, "c3": 3}
+    params = gen.uns["scbranch"]["params"]
+    assert params["solver"] == "dpm2m" and params["n_steps"] == 10 and not params["share"]
+
+
+def test_generate_unknown_label(fitted, tmp_path, capsys):
+    out = tmp_path / "x.h5ad"
+    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "2", "--labels", "c0,Neuron",
+               "--out", str(out)])
+    assert rc == 2
+    assert "Neuron" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_fit_wrong_labels_key(fitted, capsys):
+    rc = main(["fit", str(fitted["data"]), "--labels", "celltype", "--rep", "X_latent",
+               "--out", "m2"])
+    assert rc == 2
+    line = _error_line(capsys)
+    assert "'celltype'" in line and "cell_type" in line  # names the key and the choices
+    assert not Path("m2").exists()
+
+
+def test_fit_wrong_rep_and_missing_file(fitted, capsys):
+    assert main(["fit", str(fitted["data"]), "--labels", "cell_type", "--rep", "X_pca",
+                 "--out", "m3"]) == 2
+    assert "X_pca" in _error_line(capsys)
+    assert main(["fit", "nope.h5ad", "--labels", "cell_type", "--out", "m4"]) == 2
+    assert "nope.h5ad" in _error_line(capsys)
+    Path("bad.h5ad").write_text("not hdf5")
+    assert main(["fit", "bad.h5ad", "--labels", "cell_type", "--out", "m5"]) == 2
+    assert "bad.h5ad" in _error_line(capsys)
+
+
+def test_fit_refuses_non_empty_out(fitted, capsys):
+    Path("busy").mkdir()
+    Path("busy/keep.txt").write_text("x")
+    rc = main(["fit", str(fitted["data"]), "--labels", "cell_type", "--out", "busy"])
+    assert rc == 2
+    assert "--overwrite" in _error_line(capsys)
+
+
+def test_generate_missing_model_dir(tmp_path, capsys):
+    rc = main(["generate", str(tmp_path / "no_model"), "--n-cells", "5", "--out", "g.h5ad"])
+    assert rc == 2
+    assert "no_model" in _error_line(capsys)
+    Path("empty_model").mkdir()
+    assert main(["generate", "empty_model", "--n-cells", "5", "--out", "g.h5ad"]) == 2
+    assert "model.pt" in _error_line(capsys)
+    assert not Path("g.h5ad").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU exists")
+def test_gpu_without_cuda_fails_early(fitted, capsys):
+    rc = main(["fit", str(fitted["data"]), "--labels", "cell_type", "--out", "m6",
+               "--accelerator", "gpu"])
+    assert rc == 2
+    assert "--accelerator gpu" in _error_line(capsys)
+
+
+def test_device_arguments():
+    from scbranch.cli import _is_multi_device, build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["fit", "d", "--labels", "k", "--out", "m"]).devices == "auto"
+    assert parse(["fit", "d", "--labels", "k", "--out", "m", "--devices", "2"]).devices == 2
+    assert parse(["fit", "d", "--labels", "k", "--out", "m", "--devices", "0,1"]).devices == [0, 1]
+    assert parse(["generate", "m", "--n-cells", "1", "--out", "g", "--device", "1"]).device == 1
+    assert [_is_multi_device(d) for d in ["auto", 1, 2, -1, [0], [0, 1]]] == [
+        False, False, True, True, False, True
+    ]
+
+
+def test_traceback_flag_reraises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["generate", "no_model", "--n-cells", "5", "--out", "g.h5ad", "--traceback"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "m", "--n-cells", "0", "--out", "g.h5ad"],
+        ["generate", "m", "--n-cells", "5", "--out", "g.h5ad", "--solver", "euler"],
+        ["generate", "m", "--out", "g.h5ad"],
+        ["fit", "d.h5ad", "--labels", "x", "--rep", "X_pca", "--layer", "L", "--out", "m"],
+        ["fit", "d.h5ad", "--labels", "x", "--out", "m", "--accelerator", "tpu"],
+        ["fit", "d.h5ad", "--labels", "x", "--out", "m", "--devices", "two"],
+        ["generate", "m", "--n-cells", "5", "--out", "g.h5ad", "--device", "-1"],
+        [],
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "scbranch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["fit"], ["generate"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "example" in text
+    if command == ["generate"]:
+        for option in ["--n-cells", "--labels", "--label", "--solver", "--n-steps", "--seed",
+                       "--no-share", "--out", "--overwrite", "dpm2m"]:
+            assert option in text
+    if command == ["fit"]:
+        for option in ["--labels", "--rep", "--layer", "--out", "--max-epochs", "--batch-size",
+                       "--accelerator", "--devices", "--seed", "--width", "--overwrite"]:
+            assert option in text
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "scbranch.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "generate" in proc.stdout and "fit" in proc.stdout and "demo" in proc.stdout
+
+
+def test_demo_wiring(monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake_run_demo(out, *, fast=False, seed=0, max_epochs=None, overwrite=False):
+        calls.append({"out": out, "fast": fast, "seed": seed, "max_epochs": max_epochs,
+                      "overwrite": overwrite})
+        return {"generated": str(Path(out) / "generated.h5ad"), "w2": 1.5, "table": object()}
+
+    monkeypatch.setitem(sys.modules, "scbranch._demo",
+                        _fake_module(fake_run_demo))
+    assert main(["demo", "--out", "d", "--fast", "--seed", "3", "--max-epochs", "7"]) == 0
+    assert calls == [{"out": "d", "fast": True, "seed": 3, "max_epochs": 7, "overwrite": False}]
+    out = capsys.readouterr().out
+    assert "generated.h5ad" in out and "w2: 1.5" in out and "table" not in out
+
+    assert main(["demo", "--out", "d", "--overwrite"]) == 0
+    assert calls[-1] == {"out": "d", "fast": False, "seed": 0, "max_epochs": None,
+                         "overwrite": True}
+
+
+def test_demo_user_error_is_one_line(monkeypatch, capsys):
+    def fake_run_demo(out, **kwargs):
+        raise FileExistsError(f"{out!r} is not empty; pass --overwrite.")
+
+    monkeypatch.setitem(sys.modules, "scbranch._demo",
+                        _fake_module(fake_run_demo))
+    assert main(["demo", "--out", "d"]) == 2
+    assert "--overwrite" in _error_line(capsys)

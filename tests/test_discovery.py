@@ -1,0 +1,275 @@
+import itertools
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scbranch.datasets._simulate import simulate_tree
+from scbranch.module import VPSDE, discover_hierarchy, global_standardizer
+from scbranch.module._discovery import agglomerate, crossover_times, similarity_curves
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def brute_curves(xt: np.ndarray, labels: np.ndarray, n_classes: int):
+    """O(n^2) mean pairwise cosine similarity, distinct cells only within a class."""
+    u = xt / np.linalg.norm(xt, axis=1, keepdims=True)
+    cos = u @ u.T
+    inter = np.zeros((n_classes, n_classes))
+    for a, b in itertools.product(range(n_classes), repeat=2):
+        ia, ib = np.flatnonzero(labels == a), np.flatnonzero(labels == b)
+        vals = [cos[i, j] for i in ia for j in ib if i != j]
+        inter[a, b] = np.mean(vals)
+    return np.diag(inter).copy(), inter
+
+
+def _tiny():
+    rng = np.random.default_rng(0)
+    means = np.array([[3.0, 0, 0, 1], [0, 3.0, 0, 1], [0, 0, -3.0, 1]])
+    counts = [5, 7, 4]
+    labels = np.repeat(np.arange(3), counts)
+    x = means[labels] + rng.normal(size=(len(labels), 4))
+    perm = rng.permutation(len(labels))  # classes need not be contiguous
+    return x[perm], labels[perm]
+
+
+def test_similarity_curves_equal_brute_force_at_t0():
+    x, labels = _tiny()
+    intra, inter = similarity_curves(x, labels, 3, VPSDE(), np.array([0.0]), seed=3)
+    b_intra, b_inter = brute_curves(x, labels, 3)
+    np.testing.assert_allclose(intra[:, 0], b_intra, atol=1e-5)
+    np.testing.assert_allclose(inter[:, :, 0], b_inter, atol=1e-5)
+    np.testing.assert_allclose(inter[:, :, 0], inter[:, :, 0].T, atol=1e-6)
+
+
+def test_similarity_curves_equal_brute_force_with_same_noise():
+    x, labels = _tiny()
+    sde = VPSDE()
+    times = np.array([0.0, 0.2, 0.45, 0.7, 1.0])
+    seed = 11
+    intra, inter = similarity_curves(x, labels, 3, sde, times, seed=seed)
+    assert intra.shape == (3, 5) and inter.shape == (3, 3, 5)
+    # replicate the forward noise: one generator seeded with `seed`, one draw of (T, n, d)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(times), *x.shape), generator=gen)
+    t = torch.as_tensor(times, dtype=torch.float32)
+    xt = sde.alpha(t).view(-1, 1, 1) * torch.as_tensor(x, dtype=torch.float32)
+    xt = (xt + sde.sigma(t).view(-1, 1, 1) * noise).double().numpy()
+    for k in range(len(times)):
+        b_intra, b_inter = brute_curves(xt[k], labels, 3)
+        np.testing.assert_allclose(intra[:, k], b_intra, atol=1e-5)
+        np.testing.assert_allclose(inter[:, :, k], b_inter, atol=1e-5)
+    # at t = 1 (pure noise) every similarity is near 0; at t = 0 the classes are well apart
+    assert np.abs(inter[:, :, -1]).max() < 0.5
+    assert intra[:, 0].min() > 0.5 and inter[0, 1, 0] < 0.3
+    # a different seed gives different curves at t > 0 and identical ones at t = 0
+    intra2, _ = similarity_curves(x, labels, 3, sde, times, seed=seed + 1)
+    np.testing.assert_allclose(intra2[:, 0], intra[:, 0], atol=1e-6)
+    assert np.abs(intra2[:, 1:] - intra[:, 1:]).max() > 1e-3
+
+
+def test_similarity_curves_do_not_depend_on_chunking():
+    sim = simulate_tree(depth=2, n_per_class=12, dim=8, seed=0)
+    times = np.linspace(0, 1, 9)
+    a = similarity_curves(sim.x, sim.labels, 4, VPSDE(), times, seed=2)
+    b = similarity_curves(sim.x, sim.labels, 4, VPSDE(), times, seed=2,
+                          max_chunk_elements=sim.x.size * 2)  # 2 times per chunk
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+
+
+def test_similarity_curves_statistics_at_intermediate_t():
+    """Two point masses at +-m*1: cosine of noised cells is ~ +-a^2 m^2 / (a^2 m^2 + s^2)."""
+    d, n = 20, 300
+    x = np.concatenate([np.full((n, d), 2.0), np.full((n, d), -2.0)])
+    labels = np.repeat([0, 1], n)
+    sde = VPSDE()
+    times = np.array([0.5])
+    intra, inter = similarity_curves(x, labels, 2, sde, times, seed=0)
+    # x_t = a*m*1 + s*eps, |a m 1|^2 = a^2 m^2 d; cos between two cells of one class:
+    # ~ a^2 m^2 d / (a^2 m^2 d + s^2 d) for large d
+    a, s = float(sde.alpha(0.5)), float(sde.sigma(0.5))
+    expected = a**2 * 4 / (a**2 * 4 + s**2)
+    assert intra[0, 0] == pytest.approx(expected, abs=0.03)
+    assert intra[1, 0] == pytest.approx(expected, abs=0.03)
+    assert inter[0, 1, 0] == pytest.approx(-expected, abs=0.03)
+
+
+def test_similarity_curves_need_two_cells_per_class():
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    with pytest.raises(ValueError, match="Class index 1 has 1 cell"):
+        similarity_curves(x, np.array([0, 0, 1, 2, 2]), 3, VPSDE(), np.array([0.0, 0.5]))
+
+
+def test_crossover_linear_curves_exact():
+    times = np.linspace(0, 1, 11)
+    intra = np.full((2, 11), 0.5)
+    inter = np.zeros((2, 2, 11))
+    inter[0, 1] = inter[1, 0] = 0.7 * times
+    cross = crossover_times(intra, inter, times, epsilon=0.0)
+    assert cross[0, 1] == pytest.approx(0.5 / 0.7, abs=1e-12)
+    assert cross[1, 0] == cross[0, 1] and cross[0, 0] == 0 and cross[1, 1] == 0
+    cross = crossover_times(intra, inter, times, epsilon=0.1)
+    assert cross[0, 1] == pytest.approx(0.4 / 0.7, abs=1e-12)
+    # intra curves averaged: (0.3 + 0.7) / 2 = 0.5 again
+    intra2 = np.vstack([np.full(11, 0.3), np.full(11, 0.7)])
+    assert crossover_times(intra2, inter, times, epsilon=0.0)[0, 1] == pytest.approx(0.5 / 0.7)
+
+
+def test_crossover_interpolates_between_grid_points_and_takes_first():
+    times = np.linspace(0, 1, 5)  # 0, .25, .5, .75, 1
+    intra = np.full((3, 5), 1.0)
+    inter = np.zeros((3, 3, 5))
+    # pair (0, 1): gap = inter - 1 = -1, -0.6, +0.2, -0.1, +0.5 -> first crossing in (0.25, 0.5)
+    inter[0, 1] = inter[1, 0] = [0.0, 0.4, 1.2, 0.9, 1.5]
+    # pair (0, 2): already crossed at t = 0
+    inter[0, 2] = inter[2, 0] = [1.0, 1.0, 1.0, 1.0, 1.0]
+    # pair (1, 2): crosses exactly on the grid point 0.75
+    inter[1, 2] = inter[2, 1] = [0.0, 0.1, 0.5, 1.0, 1.0]
+    cross = crossover_times(intra, inter, times, epsilon=0.0)
+    assert cross[0, 1] == pytest.approx(0.25 + 0.6 / 0.8 * 0.25, abs=1e-12)
+    assert cross[0, 2] == 0.0
+    assert cross[1, 2] == pytest.approx(0.75, abs=1e-12)
+
+
+def test_crossover_never_crossing_names_the_pair():
+    times = np.linspace(0, 1, 6)
+    intra = np.full((3, 6), 0.8)
+    inter = np.full((3, 3, 6), 0.8)
+    inter[1, 2] = inter[2, 1] = 0.2
+    with pytest.raises(ValueError, match="'NK'.*'B cells'.*epsilon") as err:
+        crossover_times(intra, inter, times, classes=["T", "NK", "B cells"])
+    assert "'T'" not in str(err.value)
+    # without names the indices are used
+    with pytest.raises(ValueError, match="'1' and '2'"):
+        crossover_times(intra, inter, times)
+
+
+def test_agglomerate_min_branch_length_and_monotone_times():
+    cross = np.array(
+        [
+            [0.0, 0.10, 0.11, 0.60],
+            [0.10, 0.0, 0.40, 0.61],
+            [0.11, 0.40, 0.0, 0.105],
+            [0.60, 0.61, 0.105, 0.0],
+        ]
+    )
+    agg = agglomerate(cross, min_branch_length=0.02)
+    assert [(set(a), set(b)) for a, b, _ in agg.merges] == [
+        ({0}, {1}),
+        ({2}, {3}),
+        ({0, 1}, {2, 3}),
+    ]
+    times = [t for *_, t in agg.merges]
+    assert times == pytest.approx([0.10, 0.105, 0.125])  # 0.11 pushed to 0.105 + 0.02
+    assert agg.short_pairs == [(0, 2, 0.11)]
+    # without a minimum the crossover time is kept
+    agg0 = agglomerate(cross, min_branch_length=0.0)
+    assert [t for *_, t in agg0.merges] == pytest.approx([0.10, 0.105, 0.11])
+    assert agg0.short_pairs == []
+
+
+def test_agglomerate_random_matrices_give_valid_trees():
+    rng = np.random.default_rng(0)
+    from scbranch.module import BranchTree
+
+    for _ in range(20):
+        c = 7
+        m = rng.uniform(0, 0.7, size=(c, c))
+        cross = np.triu(m, 1) + np.triu(m, 1).T
+        cross[0, 1] = cross[1, 0] = 0.001  # nearly indistinguishable pair
+        agg = agglomerate(cross, min_branch_length=0.03)
+        tree = BranchTree.from_merges([f"c{i}" for i in range(c)], agg.merges)
+        for b in tree.branches:
+            if b.parent >= 0:
+                assert b.length >= 0.03 - 1e-12
+                assert tree.branches[b.parent].t_start > b.t_start
+        # the leaf pair that crossed at 0.001 was lengthened
+        assert tree.branches[0].t_end == pytest.approx(0.03)
+        assert any(p[:2] == (0, 1) for p in agg.short_pairs)
+
+
+def test_agglomerate_raises_without_room_for_root():
+    cross = np.array([[0, 0.5, 0.99], [0.5, 0, 0.99], [0.99, 0.99, 0]])
+    with pytest.raises(ValueError, match="min_branch_length"):
+        agglomerate(cross, min_branch_length=0.02)
+
+
+def test_global_standardizer_is_not_per_dimension():
+    rng = np.random.default_rng(0)
+    sd = np.array([1.0, 3.0, 10.0, 0.5])
+    x = 5.0 + rng.normal(size=(2000, 4)) * sd
+    shift, scale = global_standardizer(x)
+    np.testing.assert_allclose(shift, x.mean(0))
+    z = (x - shift) / scale
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-12)
+    v = z.var(0)
+    assert v.mean() == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_allclose(v / v[0], x.var(0) / x.var(0)[0], rtol=1e-10)  # ratios kept
+    assert v.max() / v.min() > 100  # per-dimension standardisation would give all ones
+    assert scale == pytest.approx(np.sqrt(x.var(0).mean()), rel=1e-12)
+    # sparse input: same answer without densifying
+    xs = np.where(rng.uniform(size=x.shape) < 0.7, 0.0, x)
+    s_shift, s_scale = global_standardizer(sp.csr_matrix(xs))
+    d_shift, d_scale = global_standardizer(xs)
+    np.testing.assert_allclose(s_shift, d_shift, rtol=1e-10)
+    assert s_scale == pytest.approx(d_scale, rel=1e-10)
+    with pytest.raises(ValueError, match="zero variance"):
+        global_standardizer(np.ones((5, 3)))
+
+
+def _splits(tree):
+    return {frozenset(tree.classes[c] for c in b.classes) for b in tree.branches if b.children}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_discover_hierarchy_recovers_simulated_tree(seed):
+    sim = simulate_tree(depth=3, seed=seed)
+    shift, scale = global_standardizer(sim.x)
+    res = discover_hierarchy((sim.x - shift) / scale, sim.labels, sim.classes, VPSDE())
+    tree = res.tree
+    assert tree.n_branches == 15
+    assert _splits(tree) == sim.true_splits
+    # times increase towards the root and every branch has the minimum length
+    for b in tree.branches:
+        assert b.length >= 0.02 - 1e-12
+    # the crossover matrix is symmetric and the first merges are siblings
+    np.testing.assert_allclose(res.crossover, res.crossover.T)
+    assert res.intra.shape == (8, 200) and res.inter.shape == (8, 8, 200)
+    # siblings (deepest split) cross before cousins
+    for c in range(0, 8, 2):
+        others = [j for j in range(8) if j not in (c, c + 1)]
+        assert res.crossover[c, c + 1] < res.crossover[c, others].min()
+
+
+def test_discovery_warns_for_indistinguishable_labels():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(100, 6)), rng.normal(size=(100, 6)) + 6.0])
+    labels = np.repeat([0, 1, 2], [50, 50, 100])  # 0 and 1 are one population
+    shift, scale = global_standardizer(x)
+    with pytest.warns(UserWarning, match="'a' and 'b' are indistinguishable"):
+        res = discover_hierarchy((x - shift) / scale, labels, ["a", "b", "c"], VPSDE())
+    assert res.tree.branches[0].t_end == pytest.approx(0.02)
+    assert _splits(res.tree) == {frozenset("ab"), frozenset("abc")}
+
+
+def test_discovery_timing_10_classes():
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(10, 30)) * 2
+    labels = np.repeat(np.arange(10), 200)
+    x = means[labels] + rng.normal(size=(2000, 30))
+    shift, scale = global_standardizer(x)
+    start = time.perf_counter()
+    res = discover_hierarchy((x - shift) / scale, labels, [f"k{i}" for i in range(10)], VPSDE())
+    elapsed = time.perf_counter() - start
+    print(f"\ndiscovery of 10 classes x 200 cells x 30 dims: {elapsed:.3f} s")
+    assert res.tree.n_branches == 19

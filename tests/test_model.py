@@ -1,0 +1,308 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import torch
+
+import scbranch as sb
+from scbranch.datasets import simulate_tree
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _sim_adata(n_per_class=40, seed=0):
+    sim = simulate_tree(depth=2, n_per_class=n_per_class, dim=8, seed=seed)
+    return sim.to_anndata(labels_key="cell_type", obsm_key="X_latent")
+
+
+def _pca_adata(n_per_class=40, n_genes=30, seed=0):
+    """Log-normalised-looking expression whose PCA is stored the scanpy way."""
+    rng = np.random.default_rng(seed)
+    sim = simulate_tree(depth=2, n_per_class=n_per_class, dim=8, seed=seed)
+    mixing = rng.normal(size=(8, n_genes)) / 3
+    x = np.log1p(np.exp(sim.x @ mixing))  # positive, smooth
+    adata = ad.AnnData(
+        X=x.astype(np.float32),
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical([sim.classes[i] for i in sim.labels], sim.classes)},
+            index=[f"c{i}" for i in range(len(x))],
+        ),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
+    )
+    sc.pp.pca(adata, n_comps=6)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    adata = _sim_adata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=32, n_head_blocks=1)
+    model.train(max_epochs=3, batch_size=64, accelerator="cpu", enable_progress_bar=False)
+    return adata, model
+
+
+def test_train_and_generate(trained):
+    adata, model = trained
+    assert model.is_trained
+    assert "train_loss" in model.history
+    gen = model.generate(n_cells=7, seed=0, progress_bar=False)
+    assert gen.n_obs == 7 * 4
+    assert list(gen.obs["cell_type"].cat.categories) == model.classes
+    assert (gen.obs["cell_type"].value_counts() == 7).all()
+    assert gen.obs[sb._constants.OBS_KEYS.GENERATED].all()
+    assert gen.obsm["X_latent"].shape == (28, 8)
+    assert np.isfinite(gen.obsm["X_latent"]).all()
+    assert gen.uns["scbranch"]["params"]["seed"] == 0
+    assert gen is not adata and gen.n_obs != adata.n_obs
+
+
+def test_generate_dict_and_subset(trained):
+    _, model = trained
+    gen = model.generate(n_cells={"c1": 5, "c3": 2}, seed=1, progress_bar=False)
+    counts = gen.obs["cell_type"].value_counts()
+    assert counts["c1"] == 5 and counts["c3"] == 2 and counts["c0"] == 0
+    assert list(gen.obs["cell_type"].cat.categories) == model.classes  # all training categories
+    gen2 = model.generate(n_cells=3, labels=["c2"], seed=1, progress_bar=False)
+    assert set(gen2.obs["cell_type"]) == {"c2"}
+
+
+def test_generate_deterministic_and_share_false_equals_per_class(trained):
+    _, model = trained
+    a = model.generate(n_cells=6, seed=3, progress_bar=False, share=False)
+    b = model.generate(n_cells=6, seed=3, progress_bar=False, share=False)
+    np.testing.assert_array_equal(a.obsm["X_latent"], b.obsm["X_latent"])
+    alone = model.generate(n_cells={"c2": 6}, seed=3, progress_bar=False, share=False)
+    np.testing.assert_array_equal(
+        a.obsm["X_latent"][(a.obs["cell_type"] == "c2").to_numpy()], alone.obsm["X_latent"]
+    )
+    c = model.generate(n_cells=6, seed=4, progress_bar=False, share=False)
+    assert not np.array_equal(a.obsm["X_latent"], c.obsm["X_latent"])
+
+
+@pytest.mark.parametrize("save_anndata", [False, True])
+def test_save_load_identical(trained, tmp_path, save_anndata):
+    adata, model = trained
+    model.save(tmp_path / "m", save_anndata=save_anndata)
+    before = model.generate(n_cells=5, seed=11, progress_bar=False)
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m")
+    after = loaded.generate(n_cells=5, seed=11, progress_bar=False)
+    np.testing.assert_array_equal(before.obsm["X_latent"], after.obsm["X_latent"])
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, loaded.module.state_dict()[k]), k
+    with_data = sb.BranchedDiffusion.load(tmp_path / "m", adata=adata.copy())
+    again = with_data.generate(n_cells=5, seed=11, progress_bar=False)
+    np.testing.assert_array_equal(before.obsm["X_latent"], again.obsm["X_latent"])
+    assert loaded.tree.to_newick() == model.tree.to_newick()
+
+
+def test_generated_h5ad_round_trip(trained, tmp_path):
+    _, model = trained
+    gen = model.generate(n_cells=4, seed=0, progress_bar=False)
+    gen.write_h5ad(tmp_path / "g.h5ad")
+    back = ad.read_h5ad(tmp_path / "g.h5ad")
+    assert list(back.obs["cell_type"].cat.categories) == model.classes
+    assert "hierarchy" in back.uns["scbranch"]
+    tree = sb.module.BranchTree.from_dict(back.uns["scbranch"]["hierarchy"])
+    assert tree.to_newick() == model.tree.to_newick()
+
+
+def test_user_adata_only_documented_changes():
+    adata = _sim_adata()
+    before_obs = adata.obs.copy()
+    before_x = adata.obsm["X_latent"].copy()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    model.generate(n_cells=2, seed=0, progress_bar=False)
+    np.testing.assert_array_equal(adata.obsm["X_latent"], before_x)
+    added = set(adata.obs.columns) - set(before_obs.columns)
+    assert added <= {"_scvi_labels"}  # scvi-tools' registration column, documented
+    pd.testing.assert_series_equal(adata.obs["cell_type"], before_obs["cell_type"])
+
+
+def test_hierarchy_reused_from_uns_and_rediscovered_on_mismatch(caplog):
+    adata = _sim_adata()
+    sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", epsilon=0.01)
+    stored = adata.uns["scbranch_hierarchy"]["newick"]
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16)
+    assert model.tree.to_newick() == stored
+    # a hierarchy computed with another forward process is not reused
+    other = _sim_adata()
+    sb.tl.branch_hierarchy(other, groupby="cell_type", use_rep="X_latent", beta1=30.0)
+    sb.BranchedDiffusion.setup_anndata(other, labels_key="cell_type", obsm_key="X_latent")
+    with pytest.raises(ValueError, match="different forward process"):
+        sb.BranchedDiffusion(other, width=16, hierarchy="scbranch_hierarchy")
+    model2 = sb.BranchedDiffusion(other, width=16)  # auto: rediscovers with the model's SDE
+    assert model2.tree.n_branches == 7
+
+
+def test_hierarchy_matches_truth_inside_model():
+    adata = _sim_adata(n_per_class=60)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16)
+    splits = {
+        frozenset(model.tree.classes[c] for c in b.classes)
+        for b in model.tree.branches
+        if b.children
+    }
+    assert splits == simulate_tree(depth=2, n_per_class=60, dim=8, seed=0).true_splits
+
+
+def test_reregistration_after_other_model_setup():
+    """scvi models share obs['_scvi_labels']; training must replay our registration."""
+    import scvi
+
+    adata = _sim_adata()
+    adata.layers["counts"] = np.random.default_rng(0).poisson(2, size=adata.shape).astype(np.float32)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    truth = adata.obs["cell_type"].cat.codes.to_numpy()
+    scvi.model.SCVI.setup_anndata(adata, layer="counts")  # overwrites _scvi_labels with 0
+    assert (adata.obs["_scvi_labels"] == 0).all()
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    np.testing.assert_array_equal(adata.obs["_scvi_labels"].to_numpy(), truth)
+
+
+def test_pca_decoding_reconstructs_expression():
+    adata = _pca_adata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    dec = model.decoder_
+    assert dec is not None and dec["kind"] == "pca"
+    # decoding the real PCs gives the PCA reconstruction of the real expression
+    x = adata.X
+    recon = sb.model._decoding.decode(dec, adata.obsm["X_pca"])
+    mean = x.mean(0)
+    pcs = adata.varm["PCs"]
+    np.testing.assert_allclose(recon, (x - mean) @ pcs @ pcs.T + mean, atol=1e-4)
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    gen = model.generate(n_cells=3, seed=0, progress_bar=False)
+    assert gen.shape == (12, adata.n_vars)
+    assert list(gen.var_names) == list(adata.var_names)
+    np.testing.assert_allclose(gen.X, sb.model._decoding.decode(dec, gen.obsm["X_pca"]), atol=1e-5)
+
+
+def test_pca_of_other_data_is_not_decoded():
+    adata = _pca_adata()
+    adata.obsm["X_pca"] = adata.obsm["X_pca"] * 3.0  # not the PCA of .X any more
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    with pytest.warns(UserWarning, match="is not the PCA"):
+        model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    assert model.decoder_ is None
+    gen = model.generate(n_cells=2, seed=0, progress_bar=False)
+    assert gen.n_vars == 0 and gen.obsm["X_pca"].shape == (8, 6)
+
+
+def test_expression_space_model():
+    adata = _pca_adata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    gen = model.generate(n_cells=3, seed=0, progress_bar=False)
+    assert gen.shape == (12, adata.n_vars)
+    assert list(gen.var_names) == list(adata.var_names)
+
+
+def test_flat_architecture():
+    adata = _sim_adata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    branched = sb.BranchedDiffusion(adata, width=32, n_head_blocks=1)
+    flat = sb.BranchedDiffusion(adata, width=32, n_head_blocks=1, architecture="flat")
+    n_b = sum(p.numel() for p in branched.module.parameters())
+    n_f = sum(p.numel() for p in flat.module.parameters())
+    assert abs(n_f - n_b) / n_b < 0.1
+    flat.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    gen = flat.generate(n_cells=3, seed=0, progress_bar=False)
+    assert gen.n_obs == 12 and gen.uns["scbranch"]["model"]["architecture"] == "flat"
+
+
+def test_class_balance_oversamples_rare_types():
+    from scbranch.model._data import balanced_indices
+
+    labels = np.array([0] * 90 + [1] * 10)
+    idx = balanced_indices(labels, 1.0, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [50, 50]
+    assert set(np.flatnonzero(labels == 1)) <= set(idx)  # no rare cell dropped
+    assert np.array_equal(balanced_indices(labels, 0.0, seed=0).size, 100)
+    adata = _sim_adata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False, class_balance=0.5)
+    assert model.is_trained
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_unknown_keys_raise():
+    adata = _sim_adata()
+    with pytest.raises(KeyError, match="labels_key='celltype'.*Available columns"):
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="celltype", obsm_key="X_latent")
+    with pytest.raises(KeyError, match="obsm_key='X_umap'"):
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_umap")
+    with pytest.raises(KeyError, match="layer='counts'"):
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", layer="counts")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_raise(bad):
+    adata = _sim_adata()
+    adata.obsm["X_latent"][3, 2] = bad
+    with pytest.raises(ValueError, match=r"adata.obsm\['X_latent'\] contains 1 NaN or infinite"):
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+
+
+def test_missing_labels_raise():
+    adata = _sim_adata()
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
+    adata.obs.iloc[0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 missing value"):
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+
+
+def test_single_cell_class_raises():
+    adata = _sim_adata()
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    labels[0] = "lonely"
+    adata.obs["cell_type"] = pd.Categorical(labels)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    with pytest.raises(ValueError, match=r"'lonely' \(1 cell\).*fewer than 3 cells"):
+        sb.BranchedDiffusion(adata, width=16)
+    with pytest.raises(ValueError, match=r"'lonely' \(1 cell\)"):
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
+
+
+def test_unknown_label_in_generate(trained):
+    _, model = trained
+    with pytest.raises(KeyError, match="Unknown label.*'Megakaryocyte'"):
+        model.generate(n_cells={"Megakaryocyte": 3}, progress_bar=False)
+    with pytest.raises(KeyError, match="Unknown label"):
+        model.generate(n_cells=3, labels=["c0", "nope"], progress_bar=False)
+    with pytest.raises(ValueError, match="Unknown solver"):
+        model.generate(n_cells=3, solver="rk4", progress_bar=False)
+
+
+def test_missing_and_corrupt_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No model directory"):
+        sb.BranchedDiffusion.load(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not .*a saved scbranch model"):
+        sb.BranchedDiffusion.load(tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        sb.BranchedDiffusion.load(tmp_path / "corrupt")
+
+
+def test_save_refuses_to_overwrite(trained, tmp_path):
+    _, model = trained
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(tmp_path / "m")

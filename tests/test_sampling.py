@@ -1,0 +1,326 @@
+import numpy as np
+import pytest
+import torch
+from _gaussian import GaussianMixtureEps
+
+from scbranch.module import SOLVERS, VPSDE, BranchTree, sample, time_grid
+
+SDE = VPSDE()
+CALLS = {"em": 1, "heun": 2, "dpm2m": 1}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------- time grid
+@pytest.mark.parametrize("spacing", ["logsnr", "t"])
+@pytest.mark.parametrize(
+    "breakpoints,n_steps",
+    [([], 1), ([], 17), ([0.5], 10), ([0.2, 0.25, 0.35, 0.5, 0.75], 30), ([0.98, 0.99], 5)],
+)
+def test_time_grid_contract(breakpoints, n_steps, spacing):
+    grid = time_grid(SDE, breakpoints, n_steps, spacing=spacing)
+    assert len(grid) == n_steps + 1
+    assert grid[0] == 1.0 and grid[-1] == SDE.t_min
+    assert np.all(np.diff(grid) < 0)
+    for b in breakpoints:
+        assert b in grid.tolist()  # exactly, not up to rounding
+
+
+def test_time_grid_ignores_points_outside_and_raises_for_too_few_steps():
+    grid = time_grid(SDE, [0.0, 1e-4, 0.5, 1.0, 1.5], 4, spacing="t")
+    np.testing.assert_allclose(grid, [1.0, 0.75, 0.5, 0.2505, 0.001])
+    with pytest.raises(ValueError, match="n_steps=2 is smaller than the 3 segments"):
+        time_grid(SDE, [0.3, 0.6], 2)
+    time_grid(SDE, [0.3, 0.6], 3)  # one step per segment is enough
+    with pytest.raises(ValueError, match="spacing"):
+        time_grid(SDE, [0.3], 10, spacing="linear")
+
+
+def test_time_grid_spacing_is_uniform_within_segments():
+    bps = [0.3, 0.7]
+    for spacing, unit in [("t", lambda t: t), ("logsnr", SDE.log_snr)]:
+        grid = time_grid(SDE, bps, 40, spacing=spacing)
+        knots = [1.0, 0.7, 0.3, SDE.t_min]
+        u = unit(grid)
+        steps = []
+        for hi, lo in zip(knots[:-1], knots[1:], strict=True):
+            i, j = grid.tolist().index(hi), grid.tolist().index(lo)
+            du = np.diff(u[i : j + 1])
+            np.testing.assert_allclose(du, du[0], rtol=1e-6)
+            steps.append(j - i)
+        # steps proportional to segment length in the chosen unit (largest remainder)
+        lengths = np.abs(np.diff(unit(np.array(knots))))
+        share = lengths / lengths.sum() * 40
+        assert sum(steps) == 40
+        assert np.all(np.abs(np.array(steps) - share) < 1), (spacing, steps, share)
+
+
+def test_time_grid_logsnr_puts_more_steps_near_data_than_t():
+    g_snr = time_grid(SDE, [], 20, spacing="logsnr")
+    g_t = time_grid(SDE, [], 20, spacing="t")
+    assert (g_snr < 0.1).sum() > (g_t < 0.1).sum()
+    np.testing.assert_allclose(g_t, np.linspace(1, SDE.t_min, 21))
+
+
+def test_time_grid_strictly_decreasing_with_repeated_breakpoints():
+    grid = time_grid(SDE, [0.5, 0.5], 5)
+    assert np.all(np.diff(grid) < 0)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _moments_ok(res, means, covs, tol_mean, tol_cov):
+    for c in range(len(means)):
+        xc = res.x[res.labels == c].double().numpy()
+        err_m = np.abs(xc.mean(0) - means[c]).max()
+        err_c = np.abs(np.cov(xc.T) - covs[c]).max()
+        assert err_m < tol_mean, (c, err_m)
+        assert err_c < tol_cov, (c, err_c)
+
+
+def _expected_rows_shared(tree, grid, counts):
+    """sum over branches of steps(branch) x batch(branch), batch = largest count below."""
+    total = 0
+    used = {b for c in counts for b in tree.path(c)}
+    for b in used:
+        br = tree.branches[b]
+        need = max(counts.get(c, 0) for c in br.classes)
+        steps = sum(
+            1
+            for hi, lo in zip(grid[:-1], grid[1:], strict=True)
+            if br.t_start <= lo and hi <= br.t_end
+        )
+        total += steps * need
+    return total
+
+
+class Spy:
+    """eps_fn that records what the sampler asks for and returns a simple linear prediction."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, branch, label):
+        self.calls.append((float(t), x.shape[0], branch.clone(), label.clone()))
+        return 0.5 * x + 0.01 * branch.unsqueeze(1).to(x.dtype)
+
+
+SIX = BranchTree.from_merges(
+    ["c0", "c1", "c2", "c3", "c4", "c5"],
+    [
+        ((0,), (1,), 0.2),
+        ((4,), (5,), 0.25),
+        ((2,), (3,), 0.35),
+        ((0, 1), (2, 3), 0.5),
+        ((4, 5), (0, 1, 2, 3), 0.75),
+    ],
+)
+
+
+# ---------------------------------------------------------------------------- execution
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_shared_execution_batches_and_cost(solver):
+    counts = {0: 30, 1: 10, 3: 20, 5: 7}
+    spy = Spy()
+    res = sample(spy, SIX, SDE, counts, n_input=3, solver=solver, n_steps=25, share=True, seed=0)
+    grid = res.grid
+    assert np.all(np.isin(SIX.breakpoints(list(counts)), grid))
+    expected = _expected_rows_shared(SIX, grid, counts)
+    n_total = sum(counts.values())
+    assert res.n_row_evaluations - n_total == CALLS[solver] * expected
+    assert res.n_network_calls == CALLS[solver] * 25 + 1
+    # every call (but the final denoising one) holds exactly the live branches, each with its batch
+    assert len(spy.calls) == CALLS[solver] * (len(grid) - 1) + 1
+    for i, (t, n, branch, label) in enumerate(spy.calls[:-1]):
+        k = i // CALLS[solver]  # grid step of this call
+        assert t in (grid[k], grid[k + 1])
+        assert n == len(branch)
+        mid = 0.5 * (grid[k] + grid[k + 1])
+        live = sorted({int(SIX.lookup(np.array([c]), mid)[0]) for c in counts})
+        assert sorted(set(branch.tolist())) == live
+        for b in live:
+            rows = branch == b
+            classes = SIX.branches[b].classes
+            assert int(rows.sum()) == max(counts.get(c, 0) for c in classes)
+            exp_label = classes[0] if len(classes) == 1 else -1
+            assert set(label[rows].tolist()) == {exp_label}
+    # the final call denoises the output rows with their leaf branch at t_min
+    t, n, branch, label = spy.calls[-1]
+    assert t == SDE.t_min and n == n_total
+    np.testing.assert_array_equal(branch.numpy(), label.numpy())
+    assert res.labels.tolist() == [c for c, k in counts.items() for _ in range(k)]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_independent_execution_cost_and_branches(solver):
+    counts = {4: 5, 0: 8, 2: 3}
+    spy = Spy()
+    res = sample(spy, SIX, SDE, counts, n_input=2, solver=solver, n_steps=20, share=False)
+    assert res.n_row_evaluations == CALLS[solver] * 20 * 16 + 16
+    grid = res.grid
+    step = 0
+    for k, (hi, lo) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        mid = 0.5 * (hi + lo)
+        for _ in range(CALLS[solver]):
+            _, n, branch, label = spy.calls[step]
+            step += 1
+            assert n == 16
+            expected = np.concatenate(
+                [np.full(m, SIX.lookup(np.array([c]), mid)[0]) for c, m in counts.items()]
+            )
+            np.testing.assert_array_equal(branch.numpy(), expected, err_msg=f"step {k}")
+            np.testing.assert_array_equal(
+                label.numpy(), np.concatenate([np.full(m, c) for c, m in counts.items()])
+            )
+
+
+def test_shared_cost_ratio_matches_tree_bound():
+    counts = {c: 50 for c in range(6)}
+    n_steps = 400
+    res_s = sample(lambda x, *a: 0 * x, SIX, SDE, counts, n_input=1, solver="em",
+                   n_steps=n_steps, share=True, spacing="t", denoise=False)
+    res_i = sample(lambda x, *a: 0 * x, SIX, SDE, counts, n_input=1, solver="em",
+                   n_steps=n_steps, share=False, spacing="t", denoise=False)
+    assert res_i.n_row_evaluations == 6 * 50 * n_steps
+    assert res_s.n_row_evaluations == _expected_rows_shared(SIX, res_s.grid, counts)
+    # with steps uniform in t, the saving is C / sum of branch lengths (leaves end at t_min)
+    bound = 6 / (SIX.total_length() - 6 * SDE.t_min)
+    ratio = res_i.n_row_evaluations / res_s.n_row_evaluations
+    assert ratio == pytest.approx(bound, rel=0.01)
+    assert bound == pytest.approx(6 / 3.044, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- Gaussian answers
+MEANS_A = np.array([[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]])
+COVS_A = np.array([[[1.0, 0.3], [0.3, 0.5]], [[0.4, -0.1], [-0.1, 0.8]], [[0.6, 0.0], [0.0, 0.3]]])
+TREE_A = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.98), ((0, 1), (2,), 0.99)])
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("solver,n_steps", [("em", 200), ("heun", 30), ("dpm2m", 30)])
+def test_gaussian_exact_scores(solver, n_steps, share):
+    eps = GaussianMixtureEps(MEANS_A, COVS_A, TREE_A, SDE)
+    n = 3000
+    res = sample(eps, TREE_A, SDE, {0: n, 1: n, 2: n}, n_input=2, solver=solver,
+                 n_steps=n_steps, share=share, seed=0)
+    assert res.x.shape == (3 * n, 2) and torch.isfinite(res.x).all()
+    _moments_ok(res, MEANS_A, COVS_A, tol_mean=0.1, tol_cov=0.15)
+
+
+def test_gaussian_test_can_fail():
+    """The known-answer check rejects a sampler that ignores the class (uses the root score)."""
+    eps = GaussianMixtureEps(MEANS_A, COVS_A, TREE_A, SDE)
+    root = TREE_A.root
+
+    def wrong(x, t, branch, label):
+        return eps(x, t, torch.full_like(branch, root), label)
+
+    res = sample(wrong, TREE_A, SDE, {0: 1000, 1: 1000, 2: 1000}, n_input=2, solver="dpm2m",
+                 n_steps=30)
+    with pytest.raises(AssertionError):
+        _moments_ok(res, MEANS_A, COVS_A, tol_mean=0.1, tol_cov=0.15)
+
+
+# A and B close, joined at 0.75 (alpha * |mu_A - mu_B| = 0.047); C farther, joined at 0.9
+MEANS_B = np.array([[1.0, 0.0], [1.0, 0.8], [-1.5, -0.5]])
+COVS_B = np.array([[[0.5, 0.1], [0.1, 0.4]], [[0.4, 0.0], [0.0, 0.6]], [[0.7, -0.2], [-0.2, 0.5]]])
+TREE_B = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.75), ((0, 1), (2,), 0.9)])
+
+
+@pytest.mark.parametrize("solver,n_steps", [("em", 100), ("heun", 30), ("dpm2m", 30)])
+def test_gaussian_branched_path(solver, n_steps):
+    assert float(SDE.alpha(0.75)) * 0.8 < 0.05
+    eps = GaussianMixtureEps(MEANS_B, COVS_B, TREE_B, SDE)
+    n = 3000
+    counts = {0: n, 1: n, 2: n}
+    res = sample(eps, TREE_B, SDE, counts, n_input=2, solver=solver, n_steps=n_steps,
+                 share=True, seed=0)
+    _moments_ok(res, MEANS_B, COVS_B, tol_mean=0.1, tol_cov=0.15)
+    # exact cost: root and AB branch are evaluated once for all classes below them
+    grid = res.grid
+    shared = _expected_rows_shared(TREE_B, grid, counts)
+    assert res.n_row_evaluations - 3 * n == CALLS[solver] * shared
+    flat = CALLS[solver] * n_steps * 3 * n
+    steps_root = int(np.sum(grid[1:] >= 0.9))
+    steps_ab = int(np.sum((grid[1:] >= 0.75) & (grid[:-1] <= 0.9)))
+    predicted = 3 * n_steps / (3 * n_steps - 2 * steps_root - steps_ab)
+    assert steps_root >= 1 and steps_ab >= 1
+    assert flat / (res.n_row_evaluations - 3 * n) == pytest.approx(predicted, rel=1e-12)
+    assert predicted > 1.1
+
+
+# ---------------------------------------------------------------------------- reproducibility
+def _lin(x, t, branch, label):
+    return 0.4 * x + 0.05 * branch.unsqueeze(1).to(x.dtype)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_share_false_subset_equals_per_class(solver):
+    n = 40
+    kw = dict(n_input=3, solver=solver, n_steps=20, share=False, seed=5)
+    both = sample(_lin, TREE_B, SDE, {0: n, 1: n}, **kw)
+    alone = sample(_lin, TREE_B, SDE, {0: n}, **kw)
+    assert torch.equal(both.x[:n], alone.x)
+    alone1 = sample(_lin, TREE_B, SDE, {1: n}, **kw)
+    assert torch.equal(both.x[n:], alone1.x)
+    # and with the exact Gaussian scores (rows of other classes in the same call)
+    eps = GaussianMixtureEps(MEANS_B, COVS_B, TREE_B, SDE)
+    kw["n_input"] = 2
+    both = sample(eps, TREE_B, SDE, {0: n, 2: n}, **kw)
+    alone = sample(eps, TREE_B, SDE, {0: n}, **kw)
+    assert torch.equal(both.x[:n], alone.x)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_share_false_independent_of_other_classes_in_other_subtree(solver):
+    n = 10
+    kw = dict(n_input=2, solver=solver, n_steps=20, share=False, seed=0)
+    both = sample(_lin, SIX, SDE, {0: n, 2: n}, **kw)  # path of c2 adds the breakpoint 0.35
+    alone = sample(_lin, SIX, SDE, {0: n}, **kw)
+    assert torch.equal(both.x[:n], alone.x)
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_determinism(solver, share):
+    counts = {0: 20, 3: 10, 4: 15}
+    kw = dict(n_input=3, solver=solver, n_steps=15, share=share)
+    a = sample(_lin, SIX, SDE, counts, seed=1, **kw)
+    b = sample(_lin, SIX, SDE, counts, seed=1, **kw)
+    c = sample(_lin, SIX, SDE, counts, seed=2, **kw)
+    assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
+    assert not torch.allclose(a.x, c.x)
+    assert (a.x - c.x).abs().mean() > 0.1
+
+
+def test_shared_classes_share_ancestors_but_not_within_class():
+    """With share=True siblings start from the same states; with share=False they do not."""
+    tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
+    counts = {0: 5, 1: 5}
+    # eps = 0 everywhere: x_{t-h} depends only on x_t, so shared ancestors give equal rows at 0.5
+    shared = sample(lambda x, *a: torch.zeros_like(x), tree, SDE, counts, n_input=2,
+                    solver="heun", n_steps=10, share=True, denoise=False)
+    assert torch.equal(shared.x[:5], shared.x[5:])
+    indep = sample(lambda x, *a: torch.zeros_like(x), tree, SDE, counts, n_input=2,
+                   solver="heun", n_steps=10, share=False, denoise=False)
+    assert not torch.allclose(indep.x[:5], indep.x[5:])
+    assert len(torch.unique(shared.x[:5], dim=0)) == 5  # rows of one class are distinct
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError, match="Unknown solver 'euler'"):
+        sample(_lin, TREE_B, SDE, {0: 3}, n_input=2, solver="euler")
+    with pytest.raises(ValueError, match="Nothing to sample"):
+        sample(_lin, TREE_B, SDE, {0: 0, 1: 0}, n_input=2)
+
+
+def test_share_true_with_branch_point_below_t_min():
+    tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 5e-4)])
+    res = sample(_lin, tree, SDE, {0: 3, 1: 2}, n_input=2, n_steps=5, share=True)
+    assert res.labels.tolist() == [0, 0, 0, 1, 1]
