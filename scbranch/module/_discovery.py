@@ -215,6 +215,59 @@ def agglomerate(cross: np.ndarray, *, min_branch_length: float = 0.02) -> Agglom
     return Agglomeration(merges=merges, short_pairs=short)
 
 
+def agglomerate_average(
+    intra: np.ndarray,
+    inter: np.ndarray,
+    times: np.ndarray,
+    *,
+    epsilon: float = 0.005,
+    min_branch_length: float = 0.02,
+    classes: Sequence[str] | None = None,
+) -> Agglomeration:
+    """Agglomerate SETS of classes by when their pooled similarity curves cross (average linkage).
+
+    :func:`agglomerate` (the paper's rule) merges two sets as soon as ANY pair of their classes
+    crosses: single linkage, which chains when a tiny, noisy class crosses early with a member of
+    another lineage. Here a merged set is treated as one class whose similarity to another set is
+    the class-averaged between-set similarity, and whose within-set similarity averages all its
+    class pairs (its members' own curves included); the next merge is the pair of sets that
+    crosses first under the same criterion. Classes are weighted equally, not by cell counts.
+    """
+    n = intra.shape[0]
+    names = list(classes) if classes is not None else [str(i) for i in range(n)]
+    sim = inter.copy()
+    idx = np.arange(n)
+    sim[idx, idx] = intra
+    groups = [(i,) for i in range(n)]
+    node_time = [0.0] * n
+    merges, short = [], []
+    while len(groups) > 1:
+        member = np.zeros((len(groups), n))
+        for g, cls in enumerate(groups):
+            member[g, list(cls)] = 1.0 / len(cls)
+        pooled = np.einsum("gi,ijt,hj->ght", member, sim, member)
+        g_intra = np.einsum("ggt->gt", pooled)
+        label = ["+".join(names[c] for c in cls) for cls in groups]
+        cross = crossover_times(g_intra, pooled, times, epsilon=epsilon, classes=label)
+        np.fill_diagonal(cross, np.inf)
+        a, b = np.unravel_index(np.argmin(cross), cross.shape)
+        a, b = int(min(a, b)), int(max(a, b))
+        t = float(cross[a, b])
+        time = max(t, node_time[a] + min_branch_length, node_time[b] + min_branch_length)
+        if time > t + 1e-12:
+            short.append((groups[a][0], groups[b][0], t))
+        if time > 1.0 - min_branch_length:
+            raise ValueError(
+                f"Merge at t={time:.3f} leaves no room for the root branch; decrease "
+                "`min_branch_length` or increase `beta1` so classes merge earlier."
+            )
+        merges.append((groups[a], groups[b], time))
+        merged = tuple(sorted(groups[a] + groups[b]))
+        groups = [g for k, g in enumerate(groups) if k not in (a, b)] + [merged]
+        node_time = [x for k, x in enumerate(node_time) if k not in (a, b)] + [time]
+    return Agglomeration(merges=merges, short_pairs=short)
+
+
 @dataclass
 class DiscoveryResult:
     """Everything discovery computed: the tree and the curves it came from."""
@@ -237,6 +290,7 @@ def discover_hierarchy(
     smooth_sigma: float = 3.0,
     epsilon: float = 0.005,
     min_branch_length: float = 0.02,
+    linkage: str = "average",
     seed: int = 0,
 ) -> DiscoveryResult:
     """Discover the branch tree of standardised data (METHOD.md §4 steps 1-6).
@@ -261,6 +315,10 @@ def discover_hierarchy(
         Tolerance of the crossover criterion.
     min_branch_length
         Shortest allowed branch, in units of diffusion time.
+    linkage
+        ``"average"`` (merge the sets of classes whose pooled curves cross first; robust to
+        small noisy classes) or ``"single"`` (the paper's rule: merge at the first crossing of
+        any pair of their classes). See :func:`agglomerate_average`.
     seed
         Seed for subsampling and noise.
 
@@ -284,7 +342,15 @@ def discover_hierarchy(
         intra = gaussian_filter1d(intra, smooth_sigma, axis=-1, mode="nearest")
         inter = gaussian_filter1d(inter, smooth_sigma, axis=-1, mode="nearest")
     cross = crossover_times(intra, inter, times, epsilon=epsilon, classes=classes)
-    agg = agglomerate(cross, min_branch_length=min_branch_length)
+    if linkage == "average":
+        agg = agglomerate_average(
+            intra, inter, times, epsilon=epsilon, min_branch_length=min_branch_length,
+            classes=classes,
+        )
+    elif linkage == "single":
+        agg = agglomerate(cross, min_branch_length=min_branch_length)
+    else:
+        raise ValueError(f"linkage must be 'average' or 'single', got {linkage!r}.")
     for i, j, t in agg.short_pairs:
         if t < min_branch_length:
             warnings.warn(

@@ -54,6 +54,7 @@ def branch_hierarchy(
     smooth_sigma: float = 3.0,
     epsilon: float = 0.005,
     min_branch_length: float = 0.02,
+    linkage: str = "average",
     beta0: float = 0.1,
     beta1: float = 20.0,
     t_min: float = 1e-3,
@@ -90,6 +91,10 @@ def branch_hierarchy(
         Tolerance of the crossover criterion; larger values merge types earlier.
     min_branch_length
         Shortest allowed branch, in units of diffusion time.
+    linkage
+        ``"average"``: merge the sets of types whose pooled similarity curves cross first
+        (robust to small, noisy types); ``"single"``: the paper's rule, merge two sets at the
+        first crossing of any pair of their types (chains easily).
     beta0, beta1, t_min
         Forward process; must match the model's (the defaults do).
     min_cells_per_class
@@ -143,7 +148,7 @@ def branch_hierarchy(
     result = discover_hierarchy(
         (x - shift) / scale, labels[keep], classes, sde, n_per_class=n_cells_per_class,
         n_times=n_times, smooth_sigma=smooth_sigma, epsilon=epsilon,
-        min_branch_length=min_branch_length, seed=seed,
+        min_branch_length=min_branch_length, linkage=linkage, seed=seed,
     )
     params = {
         "groupby": groupby,
@@ -154,6 +159,7 @@ def branch_hierarchy(
         "smooth_sigma": smooth_sigma,
         "epsilon": epsilon,
         "min_branch_length": min_branch_length,
+        "linkage": linkage,
         "seed": seed,
         "standardization": "global",
         **sde.to_dict(),
