@@ -26,7 +26,9 @@ def _sync():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="gpu_check_out")
     parser.add_argument("--dry-run", action="store_true", help="tiny settings on CPU")
     args = parser.parse_args()
@@ -56,17 +58,32 @@ def main() -> None:
     # 1. training speed on one GPU (same settings as the CPU demo)
     model = sb.BranchedDiffusion(train)
     t0 = time.perf_counter()
-    model.train(max_epochs=epochs, batch_size=256, accelerator=accel, devices=1, enable_progress_bar=False)
+    model.train(
+        max_epochs=epochs, batch_size=256, accelerator=accel, devices=1, enable_progress_bar=False
+    )
     _sync()
     dt = time.perf_counter() - t0
     steps = epochs * int(np.ceil(train.n_obs / 256))
-    res["train"] = {"epochs": epochs, "steps": steps, "seconds": round(dt, 2), "ms_per_step": round(1000 * dt / steps, 2)}
+    res["train"] = {
+        "epochs": epochs,
+        "steps": steps,
+        "seconds": round(dt, 2),
+        "ms_per_step": round(1000 * dt / steps, 2),
+    }
 
     # 2. quality of the GPU-trained model (same checks as the demo)
     gen = model.generate(n_cells=200, seed=0, progress_bar=False)
-    fid = sb.metrics.label_fidelity(gen.obsm["X_pca"], gen.obs["cell_type"], train.obsm["X_pca"],
-                                    train.obs["cell_type"], held.obsm["X_pca"], held.obs["cell_type"])
-    spread = sb.metrics.centroid_spread(gen.obsm["X_pca"], gen.obs["cell_type"], held.obsm["X_pca"], held.obs["cell_type"])
+    fid = sb.metrics.label_fidelity(
+        gen.obsm["X_pca"],
+        gen.obs["cell_type"],
+        train.obsm["X_pca"],
+        train.obs["cell_type"],
+        held.obsm["X_pca"],
+        held.obs["cell_type"],
+    )
+    spread = sb.metrics.centroid_spread(
+        gen.obsm["X_pca"], gen.obs["cell_type"], held.obsm["X_pca"], held.obs["cell_type"]
+    )
     res["quality"] = {
         "label_fidelity_ratio": round(float(fid["generated"].mean() / fid["control"].mean()), 3),
         "spread_ratio_per_class": spread["ratio"].round(2).to_dict(),
@@ -81,11 +98,21 @@ def main() -> None:
             try:
                 _sync()
                 t0 = time.perf_counter()
-                g = model.generate(n_cells=per_class, seed=1, solver=solver, n_steps=n_steps, progress_bar=False)
+                g = model.generate(
+                    n_cells=per_class, seed=1, solver=solver, n_steps=n_steps, progress_bar=False
+                )
                 _sync()
                 dt = time.perf_counter() - t0
-                thr.append({"cells": g.n_obs, "solver": solver, "n_steps": n_steps, "seconds": round(dt, 3),
-                            "cells_per_s": round(g.n_obs / dt), "network_calls": int(g.uns["scbranch"]["params"]["n_network_calls"])})
+                thr.append(
+                    {
+                        "cells": g.n_obs,
+                        "solver": solver,
+                        "n_steps": n_steps,
+                        "seconds": round(dt, 3),
+                        "cells_per_s": round(g.n_obs / dt),
+                        "network_calls": int(g.uns["scbranch"]["params"]["n_network_calls"]),
+                    }
+                )
             except torch.OutOfMemoryError as err:  # report the largest batch that fits
                 thr.append({"cells": total, "solver": solver, "error": f"OOM: {err}"[:200]})
             print(thr[-1], flush=True)
@@ -104,12 +131,20 @@ def main() -> None:
     res["save_load_identical"] = bool(np.array_equal(a, b))
     res["loaded_device"] = str(loaded.module.shift.device)
 
-    # 5. the DDP code path (one process on one GPU: Lightning's DDP strategy, scvi's distributed sampler)
+    # 5. the DDP code path: one process on one GPU, Lightning's DDP strategy, scvi's sampler
     m2 = sb.BranchedDiffusion(train, width=64)
     t0 = time.perf_counter()
-    m2.train(max_epochs=3 if dry else 20, accelerator=accel, devices=1,
-             strategy="ddp_find_unused_parameters_true", enable_progress_bar=False)
-    res["ddp_one_device"] = {"ok": bool(m2.is_trained), "seconds": round(time.perf_counter() - t0, 2)}
+    m2.train(
+        max_epochs=3 if dry else 20,
+        accelerator=accel,
+        devices=1,
+        strategy="ddp_find_unused_parameters_true",
+        enable_progress_bar=False,
+    )
+    res["ddp_one_device"] = {
+        "ok": bool(m2.is_trained),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -2,8 +2,15 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _logging  # noqa: F401  (configures the "scbranch" logger)
-from . import datasets, metrics, model, module, pl, tl
+from . import (
+    _logging,  # noqa: F401  (configures the "scbranch" logger)
+    datasets,
+    metrics,
+    model,
+    module,
+    pl,
+    tl,
+)
 from .model import BranchedDiffusion
 
 try:

@@ -21,8 +21,10 @@ FULL = {"max_epochs": 1000, "batch_size": 256, "n_cells": 200}
 FAST = {"max_epochs": 10, "batch_size": 256, "n_cells": 30}
 
 
-def stratified_split(labels: pd.Series, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of a per-class (stratified) train/held-out split; every class keeps >= 1 held-out cell."""
+def stratified_split(
+    labels: pd.Series, train_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of a stratified train/held-out split; every class keeps >= 1 held-out cell."""
     rng = np.random.default_rng(seed)
     train, held = [], []
     codes = pd.Categorical(labels).codes
@@ -97,8 +99,13 @@ def run_demo(
     adata = sb.datasets.pbmc68k()
     train_pos, held_pos = stratified_split(adata.obs["cell_type"], 0.7, seed)
     train, held = adata[train_pos].copy(), adata[held_pos].copy()
-    logger.info("pbmc68k: %d cells, %d types; training on %d, holding out %d.",
-                adata.n_obs, adata.obs["cell_type"].nunique(), train.n_obs, held.n_obs)
+    logger.info(
+        "pbmc68k: %d cells, %d types; training on %d, holding out %d.",
+        adata.n_obs,
+        adata.obs["cell_type"].nunique(),
+        train.n_obs,
+        held.n_obs,
+    )
     timings["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -110,7 +117,9 @@ def run_demo(
     sb.BranchedDiffusion.setup_anndata(train, labels_key="cell_type", obsm_key="X_pca")
     model = sb.BranchedDiffusion(train)
     model.train(
-        max_epochs=cfg["max_epochs"], batch_size=cfg["batch_size"], accelerator="cpu",
+        max_epochs=cfg["max_epochs"],
+        batch_size=cfg["batch_size"],
+        accelerator="cpu",
         enable_progress_bar=True,
     )
     timings["train_s"] = time.perf_counter() - t0
@@ -121,12 +130,24 @@ def run_demo(
 
     # quality against the held-out cells, in the model's PCA space
     fid = sb.metrics.label_fidelity(
-        gen.obsm["X_pca"], gen.obs["cell_type"], train.obsm["X_pca"], train.obs["cell_type"],
-        held.obsm["X_pca"], held.obs["cell_type"], classifier="knn", seed=seed,
+        gen.obsm["X_pca"],
+        gen.obs["cell_type"],
+        train.obsm["X_pca"],
+        train.obs["cell_type"],
+        held.obsm["X_pca"],
+        held.obs["cell_type"],
+        classifier="knn",
+        seed=seed,
     )
     fid_lr = sb.metrics.label_fidelity(
-        gen.obsm["X_pca"], gen.obs["cell_type"], train.obsm["X_pca"], train.obs["cell_type"],
-        held.obsm["X_pca"], held.obs["cell_type"], classifier="logreg", seed=seed,
+        gen.obsm["X_pca"],
+        gen.obs["cell_type"],
+        train.obsm["X_pca"],
+        train.obs["cell_type"],
+        held.obsm["X_pca"],
+        held.obs["cell_type"],
+        classifier="logreg",
+        seed=seed,
     )
     spread = sb.metrics.centroid_spread(
         gen.obsm["X_pca"], gen.obs["cell_type"], held.obsm["X_pca"], held.obs["cell_type"]
@@ -191,8 +212,12 @@ def run_demo(
     }
     paths["summary"].write_text(json.dumps(summary, indent=2))
     _log_report(report, summary)
-    return {**{k: str(v) for k, v in paths.items()}, **summary_numbers, "tree": newick,
-            "total_s": round(timings["total_s"], 1)}
+    return {
+        **{k: str(v) for k, v in paths.items()},
+        **summary_numbers,
+        "tree": newick,
+        "total_s": round(timings["total_s"], 1),
+    }
 
 
 def _embedding_figure(real, gen, classes):
@@ -201,7 +226,10 @@ def _embedding_figure(real, gen, classes):
 
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True, sharey=True)
-    for ax, data, title in ((axes[0], real, "held-out real cells"), (axes[1], gen, "generated cells")):
+    for ax, data, title in (
+        (axes[0], real, "held-out real cells"),
+        (axes[1], gen, "generated cells"),
+    ):
         for i, c in enumerate(classes):
             xy = data.obsm["X_pca"][(data.obs["cell_type"] == c).to_numpy(), :2]
             ax.scatter(xy[:, 0], xy[:, 1], s=6, color=cmap(i % cmap.N), label=c, alpha=0.8)
@@ -219,7 +247,11 @@ def _log_report(report: pd.DataFrame, summary: dict) -> None:
     logger.info(
         "Label fidelity (kNN): generated %.3f vs held-out control %.3f -> ratio %.3f "
         "(logistic regression ratio %.3f). Spread ratio mean %.2f; %d/%d types within 25%%.",
-        summary["label_fidelity_generated"], summary["label_fidelity_control"],
-        summary["label_fidelity_ratio"], summary["logreg_fidelity_ratio"],
-        summary["spread_ratio_mean"], summary["classes_spread_within_25pct"], summary["n_classes"],
+        summary["label_fidelity_generated"],
+        summary["label_fidelity_control"],
+        summary["label_fidelity_ratio"],
+        summary["logreg_fidelity_ratio"],
+        summary["spread_ratio_mean"],
+        summary["classes_spread_within_25pct"],
+        summary["n_classes"],
     )

@@ -20,7 +20,8 @@ def check_obs_key(adata: AnnData, key: str, what: str = "labels_key") -> None:
     n_missing = int(pd.isna(adata.obs[key]).sum())
     if n_missing:
         raise ValueError(
-            f"adata.obs[{key!r}] has {n_missing} missing value(s). Drop or label those cells first, "
+            f"adata.obs[{key!r}] has {n_missing} missing value(s). Drop or label those cells "
+            "first, "
             f"e.g. `adata = adata[adata.obs[{key!r}].notna()].copy()`."
         )
 
@@ -79,5 +80,6 @@ def check_class_sizes(
             f"Class(es) {listing} of adata.obs[{labels_key!r}] have fewer than {min_cells} cells, "
             "too few to learn from. Remove them, merge them into a related label, or lower "
             "`min_cells_per_class`. Unused categories can be dropped with "
-            f"`adata.obs[{labels_key!r}] = adata.obs[{labels_key!r}].cat.remove_unused_categories()`."
+            f"`adata.obs[{labels_key!r}] = "
+            f"adata.obs[{labels_key!r}].cat.remove_unused_categories()`."
         )

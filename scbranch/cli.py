@@ -337,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}",
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
         help="Print the version of scbranch and exit.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -363,11 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Fewer cells and epochs: a quick check that everything runs (results are rough).",
     )
     demo.add_argument(
-        "--seed", type=_seed, default=0, metavar="N",
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="N",
         help="Random seed of training and generation (default: %(default)s).",
     )
     demo.add_argument(
-        "--max-epochs", type=_positive_int, default=None, metavar="N",
+        "--max-epochs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
         help="Training epochs (default: the demo's choice, fewer with --fast).",
     )
     demo.add_argument(
@@ -399,51 +407,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("data", metavar="DATA.h5ad", help="AnnData file with the cells to learn.")
     fit.add_argument(
-        "--labels", required=True, metavar="KEY",
+        "--labels",
+        required=True,
+        metavar="KEY",
         help="Column of .obs with the cell types to learn (e.g. cell_type).",
     )
     rep = fit.add_mutually_exclusive_group()
     rep.add_argument(
-        "--rep", metavar="KEY", default=None,
+        "--rep",
+        metavar="KEY",
+        default=None,
         help="Key of .obsm with the latent representation to learn (e.g. X_pca). Generated cells "
         "get expression in .X too when the PCA loadings are in .varm['PCs'].",
     )
     rep.add_argument(
-        "--layer", metavar="L", default=None,
+        "--layer",
+        metavar="L",
+        default=None,
         help="Layer with log-normalised expression to learn instead of a representation "
         "(default without --rep: .X).",
     )
     fit.add_argument(
-        "--out", required=True, metavar="MODEL_DIR",
+        "--out",
+        required=True,
+        metavar="MODEL_DIR",
         help="Directory to save the model to; must not exist or be empty unless --overwrite.",
     )
     fit.add_argument(
-        "--max-epochs", type=_positive_int, default=None, metavar="N",
+        "--max-epochs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
         help="Passes over the cells (default: enough for about 4,000 optimiser steps).",
     )
     fit.add_argument(
-        "--batch-size", type=_positive_int, default=256, metavar="N",
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
         help="Cells per optimiser step (default: %(default)s).",
     )
     fit.add_argument(
-        "--accelerator", choices=_ACCELERATORS, default="auto",
+        "--accelerator",
+        choices=_ACCELERATORS,
+        default="auto",
         help="Hardware to train on; auto picks a GPU when there is one (default: %(default)s).",
     )
     fit.add_argument(
-        "--devices", type=_devices, default="auto", metavar="D",
+        "--devices",
+        type=_devices,
+        default="auto",
+        metavar="D",
         help="Devices to train on: auto, a number (-1 for all) or indices such as 0,1 "
         "(default: %(default)s).",
     )
     fit.add_argument(
-        "--seed", type=_seed, default=0, metavar="N",
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="N",
         help="Random seed of initialisation and training (default: %(default)s).",
     )
     fit.add_argument(
-        "--width", type=_positive_int, default=None, metavar="N",
+        "--width",
+        type=_positive_int,
+        default=None,
+        metavar="N",
         help="Hidden width of the score network (default: the model's, 256).",
     )
     fit.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="Save into MODEL_DIR even if it is not empty (replaces the model there).",
     )
     _common(fit)
@@ -469,34 +503,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("model_dir", metavar="MODEL_DIR", help="Directory of a model saved by 'fit'.")
     gen.add_argument(
-        "--n-cells", type=_positive_int, required=True, metavar="N",
+        "--n-cells",
+        type=_positive_int,
+        required=True,
+        metavar="N",
         help="Cells to generate of each cell type.",
     )
     gen.add_argument(
-        "--labels", default=None, metavar="A,B",
+        "--labels",
+        default=None,
+        metavar="A,B",
         help="Comma-separated cell types to generate (default: every type of the model).",
     )
     gen.add_argument(
-        "--label", action="append", default=None, metavar="NAME",
+        "--label",
+        action="append",
+        default=None,
+        metavar="NAME",
         help="A cell type to generate; repeat for several. Use this for names that contain commas.",
     )
     gen.add_argument(
-        "--solver", choices=list(_SOLVER_HELP), default="heun",
+        "--solver",
+        choices=list(_SOLVER_HELP),
+        default="heun",
         help="Sampler: "
         + "; ".join(f"{name}: {text}" for name, text in _SOLVER_HELP.items())
         + ".",
     )
     gen.add_argument(
-        "--n-steps", type=_positive_int, default=25, metavar="N",
+        "--n-steps",
+        type=_positive_int,
+        default=25,
+        metavar="N",
         help="Steps from pure noise to cells (default: %(default)s; use hundreds with "
         "--solver em).",
     )
     gen.add_argument(
-        "--seed", type=_seed, default=None, metavar="N",
+        "--seed",
+        type=_seed,
+        default=None,
+        metavar="N",
         help="Random seed (default: a random one, printed and recorded in .uns['scbranch']).",
     )
     gen.add_argument(
-        "--no-share", action="store_true",
+        "--no-share",
+        action="store_true",
         help="Give every cell its own reverse path. By default cells of related types share the "
         "path above their branch point, which needs fewer network calls.",
     )
@@ -504,12 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="OUT.h5ad", help="File to write the generated cells to."
     )
     gen.add_argument(
-        "--accelerator", choices=_ACCELERATORS, default="auto",
-        help="Hardware to generate on; auto picks a GPU when there is one "
-        "(default: %(default)s).",
+        "--accelerator",
+        choices=_ACCELERATORS,
+        default="auto",
+        help="Hardware to generate on; auto picks a GPU when there is one (default: %(default)s).",
     )
     gen.add_argument(
-        "--device", type=_device, default="auto", metavar="D",
+        "--device",
+        type=_device,
+        default="auto",
+        metavar="D",
         help="Device index on that accelerator, or auto (default: %(default)s).",
     )
     gen.add_argument(

@@ -44,11 +44,26 @@ def fitted(tmp_path_factory):
         data = root / "cells.h5ad"
         adata.write_h5ad(data)
         model_dir = root / "model"
-        rc = main([
-            "fit", str(data), "--labels", "cell_type", "--rep", "X_latent", "--out",
-            str(model_dir), "--max-epochs", "2", "--width", "32", "--accelerator", "cpu",
-            "--seed", "0",
-        ])
+        rc = main(
+            [
+                "fit",
+                str(data),
+                "--labels",
+                "cell_type",
+                "--rep",
+                "X_latent",
+                "--out",
+                str(model_dir),
+                "--max-epochs",
+                "2",
+                "--width",
+                "32",
+                "--accelerator",
+                "cpu",
+                "--seed",
+                "0",
+            ]
+        )
     finally:
         os.chdir(old_cwd)
         scvi.settings.logging_dir = old_logdir
@@ -79,10 +94,25 @@ def test_fit_saves_model_and_prints_tree(fitted):
 def test_fit_output_names_tree_and_dir(tmp_path, capsys):
     adata = scbranch.datasets.simulate_tree(depth=1, n_per_class=20, dim=4, seed=1).to_anndata()
     adata.write_h5ad(tmp_path / "d.h5ad")
-    rc = main([
-        "fit", "d.h5ad", "--labels", "cell_type", "--rep", "X_latent", "--out", "m",
-        "--max-epochs", "1", "--width", "16", "--accelerator", "cpu", "--quiet",
-    ])
+    rc = main(
+        [
+            "fit",
+            "d.h5ad",
+            "--labels",
+            "cell_type",
+            "--rep",
+            "X_latent",
+            "--out",
+            "m",
+            "--max-epochs",
+            "1",
+            "--width",
+            "16",
+            "--accelerator",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "c0" in out and "c1" in out and ";" in out  # Newick of the tree
@@ -91,8 +121,9 @@ def test_fit_output_names_tree_and_dir(tmp_path, capsys):
 
 def test_generate_round_trip(fitted, tmp_path, capsys):
     out = tmp_path / "gen.h5ad"
-    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out),
-               "--seed", "0"])
+    rc = main(
+        ["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out), "--seed", "0"]
+    )
     assert rc == 0
     gen = ad.read_h5ad(out)
     assert gen.n_obs == 20
@@ -103,14 +134,27 @@ def test_generate_round_trip(fitted, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
     # Same seed, same cells; a second write needs --overwrite.
-    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out),
-               "--seed", "0"])
+    rc = main(
+        ["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out), "--seed", "0"]
+    )
     assert rc == 2
     line = _error_line(capsys)
     assert "--overwrite" in line and str(out) in line
     before = gen.obsm["X_latent"].copy()
-    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out),
-               "--seed", "0", "--overwrite", "-q"])
+    rc = main(
+        [
+            "generate",
+            str(fitted["model_dir"]),
+            "--n-cells",
+            "5",
+            "--out",
+            str(out),
+            "--seed",
+            "0",
+            "--overwrite",
+            "-q",
+        ]
+    )
     assert rc == 0
     assert (ad.read_h5ad(out).obsm["X_latent"] == before).all()
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary file left
@@ -118,9 +162,26 @@ def test_generate_round_trip(fitted, tmp_path, capsys):
 
 def test_generate_selected_labels_and_options(fitted, tmp_path):
     out = tmp_path / "sub" / "two.h5ad"
-    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "3", "--labels", "c1, c3",
-               "--label", "c0", "--solver", "dpm2m", "--n-steps", "10", "--no-share",
-               "--out", str(out), "-q"])
+    rc = main(
+        [
+            "generate",
+            str(fitted["model_dir"]),
+            "--n-cells",
+            "3",
+            "--labels",
+            "c1, c3",
+            "--label",
+            "c0",
+            "--solver",
+            "dpm2m",
+            "--n-steps",
+            "10",
+            "--no-share",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     gen = ad.read_h5ad(out)
     assert gen.obs["cell_type"].value_counts().to_dict() == {"c0": 3, "c1": 3, "c2": 0, "c3": 3}
@@ -130,16 +191,27 @@ def test_generate_selected_labels_and_options(fitted, tmp_path):
 
 def test_generate_unknown_label(fitted, tmp_path, capsys):
     out = tmp_path / "x.h5ad"
-    rc = main(["generate", str(fitted["model_dir"]), "--n-cells", "2", "--labels", "c0,Neuron",
-               "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            str(fitted["model_dir"]),
+            "--n-cells",
+            "2",
+            "--labels",
+            "c0,Neuron",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 2
     assert "Neuron" in _error_line(capsys)
     assert not out.exists()
 
 
 def test_fit_wrong_labels_key(fitted, capsys):
-    rc = main(["fit", str(fitted["data"]), "--labels", "celltype", "--rep", "X_latent",
-               "--out", "m2"])
+    rc = main(
+        ["fit", str(fitted["data"]), "--labels", "celltype", "--rep", "X_latent", "--out", "m2"]
+    )
     assert rc == 2
     line = _error_line(capsys)
     assert "'celltype'" in line and "cell_type" in line  # names the key and the choices
@@ -147,8 +219,10 @@ def test_fit_wrong_labels_key(fitted, capsys):
 
 
 def test_fit_wrong_rep_and_missing_file(fitted, capsys):
-    assert main(["fit", str(fitted["data"]), "--labels", "cell_type", "--rep", "X_pca",
-                 "--out", "m3"]) == 2
+    assert (
+        main(["fit", str(fitted["data"]), "--labels", "cell_type", "--rep", "X_pca", "--out", "m3"])
+        == 2
+    )
     assert "X_pca" in _error_line(capsys)
     assert main(["fit", "nope.h5ad", "--labels", "cell_type", "--out", "m4"]) == 2
     assert "nope.h5ad" in _error_line(capsys)
@@ -177,8 +251,9 @@ def test_generate_missing_model_dir(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU exists")
 def test_gpu_without_cuda_fails_early(fitted, capsys):
-    rc = main(["fit", str(fitted["data"]), "--labels", "cell_type", "--out", "m6",
-               "--accelerator", "gpu"])
+    rc = main(
+        ["fit", str(fitted["data"]), "--labels", "cell_type", "--out", "m6", "--accelerator", "gpu"]
+    )
     assert rc == 2
     assert "--accelerator gpu" in _error_line(capsys)
 
@@ -192,7 +267,12 @@ def test_device_arguments():
     assert parse(["fit", "d", "--labels", "k", "--out", "m", "--devices", "0,1"]).devices == [0, 1]
     assert parse(["generate", "m", "--n-cells", "1", "--out", "g", "--device", "1"]).device == 1
     assert [_is_multi_device(d) for d in ["auto", 1, 2, -1, [0], [0, 1]]] == [
-        False, False, True, True, False, True
+        False,
+        False,
+        True,
+        True,
+        False,
+        True,
     ]
 
 
@@ -229,18 +309,43 @@ def test_help(command, capsys):
     text = capsys.readouterr().out
     assert "example" in text
     if command == ["generate"]:
-        for option in ["--n-cells", "--labels", "--label", "--solver", "--n-steps", "--seed",
-                       "--no-share", "--out", "--overwrite", "dpm2m"]:
+        for option in [
+            "--n-cells",
+            "--labels",
+            "--label",
+            "--solver",
+            "--n-steps",
+            "--seed",
+            "--no-share",
+            "--out",
+            "--overwrite",
+            "dpm2m",
+        ]:
             assert option in text
     if command == ["fit"]:
-        for option in ["--labels", "--rep", "--layer", "--out", "--max-epochs", "--batch-size",
-                       "--accelerator", "--devices", "--seed", "--width", "--overwrite"]:
+        for option in [
+            "--labels",
+            "--rep",
+            "--layer",
+            "--out",
+            "--max-epochs",
+            "--batch-size",
+            "--accelerator",
+            "--devices",
+            "--seed",
+            "--width",
+            "--overwrite",
+        ]:
             assert option in text
 
 
 def test_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "scbranch.cli", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scbranch.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "generate" in proc.stdout and "fit" in proc.stdout and "demo" in proc.stdout
 
@@ -249,27 +354,37 @@ def test_demo_wiring(monkeypatch, tmp_path, capsys):
     calls = []
 
     def fake_run_demo(out, *, fast=False, seed=0, max_epochs=None, overwrite=False):
-        calls.append({"out": out, "fast": fast, "seed": seed, "max_epochs": max_epochs,
-                      "overwrite": overwrite})
+        calls.append(
+            {
+                "out": out,
+                "fast": fast,
+                "seed": seed,
+                "max_epochs": max_epochs,
+                "overwrite": overwrite,
+            }
+        )
         return {"generated": str(Path(out) / "generated.h5ad"), "w2": 1.5, "table": object()}
 
-    monkeypatch.setitem(sys.modules, "scbranch._demo",
-                        _fake_module(fake_run_demo))
+    monkeypatch.setitem(sys.modules, "scbranch._demo", _fake_module(fake_run_demo))
     assert main(["demo", "--out", "d", "--fast", "--seed", "3", "--max-epochs", "7"]) == 0
     assert calls == [{"out": "d", "fast": True, "seed": 3, "max_epochs": 7, "overwrite": False}]
     out = capsys.readouterr().out
     assert "generated.h5ad" in out and "w2: 1.5" in out and "table" not in out
 
     assert main(["demo", "--out", "d", "--overwrite"]) == 0
-    assert calls[-1] == {"out": "d", "fast": False, "seed": 0, "max_epochs": None,
-                         "overwrite": True}
+    assert calls[-1] == {
+        "out": "d",
+        "fast": False,
+        "seed": 0,
+        "max_epochs": None,
+        "overwrite": True,
+    }
 
 
 def test_demo_user_error_is_one_line(monkeypatch, capsys):
     def fake_run_demo(out, **kwargs):
         raise FileExistsError(f"{out!r} is not empty; pass --overwrite.")
 
-    monkeypatch.setitem(sys.modules, "scbranch._demo",
-                        _fake_module(fake_run_demo))
+    monkeypatch.setitem(sys.modules, "scbranch._demo", _fake_module(fake_run_demo))
     assert main(["demo", "--out", "d"]) == 2
     assert "--overwrite" in _error_line(capsys)

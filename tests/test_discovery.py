@@ -86,8 +86,9 @@ def test_similarity_curves_do_not_depend_on_chunking():
     sim = simulate_tree(depth=2, n_per_class=12, dim=8, seed=0)
     times = np.linspace(0, 1, 9)
     a = similarity_curves(sim.x, sim.labels, 4, VPSDE(), times, seed=2)
-    b = similarity_curves(sim.x, sim.labels, 4, VPSDE(), times, seed=2,
-                          max_chunk_elements=sim.x.size * 2)  # 2 times per chunk
+    b = similarity_curves(
+        sim.x, sim.labels, 4, VPSDE(), times, seed=2, max_chunk_elements=sim.x.size * 2
+    )  # 2 times per chunk
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
 

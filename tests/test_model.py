@@ -162,7 +162,9 @@ def test_reregistration_after_other_model_setup():
     import scvi
 
     adata = _sim_adata()
-    adata.layers["counts"] = np.random.default_rng(0).poisson(2, size=adata.shape).astype(np.float32)
+    adata.layers["counts"] = (
+        np.random.default_rng(0).poisson(2, size=adata.shape).astype(np.float32)
+    )
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
     model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
     truth = adata.obs["cell_type"].cat.codes.to_numpy()
@@ -306,3 +308,30 @@ def test_save_refuses_to_overwrite(trained, tmp_path):
     model.save(tmp_path / "m")
     with pytest.raises(ValueError, match="already exists"):
         model.save(tmp_path / "m")
+
+
+def test_tl_generate_mirrors_model(trained):
+    _, model = trained
+    a = sb.tl.generate(model, n_cells=3, seed=2, progress_bar=False)
+    b = model.generate(n_cells=3, seed=2, progress_bar=False)
+    np.testing.assert_array_equal(a.obsm["X_latent"], b.obsm["X_latent"])
+
+
+def test_pca_decoding_on_a_subset_of_the_pca_cells():
+    """A train split of the cells the PCA was fitted on still decodes (the demo's case)."""
+    full = _pca_adata()
+    sub = full[::2].copy()
+    sb.BranchedDiffusion.setup_anndata(sub, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(sub, width=16, n_head_blocks=1)
+    dec = model.decoder_
+    assert dec is not None
+    pcs = full.varm["PCs"]
+    full_mean = full.X.mean(0)
+    recon = sb.model._decoding.decode(dec, sub.obsm["X_pca"])
+    # decoded cells sit exactly where they came from in the original PCA ...
+    np.testing.assert_allclose((recon - full_mean) @ pcs, sub.obsm["X_pca"], atol=1e-4)
+    # ... and off the PC span they take the mean expression of these cells
+    off_span = np.eye(full.n_vars) - pcs @ pcs.T
+    np.testing.assert_allclose(
+        recon @ off_span, np.tile(sub.X.mean(0) @ off_span, (sub.n_obs, 1)), atol=1e-4
+    )

@@ -90,12 +90,23 @@ def test_flat_network_requires_label_and_uses_it():
 
 def test_flat_width_matches_parameter_count():
     for n_input, width, trunk, head_blocks in [(10, 64, 1, 3), (30, 128, 2, 1), (5, 48, 1, 2)]:
-        module_b = BranchedDiffusionModule(n_input, FOUR.to_dict(), width=width,
-                                           n_trunk_blocks=trunk, n_head_blocks=head_blocks,
-                                           time_dim=32)
-        module_f = BranchedDiffusionModule(n_input, FOUR.to_dict(), width=width,
-                                           n_trunk_blocks=trunk, n_head_blocks=head_blocks,
-                                           time_dim=32, architecture="flat")
+        module_b = BranchedDiffusionModule(
+            n_input,
+            FOUR.to_dict(),
+            width=width,
+            n_trunk_blocks=trunk,
+            n_head_blocks=head_blocks,
+            time_dim=32,
+        )
+        module_f = BranchedDiffusionModule(
+            n_input,
+            FOUR.to_dict(),
+            width=width,
+            n_trunk_blocks=trunk,
+            n_head_blocks=head_blocks,
+            time_dim=32,
+            architecture="flat",
+        )
         nb, nf = count_parameters(module_b.net), count_parameters(module_f.net)
         assert abs(nf - nb) / nb < 0.05, (nb, nf)
         assert len(module_f.net.heads) == 1 and module_f.net.class_embed.num_embeddings == 4
@@ -165,14 +176,16 @@ def test_branch_of_equals_tree_lookup():
     got = module.branch_of(labels, t)
     torch.testing.assert_close(got, FOUR.lookup(labels, t), rtol=0, atol=0)
     # numpy lookup in float64 agrees away from the float32-rounded boundaries
-    np.testing.assert_array_equal(got[300:].numpy(), FOUR.lookup(labels[300:].numpy(),
-                                                                 t[300:].numpy()))
+    np.testing.assert_array_equal(
+        got[300:].numpy(), FOUR.lookup(labels[300:].numpy(), t[300:].numpy())
+    )
     # exact boundaries: a branch holds [t_start, t_end), the root includes t = 1
     lab = torch.tensor([0, 0, 0, 0, 2, 2, 3, 1])
     tt = torch.tensor([0.0, 0.3, 0.7, 1.0, 0.4, 0.39, 0.7, 0.2999])
     assert module.branch_of(lab, tt).tolist() == [0, 4, 6, 6, 5, 2, 6, 1]
-    np.testing.assert_array_equal(module.branch_of(labels, torch.tensor(0.5)).numpy(),
-                                  FOUR.lookup(labels.numpy(), 0.5))
+    np.testing.assert_array_equal(
+        module.branch_of(labels, torch.tensor(0.5)).numpy(), FOUR.lookup(labels.numpy(), 0.5)
+    )
 
 
 def test_flat_module_sampling_ignores_share():
@@ -189,8 +202,9 @@ def test_flat_module_sampling_ignores_share():
 def test_training_reduces_loss(seed):
     torch.manual_seed(seed)
     tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
-    module = BranchedDiffusionModule(2, tree.to_dict(), width=64, n_trunk_blocks=1,
-                                     n_head_blocks=1, time_dim=32)
+    module = BranchedDiffusionModule(
+        2, tree.to_dict(), width=64, n_trunk_blocks=1, n_head_blocks=1, time_dim=32
+    )
     gen = torch.Generator().manual_seed(seed)
     means = torch.tensor([[2.0, 0.0], [-2.0, 1.0]])
     opt = torch.optim.Adam(module.parameters(), lr=2e-3)

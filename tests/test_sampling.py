@@ -183,10 +183,30 @@ def test_independent_execution_cost_and_branches(solver):
 def test_shared_cost_ratio_matches_tree_bound():
     counts = {c: 50 for c in range(6)}
     n_steps = 400
-    res_s = sample(lambda x, *a: 0 * x, SIX, SDE, counts, n_input=1, solver="em",
-                   n_steps=n_steps, share=True, spacing="t", denoise=False)
-    res_i = sample(lambda x, *a: 0 * x, SIX, SDE, counts, n_input=1, solver="em",
-                   n_steps=n_steps, share=False, spacing="t", denoise=False)
+    res_s = sample(
+        lambda x, *a: 0 * x,
+        SIX,
+        SDE,
+        counts,
+        n_input=1,
+        solver="em",
+        n_steps=n_steps,
+        share=True,
+        spacing="t",
+        denoise=False,
+    )
+    res_i = sample(
+        lambda x, *a: 0 * x,
+        SIX,
+        SDE,
+        counts,
+        n_input=1,
+        solver="em",
+        n_steps=n_steps,
+        share=False,
+        spacing="t",
+        denoise=False,
+    )
     assert res_i.n_row_evaluations == 6 * 50 * n_steps
     assert res_s.n_row_evaluations == _expected_rows_shared(SIX, res_s.grid, counts)
     # with steps uniform in t, the saving is C / sum of branch lengths (leaves end at t_min)
@@ -207,8 +227,17 @@ TREE_A = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.98), ((0, 1), (
 def test_gaussian_exact_scores(solver, n_steps, share):
     eps = GaussianMixtureEps(MEANS_A, COVS_A, TREE_A, SDE)
     n = 3000
-    res = sample(eps, TREE_A, SDE, {0: n, 1: n, 2: n}, n_input=2, solver=solver,
-                 n_steps=n_steps, share=share, seed=0)
+    res = sample(
+        eps,
+        TREE_A,
+        SDE,
+        {0: n, 1: n, 2: n},
+        n_input=2,
+        solver=solver,
+        n_steps=n_steps,
+        share=share,
+        seed=0,
+    )
     assert res.x.shape == (3 * n, 2) and torch.isfinite(res.x).all()
     _moments_ok(res, MEANS_A, COVS_A, tol_mean=0.1, tol_cov=0.15)
 
@@ -221,8 +250,9 @@ def test_gaussian_test_can_fail():
     def wrong(x, t, branch, label):
         return eps(x, t, torch.full_like(branch, root), label)
 
-    res = sample(wrong, TREE_A, SDE, {0: 1000, 1: 1000, 2: 1000}, n_input=2, solver="dpm2m",
-                 n_steps=30)
+    res = sample(
+        wrong, TREE_A, SDE, {0: 1000, 1: 1000, 2: 1000}, n_input=2, solver="dpm2m", n_steps=30
+    )
     with pytest.raises(AssertionError):
         _moments_ok(res, MEANS_A, COVS_A, tol_mean=0.1, tol_cov=0.15)
 
@@ -239,8 +269,9 @@ def test_gaussian_branched_path(solver, n_steps):
     eps = GaussianMixtureEps(MEANS_B, COVS_B, TREE_B, SDE)
     n = 3000
     counts = {0: n, 1: n, 2: n}
-    res = sample(eps, TREE_B, SDE, counts, n_input=2, solver=solver, n_steps=n_steps,
-                 share=True, seed=0)
+    res = sample(
+        eps, TREE_B, SDE, counts, n_input=2, solver=solver, n_steps=n_steps, share=True, seed=0
+    )
     _moments_ok(res, MEANS_B, COVS_B, tol_mean=0.1, tol_cov=0.15)
     # exact cost: root and AB branch are evaluated once for all classes below them
     grid = res.grid
@@ -304,11 +335,29 @@ def test_shared_classes_share_ancestors_but_not_within_class():
     tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
     counts = {0: 5, 1: 5}
     # eps = 0 everywhere: x_{t-h} depends only on x_t, so shared ancestors give equal rows at 0.5
-    shared = sample(lambda x, *a: torch.zeros_like(x), tree, SDE, counts, n_input=2,
-                    solver="heun", n_steps=10, share=True, denoise=False)
+    shared = sample(
+        lambda x, *a: torch.zeros_like(x),
+        tree,
+        SDE,
+        counts,
+        n_input=2,
+        solver="heun",
+        n_steps=10,
+        share=True,
+        denoise=False,
+    )
     assert torch.equal(shared.x[:5], shared.x[5:])
-    indep = sample(lambda x, *a: torch.zeros_like(x), tree, SDE, counts, n_input=2,
-                   solver="heun", n_steps=10, share=False, denoise=False)
+    indep = sample(
+        lambda x, *a: torch.zeros_like(x),
+        tree,
+        SDE,
+        counts,
+        n_input=2,
+        solver="heun",
+        n_steps=10,
+        share=False,
+        denoise=False,
+    )
     assert not torch.allclose(indep.x[:5], indep.x[5:])
     assert len(torch.unique(shared.x[:5], dim=0)) == 5  # rows of one class are distinct
 

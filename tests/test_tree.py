@@ -14,6 +14,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 # ((A, B) at 0.3, C) at 0.6
 THREE = (["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
 # (((c0, c1) 0.2, (c2, c3) 0.35) 0.5, (c4, c5) 0.25) 0.75; merges given out of id order
@@ -70,7 +71,17 @@ def test_six_paths_and_lengths():
     assert tree.path(4) == [4, 7, 10]
     assert tree.path(3) == [3, 8, 9, 10]
     assert [round(b.length, 12) for b in tree.branches] == [
-        0.2, 0.2, 0.35, 0.35, 0.25, 0.25, 0.3, 0.5, 0.15, 0.25, 0.25
+        0.2,
+        0.2,
+        0.35,
+        0.35,
+        0.25,
+        0.25,
+        0.3,
+        0.5,
+        0.15,
+        0.25,
+        0.25,
     ]
     assert tree.total_length() == pytest.approx(3.05)
     assert tree.total_length([4]) == pytest.approx(0.25 + 0.5 + 0.25)
@@ -147,8 +158,7 @@ def test_newick_exact():
         "('B/plasma':0.2,NK:0.2):0.3):0.4);"
     )
     assert tree.to_newick(digits=2) == (
-        "('O''Neil':0.9,(('CD4 T':0.12,'CD14+ Mono':0.12):0.38,"
-        "('B/plasma':0.2,NK:0.2):0.3):0.4);"
+        "('O''Neil':0.9,(('CD4 T':0.12,'CD14+ Mono':0.12):0.38,('B/plasma':0.2,NK:0.2):0.3):0.4);"
     )
 
 
@@ -169,7 +179,13 @@ def _same_tree(a: BranchTree, b: BranchTree):
     assert len(a.branches) == len(b.branches)
     for x, y in zip(a.branches, b.branches, strict=True):
         assert (x.id, x.classes, x.t_start, x.t_end, x.parent, x.children, x.head) == (
-            y.id, y.classes, y.t_start, y.t_end, y.parent, y.children, y.head
+            y.id,
+            y.classes,
+            y.t_start,
+            y.t_end,
+            y.parent,
+            y.children,
+            y.head,
         )
     assert a.to_newick() == b.to_newick()
     rng = np.random.default_rng(1)
@@ -207,8 +223,14 @@ def test_h5ad_round_trip(tmp_path):
 def test_branch_time_and_breakpoints():
     tree = BranchTree.from_merges(*SIX)
     expected = {
-        (0, 1): 0.2, (2, 3): 0.35, (4, 5): 0.25, (0, 2): 0.5, (1, 3): 0.5,
-        (0, 4): 0.75, (3, 5): 0.75, (2, 2): 0.0,
+        (0, 1): 0.2,
+        (2, 3): 0.35,
+        (4, 5): 0.25,
+        (0, 2): 0.5,
+        (1, 3): 0.5,
+        (0, 4): 0.75,
+        (3, 5): 0.75,
+        (2, 2): 0.0,
     }
     for (a, b), t in expected.items():
         assert tree.branch_time(a, b) == t

@@ -18,10 +18,15 @@ def test_tutorial_runs(path, tmp_path, monkeypatch):
     # the kernel must be this interpreter (the venv's), whatever PATH says
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     errors = [
-        out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
         if out.get("output_type") == "error"
     ]
     assert not errors

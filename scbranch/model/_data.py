@@ -52,7 +52,9 @@ class ResamplingDataSplitter(DataSplitter):
         Passed to :class:`~scvi.dataloaders.DataSplitter`.
     """
 
-    def __init__(self, adata_manager, *, class_balance: float = 0.0, resample_seed: int = 0, **kwargs):
+    def __init__(
+        self, adata_manager, *, class_balance: float = 0.0, resample_seed: int = 0, **kwargs
+    ):
         super().__init__(adata_manager, **kwargs)
         self.class_balance = float(class_balance)
         self.resample_seed = resample_seed
@@ -60,9 +62,9 @@ class ResamplingDataSplitter(DataSplitter):
     def train_dataloader(self):  # noqa: D102
         if self.class_balance == 0.0:
             return super().train_dataloader()
-        labels = np.asarray(
-            self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
-        ).ravel()[self.train_idx]
+        labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()[
+            self.train_idx
+        ]
         indices = self.train_idx[balanced_indices(labels, self.class_balance, self.resample_seed)]
         return AnnDataLoader(
             self.adata_manager,

@@ -37,17 +37,30 @@ def fit_pca_decoder(
     if loadings_key not in adata.varm or adata.varm[loadings_key].shape[1] != rep.shape[1]:
         logger.info(
             "No PCA loadings adata.varm[%r] matching %r: generated cells will carry the latent "
-            "representation only.", loadings_key, obsm_key,
+            "representation only.",
+            loadings_key,
+            obsm_key,
         )
         return None
     loadings = np.asarray(adata.varm[loadings_key], dtype=np.float64)
     genes = np.flatnonzero(np.abs(loadings).sum(1) > 0)  # PCA on HVGs leaves zero rows elsewhere
     expr = adata.layers[layer] if layer is not None else adata.X
     expr = expr[:, genes]
-    mean = np.asarray(expr.mean(0), dtype=np.float64).ravel() if sp.issparse(expr) else to_dense(expr).mean(0)
-    rows = np.random.default_rng(0).choice(adata.n_obs, min(n_check, adata.n_obs), replace=False)
-    projected = (to_dense(expr[np.sort(rows)]) - mean) @ loadings[genes]
-    target = rep[np.sort(rows)]
+    if sp.issparse(expr):
+        data_mean = np.asarray(expr.mean(0), dtype=np.float64).ravel()
+    else:
+        data_mean = to_dense(expr).mean(0)
+    # The PCA may have been centred on more cells than these (e.g. a train split of the data it
+    # was fitted on). Inside the PC span its centring is pinned down by the stored coordinates,
+    # mean @ P = mean over cells of (x @ P - x_pca); outside the span keep the data mean.
+    p = loadings[genes]
+    n_rows = min(n_check, adata.n_obs)
+    rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, n_rows, replace=False))
+    x_rows = to_dense(expr[rows])
+    target = rep[rows]
+    span_mean = (x_rows @ p - target).mean(0)
+    mean = data_mean - (data_mean @ p - span_mean) @ np.linalg.pinv(p)
+    projected = (x_rows - mean) @ p
     err = np.linalg.norm(projected - target) / max(np.linalg.norm(target), 1e-12)
     if not np.isfinite(err) or err > rtol:
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"

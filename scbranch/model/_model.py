@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-import zipfile
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -189,7 +189,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")  # doctest: +SKIP
+        >>> BranchedDiffusion.setup_anndata(  # doctest: +SKIP
+        ...     adata, labels_key="cell_type", obsm_key="X_pca"
+        ... )
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         check_obs_key(adata, labels_key)
@@ -264,26 +266,48 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 logger.info("Using the hierarchy stored in adata.uns[%r].", key)
                 return tree, dict(record)
             if isinstance(hierarchy, str):
-                raise ValueError(f"adata.uns[{key!r}] does not fit this model: {'; '.join(problems)}.")
+                raise ValueError(
+                    f"adata.uns[{key!r}] does not fit this model: {'; '.join(problems)}."
+                )
             logger.info(
-                "Not reusing adata.uns[%r] (%s); discovering the hierarchy.", key, "; ".join(problems)
+                "Not reusing adata.uns[%r] (%s); discovering the hierarchy.",
+                key,
+                "; ".join(problems),
             )
         elif isinstance(hierarchy, str):
             raise KeyError(f"hierarchy={hierarchy!r} is not a key of adata.uns.")
         opts = {
-            "n_cells_per_class": 200, "n_times": 200, "smooth_sigma": 3.0, "epsilon": 0.005,
-            "min_branch_length": 0.02, "linkage": "average", "seed": 0, **discovery_kwargs,
+            "n_cells_per_class": 200,
+            "n_times": 200,
+            "smooth_sigma": 3.0,
+            "epsilon": 0.005,
+            "min_branch_length": 0.02,
+            "linkage": "average",
+            "seed": 0,
+            **discovery_kwargs,
         }
         keep = subsample_per_class(labels, len(classes), opts["n_cells_per_class"], opts["seed"])
         xs = (to_dense(x[keep]) - shift) / scale
         result = discover_hierarchy(
-            xs, labels[keep], classes, sde, n_per_class=opts["n_cells_per_class"],
-            n_times=opts["n_times"], smooth_sigma=opts["smooth_sigma"], epsilon=opts["epsilon"],
-            min_branch_length=opts["min_branch_length"], linkage=opts["linkage"], seed=opts["seed"],
+            xs,
+            labels[keep],
+            classes,
+            sde,
+            n_per_class=opts["n_cells_per_class"],
+            n_times=opts["n_times"],
+            smooth_sigma=opts["smooth_sigma"],
+            epsilon=opts["epsilon"],
+            min_branch_length=opts["min_branch_length"],
+            linkage=opts["linkage"],
+            seed=opts["seed"],
         )
         params = {
-            "groupby": self.labels_key, "use_rep": self.obsm_key or "", "layer": self.layer or "",
-            "standardization": "global", **opts, **sde.to_dict(),
+            "groupby": self.labels_key,
+            "use_rep": self.obsm_key or "",
+            "layer": self.layer or "",
+            "standardization": "global",
+            **opts,
+            **sde.to_dict(),
         }
         logger.info("Discovered hierarchy: %s", result.tree.to_newick(3))
         return result.tree, hierarchy_record(result, params)
@@ -369,7 +393,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     # ------------------------------------------------------------------ generation
-    def _counts(self, n_cells: int | Mapping[str, int], labels: Sequence[str] | None) -> dict[int, int]:
+    def _counts(
+        self, n_cells: int | Mapping[str, int], labels: Sequence[str] | None
+    ) -> dict[int, int]:
         if isinstance(n_cells, Mapping):
             if labels is not None:
                 raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
@@ -430,7 +456,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> gen = model.generate(n_cells={"CD19+ B": 1000}, solver="heun", n_steps=30, seed=0)  # doctest: +SKIP
+        >>> gen = model.generate(  # doctest: +SKIP
+        ...     n_cells={"CD19+ B": 1000}, solver="heun", n_steps=30, seed=0
+        ... )
         """
         if solver not in SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
@@ -438,18 +466,29 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
         progress = None
         if progress_bar:
+
             def progress(it):
                 return track(it, description="Sampling", style="tqdm")
+
         res = self.module.sample_counts(
-            counts, solver=solver, n_steps=n_steps, share=share, seed=seed, spacing=spacing,
+            counts,
+            solver=solver,
+            n_steps=n_steps,
+            share=share,
+            seed=seed,
+            spacing=spacing,
             progress=progress,
         )
         z = res.x.float().cpu().numpy()
         codes = res.labels.cpu().numpy()
         params = {
             "n_cells": {self.classes[c]: n for c, n in counts.items()},
-            "solver": solver, "n_steps": n_steps, "share": share, "seed": seed,
-            "spacing": spacing, "n_network_calls": res.n_network_calls,
+            "solver": solver,
+            "n_steps": n_steps,
+            "share": share,
+            "seed": seed,
+            "spacing": spacing,
+            "n_network_calls": res.n_network_calls,
             "n_row_evaluations": res.n_row_evaluations,
         }
         return self._as_anndata(z, codes, params)
@@ -527,11 +566,19 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             )
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*no saved anndata.*", category=UserWarning)
+                warnings.filterwarnings(
+                    "ignore", message=".*no saved anndata.*", category=UserWarning
+                )
                 model = super().load(str(dir_path), adata=adata, **kwargs)
         except (
-            EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError,
-            pickle.UnpicklingError, zipfile.BadZipFile,
+            EOFError,
+            RuntimeError,
+            KeyError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
         ) as err:
             raise ValueError(
                 f"Could not load the model in {str(dir_path)!r}: {err}. The directory is corrupt, "

@@ -17,4 +17,11 @@ from ._module import BranchedDiffusionModule
 from ._networks import ScoreNetwork
 from ._sampling import SOLVERS, SampleResult, sample, time_grid
 
-__all__ += ["BranchedDiffusionModule", "ScoreNetwork", "sample", "time_grid", "SampleResult", "SOLVERS"]
+__all__ += [
+    "BranchedDiffusionModule",
+    "ScoreNetwork",
+    "sample",
+    "time_grid",
+    "SampleResult",
+    "SOLVERS",
+]

@@ -1,4 +1,4 @@
-"""Hierarchy discovery (METHOD.md §4): when do classes become indistinguishable under noise?
+"""Hierarchy discovery (METHOD.md §4): when classes become indistinguishable under noise.
 
 Everything here is pure numpy/torch and knows nothing about AnnData; ``scbranch.tl`` wraps it.
 """
@@ -29,7 +29,8 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
 
     Returns
     -------
-    ``(shift, scale)`` such that ``(x - shift) / scale`` has mean 0 and mean per-dimension variance 1.
+    ``(shift, scale)`` such that ``(x - shift) / scale`` has mean 0 and mean per-dimension
+    variance 1.
     """
     if sp.issparse(x):  # no densification: E[x^2] - E[x]^2 per dimension
         shift = np.asarray(x.mean(0), dtype=np.float64).ravel()
@@ -344,7 +345,11 @@ def discover_hierarchy(
     cross = crossover_times(intra, inter, times, epsilon=epsilon, classes=classes)
     if linkage == "average":
         agg = agglomerate_average(
-            intra, inter, times, epsilon=epsilon, min_branch_length=min_branch_length,
+            intra,
+            inter,
+            times,
+            epsilon=epsilon,
+            min_branch_length=min_branch_length,
             classes=classes,
         )
     elif linkage == "single":

@@ -72,21 +72,36 @@ class BranchedDiffusionModule(BaseModuleClass):
         self.sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
         self.tree = BranchTree.from_dict(hierarchy)
         n_classes = self.tree.n_classes
-        branched = ScoreNetwork(
-            n_input, self.tree.n_heads, width, n_trunk_blocks, n_head_blocks, time_dim=time_dim
-        ) if architecture == "branched" else None
+        branched = (
+            ScoreNetwork(
+                n_input, self.tree.n_heads, width, n_trunk_blocks, n_head_blocks, time_dim=time_dim
+            )
+            if architecture == "branched"
+            else None
+        )
         if architecture == "branched":
             self.net = branched
         else:
             target = count_parameters(
-                ScoreNetwork(n_input, self.tree.n_heads, width, n_trunk_blocks, n_head_blocks,
-                             time_dim=time_dim)
+                ScoreNetwork(
+                    n_input,
+                    self.tree.n_heads,
+                    width,
+                    n_trunk_blocks,
+                    n_head_blocks,
+                    time_dim=time_dim,
+                )
             )
             n_blocks = n_trunk_blocks + n_head_blocks
             flat_width = flat_width_matching(n_input, n_classes, target, n_blocks, time_dim)
             self.net = ScoreNetwork(
-                n_input, 1, flat_width, n_trunk_blocks, n_head_blocks,
-                n_classes=n_classes, time_dim=time_dim,
+                n_input,
+                1,
+                flat_width,
+                n_trunk_blocks,
+                n_head_blocks,
+                n_classes=n_classes,
+                time_dim=time_dim,
             )
         # standardisation: per-dimension shift, one global scale (set by the model from data)
         self.register_buffer("shift", torch.zeros(n_input))
@@ -100,9 +115,7 @@ class BranchedDiffusionModule(BaseModuleClass):
             "_starts", torch.as_tensor(self.tree._starts, dtype=torch.float32), persistent=False
         )
         self.register_buffer("_ids", torch.as_tensor(self.tree._ids), persistent=False)
-        self.register_buffer(
-            "_heads", torch.as_tensor(self.tree._heads), persistent=False
-        )
+        self.register_buffer("_heads", torch.as_tensor(self.tree._heads), persistent=False)
 
     def branch_of(self, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Branch id of each (class, time) pair."""
@@ -193,8 +206,17 @@ class BranchedDiffusionModule(BaseModuleClass):
             share = False  # a label-guided network has no shared branches to reuse
         device = self.shift.device
         res = sample(
-            self.eps_fn(), self.tree, self.sde, counts, n_input=self.n_input, solver=solver,
-            n_steps=n_steps, share=share, seed=seed, spacing=spacing, device=device,
+            self.eps_fn(),
+            self.tree,
+            self.sde,
+            counts,
+            n_input=self.n_input,
+            solver=solver,
+            n_steps=n_steps,
+            share=share,
+            seed=seed,
+            spacing=spacing,
+            device=device,
             progress=progress,
         )
         res.x = self.unstandardize(res.x)

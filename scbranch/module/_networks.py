@@ -165,8 +165,10 @@ def flat_width_matching(
             blocks
             + (n_input + 1) * w  # input layer
             + n_classes * w  # class embedding
-            + 2 * w + (w + 1) * n_input  # head norm and output
-            + (64 + 1) * time_dim + (time_dim + 1) * time_dim  # time MLP
+            + 2 * w
+            + (w + 1) * n_input  # head norm and output
+            + (64 + 1) * time_dim
+            + (time_dim + 1) * time_dim  # time MLP
         )
 
     widths = range(8, 8192, 8)

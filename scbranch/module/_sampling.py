@@ -62,7 +62,9 @@ def time_grid(
         )
 
     def unit(t):
-        return sde.log_snr(np.asarray(t, dtype=np.float64)) if spacing == "logsnr" else np.asarray(t)
+        return (
+            sde.log_snr(np.asarray(t, dtype=np.float64)) if spacing == "logsnr" else np.asarray(t)
+        )
 
     def inverse(u):
         return sde.t_from_log_snr(u) if spacing == "logsnr" else u
@@ -219,12 +221,20 @@ def sample(
         sizes = [g.x.shape[0] for g in groups]
         x = torch.cat([g.x for g in groups])
         branch = torch.cat(
-            [torch.full((s,), g.branch, dtype=torch.long, device=device) for g, s in zip(groups, sizes, strict=True)]
+            [
+                torch.full((s,), g.branch, dtype=torch.long, device=device)
+                for g, s in zip(groups, sizes, strict=True)
+            ]
         )
         label = torch.cat(
-            [torch.full((s,), g.label, dtype=torch.long, device=device) for g, s in zip(groups, sizes, strict=True)]
+            [
+                torch.full((s,), g.label, dtype=torch.long, device=device)
+                for g, s in zip(groups, sizes, strict=True)
+            ]
         )
-        x_new = _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment)
+        x_new = _step(
+            call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment
+        )
         for g, xs in zip(groups, torch.split(x_new, sizes), strict=True):
             g.x = xs
         first_in_segment = t_lo in knots
@@ -245,7 +255,9 @@ def sample(
         branch = tree.lookup(labels, torch.tensor(t))
         eps = call(x, t, branch, labels)
         x = (x - sde.sigma(torch.tensor(t)) * eps) / sde.alpha(torch.tensor(t))
-    return SampleResult(x=x, labels=labels, n_network_calls=n_calls, n_row_evaluations=n_rows, grid=grid)
+    return SampleResult(
+        x=x, labels=labels, n_network_calls=n_calls, n_row_evaluations=n_rows, grid=grid
+    )
 
 
 def _fan_out(groups, tree, t, need, device, seed):

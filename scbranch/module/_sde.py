@@ -45,9 +45,7 @@ class VPSDE:
 
     def __post_init__(self):
         if not (self.beta0 > 0 and self.beta1 > self.beta0):
-            raise ValueError(
-                f"Need 0 < beta0 < beta1, got beta0={self.beta0}, beta1={self.beta1}."
-            )
+            raise ValueError(f"Need 0 < beta0 < beta1, got beta0={self.beta0}, beta1={self.beta1}.")
         if not (0 < self.t_min < 0.1):
             raise ValueError(f"t_min must lie in (0, 0.1), got {self.t_min}.")
 
@@ -99,7 +97,9 @@ class VPSDE:
         """Raise if ``other`` describes a different process (METHOD.md §3: one process for all)."""
         o = other.to_dict() if isinstance(other, VPSDE) else other
         mine = self.to_dict()
-        bad = [k for k in ("beta0", "beta1") if not math.isclose(float(o[k]), mine[k], rel_tol=1e-6)]
+        bad = [
+            k for k in ("beta0", "beta1") if not math.isclose(float(o[k]), mine[k], rel_tol=1e-6)
+        ]
         if bad:
             details = ", ".join(f"{k}={o[k]} (model: {mine[k]})" for k in bad)
             raise ValueError(

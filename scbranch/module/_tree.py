@@ -97,18 +97,27 @@ class BranchTree:
         """
         n = len(classes)
         if len(merges) != n - 1:
-            raise ValueError(f"A binary tree over {n} classes needs {n - 1} merges, got {len(merges)}.")
+            raise ValueError(
+                f"A binary tree over {n} classes needs {n - 1} merges, got {len(merges)}."
+            )
         branches = [Branch(id=i, classes=(i,), t_start=0.0, t_end=1.0) for i in range(n)]
         top = {i: i for i in range(n)}  # class -> id of the highest branch holding it so far
         for set_a, set_b, time in merges:
             unknown = [c for c in (*set_a, *set_b) if c not in top]
             if unknown:
                 raise ValueError(
-                    f"Merge of {set_a} and {set_b} names class indices {unknown} outside 0..{n - 1}."
+                    f"Merge of {set_a} and {set_b} names class indices {unknown} "
+                    f"outside 0..{n - 1}."
                 )
             ids = {top[c] for c in set_a} | {top[c] for c in set_b}
-            if len({top[c] for c in set_a}) != 1 or len({top[c] for c in set_b}) != 1 or len(ids) != 2:
-                raise ValueError(f"Merge of {set_a} and {set_b} does not join two existing subtrees.")
+            if (
+                len({top[c] for c in set_a}) != 1
+                or len({top[c] for c in set_b}) != 1
+                or len(ids) != 2
+            ):
+                raise ValueError(
+                    f"Merge of {set_a} and {set_b} does not join two existing subtrees."
+                )
             a, b = sorted(ids)
             new_id = len(branches)
             members = tuple(sorted(branches[a].classes + branches[b].classes))
@@ -195,7 +204,9 @@ class BranchTree:
             raise ValueError("Every class needs exactly one leaf branch.")
         roots = [b for b in self.branches if b.parent < 0]
         if len(roots) != 1 or roots[0].t_end != 1.0 or len(roots[0].classes) != n:
-            raise ValueError("The tree needs one root branch that holds every class and ends at t = 1.")
+            raise ValueError(
+                "The tree needs one root branch that holds every class and ends at t = 1."
+            )
         self._leaf_of = {}
         for b in leaves:
             if b.t_start != 0.0:
@@ -323,7 +334,9 @@ class BranchTree:
         return cls(classes, branches)
 
     def __repr__(self) -> str:
-        return f"BranchTree({self.n_classes} classes, {self.n_branches} branches): {self.to_newick(3)}"
+        return (
+            f"BranchTree({self.n_classes} classes, {self.n_branches} branches): {self.to_newick(3)}"
+        )
 
     def total_length(self, classes: Sequence[int] | None = None) -> float:
         """Sum of the lengths of all branches that the given classes pass through."""

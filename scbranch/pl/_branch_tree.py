@@ -141,7 +141,12 @@ def branch_tree(
     internal = [br for br in tree.branches if br.children]
     nodes = np.array([xy(pos[br.id], br.t_start) for br in internal]).reshape(-1, 2)
     ax.scatter(
-        nodes[:, 0], nodes[:, 1], s=22, color="0.15", zorder=3, label="branch points",
+        nodes[:, 0],
+        nodes[:, 1],
+        s=22,
+        color="0.15",
+        zorder=3,
+        label="branch points",
         clip_on=False,
     )
     if show_times:
@@ -154,8 +159,15 @@ def branch_tree(
         }[orientation]
         for (x, y), br in zip(nodes, internal, strict=True):
             ax.annotate(
-                f"{br.t_start:.2f}", (x, y), xytext=offset, textcoords="offset points",
-                ha=align[0], va=align[1], fontsize="x-small", color="0.25", zorder=4,
+                f"{br.t_start:.2f}",
+                (x, y),
+                xytext=offset,
+                textcoords="offset points",
+                ha=align[0],
+                va=align[1],
+                fontsize="x-small",
+                color="0.25",
+                zorder=4,
                 path_effects=[withStroke(linewidth=2.5, foreground="white")],
             )
 
@@ -277,9 +289,7 @@ def branch_similarity(
     tree, record = _get_hierarchy(adata, key)
     missing = [f for f in ("times", "intra", "inter") if f not in record]
     if missing:
-        raise KeyError(
-            f"adata.uns[{key!r}] lacks {missing}; rerun `scbranch.tl.branch_hierarchy`."
-        )
+        raise KeyError(f"adata.uns[{key!r}] lacks {missing}; rerun `scbranch.tl.branch_hierarchy`.")
     times = np.asarray(record["times"], dtype=float)
     intra = np.asarray(record["intra"], dtype=float)
     inter = np.asarray(record["inter"], dtype=float)
@@ -315,8 +325,13 @@ def branch_similarity(
     points = _branch_points(tree, set(chosen))
     marks = []
     for br, sides in points:
-        pairs = [(i, j) for a in range(len(sides)) for b in range(a + 1, len(sides))
-                 for i in sides[a] for j in sides[b]]
+        pairs = [
+            (i, j)
+            for a in range(len(sides))
+            for b in range(a + 1, len(sides))
+            for i in sides[a]
+            for j in sides[b]
+        ]
         curve = np.mean([inter[i, j] for i, j in pairs], axis=0)
         ax.plot(times, curve, color="0.35", lw=1.1, ls="--", zorder=1)
         ax.axvline(br.t_start, color="0.75", lw=0.8, ls=":", zorder=0)
@@ -348,7 +363,14 @@ def branch_similarity(
             ]
             labels += ["", "between the sides\nof a branch point", "branch point"]
         ax.legend(
-            handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
-            fontsize="small", title="within type", title_fontsize="small", alignment="left",
+            handles,
+            labels,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            frameon=False,
+            fontsize="small",
+            title="within type",
+            title_fontsize="small",
+            alignment="left",
         )
     return _finish(ax, show, return_fig)

@@ -131,7 +131,11 @@ def branch_hierarchy(
     adata = adata.copy() if copy else adata
     check_obs_key(adata, groupby, "groupby")
     matrix = get_matrix(adata, obsm_key=use_rep, layer=layer)
-    where = f"adata.obsm[{use_rep!r}]" if use_rep else (f"adata.layers[{layer!r}]" if layer else "adata.X")
+    where = (
+        f"adata.obsm[{use_rep!r}]"
+        if use_rep
+        else (f"adata.layers[{layer!r}]" if layer else "adata.X")
+    )
     check_finite(matrix, where)
     cats = pd.Categorical(adata.obs[groupby])
     cats = cats.remove_unused_categories()
@@ -146,9 +150,17 @@ def branch_hierarchy(
     shift, scale = global_standardizer(matrix)  # all cells, exactly as the model does
     sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
     result = discover_hierarchy(
-        (x - shift) / scale, labels[keep], classes, sde, n_per_class=n_cells_per_class,
-        n_times=n_times, smooth_sigma=smooth_sigma, epsilon=epsilon,
-        min_branch_length=min_branch_length, linkage=linkage, seed=seed,
+        (x - shift) / scale,
+        labels[keep],
+        classes,
+        sde,
+        n_per_class=n_cells_per_class,
+        n_times=n_times,
+        smooth_sigma=smooth_sigma,
+        epsilon=epsilon,
+        min_branch_length=min_branch_length,
+        linkage=linkage,
+        seed=seed,
     )
     params = {
         "groupby": groupby,
@@ -167,6 +179,8 @@ def branch_hierarchy(
     adata.uns[key_added] = hierarchy_record(result, params)
     logger.info(
         "Branch hierarchy of %d types in %.2f s: %s",
-        len(classes), time.perf_counter() - start, result.tree.to_newick(3),
+        len(classes),
+        time.perf_counter() - start,
+        result.tree.to_newick(3),
     )
     return adata if copy else None
