@@ -335,3 +335,21 @@ def test_pca_decoding_on_a_subset_of_the_pca_cells():
     np.testing.assert_allclose(
         recon @ off_span, np.tile(sub.X.mean(0) @ off_span, (sub.n_obs, 1)), atol=1e-4
     )
+
+
+def test_quality_report_known_answers():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 1000)
+
+    def cells(scale):
+        x = np.r_[rng.normal(0, scale, (1000, 2)), rng.normal(10, scale, (1000, 2))]
+        data = ad.AnnData(obs=pd.DataFrame({"t": labels}, index=[f"c{i}" for i in range(2000)]))
+        data.obsm["rep"] = x
+        return data
+
+    train, held, gen = cells(1.0), cells(1.0), cells(2.0)
+    report = sb.metrics.quality_report(gen, train, held, labels_key="t", use_rep="rep")
+    assert report["knn_control"].tolist() == [1.0, 1.0]  # well separated types
+    np.testing.assert_allclose(report["spread_vs_heldout"], 2.0, rtol=0.08)
+    with pytest.raises(KeyError, match="no 'X_pca'"):
+        sb.metrics.quality_report(gen, train, held, labels_key="t", use_rep="X_pca")

@@ -26,7 +26,14 @@ def _net(**kw):
     torch.manual_seed(0)
     defaults = dict(n_input=6, n_heads=5, width=32, n_trunk_blocks=1, n_head_blocks=2, time_dim=16)
     defaults.update(kw)
-    return ScoreNetwork(**defaults).eval()
+    net = ScoreNetwork(**defaults).eval()
+    # output layers start at zero (an untrained head predicts only the analytic Gaussian part);
+    # randomise them so that comparisons between heads and rows are not trivially equal
+    with torch.no_grad():
+        for head in net.heads:
+            head.out.weight.normal_(0, 0.3)
+            head.out.bias.normal_(0, 0.3)
+    return net
 
 
 def test_grouped_heads_equal_rowwise_evaluation():
@@ -158,7 +165,9 @@ def test_inference_generative_loss():
     torch.testing.assert_close(loss.loss, expected_loss)
     # generative picks the head of branch(label, t)
     branch = FOUR.lookup(inf["labels"], t)
-    direct = module.net(inf["xt"], t, branch)
+    sigma, alpha = module.sde.sigma(t)[:, None], module.sde.alpha(t)[:, None]
+    skip = sigma * inf["xt"] / (alpha**2 * module.data_var + sigma**2)
+    direct = skip + module.net(inf["xt"], t, branch)
     torch.testing.assert_close(gen_out["eps"], direct)
     # the scvi forward runs the same chain
     _, _, losses = module(tensors)
@@ -222,3 +231,21 @@ def test_training_reduces_loss(seed):
     elapsed = time.perf_counter() - start
     print(f"\ntraining: first 50 {first:.3f}, last 50 {last:.3f}, {elapsed:.1f} s")
     assert last < 0.7 * first
+
+
+def test_untrained_module_predicts_the_gaussian_noise():
+    """Zero-initialised heads + the sigma(t) x skip: exact eps for standard Gaussian data."""
+    tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
+    module = BranchedDiffusionModule(3, tree.to_dict(), width=16)
+    sde = module.sde
+    x0 = torch.randn(20000, 3)
+    t = torch.full((20000,), 0.3)
+    xt, noise = sde.marginal(x0, t)
+    labels = torch.zeros(20000, dtype=torch.long)
+    eps = module.predict_eps(xt, t, module.branch_of(labels, t), labels)
+    np.testing.assert_allclose(
+        eps.detach().numpy(), (sde.sigma(t)[:, None] * xt).numpy(), atol=1e-6
+    )
+    # and sigma * x_t is E[eps | x_t] for N(0, I) data: its regression on the true noise is ~1
+    slope = float((eps * noise).sum() / (eps * eps).sum())
+    assert abs(slope - 1.0) < 0.03

@@ -1,5 +1,5 @@
 """Metrics of generated cells against real cells."""
 
-from ._quality import centroid_spread, label_fidelity
+from ._quality import centroid_spread, label_fidelity, quality_report
 
-__all__ = ["centroid_spread", "label_fidelity"]
+__all__ = ["centroid_spread", "label_fidelity", "quality_report"]

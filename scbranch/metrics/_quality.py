@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -118,3 +119,67 @@ def centroid_spread(
         sr = float(np.linalg.norm(r - r.mean(0), axis=1).mean())
         rows[c] = {"generated": sg, "reference": sr, "ratio": sg / sr, "n_reference": len(r)}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def quality_report(
+    generated: AnnData,
+    train: AnnData,
+    heldout: AnnData,
+    *,
+    labels_key: str,
+    use_rep: str,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-class label fidelity (kNN and logistic regression) and spread, with real controls.
+
+    Parameters
+    ----------
+    generated
+        Generated cells (e.g. from :meth:`~scbranch.BranchedDiffusion.generate`).
+    train
+        Real cells the model was trained on.
+    heldout
+        Real cells the model never saw.
+    labels_key
+        Column of ``obs`` with the cell types (the same in all three objects).
+    use_rep
+        Key of ``obsm`` in which to compare (e.g. ``"X_pca"``).
+    seed
+        Random seed of the classifiers.
+
+    Returns
+    -------
+    DataFrame indexed by class: ``knn_generated``/``knn_control`` and
+    ``logreg_generated``/``logreg_control`` (label fidelity and its held-out real control),
+    ``spread_vs_heldout`` and ``spread_vs_train`` (ratios of mean distance to the class centroid),
+    ``n_heldout``.
+
+    Examples
+    --------
+    >>> quality_report(gen, train, held, labels_key="cell_type", use_rep="X_pca")  # doctest: +SKIP
+    """
+    for name, data in (("generated", generated), ("train", train), ("heldout", heldout)):
+        if labels_key not in data.obs:
+            raise KeyError(f"{name}.obs has no column {labels_key!r}.")
+        if use_rep not in data.obsm:
+            raise KeyError(f"{name}.obsm has no {use_rep!r}.")
+
+    def rep(data):
+        return np.asarray(data.obsm[use_rep]), data.obs[labels_key].astype(str).to_numpy()
+
+    (g, gl), (t, tl), (h, hl) = rep(generated), rep(train), rep(heldout)
+    knn = label_fidelity(g, gl, t, tl, h, hl, classifier="knn", seed=seed)
+    logreg = label_fidelity(g, gl, t, tl, h, hl, classifier="logreg", seed=seed)
+    report = pd.DataFrame(
+        {
+            "knn_generated": knn["generated"],
+            "knn_control": knn["control"],
+            "logreg_generated": logreg["generated"],
+            "logreg_control": logreg["control"],
+            "spread_vs_heldout": centroid_spread(g, gl, h, hl)["ratio"],
+            "spread_vs_train": centroid_spread(g, gl, t, tl)["ratio"],
+            "n_heldout": knn["n_heldout"],
+        }
+    )
+    report.index.name = labels_key
+    return report

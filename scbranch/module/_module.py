@@ -39,6 +39,9 @@ class BranchedDiffusionModule(BaseModuleClass):
         Forward process (see :class:`~scbranch.module.VPSDE`).
     data_key
         Registry key of the diffused data (``"rep"`` for an obsm representation, ``"X"`` otherwise).
+    t_sampling
+        Distribution of training times: ``"uniform"`` in t or ``"logsnr"`` (uniform in log-SNR,
+        which weights low noise levels, where within-type detail is resolved, more).
 
     Examples
     --------
@@ -62,8 +65,12 @@ class BranchedDiffusionModule(BaseModuleClass):
         beta1: float = 20.0,
         t_min: float = 1e-3,
         data_key: str = REGISTRY_KEYS.X_KEY,
+        t_sampling: str = "uniform",
     ):
         super().__init__()
+        if t_sampling not in ("uniform", "logsnr"):
+            raise ValueError(f"t_sampling must be 'uniform' or 'logsnr', got {t_sampling!r}.")
+        self.t_sampling = t_sampling
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
         self.n_input = n_input
@@ -106,6 +113,8 @@ class BranchedDiffusionModule(BaseModuleClass):
         # standardisation: per-dimension shift, one global scale (set by the model from data)
         self.register_buffer("shift", torch.zeros(n_input))
         self.register_buffer("scale", torch.ones(()))
+        # per-dimension variance of the standardised data (for the analytic Gaussian skip term)
+        self.register_buffer("data_var", torch.ones(n_input))
         self._refresh_lookup()
 
     # ------------------------------------------------------------------ tree helpers
@@ -123,10 +132,14 @@ class BranchedDiffusionModule(BaseModuleClass):
         level = (t.unsqueeze(-1) >= self._starts[labels]).sum(-1).clamp_min(1) - 1
         return self._ids[labels, level]
 
-    def set_standardization(self, shift: np.ndarray, scale: float) -> None:
-        """Store the centring vector and the global scale of the data."""
+    def set_standardization(
+        self, shift: np.ndarray, scale: float, variance: np.ndarray | None = None
+    ) -> None:
+        """Store the centring vector, the global scale and the per-dimension variance."""
         self.shift.copy_(torch.as_tensor(shift, dtype=torch.float32))
         self.scale.fill_(float(scale))
+        if variance is not None:
+            self.data_var.copy_(torch.as_tensor(variance, dtype=torch.float32))
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """Data space -> diffusion space."""
@@ -151,7 +164,12 @@ class BranchedDiffusionModule(BaseModuleClass):
         # stratified times: lower-variance gradient estimates than i.i.d. uniform t
         u = (torch.rand((), device=x0.device) + torch.arange(n, device=x0.device) / n) % 1.0
         u = u[torch.randperm(n, device=x0.device)]
-        t = self.sde.t_min + (1 - self.sde.t_min) * u
+        if self.t_sampling == "logsnr":  # uniform in log-SNR: more weight on low noise levels
+            lam_hi = self.sde.log_snr(torch.tensor(self.sde.t_min, device=x0.device))
+            lam_lo = self.sde.log_snr(torch.tensor(1.0, device=x0.device))
+            t = self.sde.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * u)
+        else:
+            t = self.sde.t_min + (1 - self.sde.t_min) * u
         xt, noise = self.sde.marginal(x0, t)
         return {"xt": xt, "t": t, "noise": noise, "labels": labels}
 
@@ -169,10 +187,23 @@ class BranchedDiffusionModule(BaseModuleClass):
     def predict_eps(
         self, x: torch.Tensor, t: torch.Tensor, branch: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        """Noise prediction of the branch (branched) or of the class (flat) of every row."""
+        """Noise prediction of the branch (branched) or of the class (flat) of every row.
+
+        The network predicts a correction to ``sigma x / (alpha^2 v + sigma^2)``, the exact
+        noise prediction for Gaussian data with the data's per-dimension variance ``v``. Without
+        this skip term an MLP regresses towards typical norms: starting points in the tail of the
+        N(0, I) prior were not contracted, and 2-6 % of generated pbmc68k cells landed 5x further
+        out than any real cell.
+        """
+        tt = t.to(x.dtype)
+        sigma, alpha = self.sde.sigma(tt), self.sde.alpha(tt)
+        if sigma.dim():
+            sigma, alpha = sigma.unsqueeze(-1), alpha.unsqueeze(-1)
+        # E[eps | x_t] for Gaussian data with the standardised data's per-dimension variance
+        skip = sigma * x / (alpha**2 * self.data_var + sigma**2)
         if self.architecture == "branched":
-            return self.net(x, t, self._heads[branch])
-        return self.net(x, t, torch.zeros_like(branch), labels)
+            return skip + self.net(x, t, self._heads[branch])
+        return skip + self.net(x, t, torch.zeros_like(branch), labels)
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
         """Mean squared error of the noise prediction."""

@@ -48,18 +48,24 @@ class ResidualBlock(nn.Module):
 
 
 class Head(nn.Module):
-    """Branch-specific blocks and the output layer."""
+    """Branch-specific blocks and the output layer.
+
+    No LayerNorm before the output: it would discard the norm of the residual stream, and the
+    noise prediction must scale with its input. The output layer starts at zero, so an untrained
+    head predicts the analytic Gaussian part (see ``BranchedDiffusionModule.predict_eps``).
+    """
 
     def __init__(self, width: int, time_dim: int, n_blocks: int, n_output: int):
         super().__init__()
         self.blocks = nn.ModuleList(ResidualBlock(width, time_dim) for _ in range(n_blocks))
-        self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, n_output)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # noqa: D102
         for block in self.blocks:
             h = block(h, temb)
-        return self.out(nn.functional.silu(self.norm(h)))
+        return self.out(nn.functional.silu(h))
 
 
 class ScoreNetwork(nn.Module):
