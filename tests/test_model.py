@@ -353,3 +353,21 @@ def test_quality_report_known_answers():
     np.testing.assert_allclose(report["spread_vs_heldout"], 2.0, rtol=0.08)
     with pytest.raises(KeyError, match="no 'X_pca'"):
         sb.metrics.quality_report(gen, train, held, labels_key="t", use_rep="X_pca")
+
+
+def test_generated_h5ad_has_no_slash_keys(tmp_path):
+    """Labels like 'CD4+/CD25' must not become h5 keys (anndata will disallow slashes)."""
+    adata = _sim_adata()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.rename_categories(lambda c: f"{c}+/sub")
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    gen = model.generate(n_cells={"c0+/sub": 2, "c3+/sub": 1}, seed=0, progress_bar=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        gen.write_h5ad(tmp_path / "g.h5ad")
+    back = ad.read_h5ad(tmp_path / "g.h5ad")
+    params = back.uns["scbranch"]["params"]
+    assert list(params["labels"]) == ["c0+/sub", "c3+/sub"]
+    assert list(params["n_cells"]) == [2, 1]

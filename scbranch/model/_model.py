@@ -498,7 +498,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         z = res.x.float().cpu().numpy()
         codes = res.labels.cpu().numpy()
         params = {
-            "n_cells": {self.classes[c]: n for c, n in counts.items()},
+            # arrays, not a dict keyed by label: labels like "CD4+/CD25" are not valid h5 keys
+            "labels": np.array([self.classes[c] for c in counts], dtype=object),
+            "n_cells": np.array(list(counts.values()), dtype=np.int64),
             "solver": solver,
             "n_steps": n_steps,
             "share": share,

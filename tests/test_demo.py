@@ -1,0 +1,39 @@
+"""The demo pipeline, for real, with a tiny training budget (the full run is `make demo`)."""
+
+import anndata as ad
+import pytest
+import torch
+
+from scbranch._demo import run_demo, stratified_split
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_demo_fast_writes_everything(tmp_path):
+    out = tmp_path / "demo"
+    summary = run_demo(out, fast=True)
+    gen = ad.read_h5ad(out / "generated.h5ad")
+    assert set(gen.obs["cell_type"].cat.categories) == set(gen.obs["cell_type"].astype(str))
+    assert gen.obs["cell_type"].nunique() == 10
+    assert gen.n_vars == 765  # decoded to genes
+    for name in ("report.csv", "summary.json", "tree.png", "similarity.png", "embedding.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "model" / "model.pt").exists()
+    assert 0 <= summary["label_fidelity_control"] <= 1
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_demo(out, fast=True)
+
+
+def test_stratified_split_keeps_every_class_on_both_sides():
+    import pandas as pd
+
+    labels = pd.Series(["a"] * 10 + ["b"] * 3 + ["c"] * 2)
+    train, held = stratified_split(labels, 0.7, seed=0)
+    assert set(labels.iloc[train]) == set(labels.iloc[held]) == {"a", "b", "c"}
+    assert len(set(train) & set(held)) == 0 and len(train) + len(held) == 15
