@@ -26,13 +26,11 @@ from .._validation import (
     check_obs_key,
     check_rep_key,
     get_matrix,
-    to_dense,
 )
 from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standardizer
-from ..module._discovery import discover_hierarchy, subsample_per_class
 from ..module._networks import count_parameters
 from ..module._sampling import SOLVERS
-from ..tl._branch_hierarchy import hierarchy_record
+from ..tl._branch_hierarchy import discover_record
 from ._data import ResamplingDataSplitter
 from ._decoding import decode, fit_pca_decoder
 from ._training_plan import DiffusionTrainingPlan
@@ -134,7 +132,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             shift, scale = global_standardizer(x)
             variance = _column_variance(x)
             tree, record = self._resolve_hierarchy(
-                hierarchy, adata, x, labels, shift, scale, sde, discovery_kwargs or {}
+                hierarchy, adata, x, labels, sde, discovery_kwargs or {}
             )
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.hierarchy_record_ = record
@@ -251,7 +249,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         """Data registered under ``key`` for ``adata``."""
         return self.get_anndata_manager(adata, required=True).get_from_registry(key)
 
-    def _resolve_hierarchy(self, hierarchy, adata, x, labels, shift, scale, sde, discovery_kwargs):
+    def _resolve_hierarchy(self, hierarchy, adata, x, labels, sde, discovery_kwargs):
         classes = self.classes
         if isinstance(hierarchy, BranchTree):
             return hierarchy, {}
@@ -290,41 +288,18 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             )
         elif isinstance(hierarchy, str):
             raise KeyError(f"hierarchy={hierarchy!r} is not a key of adata.uns.")
-        opts = {
-            "n_cells_per_class": 200,
-            "n_times": 200,
-            "smooth_sigma": 3.0,
-            "epsilon": 0.005,
-            "min_branch_length": 0.02,
-            "linkage": "average",
-            "seed": 0,
-            **discovery_kwargs,
-        }
-        keep = subsample_per_class(labels, len(classes), opts["n_cells_per_class"], opts["seed"])
-        xs = (to_dense(x[keep]) - shift) / scale
-        result = discover_hierarchy(
-            xs,
-            labels[keep],
+        tree, record = discover_record(
+            x,
+            labels,
             classes,
             sde,
-            n_per_class=opts["n_cells_per_class"],
-            n_times=opts["n_times"],
-            smooth_sigma=opts["smooth_sigma"],
-            epsilon=opts["epsilon"],
-            min_branch_length=opts["min_branch_length"],
-            linkage=opts["linkage"],
-            seed=opts["seed"],
+            groupby=self.labels_key,
+            use_rep=self.obsm_key,
+            layer=None if self.obsm_key else self.layer,
+            **discovery_kwargs,
         )
-        params = {
-            "groupby": self.labels_key,
-            "use_rep": self.obsm_key or "",
-            "layer": self.layer or "",
-            "standardization": "global",
-            **opts,
-            **sde.to_dict(),
-        }
-        logger.info("Discovered hierarchy: %s", result.tree.to_newick(3))
-        return result.tree, hierarchy_record(result, params)
+        logger.info("Discovered hierarchy: %s", tree.to_newick(3))
+        return tree, record
 
     # ------------------------------------------------------------------ training
     def train(

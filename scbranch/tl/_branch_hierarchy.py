@@ -12,7 +12,7 @@ from anndata import AnnData
 from .._constants import UNS_KEYS
 from .._validation import check_class_sizes, check_finite, check_obs_key, get_matrix, to_dense
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
-from ..module._discovery import DiscoveryResult
+from ..module._discovery import DiscoveryResult, subsample_per_class
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,60 @@ def read_hierarchy(adata: AnnData, key: str = UNS_KEYS.HIERARCHY) -> tuple[Branc
     if not isinstance(record, dict) or "tree" not in record:
         raise ValueError(f"adata.uns[{key!r}] is not a scbranch hierarchy.")
     return BranchTree.from_dict(record["tree"]), record
+
+
+def discover_record(
+    matrix,
+    labels: np.ndarray,
+    classes: list[str],
+    sde: VPSDE,
+    *,
+    groupby: str,
+    use_rep: str | None,
+    layer: str | None,
+    n_cells_per_class: int = 200,
+    n_times: int = 200,
+    smooth_sigma: float = 3.0,
+    epsilon: float = 0.005,
+    min_branch_length: float = 0.02,
+    linkage: str = "average",
+    seed: int = 0,
+) -> tuple[BranchTree, dict]:
+    """Discover the tree of a (dense or sparse) matrix and build its ``.uns`` record.
+
+    The one place where data are standardised (all cells, per-dimension centring, one global
+    scale) and subsampled for discovery, shared by :func:`branch_hierarchy` and the model.
+    """
+    keep = subsample_per_class(labels, len(classes), n_cells_per_class, seed)
+    shift, scale = global_standardizer(matrix)  # all cells, exactly as the model does
+    result = discover_hierarchy(
+        (to_dense(matrix[keep]) - shift) / scale,
+        labels[keep],
+        classes,
+        sde,
+        n_per_class=n_cells_per_class,
+        n_times=n_times,
+        smooth_sigma=smooth_sigma,
+        epsilon=epsilon,
+        min_branch_length=min_branch_length,
+        linkage=linkage,
+        seed=seed,
+    )
+    params = {
+        "groupby": groupby,
+        "use_rep": use_rep or "",
+        "layer": layer or "",
+        "n_cells_per_class": n_cells_per_class,
+        "n_times": n_times,
+        "smooth_sigma": smooth_sigma,
+        "epsilon": epsilon,
+        "min_branch_length": min_branch_length,
+        "linkage": linkage,
+        "seed": seed,
+        "standardization": "global",
+        **sde.to_dict(),
+    }
+    return result.tree, hierarchy_record(result, params)
 
 
 def branch_hierarchy(
@@ -142,30 +196,8 @@ def branch_hierarchy(
     classes = [str(c) for c in cats.categories]
     labels = np.asarray(cats.codes, dtype=np.int64)
     check_class_sizes(labels, classes, min_cells_per_class, groupby)
-    # densify only the cells discovery looks at
-    from ..module._discovery import subsample_per_class
-
-    keep = subsample_per_class(labels, len(classes), n_cells_per_class, seed)
-    x = to_dense(matrix[keep])
-    shift, scale = global_standardizer(matrix)  # all cells, exactly as the model does
     sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
-    result = discover_hierarchy(
-        (x - shift) / scale,
-        labels[keep],
-        classes,
-        sde,
-        n_per_class=n_cells_per_class,
-        n_times=n_times,
-        smooth_sigma=smooth_sigma,
-        epsilon=epsilon,
-        min_branch_length=min_branch_length,
-        linkage=linkage,
-        seed=seed,
-    )
-    params = {
-        "groupby": groupby,
-        "use_rep": use_rep if use_rep is not None else "",
-        "layer": layer if layer is not None else "",
+    options = {
         "n_cells_per_class": n_cells_per_class,
         "n_times": n_times,
         "smooth_sigma": smooth_sigma,
@@ -173,14 +205,16 @@ def branch_hierarchy(
         "min_branch_length": min_branch_length,
         "linkage": linkage,
         "seed": seed,
-        "standardization": "global",
-        **sde.to_dict(),
     }
-    adata.uns[key_added] = hierarchy_record(result, params)
+    _, record = discover_record(
+        matrix, labels, classes, sde, groupby=groupby, use_rep=use_rep, layer=layer, **options
+    )
+    adata.uns[key_added] = record
+    result_newick = record["newick"]
     logger.info(
         "Branch hierarchy of %d types in %.2f s: %s",
         len(classes),
         time.perf_counter() - start,
-        result.tree.to_newick(3),
+        result_newick,
     )
     return adata if copy else None
