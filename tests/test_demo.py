@@ -2,17 +2,8 @@
 
 import anndata as ad
 import pytest
-import torch
 
 from scbranch._demo import run_demo, stratified_split
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_demo_fast_writes_everything(tmp_path):

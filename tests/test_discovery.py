@@ -16,15 +16,6 @@ from scbranch.module._discovery import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def brute_curves(xt: np.ndarray, labels: np.ndarray, n_classes: int):
     """O(n^2) mean pairwise cosine similarity, distinct cells only within a class."""
     u = xt / np.linalg.norm(xt, axis=1, keepdims=True)

@@ -9,14 +9,6 @@ import scbranch as sb
 from scbranch.datasets import simulate_tree
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sim_adata(n_per_class=40, seed=0):
     sim = simulate_tree(depth=2, n_per_class=n_per_class, dim=8, seed=seed)
     return sim.to_anndata(labels_key="cell_type", obsm_key="X_latent")

@@ -7,16 +7,6 @@ import torch
 from scbranch.module import BranchedDiffusionModule, BranchTree, ScoreNetwork
 from scbranch.module._networks import count_parameters, flat_width_matching
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FOUR = BranchTree.from_merges(
     ["A", "B", "C", "D"], [((0,), (1,), 0.3), ((2,), (3,), 0.4), ((0, 1), (2, 3), 0.7)]
 )

@@ -9,15 +9,6 @@ SDE = VPSDE()
 CALLS = {"em": 1, "heun": 2, "dpm2m": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------- time grid
 @pytest.mark.parametrize("spacing", ["logsnr", "t"])
 @pytest.mark.parametrize(

@@ -8,15 +8,6 @@ from scipy.integrate import quad
 from scbranch.module import VPSDE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("beta0,beta1", [(0.1, 20.0), (0.05, 5.0), (1.0, 3.0)])
 def test_alpha_sigma_match_integrated_beta(beta0, beta1):
     sde = VPSDE(beta0=beta0, beta1=beta1)

@@ -5,16 +5,6 @@ import torch
 
 from scbranch.module import BranchTree
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ((A, B) at 0.3, C) at 0.6
 THREE = (["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
 # (((c0, c1) 0.2, (c2, c3) 0.35) 0.5, (c4, c5) 0.25) 0.75; merges given out of id order

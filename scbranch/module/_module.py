@@ -16,7 +16,7 @@ from .._constants import REGISTRY_KEYS
 from ._networks import ScoreNetwork, count_parameters, flat_width_matching
 from ._sampling import SampleResult, sample
 from ._sde import VPSDE
-from ._tree import BranchTree
+from ._tree import BranchTree, lookup_tables
 
 ARCHITECTURES = ("branched", "flat")
 
@@ -128,9 +128,7 @@ class BranchedDiffusionModule(BaseModuleClass):
 
     def branch_of(self, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Branch id of each (class, time) pair."""
-        t = t.expand(labels.shape) if t.dim() == 0 else t
-        level = (t.unsqueeze(-1) >= self._starts[labels]).sum(-1).clamp_min(1) - 1
-        return self._ids[labels, level]
+        return lookup_tables(self._starts, self._ids, labels, t)
 
     def set_standardization(
         self, shift: np.ndarray, scale: float, variance: np.ndarray | None = None

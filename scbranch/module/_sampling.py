@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -91,9 +91,8 @@ class _Group:
     label: int  # class index, or -1 while shared by several classes
     x: torch.Tensor
     gen: torch.Generator
-    eps_prev: torch.Tensor | None = None  # data prediction of the previous step (multistep)
+    x0_prev: torch.Tensor | None = None  # data prediction of the previous step (multistep)
     h_prev: torch.Tensor | None = None  # log-SNR step of the previous step (multistep)
-    classes: tuple[int, ...] = field(default_factory=tuple)
 
 
 @dataclass
@@ -105,9 +104,6 @@ class SampleResult:
     n_network_calls: int
     n_row_evaluations: int
     grid: np.ndarray
-    trajectory: list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
-        default_factory=list
-    )
 
 
 def _seeded_generator(device: torch.device, seed: int, kind: int, key: int) -> torch.Generator:
@@ -220,18 +216,8 @@ def sample(
                 g.branch = int(tree.lookup(np.array([g.label]), mid)[0])
         sizes = [g.x.shape[0] for g in groups]
         x = torch.cat([g.x for g in groups])
-        branch = torch.cat(
-            [
-                torch.full((s,), g.branch, dtype=torch.long, device=device)
-                for g, s in zip(groups, sizes, strict=True)
-            ]
-        )
-        label = torch.cat(
-            [
-                torch.full((s,), g.label, dtype=torch.long, device=device)
-                for g, s in zip(groups, sizes, strict=True)
-            ]
-        )
+        branch = _per_row([g.branch for g in groups], sizes, device)
+        label = _per_row([g.label for g in groups], sizes, device)
         x_new = _step(
             call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment
         )
@@ -247,9 +233,7 @@ def sample(
     # order the output by requested class
     by_label = {g.label: g for g in groups}
     x = torch.cat([by_label[c].x[:n] for c, n in counts.items()])
-    labels = torch.cat(
-        [torch.full((n,), c, dtype=torch.long, device=device) for c, n in counts.items()]
-    )
+    labels = _per_row(list(counts), list(counts.values()), device)
     if denoise:
         t = sde.t_min
         branch = tree.lookup(labels, torch.tensor(t))
@@ -257,6 +241,14 @@ def sample(
         x = (x - sde.sigma(torch.tensor(t)) * eps) / sde.alpha(torch.tensor(t))
     return SampleResult(
         x=x, labels=labels, n_network_calls=n_calls, n_row_evaluations=n_rows, grid=grid
+    )
+
+
+def _per_row(values: list[int], sizes: list[int], device) -> torch.Tensor:
+    """One long tensor repeating ``values[i]`` ``sizes[i]`` times."""
+    return torch.repeat_interleave(
+        torch.tensor(values, dtype=torch.long, device=device),
+        torch.tensor(sizes, dtype=torch.long, device=device),
     )
 
 
@@ -315,7 +307,7 @@ def _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_
     x0 = (x - s_hi * eps) / a_hi
     lam_hi, lam_lo = torch.log(a_hi / s_hi), torch.log(a_lo / s_lo)
     hh = lam_lo - lam_hi
-    prev = [g.eps_prev for g in groups]
+    prev = [g.x0_prev for g in groups]
     if not first_in_segment and all(p is not None for p in prev):
         x0_prev = torch.cat(prev)
         r = groups[0].h_prev / hh
@@ -323,6 +315,6 @@ def _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_
     else:
         d = x0
     for g, part in zip(groups, torch.split(x0, sizes), strict=True):
-        g.eps_prev = part
+        g.x0_prev = part
         g.h_prev = hh
     return (s_lo / s_hi) * x - a_lo * torch.expm1(-hh) * d

@@ -44,6 +44,17 @@ class Branch:
         return len(self.children) == 0
 
 
+def lookup_tables(starts: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, t) -> torch.Tensor:
+    """Branch ids from per-class tables of branch start times and ids (see ``BranchTree``).
+
+    ``starts[c]`` holds the start times of class ``c``'s branches from leaf to root (padded with
+    +inf), ``ids[c]`` their ids; the branch at time ``t`` is the last one starting at or before it.
+    """
+    t = torch.as_tensor(t, dtype=starts.dtype, device=labels.device).expand(labels.shape)
+    level = (t.unsqueeze(-1) >= starts[labels]).sum(-1).clamp_min(1) - 1
+    return ids[labels, level]
+
+
 class BranchTree:
     """A hierarchy of branches over classes, with vectorised branch lookup.
 
@@ -256,9 +267,7 @@ class BranchTree:
         if isinstance(labels, torch.Tensor):
             starts = torch.as_tensor(self._starts, dtype=torch.float32, device=labels.device)
             ids = torch.as_tensor(self._ids, device=labels.device)
-            t = torch.as_tensor(t, dtype=torch.float32, device=labels.device).expand(labels.shape)
-            level = (t.unsqueeze(-1) >= starts[labels]).sum(-1).clamp_min(1) - 1
-            return ids[labels, level]
+            return lookup_tables(starts, ids, labels, t)
         labels = np.asarray(labels, dtype=np.int64)
         t = np.broadcast_to(np.asarray(t, dtype=np.float64), labels.shape)
         level = np.maximum((t[..., None] >= self._starts[labels]).sum(-1), 1) - 1
