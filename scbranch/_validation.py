@@ -26,13 +26,19 @@ def check_obs_key(adata: AnnData, key: str, what: str = "labels_key") -> None:
         )
 
 
-def check_rep_key(adata: AnnData, *, obsm_key: str | None = None, layer: str | None = None) -> None:
-    """Raise if the requested representation does not exist."""
+def check_rep_key(
+    adata: AnnData,
+    *,
+    obsm_key: str | None = None,
+    layer: str | None = None,
+    obsm_arg: str = "obsm_key",
+) -> None:
+    """Raise if the requested representation does not exist (``obsm_arg``: the caller's name)."""
     if obsm_key is not None and layer is not None:
-        raise ValueError("Pass either `obsm_key` or `layer`, not both.")
+        raise ValueError(f"Pass either `{obsm_arg}` or `layer`, not both.")
     if obsm_key is not None and obsm_key not in adata.obsm:
         raise KeyError(
-            f"obsm_key={obsm_key!r} is not in adata.obsm (available: {list(adata.obsm.keys())}). "
+            f"{obsm_arg}={obsm_key!r} is not in adata.obsm (available: {list(adata.obsm.keys())}). "
             "Compute it first, e.g. `sc.pp.pca(adata)` for 'X_pca'."
         )
     if layer is not None and layer not in adata.layers:
@@ -41,9 +47,15 @@ def check_rep_key(adata: AnnData, *, obsm_key: str | None = None, layer: str | N
         )
 
 
-def get_matrix(adata: AnnData, *, obsm_key: str | None = None, layer: str | None = None):
+def get_matrix(
+    adata: AnnData,
+    *,
+    obsm_key: str | None = None,
+    layer: str | None = None,
+    obsm_arg: str = "obsm_key",
+):
     """The matrix behind a representation: ``obsm[obsm_key]``, ``layers[layer]`` or ``X``."""
-    check_rep_key(adata, obsm_key=obsm_key, layer=layer)
+    check_rep_key(adata, obsm_key=obsm_key, layer=layer, obsm_arg=obsm_arg)
     if obsm_key is not None:
         m = adata.obsm[obsm_key]
         return m.to_numpy() if isinstance(m, pd.DataFrame) else m

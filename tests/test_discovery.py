@@ -313,3 +313,30 @@ def test_unknown_linkage_raises():
     sim = simulate_tree(depth=1, n_per_class=20, seed=0)
     with pytest.raises(ValueError, match="linkage"):
         discover_hierarchy(sim.x, sim.labels, sim.classes, VPSDE(), linkage="complete")
+
+
+def test_branch_hierarchy_bad_input():
+    import scbranch as sb
+
+    adata = simulate_tree(depth=2, n_per_class=20, dim=4, seed=0).to_anndata()
+    with pytest.raises(KeyError, match="groupby='celltype'.*Available columns"):
+        sb.tl.branch_hierarchy(adata, groupby="celltype", use_rep="X_latent")
+    with pytest.raises(KeyError, match="use_rep='X_pca'"):
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_pca")
+    with pytest.raises(KeyError, match="layer='counts'"):
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", layer="counts")
+    adata.obsm["X_latent"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"adata.obsm\['X_latent'\] contains 1 NaN"):
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
+    assert "scbranch_hierarchy" not in adata.uns  # nothing written on failure
+
+
+def test_branch_hierarchy_copy_leaves_input_untouched():
+    import scbranch as sb
+
+    adata = simulate_tree(depth=2, n_per_class=20, dim=4, seed=0).to_anndata()
+    out = sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", copy=True)
+    assert "scbranch_hierarchy" not in adata.uns
+    record = out.uns["scbranch_hierarchy"]
+    assert record["params"]["groupby"] == "cell_type" and record["params"]["linkage"] == "average"
+    assert record["intra"].shape == (4, 200) and record["inter"].shape == (4, 4, 200)

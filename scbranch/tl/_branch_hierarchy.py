@@ -184,7 +184,7 @@ def branch_hierarchy(
     start = time.perf_counter()
     adata = adata.copy() if copy else adata
     check_obs_key(adata, groupby, "groupby")
-    matrix = get_matrix(adata, obsm_key=use_rep, layer=layer)
+    matrix = get_matrix(adata, obsm_key=use_rep, layer=layer, obsm_arg="use_rep")
     where = (
         f"adata.obsm[{use_rep!r}]"
         if use_rep
