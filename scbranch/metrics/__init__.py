@@ -1,5 +1,20 @@
-"""Metrics of generated cells against real cells."""
+"""Metrics of generated cells against real cells (the building blocks of ``tl.evaluate``)."""
 
+from ._classifier import classifier_auroc
+from ._distances import MMD_BANDWIDTHS, median_bandwidth, mmd_rbf, wasserstein2
+from ._genes import gene_moment_spearman, zero_fraction, zero_fraction_error
 from ._quality import centroid_spread, label_fidelity, quality_report
 
-__all__ = ["centroid_spread", "label_fidelity", "quality_report"]
+__all__ = [
+    "MMD_BANDWIDTHS",
+    "centroid_spread",
+    "classifier_auroc",
+    "gene_moment_spearman",
+    "label_fidelity",
+    "median_bandwidth",
+    "mmd_rbf",
+    "quality_report",
+    "wasserstein2",
+    "zero_fraction",
+    "zero_fraction_error",
+]

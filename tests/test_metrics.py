@@ -1,0 +1,121 @@
+"""Known answers for the distance, classifier and gene-level metrics."""
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+
+import scbranch as sb
+from scbranch.metrics import (
+    classifier_auroc,
+    gene_moment_spearman,
+    median_bandwidth,
+    mmd_rbf,
+    wasserstein2,
+    zero_fraction,
+    zero_fraction_error,
+)
+
+
+def test_w2_matches_hand_computed_values():
+    # two points moved up by 1: the optimal plan is vertical, cost 1
+    assert wasserstein2([[0.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]) == pytest.approx(1.0)
+    # 1-d: the optimal plan matches sorted values: (0->2, 1->2, 3->5) costs 4, 1, 4
+    x, y = np.array([[3.0], [0.0], [1.0]]), np.array([[2.0], [5.0], [2.0]])
+    assert wasserstein2(x, y) == pytest.approx(np.sqrt(3.0))
+    # unequal sizes with uniform weights: half the mass moves 1, half moves 1
+    assert wasserstein2([[0.0], [2.0]], [[1.0]]) == pytest.approx(1.0)
+    # a crossing plan would cost more: ((0,0)->(2,0), (2,0)->(0,0)) = 4 vs 0
+    assert wasserstein2([[0.0, 0.0], [2.0, 0.0]], [[2.0, 0.0], [0.0, 0.0]]) == pytest.approx(0.0)
+
+
+def test_w2_of_a_translated_cloud_is_the_shift():
+    x = np.random.default_rng(0).normal(size=(150, 5))
+    shift = np.array([3.0, -1.0, 0.0, 2.0, 0.5])
+    assert wasserstein2(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert wasserstein2(x, x + shift) == pytest.approx(np.linalg.norm(shift), rel=1e-6)
+
+
+def test_mmd_known_value_and_identity():
+    # one point each, sigma = 1: k(x,x) = k(y,y) = 1, k(x,y) = exp(-1/2)
+    assert mmd_rbf([[0.0]], [[1.0]], bandwidths=[1.0]) == pytest.approx(2 - 2 * np.exp(-0.5))
+    # the default sums the five kernels of EVALUATION.md
+    expected = sum(2 - 2 * np.exp(-1 / (2 * s * s)) for s in (0.01, 0.1, 1, 10, 100))
+    assert mmd_rbf([[0.0]], [[1.0]]) == pytest.approx(expected)
+    x = np.random.default_rng(1).normal(size=(80, 4))
+    assert mmd_rbf(x, x) == 0.0
+    assert mmd_rbf(x, x.copy(), bandwidths="median") == 0.0
+    assert median_bandwidth([[0.0], [1.0]], [[3.0]]) == pytest.approx(2.0)
+
+
+def test_mmd_separates_distributions_it_should():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(200, 5)), rng.normal(size=(200, 5))
+    far = rng.normal(size=(200, 5)) + 2.0
+    for bw in ("median", [1.0, 10.0]):
+        same, diff = mmd_rbf(a, b, bandwidths=bw), mmd_rbf(a, far, bandwidths=bw)
+        assert same < 0.05 < diff
+        assert diff > 10 * same
+
+
+def test_auroc_identical_and_same_distribution_is_one_half():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 10))
+    # exact copies land in the same fold: no anti-learning artefact (it gave ~0.02)
+    assert classifier_auroc(x, x.copy()) == pytest.approx(0.5, abs=1e-9)
+    assert classifier_auroc(x, x.copy(), n_folds=None) == pytest.approx(0.5, abs=1e-9)
+    y = rng.normal(size=(200, 10))
+    assert abs(classifier_auroc(x, y, seed=0) - 0.5) < 0.1
+    assert classifier_auroc(x, y + 3.0) > 0.99
+    with pytest.raises(ValueError, match="at least 4 cells"):
+        classifier_auroc(x[:3], y)
+
+
+@pytest.fixture(scope="module")
+def pbmc_pcs():
+    adata = sb.datasets.pbmc68k()
+    pcs = PCA(30, random_state=0).fit_transform(adata.X.toarray())
+    return pcs, adata.obs["cell_type"].astype(str).to_numpy()
+
+
+def test_two_real_classes_are_told_apart(pbmc_pcs):
+    """Monocytes vs B cells: AUROC near 1 and a W2 far above the within-class control."""
+    pcs, labels = pbmc_pcs
+    rng = np.random.default_rng(0)
+    mono = rng.permutation(pcs[labels == "CD14+ Monocyte"])
+    bcell = rng.permutation(pcs[labels == "CD19+ B"])
+    n = min(len(mono), len(bcell)) // 2
+    assert classifier_auroc(mono[:n], bcell[:n]) > 0.97
+    within = wasserstein2(mono[:n], mono[n : 2 * n])
+    between = wasserstein2(mono[:n], bcell[:n])
+    assert between > 1.5 * within
+    assert mmd_rbf(mono[:n], bcell[:n], bandwidths="median") > 5 * mmd_rbf(
+        mono[:n], mono[n : 2 * n], bandwidths="median"
+    )
+
+
+def test_gene_level_metrics():
+    rng = np.random.default_rng(4)
+    scale = np.linspace(0.1, 3, 30)
+    x, y = rng.gamma(scale, size=(400, 30)), rng.gamma(scale, size=(400, 30))
+    rho_mean, rho_var = gene_moment_spearman(x, y)
+    assert rho_mean > 0.95 and rho_var > 0.9
+    rho_rev, _ = gene_moment_spearman(x, rng.gamma(scale[::-1], size=(400, 30)))
+    assert rho_rev < -0.9
+    import scipy.sparse as sp
+
+    assert gene_moment_spearman(sp.csr_matrix(x), y) == pytest.approx((rho_mean, rho_var))
+    counts = np.array([[0, 1, 2], [0, 0, 3]])
+    np.testing.assert_allclose(zero_fraction(counts), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(zero_fraction(sp.csr_matrix(counts)), [1.0, 0.5, 0.0])
+    assert zero_fraction_error(counts, np.array([[1, 1, 0], [0, 1, 3]])) == pytest.approx(
+        (0.5 + 0.5 + 0.5) / 3
+    )
+
+
+def test_metrics_reject_bad_shapes():
+    with pytest.raises(ValueError, match="different numbers of features"):
+        wasserstein2(np.zeros((3, 2)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="non-empty 2-d"):
+        mmd_rbf(np.zeros((0, 2)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="'median'"):
+        mmd_rbf(np.zeros((3, 2)), np.zeros((3, 2)), bandwidths="mean")
