@@ -1,0 +1,550 @@
+"""``scbranch.tl.evaluate``: generated cells against held-out real cells, with a real control.
+
+The protocol of EVALUATION.md. Every metric compares generated cells of a class with real
+cells of that class, and the same metric is computed in the same call between two disjoint
+halves A and B of the real cells (the real-vs-real control, the floor no model can beat):
+
+* per class, real cells are split into halves A and B (seeded); ``m = min(|A|, |B|,
+  n_generated, max_cells)`` cells are drawn from each of A, B and the generated cells, so the
+  generated comparison (generated vs B) and the control (A vs B) use the same sizes and the same
+  real reference;
+* distributions are compared in a reference PCA of log-normalised expression fitted on ALL
+  real cells (``real`` plus ``train``), never on one split, and optionally in a latent space;
+* label fidelity uses a classifier trained on the real training cells (or on the A halves).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._validation import check_finite, check_obs_key, to_dense
+from ..metrics._classifier import classifier_auroc
+from ..metrics._distances import mmd_rbf, wasserstein2
+from ..metrics._genes import gene_moment_spearman, zero_fraction_error
+from ..metrics._quality import _classifier
+
+logger = logging.getLogger(__name__)
+
+#: metric -> which value is better ("lower" or "higher"), in the order reports list them
+METRICS: dict[str, str] = {
+    "w2": "lower",
+    "mmd": "lower",
+    "mmd_median": "lower",
+    "auroc": "lower",
+    "dispersion": "closer to 1",
+    "label_fidelity": "higher",
+    "gene_mean_spearman": "higher",
+    "gene_var_spearman": "higher",
+    "zero_fraction_error": "lower",
+}
+_DISTRIBUTION = ("w2", "mmd", "mmd_median", "auroc", "dispersion")
+_GENES = ("gene_mean_spearman", "gene_var_spearman")
+REFERENCE_SPACE = "reference_pca"
+COLUMNS = ["space", "group", "metric", "generated", "control", "ratio", "better", "n_cells"]
+
+
+@dataclass
+class _Halves:
+    """Positions of one class's cells: real halves A and B, and the generated cells used."""
+
+    a: np.ndarray
+    b: np.ndarray
+    generated: np.ndarray
+
+    @property
+    def m(self) -> int:
+        return len(self.generated)
+
+
+def _class_rng(seed: int, group: str) -> np.random.Generator:
+    # seeded per class by name: adding or dropping a class does not reshuffle the others
+    return np.random.default_rng([seed, zlib.crc32(group.encode())])
+
+
+def _split_halves(
+    real_pos: np.ndarray, gen_pos: np.ndarray, group: str, max_cells: int, seed: int
+) -> _Halves:
+    rng = _class_rng(seed, group)
+    real_pos = rng.permutation(real_pos)
+    half = len(real_pos) // 2
+    a, b = real_pos[:half], real_pos[half : 2 * half]
+    m = min(half, len(gen_pos), max_cells)
+    return _Halves(
+        a=np.sort(a[:m]), b=np.sort(b[:m]), generated=np.sort(rng.permutation(gen_pos)[:m])
+    )
+
+
+def _expression(adata: AnnData, layer: str | None, name: str):
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(
+            f"layer={layer!r} is not in {name}.layers (available: {list(adata.layers.keys())})."
+        )
+    m = adata.layers[layer] if layer is not None else adata.X
+    if m is None:
+        raise ValueError(f"{name} has no expression matrix (.X is None); pass `layer`.")
+    check_finite(m, f"{name}.{'layers[' + repr(layer) + ']' if layer else 'X'}")
+    return m
+
+
+def _looks_like_counts(m, n_rows: int = 500) -> bool:
+    """Integer-valued with a maximum above any log-normalised value (log1p(1e4) ~ 9.2)."""
+    rows = m[: min(n_rows, m.shape[0])]
+    values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
+    return (
+        bool(values.size) and float(values.max()) > 20 and bool(np.all(values == np.round(values)))
+    )
+
+
+def _gene_positions(generated: AnnData, other: AnnData, name: str) -> np.ndarray:
+    """Columns of ``other`` holding the generated genes, in the generated order."""
+    index = pd.Index(other.var_names)
+    pos = index.get_indexer(generated.var_names)
+    missing = generated.var_names[pos < 0]
+    if len(missing):
+        raise ValueError(
+            f"{len(missing)} of {generated.n_vars} generated genes are not in {name}.var_names "
+            f"(e.g. {list(missing[:5])}). Evaluate on the genes the model generates: pass real "
+            "cells with the same genes (e.g. the AnnData the model was trained on, or "
+            "`real[:, generated.var_names]`)."
+        )
+    if not index.is_unique:
+        raise ValueError(f"{name}.var_names are not unique; run `{name}.var_names_make_unique()`.")
+    return pos
+
+
+def _reference_pca(matrices: list, n_comps: int, seed: int):
+    """PCA fitted on the stacked real matrices; returns a projection function."""
+    from sklearn.decomposition import PCA
+
+    stacked = np.vstack([to_dense(m) for m in matrices])
+    n_comps = int(min(n_comps, stacked.shape[0] - 1, stacked.shape[1]))
+    pca = PCA(n_components=n_comps, random_state=seed).fit(stacked)
+    return lambda m: pca.transform(to_dense(m)), pca
+
+
+def _spread(x: np.ndarray) -> float:
+    """Mean Euclidean distance of cells to their centroid."""
+    return float(np.linalg.norm(x - x.mean(0), axis=1).mean())
+
+
+def _distribution_metrics(
+    gen: np.ndarray, a: np.ndarray, b: np.ndarray, metrics: Sequence[str], seed: int
+) -> dict[str, tuple[float, float]]:
+    fns = {
+        "w2": wasserstein2,
+        "mmd": mmd_rbf,
+        "mmd_median": lambda x, y: mmd_rbf(x, y, bandwidths="median"),
+        "auroc": lambda x, y: classifier_auroc(x, y, seed=seed),
+        "dispersion": lambda x, y: _spread(x) / _spread(y),
+    }
+    return {k: (fns[k](gen, b), fns[k](a, b)) for k in _DISTRIBUTION if k in metrics}
+
+
+def _row(space, group, metric, generated, control, n):
+    ratio = generated / control if np.isfinite(control) and control != 0 else np.nan
+    return {
+        "space": space,
+        "group": group,
+        "metric": metric,
+        "generated": float(generated),
+        "control": float(control),
+        "ratio": float(ratio),
+        "better": METRICS[metric],
+        "n_cells": int(n),
+    }
+
+
+def _ordered(table: pd.DataFrame, groups: Sequence[str]) -> pd.DataFrame:
+    """Rows by space (as computed), metric (as in METRICS), then class (as requested)."""
+    keys = {
+        "space": {s: i for i, s in enumerate(pd.unique(table["space"]))},
+        "metric": {m: i for i, m in enumerate(METRICS)},
+        "group": {g: i for i, g in enumerate(groups)},
+    }
+    return table.sort_values(
+        ["space", "metric", "group"], key=lambda col: col.map(keys[col.name]), kind="stable"
+    ).reset_index(drop=True)
+
+
+def _mean_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (space, metric): the mean over classes with finite values (EVALUATION.md)."""
+    rows = []
+    for (space, metric), df in table.groupby(["space", "metric"], sort=False):
+        ok = df[np.isfinite(df["generated"]) & np.isfinite(df["control"])]
+        if len(ok):
+            rows.append(
+                _row(space, "mean", metric, ok["generated"].mean(), ok["control"].mean(), len(ok))
+            )
+            rows[-1]["n_cells"] = int(ok["n_cells"].sum())
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def evaluate(
+    generated: AnnData,
+    real: AnnData,
+    labels_key: str,
+    *,
+    train: AnnData | None = None,
+    groups: Sequence[str] | None = None,
+    layer: str | None = None,
+    counts_layer: str | None = "counts",
+    use_rep: str | None = None,
+    reference_pca: bool = True,
+    n_comps: int = 30,
+    metrics: Sequence[str] | None = None,
+    fidelity_classifier: str = "knn",
+    min_cells: int = 10,
+    max_cells: int = 500,
+    seed: int = 0,
+    key_added: str | None = None,
+) -> pd.DataFrame:
+    """Judge generated cells against held-out real cells, with a real-vs-real control.
+
+    For every class (and their mean) each metric is computed twice in the same call: generated
+    cells vs real half B, and real half A vs real half B (the control; disjoint halves of
+    ``real``, equal sizes, seeded). Distributions are compared in a PCA of log-normalised
+    expression fitted on all real cells (``real`` and ``train``), as EVALUATION.md prescribes,
+    and optionally in a latent space (``use_rep``).
+
+    Metrics (``better`` says which direction is better):
+
+    * ``w2``: exact 2-Wasserstein distance (POT ``emd2``, squared-Euclidean cost).
+    * ``mmd``: biased RBF-MMD^2 summed over bandwidths 0.01, 0.1, 1, 10, 100.
+    * ``mmd_median``: the same with one bandwidth at the median pairwise distance.
+    * ``auroc``: held-out AUROC of a random forest telling the two sets apart (0.5 = cannot;
+      out-of-fold, 5 folds, see :func:`~scbranch.metrics.classifier_auroc`).
+    * ``dispersion``: mean distance to the class centroid relative to real half B's (1 is
+      right; below 1, too-typical cells, which W2 and MMD can reward: a generated value of W2
+      below its control usually comes with a dispersion below 1).
+    * ``label_fidelity``: fraction of generated cells a real-data classifier assigns to the
+      requested class; control: the same on real cells the classifier did not see.
+    * ``gene_mean_spearman``, ``gene_var_spearman``: rank correlation of per-gene means and
+      variances (log-normalised expression).
+    * ``zero_fraction_error``: mean over genes of |zero fraction difference|, on
+      ``counts_layer`` when both objects have it.
+
+    Parameters
+    ----------
+    generated
+        Generated cells (e.g. from :meth:`~scbranch.BranchedDiffusion.generate`), with
+        log-normalised expression in ``.X`` (or ``layer``) and the class in ``obs[labels_key]``.
+    real
+        Real cells the model never saw (held out), with the generated genes.
+    labels_key
+        Column of ``obs`` with the cell types, in ``generated``, ``real`` (and ``train``).
+    train
+        Real cells the model was trained on. When given, the reference PCA is fitted on
+        ``real`` and ``train`` together and the label-fidelity classifier is trained on
+        ``train``; otherwise the PCA uses ``real`` and the classifier the A halves.
+    groups
+        Classes to evaluate; default: every class with generated cells.
+    layer
+        Layer of log-normalised expression (CP10k + log1p) in all objects; default ``.X``.
+    counts_layer
+        Layer with counts for ``zero_fraction_error``; skipped when an object lacks it.
+    use_rep
+        Also compare in this ``.obsm`` representation (e.g. the model's latent space).
+    reference_pca
+        Compare in the reference PCA of expression (needs generated genes).
+    n_comps
+        Components of the reference PCA.
+    metrics
+        Subset of the metrics above; default all.
+    fidelity_classifier
+        ``"knn"`` (15 neighbours) or ``"logreg"``.
+    min_cells
+        Classes whose halves would hold fewer cells get only ``label_fidelity`` (a warning
+        names them): distances between a handful of cells are noise.
+    max_cells
+        At most this many cells per side and class (W2 and the forest grow superlinearly).
+    seed
+        Seed of the halves, subsampling, PCA and classifiers.
+    key_added
+        If given, store an h5ad-safe copy of the table and the parameters in
+        ``generated.uns[key_added]`` (read it back with :func:`read_evaluation`).
+
+    Returns
+    -------
+    Tidy DataFrame with one row per (space, group, metric): ``generated``, ``control``,
+    ``ratio`` (generated / control), ``better`` and ``n_cells`` (cells per side), with
+    ``group == "mean"`` rows averaging the classes.
+
+    Examples
+    --------
+    >>> import scbranch as sb
+    >>> report = sb.tl.evaluate(gen, heldout, "cell_type", train=train)  # doctest: +SKIP
+    >>> report.query("group == 'mean'")  # doctest: +SKIP
+    >>> sb.pl.evaluation(report)  # doctest: +SKIP
+    """
+    metrics = list(METRICS) if metrics is None else list(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(METRICS)}.")
+    if min_cells < 2:
+        raise ValueError(f"min_cells must be at least 2, got {min_cells}.")
+    named = {"generated": generated, "real": real} | ({"train": train} if train is not None else {})
+    for name, data in named.items():
+        if not isinstance(data, AnnData):
+            raise TypeError(f"`{name}` must be an AnnData, got {type(data).__name__}.")
+        check_obs_key(data, labels_key)
+    if generated.n_obs == 0:
+        raise ValueError("`generated` holds no cells.")
+    gen_labels = generated.obs[labels_key].astype(str).to_numpy()
+    real_labels = real.obs[labels_key].astype(str).to_numpy()
+    groups = _resolve_groups(groups, gen_labels, real_labels, labels_key)
+
+    expr = _expressions(generated, real, train, layer) if generated.n_vars else None
+    spaces = _spaces(generated, real, train, expr, use_rep, reference_pca, n_comps, seed)
+    halves = {
+        g: _split_halves(
+            np.flatnonzero(real_labels == g), np.flatnonzero(gen_labels == g), g, max_cells, seed
+        )
+        for g in groups
+    }
+    small = [f"{g!r} ({h.m} per side)" for g, h in halves.items() if h.m < min_cells]
+    if small:
+        logger.warning(
+            "Too few cells for distances in %s (min_cells=%d per side: half the real cells and "
+            "the generated ones); only label fidelity is reported for them.",
+            ", ".join(small),
+            min_cells,
+        )
+
+    rows: list[dict] = []
+    for space, coords in spaces.items():
+        gen_x, real_x, train_x = coords
+        for g in groups:
+            h = halves[g]
+            if h.m >= min_cells:
+                values = _distribution_metrics(
+                    gen_x[h.generated], real_x[h.a], real_x[h.b], metrics, seed
+                )
+                rows += [_row(space, g, k, v[0], v[1], h.m) for k, v in values.items()]
+        if "label_fidelity" in metrics:
+            rows += _fidelity_rows(
+                space,
+                coords,
+                gen_labels,
+                real_labels,
+                train,
+                labels_key,
+                groups,
+                halves,
+                fidelity_classifier,
+                seed,
+            )
+    if expr is not None and any(m in metrics for m in (*_GENES, "zero_fraction_error")):
+        rows += _gene_rows(generated, real, expr, counts_layer, groups, halves, metrics, min_cells)
+
+    table = _ordered(pd.DataFrame(rows, columns=COLUMNS), groups)
+    table = pd.concat([table, _mean_rows(table)], ignore_index=True)
+    if key_added is not None:
+        generated.uns[key_added] = _uns_record(
+            table,
+            params={
+                "labels_key": labels_key,
+                "layer": layer or "",
+                "counts_layer": counts_layer or "",
+                "use_rep": use_rep or "",
+                "reference_pca": bool(reference_pca),
+                "n_comps": int(n_comps),
+                "fidelity_classifier": fidelity_classifier,
+                "min_cells": int(min_cells),
+                "max_cells": int(max_cells),
+                "seed": int(seed),
+                "with_train": train is not None,
+            },
+        )
+    return table
+
+
+def _resolve_groups(groups, gen_labels, real_labels, labels_key) -> list[str]:
+    present_gen = list(pd.unique(gen_labels))
+    present_real = set(real_labels)
+    if groups is None:
+        groups = present_gen
+    else:
+        groups = [str(g) for g in groups]
+        empty = [g for g in groups if g not in set(present_gen)]
+        if empty:
+            raise ValueError(
+                f"Class(es) {empty} have no generated cells in generated.obs[{labels_key!r}]. "
+                f"Generate them first or drop them from `groups` (generated: {present_gen})."
+            )
+    no_real = [g for g in groups if g not in present_real]
+    if no_real:
+        raise ValueError(
+            f"Class(es) {no_real} have generated cells but no real cells in "
+            f"real.obs[{labels_key!r}], so there is nothing to compare with. Pass held-out cells "
+            "of every generated class, or restrict with `groups=[...]`."
+        )
+    too_few = [g for g in groups if (real_labels == g).sum() < 2]
+    if too_few:
+        raise ValueError(
+            f"Class(es) {too_few} have fewer than 2 real cells: no real-vs-real control is "
+            "possible. Hold out more cells of them or leave them out with `groups=[...]`."
+        )
+    return groups
+
+
+def _expressions(generated, real, train, layer) -> dict:
+    """Expression of the generated genes in every object (real ones reordered to match)."""
+    expr = {"generated": _expression(generated, layer, "generated")}
+    for name, data in (("real", real), ("train", train)):
+        if data is not None:
+            expr[name] = _expression(data, layer, name)[:, _gene_positions(generated, data, name)]
+    gen_counts, real_counts = (
+        _looks_like_counts(expr["generated"]),
+        _looks_like_counts(expr["real"]),
+    )
+    if gen_counts != real_counts:
+        which = "real" if real_counts else "generated"
+        raise ValueError(
+            f"The {which} expression looks like raw counts while the other does not: evaluate "
+            "compares log-normalised expression. Normalise with "
+            "`sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)` or pass the "
+            "`layer` that holds it."
+        )
+    return expr
+
+
+def _spaces(generated, real, train, expr, use_rep, reference_pca, n_comps, seed) -> dict:
+    """Coordinates ``(generated, real, train or None)`` per comparison space."""
+    spaces: dict[str, tuple] = {}
+    if reference_pca:
+        if expr is None:
+            raise ValueError(
+                "`generated` carries no genes, so there is no expression to compare; pass "
+                "`use_rep=` (a latent space present in both) and `reference_pca=False`."
+            )
+        # fitted on ALL real cells: a PCA of one split makes real-vs-real look separable
+        project, _ = _reference_pca(
+            [expr["real"]] + ([expr["train"]] if train is not None else []), n_comps, seed
+        )
+        spaces[REFERENCE_SPACE] = (
+            project(expr["generated"]),
+            project(expr["real"]),
+            project(expr["train"]) if train is not None else None,
+        )
+    if use_rep is not None:
+        named = {"generated": generated, "real": real} | (
+            {"train": train} if train is not None else {}
+        )
+        for name, data in named.items():
+            if use_rep not in data.obsm:
+                raise KeyError(
+                    f"use_rep={use_rep!r} is not in {name}.obsm (available: "
+                    f"{list(data.obsm.keys())})."
+                )
+            check_finite(np.asarray(data.obsm[use_rep]), f"{name}.obsm[{use_rep!r}]")
+        dims = {name: np.asarray(d.obsm[use_rep]).shape[1] for name, d in named.items()}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"obsm[{use_rep!r}] has different widths: {dims}.")
+        spaces[use_rep] = (
+            np.asarray(generated.obsm[use_rep], dtype=np.float64),
+            np.asarray(real.obsm[use_rep], dtype=np.float64),
+            np.asarray(train.obsm[use_rep], dtype=np.float64) if train is not None else None,
+        )
+    if not spaces:
+        raise ValueError("Nothing to compare: set `reference_pca=True` or pass `use_rep`.")
+    return spaces
+
+
+def _fidelity_rows(
+    space, coords, gen_labels, real_labels, train, labels_key, groups, halves, kind, seed
+) -> list[dict]:
+    """Label fidelity: a classifier of real cells, scored on generated and unseen real cells."""
+    gen_x, real_x, train_x = coords
+    if train is not None:
+        fit_x, fit_y = train_x, train.obs[labels_key].astype(str).to_numpy()
+        control_pos = {g: np.flatnonzero(real_labels == g) for g in groups}
+    else:  # train on the A halves of every class, score the control on the B halves
+        fit_pos = np.concatenate([h.a for h in halves.values()])
+        fit_x, fit_y = real_x[fit_pos], real_labels[fit_pos]
+        control_pos = {g: h.b for g, h in halves.items()}
+    clf = _classifier(kind, seed).fit(fit_x, fit_y)
+    rows = []
+    for g in groups:
+        gen_pos = np.flatnonzero(gen_labels == g)
+        if not len(control_pos[g]):
+            continue
+        generated = float(np.mean(clf.predict(gen_x[gen_pos]) == g))
+        control = float(np.mean(clf.predict(real_x[control_pos[g]]) == g))
+        rows.append(_row(space, g, "label_fidelity", generated, control, len(gen_pos)))
+    return rows
+
+
+def _gene_rows(
+    generated, real, expr, counts_layer, groups, halves, metrics, min_cells
+) -> list[dict]:
+    """Gene-level agreement per class (generated vs B, control A vs B)."""
+    gen_expr, real_expr = expr["generated"], expr["real"]
+    use_counts = (
+        "zero_fraction_error" in metrics
+        and counts_layer is not None
+        and counts_layer in generated.layers
+        and counts_layer in real.layers
+    )
+    if "zero_fraction_error" in metrics and not use_counts:
+        logger.info(
+            "No counts layer %r in both objects: zero fractions are not evaluated.", counts_layer
+        )
+    if use_counts:
+        gen_counts = generated.layers[counts_layer]
+        real_counts = real.layers[counts_layer][:, _gene_positions(generated, real, "real")]
+    rows = []
+    for g in groups:
+        h = halves[g]
+        if h.m < min_cells:
+            continue
+        gen_rho = gene_moment_spearman(gen_expr[h.generated], real_expr[h.b])
+        ctrl_rho = gene_moment_spearman(real_expr[h.a], real_expr[h.b])
+        for i, name in enumerate(_GENES):
+            if name in metrics:
+                rows.append(_row("genes", g, name, gen_rho[i], ctrl_rho[i], h.m))
+        if use_counts:
+            rows.append(
+                _row(
+                    "counts",
+                    g,
+                    "zero_fraction_error",
+                    zero_fraction_error(gen_counts[h.generated], real_counts[h.b]),
+                    zero_fraction_error(real_counts[h.a], real_counts[h.b]),
+                    h.m,
+                )
+            )
+    return rows
+
+
+def _uns_record(table: pd.DataFrame, params: dict) -> dict:
+    """h5ad-safe copy: one array per column (strings as str, numbers as float/int)."""
+    columns = {
+        c: (table[c].astype(str).to_numpy() if table[c].dtype == object else table[c].to_numpy())
+        for c in COLUMNS
+    }
+    return {"params": params, "table": columns}
+
+
+def read_evaluation(adata: AnnData, key: str = "scbranch_evaluation") -> pd.DataFrame:
+    """The table :func:`evaluate` stored with ``key_added=key``, as a DataFrame.
+
+    Examples
+    --------
+    >>> sb.tl.evaluate(gen, heldout, "cell_type", key_added="scbranch_evaluation")  # doctest: +SKIP
+    >>> sb.tl.read_evaluation(gen).head()  # doctest: +SKIP
+    """
+    record = adata.uns.get(key)
+    if not isinstance(record, dict) or "table" not in record:
+        raise KeyError(
+            f"No evaluation in adata.uns[{key!r}]; run `scbranch.tl.evaluate(..., "
+            f"key_added={key!r})` first."
+        )
+    return pd.DataFrame({c: np.asarray(record["table"][c]) for c in COLUMNS})

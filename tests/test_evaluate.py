@@ -1,0 +1,174 @@
+"""tl.evaluate: the protocol (controls, equal sizes, seeds), storage, and bad input."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+import scbranch as sb
+from scbranch.tl._evaluate import COLUMNS, METRICS
+
+CLASSES = ["alpha", "beta", "gamma"]
+N_GENES = 60
+
+
+def _cells(n_per_class: int, seed: int, profile_seed: int = 0) -> ad.AnnData:
+    """Poisson counts around class-specific gene profiles, log-normalised like real data."""
+    profiles = np.random.default_rng(profile_seed).lognormal(0.0, 1.0, size=(len(CLASSES), N_GENES))
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(CLASSES, n_per_class)
+    size = rng.lognormal(0.0, 0.3, size=len(labels))[:, None]
+    counts = rng.poisson(profiles[np.repeat(np.arange(len(CLASSES)), n_per_class)] * size * 3)
+    adata = ad.AnnData(
+        X=sp.csr_matrix(counts.astype(np.float32)),
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical(labels)},
+            index=[f"c{seed}_{i}" for i in range(len(labels))],
+        ),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(N_GENES)]),
+    )
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {
+        "train": _cells(80, seed=1),
+        "held": _cells(60, seed=2),
+        "good": _cells(60, seed=3),  # a perfect generator: fresh cells of the same distribution
+    }
+
+
+def _bad(good: ad.AnnData) -> ad.AnnData:
+    """Every class generated as another one."""
+    bad = good.copy()
+    shifted = {c: CLASSES[(i + 1) % len(CLASSES)] for i, c in enumerate(CLASSES)}
+    bad.obs["cell_type"] = pd.Categorical(bad.obs["cell_type"].astype(str).map(shifted))
+    return bad
+
+
+def _mean(report, metric, space="reference_pca"):
+    row = report[(report.group == "mean") & (report.metric == metric) & (report.space == space)]
+    assert len(row) == 1
+    return row.iloc[0]
+
+
+def test_perfect_generator_matches_its_control(data):
+    report = sb.tl.evaluate(data["good"], data["held"], "cell_type", train=data["train"])
+    assert list(report.columns) == COLUMNS
+    assert set(report.metric) == set(METRICS)
+    assert set(report.group) == set(CLASSES) | {"mean"}
+    auroc = _mean(report, "auroc")
+    assert abs(auroc["generated"] - 0.5) < 0.12 and abs(auroc["control"] - 0.5) < 0.12
+    for metric in ("w2", "mmd_median", "dispersion"):
+        assert 0.8 < _mean(report, metric)["ratio"] < 1.25, metric
+    assert _mean(report, "label_fidelity")["generated"] > 0.95
+    assert _mean(report, "gene_mean_spearman", "genes")["generated"] > 0.9
+    assert _mean(report, "zero_fraction_error", "counts")["ratio"] < 1.5
+    # equal sizes: 30 held-out cells per half, 30 generated cells drawn to match
+    per_class = report[(report.group != "mean") & (report.metric == "w2")]
+    assert (per_class["n_cells"] == 30).all()
+
+
+def test_wrong_classes_are_caught(data):
+    report = sb.tl.evaluate(_bad(data["good"]), data["held"], "cell_type", train=data["train"])
+    assert _mean(report, "auroc")["generated"] > 0.95
+    assert _mean(report, "w2")["ratio"] > 1.5
+    assert _mean(report, "label_fidelity")["generated"] < 0.05
+    assert _mean(report, "gene_mean_spearman", "genes")["ratio"] < 0.95
+
+
+def test_seeded_and_stored_h5ad_safe(data, tmp_path):
+    gen = data["good"].copy()
+    first = sb.tl.evaluate(gen, data["held"], "cell_type", seed=3, key_added="scbranch_evaluation")
+    again = sb.tl.evaluate(data["good"], data["held"], "cell_type", seed=3)
+    pd.testing.assert_frame_equal(first, again)
+    other = sb.tl.evaluate(data["good"], data["held"], "cell_type", seed=4, metrics=["w2"])
+    assert not np.allclose(first.query("metric == 'w2'")["generated"], other["generated"])
+    gen.write_h5ad(tmp_path / "gen.h5ad")
+    back = sb.tl.read_evaluation(ad.read_h5ad(tmp_path / "gen.h5ad"))
+    pd.testing.assert_frame_equal(back, first, check_dtype=False)
+    params = gen.uns["scbranch_evaluation"]["params"]
+    assert params["seed"] == 3 and params["with_train"] is False
+
+
+def test_inputs_are_not_modified(data):
+    snapshots = {k: (v.copy(), dict(v.uns)) for k, v in data.items()}
+    sb.tl.evaluate(data["good"], data["held"], "cell_type", train=data["train"])
+    for k, (before, uns) in snapshots.items():
+        after = data[k]
+        assert (after.X != before.X).nnz == 0
+        pd.testing.assert_frame_equal(after.obs, before.obs)
+        assert dict(after.uns).keys() == uns.keys()
+
+
+def test_latent_space_and_subsets(data):
+    gen, held, train = data["good"].copy(), data["held"].copy(), data["train"].copy()
+    for a in (gen, held, train):
+        a.obsm["X_latent"] = np.log1p(a.layers["counts"].toarray()[:, :5])
+    report = sb.tl.evaluate(
+        gen,
+        held,
+        "cell_type",
+        train=train,
+        use_rep="X_latent",
+        reference_pca=False,
+        metrics=["w2", "label_fidelity"],
+        groups=["beta"],
+    )
+    assert set(report.space) == {"X_latent"}
+    assert set(report.metric) == {"w2", "label_fidelity"}
+    assert set(report.group) == {"beta", "mean"}
+
+
+def test_small_classes_get_fidelity_only(data, caplog):
+    held = data["held"]
+    keep = np.r_[
+        np.flatnonzero(held.obs.cell_type != "gamma"),
+        np.flatnonzero(held.obs.cell_type == "gamma")[:6],
+    ]
+    report = sb.tl.evaluate(data["good"], held[keep].copy(), "cell_type", train=data["train"])
+    gamma = report[report.group == "gamma"]
+    assert set(gamma.metric) == {"label_fidelity"}
+    assert "Too few cells" in caplog.text and "'gamma' (3 per side)" in caplog.text
+
+
+def test_bad_input_gives_clear_errors(data):
+    good, held = data["good"], data["held"]
+    with pytest.raises(KeyError, match="labels_key='celltype' is not a column"):
+        sb.tl.evaluate(good, held, "celltype")
+    renamed = held.copy()
+    renamed.var_names = [f"x{i}" for i in range(N_GENES)]
+    with pytest.raises(ValueError, match=r"60 of 60 generated genes are not in real.var_names"):
+        sb.tl.evaluate(good, renamed, "cell_type")
+    no_gamma = held[held.obs.cell_type != "gamma"].copy()
+    with pytest.raises(ValueError, match=r"\['gamma'\] have generated cells but no real cells"):
+        sb.tl.evaluate(good, no_gamma, "cell_type")
+    with pytest.raises(ValueError, match=r"\['delta'\] have no generated cells"):
+        sb.tl.evaluate(good, held, "cell_type", groups=["alpha", "delta"])
+    nolabel = held.copy()
+    nolabel.obs["cell_type"] = nolabel.obs["cell_type"].cat.add_categories("x")
+    nolabel.obs.iloc[0, 0] = np.nan
+    with pytest.raises(ValueError, match="missing value"):
+        sb.tl.evaluate(good, nolabel, "cell_type")
+    raw = held.copy()
+    raw.X = raw.layers["counts"].copy()
+    with pytest.raises(ValueError, match="real expression looks like raw counts"):
+        sb.tl.evaluate(good, raw, "cell_type")
+    nan = good.copy()
+    nan.X = nan.X.toarray()
+    nan.X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sb.tl.evaluate(nan, held, "cell_type")
+    with pytest.raises(ValueError, match="Unknown metric"):
+        sb.tl.evaluate(good, held, "cell_type", metrics=["fid"])
+    with pytest.raises(KeyError, match="use_rep='X_nope' is not in generated.obsm"):
+        sb.tl.evaluate(good, held, "cell_type", use_rep="X_nope")
+    empty = good[:0].copy()
+    with pytest.raises(ValueError, match="holds no cells"):
+        sb.tl.evaluate(empty, held, "cell_type")
