@@ -4,6 +4,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.collections import LineCollection, PathCollection  # noqa: E402
@@ -235,4 +236,51 @@ def test_branch_similarity_errors(adata):
 
 
 def test_public_api():
-    assert set(sb.pl.__all__) == {"branch_tree", "branch_similarity"}
+    assert set(sb.pl.__all__) == {"branch_tree", "branch_similarity", "evaluation"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    rng = np.random.default_rng(0)
+    rows = []
+    for method in ("branched", "flat"):
+        for seed in range(3):
+            for group in ("a", "b", "mean"):
+                for metric in ("w2", "auroc", "gene_mean_spearman"):
+                    space = "genes" if metric.startswith("gene") else "reference_pca"
+                    rows.append(
+                        {
+                            "space": space,
+                            "group": group,
+                            "metric": metric,
+                            "generated": rng.random(),
+                            "control": 0.5,
+                            "ratio": 1.0,
+                            "better": "lower",
+                            "n_cells": 10,
+                            "method": method,
+                            "seed": seed,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def test_evaluation_plot(report):
+    fig = sb.pl.evaluation(report, return_fig=True)
+    assert isinstance(fig, Figure)
+    panels = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title().split()[0] for a in panels] == ["w2", "auroc", "gene_mean_spearman"]
+    labels = [t.get_text() for t in panels[0].get_yticklabels()]
+    assert labels == ["a", "b", "mean"]
+    legend = [t.get_text() for t in panels[-1].get_legend().get_texts()]
+    assert legend == ["real vs real", "branched", "flat"]
+    _, ax = plt.subplots()
+    assert sb.pl.evaluation(report, metrics="w2", ax=ax, show=False) is ax
+    axes = sb.pl.evaluation(report, metrics=["w2", "auroc"], groups=["a"], show=False)
+    assert len(axes) == 2
+    with pytest.raises(ValueError, match="`ax` takes one metric"):
+        sb.pl.evaluation(report, ax=ax)
+    with pytest.raises(ValueError, match="not in the report"):
+        sb.pl.evaluation(report, metrics=["mmd"])
+    with pytest.raises(ValueError, match="lacks column"):
+        sb.pl.evaluation(report.drop(columns="control"))
