@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import (
     _logging,  # noqa: F401  (configures the "scbranch" logger)
+    baselines,
     datasets,
     metrics,
     model,
@@ -18,4 +19,14 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["BranchedDiffusion", "datasets", "metrics", "model", "module", "pl", "tl", "__version__"]
+__all__ = [
+    "BranchedDiffusion",
+    "baselines",
+    "datasets",
+    "metrics",
+    "model",
+    "module",
+    "pl",
+    "tl",
+    "__version__",
+]

@@ -1,0 +1,80 @@
+"""Baseline generators: the shared interface, known moments, counts, and bad input."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import scbranch as sb
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    return sb.datasets.pbmc68k()
+
+
+def test_gaussian_reproduces_class_moments():
+    rng = np.random.default_rng(0)
+    cov = np.array([[2.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]])
+    z = np.r_[
+        rng.multivariate_normal([0, 0, 0], cov, 3000),
+        rng.multivariate_normal([5, -2, 1], cov, 3000),
+    ]
+    adata = ad.AnnData(
+        obs=pd.DataFrame(
+            {"cell_type": np.repeat(["a", "b"], 3000)}, index=[str(i) for i in range(6000)]
+        ),
+        obsm={"X_lat": z},
+    )
+    gauss = sb.baselines.PerClassGaussian(adata, "cell_type", obsm_key="X_lat")
+    gen = gauss.generate(n_cells={"b": 20000}, seed=1)
+    assert gen.n_vars == 0 and list(gen.obs["cell_type"].cat.categories) == ["a", "b"]
+    sample = gen.obsm["X_lat"]
+    np.testing.assert_allclose(sample.mean(0), [5, -2, 1], atol=0.05)
+    np.testing.assert_allclose(np.cov(sample.T), cov, atol=0.08)
+
+
+def test_gaussian_decodes_like_the_model(pbmc):
+    gauss = sb.baselines.PerClassGaussian(pbmc, "cell_type")
+    gen = gauss.generate(n_cells=20, labels=["CD19+ B", "Dendritic"], seed=0)
+    assert gen.shape == (40, pbmc.n_vars)
+    assert list(gen.var_names) == list(pbmc.var_names)
+    assert gen.obs["scbranch_generated"].all()
+    again = gauss.generate(n_cells=20, labels=["CD19+ B", "Dendritic"], seed=0)
+    np.testing.assert_array_equal(gen.X, again.X)
+    # decoded genes project back onto the sampled PCs (same map as BranchedDiffusion)
+    decoder = gauss.decoder_
+    back = (gen.X - decoder["mean"]) @ decoder["loadings"].T
+    np.testing.assert_allclose(back, gen.obsm["X_pca"], atol=1e-3)
+
+
+def test_baseline_bad_input(pbmc):
+    gauss = sb.baselines.PerClassGaussian(pbmc, "cell_type")
+    with pytest.raises(ValueError, match="Unknown cell type"):
+        gauss.generate(n_cells={"Megakaryocyte": 5})
+    with pytest.raises(KeyError, match="obsm_key='X_umap3'"):
+        sb.baselines.PerClassGaussian(pbmc, "cell_type", obsm_key="X_umap3")
+    with pytest.raises(ValueError, match="fewer than 10 cells"):
+        sb.baselines.PerClassGaussian(pbmc, "cell_type", min_cells_per_class=10)
+    with pytest.raises(ValueError, match="raw counts"):
+        sb.baselines.ScviResampling(pbmc, "cell_type", counts_layer=None, max_epochs=1)
+    with pytest.raises(KeyError, match="counts_layer='umi'"):
+        sb.baselines.ScviResampling(pbmc, "cell_type", counts_layer="umi", max_epochs=1)
+
+
+def test_scvi_resampling_gives_counts_deterministically(pbmc):
+    small = pbmc[pbmc.obs["cell_type"].isin(["CD19+ B", "CD14+ Monocyte"])].copy()
+    before = small.copy()
+    base = sb.baselines.ScviResampling(small, "cell_type", max_epochs=3, n_hidden=32)
+    gen = base.generate(n_cells={"CD19+ B": 30, "CD14+ Monocyte": 20}, seed=5)
+    counts = gen.layers["counts"]
+    assert sp.issparse(counts) and counts.shape == (50, small.n_vars)
+    assert counts.data.min() >= 0 and np.all(counts.data == np.round(counts.data))
+    # .X is CP10k + log1p of the sampled counts, like the real cells
+    np.testing.assert_allclose(np.expm1(gen.X.toarray()).sum(1), 1e4, rtol=1e-3)
+    assert gen.obsm["X_scVI"].shape == (50, 10)
+    again = base.generate(n_cells={"CD19+ B": 30, "CD14+ Monocyte": 20}, seed=5)
+    assert (again.layers["counts"] != counts).nnz == 0
+    # the user's object is untouched (scvi-tools set up a private copy)
+    assert set(small.uns) == set(before.uns) and list(small.obs.columns) == list(before.obs.columns)
