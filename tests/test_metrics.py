@@ -119,3 +119,12 @@ def test_metrics_reject_bad_shapes():
         mmd_rbf(np.zeros((0, 2)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="'median'"):
         mmd_rbf(np.zeros((3, 2)), np.zeros((3, 2)), bandwidths="mean")
+
+
+def test_auroc_catches_a_collapsed_set():
+    """Many copies of one cell inside a set are not 'shared copies': collapse scores ~1."""
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(100, 10))
+    collapsed = np.repeat(real.mean(0, keepdims=True), 100, axis=0)
+    assert classifier_auroc(collapsed, real) > 0.9
+    assert classifier_auroc(collapsed, real, n_folds=None) > 0.9

@@ -64,12 +64,12 @@ def classifier_auroc(
         )
     data = np.vstack([x, y])
     target = np.r_[np.zeros(len(x), dtype=int), np.ones(len(y), dtype=int)]
-    copies = np.unique(data, axis=0, return_inverse=True)[1].ravel()  # identical rows share a group
+    copies = _copy_groups(data, len(x))
     if n_folds is None:
         split = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
         fit_idx, test_idx = next(split.split(data, target, copies))
         forest = _forest(n_estimators, seed).fit(data[fit_idx], target[fit_idx])
-        return float(roc_auc_score(target[test_idx], forest.predict_proba(data[test_idx])[:, 1]))
+        return float(roc_auc_score(target[test_idx], _score(forest, data[test_idx])))
     n_folds = int(min(n_folds, len(x), len(y)))
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}.")
@@ -77,8 +77,29 @@ def classifier_auroc(
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for fit_idx, test_idx in folds.split(data, target, copies):
         forest = _forest(n_estimators, seed).fit(data[fit_idx], target[fit_idx])
-        scores[test_idx] = forest.predict_proba(data[test_idx])[:, 1]
+        scores[test_idx] = _score(forest, data[test_idx])
     return float(roc_auc_score(target, scores))
+
+
+def _copy_groups(data: np.ndarray, n_x: int) -> np.ndarray:
+    """Group ids: a cell present in both sets shares one id with its copies; others are alone.
+
+    Duplicates within one set (e.g. a collapsed generator) stay separate, or the whole set
+    would fall into one fold and the forest would never see it during training.
+    """
+    content = np.unique(data, axis=0, return_inverse=True)[1].ravel()
+    shared = np.intersect1d(content[:n_x], content[n_x:])
+    groups = np.arange(len(data)) + content.max() + 1
+    in_both = np.isin(content, shared)
+    groups[in_both] = content[in_both]
+    return groups
+
+
+def _score(forest: RandomForestClassifier, data: np.ndarray) -> np.ndarray:
+    """Probability of label 1 (0 when the training fold held only label 0)."""
+    proba = forest.predict_proba(data)
+    classes = list(forest.classes_)
+    return proba[:, classes.index(1)] if 1 in classes else np.zeros(len(data))
 
 
 def _forest(n_estimators: int, seed: int) -> RandomForestClassifier:
