@@ -180,7 +180,7 @@ def evaluation(
             linewidths=1.0,
             zorder=3,
         )
-        ideal = {"auroc": 0.5, "dispersion": 1.0}.get(metric)
+        ideal = {"auroc": 0.5}.get(metric)
         if ideal is not None:
             panel.axvline(ideal, color="0.7", lw=0.8, ls="--", zorder=0)
         panel.set_title(f"{metric} ({METRICS[metric]} is better)", fontsize=9)
