@@ -78,3 +78,13 @@ def test_scvi_resampling_gives_counts_deterministically(pbmc):
     assert (again.layers["counts"] != counts).nnz == 0
     # the user's object is untouched (scvi-tools set up a private copy)
     assert set(small.uns) == set(before.uns) and list(small.obs.columns) == list(before.obs.columns)
+
+
+def test_gaussian_residual_noise(pbmc):
+    gauss = sb.baselines.PerClassGaussian(pbmc, "cell_type")
+    plain = gauss.generate(n_cells={"CD19+ B": 300}, seed=2)
+    noisy = gauss.generate(n_cells={"CD19+ B": 300}, seed=2, residual_noise=True)
+    np.testing.assert_array_equal(plain.obsm["X_pca"], noisy.obsm["X_pca"])
+    added = noisy.X - plain.X
+    np.testing.assert_allclose(added.std(0), gauss.decoder_["residual_sd"], rtol=0.2, atol=1e-3)
+    assert noisy.uns["scbranch"]["params"]["residual_noise"] is True

@@ -185,6 +185,35 @@ def test_pca_decoding_reconstructs_expression():
     np.testing.assert_allclose(gen.X, sb.model._decoding.decode(dec, gen.obsm["X_pca"]), atol=1e-5)
 
 
+def test_residual_noise_restores_what_the_pcs_leave_out():
+    rng = np.random.default_rng(1)
+    adata = _pca_adata(n_per_class=60)
+    adata.X = adata.X + rng.normal(scale=0.3, size=adata.shape).astype(np.float32)
+    sc.pp.pca(adata, n_comps=6)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    # the stored per-gene sd is that of the real cells' PCA residual
+    x = adata.X
+    recon = sb.model._decoding.decode(model.decoder_, adata.obsm["X_pca"])
+    np.testing.assert_allclose(model.decoder_["residual_sd"], (x - recon).std(0), rtol=0.15)
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    plain = model.generate(n_cells=400, seed=0, progress_bar=False)
+    noisy = model.generate(n_cells=400, seed=0, residual_noise=True, progress_bar=False)
+    np.testing.assert_array_equal(plain.obsm["X_pca"], noisy.obsm["X_pca"])  # latent unchanged
+    added = noisy.X - plain.X
+    np.testing.assert_allclose(added.std(0), model.decoder_["residual_sd"], rtol=0.1)
+    assert abs(added.mean()) < 0.01
+    assert noisy.uns["scbranch"]["params"]["residual_noise"] is True
+    again = model.generate(n_cells=400, seed=0, residual_noise=True, progress_bar=False)
+    np.testing.assert_array_equal(again.X, noisy.X)
+
+
+def test_residual_noise_needs_a_pca_decoder(trained):
+    _, model = trained
+    with pytest.raises(ValueError, match="residual_noise applies to models that decode a PCA"):
+        model.generate(n_cells=2, residual_noise=True, progress_bar=False)
+
+
 def test_pca_of_other_data_is_not_decoded():
     adata = _pca_adata()
     adata.obsm["X_pca"] = adata.obsm["X_pca"] * 3.0  # not the PCA of .X any more

@@ -66,7 +66,9 @@ class Baseline:
             raise ValueError("Cell counts must be non-negative and ask for at least one cell.")
         return {c: n for c, n in counts.items() if n > 0}
 
-    def _sample(self, counts: dict[str, int], rng: np.random.Generator, seed: int) -> dict:
+    def _sample(
+        self, counts: dict[str, int], rng: np.random.Generator, seed: int, **options
+    ) -> dict:
         """Cells in class order: ``{"X", "var_names", "obsm", "layers"}``."""
         raise NotImplementedError
 
@@ -76,6 +78,7 @@ class Baseline:
         *,
         labels: Sequence[str] | None = None,
         seed: int | None = None,
+        **options,
     ) -> AnnData:
         """Generate cells of the fitted types as a new AnnData.
 
@@ -87,6 +90,8 @@ class Baseline:
             Types to generate when ``n_cells`` is an int (default: all).
         seed
             Random seed; `None` draws one (recorded in ``uns['scbranch']['params']``).
+        **options
+            Options of the baseline (e.g. ``residual_noise`` of :class:`PerClassGaussian`).
 
         Returns
         -------
@@ -99,7 +104,7 @@ class Baseline:
         """
         counts = self._counts(n_cells, labels)
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
-        out = self._sample(counts, np.random.default_rng(seed), seed)
+        out = self._sample(counts, np.random.default_rng(seed), seed, **options)
         codes = np.repeat([self.classes.index(c) for c in counts], list(counts.values()))
         obs = pd.DataFrame(
             {
@@ -117,6 +122,7 @@ class Baseline:
                 "labels": np.array(list(counts), dtype=object),
                 "n_cells": np.array(list(counts.values()), dtype=np.int64),
                 "seed": seed,
+                **options,
             },
             "model": {"architecture": self.name, "labels_key": self.labels_key},
         }

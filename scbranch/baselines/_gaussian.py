@@ -62,7 +62,8 @@ class PerClassGaussian(Baseline):
             self.covariances_[c] = LedoitWolf().fit(zc).covariance_
         self.decoder_ = fit_pca_decoder(adata, obsm_key, layer)
 
-    def _sample(self, counts, rng, seed):
+    def _sample(self, counts, rng, seed, residual_noise: bool = False):
+        """Latents per class; decoded (optionally with the PCA residual) when loadings exist."""
         z = np.vstack(
             [
                 rng.multivariate_normal(self.means_[c], self.covariances_[c], size=n)
@@ -70,9 +71,10 @@ class PerClassGaussian(Baseline):
             ]
         ).astype(np.float32)
         if self.decoder_ is None:
+            if residual_noise:
+                raise ValueError("residual_noise needs PCA loadings to decode to genes.")
             return {"X": None, "var_names": [], "obsm": {self.obsm_key: z}}
-        return {
-            "X": decode(self.decoder_, z),
-            "var_names": self.decoder_["var_names"],
-            "obsm": {self.obsm_key: z},
-        }
+        x = decode(
+            self.decoder_, z, residual_noise=residual_noise, rng=np.random.default_rng([seed, 1])
+        )
+        return {"X": x, "var_names": self.decoder_["var_names"], "obsm": {self.obsm_key: z}}

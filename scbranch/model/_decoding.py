@@ -72,14 +72,41 @@ def fit_pca_decoder(
             stacklevel=3,
         )
         return None
+    # what the PCs leave out, per gene (probabilistic PCA's noise term), for residual_noise
+    residual = x_rows - (projected @ p.T + mean)
     return {
         "kind": "pca",
         "loadings": loadings[genes].T.astype(np.float32),  # (d, g)
         "mean": mean.astype(np.float32),
         "var_names": np.asarray(adata.var_names[genes]).astype(str),
+        "residual_sd": residual.std(0).astype(np.float32),
     }
 
 
-def decode(decoder: dict, z: np.ndarray) -> np.ndarray:
-    """Expression of latent coordinates ``z`` (n, d) -> (n, g)."""
-    return (z @ decoder["loadings"] + decoder["mean"]).astype(np.float32)
+def decode(
+    decoder: dict,
+    z: np.ndarray,
+    *,
+    residual_noise: bool = False,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Expression of latent coordinates ``z`` (n, d) -> (n, g).
+
+    Without noise, the denoised profile ``mean + z @ loadings`` (exactly invertible on the PCs).
+    With ``residual_noise``, each gene also gets Gaussian noise with the standard deviation real
+    cells have outside the PCs (probabilistic PCA's noise term): cells then vary like real cells
+    in every direction, not only within the PCs. Like the profiles themselves, values can be
+    slightly negative; clipping them at 0 was tried and shifts low genes' means so much that a
+    classifier tells the cells from real ones far more easily (pbmc3k AUROC 0.85 vs 0.59).
+    """
+    x = (z @ decoder["loadings"] + decoder["mean"]).astype(np.float32)
+    if residual_noise:
+        sd = decoder.get("residual_sd")
+        if sd is None:
+            raise ValueError(
+                "This decoder has no residual variance (a model saved by scbranch < 0.1); "
+                "generate without `residual_noise` or build the model again from its data."
+            )
+        rng = np.random.default_rng() if rng is None else rng
+        x += rng.standard_normal(x.shape, dtype=np.float32) * sd
+    return x

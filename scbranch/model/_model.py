@@ -412,6 +412,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         share: bool = True,
         seed: int | None = None,
         spacing: str = "logsnr",
+        residual_noise: bool = False,
         progress_bar: bool = True,
     ) -> AnnData:
         """Generate cells of any of the model's cell types, as a NEW AnnData.
@@ -436,6 +437,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Random seed; `None` draws one (it is recorded in ``uns['scbranch']['params']``).
         spacing
             Step spacing, ``"logsnr"`` (default) or ``"t"``.
+        residual_noise
+            PCA-space models: add to the decoded expression the per-gene noise real cells have
+            outside the PCs (probabilistic PCA), so cells vary like real cells in every
+            direction rather than being denoised profiles. On pbmc3k this brought a random
+            forest's real-vs-generated AUROC from 0.71 to near the real-vs-real control (see
+            docs/evaluation.md). Values can then be negative. The latent is unchanged.
         progress_bar
             Show a progress bar over the steps.
 
@@ -453,6 +460,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         """
         if solver not in SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
+        if residual_noise and self.decoder_ is None:
+            space = f"obsm[{self.obsm_key!r}] without PCA loadings" if self.obsm_key else "genes"
+            raise ValueError(
+                "residual_noise applies to models that decode a PCA to genes; this model "
+                f"(diffusing {space}) has no PCA decoder."
+            )
         counts = self._counts(n_cells, labels)
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
         progress = None
@@ -481,12 +494,14 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             "share": share,
             "seed": seed,
             "spacing": spacing,
+            "residual_noise": residual_noise,
             "n_network_calls": res.n_network_calls,
             "n_row_evaluations": res.n_row_evaluations,
         }
         return self._as_anndata(z, codes, params)
 
     def _as_anndata(self, z: np.ndarray, codes: np.ndarray, params: dict) -> AnnData:
+        residual_noise = bool(params.get("residual_noise", False))
         obs = pd.DataFrame(
             {
                 self.labels_key: pd.Categorical.from_codes(codes, categories=self.classes),
@@ -498,7 +513,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         if self.obsm_key is not None:
             obsm[self.obsm_key] = z
             if self.decoder_ is not None:
-                x = decode(self.decoder_, z)
+                # its own stream: the latent stays identical with or without the noise
+                rng = np.random.default_rng([int(params.get("seed", 0)), 1])
+                x = decode(self.decoder_, z, residual_noise=residual_noise, rng=rng)
                 var = pd.DataFrame(index=self.decoder_["var_names"])
             else:
                 x, var = None, None
