@@ -1,0 +1,573 @@
+"""Quality benchmark: branched vs flat diffusion vs baselines, judged with real-vs-real controls.
+
+Protocol: ../shared/design/EVALUATION.md, implemented by ``scbranch.tl.evaluate``. For each
+dataset, cells are split per class into train and held-out (stratified, seeded); every method is
+fitted on the train cells only; each generation seed draws ``n_cells`` per class and is
+evaluated against the held-out cells (reference PCA fitted on all real cells), with the
+real-vs-real control of the same call. Reported: the mean over evaluated classes, then mean and
+standard deviation over generation seeds (models are trained once, with seed 0).
+
+Methods (same training budget for the two diffusion models: optimiser steps and batch size):
+  branched             BranchedDiffusion, discovered tree, 30-PC space of the train cells
+  flat                 the same model with architecture="flat": one label-guided network with
+                       about the branched model's parameter count
+  scVI resampling      latents from the class's aggregated posterior, NB counts, log-normalised
+  per-class Gaussian   Ledoit-Wolf Gaussian per class in the same PC space, decoded the same way
+  ... + residual       the same generated latents decoded with the per-gene PCA residual noise
+                       (generate(residual_noise=True)); no retraining
+Probes (references that say what the metrics can see, not methods):
+  class mean           every cell is its class's mean: a collapsed generator
+  train cells          real training cells, resampled: memorisation, the best a model can do
+  train cells via PCA  the same cells projected on the models' 30 PCs and decoded: the best a
+                       PCA-space model can do without residual noise
+
+Datasets:
+  pbmc68k   scanpy's pbmc68k_reduced (700 cells, 765 genes, 10 types); 50 % held out (the
+            types are small; 6 have enough held-out cells for distances)
+  pbmc3k    ../shared/data/pbmc3k_labelled.h5ad (2,638 cells; labels DERIVED from marker genes
+            over clusters, not ground truth); 2,000 HVGs chosen on the train cells; 30 % held out
+
+Usage (from the repository root, in the project's venv):
+  python benchmarks/quality.py                 # CPU settings, about 20 min on 2 cores
+  python benchmarks/quality.py --gpu           # GPU settings (longer training, more seeds)
+  python benchmarks/quality.py --fast          # smoke test (a minute; numbers meaningless)
+Writes docs/benchmarks/quality.md (tables) and, under --out, per-row CSV and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_labelled.h5ad"
+
+SETTINGS = {
+    "cpu": {
+        "steps": 2000,
+        "batch_size": 64,
+        "n_cells": 200,
+        "seeds": [0, 1, 2],
+        "scvi_epochs": 200,
+        "accelerator": "cpu",
+    },
+    "gpu": {
+        "steps": 8000,
+        "batch_size": 64,
+        "n_cells": 500,
+        "seeds": [0, 1, 2, 3, 4],
+        "scvi_epochs": 400,
+        "accelerator": "gpu",
+    },
+    "fast": {
+        "steps": 20,
+        "batch_size": 64,
+        "n_cells": 40,
+        "seeds": [0, 1],
+        "scvi_epochs": 2,
+        "accelerator": "cpu",
+    },
+}
+LABELS = "cell_type"
+METRIC_ORDER = [
+    "label_fidelity",
+    "auroc",
+    "w2",
+    "mmd",
+    "mmd_median",
+    "dispersion",
+    "gene_mean_spearman",
+    "gene_var_spearman",
+    "zero_fraction_error",
+]
+
+logger = logging.getLogger("quality")
+
+
+# ----------------------------------------------------------------------------- data
+def _split(adata, train_fraction: float, seed: int):
+    from scbranch._demo import stratified_split
+
+    train_pos, held_pos = stratified_split(adata.obs[LABELS], train_fraction, seed)
+    return adata[train_pos].copy(), adata[held_pos].copy()
+
+
+def _model_pca(train, n_comps: int = 30):
+    """The models' latent space: a PCA of the TRAIN cells only (held-out cells never seen)."""
+    import scanpy as sc
+
+    sc.pp.pca(train, n_comps=n_comps, random_state=0)
+
+
+def load_pbmc68k(seed: int):
+    import scbranch as sb
+
+    adata = sb.datasets.pbmc68k()
+    del adata.obsm["X_pca"], adata.varm["PCs"]
+    train, held = _split(adata, 0.5, seed)
+    _model_pca(train)
+    return train, held
+
+
+def load_pbmc3k(seed: int, n_hvg: int = 2000):
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    if not PBMC3K.exists():
+        raise FileNotFoundError(f"{PBMC3K} not found (see ../shared/data/README.md).")
+    adata = ad.read_h5ad(PBMC3K)
+    adata.obs[LABELS] = adata.obs[LABELS].astype("category")
+    train, held = _split(adata, 0.7, seed)
+    # HVGs from the train cells only, on log-normalised counts (scanpy's default flavour)
+    probe = train.copy()
+    sc.pp.filter_genes(probe, min_cells=3)
+    sc.pp.normalize_total(probe, target_sum=1e4)
+    sc.pp.log1p(probe)
+    sc.pp.highly_variable_genes(probe, n_top_genes=n_hvg)
+    genes = probe.var_names[probe.var["highly_variable"]]
+    out = []
+    for part in (train, held):
+        part = part[:, genes].copy()
+        part.layers["counts"] = sp.csr_matrix(part.X, dtype=np.float32)
+        # normalised over the evaluated genes, exactly as count-generating methods are
+        sc.pp.normalize_total(part, target_sum=1e4)
+        sc.pp.log1p(part)
+        part.X = sp.csr_matrix(part.X, dtype=np.float32)
+        out.append(part)
+    train, held = out
+    _model_pca(train)
+    return train, held
+
+
+# ----------------------------------------------------------------------------- methods
+def _labels(adata) -> np.ndarray:
+    return adata.obs[LABELS].astype(str).to_numpy()
+
+
+class ClassMeanProbe:
+    """Every generated cell is its class's mean in PC space (decoded): a collapse probe."""
+
+    def __init__(self, train):
+        import scbranch as sb
+
+        self.gauss = sb.baselines.PerClassGaussian(train, LABELS)
+        for c in self.gauss.classes:
+            self.gauss.covariances_[c] = np.zeros_like(self.gauss.covariances_[c])
+
+    def generate(self, n_cells, seed):
+        return self.gauss.generate(n_cells=n_cells, seed=seed)
+
+
+class TrainCellsProbe:
+    """Real training cells drawn per class (at most all of them), as is or through the PCA."""
+
+    def __init__(self, train, decoder=None):
+        import anndata as ad
+
+        from scbranch.model._decoding import decode
+
+        if decoder is None:
+            self.x = train.X
+        else:
+            self.x = decode(decoder, np.asarray(train.obsm["X_pca"], dtype=np.float32))
+        self.labels = _labels(train)
+        self.var_names = train.var_names if decoder is None else decoder["var_names"]
+        self._ad = ad
+
+    def generate(self, n_cells, seed):
+        rng = np.random.default_rng(seed)
+        classes = list(pd.unique(self.labels))
+        # without replacement: exact duplicates would be a giveaway no real sample has
+        idx = np.concatenate(
+            [rng.permutation(np.flatnonzero(self.labels == c))[:n_cells] for c in classes]
+        )
+        obs = pd.DataFrame(
+            {LABELS: pd.Categorical(self.labels[idx], categories=classes)},
+            index=[f"probe{i}" for i in range(len(idx))],
+        )
+        return self._ad.AnnData(X=self.x[idx], obs=obs, var=pd.DataFrame(index=self.var_names))
+
+
+class _Generator:
+    """A fitted method and the generate() options of one table row."""
+
+    def __init__(self, method, **options):
+        self.method, self.options = method, options
+
+    def generate(self, n_cells, seed):
+        import scbranch as sb
+
+        if isinstance(self.method, sb.BranchedDiffusion):
+            self.options.setdefault("progress_bar", False)
+        return self.method.generate(n_cells=n_cells, seed=seed, **self.options)
+
+
+def fit_methods(train, cfg) -> tuple[dict, dict]:
+    """Fit every method once; returns row name -> generator, and row name -> cost."""
+    import scbranch as sb
+
+    steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
+    epochs = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
+    rows, info = {}, {}
+
+    def timed(name, make, parameters=lambda m: 0):
+        t0 = time.perf_counter()
+        method = make()
+        info[name] = {"fit_s": time.perf_counter() - t0, "parameters": parameters(method)}
+        return method
+
+    def n_params(model):
+        return sum(p.numel() for p in model.module.parameters())
+
+    for arch in ("branched", "flat"):
+
+        def make(arch=arch):
+            sb.BranchedDiffusion.setup_anndata(train, labels_key=LABELS, obsm_key="X_pca")
+            model = sb.BranchedDiffusion(train, architecture=arch)
+            model.train(
+                max_epochs=epochs,
+                batch_size=cfg["batch_size"],
+                accelerator=cfg["accelerator"],
+                enable_progress_bar=False,
+            )
+            logger.info("%s", model)
+            return model
+
+        model = timed(arch, make, n_params)
+        rows[arch] = _Generator(model)
+        rows[f"{arch} + residual"] = _Generator(model, residual_noise=True)
+        info[f"{arch} + residual"] = info[arch]
+    rows["scVI resampling"] = _Generator(
+        timed(
+            "scVI resampling",
+            lambda: sb.baselines.ScviResampling(
+                train, LABELS, max_epochs=cfg["scvi_epochs"], accelerator=cfg["accelerator"]
+            ),
+            lambda m: sum(p.numel() for p in m.model_.module.parameters()),
+        )
+    )
+    gauss = timed("per-class Gaussian", lambda: sb.baselines.PerClassGaussian(train, LABELS))
+    rows["per-class Gaussian"] = _Generator(gauss)
+    rows["per-class Gaussian + residual"] = _Generator(gauss, residual_noise=True)
+    info["per-class Gaussian + residual"] = info["per-class Gaussian"]
+    rows["probe: class mean"] = timed("probe: class mean", lambda: ClassMeanProbe(train))
+    rows["probe: train cells"] = timed("probe: train cells", lambda: TrainCellsProbe(train))
+    rows["probe: train cells via PCA"] = timed(
+        "probe: train cells via PCA", lambda: TrainCellsProbe(train, gauss.decoder_)
+    )
+    return rows, info
+
+
+# ----------------------------------------------------------------------------- run
+def run_dataset(name: str, train, held, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+    import scbranch as sb
+
+    logger.info(
+        "%s: %d train / %d held-out cells, %d genes", name, train.n_obs, held.n_obs, train.n_vars
+    )
+    methods, info = fit_methods(train, cfg)
+    rows, timing = [], []
+    for method_name, method in methods.items():
+        for seed in cfg["seeds"]:
+            t0 = time.perf_counter()
+            gen = method.generate(cfg["n_cells"], seed)
+            gen_s = time.perf_counter() - t0
+            report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=seed)
+            rows.append(report.assign(dataset=name, method=method_name, seed=seed))
+            calls = gen.uns.get("scbranch", {}).get("params", {}).get("n_network_calls", 0)
+            timing.append(
+                {
+                    "dataset": name,
+                    "method": method_name,
+                    "seed": seed,
+                    "generate_s": gen_s,
+                    "cells": gen.n_obs,
+                    "network_calls": calls,
+                    **info[method_name],
+                }
+            )
+        logger.info("%s / %s done", name, method_name)
+    return pd.concat(rows, ignore_index=True), pd.DataFrame(timing)
+
+
+def _md(df: pd.DataFrame, index: bool = True) -> str:
+    """A DataFrame as a GitHub markdown table (no tabulate dependency)."""
+    df = df.reset_index() if index else df
+    cells = [[str(c) for c in df.columns]] + [
+        [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in df.to_numpy()
+    ]
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("---" for _ in df.columns) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(mean: float, sd: float) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    digits = 3 if abs(mean) < 10 else 2
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _directions(rows: pd.DataFrame) -> pd.Series:
+    return rows.drop_duplicates("metric").set_index("metric")["better"]
+
+
+def summary_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Methods (and the control) x metrics: mean over classes, then mean ± sd over seeds.
+
+    Also the ratio to the control (1 is ideal) and the cases where a method beats the control
+    of a one-sided ("lower") metric by more than the combined seed sd (an artefact, unless the
+    "method" is itself real cells).
+    """
+    mean_rows = rows[rows["group"] == "mean"]
+    metrics = [m for m in METRIC_ORDER if m in set(mean_rows["metric"])]
+    per_seed = mean_rows.pivot_table(
+        index=["method", "seed"], columns="metric", values="generated", sort=False
+    )
+    control = mean_rows.pivot_table(
+        index=["method", "seed"], columns="metric", values="control", sort=False
+    )
+    methods = list(pd.unique(mean_rows["method"]))
+    # the control is the same for every method (same real cells, same seeds); counts-only
+    # metrics exist just for methods that generate counts, hence the NaN-skipping mean
+    ctrl = control.groupby(level="seed").mean()
+    for m in methods:
+        mine = control.loc[m].reindex(ctrl.index)
+        ok = np.isfinite(mine.to_numpy())
+        assert np.allclose(mine.to_numpy()[ok], ctrl.to_numpy()[ok]), f"control differs: {m}"
+    better = _directions(rows)
+    table, ratio, flags = {}, {}, []
+    for method in methods:
+        vals = per_seed.loc[method]
+        table[method] = {m: _fmt(vals[m].mean(), vals[m].std(ddof=1)) for m in metrics}
+        ratio[method] = {m: f"{vals[m].mean() / ctrl[m].mean():.2f}" for m in metrics}
+        for m in metrics:
+            gap = vals[m].mean() - ctrl[m].mean()
+            spread = float(np.hypot(vals[m].std(ddof=1), ctrl[m].std(ddof=1)))
+            if better[m] == "lower" and -gap > spread:
+                flags.append(
+                    f"{method}: {m} {vals[m].mean():.3f} vs control "
+                    f"{ctrl[m].mean():.3f} (combined seed sd {spread:.3f})"
+                )
+    table["real vs real (control)"] = {
+        m: _fmt(ctrl[m].mean(), ctrl[m].std(ddof=1)) for m in metrics
+    }
+    return pd.DataFrame(table).T[metrics], pd.DataFrame(ratio).T[metrics], flags
+
+
+def per_class_comparison(rows: pd.DataFrame, a: str = "branched", b: str = "flat") -> pd.DataFrame:
+    """Per class and metric: mean over seeds of methods a and b, and which is better.
+
+    Better: lower, or (for "closer to control" metrics) nearer the control; a winner needs a
+    margin larger than the two methods' combined seed sd, otherwise "tie".
+    """
+    cls = rows[(rows["group"] != "mean") & rows["method"].isin([a, b])]
+    stats = cls.groupby(["group", "metric", "method"])["generated"].agg(["mean", "std"])
+    control = cls.groupby(["group", "metric"])["control"].mean()
+    better = _directions(rows)
+    out = []
+    for (group, metric), ctrl in control.items():
+        if metric not in (
+            "label_fidelity",
+            "auroc",
+            "w2",
+            "mmd_median",
+            "dispersion",
+            "gene_mean_spearman",
+        ):
+            continue
+        sa, sb_ = stats.loc[(group, metric, a)], stats.loc[(group, metric, b)]
+        if better[metric] == "lower":
+            err_a, err_b = sa["mean"], sb_["mean"]
+        else:
+            err_a, err_b = abs(sa["mean"] - ctrl), abs(sb_["mean"] - ctrl)
+        noise = float(np.hypot(sa["std"], sb_["std"]))
+        winner = a if err_b - err_a > noise else (b if err_a - err_b > noise else "tie")
+        out.append(
+            {
+                "class": group,
+                "metric": metric,
+                a: sa["mean"],
+                b: sb_["mean"],
+                "control": ctrl,
+                "winner": winner,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
+    lines = [
+        "# Quality benchmark (generated by `benchmarks/quality.py`; do not edit by hand)",
+        "",
+        f"Settings `{cfg_name}`: {cfg['steps']} optimiser steps (batch {cfg['batch_size']}) for "
+        f"both diffusion models, {cfg['n_cells']} generated cells per class and seed, "
+        f"seeds {cfg['seeds']}, scVI {cfg['scvi_epochs']} epochs, {cfg['accelerator']}. "
+        f"Total wall time {wall_s / 60:.1f} min.",
+        "",
+        "Values: mean over evaluated classes (`tl.evaluate` rows `group == 'mean'`), then "
+        "mean ± sd over generation seeds. Better: lower for auroc, mmd, mmd_median and "
+        "zero_fraction_error (the control is a floor); closer to the control for w2, "
+        "dispersion, label_fidelity and the Spearman correlations (a perfect generator matches "
+        "the control, and overshooting it means too-typical cells: see the class-mean probe). "
+        "The control row compares two disjoint halves of real held-out cells, in the same "
+        "calls. Probes are references, not methods.",
+        "",
+    ]
+    for name, res in results.items():
+        table, ratio, flags = summary_table(res["rows"])
+        timing = (
+            res["timing"]
+            .groupby("method", sort=False)
+            .agg(
+                fit_s=("fit_s", "first"),
+                parameters=("parameters", "first"),
+                generate_s=("generate_s", "mean"),
+                cells=("cells", "first"),
+                network_calls=("network_calls", "first"),
+            )
+        )
+        evaluated = sorted(set(res["rows"].query("metric == 'w2' and group != 'mean'")["group"]))
+        lines += [
+            f"## {name}",
+            "",
+            f"{res['n_train']} train / {res['n_held']} held-out cells, {res['n_genes']} "
+            f"genes. Classes with distances (>= 10 held-out cells per half): "
+            f"{', '.join(evaluated)}; label fidelity covers all classes.",
+            "",
+            _md(table),
+            "",
+        ]
+        lines += ["Ratio to the control (1 is ideal):", "", _md(ratio), ""]
+        lines += [
+            "Rated better than the control of a one-sided metric by more than the combined "
+            "seed sd of both: " + ("; ".join(flags) if flags else "none") + ".",
+            "",
+        ]
+        timing["ms_per_1000_cells"] = 1e3 * timing["generate_s"] / timing["cells"] * 1000
+        lines += [
+            "Cost (fit once; generation per seed, all classes):",
+            "",
+            _md(timing[["fit_s", "parameters", "network_calls", "ms_per_1000_cells"]]),
+            "",
+        ]
+        comp = per_class_comparison(res["rows"])
+        if len(comp):
+            wins = comp.groupby("metric")["winner"].value_counts().unstack(fill_value=0)
+            lines += [
+                "Branched vs flat per class (winner: lower, or nearer the control, by more "
+                "than the two methods' combined seed sd):",
+                "",
+                _md(wins),
+                "",
+                _md(comp, index=False),
+                "",
+            ]
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true", help="GPU settings")
+    mode.add_argument("--fast", action="store_true", help="smoke-test settings")
+    parser.add_argument("--datasets", default="pbmc68k,pbmc3k")
+    parser.add_argument("--out", default="benchmark_out/quality", help="CSV and figures")
+    parser.add_argument(
+        "--markdown", default=None, help="default: docs/benchmarks/quality.md (--fast: under --out)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the markdown from the CSVs of a previous run in --out",
+    )
+    args = parser.parse_args(argv)
+    cfg_name = "gpu" if args.gpu else "fast" if args.fast else "cpu"
+    cfg = SETTINGS[cfg_name]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scvi
+    import torch
+
+    import scbranch as sb
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("scbranch").setLevel(logging.WARNING)
+    scvi.settings.seed = 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = (
+        Path(args.markdown).resolve()
+        if args.markdown
+        else (out / "quality.md" if args.fast else ROOT / "docs" / "benchmarks" / "quality.md")
+    )
+    os.chdir(out)  # lightning_logs land here, not in the repository
+    loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
+    results = {}
+    t_all = time.perf_counter()
+    if args.report_only:
+        meta = json.loads(Path("meta.json").read_text())
+        for name in args.datasets.split(","):
+            results[name] = {
+                "rows": pd.read_csv(f"rows_{name}.csv"),
+                "timing": pd.read_csv(f"timing_{name}.csv"),
+                **meta[name],
+            }
+        print(write_markdown(markdown, results, cfg_name, cfg, meta["wall_s"]))
+        return 0
+    for name in args.datasets.split(","):
+        train, held = loaders[name](seed=0)
+        rows, timing = run_dataset(name, train, held, cfg)
+        rows.to_csv(f"rows_{name}.csv", index=False)
+        timing.to_csv(f"timing_{name}.csv", index=False)
+        methods = rows[~rows["method"].str.startswith("probe")]
+        fig = sb.pl.evaluation(
+            methods,
+            metrics=[
+                "label_fidelity",
+                "auroc",
+                "w2",
+                "mmd_median",
+                "dispersion",
+                "gene_mean_spearman",
+            ],
+            ncols=3,
+            return_fig=True,
+        )
+        fig.savefig(f"quality_{name}.png", dpi=110)
+        results[name] = {
+            "rows": rows,
+            "timing": timing,
+            "n_train": train.n_obs,
+            "n_held": held.n_obs,
+            "n_genes": train.n_vars,
+        }
+    meta = {
+        name: {k: int(v) for k, v in r.items() if k.startswith("n_")} for name, r in results.items()
+    }
+    meta["wall_s"] = time.perf_counter() - t_all
+    Path("meta.json").write_text(json.dumps(meta))
+    text = write_markdown(markdown, results, cfg_name, cfg, meta["wall_s"])
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
