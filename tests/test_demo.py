@@ -1,6 +1,7 @@
 """The demo pipeline, for real, with a tiny training budget (the full run is `make demo`)."""
 
 import anndata as ad
+import pandas as pd
 import pytest
 
 from scbranch._demo import run_demo, stratified_split
@@ -13,10 +14,20 @@ def test_demo_fast_writes_everything(tmp_path):
     assert set(gen.obs["cell_type"].cat.categories) == set(gen.obs["cell_type"].astype(str))
     assert gen.obs["cell_type"].nunique() == 10
     assert gen.n_vars == 765  # decoded to genes
-    for name in ("report.csv", "summary.json", "tree.png", "similarity.png", "embedding.png"):
+    for name in (
+        "report.csv",
+        "evaluation.csv",
+        "evaluation.png",
+        "summary.json",
+        "tree.png",
+        "similarity.png",
+        "embedding.png",
+    ):
         assert (out / name).stat().st_size > 0
     assert (out / "model" / "model.pt").exists()
     assert 0 <= summary["label_fidelity_control"] <= 1
+    evaluation = pd.read_csv(out / "evaluation.csv")
+    assert {"auroc", "w2", "label_fidelity"} <= set(evaluation["metric"])
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_demo(out, fast=True)
 

@@ -502,7 +502,7 @@ def _gene_rows(
         and counts_layer in real.layers
     )
     if "zero_fraction_error" in metrics and not use_counts:
-        logger.info(
+        logger.debug(
             "No counts layer %r in both objects: zero fractions are not evaluated.", counts_layer
         )
     if use_counts:
