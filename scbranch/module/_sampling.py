@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,8 +28,11 @@ from ._tree import BranchTree
 logger = logging.getLogger(__name__)
 
 EpsFn = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor], torch.Tensor]
-SOLVERS = ("em", "heun", "dpm2m")
-_CALLS_PER_STEP = {"em": 1, "heun": 2, "dpm2m": 1}
+SOLVERS = ("em", "pc", "heun", "dpm2m")
+#: network calls per grid step of each solver
+CALLS_PER_STEP = {"em": 1, "pc": 2, "heun": 2, "dpm2m": 1}
+#: signal-to-noise ratio of the Langevin corrector (Song et al. 2021's default)
+CORRECTOR_SNR = 0.16
 
 
 def time_grid(
@@ -58,7 +61,7 @@ def time_grid(
     if n_steps < len(knots) - 1:
         raise ValueError(
             f"n_steps={n_steps} is smaller than the {len(knots) - 1} segments between branch "
-            "points; ask for more steps."
+            "points (and trajectory times); ask for more steps."
         )
 
     def unit(t):
@@ -104,6 +107,7 @@ class SampleResult:
     n_network_calls: int
     n_row_evaluations: int
     grid: np.ndarray
+    trajectory: dict[float, torch.Tensor] = field(default_factory=dict)
 
 
 def _seeded_generator(device: torch.device, seed: int, kind: int, key: int) -> torch.Generator:
@@ -126,6 +130,9 @@ def sample(
     denoise: bool = True,
     device: torch.device | str = "cpu",
     progress: Callable | None = None,
+    batch_size: int | None = None,
+    record_times: Sequence[float] | None = None,
+    corrector_snr: float = CORRECTOR_SNR,
 ) -> SampleResult:
     """Draw samples of the requested classes by integrating the reverse process.
 
@@ -142,8 +149,10 @@ def sample(
     n_input
         Dimension of the data.
     solver
-        ``"em"`` (reverse-SDE Euler-Maruyama), ``"heun"`` (probability-flow ODE, Heun's method)
-        or ``"dpm2m"`` (probability-flow ODE, DPM-Solver++(2M) in log-SNR, one call per step).
+        ``"em"`` (reverse-SDE Euler-Maruyama, 1 call per step), ``"pc"`` (Euler-Maruyama
+        predictor + one Langevin corrector step, 2 calls; the original paper's sampler),
+        ``"heun"`` (probability-flow ODE, Heun's method, 2 calls) or ``"dpm2m"``
+        (probability-flow ODE, DPM-Solver++(2M) in log-SNR, 1 call).
     n_steps
         Number of grid steps from t = 1 to ``t_min``.
     share
@@ -158,10 +167,20 @@ def sample(
         Device of the states.
     progress
         Optional wrapper around the step iterator (e.g. a progress bar).
+    batch_size
+        At most this many rows per forward pass (memory); one logical call is split into
+        several passes. `None`: no limit. Results do not depend on it.
+    record_times
+        Times in (t_min, 1] at which to record every requested cell's state; they are added
+        to the grid so that states are exact there. With ``share=True`` a class's rows above
+        its branch point are its shared ancestors' states.
+    corrector_snr
+        Signal-to-noise ratio setting the Langevin step of ``solver="pc"``.
 
     Returns
     -------
-    Samples ordered by class in the order of ``counts``, and cost counters.
+    Samples ordered by class in the order of ``counts``, cost counters, and the recorded
+    states (``trajectory``: time -> states in the same row order).
     """
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
@@ -172,7 +191,10 @@ def sample(
     # The grid holds every branch point of the tree, whichever classes are requested, so a
     # class's samples (share=False) do not depend on which other classes are sampled with it.
     knots = set(tree.breakpoints(None, sde.t_min))
-    grid = time_grid(sde, sorted(knots), n_steps, spacing=spacing)
+    records = _check_record_times(record_times, sde)
+    grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
 
     def need(branch: int) -> int:
         return max(counts.get(c, 0) for c in tree.branches[branch].classes)
@@ -202,7 +224,23 @@ def sample(
         nonlocal n_calls, n_rows
         n_calls += 1
         n_rows += x.shape[0]
-        return eps_fn(x, t, branch, label)
+        if batch_size is None or x.shape[0] <= batch_size:
+            return eps_fn(x, t, branch, label)
+        return torch.cat(
+            [
+                eps_fn(xs, t, bs, ls)
+                for xs, bs, ls in zip(
+                    x.split(batch_size),
+                    branch.split(batch_size),
+                    label.split(batch_size),
+                    strict=True,
+                )
+            ]
+        )
+
+    trajectory: dict[float, torch.Tensor] = {}
+    if 1.0 in records:
+        trajectory[1.0] = _class_states(groups, counts, tree, 1.0)
 
     steps = range(len(grid) - 1)
     if progress is not None:
@@ -219,10 +257,23 @@ def sample(
         branch = _per_row([g.branch for g in groups], sizes, device)
         label = _per_row([g.label for g in groups], sizes, device)
         x_new = _step(
-            call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment
+            call,
+            sde,
+            solver,
+            x,
+            t_hi,
+            t_lo,
+            branch,
+            label,
+            groups,
+            sizes,
+            first_in_segment,
+            corrector_snr,
         )
         for g, xs in zip(groups, torch.split(x_new, sizes), strict=True):
             g.x = xs
+        if t_lo in records:
+            trajectory[t_lo] = _class_states(groups, counts, tree, t_lo)
         first_in_segment = t_lo in knots
         if share and first_in_segment:
             groups = _fan_out(groups, tree, t_lo, need, device, seed)
@@ -240,8 +291,37 @@ def sample(
         eps = call(x, t, branch, labels)
         x = (x - sde.sigma(torch.tensor(t)) * eps) / sde.alpha(torch.tensor(t))
     return SampleResult(
-        x=x, labels=labels, n_network_calls=n_calls, n_row_evaluations=n_rows, grid=grid
+        x=x,
+        labels=labels,
+        n_network_calls=n_calls,
+        n_row_evaluations=n_rows,
+        grid=grid,
+        trajectory=dict(sorted(trajectory.items(), reverse=True)),
     )
+
+
+def _check_record_times(record_times, sde: VPSDE) -> set[float]:
+    if record_times is None:
+        return set()
+    times = {float(t) for t in record_times}
+    bad = [t for t in times if not (sde.t_min <= t <= 1.0)]
+    if bad:
+        raise ValueError(f"Trajectory times must lie in [t_min={sde.t_min}, 1]; got {sorted(bad)}.")
+    return times
+
+
+def _class_states(groups, counts, tree, t) -> torch.Tensor:
+    """States of every requested cell at time ``t``, rows in the output order.
+
+    A class's rows are the first rows of the group whose branch holds the class (shared
+    ancestors are repeated for every class below them).
+    """
+    rows = []
+    for c, n in counts.items():
+        own = [g for g in groups if g.label == c]  # share=False, or a leaf branch
+        g = own[0] if own else next(g for g in groups if c in tree.branches[g.branch].classes)
+        rows.append(g.x[:n])
+    return torch.cat(rows).clone()
 
 
 def _per_row(values: list[int], sizes: list[int], device) -> torch.Tensor:
@@ -280,16 +360,32 @@ def _noise(groups, sizes, like: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment):
+def _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment, snr):
     """Advance all rows from ``t_hi`` down to ``t_lo``."""
     th, tl = torch.tensor(t_hi), torch.tensor(t_lo)
     h = t_hi - t_lo
-    if solver == "em":
+    if solver in ("em", "pc"):
         eps = call(x, t_hi, branch, label)
         beta = sde.beta(th)
         score = -eps / sde.sigma(th)
         drift = 0.5 * beta * x + beta * score
-        return x + drift * h + torch.sqrt(beta * h) * _noise(groups, sizes, x)
+        x = x + drift * h + torch.sqrt(beta * h) * _noise(groups, sizes, x)
+        if solver == "em":
+            return x
+        # Langevin corrector at t_lo (Song et al. 2021, Algorithm 5, VP form): the step makes
+        # the injected noise `snr` times the score step, with norms averaged over a group's
+        # rows (per-row norms explode where the score vanishes; per group, a class's samples do
+        # not depend on the other classes sampled with share=False)
+        score = -call(x, t_lo, branch, label) / sde.sigma(tl)
+        z = _noise(groups, sizes, x)
+        # Song's alpha_i = 1 - beta_i, in the exact form that stays positive on coarse grids
+        keep = (sde.alpha(tl) / sde.alpha(th)) ** 2
+        steps = []
+        for s_part, z_part in zip(score.split(sizes), z.split(sizes), strict=True):
+            ratio = snr * z_part.norm(dim=1).mean() / s_part.norm(dim=1).mean().clamp_min(1e-12)
+            steps.append((2.0 * keep * ratio**2).expand(len(s_part)))
+        step = torch.cat(steps).unsqueeze(1).to(x.dtype)
+        return x + step * score + torch.sqrt(2.0 * step) * z
     if solver == "heun":
 
         def velocity(xx, t, tt):  # dx/dt of the probability-flow ODE
