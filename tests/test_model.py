@@ -392,3 +392,24 @@ def test_generated_h5ad_has_no_slash_keys(tmp_path):
     params = back.uns["scbranch"]["params"]
     assert list(params["labels"]) == ["c0+/sub", "c3+/sub"]
     assert list(params["n_cells"]) == [2, 1]
+
+
+def test_generate_solver_aliases_batches_and_pc(trained):
+    _, model = trained
+    kw = dict(n_cells=9, seed=4, n_steps=8, progress_bar=False)
+    heun = model.generate(solver="heun", **kw)
+    np.testing.assert_array_equal(
+        model.generate(solver="ode", **kw).obsm["X_latent"], heun.obsm["X_latent"]
+    )
+    # the same cells up to float rounding (BLAS sums in a different order on smaller batches)
+    np.testing.assert_allclose(
+        model.generate(solver="heun", batch_size=5, **kw).obsm["X_latent"],
+        heun.obsm["X_latent"],
+        atol=1e-5,
+    )
+    assert model.generate(solver="sde", **kw).uns["scbranch"]["params"]["solver"] == "em"
+    pc = model.generate(solver="pc", **kw)
+    assert np.isfinite(pc.obsm["X_latent"]).all()
+    assert pc.uns["scbranch"]["params"]["n_network_calls"] == 2 * 8 + 1
+    with pytest.raises(ValueError, match="Unknown solver 'rk4'"):
+        model.generate(solver="rk4", **kw)

@@ -29,7 +29,7 @@ from .._validation import (
 )
 from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standardizer
 from ..module._networks import count_parameters
-from ..module._sampling import SOLVERS
+from ..module._sampling import SOLVER_ALIASES, SOLVERS
 from ..tl._branch_hierarchy import discover_record
 from ._data import ResamplingDataSplitter
 from ._decoding import decode, fit_pca_decoder
@@ -413,6 +413,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         seed: int | None = None,
         spacing: str = "logsnr",
         residual_noise: bool = False,
+        batch_size: int | None = None,
         progress_bar: bool = True,
     ) -> AnnData:
         """Generate cells of any of the model's cell types, as a NEW AnnData.
@@ -425,9 +426,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         labels
             Types to generate when ``n_cells`` is an int (default: all).
         solver
-            ``"heun"`` (probability-flow ODE, 2 calls per step), ``"dpm2m"`` (probability-flow ODE,
-            multistep, 1 call per step) or ``"em"`` (reverse SDE, Euler-Maruyama; needs hundreds
-            of steps).
+            ``"heun"`` (probability-flow ODE, 2 calls per step; alias ``"ode"``), ``"dpm2m"``
+            (probability-flow ODE, multistep, 1 call per step), ``"em"`` (reverse SDE,
+            Euler-Maruyama; alias ``"sde"``; needs hundreds of steps) or ``"pc"`` (Euler-Maruyama
+            predictor + Langevin corrector, 2 calls per step: the original paper's sampler).
         n_steps
             Steps from t = 1 to ``t_min``; the grid always contains every branch time.
         share
@@ -443,6 +445,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             direction rather than being denoised profiles. On pbmc3k this brought a random
             forest's real-vs-generated AUROC from 0.71 to near the real-vs-real control (see
             docs/evaluation.md). Values can then be negative. The latent is unchanged.
+        batch_size
+            At most this many cells per forward pass (memory on large requests); the cells
+            depend on it only through float rounding. `None`: no limit.
         progress_bar
             Show a progress bar over the steps.
 
@@ -458,8 +463,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ...     n_cells={"CD19+ B": 1000}, solver="heun", n_steps=30, seed=0
         ... )
         """
+        solver = SOLVER_ALIASES.get(solver, solver)
         if solver not in SOLVERS:
-            raise ValueError(f"Unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
+            raise ValueError(
+                f"Unknown solver {solver!r}; choose one of {list(SOLVERS) + list(SOLVER_ALIASES)}."
+            )
         if residual_noise and self.decoder_ is None:
             space = f"obsm[{self.obsm_key!r}] without PCA loadings" if self.obsm_key else "genes"
             raise ValueError(
@@ -482,6 +490,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             seed=seed,
             spacing=spacing,
             progress=progress,
+            batch_size=batch_size,
         )
         z = res.x.float().cpu().numpy()
         codes = res.labels.cpu().numpy()

@@ -229,8 +229,13 @@ class BranchedDiffusionModule(BaseModuleClass):
         seed: int = 0,
         spacing: str = "logsnr",
         progress: Callable | None = None,
+        **options,
     ) -> SampleResult:
-        """Sample in the data space (un-standardised) for per-class counts."""
+        """Sample in the data space (un-standardised) for per-class counts.
+
+        ``options`` go to :func:`~scbranch.module.sample` (``batch_size``, ``record_times``,
+        ``corrector_snr``, ``denoise``); recorded states are un-standardised too.
+        """
         if self.architecture == "flat" and share:
             share = False  # a label-guided network has no shared branches to reuse
         device = self.shift.device
@@ -247,8 +252,10 @@ class BranchedDiffusionModule(BaseModuleClass):
             spacing=spacing,
             device=device,
             progress=progress,
+            **options,
         )
         res.x = self.unstandardize(res.x)
+        res.trajectory = {t: self.unstandardize(x) for t, x in res.trajectory.items()}
         return res
 
     @torch.inference_mode()

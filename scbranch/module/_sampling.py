@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 EpsFn = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor], torch.Tensor]
 SOLVERS = ("em", "pc", "heun", "dpm2m")
+#: user-facing names of the kind of process, mapped to the solver used for it
+SOLVER_ALIASES = {"ode": "heun", "sde": "em"}
 #: network calls per grid step of each solver
 CALLS_PER_STEP = {"em": 1, "pc": 2, "heun": 2, "dpm2m": 1}
 #: signal-to-noise ratio of the Langevin corrector (Song et al. 2021's default)
@@ -169,7 +171,8 @@ def sample(
         Optional wrapper around the step iterator (e.g. a progress bar).
     batch_size
         At most this many rows per forward pass (memory); one logical call is split into
-        several passes. `None`: no limit. Results do not depend on it.
+        several passes. `None`: no limit. Results depend on it only through float
+        rounding (matrix products sum in another order on smaller batches).
     record_times
         Times in (t_min, 1] at which to record every requested cell's state; they are added
         to the grid so that states are exact there. With ``share=True`` a class's rows above
