@@ -24,6 +24,8 @@ _SOLVER_HELP = {
     "heun": "probability-flow ODE, Heun's method (2 network calls per step; the default)",
     "dpm2m": "probability-flow ODE, DPM-Solver++(2M) multistep (1 call per step)",
     "em": "reverse SDE, Euler-Maruyama (stochastic; needs hundreds of steps)",
+    "pc": "reverse SDE, Euler-Maruyama predictor + Langevin corrector (2 calls per step; the "
+    "original paper's sampler, with 1000 steps)",
 }
 
 

@@ -29,7 +29,7 @@ from .._validation import (
 )
 from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standardizer
 from ..module._networks import count_parameters
-from ..module._sampling import SOLVER_ALIASES, SOLVERS
+from ..module._sampling import SOLVER_ALIASES, SOLVERS, default_spacing
 from ..tl._branch_hierarchy import discover_record
 from ._data import ResamplingDataSplitter
 from ._decoding import decode, fit_pca_decoder
@@ -411,7 +411,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         n_steps: int = 25,
         share: bool = True,
         seed: int | None = None,
-        spacing: str = "logsnr",
+        spacing: str | None = None,
         residual_noise: bool = False,
         batch_size: int | None = None,
         progress_bar: bool = True,
@@ -438,7 +438,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         seed
             Random seed; `None` draws one (it is recorded in ``uns['scbranch']['params']``).
         spacing
-            Step spacing, ``"logsnr"`` (default) or ``"t"``.
+            Step allocation and spacing, ``"logsnr"`` or ``"t"``; `None` picks ``"t"`` for the
+            stochastic solvers (``em``, ``pc``; as in Song et al.: the Langevin corrector
+            over-disperses cells when log-SNR spacing crowds its steps near the data) and
+            ``"logsnr"`` for the ODE solvers.
         residual_noise
             PCA-space models: add to the decoded expression the per-gene noise real cells have
             outside the PCs (probabilistic PCA), so cells vary like real cells in every
@@ -464,6 +467,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ... )
         """
         solver = SOLVER_ALIASES.get(solver, solver)
+        spacing = default_spacing(solver) if spacing is None else spacing
         if solver not in SOLVERS:
             raise ValueError(
                 f"Unknown solver {solver!r}; choose one of {list(SOLVERS) + list(SOLVER_ALIASES)}."

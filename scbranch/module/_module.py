@@ -14,7 +14,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from .._constants import REGISTRY_KEYS
 from ._networks import ScoreNetwork, count_parameters, flat_width_matching
-from ._sampling import SampleResult, sample
+from ._sampling import SampleResult, default_spacing, sample
 from ._sde import VPSDE
 from ._tree import BranchTree, lookup_tables
 
@@ -227,7 +227,7 @@ class BranchedDiffusionModule(BaseModuleClass):
         n_steps: int = 50,
         share: bool = True,
         seed: int = 0,
-        spacing: str = "logsnr",
+        spacing: str | None = None,
         progress: Callable | None = None,
         **options,
     ) -> SampleResult:
@@ -249,7 +249,7 @@ class BranchedDiffusionModule(BaseModuleClass):
             n_steps=n_steps,
             share=share,
             seed=seed,
-            spacing=spacing,
+            spacing=default_spacing(solver) if spacing is None else spacing,
             device=device,
             progress=progress,
             **options,

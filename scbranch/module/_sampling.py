@@ -33,6 +33,17 @@ SOLVERS = ("em", "pc", "heun", "dpm2m")
 SOLVER_ALIASES = {"ode": "heun", "sde": "em"}
 #: network calls per grid step of each solver
 CALLS_PER_STEP = {"em": 1, "pc": 2, "heun": 2, "dpm2m": 1}
+
+
+def default_spacing(solver: str) -> str:
+    """Step spacing used when none is given: uniform in t for the reverse SDE, log-SNR for ODEs.
+
+    Measured on pbmc68k: 1000 predictor-corrector steps in log-SNR spacing gave cells 1.22x as
+    dispersed as real ones (W2 30 vs 17); the same steps uniform in t gave the paper's sampler.
+    """
+    return "t" if solver in ("em", "pc") else "logsnr"
+
+
 #: signal-to-noise ratio of the Langevin corrector (Song et al. 2021's default)
 CORRECTOR_SNR = 0.16
 
@@ -128,7 +139,7 @@ def sample(
     n_steps: int = 50,
     share: bool = True,
     seed: int = 0,
-    spacing: str = "logsnr",
+    spacing: str | None = None,
     denoise: bool = True,
     device: torch.device | str = "cpu",
     progress: Callable | None = None,
@@ -162,7 +173,8 @@ def sample(
     seed
         Seed; the result is deterministic for a given seed and device.
     spacing
-        Step allocation and spacing unit, ``"logsnr"`` or ``"t"``.
+        Step allocation and spacing unit, ``"logsnr"`` or ``"t"``; `None`:
+        :func:`default_spacing` of the solver.
     denoise
         Return the network's denoised prediction at ``t_min`` (one extra call).
     device
@@ -195,6 +207,7 @@ def sample(
     # class's samples (share=False) do not depend on which other classes are sampled with it.
     knots = set(tree.breakpoints(None, sde.t_min))
     records = _check_record_times(record_times, sde)
+    spacing = default_spacing(solver) if spacing is None else spacing
     grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
