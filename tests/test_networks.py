@@ -61,6 +61,17 @@ def test_scalar_time_is_broadcast():
     )
 
 
+def test_rows_grouped_by_head_take_the_direct_path():
+    """Runs of heads in any order (as the sampler passes them) give the same as row by row."""
+    net = _net()
+    x = torch.randn(9, 6)
+    head = torch.tensor([3, 3, 3, 0, 0, 4, 1, 1, 1])
+    for t in (torch.tensor(0.7), torch.full((9,), 0.7)):
+        out = net(x, t, head)
+        rows = torch.cat([net(x[i : i + 1], torch.tensor(0.7), head[i : i + 1]) for i in range(9)])
+        torch.testing.assert_close(out, rows, atol=1e-5, rtol=0)
+
+
 def test_unneeded_heads_are_never_called():
     net = _net()
     calls = {i: [] for i in range(5)}

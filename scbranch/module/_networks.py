@@ -124,8 +124,10 @@ class ScoreNetwork(nn.Module):
         label: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise of ``x`` at times ``t`` with head ``head[i]`` for row ``i``."""
-        t = t.expand(x.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
-        temb = self.time_embed(t)
+        # One time for all rows (sampling): embed it once and broadcast, instead of running the
+        # time MLP and every block's time projection on n identical rows.
+        shared_time = t.dim() == 0 or t.numel() == 1
+        temb = self.time_embed(t.reshape(1) if shared_time else t)
         h = self.inp(x)
         if self.class_embed is not None:
             if label is None:
@@ -135,16 +137,29 @@ class ScoreNetwork(nn.Module):
             h = block(h, temb)
         if len(self.heads) == 1:
             return self.heads[0](h, temb)
-        # Evaluate each needed head once, on the contiguous slice of rows that use it.
+        # Evaluate each needed head once, on the contiguous slice of rows that use it. The
+        # sampler already passes rows grouped by branch: then no gather/scatter is needed.
+        ids, counts = torch.unique_consecutive(head, return_counts=True)
+        ids, counts = ids.tolist(), counts.tolist()
+        if len(set(ids)) == len(ids):
+            out = torch.empty(x.shape, dtype=h.dtype, device=x.device)
+            start = 0
+            for head_id, count in zip(ids, counts, strict=True):
+                sl = slice(start, start + count)
+                out[sl] = self.heads[head_id](h[sl], temb if shared_time else temb[sl])
+                start += count
+            return out
         order = torch.argsort(head, stable=True)
         counts = torch.bincount(head, minlength=len(self.heads)).tolist()
-        h_sorted, temb_sorted = h[order], temb[order]
+        h_sorted = h[order]
+        temb_sorted = temb if shared_time else temb[order]
         out_sorted = torch.empty(x.shape, dtype=h.dtype, device=x.device)
         start = 0
         for head_id, count in enumerate(counts):
             if count:
                 sl = slice(start, start + count)
-                out_sorted[sl] = self.heads[head_id](h_sorted[sl], temb_sorted[sl])
+                t_sl = temb_sorted if shared_time else temb_sorted[sl]
+                out_sorted[sl] = self.heads[head_id](h_sorted[sl], t_sl)
                 start += count
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted
