@@ -450,7 +450,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             docs/evaluation.md). Values can then be negative. The latent is unchanged.
         batch_size
             At most this many cells per forward pass (memory on large requests); the cells
-            depend on it only through float rounding. `None`: no limit.
+            depend on it only through float rounding. `None`: 8,192 on CPU (faster than one
+            large pass), no limit on GPU.
         progress_bar
             Show a progress bar over the steps.
 

@@ -44,6 +44,10 @@ def default_spacing(solver: str) -> str:
     return "t" if solver in ("em", "pc") else "logsnr"
 
 
+#: rows per forward pass on CPU when no batch_size is given: larger passes spill the cache
+#: (32 classes x 1,000 cells, 2 cores: 8.2 s unchunked, 6.7 s in passes of 8,192 rows)
+CPU_PASS_ROWS = 8192
+
 #: signal-to-noise ratio of the Langevin corrector (Song et al. 2021's default)
 CORRECTOR_SNR = 0.16
 
@@ -183,8 +187,9 @@ def sample(
         Optional wrapper around the step iterator (e.g. a progress bar).
     batch_size
         At most this many rows per forward pass (memory); one logical call is split into
-        several passes. `None`: no limit. Results depend on it only through float
-        rounding (matrix products sum in another order on smaller batches).
+        several passes. `None`: :data:`CPU_PASS_ROWS` on CPU (faster), no limit elsewhere.
+        Results depend on it only through float rounding (matrix products sum in another
+        order on smaller batches).
     record_times
         Times in (t_min, 1] at which to record every requested cell's state; they are added
         to the grid so that states are exact there. With ``share=True`` a class's rows above
@@ -211,6 +216,8 @@ def sample(
     grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if batch_size is None and device.type == "cpu":
+        batch_size = CPU_PASS_ROWS
 
     def need(branch: int) -> int:
         return max(counts.get(c, 0) for c in tree.branches[branch].classes)
