@@ -78,6 +78,15 @@ SETTINGS = {
     },
 }
 LABELS = "cell_type"
+#: the metrics of the per-class comparison and the figure
+HEADLINE_METRICS = [
+    "label_fidelity",
+    "auroc",
+    "w2",
+    "mmd_median",
+    "dispersion",
+    "gene_mean_spearman",
+]
 METRIC_ORDER = [
     "label_fidelity",
     "auroc",
@@ -377,14 +386,7 @@ def per_class_comparison(rows: pd.DataFrame, a: str = "branched", b: str = "flat
     better = _directions(rows)
     out = []
     for (group, metric), ctrl in control.items():
-        if metric not in (
-            "label_fidelity",
-            "auroc",
-            "w2",
-            "mmd_median",
-            "dispersion",
-            "gene_mean_spearman",
-        ):
+        if metric not in HEADLINE_METRICS:
             continue
         sa, sb_ = stats.loc[(group, metric, a)], stats.loc[(group, metric, b)]
         if better[metric] == "lower":
@@ -473,6 +475,11 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
                 _md(comp, index=False),
                 "",
             ]
+    return write_lines(path, lines)
+
+
+def write_lines(path: Path, lines: list[str]) -> str:
+    """Write a generated markdown report (creating its folder) and return its text."""
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -540,14 +547,7 @@ def main(argv=None) -> int:
         methods = rows[~rows["method"].str.startswith("probe")]
         fig = sb.pl.evaluation(
             methods,
-            metrics=[
-                "label_fidelity",
-                "auroc",
-                "w2",
-                "mmd_median",
-                "dispersion",
-                "gene_mean_spearman",
-            ],
+            metrics=HEADLINE_METRICS,
             ncols=3,
             return_fig=True,
         )

@@ -398,18 +398,8 @@ def test_recorded_states(solver):
     tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
     counts = {0: 6, 1: 4}
     times = [1.0, 0.7, 0.5, 0.3, SDE.t_min]
-    shared = sample(
-        _lin,
-        tree,
-        SDE,
-        counts,
-        n_input=2,
-        solver=solver,
-        n_steps=10,
-        seed=1,
-        record_times=times,
-        denoise=False,
-    )
+    kw = dict(n_input=2, solver=solver, n_steps=10, seed=1, denoise=False)
+    shared = sample(_lin, tree, SDE, counts, record_times=times, **kw)
     assert list(shared.trajectory) == sorted(times, reverse=True)
     assert all(t in shared.grid for t in times)
     for states in shared.trajectory.values():
@@ -421,23 +411,10 @@ def test_recorded_states(solver):
     assert not torch.equal(shared.trajectory[0.3][:4], shared.trajectory[0.3][6:10])
     assert torch.equal(shared.trajectory[SDE.t_min], shared.x)
     # recording at times already on the grid does not change the samples
-    kw = dict(n_input=2, solver=solver, n_steps=10, seed=1, denoise=False)
     plain = sample(_lin, tree, SDE, counts, **kw)
     on_grid = sample(_lin, tree, SDE, counts, record_times=[1.0, 0.5, SDE.t_min], **kw)
     assert torch.equal(plain.x, on_grid.x) and plain.trajectory == {}
-    independent = sample(
-        _lin,
-        tree,
-        SDE,
-        counts,
-        n_input=2,
-        solver=solver,
-        n_steps=10,
-        seed=1,
-        share=False,
-        record_times=times,
-        denoise=False,
-    )
+    independent = sample(_lin, tree, SDE, counts, share=False, record_times=times, **kw)
     assert torch.equal(independent.trajectory[SDE.t_min], independent.x)
     assert not torch.equal(independent.trajectory[0.7][:4], independent.trajectory[0.7][6:10])
     with pytest.raises(ValueError, match="Trajectory times must lie in"):
