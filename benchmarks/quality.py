@@ -28,7 +28,7 @@ Datasets:
             over clusters, not ground truth); 2,000 HVGs chosen on the train cells; 30 % held out
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/quality.py                 # CPU settings, about 20 min on 2 cores
+  python benchmarks/quality.py                 # CPU settings, about 16 min on 2 cores
   python benchmarks/quality.py --gpu           # GPU settings (longer training, more seeds)
   python benchmarks/quality.py --fast          # smoke test (a minute; numbers meaningless)
 Writes docs/benchmarks/quality.md (tables) and, under --out, per-row CSV and figures.

@@ -16,7 +16,7 @@
     at the default (Heun, 25 steps).
 
 Usage (repository root, project venv):
-  python benchmarks/sampling.py              # CPU, 2 threads, about 12 min
+  python benchmarks/sampling.py              # CPU, 2 threads, about 10 min
   python benchmarks/sampling.py --device cuda --threads 8   # where a GPU is available
   python benchmarks/sampling.py --fast       # smoke test
 Writes docs/benchmarks/sampling.md (--fast: under --out) and CSVs under --out.
