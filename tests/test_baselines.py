@@ -57,6 +57,16 @@ def test_baseline_bad_input(pbmc):
         sb.baselines.PerClassGaussian(pbmc, "cell_type", obsm_key="X_umap3")
     with pytest.raises(ValueError, match="fewer than 10 cells"):
         sb.baselines.PerClassGaussian(pbmc, "cell_type", min_cells_per_class=10)
+    bad = pbmc.copy()
+    bad.obsm["X_pca"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"adata.obsm\['X_pca'\] contains 1 NaN"):
+        sb.baselines.PerClassGaussian(bad, "cell_type")
+    bad.layers["counts"] = bad.layers["counts"].astype(np.float32)
+    bad.layers["counts"].data[0] = np.inf
+    with pytest.raises(ValueError, match=r"adata.layers\['counts'\] contains 1 NaN or infinite"):
+        sb.baselines.ScviResampling(bad, "cell_type", max_epochs=1)
+    with pytest.raises(KeyError, match="labels_key='celltype'"):
+        sb.baselines.PerClassGaussian(pbmc, "celltype")
     with pytest.raises(ValueError, match="raw counts"):
         sb.baselines.ScviResampling(pbmc, "cell_type", counts_layer=None, max_epochs=1)
     with pytest.raises(KeyError, match="counts_layer='umi'"):

@@ -176,30 +176,9 @@ def test_independent_execution_cost_and_branches(solver):
 def test_shared_cost_ratio_matches_tree_bound():
     counts = {c: 50 for c in range(6)}
     n_steps = 400
-    res_s = sample(
-        lambda x, *a: 0 * x,
-        SIX,
-        SDE,
-        counts,
-        n_input=1,
-        solver="em",
-        n_steps=n_steps,
-        share=True,
-        spacing="t",
-        denoise=False,
-    )
-    res_i = sample(
-        lambda x, *a: 0 * x,
-        SIX,
-        SDE,
-        counts,
-        n_input=1,
-        solver="em",
-        n_steps=n_steps,
-        share=False,
-        spacing="t",
-        denoise=False,
-    )
+    kw = dict(n_input=1, solver="em", n_steps=n_steps, spacing="t", denoise=False)
+    res_s = sample(lambda x, *a: 0 * x, SIX, SDE, counts, share=True, **kw)
+    res_i = sample(lambda x, *a: 0 * x, SIX, SDE, counts, share=False, **kw)
     assert res_i.n_row_evaluations == 6 * 50 * n_steps
     assert res_s.n_row_evaluations == _expected_rows_shared(SIX, res_s.grid, counts)
     # with steps uniform in t, the saving is C / sum of branch lengths (leaves end at t_min)
@@ -384,6 +363,8 @@ def test_batch_size_does_not_change_results(solver, share):
     assert torch.equal(full.x, chunked.x)
     assert chunked.n_network_calls == full.n_network_calls  # logical calls, not passes
     assert max(n for _, n, _, _ in spy.calls) <= 7
+    with pytest.raises(ValueError, match="corrector_snr must be positive"):
+        sample(_lin, SIX, SDE, counts, corrector_snr=0.0, **kw)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         sample(_lin, SIX, SDE, counts, batch_size=0, **kw)
 

@@ -31,8 +31,6 @@ EpsFn = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor], torch.Tensor
 SOLVERS = ("em", "pc", "heun", "dpm2m")
 #: user-facing names of the kind of process, mapped to the solver used for it
 SOLVER_ALIASES = {"ode": "heun", "sde": "em"}
-#: network calls per grid step of each solver
-CALLS_PER_STEP = {"em": 1, "pc": 2, "heun": 2, "dpm2m": 1}
 
 
 def default_spacing(solver: str) -> str:
@@ -216,6 +214,8 @@ def sample(
     grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if corrector_snr <= 0:
+        raise ValueError(f"corrector_snr must be positive, got {corrector_snr}.")
     if batch_size is None and device.type == "cpu":
         batch_size = CPU_PASS_ROWS
 
