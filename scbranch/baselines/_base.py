@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import OBS_KEYS, UNS_KEYS
-from .._validation import check_finite, check_obs_key
+from .._validation import check_obs_key
 
 
 class Baseline:
@@ -47,10 +47,6 @@ class Baseline:
                 f"Class(es) {small} of adata.obs[{labels_key!r}] have fewer than "
                 f"{min_cells_per_class} cells; remove them or lower `min_cells_per_class`."
             )
-
-    def _check_matrix(self, m, where: str):
-        check_finite(m, where)
-        return m
 
     def _counts(self, n_cells: int | Mapping[str, int], labels: Sequence[str] | None) -> dict:
         if isinstance(n_cells, Mapping):

@@ -6,7 +6,7 @@ import numpy as np
 from anndata import AnnData
 from sklearn.covariance import LedoitWolf
 
-from .._validation import check_rep_key
+from .._validation import check_finite, check_rep_key
 from ..model._decoding import decode, fit_pca_decoder
 from ._base import Baseline
 
@@ -52,7 +52,8 @@ class PerClassGaussian(Baseline):
     ):
         super().__init__(adata, labels_key, min_cells_per_class)
         check_rep_key(adata, obsm_key=obsm_key, layer=layer)
-        z = np.asarray(self._check_matrix(np.asarray(adata.obsm[obsm_key]), f"obsm[{obsm_key!r}]"))
+        z = np.asarray(adata.obsm[obsm_key])
+        check_finite(z, f"adata.obsm[{obsm_key!r}]")
         self.obsm_key = obsm_key
         self.means_: dict[str, np.ndarray] = {}
         self.covariances_: dict[str, np.ndarray] = {}

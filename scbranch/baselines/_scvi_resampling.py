@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._validation import check_finite
 from ._base import Baseline
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class ScviResampling(Baseline):
                 f"{list(adata.layers.keys())}); pass the layer with raw counts or None for .X."
             )
         counts = adata.layers[counts_layer] if counts_layer is not None else adata.X
-        self._check_matrix(counts, "the counts")
+        check_finite(counts, f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X")
         _check_counts(counts, f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X")
         # a private copy: scvi-tools' setup writes into .uns/.obs, the user's object stays as is
         data = AnnData(

@@ -131,7 +131,7 @@ def _reference_pca(matrices: list, n_comps: int, seed: int):
     stacked = np.vstack([to_dense(m) for m in matrices])
     n_comps = int(min(n_comps, stacked.shape[0] - 1, stacked.shape[1]))
     pca = PCA(n_components=n_comps, random_state=seed).fit(stacked)
-    return lambda m: pca.transform(to_dense(m)), pca
+    return lambda m: pca.transform(to_dense(m))
 
 
 def _spread(x: np.ndarray) -> float:
@@ -434,7 +434,7 @@ def _spaces(generated, real, train, expr, use_rep, reference_pca, n_comps, seed)
                 "`use_rep=` (a latent space present in both) and `reference_pca=False`."
             )
         # fitted on ALL real cells: a PCA of one split makes real-vs-real look separable
-        project, _ = _reference_pca(
+        project = _reference_pca(
             [expr["real"]] + ([expr["train"]] if train is not None else []), n_comps, seed
         )
         spaces[REFERENCE_SPACE] = (
