@@ -95,3 +95,21 @@ def check_class_sizes(
             f"`adata.obs[{labels_key!r}] = "
             f"adata.obs[{labels_key!r}].cat.remove_unused_categories()`."
         )
+
+
+def check_counts(m, where: str, *, n_check: int = 100_000) -> None:
+    """Raise if ``m`` does not hold raw counts (non-negative integers).
+
+    Checks the first ``n_check`` stored values (enough to catch log-normalised or scaled data
+    without scanning a large matrix).
+    """
+    values = m.data if sp.issparse(m) else np.asarray(m).ravel()
+    values = np.asarray(values[:n_check], dtype=np.float64)
+    if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
+        kind = "negative values" if values.min() < 0 else "non-integer values"
+        raise ValueError(
+            f"{where} must hold raw counts (non-negative integers) but holds {kind} "
+            "(log-normalised or scaled data?). Pass the layer with the raw counts, e.g. "
+            "`counts_layer='counts'` (keep a copy before normalising: "
+            "`adata.layers['counts'] = adata.X.copy()`)."
+        )

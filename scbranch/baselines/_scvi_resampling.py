@@ -5,22 +5,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import scipy.sparse as sp
 from anndata import AnnData
 
-from .._validation import check_finite
+from ..model._counts import log_normalize
+from ..model._scvi import decode_latents, fit_scvi
 from ._base import Baseline
 
 logger = logging.getLogger(__name__)
-
-
-def _check_counts(m, where: str) -> None:
-    values = m.data if sp.issparse(m) else np.asarray(m).ravel()
-    if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
-        raise ValueError(
-            f"{where} must hold raw counts (non-negative integers) for scVI; it holds other "
-            "values (log-normalised?). Pass the layer with counts, e.g. `counts_layer='counts'`."
-        )
 
 
 class ScviResampling(Baseline):
@@ -74,42 +65,25 @@ class ScviResampling(Baseline):
         min_cells_per_class: int = 3,
         **train_kwargs,
     ):
-        import scvi
-
         super().__init__(adata, labels_key, min_cells_per_class)
-        if counts_layer is not None and counts_layer not in adata.layers:
-            raise KeyError(
-                f"counts_layer={counts_layer!r} is not in adata.layers (available: "
-                f"{list(adata.layers.keys())}); pass the layer with raw counts or None for .X."
-            )
-        counts = adata.layers[counts_layer] if counts_layer is not None else adata.X
-        check_finite(counts, f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X")
-        _check_counts(counts, f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X")
-        # a private copy: scvi-tools' setup writes into .uns/.obs, the user's object stays as is
-        data = AnnData(
-            X=sp.csr_matrix(counts, dtype=np.float32), obs=adata.obs[[labels_key]].copy()
-        )
-        data.var_names = adata.var_names.copy()
-        scvi.settings.seed = seed
-        scvi.model.SCVI.setup_anndata(data)
-        self.model_ = scvi.model.SCVI(
-            data,
+        self.model_ = fit_scvi(
+            adata,
+            counts_layer=counts_layer,
             n_latent=n_latent,
             n_hidden=n_hidden,
             n_layers=n_layers,
             gene_likelihood=gene_likelihood,
+            max_epochs=max_epochs,
+            seed=seed,
+            **train_kwargs,
         )
-        train_kwargs.setdefault("enable_progress_bar", False)
-        self.model_.train(max_epochs=max_epochs, **train_kwargs)
         qz_mean, qz_var = self.model_.get_latent_representation(return_dist=True)
         self.qz_mean_ = np.asarray(qz_mean, dtype=np.float32)
         self.qz_std_ = np.sqrt(np.asarray(qz_var, dtype=np.float32))
-        self.library_ = np.asarray(data.X.sum(1), dtype=np.float32).ravel()
+        self.library_ = np.asarray(self.model_.adata.X.sum(1), dtype=np.float32).ravel()
         self.var_names_ = np.asarray(adata.var_names).astype(str)
 
     def _sample(self, counts, rng, seed):
-        import torch
-
         source = np.concatenate(
             [
                 rng.choice(np.flatnonzero(self.labels_ == c), size=n, replace=True)
@@ -119,23 +93,11 @@ class ScviResampling(Baseline):
         z = self.qz_mean_[source] + self.qz_std_[source] * rng.standard_normal(
             (len(source), self.qz_mean_.shape[1]), dtype=np.float32
         )
-        module = self.model_.module
-        device = next(module.parameters()).device
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = module.generative(
-                z=torch.as_tensor(z, device=device),
-                library=torch.log(torch.as_tensor(self.library_[source], device=device))[:, None],
-                batch_index=torch.zeros((len(source), 1), dtype=torch.long, device=device),
-            )
-            sampled = out["px"].sample().cpu().numpy()
-        sampled = sp.csr_matrix(sampled.astype(np.float32))
-        totals = np.asarray(sampled.sum(1)).ravel()
-        scale = 1e4 / np.maximum(totals, 1.0)
-        x = sp.diags(scale.astype(np.float32)) @ sampled
-        x.data = np.log1p(x.data)
+        _, sampled = decode_latents(
+            self.model_, z, self.library_[source], np.zeros(len(source), dtype=np.int64), seed
+        )
         return {
-            "X": sp.csr_matrix(x, dtype=np.float32),
+            "X": log_normalize(sampled),
             "var_names": self.var_names_,
             "obsm": {"X_scVI": z},
             "layers": {"counts": sampled},

@@ -1,6 +1,7 @@
-"""The scvi-tools model class and its training plan."""
+"""The scvi-tools model class, its training plan, and the scVI latent space helper."""
 
 from ._model import BranchedDiffusion
+from ._scvi import fit_scvi
 from ._training_plan import DiffusionTrainingPlan
 
-__all__ = ["BranchedDiffusion", "DiffusionTrainingPlan"]
+__all__ = ["BranchedDiffusion", "DiffusionTrainingPlan", "fit_scvi"]

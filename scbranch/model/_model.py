@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import warnings
 import zipfile
@@ -22,6 +23,7 @@ from scvi.utils import setup_anndata_dsp, track
 from .._constants import OBS_KEYS, REGISTRY_KEYS, UNS_KEYS
 from .._validation import (
     check_class_sizes,
+    check_counts,
     check_finite,
     check_obs_key,
     check_rep_key,
@@ -31,8 +33,24 @@ from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standard
 from ..module._networks import count_parameters
 from ..module._sampling import SOLVER_ALIASES, SOLVERS, default_spacing
 from ..tl._branch_hierarchy import discover_record
+from ._counts import (
+    class_pools,
+    counts_from_expression,
+    draw_from_pools,
+    log_normalize,
+    size_factors,
+)
 from ._data import ResamplingDataSplitter
 from ._decoding import decode, fit_pca_decoder
+from ._scvi import (
+    SCVI_DIR,
+    check_genes,
+    counts_view,
+    decode_latents,
+    latent_means,
+    load_scvi,
+    scvi_info,
+)
 from ._training_plan import DiffusionTrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -44,6 +62,30 @@ def _column_variance(x) -> np.ndarray:
         mean = np.asarray(x.mean(0)).ravel()
         return np.maximum(np.asarray(x.multiply(x).mean(0)).ravel() - mean**2, 1e-12)
     return np.maximum(np.asarray(x, dtype=np.float64).var(0), 1e-12)
+
+
+def _check_saved_genes(path: str, adata: AnnData) -> None:
+    """Raise if ``adata``'s genes differ from those of the model saved at ``path``."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("var_names")
+    except Exception:  # noqa: BLE001 - a corrupt file is reported by the load itself
+        return
+    if saved is None:
+        return
+    saved = np.asarray(saved).astype(str)
+    genes = np.asarray(adata.var_names).astype(str)
+    if np.array_equal(saved, genes):
+        return
+    missing = [str(g) for g in saved if g not in set(genes)]
+    detail = (
+        f"{len(missing)} of its {len(saved)} genes are missing (e.g. {missing[:5]})"
+        if missing
+        else f"adata has {len(genes)} genes, the model {len(saved)} (other order or extras)"
+    )
+    raise ValueError(
+        f"The genes of adata do not match the saved model's: {detail}. Pass cells with the "
+        "model's genes, in its order: `adata[:, genes].copy()` with the genes it was trained on."
+    )
 
 
 class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
@@ -81,6 +123,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         :func:`scbranch.tl.branch_hierarchy`).
     t_sampling
         Distribution of diffusion times during training, ``"uniform"`` or ``"logsnr"``.
+    scvi_model
+        A trained :class:`scvi.model.SCVI` or :class:`scvi.model.LinearSCVI` whose latent means
+        are ``adata.obsm[obsm_key]``: generated latents are decoded by it into normalised
+        expression and counts. :meth:`from_scvi_model` sets this up in one call.
 
     Examples
     --------
@@ -111,6 +157,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         min_cells_per_class: int = 3,
         discovery_kwargs: dict | None = None,
         t_sampling: str = "uniform",
+        scvi_model=None,
     ):
         super().__init__(adata, registry)
         setup = self.registry_["setup_args"]
@@ -126,6 +173,17 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         classes = self.classes
         shift = scale = None
         self.decoder_ = None
+        # count-level output: scVI (its model, genes, per-class library sizes) or, for the
+        # expression and PCA spaces, per-class size factors of a counts layer
+        self._scvi_model = None
+        self.scvi_info_: dict | None = None
+        self.library_sizes_: list | None = None
+        self.size_factors_: list | None = None
+        if scvi_model is not None and (adata is None or self.obsm_key is None):
+            raise ValueError(
+                "scvi_model needs AnnData set up with `obsm_key` naming its latent means; "
+                "`BranchedDiffusion.from_scvi_model(scvi_model, labels_key=...)` does both."
+            )
         if adata is not None:
             x, labels = self._training_arrays(adata)
             check_class_sizes(labels, classes, min_cells_per_class, self.labels_key)
@@ -137,8 +195,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.hierarchy_record_ = record
             self.class_counts_ = np.bincount(labels, minlength=len(classes))
-            if self.obsm_key is not None:
+            if scvi_model is not None:
+                self._attach_scvi(scvi_model, adata, x, labels)
+            elif self.obsm_key is not None:
                 self.decoder_ = fit_pca_decoder(adata, self.obsm_key, self.layer)
+            if setup.get("counts_layer") and scvi_model is None:
+                self._fit_size_factors(adata, setup["counts_layer"], labels)
         elif hierarchy is None:
             raise ValueError("A model built without AnnData needs `hierarchy`.")
         elif isinstance(hierarchy, BranchTree):
@@ -164,13 +226,78 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 f"{classes}; recompute the hierarchy on these data."
             )
         self._model_summary_string = (
-            f"BranchedDiffusion ({architecture}) on "
-            f"{'obsm[' + repr(self.obsm_key) + ']' if self.obsm_key else 'expression'} "
+            f"BranchedDiffusion ({architecture}) on {self.space} "
             f"({n_input} dims), {len(classes)} classes, {self.module.tree.n_branches} branches, "
             f"{count_parameters(self.module.net):,} parameters; tree "
             f"{self.module.tree.to_newick(3)}"
         )
         self.init_params_ = self._get_init_params(locals())
+        # the scVI model is saved in its own directory, never pickled into model.pt
+        self.init_params_["non_kwargs"]["scvi_model"] = None
+
+    @property
+    def space(self) -> str:
+        """What the diffusion runs on, in words (e.g. ``"scVI latent obsm['X_scVI']"``)."""
+        if self.scvi_info_ is not None:
+            return f"{self.scvi_info_['class']} latent obsm[{self.obsm_key!r}]"
+        if self.obsm_key is not None:
+            return f"obsm[{self.obsm_key!r}]"
+        return f"expression ({'layers[' + repr(self.layer) + ']' if self.layer else '.X'})"
+
+    @property
+    def scvi_model(self):
+        """The scVI model that decodes this model's latents, or `None`."""
+        return self._scvi_model
+
+    def _attach_scvi(self, vae, adata: AnnData, latent: np.ndarray, labels: np.ndarray) -> None:
+        info = scvi_info(vae)
+        if latent.shape[1] != info["n_latent"]:
+            raise ValueError(
+                f"adata.obsm[{self.obsm_key!r}] has {latent.shape[1]} dimensions but the scVI "
+                f"model's latent has {info['n_latent']}: it is not this model's latent."
+            )
+        view = counts_view(adata, info)
+        # the diffusion must learn the latents the decoder expects: check a sample of cells
+        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, min(256, adata.n_obs), False))
+        expected = latent_means(vae, view[rows].copy())
+        err = np.linalg.norm(np.asarray(latent)[rows] - expected) / max(
+            np.linalg.norm(expected), 1e-12
+        )
+        if not err <= 1e-3:
+            raise ValueError(
+                f"adata.obsm[{self.obsm_key!r}] is not the scVI model's latent mean (relative "
+                f"difference {err:.3g}). Store `scvi_model.get_latent_representation()` there, "
+                "or use `BranchedDiffusion.from_scvi_model`."
+            )
+        library = np.asarray(view.X.sum(1)).ravel()
+        self.library_sizes_ = class_pools(library, labels, len(self.classes))
+        if info["batch_key"]:
+            batches = view.obs[info["batch_key"]]
+            info["default_batch"] = str(batches.value_counts().idxmax())
+        else:
+            info["default_batch"] = str(info["batches"][0])
+        self.scvi_info_ = info
+        self._scvi_model = vae
+
+    def _fit_size_factors(self, adata: AnnData, counts_layer: str, labels: np.ndarray) -> None:
+        if self.obsm_key is not None and self.decoder_ is None:
+            warnings.warn(
+                f"counts_layer={counts_layer!r} is ignored: obsm[{self.obsm_key!r}] has no map "
+                "back to genes, so generated cells have no expression to turn into counts.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        counts = adata.layers[counts_layer]
+        expression = adata.layers[self.layer] if self.layer else adata.X
+        if self.decoder_ is not None:
+            columns = check_genes(adata, self.decoder_["var_names"], "the PCA decoder")
+            counts, expression = counts[:, columns], expression[:, columns]
+        where = f"adata.layers[{counts_layer!r}]"
+        check_finite(counts, where)
+        check_counts(counts, where)
+        factors = size_factors(counts, expression)
+        self.size_factors_ = class_pools(factors, labels, len(self.classes))
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -181,6 +308,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         labels_key: str,
         layer: str | None = None,
         obsm_key: str | None = None,
+        counts_layer: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData object with the model.
@@ -196,6 +324,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         obsm_key
             Key of ``adata.obsm`` with the latent representation to diffuse (e.g. ``"X_pca"``).
             If `None`, diffuse expression (``layer`` or ``.X``).
+        counts_layer
+            Layer with the raw counts behind the log-normalised expression (expression and
+            PCA spaces): each class's size factors are stored so that ``generate(counts=True)``
+            can return counts. Not needed for scVI models (they sample counts themselves).
         **kwargs
             Used by :meth:`load` (``source_registry``).
 
@@ -208,6 +340,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         setup_method_args = cls._get_setup_method_args(**locals())
         check_obs_key(adata, labels_key)
         check_rep_key(adata, obsm_key=obsm_key, layer=layer)
+        if counts_layer is not None and counts_layer not in adata.layers:
+            raise KeyError(
+                f"counts_layer={counts_layer!r} is not in adata.layers (available: "
+                f"{list(adata.layers.keys())})."
+            )
         if obsm_key is not None:
             check_finite(adata.obsm[obsm_key], f"adata.obsm[{obsm_key!r}]")
         else:
@@ -222,6 +359,69 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    @classmethod
+    def from_scvi_model(
+        cls,
+        scvi_model,
+        labels_key: str,
+        *,
+        adata: AnnData | None = None,
+        obsm_key: str = "X_scVI",
+        **model_kwargs,
+    ) -> BranchedDiffusion:
+        """A model diffusing the latent space of a trained scVI model, decoding through it.
+
+        Like :meth:`scvi.model.SCANVI.from_scvi_model`: the diffusion trains on scVI's latent
+        means and :meth:`generate` decodes generated latents into normalised expression
+        (``layers['scale']``), counts sampled from scVI's likelihood (``layers['counts']``,
+        library sizes drawn from the requested class) and log-normalised ``.X``.
+
+        Parameters
+        ----------
+        scvi_model
+            Trained :class:`scvi.model.SCVI` or :class:`scvi.model.LinearSCVI` (set up with
+            at most a ``batch_key``), e.g. from :func:`scbranch.model.fit_scvi`.
+        labels_key
+            Column of ``adata.obs`` with the cell types.
+        adata
+            Cells to learn from: the scVI model's genes and counts layer, and ``labels_key``.
+            Default: the AnnData the scVI model was set up with.
+        obsm_key
+            Where the latent means are stored in ``adata.obsm`` (the only key written; an
+            existing entry is reused if it holds the same latents, otherwise an error).
+        **model_kwargs
+            Options of :class:`BranchedDiffusion` (``width``, ``hierarchy``, ...).
+
+        Returns
+        -------
+        The model, ready to :meth:`train`.
+
+        Examples
+        --------
+        >>> vae = sb.model.fit_scvi(adata, counts_layer="counts")  # doctest: +SKIP
+        >>> model = sb.BranchedDiffusion.from_scvi_model(  # doctest: +SKIP
+        ...     vae, labels_key="cell_type", adata=adata
+        ... )
+        """
+        info = scvi_info(scvi_model)
+        if adata is None:
+            adata = scvi_model.adata
+            if adata is None:
+                raise ValueError("The scVI model holds no AnnData; pass `adata=`.")
+        check_obs_key(adata, labels_key)
+        latent = latent_means(scvi_model, counts_view(adata, info))
+        if obsm_key in adata.obsm:
+            stored = np.asarray(adata.obsm[obsm_key], dtype=np.float32)
+            if stored.shape != latent.shape or not np.allclose(stored, latent, atol=1e-4):
+                raise ValueError(
+                    f"adata.obsm[{obsm_key!r}] exists and is not this scVI model's latent mean; "
+                    "pass another `obsm_key=` (scbranch never overwrites it) or delete it."
+                )
+        else:
+            adata.obsm[obsm_key] = latent
+        cls.setup_anndata(adata, labels_key=labels_key, obsm_key=obsm_key)
+        return cls(adata, scvi_model=scvi_model, **model_kwargs)
 
     # ------------------------------------------------------------------ registry helpers
     @property
@@ -413,6 +613,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         seed: int | None = None,
         spacing: str | None = None,
         residual_noise: bool = False,
+        counts: bool | None = None,
+        batch: str | None = None,
         batch_size: int | None = None,
         progress_bar: bool = True,
     ) -> AnnData:
@@ -448,6 +650,15 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             direction rather than being denoised profiles. On pbmc3k this brought a random
             forest's real-vs-generated AUROC from 0.71 to near the real-vs-real control (see
             docs/evaluation.md). Values can then be negative. The latent is unchanged.
+        counts
+            Also return counts in ``layers['counts']``. scVI models always do (sampled from
+            scVI's likelihood with library sizes drawn from the class). Expression and PCA
+            models do with ``counts=True`` if set up with ``counts_layer``: the expression
+            (negative values set to 0) is mapped back through a size factor drawn from the
+            class, ``rint(s * expm1(x))``.
+        batch
+            scVI models set up with a batch: the batch to decode into (default: the most common
+            one in the training data).
         batch_size
             At most this many cells per forward pass (memory on large requests); the cells
             depend on it only through float rounding. `None`: 8,192 on CPU (faster than one
@@ -458,8 +669,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         Returns
         -------
         AnnData with ``obs[labels_key]`` (categorical, all training types in training order),
-        ``obs['scbranch_generated']``, the latent in ``obsm[obsm_key]`` (latent models), decoded
-        expression in ``.X`` when the map to genes is known, and provenance in ``uns['scbranch']``.
+        ``obs['scbranch_generated']``, the latent in ``obsm[obsm_key]`` (latent models),
+        expression in ``.X`` when the map to genes is known (expression models: clipped at 0;
+        scVI models: the counts log-normalised to 10,000 per cell, with scVI's normalised
+        expression in ``layers['scale']`` and library sizes in ``obs['scbranch_library_size']``),
+        counts in ``layers['counts']`` (see ``counts``), and provenance in ``uns['scbranch']``.
 
         Examples
         --------
@@ -479,7 +693,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 "residual_noise applies to models that decode a PCA to genes; this model "
                 f"(diffusing {space}) has no PCA decoder."
             )
-        counts = self._counts(n_cells, labels)
+        counts, batch = self._check_decoding_options(counts, batch)
+        requested = self._counts(n_cells, labels)
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
         progress = None
         if progress_bar:
@@ -488,7 +703,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 return track(it, description="Sampling", style="tqdm")
 
         res = self.module.sample_counts(
-            counts,
+            requested,
             solver=solver,
             n_steps=n_steps,
             share=share,
@@ -501,42 +716,102 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         codes = res.labels.cpu().numpy()
         params = {
             # arrays, not a dict keyed by label: labels like "CD4+/CD25" are not valid h5 keys
-            "labels": np.array([self.classes[c] for c in counts], dtype=object),
-            "n_cells": np.array(list(counts.values()), dtype=np.int64),
+            "labels": np.array([self.classes[c] for c in requested], dtype=object),
+            "n_cells": np.array(list(requested.values()), dtype=np.int64),
             "solver": solver,
             "n_steps": n_steps,
             "share": share,
             "seed": seed,
             "spacing": spacing,
             "residual_noise": residual_noise,
+            "counts": counts,
+            "batch": batch or "",
             "n_network_calls": res.n_network_calls,
             "n_row_evaluations": res.n_row_evaluations,
         }
         return self._as_anndata(z, codes, params)
 
+    def _check_decoding_options(
+        self, counts: bool | None, batch: str | None
+    ) -> tuple[bool, str | None]:
+        """Validate ``counts`` and ``batch`` of :meth:`generate`; resolve both."""
+        if self.scvi_info_ is not None:
+            if counts is False:
+                raise ValueError("scVI models always generate counts; drop `counts=False`.")
+            batches = list(self.scvi_info_["batches"])
+            if batch is not None and (not self.scvi_info_["batch_key"] or batch not in batches):
+                raise ValueError(
+                    f"Unknown batch {batch!r}; the scVI model's batches are {batches}."
+                    if self.scvi_info_["batch_key"]
+                    else "The scVI model was set up without batches; drop `batch=`."
+                )
+            if self.scvi_info_["batch_key"] and batch is None:
+                batch = self.scvi_info_["default_batch"]
+            return True, batch
+        if batch is not None:
+            raise ValueError("`batch` applies to models decoded by scVI (from_scvi_model) only.")
+        if counts and self.size_factors_ is None:
+            raise ValueError(
+                "This model cannot generate counts: set the data up with "
+                "`counts_layer=` (expression and PCA models) or build the model on an scVI "
+                "model (`BranchedDiffusion.from_scvi_model`)."
+            )
+        return bool(counts), None
+
+    def _decode(self, z: np.ndarray, codes: np.ndarray, params: dict) -> dict:
+        """Expression, layers, obs columns and genes of generated latents, by space.
+
+        Each random part has its own stream derived from the seed, so the latent (and the
+        expression) are identical whatever else is asked for.
+        """
+        seed = int(params.get("seed", 0))
+        out: dict = {"X": None, "var_names": None, "layers": {}, "obs": {}}
+        if self.scvi_info_ is not None:
+            if self._scvi_model is None:
+                raise RuntimeError("The scVI model of this scbranch model is not loaded.")
+            info = self.scvi_info_
+            batch = params.get("batch") or info["default_batch"]  # "" without batches
+            batch_code = list(info["batches"]).index(batch)
+            library = draw_from_pools(self.library_sizes_, codes, np.random.default_rng([seed, 2]))
+            scale, sampled = decode_latents(
+                self._scvi_model, z, library, np.full(len(z), batch_code), seed
+            )
+            out.update(X=log_normalize(sampled), var_names=info["var_names"])
+            out["layers"] = {"counts": sampled, "scale": scale}
+            out["obs"]["scbranch_library_size"] = library
+            if info["batch_key"]:
+                out["obs"][info["batch_key"]] = pd.Categorical(
+                    [batch] * len(z), categories=list(info["batches"])
+                )
+            return out
+        if self.obsm_key is not None and self.decoder_ is not None:
+            rng = np.random.default_rng([seed, 1])
+            residual_noise = bool(params.get("residual_noise", False))
+            out["X"] = decode(self.decoder_, z, residual_noise=residual_noise, rng=rng)
+            out["var_names"] = self.decoder_["var_names"]
+        elif self.obsm_key is None:
+            out["X"] = np.clip(z, 0.0, None)  # log-normalised expression is never negative
+            out["var_names"] = np.asarray(self.get_var_names()).astype(str)
+        if params.get("counts"):
+            factors = draw_from_pools(self.size_factors_, codes, np.random.default_rng([seed, 2]))
+            out["layers"]["counts"] = counts_from_expression(out["X"], factors)
+            out["obs"]["scbranch_size_factor"] = factors
+        return out
+
     def _as_anndata(self, z: np.ndarray, codes: np.ndarray, params: dict) -> AnnData:
-        residual_noise = bool(params.get("residual_noise", False))
+        decoded = self._decode(z, codes, params)
         obs = pd.DataFrame(
             {
                 self.labels_key: pd.Categorical.from_codes(codes, categories=self.classes),
                 OBS_KEYS.GENERATED: True,
+                **decoded["obs"],
             },
             index=[f"gen{i}" for i in range(len(z))],
         )
-        obsm = {}
-        if self.obsm_key is not None:
-            obsm[self.obsm_key] = z
-            if self.decoder_ is not None:
-                # its own stream: the latent stays identical with or without the noise
-                rng = np.random.default_rng([int(params.get("seed", 0)), 1])
-                x = decode(self.decoder_, z, residual_noise=residual_noise, rng=rng)
-                var = pd.DataFrame(index=self.decoder_["var_names"])
-            else:
-                x, var = None, None
-        else:
-            x = z
-            var = pd.DataFrame(index=np.asarray(self.get_var_names()).astype(str))
-        adata = AnnData(X=x, obs=obs, var=var, obsm=obsm or None)
+        x = decoded["X"]
+        var = None if x is None else pd.DataFrame(index=decoded["var_names"])
+        obsm = {self.obsm_key: z} if self.obsm_key is not None else None
+        adata = AnnData(X=x, obs=obs, var=var, obsm=obsm, layers=decoded["layers"] or None)
         adata.uns[UNS_KEYS.GENERATED] = {
             "params": params,
             "model": {
@@ -545,6 +820,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 "obsm_key": self.obsm_key or "",
                 "layer": self.layer or "",
                 "decoded": x is not None and self.obsm_key is not None,
+                "space": self.space,
                 "summary": self._model_summary_string,
                 **self.module.sde.to_dict(),
             },
@@ -553,6 +829,45 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         return adata
 
     # ------------------------------------------------------------------ persistence
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the model to ``dir_path`` (and its scVI model, if any, to ``dir_path/scvi``).
+
+        Parameters
+        ----------
+        dir_path
+            Directory to create.
+        prefix
+            Prefix of the saved file names.
+        overwrite
+            Replace an existing directory's model files; otherwise an existing directory
+            raises an error.
+        save_anndata
+            Also save the registered AnnData.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.save`.
+
+        Examples
+        --------
+        >>> model.save("pbmc_model/")  # doctest: +SKIP
+        """
+        super().save(
+            dir_path, prefix=prefix, overwrite=overwrite, save_anndata=save_anndata, **kwargs
+        )
+        if self._scvi_model is not None:
+            # the scVI model keeps its own format (loadable by scvi-tools alone); no data
+            self._scvi_model.save(
+                os.path.join(str(dir_path), f"{prefix or ''}{SCVI_DIR}"),
+                overwrite=True,
+                save_anndata=False,
+            )
+
     @classmethod
     def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs) -> BranchedDiffusion:
         """Load a model saved with :meth:`save`.
@@ -575,8 +890,6 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         --------
         >>> model = BranchedDiffusion.load("pbmc_model/")  # doctest: +SKIP
         """
-        import os
-
         prefix = kwargs.get("prefix") or ""
         path = os.path.join(str(dir_path), f"{prefix}model.pt")
         if not os.path.isdir(str(dir_path)):
@@ -588,6 +901,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 f"{str(dir_path)!r} holds no '{prefix}model.pt': it is not (or not completely) a "
                 "saved scbranch model."
             )
+        if adata is not None:
+            _check_saved_genes(path, adata)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings(
@@ -608,4 +923,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 f"Could not load the model in {str(dir_path)!r}: {err}. The directory is corrupt, "
                 "partial, or from an incompatible version; retrain and save it again."
             ) from err
+        if getattr(model, "scvi_info_", None) is not None:
+            scvi_kwargs = {k: kwargs[k] for k in ("accelerator", "device") if k in kwargs}
+            model._scvi_model = load_scvi(
+                os.path.join(str(dir_path), f"{prefix}{SCVI_DIR}"), model.scvi_info_, **scvi_kwargs
+            )
+            if adata is not None:
+                check_genes(adata, model.scvi_info_["var_names"])
         return model

@@ -1,0 +1,320 @@
+"""An scVI model as scbranch's latent space: latent means in; normalised expression and counts out.
+
+The diffusion runs on scVI's latent means; generated latents go back through scVI's decoder
+(``module.generative``) with a library size and a batch, and counts are drawn from its
+likelihood. Everything here works on private AnnData copies: scvi-tools writes ``_scvi_*``
+columns into whatever it is given, and the user's object must stay as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from .._validation import check_counts, check_finite, check_obs_key
+
+logger = logging.getLogger(__name__)
+
+#: scvi-tools model classes whose decoder scbranch drives
+SUPPORTED_SCVI = ("SCVI", "LinearSCVI")
+#: likelihoods that give counts
+COUNT_LIKELIHOODS = ("nb", "zinb", "poisson")
+#: sub-directory of a saved scbranch model holding the scVI model
+SCVI_DIR = "scvi"
+#: cells decoded per forward pass (memory: the decoder's output is cells x genes)
+DECODE_CHUNK = 4096
+
+
+@contextmanager
+def _quiet_scvi():
+    """Silence scvi-tools' INFO chatter (set-up transfers, "file already downloaded")."""
+    scvi_logger = logging.getLogger("scvi")
+    level = scvi_logger.level
+    scvi_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        scvi_logger.setLevel(level)
+
+
+def fit_scvi(
+    adata: AnnData,
+    *,
+    counts_layer: str | None = "counts",
+    batch_key: str | None = None,
+    linear: bool = False,
+    n_latent: int = 10,
+    n_hidden: int = 128,
+    n_layers: int = 1,
+    gene_likelihood: str = "nb",
+    max_epochs: int | None = None,
+    seed: int = 0,
+    **train_kwargs,
+):
+    """Train an scVI (or LinearSCVI) model on the raw counts of ``adata``, leaving it untouched.
+
+    The model is set up on a private copy holding only the counts (and the batch column), so
+    ``adata`` gets no ``_scvi_*`` columns; it reads the same ``counts_layer``, so it applies
+    to ``adata`` afterwards (e.g. :meth:`~scbranch.BranchedDiffusion.from_scvi_model`).
+
+    Parameters
+    ----------
+    adata
+        Cells with raw counts in ``layers[counts_layer]`` (``.X`` when `None`).
+    counts_layer
+        Layer with raw counts (non-negative integers); log-normalised data raise an error.
+    batch_key
+        Column of ``adata.obs`` with batches, or `None`.
+    linear
+        Train :class:`scvi.model.LinearSCVI` (linear decoder, interpretable loadings) instead
+        of :class:`scvi.model.SCVI`.
+    n_latent, n_hidden, n_layers, gene_likelihood
+        Options of the scvi-tools model (``gene_likelihood``: ``"nb"``, ``"zinb"`` or
+        ``"poisson"``).
+    max_epochs
+        Training epochs (`None`: scvi-tools' heuristic).
+    seed
+        ``scvi.settings.seed`` (initialisation and minibatches).
+    **train_kwargs
+        Passed to the model's ``train`` (e.g. ``accelerator``, ``early_stopping``).
+
+    Returns
+    -------
+    The trained scvi-tools model.
+
+    Examples
+    --------
+    >>> import scbranch as sb
+    >>> adata = sb.datasets.pbmc68k()
+    >>> vae = sb.model.fit_scvi(adata, counts_layer="counts", max_epochs=5)  # doctest: +SKIP
+    """
+    import scvi
+
+    if gene_likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(
+            f"gene_likelihood={gene_likelihood!r} gives no counts; use one of {COUNT_LIKELIHOODS}."
+        )
+    if counts_layer is not None and counts_layer not in adata.layers:
+        raise KeyError(
+            f"counts_layer={counts_layer!r} is not in adata.layers (available: "
+            f"{list(adata.layers.keys())}); pass the layer with raw counts, or None for .X."
+        )
+    counts = adata.layers[counts_layer] if counts_layer is not None else adata.X
+    where = f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X"
+    check_finite(counts, where)
+    check_counts(counts, where)
+    obs = pd.DataFrame(index=adata.obs_names.copy())
+    if batch_key is not None:
+        check_obs_key(adata, batch_key, "batch_key")
+        obs[batch_key] = adata.obs[batch_key].astype(str).astype("category")
+    data = AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=obs)
+    data.var_names = adata.var_names.astype(str)
+    if counts_layer is not None:
+        data.layers[counts_layer] = data.X
+    scvi.settings.seed = seed
+    cls = scvi.model.LinearSCVI if linear else scvi.model.SCVI
+    cls.setup_anndata(data, layer=counts_layer, batch_key=batch_key)
+    vae = cls(
+        data,
+        n_latent=n_latent,
+        n_hidden=n_hidden,
+        n_layers=n_layers,
+        gene_likelihood=gene_likelihood,
+    )
+    train_kwargs.setdefault("enable_progress_bar", False)
+    vae.train(max_epochs=max_epochs, **train_kwargs)
+    return vae
+
+
+def scvi_info(vae) -> dict:
+    """What scbranch records about an scVI model; refuses set-ups it cannot decode.
+
+    Returns an h5ad/pickle-safe dict: class name, counts layer, batch key and categories,
+    genes, latent size and likelihood.
+    """
+    name = type(vae).__name__
+    if name not in SUPPORTED_SCVI:
+        raise TypeError(
+            f"scvi_model must be a trained scvi.model.SCVI or scvi.model.LinearSCVI, got {name}."
+        )
+    if not getattr(vae, "is_trained", False):
+        raise ValueError("The scVI model is not trained yet; call `scvi_model.train()` first.")
+    setup = vae.registry_["setup_args"]
+    covariates = [
+        f"{key}={setup[key]!r}"
+        for key in ("categorical_covariate_keys", "continuous_covariate_keys", "size_factor_key")
+        if setup.get(key)
+    ]
+    if covariates:
+        raise ValueError(
+            "scbranch decodes scVI models set up with at most a batch; this one was set up with "
+            f"{', '.join(covariates)}, whose values for generated cells are undefined. Set scVI "
+            "up again with `batch_key=` only (or fold the covariates into the batch) and retrain."
+        )
+    if vae.module.gene_likelihood not in COUNT_LIKELIHOODS:
+        raise ValueError(
+            f"The scVI model's gene_likelihood is {vae.module.gene_likelihood!r}, which gives no "
+            f"counts; train it with one of {COUNT_LIKELIHOODS}."
+        )
+    if getattr(vae.module, "dispersion", "gene") == "gene-label":
+        raise ValueError(
+            "The scVI model uses dispersion='gene-label' (per scVI label), which generated cells "
+            "do not have; train it with dispersion='gene' or 'gene-batch'."
+        )
+    fields = vae.registry_["field_registries"]
+    batches = [str(c) for c in fields["batch"]["state_registry"]["categorical_mapping"]]
+    labels = fields.get("labels", {}).get("state_registry", {}).get("categorical_mapping", [""])
+    return {
+        "class": name,
+        "layer": setup.get("layer") or "",
+        "batch_key": setup.get("batch_key") or "",
+        "batches": np.asarray(batches, dtype=object),
+        "labels_key": setup.get("labels_key") or "",
+        "first_label": str(labels[0]),
+        "var_names": np.asarray(fields["X"]["state_registry"]["column_names"]).astype(str),
+        "n_latent": int(vae.module.n_latent),
+        "gene_likelihood": str(vae.module.gene_likelihood),
+    }
+
+
+def check_genes(adata: AnnData, var_names: np.ndarray, what: str = "the scVI model") -> np.ndarray:
+    """Columns of ``adata`` holding ``var_names`` in order; raise if any gene is missing."""
+    index = pd.Index(adata.var_names.astype(str))
+    if index.equals(pd.Index(var_names)):
+        return np.arange(len(var_names))
+    missing = [str(g) for g in var_names if g not in index]
+    if missing:
+        raise ValueError(
+            f"The genes of adata do not match {what}'s: {len(missing)} of its "
+            f"{len(var_names)} genes are missing (e.g. {missing[:5]}). Pass cells measured on "
+            "the genes it was trained on (`model.scvi_model.adata.var_names`)."
+        )
+    if not index.is_unique:
+        raise ValueError("adata.var_names are not unique; run `adata.var_names_make_unique()`.")
+    logger.info("Using the %d genes of %s out of adata's %d.", len(var_names), what, adata.n_vars)
+    return index.get_indexer(var_names)
+
+
+def counts_view(adata: AnnData, info: dict) -> AnnData:
+    """A private AnnData with the counts (and batch) of ``adata`` in the scVI model's layout."""
+    columns = check_genes(adata, info["var_names"])
+    layer = info["layer"] or None
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(
+            f"The scVI model reads counts from layers[{layer!r}], which adata lacks (layers: "
+            f"{list(adata.layers.keys())}). Store the raw counts there."
+        )
+    where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    counts = adata.layers[layer] if layer else adata.X
+    counts = sp.csr_matrix(counts, dtype=np.float32)[:, columns]
+    check_finite(counts, where)
+    check_counts(counts, where + " (the scVI model's counts)")
+    obs = pd.DataFrame(index=adata.obs_names.copy())
+    if info["batch_key"]:
+        key = info["batch_key"]
+        check_obs_key(adata, key, "the scVI model's batch_key")
+        values = adata.obs[key].astype(str)
+        unknown = sorted(set(values) - set(info["batches"]))
+        if unknown:
+            raise ValueError(
+                f"adata.obs[{key!r}] has batches the scVI model was not trained on: {unknown[:5]}."
+            )
+        obs[key] = pd.Categorical(values, categories=list(info["batches"]))
+    if info["labels_key"]:
+        obs[info["labels_key"]] = info["first_label"]  # unused by the decoder (no gene-label)
+    view = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=info["var_names"]))
+    if layer is not None:
+        view.layers[layer] = view.X
+    return view
+
+
+def latent_means(vae, view: AnnData, batch_size: int = 1024) -> np.ndarray:
+    """Posterior means of scVI, ``E[z | x]`` of the cells of ``view`` (float32)."""
+    with _quiet_scvi():
+        z = vae.get_latent_representation(view, batch_size=batch_size)
+    return np.asarray(z, dtype=np.float32)
+
+
+def decode_latents(
+    vae,
+    z: np.ndarray,
+    library: np.ndarray,
+    batch_index: np.ndarray,
+    seed: int,
+) -> tuple[np.ndarray, sp.csr_matrix]:
+    """Normalised expression and sampled counts of latents ``z`` through scVI's decoder.
+
+    Parameters
+    ----------
+    vae
+        Trained scvi-tools model.
+    z
+        Latents (n, n_latent).
+    library
+        Library size (total counts) of each cell (n,).
+    batch_index
+        Batch code of each cell (n,).
+    seed
+        Seed of the count sampling (torch's RNG is forked: global state is left alone).
+
+    Returns
+    -------
+    ``(scale, counts)``: ``px.scale`` (rows sum to 1; float32, dense) and counts drawn from the
+    likelihood (CSR float32 with integer values).
+    """
+    module = vae.module
+    device = next(module.parameters()).device
+    scales, counts = [], []
+    forked = [device] if device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        for start in range(0, len(z), DECODE_CHUNK):
+            part = slice(start, start + DECODE_CHUNK)
+            out = module.generative(
+                z=torch.as_tensor(z[part], dtype=torch.float32, device=device),
+                library=torch.log(torch.as_tensor(library[part], device=device).float())[:, None],
+                batch_index=torch.as_tensor(batch_index[part], device=device).long()[:, None],
+            )
+            px = out["px"]
+            scales.append(px.scale.float().cpu().numpy())
+            counts.append(sp.csr_matrix(px.sample().float().cpu().numpy()))
+    return np.concatenate(scales), sp.vstack(counts, format="csr", dtype=np.float32)
+
+
+def _placeholder_anndata(info: dict) -> AnnData:
+    """One cell per batch with the model's genes: lets scvi-tools load a model without data."""
+    batches = list(info["batches"])
+    obs = pd.DataFrame(index=[f"placeholder{i}" for i in range(len(batches))])
+    if info["batch_key"]:
+        obs[info["batch_key"]] = pd.Categorical(batches, categories=batches)
+    if info["labels_key"]:
+        obs[info["labels_key"]] = info["first_label"]
+    # dense ones: scvi-tools takes an all-zero sparse X for "minified" data and refuses it
+    x = np.ones((len(batches), len(info["var_names"])), dtype=np.float32)
+    adata = AnnData(X=x, obs=obs, var=pd.DataFrame(index=info["var_names"]))
+    if info["layer"]:
+        adata.layers[info["layer"]] = x.copy()
+    return adata
+
+
+def load_scvi(path: str, info: dict, **load_kwargs):
+    """Load the scVI model saved at ``path`` (no data needed; LinearSCVI included)."""
+    import scvi
+
+    if not os.path.isfile(os.path.join(path, "model.pt")):
+        raise ValueError(
+            f"The scbranch model was built on an scVI model, but {path!r} holds none: the model "
+            "directory is partial. Save the model again with `model.save(dir_path)`."
+        )
+    cls = getattr(scvi.model, info["class"])
+    with _quiet_scvi():
+        vae = cls.load(path, adata=_placeholder_anndata(info), **load_kwargs)
+    vae.module.eval()
+    return vae
