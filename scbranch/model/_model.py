@@ -187,6 +187,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         if adata is not None:
             x, labels = self._training_arrays(adata)
             check_class_sizes(labels, classes, min_cells_per_class, self.labels_key)
+            if scvi_model is not None:
+                self._attach_scvi(scvi_model, adata, x, labels)
             shift, scale = global_standardizer(x)
             variance = _column_variance(x)
             tree, record = self._resolve_hierarchy(
@@ -195,9 +197,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.hierarchy_record_ = record
             self.class_counts_ = np.bincount(labels, minlength=len(classes))
-            if scvi_model is not None:
-                self._attach_scvi(scvi_model, adata, x, labels)
-            elif self.obsm_key is not None:
+            if scvi_model is None and self.obsm_key is not None:
                 self.decoder_ = fit_pca_decoder(adata, self.obsm_key, self.layer)
             if setup.get("counts_layer") and scvi_model is None:
                 self._fit_size_factors(adata, setup["counts_layer"], labels)

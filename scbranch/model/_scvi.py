@@ -289,11 +289,15 @@ def decode_latents(
 
 
 def _placeholder_anndata(info: dict) -> AnnData:
-    """One cell per batch with the model's genes: lets scvi-tools load a model without data."""
-    batches = list(info["batches"])
+    """Two cells per batch with the model's genes: lets scvi-tools load a model without data.
+
+    (Two, not one: LinearSCVI's library-size prior squeezes a one-cell batch to a scalar.)
+    """
+    categories = list(info["batches"])
+    batches = categories * 2
     obs = pd.DataFrame(index=[f"placeholder{i}" for i in range(len(batches))])
     if info["batch_key"]:
-        obs[info["batch_key"]] = pd.Categorical(batches, categories=batches)
+        obs[info["batch_key"]] = pd.Categorical(batches, categories=categories)
     if info["labels_key"]:
         obs[info["labels_key"]] = info["first_label"]
     # dense ones: scvi-tools takes an all-zero sparse X for "minified" data and refuses it

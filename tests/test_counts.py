@@ -1,0 +1,235 @@
+"""Count-level output: scVI latent space, expression space and PCA space (issue: counts)."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import scbranch as sb
+from scbranch.model._counts import counts_from_expression, log_normalize, size_factors
+
+LABELS = "cell_type"
+FAST_MODEL = {"width": 32, "n_head_blocks": 1}
+
+
+def _pbmc(n_genes: int = 200) -> ad.AnnData:
+    """pbmc68k on its most expressed genes (small and quick for scVI)."""
+    adata = sb.datasets.pbmc68k()
+    top = np.argsort(-np.asarray(adata.layers["counts"].sum(0)).ravel())[:n_genes]
+    return adata[:, np.sort(top)].copy()
+
+
+def _is_counts(m) -> bool:
+    values = m.data if sp.issparse(m) else np.asarray(m)
+    return bool(values.min() >= 0 and np.all(values == np.round(values)))
+
+
+@pytest.fixture(scope="module")
+def scvi_model_and_data():
+    import scvi
+
+    scvi.settings.seed = 0
+    adata = _pbmc()
+    adata.obs["batch"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 3 == 0, "b1", "b0"))
+    vae = sb.model.fit_scvi(adata, counts_layer="counts", batch_key="batch", max_epochs=3)
+    model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=adata, **FAST_MODEL)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    return vae, model, adata
+
+
+def test_fit_scvi_leaves_the_users_anndata_alone():
+    adata = _pbmc()
+    before = (list(adata.obs.columns), list(adata.uns), list(adata.obsm), list(adata.layers))
+    vae = sb.model.fit_scvi(adata, counts_layer="counts", max_epochs=1)
+    assert (
+        list(adata.obs.columns),
+        list(adata.uns),
+        list(adata.obsm),
+        list(adata.layers),
+    ) == before
+    model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=adata, **FAST_MODEL)
+    # documented keys only: the latent, and the scvi-tools registration of our own model
+    assert "X_scVI" in adata.obsm and model.scvi_model is vae
+    np.testing.assert_allclose(adata.obsm["X_scVI"], vae.get_latent_representation(), atol=1e-5)
+
+
+def test_scvi_generation_gives_counts_scale_and_lognormalised_x(scvi_model_and_data):
+    _, model, adata = scvi_model_and_data
+    gen = model.generate(n_cells=30, seed=0, progress_bar=False)
+    counts = gen.layers["counts"]
+    assert sp.issparse(counts) and _is_counts(counts) and counts.sum() > 0
+    np.testing.assert_allclose(gen.layers["scale"].sum(1), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(gen.X.toarray(), log_normalize(counts).toarray(), rtol=1e-6)
+    assert list(gen.var_names) == list(adata.var_names)
+    assert gen.obsm["X_scVI"].shape == (300, 10)
+    # library sizes come from the requested class's real cells
+    real_libs = np.asarray(adata.layers["counts"].sum(1)).ravel()
+    for label in ["CD19+ B", "Dendritic"]:
+        libs = gen.obs.loc[gen.obs[LABELS] == label, "scbranch_library_size"]
+        assert set(libs) <= set(real_libs[(adata.obs[LABELS] == label).to_numpy()])
+    # most common batch by default, any batch on request
+    assert (gen.obs["batch"] == "b0").all()
+    other = model.generate(n_cells=5, seed=0, batch="b1", progress_bar=False)
+    assert (other.obs["batch"] == "b1").all()
+    np.testing.assert_array_equal(
+        other.obsm["X_scVI"], model.generate(n_cells=5, seed=0, progress_bar=False).obsm["X_scVI"]
+    )
+    assert gen.uns["scbranch"]["params"]["batch"] == "b0"
+
+
+def test_scvi_round_trip_without_data_gives_identical_counts(scvi_model_and_data, tmp_path):
+    _, model, _ = scvi_model_and_data
+    before = model.generate(n_cells=20, seed=3, progress_bar=False)
+    model.save(tmp_path / "m")
+    assert (tmp_path / "m" / "scvi" / "model.pt").is_file()
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m")
+    assert loaded.adata is None and loaded.scvi_model is not None
+    after = loaded.generate(n_cells=20, seed=3, progress_bar=False)
+    assert (after.layers["counts"] != before.layers["counts"]).nnz == 0
+    np.testing.assert_array_equal(after.layers["scale"], before.layers["scale"])
+    after.write_h5ad(tmp_path / "gen.h5ad")
+    back = ad.read_h5ad(tmp_path / "gen.h5ad")
+    assert (back.layers["counts"] != before.layers["counts"]).nnz == 0
+
+
+def test_linear_scvi_saves_and_loads(tmp_path):
+    adata = _pbmc(100)
+    vae = sb.model.fit_scvi(adata, counts_layer="counts", linear=True, max_epochs=1)
+    model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=adata, **FAST_MODEL)
+    before = model.generate(n_cells=5, seed=0, progress_bar=False)
+    model.save(tmp_path / "lin")
+    after = sb.BranchedDiffusion.load(tmp_path / "lin").generate(
+        n_cells=5, seed=0, progress_bar=False
+    )
+    assert type(vae).__name__ == "LinearSCVI"
+    assert (after.layers["counts"] != before.layers["counts"]).nnz == 0
+
+
+def test_scvi_model_refuses_data_with_other_genes(scvi_model_and_data, tmp_path):
+    vae, model, adata = scvi_model_and_data
+    other = adata[:, 5:].copy()
+    del other.obsm["X_scVI"]
+    with pytest.raises(ValueError, match="5 of its 200 genes are missing"):
+        sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=other)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="genes of adata do not match"):
+        sb.BranchedDiffusion.load(tmp_path / "m", adata=other)
+    # the same genes in another order are found and reordered
+    shuffled = adata[:, adata.var_names[::-1]].copy()
+    del shuffled.obsm["X_scVI"]
+    sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=shuffled, **FAST_MODEL)
+
+
+def test_non_count_data_is_refused_where_counts_are_needed(scvi_model_and_data):
+    vae, _, adata = scvi_model_and_data
+    lognorm = adata.copy()
+    del lognorm.obsm["X_scVI"]
+    lognorm.layers["counts"] = lognorm.X.copy()
+    with pytest.raises(ValueError, match="must hold raw counts.*non-integer"):
+        sb.model.fit_scvi(lognorm, counts_layer="counts")
+    with pytest.raises(ValueError, match="must hold raw counts"):
+        sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=lognorm)
+    with pytest.raises(ValueError, match="must hold raw counts"):
+        sb.model.fit_scvi(adata, counts_layer=None)  # .X is log-normalised
+    with pytest.raises(KeyError, match="counts_layer='raw'"):
+        sb.model.fit_scvi(adata, counts_layer="raw")
+    negative = adata.copy()
+    negative.layers["counts"] = negative.layers["counts"] * -1.0
+    with pytest.raises(ValueError, match="negative values"):
+        sb.model.fit_scvi(negative, counts_layer="counts")
+
+
+def test_scvi_bad_input(scvi_model_and_data):
+    import scvi
+
+    vae, model, adata = scvi_model_and_data
+    fresh = adata.copy()
+    fresh.obsm["X_scVI"] = np.zeros((fresh.n_obs, 10), dtype=np.float32)
+    with pytest.raises(ValueError, match="exists and is not this scVI model's latent"):
+        sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=fresh)
+    sb.BranchedDiffusion.setup_anndata(fresh, labels_key=LABELS, obsm_key="X_scVI")
+    with pytest.raises(ValueError, match="is not the scVI model's latent mean"):
+        sb.BranchedDiffusion(fresh, scvi_model=vae)
+    with pytest.raises(ValueError, match="Unknown batch 'b7'"):
+        model.generate(n_cells=2, batch="b7", progress_bar=False)
+    with pytest.raises(ValueError, match="always generate counts"):
+        model.generate(n_cells=2, counts=False, progress_bar=False)
+    with pytest.raises(TypeError, match="must be a trained scvi.model.SCVI"):
+        sb.BranchedDiffusion.from_scvi_model(object(), labels_key=LABELS, adata=adata)
+    untrained_data = adata.copy()
+    scvi.model.SCVI.setup_anndata(untrained_data, layer="counts")
+    with pytest.raises(ValueError, match="not trained yet"):
+        sb.BranchedDiffusion.from_scvi_model(scvi.model.SCVI(untrained_data), labels_key=LABELS)
+    covariates = adata.copy()
+    scvi.model.SCVI.setup_anndata(covariates, layer="counts", categorical_covariate_keys=["batch"])
+    with_covs = scvi.model.SCVI(covariates, n_latent=4)
+    with_covs.train(max_epochs=1, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="categorical_covariate_keys"):
+        sb.BranchedDiffusion.from_scvi_model(with_covs, labels_key=LABELS)
+
+
+def test_missing_scvi_directory_is_reported(scvi_model_and_data, tmp_path):
+    import shutil
+
+    _, model, _ = scvi_model_and_data
+    model.save(tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "scvi")
+    with pytest.raises(ValueError, match="holds none: the model directory is partial"):
+        sb.BranchedDiffusion.load(tmp_path / "m")
+
+
+# ----------------------------------------------------------------------------- size factors
+def test_size_factors_known_answer_and_exact_inverse():
+    adata = sb.datasets.pbmc68k()
+    factors = size_factors(adata.layers["counts"], adata.X)
+    np.testing.assert_allclose(factors, adata.obs["n_counts"] / 1e4, rtol=1e-4)
+    back = counts_from_expression(adata.X.toarray(), factors)
+    assert abs(back - adata.layers["counts"]).max() == 0  # real cells map back to their counts
+    with pytest.raises(ValueError, match="do not match"):
+        size_factors(adata.layers["counts"][::-1], adata.X)  # counts of other cells
+
+
+def test_expression_space_counts_and_valid_range():
+    adata = _pbmc(100)
+    assert sp.issparse(adata.X)  # sparse input is used as is
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, counts_layer="counts")
+    model = sb.BranchedDiffusion(adata, **FAST_MODEL)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    plain = model.generate(n_cells=10, seed=0, progress_bar=False)
+    assert plain.X.min() >= 0 and "counts" not in plain.layers
+    gen = model.generate(n_cells=10, seed=0, counts=True, progress_bar=False)
+    np.testing.assert_array_equal(gen.X, plain.X)
+    assert _is_counts(gen.layers["counts"])
+    factors = gen.obs["scbranch_size_factor"].to_numpy()
+    expected = np.rint(factors[:, None] * np.expm1(gen.X))
+    np.testing.assert_array_equal(gen.layers["counts"].toarray(), expected)
+
+
+def test_pca_space_counts():
+    adata = sb.datasets.pbmc68k()
+    sb.BranchedDiffusion.setup_anndata(
+        adata, labels_key=LABELS, obsm_key="X_pca", counts_layer="counts"
+    )
+    model = sb.BranchedDiffusion(adata, **FAST_MODEL)
+    gen = model.generate(n_cells=5, seed=0, counts=True, progress_bar=False)
+    assert _is_counts(gen.layers["counts"]) and gen.layers["counts"].shape == gen.shape
+
+
+def test_counts_bad_input():
+    adata = _pbmc(100)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS)
+    model = sb.BranchedDiffusion(adata, **FAST_MODEL)
+    with pytest.raises(ValueError, match="cannot generate counts.*counts_layer"):
+        model.generate(n_cells=2, counts=True, progress_bar=False)
+    with pytest.raises(ValueError, match="`batch` applies to models decoded by scVI"):
+        model.generate(n_cells=2, batch="b0", progress_bar=False)
+    with pytest.raises(KeyError, match="counts_layer='raw'"):
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, counts_layer="raw")
+    with pytest.raises(ValueError, match="scvi_model needs AnnData set up with `obsm_key`"):
+        sb.BranchedDiffusion(adata, scvi_model=object())
+    lognorm = adata.copy()
+    lognorm.layers["counts"] = lognorm.X.copy()
+    sb.BranchedDiffusion.setup_anndata(lognorm, labels_key=LABELS, counts_layer="counts")
+    with pytest.raises(ValueError, match="must hold raw counts"):
+        sb.BranchedDiffusion(lognorm, **FAST_MODEL)
