@@ -70,6 +70,7 @@ def test_perfect_generator_matches_its_control(data):
     assert _mean(report, "label_fidelity")["generated"] > 0.95
     assert _mean(report, "gene_mean_spearman", "genes")["generated"] > 0.9
     assert _mean(report, "zero_fraction_error", "counts")["ratio"] < 1.5
+    assert _mean(report, "count_mean_spearman", "counts")["generated"] > 0.9
     # equal sizes: 30 held-out cells per half, 30 generated cells drawn to match
     per_class = report[(report.group != "mean") & (report.metric == "w2")]
     assert (per_class["n_cells"] == 30).all()

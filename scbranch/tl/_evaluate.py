@@ -47,10 +47,12 @@ METRICS: dict[str, str] = {
     "label_fidelity": "closer to control",
     "gene_mean_spearman": "closer to control",
     "gene_var_spearman": "closer to control",
+    "count_mean_spearman": "closer to control",
     "zero_fraction_error": "lower",
 }
 _DISTRIBUTION = ("w2", "mmd", "mmd_median", "auroc", "dispersion")
 _GENES = ("gene_mean_spearman", "gene_var_spearman")
+_COUNTS = ("count_mean_spearman", "zero_fraction_error")
 REFERENCE_SPACE = "reference_pca"
 COLUMNS = ["space", "group", "metric", "generated", "control", "ratio", "better", "n_cells"]
 
@@ -236,6 +238,8 @@ def evaluate(
       the control: cells more typical than real ones).
     * ``gene_mean_spearman``, ``gene_var_spearman``: rank correlation of per-gene means and
       variances (log-normalised expression).
+    * ``count_mean_spearman``: rank correlation of per-gene mean counts, on ``counts_layer``
+      when both objects have it.
     * ``zero_fraction_error``: mean over genes of |zero fraction difference|, on
       ``counts_layer`` when both objects have it.
 
@@ -349,7 +353,7 @@ def evaluate(
                 fidelity_classifier,
                 seed,
             )
-    if expr is not None and any(m in metrics for m in (*_GENES, "zero_fraction_error")):
+    if expr is not None and any(m in metrics for m in (*_GENES, *_COUNTS)):
         rows += _gene_rows(generated, real, expr, counts_layer, groups, halves, metrics, min_cells)
 
     table = _ordered(pd.DataFrame(rows, columns=COLUMNS), groups)
@@ -495,15 +499,16 @@ def _gene_rows(
 ) -> list[dict]:
     """Gene-level agreement per class (generated vs B, control A vs B)."""
     gen_expr, real_expr = expr["generated"], expr["real"]
+    wants_counts = any(m in metrics for m in _COUNTS)
     use_counts = (
-        "zero_fraction_error" in metrics
+        wants_counts
         and counts_layer is not None
         and counts_layer in generated.layers
         and counts_layer in real.layers
     )
-    if "zero_fraction_error" in metrics and not use_counts:
+    if wants_counts and not use_counts:
         logger.debug(
-            "No counts layer %r in both objects: zero fractions are not evaluated.", counts_layer
+            "No counts layer %r in both objects: count metrics are not evaluated.", counts_layer
         )
     if use_counts:
         gen_counts = generated.layers[counts_layer]
@@ -518,7 +523,11 @@ def _gene_rows(
         for i, name in enumerate(_GENES):
             if name in metrics:
                 rows.append(_row("genes", g, name, gen_rho[i], ctrl_rho[i], h.m))
-        if use_counts:
+        if use_counts and "count_mean_spearman" in metrics:
+            gen_rho = gene_moment_spearman(gen_counts[h.generated], real_counts[h.b])[0]
+            ctrl_rho = gene_moment_spearman(real_counts[h.a], real_counts[h.b])[0]
+            rows.append(_row("counts", g, "count_mean_spearman", gen_rho, ctrl_rho, h.m))
+        if use_counts and "zero_fraction_error" in metrics:
             rows.append(
                 _row(
                     "counts",
