@@ -223,11 +223,33 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     scvi.settings.seed = args.seed
     logger.info("Reading %s.", data)
     adata = _read_h5ad(data)
-    BranchedDiffusion.setup_anndata(
-        adata, labels_key=args.labels, layer=args.layer, obsm_key=args.rep
-    )
     model_kwargs = {} if args.width is None else {"width": args.width}
-    model = BranchedDiffusion(adata, **model_kwargs)
+    if args.scvi:
+        from .model import fit_scvi
+
+        logger.info("Training scVI on the counts in %s.", args.counts_layer or ".X")
+        vae = fit_scvi(
+            adata,
+            counts_layer=args.counts_layer,
+            batch_key=args.batch_key,
+            max_epochs=args.scvi_epochs,
+            seed=args.seed,
+            accelerator=args.accelerator,
+        )
+        model = BranchedDiffusion.from_scvi_model(
+            vae, labels_key=args.labels, adata=adata, **model_kwargs
+        )
+    else:
+        if args.batch_key is not None:
+            raise CLIError("--batch-key applies to --scvi models only.")
+        BranchedDiffusion.setup_anndata(
+            adata,
+            labels_key=args.labels,
+            layer=args.layer,
+            obsm_key=args.rep,
+            counts_layer=args.counts_layer,
+        )
+        model = BranchedDiffusion(adata, **model_kwargs)
     logger.info("Training on %d cells of %d types.", adata.n_obs, len(model.classes))
     train_kwargs = {}
     if _is_multi_device(args.devices):
@@ -276,6 +298,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         n_steps=args.n_steps,
         share=not args.no_share,
         seed=args.seed,
+        counts=True if args.counts else None,
+        batch=args.batch,
         progress_bar=not args.quiet,
     )
     _write_h5ad(gen, out)
@@ -429,6 +453,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="Layer with log-normalised expression to learn instead of a representation "
         "(default without --rep: .X).",
     )
+    rep.add_argument(
+        "--scvi",
+        action="store_true",
+        help="Train an scVI model on the counts (--counts-layer) and learn its latent space; "
+        "generated cells then get scVI's normalised expression and negative-binomial counts.",
+    )
+    fit.add_argument(
+        "--counts-layer",
+        metavar="L",
+        default=None,
+        help="Layer with the raw counts: what --scvi trains on (default there: .X), or, with "
+        "--rep/--layer, what lets 'generate --counts' return counts.",
+    )
+    fit.add_argument(
+        "--batch-key",
+        metavar="KEY",
+        default=None,
+        help="With --scvi: column of .obs with batches for scVI.",
+    )
+    fit.add_argument(
+        "--scvi-epochs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="With --scvi: scVI training epochs (default: scvi-tools' heuristic).",
+    )
     fit.add_argument(
         "--out",
         required=True,
@@ -552,6 +602,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Give every cell its own reverse path. By default cells of related types share the "
         "path above their branch point, which needs fewer network calls.",
+    )
+    gen.add_argument(
+        "--counts",
+        action="store_true",
+        help="Also write counts to .layers['counts'] (models fitted with --counts-layer; scVI "
+        "models always do).",
+    )
+    gen.add_argument(
+        "--batch",
+        default=None,
+        metavar="NAME",
+        help="scVI models with batches: the batch to decode into (default: the most common).",
     )
     gen.add_argument(
         "--out", required=True, metavar="OUT.h5ad", help="File to write the generated cells to."

@@ -379,3 +379,51 @@ def test_demo_user_error_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "scbranch._demo", _fake_module(fake_run_demo))
     assert main(["demo", "--out", "d"]) == 2
     assert "--overwrite" in _error_line(capsys)
+
+
+def test_fit_scvi_and_generate_counts(tmp_path, capsys):
+    import numpy as np
+
+    adata = scbranch.datasets.pbmc68k()
+    top = np.argsort(-np.asarray(adata.layers["counts"].sum(0)).ravel())[:100]
+    adata = adata[:, np.sort(top)].copy()
+    data = tmp_path / "pbmc.h5ad"
+    adata.write_h5ad(data)
+    common = ["--labels", "cell_type", "--max-epochs", "1", "--width", "32", "-q"]
+    rc = main(
+        [
+            "fit",
+            str(data),
+            "--scvi",
+            "--counts-layer",
+            "counts",
+            "--scvi-epochs",
+            "2",
+            "--out",
+            str(tmp_path / "m"),
+            *common,
+        ]
+    )
+    assert rc == 0 and (tmp_path / "m" / "scvi" / "model.pt").is_file()
+    out = tmp_path / "gen.h5ad"
+    assert main(["generate", str(tmp_path / "m"), "--n-cells", "3", "--out", str(out), "-q"]) == 0
+    gen = ad.read_h5ad(out)
+    counts = gen.layers["counts"]
+    assert counts.data.min() >= 0 and np.all(counts.data == np.round(counts.data))
+    # log-normalised .X where counts are needed: one clear line, exit 2
+    rc = main(["fit", str(data), "--scvi", "--out", str(tmp_path / "bad"), *common])
+    assert rc == 2 and "must hold raw counts" in _error_line(capsys)
+    rc = main(
+        [
+            "fit",
+            str(data),
+            "--rep",
+            "X_pca",
+            "--batch-key",
+            "b",
+            "--out",
+            str(tmp_path / "bad2"),
+            *common,
+        ]
+    )
+    assert rc == 2 and "--batch-key applies to --scvi" in _error_line(capsys)

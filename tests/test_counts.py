@@ -184,7 +184,7 @@ def test_size_factors_known_answer_and_exact_inverse():
     adata = sb.datasets.pbmc68k()
     factors = size_factors(adata.layers["counts"], adata.X)
     np.testing.assert_allclose(factors, adata.obs["n_counts"] / 1e4, rtol=1e-4)
-    back = counts_from_expression(adata.X.toarray(), factors)
+    back = counts_from_expression(adata.X.toarray(), factors, np.random.default_rng(0))
     assert abs(back - adata.layers["counts"]).max() == 0  # real cells map back to their counts
     with pytest.raises(ValueError, match="do not match"):
         size_factors(adata.layers["counts"][::-1], adata.X)  # counts of other cells
@@ -202,8 +202,19 @@ def test_expression_space_counts_and_valid_range():
     np.testing.assert_array_equal(gen.X, plain.X)
     assert _is_counts(gen.layers["counts"])
     factors = gen.obs["scbranch_size_factor"].to_numpy()
-    expected = np.rint(factors[:, None] * np.expm1(gen.X))
-    np.testing.assert_array_equal(gen.layers["counts"].toarray(), expected)
+    expected = factors[:, None] * np.expm1(gen.X.astype(np.float64))
+    got = gen.layers["counts"].toarray()
+    assert np.all((got == np.floor(expected)) | (got == np.floor(expected) + 1))
+    again = model.generate(n_cells=10, seed=0, counts=True, progress_bar=False)
+    assert (again.layers["counts"] != gen.layers["counts"]).nnz == 0
+
+
+def test_stochastic_rounding_keeps_expected_counts():
+    rng = np.random.default_rng(0)
+    x = np.log1p(np.full((20000, 3), [0.05, 0.7, 2.5]))  # expm1(x) = 0.05, 0.7, 2.5
+    counts = counts_from_expression(x, np.ones(20000), rng).toarray()
+    np.testing.assert_allclose(counts.mean(0), [0.05, 0.7, 2.5], atol=0.02)
+    assert set(np.unique(counts[:, 2])) == {2.0, 3.0}  # never further than the next integer
 
 
 def test_pca_space_counts():

@@ -83,13 +83,21 @@ def draw_from_pools(pools: list, codes: np.ndarray, rng: np.random.Generator) ->
     return out
 
 
-def counts_from_expression(x: np.ndarray, factors: np.ndarray) -> sp.csr_matrix:
-    """Invert log1p normalisation: ``rint(s * expm1(max(x, 0)))`` (CSR float32 of integers).
+def counts_from_expression(
+    x: np.ndarray, factors: np.ndarray, rng: np.random.Generator
+) -> sp.csr_matrix:
+    """Invert log1p normalisation: ``v = s * expm1(max(x, 0))``, stochastically rounded.
 
-    Rounding rather than Poisson sampling: generated expression already carries counting noise,
-    learnt from real cells, and for real cells this map returns their counts exactly.
+    Each ``v`` becomes ``floor(v)`` or ``floor(v) + 1`` with probability ``v - floor(v)``: the
+    expected counts are exactly ``v`` (plain rounding sends every value below 0.5 to 0 and
+    erases lowly expressed genes from smooth profiles such as PCA reconstructions), the added
+    noise is at most that of a coin flip (Poisson sampling would add counting noise the
+    generated expression already carries), and integer ``v`` (real cells) map back exactly.
+    Returns CSR float32 with integer values.
     """
-    counts = np.rint(factors[:, None] * np.expm1(np.clip(x, 0.0, None, dtype=np.float64)))
+    v = factors[:, None] * np.expm1(np.clip(x, 0.0, None, dtype=np.float64))
+    low = np.floor(v)
+    counts = low + (rng.random(v.shape) < (v - low))
     return sp.csr_matrix(counts.astype(np.float32))
 
 

@@ -197,9 +197,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.hierarchy_record_ = record
             self.class_counts_ = np.bincount(labels, minlength=len(classes))
-            if scvi_model is None and self.obsm_key is not None:
+            # decoders come from the saved attributes when loading (registry given), not
+            # from whatever data are attached then
+            fresh = registry is None and scvi_model is None
+            if fresh and self.obsm_key is not None:
                 self.decoder_ = fit_pca_decoder(adata, self.obsm_key, self.layer)
-            if setup.get("counts_layer") and scvi_model is None:
+            if fresh and setup.get("counts_layer"):
                 self._fit_size_factors(adata, setup["counts_layer"], labels)
         elif hierarchy is None:
             raise ValueError("A model built without AnnData needs `hierarchy`.")
@@ -655,7 +658,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             scVI's likelihood with library sizes drawn from the class). Expression and PCA
             models do with ``counts=True`` if set up with ``counts_layer``: the expression
             (negative values set to 0) is mapped back through a size factor drawn from the
-            class, ``rint(s * expm1(x))``.
+            class, ``s * expm1(x)``, stochastically rounded (unbiased; exact for real cells).
         batch
             scVI models set up with a batch: the batch to decode into (default: the most common
             one in the training data).
@@ -794,7 +797,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             out["var_names"] = np.asarray(self.get_var_names()).astype(str)
         if params.get("counts"):
             factors = draw_from_pools(self.size_factors_, codes, np.random.default_rng([seed, 2]))
-            out["layers"]["counts"] = counts_from_expression(out["X"], factors)
+            out["layers"]["counts"] = counts_from_expression(
+                out["X"], factors, np.random.default_rng([seed, 3])
+            )
             out["obs"]["scbranch_size_factor"] = factors
         return out
 
