@@ -486,6 +486,30 @@ def write_lines(path: Path, lines: list[str]) -> str:
     return text
 
 
+def prepare_run(args, name: str) -> Path:
+    """Threads, logging, seeds and output folder shared by the benchmark scripts.
+
+    Creates ``args.out`` and makes it the working directory (lightning_logs land there, not in
+    the repository); returns where the markdown report goes: ``args.markdown``, else
+    ``docs/benchmarks/<name>.md`` (under ``args.out`` in fast mode, whose numbers mean nothing).
+    """
+    import scvi
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("scbranch").setLevel(logging.WARNING)
+    scvi.settings.seed = 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.markdown:
+        markdown = Path(args.markdown).resolve()
+    else:
+        markdown = out / f"{name}.md" if args.fast else ROOT / "docs" / "benchmarks" / f"{name}.md"
+    os.chdir(out)
+    return markdown
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -509,23 +533,9 @@ def main(argv=None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import scvi
-    import torch
-
     import scbranch as sb
 
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("scbranch").setLevel(logging.WARNING)
-    scvi.settings.seed = 0
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = (
-        Path(args.markdown).resolve()
-        if args.markdown
-        else (out / "quality.md" if args.fast else ROOT / "docs" / "benchmarks" / "quality.md")
-    )
-    os.chdir(out)  # lightning_logs land here, not in the repository
+    markdown = prepare_run(args, "quality")
     loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
     results = {}
     t_all = time.perf_counter()

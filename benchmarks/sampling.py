@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import LABELS, _md, load_pbmc68k, write_lines  # noqa: E402
+from quality import LABELS, _md, load_pbmc68k, prepare_run, write_lines  # noqa: E402
 
 SETTINGS = {
     "full": {
@@ -334,23 +333,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = SETTINGS["fast" if args.fast else "full"]
 
-    import scvi
     import torch
 
     import scbranch as sb
 
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("scbranch").setLevel(logging.WARNING)
-    scvi.settings.seed = 0
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = (
-        Path(args.markdown).resolve()
-        if args.markdown
-        else (out / "sampling.md" if args.fast else ROOT / "docs" / "benchmarks" / "sampling.md")
-    )
-    os.chdir(out)
+    markdown = prepare_run(args, "sampling")
     t_all = time.perf_counter()
 
     train, held = load_pbmc68k(seed=0)

@@ -116,7 +116,9 @@ def run_demo(
     newick = train.uns["scbranch_hierarchy"]["newick"]
 
     t0 = time.perf_counter()
-    sb.BranchedDiffusion.setup_anndata(train, labels_key="cell_type", obsm_key="X_pca")
+    sb.BranchedDiffusion.setup_anndata(
+        train, labels_key="cell_type", obsm_key="X_pca", counts_layer="counts"
+    )
     model = sb.BranchedDiffusion(train)
     model.train(
         max_epochs=cfg["max_epochs"],
@@ -127,7 +129,7 @@ def run_demo(
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gen = model.generate(n_cells=cfg["n_cells"], seed=seed)
+    gen = model.generate(n_cells=cfg["n_cells"], seed=seed, counts=True)
     timings["generate_s"] = time.perf_counter() - t0
 
     # quality against the held-out cells, in the model's PCA space

@@ -14,6 +14,8 @@ def test_demo_fast_writes_everything(tmp_path):
     assert set(gen.obs["cell_type"].cat.categories) == set(gen.obs["cell_type"].astype(str))
     assert gen.obs["cell_type"].nunique() == 10
     assert gen.n_vars == 765  # decoded to genes
+    counts = gen.layers["counts"]  # and to integer counts
+    assert counts.data.min() >= 0 and (counts.data == counts.data.round()).all()
     for name in (
         "report.csv",
         "evaluation.csv",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -318,7 +319,10 @@ def load_scvi(path: str, info: dict, **load_kwargs):
             "directory is partial. Save the model again with `model.save(dir_path)`."
         )
     cls = getattr(scvi.model, info["class"])
-    with _quiet_scvi():
+    with _quiet_scvi(), warnings.catch_warnings():
+        # the placeholder's two cells per batch are not data: scvi-tools' "fewer than 3 cells"
+        # warning about them would only confuse
+        warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*", category=UserWarning)
         vae = cls.load(path, adata=_placeholder_anndata(info), **load_kwargs)
     vae.module.eval()
     return vae
