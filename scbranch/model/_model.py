@@ -28,8 +28,11 @@ from .._validation import (
     check_obs_key,
     check_rep_key,
     get_matrix,
+    to_dense,
 )
 from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standardizer
+from ..module._discovery import subsample_per_class
+from ..module._extension import default_head_steps, extend_module, place_class, train_head
 from ..module._networks import count_parameters
 from ..module._sampling import SOLVER_ALIASES, SOLVERS, default_spacing
 from ..tl._branch_hierarchy import discover_record
@@ -62,6 +65,20 @@ def _column_variance(x) -> np.ndarray:
         mean = np.asarray(x.mean(0)).ravel()
         return np.maximum(np.asarray(x.multiply(x).mean(0)).ravel() - mean**2, 1e-12)
     return np.maximum(np.asarray(x, dtype=np.float64).var(0), 1e-12)
+
+
+#: standardised cells kept per class for placing classes added later (add_classes)
+REFERENCE_CELLS = 200
+
+
+def _reference_sample(x, labels: np.ndarray, shift, scale: float, n_classes: int) -> dict:
+    """Up to :data:`REFERENCE_CELLS` seeded, standardised cells of every class."""
+    keep = subsample_per_class(labels, n_classes, REFERENCE_CELLS, seed=0)
+    rows = to_dense(x[keep]) if sp.issparse(x) else np.asarray(x, dtype=np.float64)[keep]
+    return {
+        "x": ((rows - shift) / scale).astype(np.float32),
+        "labels": labels[keep].astype(np.int64),
+    }
 
 
 def _check_saved_genes(path: str, adata: AnnData) -> None:
@@ -179,6 +196,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         self.scvi_info_: dict | None = None
         self.library_sizes_: list | None = None
         self.size_factors_: list | None = None
+        # a few standardised cells per class: where add_classes places new classes after load
+        self.reference_samples_: dict | None = None
+        self.extensions_: list[dict] = []
         if scvi_model is not None and (adata is None or self.obsm_key is None):
             raise ValueError(
                 "scvi_model needs AnnData set up with `obsm_key` naming its latent means; "
@@ -186,7 +206,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             )
         if adata is not None:
             x, labels = self._training_arrays(adata)
-            check_class_sizes(labels, classes, min_cells_per_class, self.labels_key)
+            if registry is None:  # a loaded model may know types added later (add_classes)
+                check_class_sizes(labels, classes, min_cells_per_class, self.labels_key)
             if scvi_model is not None:
                 self._attach_scvi(scvi_model, adata, x, labels)
             shift, scale = global_standardizer(x)
@@ -197,6 +218,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.hierarchy_record_ = record
             self.class_counts_ = np.bincount(labels, minlength=len(classes))
+            self.reference_samples_ = _reference_sample(x, labels, shift, scale, len(classes))
             # decoders come from the saved attributes when loading (registry given), not
             # from whatever data are attached then
             fresh = registry is None and scvi_model is None
@@ -228,15 +250,19 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 f"The hierarchy's classes {self.module.tree.classes} differ from the labels "
                 f"{classes}; recompute the hierarchy on these data."
             )
-        self._model_summary_string = (
-            f"BranchedDiffusion ({architecture}) on {self.space} "
-            f"({n_input} dims), {len(classes)} classes, {self.module.tree.n_branches} branches, "
-            f"{count_parameters(self.module.net):,} parameters; tree "
-            f"{self.module.tree.to_newick(3)}"
-        )
+        self._model_summary_string = self._summary()
         self.init_params_ = self._get_init_params(locals())
         # the scVI model is saved in its own directory, never pickled into model.pt
         self.init_params_["non_kwargs"]["scvi_model"] = None
+
+    def _summary(self) -> str:
+        return (
+            f"BranchedDiffusion ({self.module.architecture}) on {self.space} "
+            f"({self.module.n_input} dims), {len(self.classes)} classes, "
+            f"{self.module.tree.n_branches} branches, "
+            f"{count_parameters(self.module.net):,} parameters; tree "
+            f"{self.module.tree.to_newick(3)}"
+        )
 
     @property
     def space(self) -> str:
@@ -291,6 +317,15 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 stacklevel=3,
             )
             return
+        factors = self._size_factors_of(adata, counts_layer)
+        self.size_factors_ = class_pools(factors, labels, len(self.classes))
+
+    def _size_factors_of(self, adata: AnnData, counts_layer: str) -> np.ndarray:
+        if counts_layer not in adata.layers:
+            raise KeyError(
+                f"The model generates counts from adata.layers[{counts_layer!r}], which adata "
+                f"lacks (layers: {list(adata.layers.keys())})."
+            )
         counts = adata.layers[counts_layer]
         expression = adata.layers[self.layer] if self.layer else adata.X
         if self.decoder_ is not None:
@@ -299,8 +334,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         where = f"adata.layers[{counts_layer!r}]"
         check_finite(counts, where)
         check_counts(counts, where)
-        factors = size_factors(counts, expression)
-        self.size_factors_ = class_pools(factors, labels, len(self.classes))
+        return size_factors(counts, expression)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -826,12 +860,259 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 "layer": self.layer or "",
                 "decoded": x is not None and self.obsm_key is not None,
                 "space": self.space,
+                # classes added by add_classes, in order (arrays: h5ad-safe)
+                **(
+                    {
+                        "extensions": {
+                            key: np.asarray([e[key] for e in self.extensions_])
+                            for key in ("label", "joins", "t", "n_cells", "n_steps")
+                        }
+                    }
+                    if self.extensions_
+                    else {}
+                ),
                 "summary": self._model_summary_string,
                 **self.module.sde.to_dict(),
             },
             "hierarchy": self.tree.to_dict(),
         }
         return adata
+
+    # ------------------------------------------------------------------ extension
+    def add_classes(
+        self,
+        adata: AnnData,
+        labels: Sequence[str] | None = None,
+        *,
+        labels_key: str | None = None,
+        max_epochs: int | None = None,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        ema_decay: float = 0.999,
+        min_cells: int = 10,
+        seed: int = 0,
+        progress_bar: bool = True,
+    ) -> BranchedDiffusion:
+        """Add new cell types without retraining and without changing the old ones.
+
+        For each new type, in order (METHOD.md §10): its crossover times against the model's
+        stored reference cells of every known type place it on the tree (it joins the type
+        it becomes indistinguishable from first, at that time); the branch it joins is split
+        there, keeping its head on both halves; a new head, warm-started from that branch's
+        head, is trained on the new cells only, with t below the branch point; every other
+        parameter stays frozen. Old types therefore use exactly the same parameters at every
+        time: with the same seed and the same requested types, :meth:`generate` returns
+        bit-identical cells before and after (with the default ``share=True``).
+
+        Parameters
+        ----------
+        adata
+            Cells of the new types, in the model's representation: ``obsm[obsm_key]`` in the
+            same latent space (e.g. projected on the same PCA), the same genes for expression
+            models, or the scVI model's genes and counts for scVI models. Cells of other types
+            are ignored.
+        labels
+            New types to add (default: every type in ``adata`` the model does not know).
+        labels_key
+            Column of ``adata.obs`` with the types (default: the model's).
+        max_epochs
+            Passes over a new type's cells (default: about 1,000 optimiser steps).
+        batch_size, lr, ema_decay
+            Optimiser settings of the new head (as in :meth:`train`).
+        min_cells
+            Types with fewer cells raise an error.
+        seed
+            Seed of placement noise and training.
+        progress_bar
+            Show a progress bar over the steps.
+
+        Returns
+        -------
+        The model itself (extended in place), for chaining.
+
+        Examples
+        --------
+        >>> model.add_classes(adata_new, labels=["Megakaryocyte"], max_epochs=100)  # doctest: +SKIP
+        >>> model.generate(n_cells={"Megakaryocyte": 200}, seed=0)  # doctest: +SKIP
+        """
+        import time
+
+        if self.module.architecture != "branched":
+            raise ValueError(
+                "A flat model has no branches to extend: every weight is shared by all types. "
+                "Retrain it on all types, or use architecture='branched'."
+            )
+        if self.reference_samples_ is None:
+            raise ValueError(
+                "This model has no reference cells to place new types against (saved by an "
+                "older scbranch); build and train it again to extend it."
+            )
+        labels_key = labels_key or self.labels_key
+        check_obs_key(adata, labels_key)
+        present = [str(c) for c in pd.unique(adata.obs[labels_key].astype(str))]
+        if labels is None:
+            labels = [c for c in present if c not in self.classes]
+            if not labels:
+                raise ValueError(
+                    f"adata.obs[{labels_key!r}] holds no type the model does not know already; "
+                    "nothing to add."
+                )
+        labels = [str(c) for c in ([labels] if isinstance(labels, str) else labels)]
+        known = [c for c in labels if c in self.classes]
+        if known:
+            raise ValueError(
+                f"The model knows {known} already; add_classes adds new types only. Rename "
+                "them, or retrain to change existing types."
+            )
+        missing = [c for c in labels if c not in present]
+        if missing:
+            raise KeyError(f"No cells labelled {missing} in adata.obs[{labels_key!r}].")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels lists a type twice: {labels}.")
+        data = self._new_class_data(adata, labels_key, labels, min_cells)
+        for name in labels:
+            t0 = time.perf_counter()
+            x, extra = data[name]
+            z = (x - self.module.shift.cpu().numpy()) / float(self.module.scale)
+            placement = place_class(
+                self.reference_samples_["x"],
+                self.reference_samples_["labels"],
+                len(self.classes),
+                z,
+                self.module.sde,
+                seed=seed,
+                class_names=[*self.classes, name],
+            )
+            leaf, head = extend_module(self.module, name, placement)
+            code = len(self.classes)
+            device = self.module.shift.device
+            progress = None
+            if progress_bar:
+
+                def progress(it, name=name):
+                    return track(it, description=f"Training {name}", style="tqdm")
+
+            losses = train_head(
+                self.module,
+                torch.as_tensor(z, dtype=torch.float32, device=device),
+                code,
+                leaf,
+                head,
+                placement.t,
+                n_steps=default_head_steps(len(z), batch_size, max_epochs),
+                batch_size=batch_size,
+                lr=lr,
+                ema_decay=ema_decay,
+                seed=seed,
+                progress=progress,
+            )
+            self._register_new_class(name, z, extra)
+            record = {
+                "label": name,
+                "joins": self.classes[placement.sibling],
+                "t": placement.t,
+                "n_cells": len(z),
+                "n_steps": len(losses),
+                "final_loss": float(np.mean(losses[-50:])),
+                "seconds": time.perf_counter() - t0,
+            }
+            self.extensions_.append(record)
+            logger.info(
+                "Added %r: joins %r at t=%.3f (%d cells, %d steps, %.1f s).",
+                name,
+                record["joins"],
+                placement.t,
+                len(z),
+                len(losses),
+                record["seconds"],
+            )
+        self.module.eval()
+        return self
+
+    def _new_class_data(
+        self, adata: AnnData, labels_key: str, labels: list[str], min_cells: int
+    ) -> dict:
+        """Per new type: its cells in the model's data space, and its count pools."""
+        names = adata.obs[labels_key].astype(str).to_numpy()
+        sizes = {c: int((names == c).sum()) for c in labels}
+        small = {c: n for c, n in sizes.items() if n < min_cells}
+        if small:
+            listing = ", ".join(f"{c!r} ({n} cells)" for c, n in small.items())
+            raise ValueError(
+                f"New type(s) {listing} have fewer than min_cells={min_cells} cells: too few to "
+                "place on the tree and train a head. Collect more cells or lower `min_cells`."
+            )
+        keep = np.isin(names, labels)
+        sub = adata[keep]
+        sub_names = names[keep]
+        extra: dict[str, np.ndarray] = {}
+        if self.scvi_info_ is not None:
+            view = counts_view(sub, self.scvi_info_)
+            x = latent_means(self._scvi_model, view)
+            extra["library"] = np.asarray(view.X.sum(1)).ravel()
+        elif self.obsm_key is not None:
+            check_rep_key(sub, obsm_key=self.obsm_key)
+            x = np.asarray(get_matrix(sub, obsm_key=self.obsm_key), dtype=np.float64)
+            if x.shape[1] != self.module.n_input:
+                raise ValueError(
+                    f"adata.obsm[{self.obsm_key!r}] has {x.shape[1]} dimensions, the model "
+                    f"{self.module.n_input}: the new cells must be in the model's latent space."
+                )
+        else:
+            genes = check_genes(sub, np.asarray(self.get_var_names()).astype(str), "the model")
+            if not np.array_equal(genes, np.arange(sub.n_vars)):
+                raise ValueError(
+                    "The genes of adata differ from the model's (extra genes or another order); "
+                    "pass `adata[:, model_genes]`."
+                )
+            x = to_dense(get_matrix(sub, layer=self.layer))
+        check_finite(x, "the new cells' representation")
+        counts_layer = self.registry_["setup_args"].get("counts_layer")
+        if self.size_factors_ is not None and counts_layer:
+            extra["size_factors"] = self._size_factors_of(sub, counts_layer)
+        return {
+            c: (x[sub_names == c], {k: v[sub_names == c] for k, v in extra.items()}) for c in labels
+        }
+
+    def _register_new_class(self, name: str, z: np.ndarray, extra: dict) -> None:
+        """Make a trained new class known everywhere generate/save/load look."""
+        import copy
+
+        code = len(self.classes)
+        # a private copy: the registry of the training AnnData (shared with its manager)
+        # keeps describing those data
+        self.registry_ = copy.deepcopy(self.registry_)
+        labels_field = self.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]
+        state = labels_field["state_registry"]
+        state["categorical_mapping"] = np.append(
+            np.asarray(state["categorical_mapping"], dtype=object), name
+        )
+        labels_field.setdefault("summary_stats", {})["n_labels"] = code + 1
+        self.summary_stats = AnnDataManager._get_summary_stats_from_registry(self.registry_)
+        keep = np.random.default_rng(0).permutation(len(z))[:REFERENCE_CELLS]
+        self.reference_samples_ = {
+            "x": np.concatenate(
+                [self.reference_samples_["x"], z[np.sort(keep)].astype(np.float32)]
+            ),
+            "labels": np.concatenate(
+                [self.reference_samples_["labels"], np.full(len(keep), code, dtype=np.int64)]
+            ),
+        }
+        self.class_counts_ = np.append(getattr(self, "class_counts_", np.zeros(code)), len(z))
+        if self.library_sizes_ is not None:
+            self.library_sizes_ = [
+                *self.library_sizes_,
+                *class_pools(extra["library"], np.zeros(len(z), int), 1),
+            ]
+        if self.size_factors_ is not None:
+            self.size_factors_ = [
+                *self.size_factors_,
+                *class_pools(extra["size_factors"], np.zeros(len(z), int), 1),
+            ]
+        # what load() rebuilds the module from
+        self.init_params_["non_kwargs"]["hierarchy"] = self.tree.to_dict()
+        self.hierarchy_record_ = {**(self.hierarchy_record_ or {}), "tree": self.tree.to_dict()}
+        self._model_summary_string = self._summary()
 
     # ------------------------------------------------------------------ persistence
     def save(
@@ -935,4 +1216,5 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             )
             if adata is not None:
                 check_genes(adata, model.scvi_info_["var_names"])
+        model._model_summary_string = model._summary()
         return model

@@ -4,10 +4,11 @@ All samplers work in the standardised space and call ``eps_fn(x, t, branch, labe
 returns the predicted noise for rows ``x`` at the scalar time ``t`` (rows in branch ``branch[i]``;
 ``label[i]`` is the class of a row, or -1 while the row is still shared by several classes).
 
-Execution (METHOD.md §8): the time grid contains every branch time, so no step straddles a branch
-point. At each grid step every live group of rows is advanced with ONE network call (the network
-groups rows by head internally). With ``share=True`` a group is a branch: it starts as a copy of
-the first rows of its parent's states and holds as many rows as the largest class below it needs.
+Execution (METHOD.md §8): the time grid contains every branch time of the requested classes, so
+no step straddles a branch point. At each grid step every live group of rows is advanced with ONE
+network call (the network groups rows by head internally). With ``share=True`` a group is a
+branch: it starts as a copy of the first rows of its parent's states and holds as many rows as
+the largest class below it needs.
 With ``share=False`` every class is its own group from t = 1 and follows its own branches.
 Noise is drawn per group from generators seeded by (seed, branch or class), so results do not
 depend on which other classes are sampled alongside (with ``share=False``).
@@ -208,7 +209,10 @@ def sample(
     device = torch.device(device)
     # The grid holds every branch point of the tree, whichever classes are requested, so a
     # class's samples (share=False) do not depend on which other classes are sampled with it.
-    knots = set(tree.breakpoints(None, sde.t_min))
+    # share=True: only where a requested class changes head (branch points of other classes,
+    # e.g. of a class added later, do not move the grid); share=False: every class's, so that
+    # a class's cells do not depend on which other classes are sampled alongside
+    knots = set(tree.breakpoints(list(counts) if share else None, sde.t_min))
     records = _check_record_times(record_times, sde)
     spacing = default_spacing(solver) if spacing is None else spacing
     grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)

@@ -5,8 +5,10 @@ for every class ``c`` in ``b.classes`` and every ``t_start <= t < t_end`` the re
 ``c`` follows the score of branch ``b``. Leaves start at 0, the root ends at 1, and every class
 sits on exactly one branch at every time.
 
-Branch ids are stable and meaningful: leaves come first, in class order (leaf id == class
-index), then internal branches in the order they were formed, the root last.
+Branch ids are stable and meaningful: in a discovered tree leaves come first, in class order
+(leaf id == class index), then internal branches in the order they were formed, the root last.
+Classes added later (:meth:`BranchTree.add_class`) append their branches, so existing ids never
+change.
 """
 
 from __future__ import annotations
@@ -202,10 +204,81 @@ class BranchTree:
         raise RuntimeError("Classes share no branch: the tree is not connected.")
 
     def breakpoints(self, classes: Sequence[int] | None = None, t_min: float = 0.0) -> list[float]:
-        """Branch points in ``(t_min, 1)`` on the paths of ``classes`` (all classes by default)."""
+        """Times in ``(t_min, 1)`` where a class of ``classes`` (default: all) changes head.
+
+        Every branch has its own head except the two halves of a branch split by
+        :meth:`add_class`; the split point is a breakpoint for the new class only, so the
+        time grid of the old classes, and with it their samples, stays exactly the same.
+        """
         classes = range(self.n_classes) if classes is None else classes
-        times = {self.branches[b].t_start for c in classes for b in self.path(c)[1:]}
+        times = set()
+        for c in classes:
+            path = self.path(c)
+            for below, above in zip(path[:-1], path[1:], strict=False):
+                if self.branches[above].head != self.branches[below].head:
+                    times.add(self.branches[above].t_start)
         return sorted(t for t in times if t_min < t < 1.0)
+
+    def add_class(self, name: str, sibling: int, t: float) -> BranchTree:
+        """A new tree with class ``name`` joining class ``sibling``'s path at time ``t``.
+
+        The branch of ``sibling`` that spans ``t`` is split there (METHOD.md §10): its upper
+        part keeps its id and head and gains the new class; the lower part gets a new id and the
+        SAME head, so old classes follow exactly the same heads at every time; the new class
+        gets a leaf ``(name, 0, t)`` with a new head (index ``n_heads``). Ids and heads of all
+        other branches are unchanged.
+
+        Examples
+        --------
+        >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.6)])
+        >>> new = tree.add_class("C", sibling=0, t=0.3)
+        >>> new.to_newick(), new.n_heads
+        ('((A:0.3,C:0.3):0.3,B:0.6);', 4)
+        >>> new.breakpoints([0, 1]) == tree.breakpoints([0, 1])
+        True
+        """
+        if name in self.classes:
+            raise ValueError(f"The tree already has a class {name!r}.")
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"The branch point must lie in (0, 1), got {t}.")
+        branches = [
+            Branch(b.id, b.classes, b.t_start, b.t_end, b.parent, b.children, b.head)
+            for b in self.branches
+        ]
+        new = self.n_classes
+        split = next(
+            branches[b] for b in self.path(sibling) if branches[b].t_start <= t < branches[b].t_end
+        )
+        if t - split.t_start < 1e-9:
+            raise ValueError(
+                f"t={t} is the start of a branch already; place the class slightly above it."
+            )
+        lower = Branch(
+            id=len(branches),
+            classes=split.classes,
+            t_start=split.t_start,
+            t_end=t,
+            parent=split.id,
+            children=split.children,
+            head=split.head,
+        )
+        leaf = Branch(
+            id=len(branches) + 1,
+            classes=(new,),
+            t_start=0.0,
+            t_end=t,
+            parent=split.id,
+            head=self.n_heads,
+        )
+        for ch in split.children:
+            branches[ch].parent = lower.id
+        split.t_start = t
+        split.children = (lower.id, leaf.id)
+        b = split
+        while b is not None:
+            b.classes = tuple(sorted((*b.classes, new)))
+            b = branches[b.parent] if b.parent >= 0 else None
+        return BranchTree([*self.classes, str(name)], [*branches, lower, leaf])
 
     def validate(self) -> None:
         """Check that every class sits on exactly one branch at every time in [0, 1]."""

@@ -1,0 +1,199 @@
+"""New cell types without retraining: placement, zero forgetting, persistence, bad input."""
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import scbranch as sb
+from scbranch.module import BranchTree
+
+FAST = {"width": 32, "n_head_blocks": 1}
+REP = "X_latent"
+
+
+def _sim(n_per_class: int = 80, depth: int = 2, seed: int = 0) -> ad.AnnData:
+    """Cells on a known binary tree: ((c0, c1), (c2, c3)) for depth 2."""
+    return sb.datasets.simulate_tree(
+        depth=depth, n_per_class=n_per_class, dim=8, seed=seed
+    ).to_anndata()
+
+
+def _without(adata: ad.AnnData, labels: list[str]) -> ad.AnnData:
+    old = adata[~adata.obs["cell_type"].isin(labels)].copy()
+    old.obs["cell_type"] = old.obs["cell_type"].cat.remove_unused_categories()
+    return old
+
+
+def _model(adata: ad.AnnData, max_epochs: int = 50) -> sb.BranchedDiffusion:
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key=REP)
+    model = sb.BranchedDiffusion(adata, **FAST)
+    model.train(max_epochs=max_epochs, enable_progress_bar=False)
+    return model
+
+
+def _old_cells(model, classes, seed=1):
+    return model.generate(n_cells=30, labels=classes, seed=seed, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    sim = _sim()
+    old = _without(sim, ["c3"])
+    model = _model(old)
+    classes = list(model.classes)
+    before = {
+        solver: _old_cells(model, classes)
+        if solver == "heun"
+        else model.generate(
+            n_cells=30, labels=classes, seed=1, solver=solver, n_steps=60, progress_bar=False
+        )
+        for solver in ("heun", "em")
+    }
+    old_tree = model.tree
+    model.add_classes(sim, labels=["c3"], max_epochs=50, progress_bar=False)
+    return {
+        "model": model,
+        "before": before,
+        "classes": classes,
+        "sim": sim,
+        "old": old,
+        "old_tree": old_tree,
+    }
+
+
+def test_old_classes_are_bit_identical_after_extension(extended, tmp_path):
+    model, classes = extended["model"], extended["classes"]
+    after = _old_cells(model, classes)
+    np.testing.assert_array_equal(after.obsm[REP], extended["before"]["heun"].obsm[REP])
+    em = model.generate(
+        n_cells=30, labels=classes, seed=1, solver="em", n_steps=60, progress_bar=False
+    )
+    np.testing.assert_array_equal(em.obsm[REP], extended["before"]["em"].obsm[REP])
+    # ... and after save / load, with and without the training data
+    model.save(tmp_path / "m")
+    for adata in (None, extended["old"]):
+        loaded = sb.BranchedDiffusion.load(tmp_path / "m", adata=adata)
+        assert loaded.classes == [*classes, "c3"]
+        again = _old_cells(loaded, classes)
+        np.testing.assert_array_equal(again.obsm[REP], extended["before"]["heun"].obsm[REP])
+
+
+def test_new_class_is_placed_where_its_crossover_says(extended):
+    model, old_tree = extended["model"], extended["old_tree"]
+    tree = model.tree
+    record = model.extensions_[-1]
+    assert record["joins"] == "c2"  # the simulated tree's true sibling
+    c3 = tree.classes.index("c3")
+    assert tree.branch_time(c3, tree.classes.index("c2")) == pytest.approx(record["t"])
+    # consistency: every class on exactly one branch at every time
+    for c in range(tree.n_classes):
+        for t in np.linspace(0, 0.999, 200):
+            holding = [b.id for b in tree.branches if c in b.classes and b.t_start <= t < b.t_end]
+            assert len(holding) == 1
+            assert tree.lookup(np.array([c]), t)[0] == holding[0]
+    # the old classes use the same heads at every time, so their grid is unchanged
+    for c in range(old_tree.n_classes):
+        for t in np.linspace(0, 0.999, 50):
+            old_head = old_tree.heads_of(old_tree.lookup(np.array([c]), t))
+            new_head = tree.heads_of(tree.lookup(np.array([c]), t))
+            assert old_head == new_head
+    assert tree.breakpoints(range(3)) == old_tree.breakpoints(range(3))
+    assert record["t"] in tree.breakpoints([c3])
+
+
+def test_new_class_cells_look_like_the_new_class(extended):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    model, sim = extended["model"], extended["sim"]
+    gen = model.generate(n_cells={"c3": 100}, seed=0, progress_bar=False)
+    knn = KNeighborsClassifier(5).fit(sim.obsm[REP], sim.obs["cell_type"].astype(str))
+    assert (knn.predict(gen.obsm[REP]) == "c3").mean() > 0.8
+    assert list(gen.obs["cell_type"].cat.categories) == ["c0", "c1", "c2", "c3"]
+    ext = gen.uns["scbranch"]["model"]["extensions"]
+    assert list(ext["label"]) == ["c3"] and list(ext["joins"]) == ["c2"]
+
+
+def test_branch_tree_plot_shows_the_new_class(extended):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax = sb.pl.branch_tree(extended["model"].tree, show=False)
+    labels = {t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()}
+    labels |= {t.get_text() for t in ax.texts}
+    assert "c3" in labels
+    plt.close("all")
+
+
+def test_several_classes_at_once_and_in_sequence():
+    sim = _sim(n_per_class=60, depth=3, seed=1)  # 8 classes
+    model = _model(_without(sim, ["c1", "c6", "c7"]), max_epochs=5)
+    model.add_classes(sim, labels=["c1", "c6"], max_epochs=2, progress_bar=False)
+    model.add_classes(sim, labels=["c7"], max_epochs=2, progress_bar=False)
+    assert [e["label"] for e in model.extensions_] == ["c1", "c6", "c7"]
+    assert model.classes[-3:] == ["c1", "c6", "c7"]
+    joins = {e["label"]: e["joins"] for e in model.extensions_}
+    assert joins["c1"] == "c0" and joins["c7"] == "c6"  # true siblings, even a new one
+    model.tree.validate()
+    gen = model.generate(n_cells=5, seed=0, progress_bar=False)
+    assert gen.obs["cell_type"].value_counts().min() == 5
+
+
+def test_extension_with_counts():
+    adata = sb.datasets.pbmc68k()
+    old = _without(adata, ["Dendritic"])
+    sb.BranchedDiffusion.setup_anndata(
+        old, labels_key="cell_type", obsm_key="X_pca", counts_layer="counts"
+    )
+    model = sb.BranchedDiffusion(old, **FAST)
+    model.add_classes(adata, labels=["Dendritic"], max_epochs=1, progress_bar=False)
+    gen = model.generate(n_cells={"Dendritic": 5}, seed=0, counts=True, progress_bar=False)
+    counts = gen.layers["counts"]
+    assert counts.shape == (5, adata.n_vars) and np.all(counts.data == np.round(counts.data))
+
+
+def test_extension_bad_input(extended):
+    model, sim = extended["model"], extended["sim"]
+    with pytest.raises(ValueError, match=r"knows \['c2'\] already"):
+        model.add_classes(sim, labels=["c2"], progress_bar=False)
+    with pytest.raises(ValueError, match="holds no type the model does not know"):
+        model.add_classes(sim, progress_bar=False)
+    few = _sim(n_per_class=4, depth=2, seed=3)
+    few.obs["cell_type"] = few.obs["cell_type"].cat.rename_categories({"c0": "tiny"})
+    with pytest.raises(ValueError, match=r"'tiny' \(4 cells\).*min_cells=10"):
+        model.add_classes(few, labels=["tiny"], progress_bar=False)
+    wrong = sim.copy()
+    wrong.obs["cell_type"] = wrong.obs["cell_type"].cat.rename_categories({"c0": "new"})
+    wrong.obsm[REP] = wrong.obsm[REP][:, :5]
+    with pytest.raises(ValueError, match="5 dimensions, the model 8"):
+        model.add_classes(wrong, labels=["new"], progress_bar=False)
+    with pytest.raises(KeyError, match=r"No cells labelled \['absent'\]"):
+        model.add_classes(sim, labels=["absent"], progress_bar=False)
+    sb.BranchedDiffusion.setup_anndata(extended["old"], labels_key="cell_type", obsm_key=REP)
+    flat = sb.BranchedDiffusion(extended["old"], architecture="flat", **FAST)
+    with pytest.raises(ValueError, match="flat model has no branches"):
+        flat.add_classes(sim, labels=["c3"], progress_bar=False)
+
+
+def test_expression_model_refuses_other_genes():
+    adata = sb.datasets.pbmc68k()
+    old = _without(adata, ["Dendritic"])[:, :50].copy()
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type")
+    model = sb.BranchedDiffusion(old, **FAST)
+    with pytest.raises(ValueError, match="genes of adata do not match the model's"):
+        model.add_classes(adata[:, 10:60].copy(), labels=["Dendritic"], progress_bar=False)
+    model.add_classes(adata[:, :50].copy(), labels=["Dendritic"], max_epochs=1, progress_bar=False)
+    assert model.classes[-1] == "Dendritic"
+
+
+def test_split_keeps_ids_and_heads():
+    tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
+    new = tree.add_class("D", sibling=2, t=0.2)
+    for b in tree.branches:  # old ids keep their heads; the split branch keeps its id
+        assert new.branches[b.id].head == b.head
+    assert new.n_heads == tree.n_heads + 1
+    with pytest.raises(ValueError, match="already has a class 'A'"):
+        tree.add_class("A", sibling=0, t=0.1)
+    with pytest.raises(ValueError, match="start of a branch already"):
+        tree.add_class("E", sibling=0, t=0.3)
