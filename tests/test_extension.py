@@ -3,6 +3,7 @@
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 import scbranch as sb
 from scbranch.module import BranchTree
@@ -197,3 +198,20 @@ def test_split_keeps_ids_and_heads():
         tree.add_class("A", sibling=0, t=0.1)
     with pytest.raises(ValueError, match="start of a branch already"):
         tree.add_class("E", sibling=0, t=0.3)
+
+
+def test_fine_tune_shared_trades_identity_for_the_shared_path():
+    sim = _sim()
+    model = _model(_without(sim, ["c3"]))
+    classes = list(model.classes)
+    before = _old_cells(model, classes)
+    shared = [b.head for b in model.tree.branches if b.parent < 0]  # the root's head
+    root_before = [p.detach().clone() for p in model.module.net.heads[shared[0]].parameters()]
+    model.add_classes(sim, labels=["c3"], max_epochs=5, fine_tune_shared=True, progress_bar=False)
+    assert model.extensions_[-1]["fine_tune_shared"]
+    root_after = list(model.module.net.heads[shared[0]].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(root_before, root_after, strict=True))
+    after = _old_cells(model, classes)
+    assert not np.array_equal(after.obsm[REP], before.obsm[REP])  # documented: not zero-forgetting
+    # every requires_grad flag is restored
+    assert all(p.requires_grad for p in model.module.parameters())

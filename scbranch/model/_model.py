@@ -32,7 +32,13 @@ from .._validation import (
 )
 from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standardizer
 from ..module._discovery import subsample_per_class
-from ..module._extension import default_head_steps, extend_module, place_class, train_head
+from ..module._extension import (
+    default_head_steps,
+    extend_module,
+    place_class,
+    shared_heads,
+    train_heads,
+)
 from ..module._networks import count_parameters
 from ..module._sampling import SOLVER_ALIASES, SOLVERS, default_spacing
 from ..tl._branch_hierarchy import discover_record
@@ -890,6 +896,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         lr: float = 1e-3,
         ema_decay: float = 0.999,
         min_cells: int = 10,
+        fine_tune_shared: bool = False,
         seed: int = 0,
         progress_bar: bool = True,
     ) -> BranchedDiffusion:
@@ -921,6 +928,13 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Optimiser settings of the new head (as in :meth:`train`).
         min_cells
             Types with fewer cells raise an error.
+        fine_tune_shared
+            After the new head, also fine-tune, for as many steps again, the heads of the
+            branches above the new branch point (shared with old types), on the new cells plus
+            a replay of the stored reference cells of every type. Off by default: it gives up
+            the zero-forgetting guarantee (the old types using those heads change) for a
+            possibly better fit of the new type's upper path; ``benchmarks/extension.py``
+            measures the trade-off.
         seed
             Seed of placement noise and training.
         progress_bar
@@ -992,20 +1006,41 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 def progress(it, name=name):
                     return track(it, description=f"Training {name}", style="tqdm")
 
-            losses = train_head(
+            n_steps = default_head_steps(len(z), batch_size, max_epochs)
+            options = {"batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed}
+            z_t = torch.as_tensor(z, dtype=torch.float32, device=device)
+            losses = train_heads(
                 self.module,
-                torch.as_tensor(z, dtype=torch.float32, device=device),
-                code,
-                leaf,
-                head,
-                placement.t,
-                n_steps=default_head_steps(len(z), batch_size, max_epochs),
-                batch_size=batch_size,
-                lr=lr,
-                ema_decay=ema_decay,
-                seed=seed,
+                [head],
+                z_t,
+                torch.full((len(z),), code, device=device),
+                (self.module.sde.t_min, placement.t),
+                n_steps=n_steps,
                 progress=progress,
+                **options,
             )
+            if fine_tune_shared:
+                # the new class's whole path, with replay of every reference cell those heads
+                # serve: old types on these branches change (no longer bit-identical)
+                ref = self.reference_samples_
+                replay = np.isin(ref["labels"], self.tree.branches[self.tree.root].classes)
+                x_all = torch.cat([z_t, torch.as_tensor(ref["x"][replay], device=device)])
+                y_all = torch.cat(
+                    [
+                        torch.full((len(z),), code, device=device),
+                        torch.as_tensor(ref["labels"][replay], device=device),
+                    ]
+                )
+                losses += train_heads(
+                    self.module,
+                    [head, *shared_heads(self.tree, code, placement.t)],
+                    x_all,
+                    y_all,
+                    (self.module.sde.t_min, 1.0),
+                    n_steps=n_steps,
+                    progress=progress,
+                    **options,
+                )
             self._register_new_class(name, z, extra)
             record = {
                 "label": name,
@@ -1014,6 +1049,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 "n_cells": len(z),
                 "n_steps": len(losses),
                 "final_loss": float(np.mean(losses[-50:])),
+                "fine_tune_shared": bool(fine_tune_shared),
                 "seconds": time.perf_counter() - t0,
             }
             self.extensions_.append(record)

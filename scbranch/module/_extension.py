@@ -98,13 +98,12 @@ def extend_module(module, name: str, placement: Placement) -> tuple[int, int]:
     return leaf, tree.branches[leaf].head
 
 
-def train_head(
+def train_heads(
     module,
+    heads: list[int],
     x: torch.Tensor,
-    label: int,
-    leaf: int,
-    head: int,
-    t_max: float,
+    labels: torch.Tensor,
+    t_range: tuple[float, float],
     *,
     n_steps: int,
     batch_size: int = 64,
@@ -113,17 +112,18 @@ def train_head(
     seed: int = 0,
     progress: Callable | None = None,
 ) -> list[float]:
-    """Train head ``head`` alone on standardised cells ``x`` of class ``label``, t < ``t_max``.
+    """Train the heads ``heads`` alone on standardised cells ``x`` of classes ``labels``.
 
-    Every other parameter is frozen for the run (and its ``requires_grad`` restored after);
-    times are stratified over ``(t_min, t_max)``; Adam with a cosine decay; the head ends at
-    its exponential moving average, as after full training.
+    Every other parameter is frozen for the run (``requires_grad`` restored after); times are
+    stratified over ``t_range``; each row uses the branch of its class at its time (rows on
+    frozen heads only condition the loss); Adam with a cosine decay; the heads end at their
+    exponential moving average, as after full training.
 
     Returns
     -------
     The loss of every step.
     """
-    params = list(module.net.heads[head].parameters())
+    params = [p for h in sorted(set(heads)) for p in module.net.heads[h].parameters()]
     flags = [p.requires_grad for p in module.parameters()]
     for p in module.parameters():
         p.requires_grad_(False)
@@ -135,6 +135,7 @@ def train_head(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_steps))
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
     sde, n = module.sde, x.shape[0]
+    t_lo, t_hi = t_range
     losses: list[float] = []
     steps = range(n_steps)
     if progress is not None:
@@ -147,21 +148,17 @@ def train_head(
         for k in steps:
             if pos + batch_size > n:
                 order, pos = torch.randperm(n, generator=gen, device=device), 0
-            x0 = x[order[pos : pos + batch_size]]
+            rows = order[pos : pos + batch_size]
             pos += batch_size
+            x0, lab = x[rows], labels[rows]
             m = x0.shape[0]
             u = (
                 torch.rand((), generator=gen, device=device) + torch.arange(m, device=device) / m
             ) % 1
-            t = sde.t_min + (t_max - sde.t_min) * u
+            t = t_lo + (t_hi - t_lo) * u
             noise = torch.randn(x0.shape, generator=gen, device=device)
             xt = sde.alpha(t)[:, None] * x0 + sde.sigma(t)[:, None] * noise
-            eps = module.predict_eps(
-                xt,
-                t,
-                torch.full((m,), leaf, device=device),
-                torch.full((m,), label, device=device),
-            )
+            eps = module.predict_eps(xt, t, module.branch_of(lab, t), lab)
             loss = (eps - noise).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -182,6 +179,11 @@ def train_head(
             p.requires_grad_(flag)
         module.train(was_training)
     return losses
+
+
+def shared_heads(tree, label: int, t: float) -> list[int]:
+    """Heads of the branches on class ``label``'s path from time ``t`` up (shared with others)."""
+    return [tree.branches[b].head for b in tree.path(label) if tree.branches[b].t_start >= t]
 
 
 def default_head_steps(n_cells: int, batch_size: int, max_epochs: int | None) -> int:

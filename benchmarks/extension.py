@@ -1,0 +1,316 @@
+"""Extension benchmark: new cell types added to a trained model vs retraining vs a flat model.
+
+For each dataset, two cell types are held out of training ("new" types). The models live in a
+30-PC space fitted on the OLD types' train cells only; the new types' cells are projected onto
+it, as a lab would project newly found cells. Compared, each generating 200 cells per type
+(seed 0) and judged by ``scbranch.tl.evaluate`` against held-out real cells (label fidelity with
+a classifier trained on all train cells, MMD at the median bandwidth, W2; real-vs-real controls):
+
+  branched + add_classes   trained on the old types, then ``add_classes`` with the new types'
+                           train cells (only the new heads train; about 1,000 steps per type)
+  ... + shared fine-tune   the same, with add_classes(fine_tune_shared=True): the heads above the
+                           new branch points also train, with replay of the reference cells
+  branched, retrained      trained from scratch on all types (the same budget as the old model)
+  flat, fine-tuned on new  a flat label-guided model (label slots for every type) trained on the
+                           old types, then fine-tuned on the new types' cells only, for as many
+                           steps as add_classes used in total
+  flat, fine-tuned on all  the same pretrained flat model fine-tuned on all train cells instead
+
+Old-type quality is reported before and after extension / fine-tuning; for the branched model
+the old types' cells after extension are also checked to be bit-identical to those before.
+
+Usage (from the repository root, in the project's venv):
+  python benchmarks/extension.py          # CPU settings (about 15 min on 2 cores)
+  python benchmarks/extension.py --fast   # smoke test (numbers meaningless)
+Writes docs/benchmarks/extension.md and CSVs under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from quality import LABELS, _md, load_pbmc3k, load_pbmc68k, prepare_run, write_lines
+
+SETTINGS = {
+    "cpu": {"steps": 2000, "batch_size": 64, "n_cells": 200, "ext_epochs": None},
+    "fast": {"steps": 20, "batch_size": 64, "n_cells": 30, "ext_epochs": 1},
+}
+NEW_TYPES = {"pbmc3k": ["FCGR3A Mono", "NK"], "pbmc68k": ["Dendritic", "CD56+ NK"]}
+METRICS = ["label_fidelity", "mmd_median", "w2"]
+SPACE = "reference_pca"
+
+logger = logging.getLogger("extension")
+
+
+def old_space(train, held, new_types):
+    """PCA of the old types' train cells; every other cell projected onto it."""
+    import scanpy as sc
+
+    is_new = train.obs[LABELS].isin(new_types).to_numpy()
+    old = train[~is_new].copy()
+    old.obs[LABELS] = old.obs[LABELS].cat.remove_unused_categories()
+    sc.pp.pca(old, n_comps=30, random_state=0)
+    loadings = old.varm["PCs"]
+    mean = np.asarray(old.X.mean(0)).ravel()
+    for part in (train, held):
+        x = part.X.toarray() if hasattr(part.X, "toarray") else np.asarray(part.X)
+        part.obsm["X_pca"] = ((x - mean) @ loadings).astype(np.float32)
+        part.varm["PCs"] = loadings
+    new = train[is_new].copy()
+    return old, new
+
+
+def _epochs(n_cells: int, steps: int, batch_size: int) -> int:
+    return max(1, math.ceil(steps / max(1, math.ceil(n_cells / batch_size))))
+
+
+def _score(gen, held, train, groups, seed=0) -> dict:
+    import scbranch as sb
+
+    report = sb.tl.evaluate(
+        gen, held, LABELS, train=train, groups=groups, metrics=METRICS, seed=seed
+    )
+    rows = report[(report.space == SPACE) & (report.group != "mean")]
+    return {m: rows[rows.metric == m].set_index("group")[["generated", "control"]] for m in METRICS}
+
+
+def _both(gen, held, train, old: list[str], new: list[str]) -> dict:
+    """Old types scored among the old types only (as before extension), new among all."""
+    return {
+        **_summary(_score(gen, held, train, old), old, []),
+        **_summary(_score(gen, held, train, old + new), [], new),
+    }
+
+
+def _summary(scores: dict, old: list[str], new: list[str]) -> dict:
+    out = {}
+    for m in METRICS:
+        table = scores[m]
+        for kind, groups in (("old", old), ("new", new)):
+            present = [g for g in groups if g in table.index]
+            if present:
+                out[f"{kind} {m}"] = table.loc[present, "generated"].mean()
+                out[f"{kind} {m} (control)"] = table.loc[present, "control"].mean()
+    return out
+
+
+def run_dataset(name: str, train, held, cfg) -> dict:
+    import scbranch as sb
+
+    new_types = NEW_TYPES[name]
+    old_data, new_data = old_space(train, held, new_types)
+    old_types = list(old_data.obs[LABELS].cat.categories)
+    bs, n = cfg["batch_size"], cfg["n_cells"]
+    logger.info(
+        "%s: old %d cells (%d types), new %s (%d cells)",
+        name,
+        old_data.n_obs,
+        len(old_types),
+        new_types,
+        new_data.n_obs,
+    )
+    rows, timing = [], {}
+
+    def gen(model, labels=None):
+        return model.generate(n_cells=n, labels=labels, seed=0, progress_bar=False)
+
+    # branched: old types, then add_classes
+    sb.BranchedDiffusion.setup_anndata(old_data, labels_key=LABELS, obsm_key="X_pca")
+    branched = sb.BranchedDiffusion(old_data)
+    t0 = time.perf_counter()
+    branched.train(
+        max_epochs=_epochs(old_data.n_obs, cfg["steps"], bs),
+        batch_size=bs,
+        enable_progress_bar=False,
+    )
+    timing["train old (branched)"] = time.perf_counter() - t0
+    branched.save("old_model", overwrite=True)  # the start of the shared fine-tuning variant
+    before = gen(branched, old_types)
+    before_scores = _score(before, held, train, old_types)
+    t0 = time.perf_counter()
+    branched.add_classes(
+        new_data, labels=new_types, max_epochs=cfg["ext_epochs"], batch_size=bs, progress_bar=False
+    )
+    timing["add_classes"] = time.perf_counter() - t0
+    ext_steps = sum(e["n_steps"] for e in branched.extensions_)
+    after_old = gen(branched, old_types)
+    identical = bool(np.array_equal(before.obsm["X_pca"], after_old.obsm["X_pca"]))
+    after = gen(branched)
+    rows.append(
+        {
+            "method": "branched + add_classes",
+            "stage": "before",
+            **_summary(before_scores, old_types, []),
+        }
+    )
+    rows.append(
+        {
+            "method": "branched + add_classes",
+            "stage": "after",
+            **_both(after, held, train, old_types, new_types),
+        }
+    )
+
+    # the same start, extended with fine_tune_shared=True (gives up zero forgetting)
+    variant = sb.BranchedDiffusion.load("old_model")
+    t0 = time.perf_counter()
+    variant.add_classes(
+        new_data,
+        labels=new_types,
+        max_epochs=cfg["ext_epochs"],
+        batch_size=bs,
+        fine_tune_shared=True,
+        progress_bar=False,
+    )
+    timing["add_classes + shared fine-tune"] = time.perf_counter() - t0
+    rows.append(
+        {
+            "method": "branched + add_classes + shared fine-tune",
+            "stage": "after",
+            **_both(gen(variant), held, train, old_types, new_types),
+        }
+    )
+
+    # branched retrained from scratch on everything
+    full = train.copy()
+    sb.BranchedDiffusion.setup_anndata(full, labels_key=LABELS, obsm_key="X_pca")
+    retrained = sb.BranchedDiffusion(full)
+    t0 = time.perf_counter()
+    retrained.train(
+        max_epochs=_epochs(full.n_obs, cfg["steps"], bs), batch_size=bs, enable_progress_bar=False
+    )
+    timing["retrain all (branched)"] = time.perf_counter() - t0
+    rows.append(
+        {
+            "method": "branched, retrained",
+            "stage": "after",
+            **_both(gen(retrained), held, train, old_types, new_types),
+        }
+    )
+
+    # flat: label slots for every type, pretrained on the old types' cells only
+    flat_data = train.copy()
+    sb.BranchedDiffusion.setup_anndata(flat_data, labels_key=LABELS, obsm_key="X_pca")
+    flat = sb.BranchedDiffusion(flat_data, architecture="flat", hierarchy=retrained.tree.to_dict())
+    is_new = flat_data.obs[LABELS].isin(new_types).to_numpy()
+    empty = np.array([], dtype=int)
+    everything = np.arange(flat_data.n_obs)
+
+    def fit(model, idx, steps):
+        t = time.perf_counter()
+        model.train(
+            max_epochs=_epochs(len(idx), steps, bs),
+            batch_size=bs,
+            enable_progress_bar=False,
+            # scvi-tools wants every cell in a split: the unused ones go to "test"
+            datasplitter_kwargs={"external_indexing": [idx, empty, np.setdiff1d(everything, idx)]},
+        )
+        return time.perf_counter() - t
+
+    timing["train old (flat)"] = fit(flat, np.flatnonzero(~is_new), cfg["steps"])
+    rows.append(
+        {
+            "method": "flat",
+            "stage": "before",
+            **_summary(_score(gen(flat, old_types), held, train, old_types), old_types, []),
+        }
+    )
+    pretrained = copy.deepcopy(flat.module.state_dict())
+    for label, idx in (("new", np.flatnonzero(is_new)), ("all", everything)):
+        flat.module.load_state_dict(pretrained)
+        timing[f"fine-tune flat on {label}"] = fit(flat, idx, ext_steps)
+        rows.append(
+            {
+                "method": f"flat, fine-tuned on {label}",
+                "stage": "after",
+                **_both(gen(flat), held, train, old_types, new_types),
+            }
+        )
+    return {
+        "rows": pd.DataFrame(rows),
+        "timing": timing,
+        "identical": identical,
+        "extensions": [
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()}
+            for e in branched.extensions_
+        ],
+        "ext_steps": ext_steps,
+        "new_types": new_types,
+    }
+
+
+def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
+    lines = [
+        "# Extension benchmark: new cell types without retraining",
+        "",
+        f"Generated by `python benchmarks/extension.py` ({cfg_name} settings: {cfg['steps']} "
+        f"optimiser steps at batch {cfg['batch_size']} for full training, {cfg['n_cells']} cells "
+        f"per type, seed 0); total {wall_s / 60:.1f} min on 2 CPU cores. Means over the old and "
+        "over the new types of `sb.tl.evaluate` (reference PCA); the control is real held-out "
+        "half A vs half B. Label fidelity: a kNN classifier trained on all train cells.",
+    ]
+    for name, res in results.items():
+        table = res["rows"].set_index(["method", "stage"])
+        t = res["timing"]
+        ratio = t["add_classes"] / t["retrain all (branched)"]
+        new_fid = table.loc[("branched + add_classes", "after"), "new label_fidelity"]
+        ret_fid = table.loc[("branched, retrained", "after"), "new label_fidelity"]
+        lines += [
+            "",
+            f"## {name}: new types {', '.join(res['new_types'])}",
+            "",
+            _md(table),
+            "",
+            f"- Old types' cells after `add_classes`, same seed, sampled alone: bit-identical to "
+            f"before: **{res['identical']}**. (The 'after' rows sample all types together, so "
+            "the new branch points enter the time grid and old types' cells differ from "
+            "'before' by sampling noise only.)",
+            f"- New types' label fidelity: {new_fid:.3f} with `add_classes` vs {ret_fid:.3f} "
+            f"retrained (ratio {new_fid / ret_fid:.2f}); time {t['add_classes']:.1f} s vs "
+            f"{t['retrain all (branched)']:.1f} s (ratio {ratio:.2f}; {res['ext_steps']} head "
+            "steps).",
+            "- Placement: "
+            + "; ".join(
+                f"{e['label']} joins {e['joins']} at t = {e['t']:.3f}" for e in res["extensions"]
+            ),
+            "- Wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
+        ]
+    return write_lines(path, lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fast", action="store_true", help="smoke-test settings")
+    parser.add_argument("--datasets", default="pbmc3k,pbmc68k")
+    parser.add_argument("--out", default="benchmark_out/extension", help="CSVs")
+    parser.add_argument("--markdown", default=None, help="default: docs/benchmarks/extension.md")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    cfg_name = "fast" if args.fast else "cpu"
+    cfg = SETTINGS[cfg_name]
+    markdown = prepare_run(args, "extension")
+    loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
+    results = {}
+    t0 = time.perf_counter()
+    for name in args.datasets.split(","):
+        train, held = loaders[name](seed=0)
+        res = run_dataset(name, train, held, cfg)
+        res["rows"].to_csv(f"rows_{name}.csv", index=False)
+        Path(f"meta_{name}.json").write_text(
+            json.dumps({k: v for k, v in res.items() if k != "rows"}, default=float)
+        )
+        results[name] = res
+    print(write_markdown(markdown, results, cfg_name, cfg, time.perf_counter() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
