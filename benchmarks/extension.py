@@ -1,8 +1,8 @@
 """Extension benchmark: new cell types added to a trained model vs retraining vs a flat model.
 
-For each dataset, two cell types are held out of training ("new" types). The models live in a
-30-PC space fitted on the OLD types' train cells only; the new types' cells are projected onto
-it, as a lab would project newly found cells. Compared, each generating 200 cells per type
+For each dataset, two cell types are held out of training ("new" types). The models live in the
+30-PC space of all train cells (a reference representation that covers the new types; see
+``split_types``). Compared, each generating 200 cells per type
 (seed 0) and judged by ``scbranch.tl.evaluate`` against held-out real cells (label fidelity with
 a classifier trained on all train cells, MMD at the median bandwidth, W2; real-vs-real controls):
 
@@ -50,22 +50,18 @@ SPACE = "reference_pca"
 logger = logging.getLogger("extension")
 
 
-def old_space(train, held, new_types):
-    """PCA of the old types' train cells; every other cell projected onto it."""
-    import scanpy as sc
+def split_types(train, new_types):
+    """The old types' train cells and the new types' train cells.
 
+    Every model works in the 30 PCs of ALL train cells, as when a lab's representation comes
+    from a reference atlas that covers the new types: a PCA of the old types alone cannot
+    represent what sets the new types apart, and then no method (retraining included) gets
+    their identity right (pbmc3k: label fidelity 0.17 retrained, against 0.96 for real cells).
+    """
     is_new = train.obs[LABELS].isin(new_types).to_numpy()
     old = train[~is_new].copy()
     old.obs[LABELS] = old.obs[LABELS].cat.remove_unused_categories()
-    sc.pp.pca(old, n_comps=30, random_state=0)
-    loadings = old.varm["PCs"]
-    mean = np.asarray(old.X.mean(0)).ravel()
-    for part in (train, held):
-        x = part.X.toarray() if hasattr(part.X, "toarray") else np.asarray(part.X)
-        part.obsm["X_pca"] = ((x - mean) @ loadings).astype(np.float32)
-        part.varm["PCs"] = loadings
-    new = train[is_new].copy()
-    return old, new
+    return old, train[is_new].copy()
 
 
 def _epochs(n_cells: int, steps: int, batch_size: int) -> int:
@@ -106,7 +102,7 @@ def run_dataset(name: str, train, held, cfg) -> dict:
     import scbranch as sb
 
     new_types = NEW_TYPES[name]
-    old_data, new_data = old_space(train, held, new_types)
+    old_data, new_data = split_types(train, new_types)
     old_types = list(old_data.obs[LABELS].cat.categories)
     bs, n = cfg["batch_size"], cfg["n_cells"]
     logger.info(

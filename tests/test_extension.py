@@ -215,3 +215,30 @@ def test_fine_tune_shared_trades_identity_for_the_shared_path():
     assert not np.array_equal(after.obsm[REP], before.obsm[REP])  # documented: not zero-forgetting
     # every requires_grad flag is restored
     assert all(p.requires_grad for p in model.module.parameters())
+
+
+@pytest.mark.parametrize("solver", ["heun", "em", "dpm2m", "pc"])
+def test_splitting_internal_branches_keeps_old_samples(solver):
+    """New classes that split an INTERNAL branch, twice on one path, change nothing old."""
+    from scbranch.module import BranchedDiffusionModule
+    from scbranch.module._extension import Placement, extend_module
+
+    torch.manual_seed(0)
+    tree = BranchTree.from_merges(
+        ["A", "B", "C", "D"], [((0,), (1,), 0.2), ((2,), (3,), 0.3), ((0, 1), (2, 3), 0.7)]
+    )
+    module = BranchedDiffusionModule(4, tree.to_dict(), width=16, n_head_blocks=1)
+    for p in module.net.parameters():  # random, non-zero heads: every head matters
+        torch.nn.init.normal_(p, std=0.3)
+    counts = {0: 5, 1: 4, 3: 6}
+    options = {"solver": solver, "n_steps": 30, "seed": 3}
+    before = module.sample_counts(counts, **options).x
+    # inside the (A, B) branch (0.2, 0.7), then again below that split, on the same path
+    extend_module(module, "N1", Placement(sibling=0, t=0.5, crossover=np.zeros(4)))
+    extend_module(module, "N2", Placement(sibling=1, t=0.35, crossover=np.zeros(5)))
+    module.tree.validate()
+    after = module.sample_counts(counts, **options).x
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # the new classes sample, and sampling them alongside changes nothing for themselves
+    both = module.sample_counts({**counts, 4: 3, 5: 3}, **options)
+    assert torch.isfinite(both.x).all() and both.x.shape == (21, 4)

@@ -42,6 +42,7 @@ def place_class(
     smooth_sigma: float = 3.0,
     epsilon: float = 0.005,
     min_branch_length: float = 0.02,
+    min_reference_cells: int = 10,
     seed: int = 0,
     class_names: list[str] | None = None,
 ) -> Placement:
@@ -63,6 +64,10 @@ def place_class(
         The model's forward process.
     n_times, smooth_sigma, epsilon, min_branch_length, seed
         As in hierarchy discovery.
+    min_reference_cells
+        Classes with fewer reference cells are not candidates to join (unless all are): their
+        within-class similarity rests on a handful of pairs and crosses early by chance
+        (pbmc68k: dendritic cells "joined" a type with 3 training cells, not the monocytes).
     class_names
         Names of the existing classes and the new one, for error messages.
     """
@@ -76,7 +81,11 @@ def place_class(
     cross = crossover_times(intra, inter, times, epsilon=epsilon, classes=class_names)[
         n_classes, :n_classes
     ]
-    sibling = int(np.argmin(cross))
+    sizes = np.bincount(reference_labels, minlength=n_classes)
+    eligible = sizes >= min_reference_cells
+    if not eligible.any():
+        eligible[:] = True
+    sibling = int(np.argmin(np.where(eligible, cross, np.inf)))
     return Placement(sibling, float(max(cross[sibling], min_branch_length)), cross)
 
 

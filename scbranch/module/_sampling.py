@@ -302,6 +302,8 @@ def sample(
         if t_lo in records:
             trajectory[t_lo] = _class_states(groups, counts, tree, t_lo)
         first_in_segment = t_lo in knots
+        if share:
+            _pass_through(groups, tree, t_lo, need, knots)
         if share and first_in_segment:
             groups = _fan_out(groups, tree, t_lo, need, device, seed)
 
@@ -357,6 +359,28 @@ def _per_row(values: list[int], sizes: list[int], device) -> torch.Tensor:
         torch.tensor(values, dtype=torch.long, device=device),
         torch.tensor(sizes, dtype=torch.long, device=device),
     )
+
+
+def _pass_through(groups, tree, t, need, knots) -> None:
+    """Move groups down through branch starts that are no branch point for them.
+
+    A branch split by ``BranchTree.add_class`` keeps its head on both halves; when the added
+    class is not sampled, its split time is not on the grid and the group simply continues
+    on the lower half: same rows, same head, same noise generator (so old classes' samples do
+    not change when classes are added).
+    """
+    for g in groups:
+        b = tree.branches[g.branch]
+        while b.children and b.t_start >= t - 1e-12 and b.t_start not in knots:
+            needed = [ch for ch in b.children if need(ch) > 0]
+            if len(needed) != 1 or tree.branches[needed[0]].head != b.head:
+                raise RuntimeError(
+                    f"Branch {b.id} ends at t={b.t_start}, which is not on the time grid, but "
+                    "its children use other heads; the grid is missing a branch point."
+                )
+            b = tree.branches[needed[0]]
+            g.branch = b.id
+            g.label = b.classes[0] if len(b.classes) == 1 else -1
 
 
 def _fan_out(groups, tree, t, need, device, seed):
