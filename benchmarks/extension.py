@@ -20,7 +20,7 @@ Old-type quality is reported before and after extension / fine-tuning; for the b
 the old types' cells after extension are also checked to be bit-identical to those before.
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/extension.py          # CPU settings (about 15 min on 2 cores)
+  python benchmarks/extension.py          # CPU settings (about 20 min on 2 cores)
   python benchmarks/extension.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/extension.md and CSVs under --out.
 """
