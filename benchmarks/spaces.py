@@ -191,11 +191,16 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=None, help="default: docs/benchmarks/spaces.md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--n-cells", type=int, default=None, help="generated cells per class (default: 300)"
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rebuild the markdown from the CSVs in --out"
     )
     args = parser.parse_args(argv)
     cfg_name = "fast" if args.fast else "cpu"
-    cfg = SETTINGS[cfg_name]
+    cfg = dict(SETTINGS[cfg_name])
+    if args.n_cells:
+        cfg["n_cells"] = args.n_cells
 
     markdown = prepare_run(args, "spaces")
     loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
