@@ -118,6 +118,18 @@ def run_dataset(name: str, train, held, cfg) -> dict:
     def gen(model, labels=None):
         return model.generate(n_cells=n, labels=labels, seed=0, progress_bar=False)
 
+    def extend(model, fine_tune_shared: bool) -> float:
+        t = time.perf_counter()
+        model.add_classes(
+            new_data,
+            labels=new_types,
+            max_epochs=cfg["ext_epochs"],
+            batch_size=bs,
+            fine_tune_shared=fine_tune_shared,
+            progress_bar=False,
+        )
+        return time.perf_counter() - t
+
     # branched: old types, then add_classes
     sb.BranchedDiffusion.setup_anndata(old_data, labels_key=LABELS, obsm_key="X_pca")
     branched = sb.BranchedDiffusion(old_data)
@@ -131,11 +143,7 @@ def run_dataset(name: str, train, held, cfg) -> dict:
     branched.save("old_model", overwrite=True)  # the start of the shared fine-tuning variant
     before = gen(branched, old_types)
     before_scores = _score(before, held, train, old_types)
-    t0 = time.perf_counter()
-    branched.add_classes(
-        new_data, labels=new_types, max_epochs=cfg["ext_epochs"], batch_size=bs, progress_bar=False
-    )
-    timing["add_classes"] = time.perf_counter() - t0
+    timing["add_classes"] = extend(branched, fine_tune_shared=False)
     ext_steps = sum(e["n_steps"] for e in branched.extensions_)
     after_old = gen(branched, old_types)
     identical = bool(np.array_equal(before.obsm["X_pca"], after_old.obsm["X_pca"]))
@@ -157,16 +165,7 @@ def run_dataset(name: str, train, held, cfg) -> dict:
 
     # the same start, extended with fine_tune_shared=True (gives up zero forgetting)
     variant = sb.BranchedDiffusion.load("old_model")
-    t0 = time.perf_counter()
-    variant.add_classes(
-        new_data,
-        labels=new_types,
-        max_epochs=cfg["ext_epochs"],
-        batch_size=bs,
-        fine_tune_shared=True,
-        progress_bar=False,
-    )
-    timing["add_classes + shared fine-tune"] = time.perf_counter() - t0
+    timing["add_classes + shared fine-tune"] = extend(variant, fine_tune_shared=True)
     rows.append(
         {
             "method": "branched + add_classes + shared fine-tune",

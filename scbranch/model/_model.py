@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import pickle
+import time
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -80,35 +82,31 @@ REFERENCE_CELLS = 200
 def _reference_sample(x, labels: np.ndarray, shift, scale: float, n_classes: int) -> dict:
     """Up to :data:`REFERENCE_CELLS` seeded, standardised cells of every class."""
     keep = subsample_per_class(labels, n_classes, REFERENCE_CELLS, seed=0)
-    rows = to_dense(x[keep]) if sp.issparse(x) else np.asarray(x, dtype=np.float64)[keep]
+    rows = to_dense(x[keep])
     return {
         "x": ((rows - shift) / scale).astype(np.float32),
         "labels": labels[keep].astype(np.int64),
     }
 
 
-def _check_saved_genes(path: str, adata: AnnData) -> None:
-    """Raise if ``adata``'s genes differ from those of the model saved at ``path``."""
+def _check_same_genes(adata: AnnData, genes: np.ndarray, what: str) -> None:
+    """Raise unless ``adata`` has exactly ``genes``, in order (missing genes named)."""
+    columns = check_genes(adata, genes, what)
+    if not np.array_equal(columns, np.arange(adata.n_vars)):
+        raise ValueError(
+            f"The genes of adata do not match {what}'s: adata has {adata.n_vars} genes, "
+            f"{what} {len(genes)} (extra genes or another order). Pass "
+            "`adata[:, genes].copy()` with the genes it was trained on."
+        )
+
+
+def _saved_genes(path: str) -> np.ndarray | None:
+    """Genes recorded in a saved model file, or `None` when unreadable."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False).get("var_names")
     except Exception:  # noqa: BLE001 - a corrupt file is reported by the load itself
-        return
-    if saved is None:
-        return
-    saved = np.asarray(saved).astype(str)
-    genes = np.asarray(adata.var_names).astype(str)
-    if np.array_equal(saved, genes):
-        return
-    missing = [str(g) for g in saved if g not in set(genes)]
-    detail = (
-        f"{len(missing)} of its {len(saved)} genes are missing (e.g. {missing[:5]})"
-        if missing
-        else f"adata has {len(genes)} genes, the model {len(saved)} (other order or extras)"
-    )
-    raise ValueError(
-        f"The genes of adata do not match the saved model's: {detail}. Pass cells with the "
-        "model's genes, in its order: `adata[:, genes].copy()` with the genes it was trained on."
-    )
+        return None
+    return None if saved is None else np.asarray(saved).astype(str)
 
 
 class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
@@ -949,8 +947,6 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.add_classes(adata_new, labels=["Megakaryocyte"], max_epochs=100)  # doctest: +SKIP
         >>> model.generate(n_cells={"Megakaryocyte": 200}, seed=0)  # doctest: +SKIP
         """
-        import time
-
         if self.module.architecture != "branched":
             raise ValueError(
                 "A flat model has no branches to extend: every weight is shared by all types. "
@@ -1095,12 +1091,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                     f"{self.module.n_input}: the new cells must be in the model's latent space."
                 )
         else:
-            genes = check_genes(sub, np.asarray(self.get_var_names()).astype(str), "the model")
-            if not np.array_equal(genes, np.arange(sub.n_vars)):
-                raise ValueError(
-                    "The genes of adata differ from the model's (extra genes or another order); "
-                    "pass `adata[:, model_genes]`."
-                )
+            _check_same_genes(sub, np.asarray(self.get_var_names()).astype(str), "the model")
             x = to_dense(get_matrix(sub, layer=self.layer))
         check_finite(x, "the new cells' representation")
         counts_layer = self.registry_["setup_args"].get("counts_layer")
@@ -1112,8 +1103,6 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _register_new_class(self, name: str, z: np.ndarray, extra: dict) -> None:
         """Make a trained new class known everywhere generate/save/load look."""
-        import copy
-
         code = len(self.classes)
         # a private copy: the registry of the training AnnData (shared with its manager)
         # keeps describing those data
@@ -1134,7 +1123,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 [self.reference_samples_["labels"], np.full(len(keep), code, dtype=np.int64)]
             ),
         }
-        self.class_counts_ = np.append(getattr(self, "class_counts_", np.zeros(code)), len(z))
+        self.class_counts_ = np.append(self.class_counts_, len(z))
         if self.library_sizes_ is not None:
             self.library_sizes_ = [
                 *self.library_sizes_,
@@ -1223,8 +1212,6 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 f"{str(dir_path)!r} holds no '{prefix}model.pt': it is not (or not completely) a "
                 "saved scbranch model."
             )
-        if adata is not None:
-            _check_saved_genes(path, adata)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings(
@@ -1241,6 +1228,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             pickle.UnpicklingError,
             zipfile.BadZipFile,
         ) as err:
+            # data with other genes fail deep inside scvi-tools: say so, not "corrupt"
+            saved = _saved_genes(path) if adata is not None else None
+            if saved is not None:
+                _check_same_genes(adata, saved, "the saved model")
             raise ValueError(
                 f"Could not load the model in {str(dir_path)!r}: {err}. The directory is corrupt, "
                 "partial, or from an incompatible version; retrain and save it again."
@@ -1250,7 +1241,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             model._scvi_model = load_scvi(
                 os.path.join(str(dir_path), f"{prefix}{SCVI_DIR}"), model.scvi_info_, **scvi_kwargs
             )
-            if adata is not None:
-                check_genes(adata, model.scvi_info_["var_names"])
+        if adata is not None:  # scvi-tools only warns about genes in another order
+            _check_same_genes(
+                adata, np.asarray(model.get_var_names()).astype(str), "the saved model"
+            )
         model._model_summary_string = model._summary()
         return model
