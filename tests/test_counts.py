@@ -244,3 +244,24 @@ def test_counts_bad_input():
     sb.BranchedDiffusion.setup_anndata(lognorm, labels_key=LABELS, counts_layer="counts")
     with pytest.raises(ValueError, match="must hold raw counts"):
         sb.BranchedDiffusion(lognorm, **FAST_MODEL)
+
+
+def test_scvi_entry_points_wrong_keys_and_nan(scvi_model_and_data):
+    vae, _, adata = scvi_model_and_data
+    with pytest.raises(KeyError, match="labels_key='celltype' is not a column"):
+        sb.BranchedDiffusion.from_scvi_model(vae, labels_key="celltype", adata=adata)
+    with pytest.raises(KeyError, match="batch_key='donor' is not a column"):
+        sb.model.fit_scvi(adata, counts_layer="counts", batch_key="donor")
+    nan = adata.copy()
+    del nan.obsm["X_scVI"]
+    nan.layers["counts"] = nan.layers["counts"].toarray()
+    nan.layers["counts"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        sb.model.fit_scvi(nan, counts_layer="counts")
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=nan)
+    unknown_batch = adata.copy()
+    del unknown_batch.obsm["X_scVI"]
+    unknown_batch.obs["batch"] = "b9"
+    with pytest.raises(ValueError, match=r"batches the scVI model was not trained on: \['b9'\]"):
+        sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=unknown_batch)

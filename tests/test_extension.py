@@ -242,3 +242,17 @@ def test_splitting_internal_branches_keeps_old_samples(solver):
     # the new classes sample, and sampling them alongside changes nothing for themselves
     both = module.sample_counts({**counts, 4: 3, 5: 3}, **options)
     assert torch.isfinite(both.x).all() and both.x.shape == (21, 4)
+
+
+def test_extension_wrong_key_and_nan(extended):
+    model, sim = extended["model"], extended["sim"]
+    new = sim.copy()
+    new.obs["cell_type"] = new.obs["cell_type"].cat.rename_categories({"c0": "fresh"})
+    with pytest.raises(KeyError, match="labels_key='kind' is not a column"):
+        model.add_classes(new, labels=["fresh"], labels_key="kind", progress_bar=False)
+    new.obsm[REP] = new.obsm[REP].copy()
+    new.obsm[REP][0, 0] = np.nan  # the first cell is a "fresh" one
+    assert new.obs["cell_type"].iloc[0] == "fresh"
+    with pytest.raises(ValueError, match="new cells' representation contains 1 NaN"):
+        model.add_classes(new, labels=["fresh"], progress_bar=False)
+    assert "fresh" not in model.classes  # nothing half-added
