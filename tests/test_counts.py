@@ -265,3 +265,18 @@ def test_scvi_entry_points_wrong_keys_and_nan(scvi_model_and_data):
     unknown_batch.obs["batch"] = "b9"
     with pytest.raises(ValueError, match=r"batches the scVI model was not trained on: \['b9'\]"):
         sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=unknown_batch)
+
+
+def test_scvi_model_transmutes_counts_and_records_scale(scvi_model_and_data, tmp_path):
+    _, model, adata = scvi_model_and_data
+    mono = adata[adata.obs[LABELS] == "CD14+ Monocyte"][:6].copy()
+    tm = model.transmute(mono, "Dendritic", n_checkpoints=3, n_steps=5, progress_bar=False)
+    assert tm.n_obs == 6 * 5 and list(tm.var_names) == list(adata.var_names)
+    assert tm.obsm["X_scVI"].shape == (30, model.module.n_input)
+    # .X: log1p of scVI's normalised expression x 10,000 (deterministic: no counts)
+    assert np.allclose(np.expm1(tm.X).sum(1), 1e4, rtol=1e-3)
+    tr = model.generate(n_cells=3, trajectory_times=[0.5, 0.0], seed=0, progress_bar=False)
+    assert np.allclose(np.expm1(tr.X).sum(1), 1e4, rtol=1e-3)
+    with pytest.raises(ValueError, match="not counts"):
+        model.generate(n_cells=3, trajectory_times=[0.5], counts=True, progress_bar=False)
+    tm.write_h5ad(tmp_path / "tm.h5ad")

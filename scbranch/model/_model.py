@@ -42,7 +42,7 @@ from ..module._extension import (
     train_heads,
 )
 from ..module._networks import count_parameters
-from ..module._sampling import SOLVER_ALIASES, SOLVERS, default_spacing
+from ..module._sampling import SOLVER_ALIASES, SOLVERS, SampleResult, default_spacing
 from ..tl._branch_hierarchy import discover_record
 from ._counts import (
     class_pools,
@@ -63,6 +63,7 @@ from ._scvi import (
     scvi_info,
 )
 from ._training_plan import DiffusionTrainingPlan
+from ._trajectories import TrajectoryMixin, resolve_seed
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _saved_genes(path: str) -> np.ndarray | None:
     return None if saved is None else np.asarray(saved).astype(str)
 
 
-class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
+class BranchedDiffusion(TrajectoryMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Hierarchically branched diffusion model of cell types :cite:p:`Tseng2024`.
 
     A score network with a shared trunk and one head per branch of a cell-type tree is trained
@@ -657,6 +658,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         counts: bool | None = None,
         batch: str | None = None,
         batch_size: int | None = None,
+        trajectory_times: Sequence[float] | None = None,
         progress_bar: bool = True,
     ) -> AnnData:
         """Generate cells of any of the model's cell types, as a NEW AnnData.
@@ -704,6 +706,16 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             At most this many cells per forward pass (memory on large requests); the cells
             depend on it only through float rounding. `None`: 8,192 on CPU (faster than one
             large pass), no limit on GPU.
+        trajectory_times
+            Record every cell's state at these diffusion times (in ``[t_min, 1]``, or 0 for the
+            final cell) and return the trajectories instead of the cells: one row per (cell,
+            time), with ``obs['trajectory']`` (the cell), ``obs['checkpoint']``, ``obs['t']``,
+            ``obs['branch']`` (the branch the state is on) and ``obs[labels_key]``;
+            ``obsm['scbranch_state']`` holds the noisy state, the latent (``obsm[obsm_key]``)
+            and ``.X`` the model's estimate of the clean cell from it (E[x_0 | x_t]; scVI
+            models: log1p of scVI's normalised expression x 10,000). With ``share=True``
+            types share their states above their branch point. The times join the step grid,
+            so the final cells differ slightly from a run without recording.
         progress_bar
             Show a progress bar over the steps.
 
@@ -721,6 +733,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         >>> gen = model.generate(  # doctest: +SKIP
         ...     n_cells={"CD19+ B": 1000}, solver="heun", n_steps=30, seed=0
         ... )
+        >>> tr = model.generate(100, trajectory_times=[1.0, 0.6, 0.3, 0.0])  # doctest: +SKIP
         """
         solver = SOLVER_ALIASES.get(solver, solver)
         spacing = default_spacing(solver) if spacing is None else spacing
@@ -734,24 +747,22 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                 "residual_noise applies to models that decode a PCA to genes; this model "
                 f"(diffusing {space}) has no PCA decoder."
             )
+        times = None
+        if trajectory_times is not None:
+            times = self._check_trajectory_times(trajectory_times, counts, residual_noise)
         counts, batch = self._check_decoding_options(counts, batch)
         requested = self._counts(n_cells, labels)
-        seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
-        progress = None
-        if progress_bar:
-
-            def progress(it):
-                return track(it, description="Sampling", style="tqdm")
-
-        res = self.module.sample_counts(
+        seed = resolve_seed(seed)
+        res = self._run_sampler(
             requested,
             solver=solver,
             n_steps=n_steps,
             share=share,
             seed=seed,
             spacing=spacing,
-            progress=progress,
             batch_size=batch_size,
+            progress_bar=progress_bar,
+            record_times=[t for t in (times or []) if t > 0],
         )
         z = res.x.float().cpu().numpy()
         codes = res.labels.cpu().numpy()
@@ -770,7 +781,21 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             "n_network_calls": res.n_network_calls,
             "n_row_evaluations": res.n_row_evaluations,
         }
+        if times is not None:
+            return self._generation_trajectories(res, times, params)
         return self._as_anndata(z, codes, params)
+
+    def _run_sampler(
+        self, requested: dict[int, int], *, progress_bar: bool, **options
+    ) -> SampleResult:
+        """Sample per-class counts with the module (``options``: see ``sample_counts``)."""
+        progress = None
+        if progress_bar:
+
+            def progress(it):
+                return track(it, description="Sampling", style="tqdm")
+
+        return self.module.sample_counts(requested, progress=progress, **options)
 
     def _check_decoding_options(
         self, counts: bool | None, batch: str | None
@@ -855,14 +880,19 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         var = None if x is None else pd.DataFrame(index=decoded["var_names"])
         obsm = {self.obsm_key: z} if self.obsm_key is not None else None
         adata = AnnData(X=x, obs=obs, var=var, obsm=obsm, layers=decoded["layers"] or None)
-        adata.uns[UNS_KEYS.GENERATED] = {
+        adata.uns[UNS_KEYS.GENERATED] = self._uns_record(params, x is not None)
+        return adata
+
+    def _uns_record(self, params: dict, decoded: bool) -> dict:
+        """``uns['scbranch']`` of an AnnData the model made: params, model summary, tree."""
+        return {
             "params": params,
             "model": {
                 "architecture": self.module.architecture,
                 "labels_key": self.labels_key,
                 "obsm_key": self.obsm_key or "",
                 "layer": self.layer or "",
-                "decoded": x is not None and self.obsm_key is not None,
+                "decoded": decoded and self.obsm_key is not None,
                 "space": self.space,
                 # classes added by add_classes, in order (arrays: h5ad-safe)
                 **(
@@ -880,7 +910,6 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             },
             "hierarchy": self.tree.to_dict(),
         }
-        return adata
 
     # ------------------------------------------------------------------ extension
     def add_classes(
@@ -1078,28 +1107,39 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         sub = adata[keep]
         sub_names = names[keep]
         extra: dict[str, np.ndarray] = {}
+        x = self._representation(sub, "the new cells")
         if self.scvi_info_ is not None:
-            view = counts_view(sub, self.scvi_info_)
-            x = latent_means(self._scvi_model, view)
-            extra["library"] = np.asarray(view.X.sum(1)).ravel()
-        elif self.obsm_key is not None:
-            check_rep_key(sub, obsm_key=self.obsm_key)
-            x = np.asarray(get_matrix(sub, obsm_key=self.obsm_key), dtype=np.float64)
-            if x.shape[1] != self.module.n_input:
-                raise ValueError(
-                    f"adata.obsm[{self.obsm_key!r}] has {x.shape[1]} dimensions, the model "
-                    f"{self.module.n_input}: the new cells must be in the model's latent space."
-                )
-        else:
-            _check_same_genes(sub, np.asarray(self.get_var_names()).astype(str), "the model")
-            x = to_dense(get_matrix(sub, layer=self.layer))
-        check_finite(x, "the new cells' representation")
+            extra["library"] = np.asarray(counts_view(sub, self.scvi_info_).X.sum(1)).ravel()
         counts_layer = self.registry_["setup_args"].get("counts_layer")
         if self.size_factors_ is not None and counts_layer:
             extra["size_factors"] = self._size_factors_of(sub, counts_layer)
         return {
             c: (x[sub_names == c], {k: v[sub_names == c] for k, v in extra.items()}) for c in labels
         }
+
+    def _representation(self, adata: AnnData, what: str) -> np.ndarray:
+        """Cells of ``adata`` in the model's data space (latent or genes), checked and finite.
+
+        scVI models encode the counts with their scVI model; latent models read
+        ``obsm[obsm_key]`` (which must have the model's dimension); expression models read
+        the layer's columns of the model's genes (missing genes raise).
+        """
+        if self.scvi_info_ is not None:
+            x = latent_means(self._scvi_model, counts_view(adata, self.scvi_info_))
+        elif self.obsm_key is not None:
+            check_rep_key(adata, obsm_key=self.obsm_key)
+            x = np.asarray(get_matrix(adata, obsm_key=self.obsm_key), dtype=np.float64)
+            if x.shape[1] != self.module.n_input:
+                raise ValueError(
+                    f"adata.obsm[{self.obsm_key!r}] has {x.shape[1]} dimensions, the model "
+                    f"{self.module.n_input}: {what} must be in the model's latent space (e.g. "
+                    "projected on the same PCA)."
+                )
+        else:  # the model's genes, in its order (extra genes are left out)
+            columns = check_genes(adata, np.asarray(self.get_var_names()).astype(str), "the model")
+            x = to_dense(get_matrix(adata, layer=self.layer)[:, columns])
+        check_finite(x, f"the representation of {what}")
+        return x
 
     def _register_new_class(self, name: str, z: np.ndarray, extra: dict) -> None:
         """Make a trained new class known everywhere generate/save/load look."""

@@ -195,7 +195,7 @@ def check_genes(adata: AnnData, var_names: np.ndarray, what: str = "the scVI mod
         raise ValueError(
             f"The genes of adata do not match {what}'s: {len(missing)} of its "
             f"{len(var_names)} genes are missing (e.g. {missing[:5]}). Pass cells measured on "
-            "the genes it was trained on (`model.scvi_model.adata.var_names`)."
+            "the genes it was trained on."
         )
     if not index.is_unique:
         raise ValueError("adata.var_names are not unique; run `adata.var_names_make_unique()`.")

@@ -57,23 +57,33 @@ def time_grid(
     n_steps: int,
     *,
     spacing: str = "logsnr",
+    t_start: float = 1.0,
+    t_end: float | None = None,
 ) -> np.ndarray:
-    """Decreasing time grid from 1 to ``t_min`` that contains every breakpoint.
+    """Decreasing time grid from ``t_start`` (1) to ``t_end`` (``t_min``) holding every breakpoint.
 
     Steps are distributed over the segments between breakpoints in proportion to each segment's
     length (in log-SNR for ``spacing="logsnr"``, in t for ``spacing="t"``; every segment gets at
-    least one step) and spaced uniformly in the same unit inside a segment.
+    least one step) and spaced uniformly in the same unit inside a segment. Breakpoints outside
+    ``(t_end, t_start)`` are ignored.
 
     Examples
     --------
     >>> grid = time_grid(VPSDE(), [0.5], 10)
     >>> len(grid), 0.5 in grid
     (11, True)
+    >>> time_grid(VPSDE(), [0.2, 0.7], 4, spacing="t", t_start=0.5, t_end=0.1).round(2).tolist()
+    [0.5, 0.4, 0.3, 0.2, 0.1]
     """
     if spacing not in ("logsnr", "t"):
         raise ValueError(f"spacing must be 'logsnr' or 't', got {spacing!r}.")
-    knots = [1.0] + sorted({float(b) for b in breakpoints if sde.t_min < b < 1.0}, reverse=True)
-    knots.append(sde.t_min)
+    t_end = sde.t_min if t_end is None else float(t_end)
+    if not sde.t_min <= t_end < t_start <= 1.0:
+        raise ValueError(
+            f"Need t_min={sde.t_min} <= t_end < t_start <= 1, got t_end={t_end}, t_start={t_start}."
+        )
+    inner = {float(b) for b in breakpoints if t_end < b < t_start}
+    knots = [float(t_start), *sorted(inner, reverse=True), t_end]
     if n_steps < len(knots) - 1:
         raise ValueError(
             f"n_steps={n_steps} is smaller than the {len(knots) - 1} segments between branch "
@@ -96,7 +106,7 @@ def time_grid(
     while steps.sum() > n_steps:
         candidates = np.where(steps > 1, steps - share, -np.inf)
         steps[np.argmax(candidates)] -= 1
-    grid = [1.0]
+    grid = [float(t_start)]
     for (hi, lo), k in zip(zip(knots[:-1], knots[1:], strict=True), steps, strict=True):
         inner = inverse(np.linspace(unit(hi), unit(lo), k + 1)[1:-1])
         grid.extend(np.atleast_1d(inner).tolist())
@@ -124,6 +134,38 @@ class SampleResult:
     n_row_evaluations: int
     grid: np.ndarray
     trajectory: dict[float, torch.Tensor] = field(default_factory=dict)
+
+
+def pass_rows(batch_size: int | None, device: torch.device) -> int | None:
+    """Rows per forward pass: checked, or :data:`CPU_PASS_ROWS` on CPU when not given."""
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if batch_size is None and torch.device(device).type == "cpu":
+        return CPU_PASS_ROWS
+    return batch_size
+
+
+class CountingCaller:
+    """``eps_fn`` split into passes of at most ``batch_size`` rows, counting the calls.
+
+    One call is one logical network evaluation of all rows (the cost unit of the benchmarks),
+    however many passes memory needs.
+    """
+
+    def __init__(self, eps_fn: EpsFn, batch_size: int | None):
+        self.eps_fn = eps_fn
+        self.batch_size = batch_size
+        self.n_calls = 0
+        self.n_rows = 0
+
+    def __call__(self, x: torch.Tensor, t: float, branch: torch.Tensor, label: torch.Tensor):
+        self.n_calls += 1
+        self.n_rows += x.shape[0]
+        size = self.batch_size
+        if size is None or x.shape[0] <= size:
+            return self.eps_fn(x, t, branch, label)
+        parts = zip(x.split(size), branch.split(size), label.split(size), strict=True)
+        return torch.cat([self.eps_fn(xs, t, bs, ls) for xs, bs, ls in parts])
 
 
 def _seeded_generator(device: torch.device, seed: int, kind: int, key: int) -> torch.Generator:
@@ -216,12 +258,9 @@ def sample(
     records = _check_record_times(record_times, sde)
     spacing = default_spacing(solver) if spacing is None else spacing
     grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)
-    if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    batch_size = pass_rows(batch_size, device)
     if corrector_snr <= 0:
         raise ValueError(f"corrector_snr must be positive, got {corrector_snr}.")
-    if batch_size is None and device.type == "cpu":
-        batch_size = CPU_PASS_ROWS
 
     def need(branch: int) -> int:
         return max(counts.get(c, 0) for c in tree.branches[branch].classes)
@@ -244,27 +283,7 @@ def sample(
             x = torch.randn((n, n_input), generator=gen, device=device)
             groups.append(_Group(tree.lookup(np.array([c]), 1.0)[0], c, x, gen))
 
-    n_calls = 0
-    n_rows = 0
-
-    def call(x: torch.Tensor, t: float, branch: torch.Tensor, label: torch.Tensor):
-        nonlocal n_calls, n_rows
-        n_calls += 1
-        n_rows += x.shape[0]
-        if batch_size is None or x.shape[0] <= batch_size:
-            return eps_fn(x, t, branch, label)
-        return torch.cat(
-            [
-                eps_fn(xs, t, bs, ls)
-                for xs, bs, ls in zip(
-                    x.split(batch_size),
-                    branch.split(batch_size),
-                    label.split(batch_size),
-                    strict=True,
-                )
-            ]
-        )
-
+    call = CountingCaller(eps_fn, batch_size)
     trajectory: dict[float, torch.Tensor] = {}
     if 1.0 in records:
         trajectory[1.0] = _class_states(groups, counts, tree, 1.0)
@@ -322,8 +341,8 @@ def sample(
     return SampleResult(
         x=x,
         labels=labels,
-        n_network_calls=n_calls,
-        n_row_evaluations=n_rows,
+        n_network_calls=call.n_calls,
+        n_row_evaluations=call.n_rows,
         grid=grid,
         trajectory=dict(sorted(trajectory.items(), reverse=True)),
     )

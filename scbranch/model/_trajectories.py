@@ -1,0 +1,483 @@
+"""Interpretation with the tree (METHOD.md §9): transmutation, hybrids and trajectories.
+
+:class:`TrajectoryMixin` gives :class:`~scbranch.BranchedDiffusion` the methods that move cells
+along the tree rather than only sample them. Every result is a new AnnData with one row per
+(cell, checkpoint) and the keys of API.md "Trajectories".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from anndata.utils import make_index_unique
+from scvi.utils import track
+
+from .._constants import UNS_KEYS
+from .._validation import check_obs_key
+from ..module._sampling import SOLVER_ALIASES, SOLVERS, SampleResult
+from ..module._transport import denoise, transport
+from ._decoding import decode
+from ._scvi import decode_latents
+
+logger = logging.getLogger(__name__)
+
+#: phases of a transmutation, in the order a cell passes them
+PHASES = ["source", "up", "branch point", "down", "endpoint"]
+#: key of the noisy states (the latent/expression keys hold the model's clean estimate)
+STATE_KEY = "scbranch_state"
+#: library size of the normalised expression decoded from scVI latents along trajectories
+SCVI_NORMALIZED_TOTAL = 1e4
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The given seed, or a fresh one (recorded by the callers so runs can be repeated)."""
+    return int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
+
+
+def checkpoint_times(t_min: float, t_branch: float, n: int, sde) -> np.ndarray:
+    """``n`` times from ``t_min`` up to ``t_branch``, evenly spaced in log-SNR, exact ends."""
+    lam = np.linspace(sde.log_snr(t_min), sde.log_snr(t_branch), n)
+    times = np.asarray(sde.t_from_log_snr(lam), dtype=np.float64)
+    times[0], times[-1] = t_min, t_branch
+    return times
+
+
+class TrajectoryMixin:
+    """Transmutation, hybrids and recorded trajectories for :class:`BranchedDiffusion`."""
+
+    # ------------------------------------------------------------------ transmutation
+    @torch.inference_mode()
+    def transmute(
+        self,
+        adata: AnnData,
+        target: str,
+        *,
+        source: str | None = None,
+        per_cell_source: bool = False,
+        mode: str = "ode",
+        n_checkpoints: int = 5,
+        n_steps: int | None = None,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        progress_bar: bool = True,
+    ) -> AnnData:
+        """Carry real cells of one type to another type through their branch point.
+
+        Each cell goes up the diffusion process along its own type's branches to the time
+        ``t*`` where its type and ``target`` join, then down along the target's branches
+        (METHOD.md §9). What the cell has beyond its type survives as far as the process
+        keeps it: ``mode="ode"`` is deterministic and invertible (transmuting the result back
+        returns the cell up to solver error), ``mode="sde"`` noises the cell in closed form and
+        samples the way down (more diverse, keeps less of the cell).
+
+        Parameters
+        ----------
+        adata
+            Real cells in the model's representation (``obsm[obsm_key]`` in the same latent
+            space, the model's genes for expression models, or counts of the scVI model's
+            genes for scVI models).
+        target
+            The type to transmute into.
+        source
+            Treat every cell as this type. Default: ``adata.obs[labels_key]``, which must hold
+            one type unless ``per_cell_source=True``.
+        per_cell_source
+            Cells of several types: carry each up along its own type's branches (to its own
+            branch point with the target).
+        mode
+            ``"ode"`` (probability-flow ODE both ways, Heun) or ``"sde"`` (exact forward
+            noising up, reverse SDE Euler-Maruyama down).
+        n_checkpoints
+            States recorded on each leg, both ends included: every cell gets
+            ``2 * n_checkpoints - 1`` rows, the middle one at the branch point.
+        n_steps
+            Solver steps per leg (default 50 for ``"ode"``, 200 for ``"sde"``); the grid holds
+            every branch point on the way and every checkpoint.
+        seed
+            Seed of the noise (``"sde"``); `None` draws one (recorded in ``uns``).
+        batch_size
+            At most this many cells per forward pass.
+        progress_bar
+            Show progress bars over the steps.
+
+        Returns
+        -------
+        AnnData with one row per (cell, checkpoint), rows grouped by cell: ``obs['trajectory']``
+        and ``obs['source_cell']`` (the cell's name in ``adata``), ``obs['checkpoint']``,
+        ``obs['t']``, ``obs['phase']`` (``"source"``, ``"up"``, ``"branch point"``, ``"down"``,
+        ``"endpoint"``), ``obs['branch']``, ``obs['source_label']``, ``obs['target_label']``;
+        the model's estimate of the clean cell at each state (E[x_0 | x_t]) in
+        ``obsm[obsm_key]`` and decoded in ``.X`` where the space allows; the noisy state in
+        ``obsm['scbranch_state']``; parameters in ``uns['scbranch']['params']``. The source
+        rows hold the cells as given, the endpoint rows the transmuted cells: select them with
+        ``tm[tm.obs['phase'] == 'endpoint']``.
+
+        Examples
+        --------
+        >>> mono = adata[adata.obs["cell_type"] == "CD14+ Monocyte"]  # doctest: +SKIP
+        >>> tm = model.transmute(mono, target="Dendritic", mode="ode")  # doctest: +SKIP
+        >>> dc_like = tm[tm.obs["phase"] == "endpoint"]  # doctest: +SKIP
+        """
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+        if adata.n_obs == 0:
+            raise ValueError("`adata` holds no cells to transmute.")
+        if mode not in ("ode", "sde"):
+            raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}.")
+        if int(n_checkpoints) < 2:
+            raise ValueError(f"n_checkpoints must be at least 2, got {n_checkpoints}.")
+        n_steps = (50 if mode == "ode" else 200) if n_steps is None else int(n_steps)
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be a positive integer, got {n_steps}.")
+        target_code = int(self.tree.class_index(str(target))[0])
+        sources = self._transmutation_sources(adata, source, per_cell_source, target_code)
+        x = self._representation(adata, "the cells to transmute")
+        seed = resolve_seed(seed)
+        solvers = ("heun", "heun") if mode == "ode" else ("noise", "em")
+
+        module, tree, sde = self.module, self.tree, self.module.sde
+        device = module.shift.device
+        eps_fn = module.eps_fn()
+        k = int(n_checkpoints)
+        n_rows = 2 * k - 1
+        z_all = module.standardize(torch.as_tensor(x, dtype=torch.float32, device=device))
+        states = torch.empty((len(x), n_rows, x.shape[1]), device=device)
+        estimates = torch.empty_like(states)
+        times = np.empty((len(x), n_rows))
+        branches = np.empty((len(x), n_rows), dtype=np.int64)
+        n_calls = 0
+        branch_times = {}
+        for s in np.unique(sources):
+            rows = torch.as_tensor(np.flatnonzero(sources == s), device=device)
+            t_star = tree.branch_time(int(s), target_code)
+            branch_times[self.classes[s]] = t_star
+            up_times = checkpoint_times(sde.t_min, t_star, k, sde)
+            path_times = np.r_[up_times, up_times[-2::-1]]
+            path_labels = np.r_[np.full(k, s), np.full(k - 1, target_code)]
+            group_seed = int(np.random.SeedSequence([seed, int(s)]).generate_state(1)[0])
+            legs = []
+            for leg, (t_from, t_to, code, solver) in enumerate(
+                [
+                    (sde.t_min, t_star, s, solvers[0]),
+                    (t_star, sde.t_min, target_code, solvers[1]),
+                ]
+            ):
+                name = f"{self.classes[s]} -> {target} ({'up' if leg == 0 else 'down'})"
+                res = transport(
+                    eps_fn,
+                    tree,
+                    sde,
+                    z_all[rows] if leg == 0 else legs[0].x,
+                    torch.full((len(rows),), int(code), device=device),
+                    t_from,
+                    t_to,
+                    solver=solver,
+                    n_steps=n_steps,
+                    seed=group_seed,
+                    record_times=up_times,
+                    batch_size=batch_size,
+                    progress=_progress(name) if progress_bar else None,
+                )
+                legs.append(res)
+                n_calls += res.n_network_calls
+            for j, (t, code) in enumerate(zip(path_times, path_labels, strict=True)):
+                leg = legs[0] if j < k else legs[1]
+                state = leg.trajectory[float(t)]
+                labels = torch.full((len(rows),), int(code), device=device)
+                if j == 0 or (j == n_rows - 1 and mode == "ode"):
+                    # the given cell, and the ODE's endpoint: a state at t_min IS the cell
+                    # (denoising it would break the exact inverse)
+                    estimate = state
+                else:
+                    estimate = denoise(eps_fn, tree, sde, state, labels, float(t))
+                    n_calls += 1
+                states[rows, j] = state
+                estimates[rows, j] = estimate
+                times[rows.cpu().numpy(), j] = t
+                branches[rows.cpu().numpy(), j] = tree.lookup(np.array([code]), float(t))[0]
+
+        names = make_index_unique(pd.Index(adata.obs_names.astype(str)))
+        phase = np.array(["up"] * n_rows, dtype=object)
+        phase[0], phase[k - 1], phase[k:], phase[-1] = "source", "branch point", "down", "endpoint"
+        cells = np.repeat(np.asarray(names), n_rows)
+        checkpoint = np.tile(np.arange(n_rows), len(x))
+        obs = pd.DataFrame(
+            {
+                "trajectory": pd.Categorical(cells, categories=list(names)),
+                "checkpoint": checkpoint,
+                "t": times.ravel(),
+                "phase": pd.Categorical(np.tile(phase, len(x)), categories=PHASES),
+                "branch": branches.ravel(),
+                "source_label": pd.Categorical.from_codes(
+                    np.repeat(sources, n_rows), categories=self.classes
+                ),
+                "target_label": pd.Categorical.from_codes(
+                    np.full(len(cells), target_code), categories=self.classes
+                ),
+                "source_cell": np.repeat(np.asarray(adata.obs_names.astype(str)), n_rows),
+            },
+            index=[f"{c}-{j}" for c, j in zip(cells, checkpoint, strict=True)],
+        )
+        params = {
+            "kind": "transmutation",
+            "target": str(target),
+            "sources": np.array(list(branch_times), dtype=object),
+            "branch_times": np.array(list(branch_times.values()), dtype=np.float64),
+            "mode": mode,
+            "solver_up": solvers[0],
+            "solver_down": solvers[1],
+            "n_checkpoints": k,
+            "n_steps": n_steps,
+            "seed": seed,
+            "n_cells": len(x),
+            "n_network_calls": n_calls,
+        }
+        out = self._trajectory_anndata(
+            self._unstandardized(states), self._unstandardized(estimates), obs, params
+        )
+        logger.info(
+            "Transmuted %d cells into %r (%s) through t* = %s with %d network calls.",
+            len(x),
+            target,
+            mode,
+            ", ".join(f"{t:.3f}" for t in branch_times.values()),
+            n_calls,
+        )
+        return out
+
+    def _transmutation_sources(
+        self, adata: AnnData, source: str | None, per_cell_source: bool, target_code: int
+    ) -> np.ndarray:
+        """Class index of every cell's source type (validated against the target)."""
+        if source is not None:
+            codes = np.full(adata.n_obs, int(self.tree.class_index(str(source))[0]))
+        else:
+            if self.labels_key not in adata.obs.columns:
+                check_obs_key(adata, self.labels_key)  # raises with the available columns
+            names = adata.obs[self.labels_key].astype(str).to_numpy()
+            present = list(pd.unique(names))
+            if len(present) > 1 and not per_cell_source:
+                counts = pd.Series(names).value_counts()
+                listing = ", ".join(f"{c!r} ({n})" for c, n in counts.items())
+                raise ValueError(
+                    f"adata holds cells of {len(present)} types ({listing}). Transmute one type "
+                    "at a time (subset adata), pass `source=` to treat every cell as one type, "
+                    "or `per_cell_source=True` to carry each cell along its own type's branches."
+                )
+            codes = self.tree.class_index(names)
+        if np.any(codes == target_code):
+            raise ValueError(
+                f"{int(np.sum(codes == target_code))} cell(s) already are of the target type "
+                f"{self.classes[target_code]!r}: a type cannot be transmuted into itself. "
+                "Choose another target, or leave these cells out."
+            )
+        return codes.astype(np.int64)
+
+    # ------------------------------------------------------------------ hybrids
+    @torch.inference_mode()
+    def hybrids(
+        self,
+        label_a: str,
+        label_b: str,
+        n_cells: int = 100,
+        *,
+        solver: str = "heun",
+        n_steps: int = 25,
+        seed: int | None = None,
+        counts: bool | None = None,
+        batch: str | None = None,
+        batch_size: int | None = None,
+        progress_bar: bool = True,
+    ) -> AnnData:
+        """Pairs of cells of two types that share their whole reverse path above the branch point.
+
+        The reverse process runs once from t = 1 down to ``t*``, where ``label_a`` and
+        ``label_b`` split (METHOD.md §9); the same states then finish once along ``label_a``'s
+        branches and once along ``label_b``'s. The two cells of a pair differ only by what
+        the process adds below ``t*``: what the types share, and where they part.
+
+        Parameters
+        ----------
+        label_a, label_b
+            The two types (different).
+        n_cells
+            Number of pairs.
+        solver, n_steps, seed, counts, batch, batch_size, progress_bar
+            As in :meth:`generate` (sharing is always on).
+
+        Returns
+        -------
+        AnnData of ``2 * n_cells`` generated cells, as :meth:`generate` returns them, with
+        ``obs['pair']`` (pair index), ``obs['side']`` (which type), and the shared state at the
+        branch point in ``obsm['scbranch_branch_state']``.
+
+        Examples
+        --------
+        >>> hy = model.hybrids("CD4+/CD25 T Reg", "CD8+ Cytotoxic T", n_cells=200)  # doctest: +SKIP
+        >>> hy.obs.groupby("side").size()  # doctest: +SKIP
+        """
+        if self.module.architecture != "branched":
+            raise ValueError(
+                "Hybrids need a branched model: a label-guided (flat) model has no reverse "
+                "path that two types share."
+            )
+        a, b = (int(c) for c in self.tree.class_index([str(label_a), str(label_b)]))
+        if a == b:
+            raise ValueError(f"Hybrids need two different types, got {label_a!r} twice.")
+        if int(n_cells) < 1:
+            raise ValueError(f"n_cells must be a positive integer, got {n_cells}.")
+        n = int(n_cells)
+        solver = SOLVER_ALIASES.get(solver, solver)
+        if solver not in SOLVERS:
+            raise ValueError(
+                f"Unknown solver {solver!r}; choose one of {list(SOLVERS) + list(SOLVER_ALIASES)}."
+            )
+        counts, batch = self._check_decoding_options(counts, batch)
+        seed = resolve_seed(seed)
+        t_star = self.tree.branch_time(a, b)
+        res = self._run_sampler(
+            {a: n, b: n},
+            solver=solver,
+            n_steps=n_steps,
+            share=True,
+            seed=seed,
+            batch_size=batch_size,
+            progress_bar=progress_bar,
+            record_times=[t_star],
+        )
+        params = {
+            "kind": "hybrids",
+            "label_a": str(label_a),
+            "label_b": str(label_b),
+            "branch_time": t_star,
+            "n_cells": n,
+            "solver": solver,
+            "n_steps": n_steps,
+            "share": True,
+            "seed": seed,
+            "residual_noise": False,
+            "counts": counts,
+            "batch": batch or "",
+            "n_network_calls": res.n_network_calls,
+            "n_row_evaluations": res.n_row_evaluations,
+        }
+        out = self._as_anndata(res.x.float().cpu().numpy(), res.labels.cpu().numpy(), params)
+        out.obs["pair"] = np.tile(np.arange(n), 2)
+        out.obs["side"] = pd.Categorical(
+            [str(label_a)] * n + [str(label_b)] * n, categories=[str(label_a), str(label_b)]
+        )
+        out.obs_names = [f"hybrid{i}_{side}" for side in ("a", "b") for i in range(n)]
+        out.obsm["scbranch_branch_state"] = res.trajectory[t_star].float().cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def _check_trajectory_times(
+        self, times: Sequence[float], counts: bool | None, residual_noise: bool
+    ) -> list[float]:
+        """Validated recording times of :meth:`generate`, decreasing (0: the final cells)."""
+        t_min = self.module.sde.t_min
+        values = sorted({float(t) for t in np.atleast_1d(np.asarray(times, dtype=float))})
+        if not values:
+            raise ValueError("trajectory_times is empty; give times in [t_min, 1] or 0.")
+        bad = [t for t in values if not (t == 0.0 or t_min <= t <= 1.0)]
+        if bad:
+            raise ValueError(
+                f"trajectory_times must be 0 (the final cells) or lie in [t_min={t_min}, 1]; "
+                f"got {bad}."
+            )
+        if counts or residual_noise:
+            raise ValueError(
+                "Trajectories carry the model's clean estimate at each time, not counts or "
+                "residual noise; generate the final cells without `trajectory_times` for those."
+            )
+        return values[::-1]
+
+    def _generation_trajectories(
+        self, res: SampleResult, times: list[float], params: dict
+    ) -> AnnData:
+        """One row per (generated cell, recorded time) from a sampler run."""
+        module, tree = self.module, self.tree
+        eps_fn = module.eps_fn()
+        labels = res.labels
+        n, n_rows = len(labels), len(times)
+        states, estimates, branches = [], [], []
+        with torch.inference_mode():
+            for t in times:
+                if t == 0.0:
+                    state = estimate = res.x
+                else:
+                    state = res.trajectory[t]
+                    z = module.standardize(state)
+                    estimate = module.unstandardize(denoise(eps_fn, tree, module.sde, z, labels, t))
+                states.append(state)
+                estimates.append(estimate)
+                branches.append(tree.lookup(labels.cpu().numpy(), t))
+        stack = torch.stack  # (n, n_rows, d): rows grouped by cell
+        states_np = stack(states, 1).reshape(n * n_rows, -1).float().cpu().numpy()
+        estimates_np = stack(estimates, 1).reshape(n * n_rows, -1).float().cpu().numpy()
+        codes = np.repeat(labels.cpu().numpy(), n_rows)
+        cells = np.repeat([f"gen{i}" for i in range(n)], n_rows)
+        checkpoint = np.tile(np.arange(n_rows), n)
+        classes = pd.Categorical.from_codes(codes, categories=self.classes)
+        obs = pd.DataFrame(
+            {
+                "trajectory": pd.Categorical(cells, categories=[f"gen{i}" for i in range(n)]),
+                "checkpoint": checkpoint,
+                "t": np.tile(np.asarray(times, dtype=np.float64), n),
+                "branch": np.stack(branches, 1).ravel().astype(np.int64),
+                self.labels_key: classes,
+                "target_label": classes.copy(),
+            },
+            index=[f"{c}-{j}" for c, j in zip(cells, checkpoint, strict=True)],
+        )
+        params = {**params, "kind": "trajectories", "trajectory_times": np.asarray(times)}
+        return self._trajectory_anndata(states_np, estimates_np, obs, params)
+
+    # ------------------------------------------------------------------ shared output
+    def _unstandardized(self, z: torch.Tensor) -> np.ndarray:
+        """(n, k, d) standardised states -> (n * k, d) in the data space, numpy."""
+        return self.module.unstandardize(z).reshape(-1, z.shape[-1]).float().cpu().numpy()
+
+    def _decode_expression(self, estimates: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Deterministic expression of clean estimates: no counts, no residual noise."""
+        if self.scvi_info_ is not None:
+            info = self.scvi_info_
+            batch_code = list(info["batches"]).index(info["default_batch"])
+            scale, _ = decode_latents(
+                self._scvi_model,
+                estimates,
+                np.full(len(estimates), SCVI_NORMALIZED_TOTAL),
+                np.full(len(estimates), batch_code),
+                seed=0,
+            )
+            return np.log1p(scale * SCVI_NORMALIZED_TOTAL), np.asarray(info["var_names"])
+        if self.obsm_key is not None and self.decoder_ is not None:
+            return decode(self.decoder_, estimates), self.decoder_["var_names"]
+        if self.obsm_key is None:  # log-normalised expression is never negative
+            return np.clip(estimates, 0.0, None), np.asarray(self.get_var_names()).astype(str)
+        return None, np.array([], dtype=str)
+
+    def _trajectory_anndata(
+        self, states: np.ndarray, estimates: np.ndarray, obs: pd.DataFrame, params: dict
+    ) -> AnnData:
+        """Assemble a trajectory AnnData (API.md "Trajectories")."""
+        x, var_names = self._decode_expression(estimates)
+        obsm = {STATE_KEY: states}
+        if self.obsm_key is not None:
+            obsm[self.obsm_key] = estimates
+        var = None if x is None else pd.DataFrame(index=pd.Index(var_names).astype(str))
+        adata = AnnData(X=x, obs=obs, var=var, obsm=obsm)
+        adata.uns[UNS_KEYS.GENERATED] = self._uns_record(params, x is not None)
+        return adata
+
+
+def _progress(description: str):
+    def wrap(it):
+        return track(it, description=description, style="tqdm")
+
+    return wrap
