@@ -57,6 +57,7 @@ def branch_tree(
     key: str = UNS_KEYS.HIERARCHY,
     orientation: Literal["top", "bottom", "left", "right"] = "top",
     show_times: bool = True,
+    stability: bool | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -68,6 +69,12 @@ def branch_tree(
     two sides become indistinguishable, and the root branch runs up to t = 1. Branch points
     are marked and labelled with their time. Leaf labels take the colours of
     ``adata.uns[f'{groupby}_colors']`` when present (scanpy convention).
+
+    When :func:`scbranch.tl.branch_stability` has been run, each branch point also gets its
+    bootstrap interval of the branch time (2.5 %-97.5 % quantiles over the replicates in which
+    the split recurs) as a thin coloured bar along the time axis, and its support (the fraction
+    of replicates in which the split recurs) written in the same colour on the other side of the
+    point from its time.
 
     Parameters
     ----------
@@ -83,6 +90,10 @@ def branch_tree(
         or ``'right'`` (labels on the left; most readable for long names).
     show_times
         Write the diffusion time next to every branch point.
+    stability
+        Draw the bootstrap intervals and supports stored by
+        :func:`scbranch.tl.branch_stability`. `None`: draw them when they are stored; `True`:
+        require them (error if absent); `False`: never draw them.
     ax
         A matplotlib axes object to draw on. If `None`, a new figure is created.
     show
@@ -112,6 +123,7 @@ def branch_tree(
     if orientation not in _ORIENTATIONS:
         raise ValueError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}.")
     tree, record = _get_hierarchy(adata, key)
+    table = _get_stability(adata, record, key, stability)
     order, pos = _leaf_layout(tree)
     n = tree.n_classes
     names = [tree.classes[c] for c in order]
@@ -170,6 +182,8 @@ def branch_tree(
                 zorder=4,
                 path_effects=[withStroke(linewidth=2.5, foreground="white")],
             )
+    if table is not None:
+        _draw_stability(ax, table, pos, xy, orientation)
 
     leaf_lim = (-0.5, n - 0.5)
     time_label = "diffusion time $t$"
@@ -200,6 +214,71 @@ def branch_tree(
             if color is not None:
                 label.set_color(color)
     return _finish(ax, show, return_fig)
+
+
+_STABILITY_COLOR = "#1f77b4"
+
+
+def _get_stability(adata, record: dict | None, key: str, stability: bool | None):
+    """The stored bootstrap table, `None` when not wanted or (for ``stability=None``) absent."""
+    if stability is False:
+        return None
+    if record is None or "stability" not in record:
+        if stability:
+            where = "a BranchTree holds none" if record is None else f"adata.uns[{key!r}] has none"
+            raise KeyError(
+                f"stability=True needs bootstrap intervals, but {where}. Run "
+                f"`scbranch.tl.branch_stability(adata, key={key!r})` first."
+            )
+        return None
+    from ..tl import read_stability
+
+    return read_stability(adata, key)
+
+
+def _draw_stability(ax: Axes, table, pos: dict[int, float], xy, orientation: str) -> None:
+    """Bootstrap interval of every branch point along the time axis, and its support."""
+    cap = 0.08  # half-width of the interval's end caps, in leaf-axis units
+    segments = []
+    for row in table.itertuples(index=False):
+        if not (np.isfinite(row.t_lo) and np.isfinite(row.t_hi)):
+            continue  # the split never recurred: no interval, its support (0.00) says so
+        leaf = pos[int(row.branch)]
+        segments.append([xy(leaf, row.t_lo), xy(leaf, row.t_hi)])
+        for t in (row.t_lo, row.t_hi):
+            segments.append([xy(leaf - cap, t), xy(leaf + cap, t)])
+    ax.add_collection(
+        LineCollection(
+            segments,
+            colors=_STABILITY_COLOR,
+            linewidths=1.0,
+            zorder=2.5,
+            label="bootstrap intervals",
+        ),
+        autolim=False,
+    )
+    # support on the other side of the rising line from the time label (mirrored offsets)
+    offset, align = {
+        "top": ((5, 2), ("left", "bottom")),
+        "bottom": ((5, -2), ("left", "top")),
+        "left": ((-2, 5), ("right", "bottom")),
+        "right": ((2, 5), ("left", "bottom")),
+    }[orientation]
+    for row in table.itertuples(index=False):
+        ax.annotate(
+            f"{row.support:.2f}",
+            xy(pos[int(row.branch)], row.t),
+            xytext=offset,
+            textcoords="offset points",
+            ha=align[0],
+            va=align[1],
+            fontsize="x-small",
+            fontstyle="italic",
+            color=_STABILITY_COLOR,
+            zorder=4,
+            gid="support",
+            path_effects=[withStroke(linewidth=2.5, foreground="white")],
+        )
 
 
 def _branch_points(tree: BranchTree, selected: set[int]) -> list[tuple[Any, list[list[int]]]]:

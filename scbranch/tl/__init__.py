@@ -1,7 +1,18 @@
 """Tools: scanpy-style functions that compute and store results in AnnData."""
 
 from ._branch_hierarchy import branch_hierarchy, read_hierarchy
+from ._branch_stability import branch_stability, read_stability
 from ._evaluate import evaluate, read_evaluation
-from ._generate import generate
+from ._generate import generate, hybrids, transmute
 
-__all__ = ["branch_hierarchy", "evaluate", "generate", "read_evaluation", "read_hierarchy"]
+__all__ = [
+    "branch_hierarchy",
+    "branch_stability",
+    "evaluate",
+    "generate",
+    "hybrids",
+    "read_evaluation",
+    "read_hierarchy",
+    "read_stability",
+    "transmute",
+]
