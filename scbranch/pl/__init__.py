@@ -2,5 +2,12 @@
 
 from ._branch_tree import branch_similarity, branch_tree
 from ._evaluation import evaluation
+from ._trajectories import trajectories, transmutation_genes
 
-__all__ = ["branch_similarity", "branch_tree", "evaluation"]
+__all__ = [
+    "branch_similarity",
+    "branch_tree",
+    "evaluation",
+    "trajectories",
+    "transmutation_genes",
+]

@@ -4,6 +4,12 @@ from ._branch_hierarchy import branch_hierarchy, read_hierarchy
 from ._branch_stability import branch_stability, read_stability
 from ._evaluate import evaluate, read_evaluation
 from ._generate import generate, hybrids, transmute
+from ._interpret import (
+    identity_retention,
+    rank_transmutation_genes,
+    read_interpretation,
+    transmutation_success,
+)
 
 __all__ = [
     "branch_hierarchy",
@@ -11,8 +17,12 @@ __all__ = [
     "evaluate",
     "generate",
     "hybrids",
+    "identity_retention",
+    "rank_transmutation_genes",
+    "read_interpretation",
     "read_evaluation",
     "read_hierarchy",
     "read_stability",
+    "transmutation_success",
     "transmute",
 ]
