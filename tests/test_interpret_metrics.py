@@ -457,7 +457,7 @@ def make_planted(n_cells: int = 40, k: int = 5, seed: int = 0) -> ad.AnnData:
 
 def test_planted_genes_are_ranked_and_timed():
     tm = make_planted()
-    rank_transmutation_genes(tm)
+    rank_transmutation_genes(tm, method="t-test_paired")
     key = "scbranch_transmutation_genes"
     df = sc.get.rank_genes_groups_df(tm, group=TGT, key=key)
     assert list(df.columns) == ["names", "scores", "logfoldchanges", "pvals", "pvals_adj"]
@@ -485,6 +485,33 @@ def test_planted_genes_are_ranked_and_timed():
     assert onset_t["LATE_DOWN"] == pytest.approx(0.001)
     assert onset_c["MID"] == 6  # half-way down: t = T_STAR - (T_STAR - 0.001) / 2
     assert onset_t["MID"] == pytest.approx(T_STAR - (T_STAR - 0.001) / 2)
+
+
+def test_mean_change_ranks_large_changes_above_tiny_consistent_ones():
+    """Decoded genes have no noise: a tiny constant shift must not outrank a marker."""
+    tm = make_planted()
+    rng = np.random.default_rng(1)
+    src = (tm.obs["phase"] == "source").to_numpy()
+    end = (tm.obs["phase"] == "endpoint").to_numpy()
+    x = tm.X.copy()
+    x[:, 4] = 1.0  # noise0 -> TINY: +0.05 in every cell, almost no spread
+    x[end, 4] += 0.05 + rng.normal(0, 1e-4, end.sum())
+    x[:, 5] = 1.0  # noise1 -> BIG: +4 on average, varying a lot between cells
+    x[end, 5] += 4.0 + rng.normal(0, 3.0, end.sum())
+    tm.X = x
+    tm.var_names = ["UP", "EARLY", "LATE_DOWN", "MID", "TINY", "BIG", *tm.var_names[6:]]
+    key = "scbranch_transmutation_genes"
+    rank_transmutation_genes(tm)
+    by_change = sc.get.rank_genes_groups_df(tm, group=TGT, key=key).set_index("names")
+    assert tm.uns[key]["params"]["method"] == "mean_change"
+    assert by_change.index[0] == "BIG"
+    assert by_change.loc["BIG", "scores"] == pytest.approx((x[end, 5] - x[src, 5]).mean(), 1e-5)
+    assert list(by_change.index).index("TINY") > list(by_change.index).index("UP")
+    rank_transmutation_genes(tm, method="t-test_paired")
+    by_t = sc.get.rank_genes_groups_df(tm, group=TGT, key=key)
+    assert by_t["names"].iloc[0] == "TINY"  # why the t statistic is not the default
+    with pytest.raises(ValueError, match="method must be one of"):
+        rank_transmutation_genes(tm, method="wilcoxon")
 
 
 def test_ranking_one_group_per_target_and_n_genes():

@@ -270,3 +270,16 @@ def test_expression_and_flat_models_transmute():
     flat = sb.BranchedDiffusion(adata, architecture="flat", **FAST)
     flat.train(max_epochs=2, enable_progress_bar=False)
     assert flat.transmute(_cells(adata, "c0", 4), "c3", n_steps=5, progress_bar=False).n_obs == 36
+
+
+def test_loaded_model_transmutes_identically(trained, tmp_path):
+    adata, model = trained
+    source = _cells(adata, "c3", n=10)
+    before = model.transmute(source, "c0", mode="sde", seed=3, progress_bar=False)
+    model.save(tmp_path / "model")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "model")  # without data
+    after = loaded.transmute(source, "c0", mode="sde", seed=3, progress_bar=False)
+    np.testing.assert_array_equal(after.obsm["X_pca"], before.obsm["X_pca"])
+    np.testing.assert_array_equal(after.X, before.X)
+    other_seed = loaded.transmute(source, "c0", mode="sde", seed=4, progress_bar=False)
+    assert not np.allclose(other_seed.obsm["X_pca"], before.obsm["X_pca"])
