@@ -81,17 +81,22 @@ def check_finite(m, where: str) -> None:
 
 
 def check_class_sizes(
-    labels: np.ndarray, classes: Sequence[str], min_cells: int, labels_key: str
+    labels: np.ndarray,
+    classes: Sequence[str],
+    min_cells: int,
+    labels_key: str,
+    *,
+    why: str = "too few to learn from. Remove them, merge them into a related label, or lower "
+    "`min_cells_per_class`.",
 ) -> None:
-    """Raise if a class has fewer than ``min_cells`` cells, naming every such class."""
+    """Raise if a class has fewer than ``min_cells`` cells, naming each (and saying ``why``)."""
     counts = np.bincount(labels, minlength=len(classes))
     small = [(classes[i], int(n)) for i, n in enumerate(counts) if n < min_cells]
     if small:
         listing = ", ".join(f"{c!r} ({n} cell{'s' if n != 1 else ''})" for c, n in small)
         raise ValueError(
             f"Class(es) {listing} of adata.obs[{labels_key!r}] have fewer than {min_cells} cells, "
-            "too few to learn from. Remove them, merge them into a related label, or lower "
-            "`min_cells_per_class`. Unused categories can be dropped with "
+            f"{why} Unused categories can be dropped with "
             f"`adata.obs[{labels_key!r}] = "
             f"adata.obs[{labels_key!r}].cat.remove_unused_categories()`."
         )

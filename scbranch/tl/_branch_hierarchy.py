@@ -43,6 +43,18 @@ def read_hierarchy(adata: AnnData, key: str = UNS_KEYS.HIERARCHY) -> tuple[Branc
     return BranchTree.from_dict(record["tree"]), record
 
 
+def hierarchy_matrix(adata: AnnData, use_rep: str | None, layer: str | None):
+    """The (dense or sparse) matrix discovery runs on, checked for NaN and inf."""
+    matrix = get_matrix(adata, obsm_key=use_rep, layer=layer, obsm_arg="use_rep")
+    where = (
+        f"adata.obsm[{use_rep!r}]"
+        if use_rep
+        else (f"adata.layers[{layer!r}]" if layer else "adata.X")
+    )
+    check_finite(matrix, where)
+    return matrix
+
+
 def discover_record(
     matrix,
     labels: np.ndarray,
@@ -184,13 +196,7 @@ def branch_hierarchy(
     start = time.perf_counter()
     adata = adata.copy() if copy else adata
     check_obs_key(adata, groupby, "groupby")
-    matrix = get_matrix(adata, obsm_key=use_rep, layer=layer, obsm_arg="use_rep")
-    where = (
-        f"adata.obsm[{use_rep!r}]"
-        if use_rep
-        else (f"adata.layers[{layer!r}]" if layer else "adata.X")
-    )
-    check_finite(matrix, where)
+    matrix = hierarchy_matrix(adata, use_rep, layer)
     cats = pd.Categorical(adata.obs[groupby])
     cats = cats.remove_unused_categories()
     classes = [str(c) for c in cats.categories]

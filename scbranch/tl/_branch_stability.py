@@ -17,9 +17,9 @@ from anndata import AnnData
 from scvi.utils import track
 
 from .._constants import UNS_KEYS
-from .._validation import check_finite, check_obs_key, get_matrix, to_dense
+from .._validation import check_class_sizes, check_obs_key, to_dense
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
-from ._branch_hierarchy import read_hierarchy
+from ._branch_hierarchy import hierarchy_matrix, read_hierarchy
 
 logger = logging.getLogger(__name__)
 
@@ -186,22 +186,15 @@ def branch_stability(
 
     classes = list(tree.classes)
     labels = _labels_of(adata, groupby, classes)
-    counts = np.bincount(labels, minlength=len(classes))
-    small = [(classes[c], int(n)) for c, n in enumerate(counts) if n < _MIN_CELLS]
-    if small:
-        listing = ", ".join(f"{c!r} ({n} cell{'s' if n != 1 else ''})" for c, n in small)
-        raise ValueError(
-            f"Class(es) {listing} of adata.obs[{groupby!r}] have fewer than {_MIN_CELLS} cells, "
-            "too few to subsample (a replicate keeps at least 2 cells per class). Remove or "
-            "merge them, then rerun `scbranch.tl.branch_hierarchy`."
-        )
-    matrix = get_matrix(adata, obsm_key=use_rep, layer=layer, obsm_arg="use_rep")
-    where = (
-        f"adata.obsm[{use_rep!r}]"
-        if use_rep
-        else (f"adata.layers[{layer!r}]" if layer else "adata.X")
+    check_class_sizes(
+        labels,
+        classes,
+        _MIN_CELLS,
+        groupby,
+        why="too few to subsample (a replicate keeps at least 2 cells per class). Remove or "
+        "merge them, then rerun `scbranch.tl.branch_hierarchy`.",
     )
-    check_finite(matrix, where)
+    matrix = hierarchy_matrix(adata, use_rep, layer)
     # the standardiser of ALL cells, exactly as `discover_record`: replicates must not differ
     # from the stored tree by their scale, only by the resample and the noise
     shift, scale = global_standardizer(matrix)
