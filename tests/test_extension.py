@@ -253,6 +253,6 @@ def test_extension_wrong_key_and_nan(extended):
     new.obsm[REP] = new.obsm[REP].copy()
     new.obsm[REP][0, 0] = np.nan  # the first cell is a "fresh" one
     assert new.obs["cell_type"].iloc[0] == "fresh"
-    with pytest.raises(ValueError, match="new cells' representation contains 1 NaN"):
+    with pytest.raises(ValueError, match="representation of the new cells contains 1 NaN"):
         model.add_classes(new, labels=["fresh"], progress_bar=False)
     assert "fresh" not in model.classes  # nothing half-added

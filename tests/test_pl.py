@@ -236,7 +236,13 @@ def test_branch_similarity_errors(adata):
 
 
 def test_public_api():
-    assert set(sb.pl.__all__) == {"branch_tree", "branch_similarity", "evaluation"}
+    assert set(sb.pl.__all__) == {
+        "branch_tree",
+        "branch_similarity",
+        "evaluation",
+        "trajectories",
+        "transmutation_genes",
+    }
 
 
 @pytest.fixture(scope="module")
