@@ -24,8 +24,15 @@ def test_demo_fast_writes_everything(tmp_path):
         "tree.png",
         "similarity.png",
         "embedding.png",
+        "transmutation.png",
+        "transmutation_genes.png",
     ):
         assert (out / name).stat().st_size > 0
+    tm = ad.read_h5ad(out / "transmutation.h5ad")
+    assert set(tm.obs["source_label"]) == {"CD14+ Monocyte"}
+    assert set(tm.obs["target_label"]) == {"Dendritic"}
+    assert "scbranch_transmutation_genes" in tm.uns
+    assert 0 <= summary["transmutation_success"] <= 1
     assert (out / "model" / "model.pt").exists()
     assert 0 <= summary["label_fidelity_control"] <= 1
     evaluation = pd.read_csv(out / "evaluation.csv")
