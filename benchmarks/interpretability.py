@@ -1,7 +1,8 @@
 """Interpretability benchmark on pbmc68k: transmutation, hybrids, gene ranking, tree stability.
 
 pbmc68k (700 PBMCs shipped with scanpy) is split 50/50 per type. A branched model is trained on
-the train half in the 30 PCs of the train cells (held-out cells are projected onto them).
+the train half in the 30 PCs of the train cells (held-out cells are projected onto them). The
+transmutation table is repeated over three splits (``--seeds``); the rest uses the first.
 Then, with held-out cells (never seen by the model) as sources:
 
   transmutation success   fraction of transmuted cells a kNN classifier (15 neighbours, fitted
@@ -20,7 +21,7 @@ Then, with held-out cells (never seen by the model) as sources:
   stability               bootstrap support and spread of each branch point (all cells)
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/interpretability.py          # CPU settings (a few minutes on 2 cores)
+  python benchmarks/interpretability.py          # CPU settings (about 6 min on 2 cores)
   python benchmarks/interpretability.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/interpretability.md and CSVs under --out.
 """
@@ -84,7 +85,7 @@ def train_model(train, cfg):
     return model, time.perf_counter() - t0
 
 
-def transmutations(model, train, held) -> tuple[pd.DataFrame, dict]:
+def transmutations(model, train, held, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Success, retention, invertibility and cost of every pair in both modes."""
     import scbranch as sb
 
@@ -93,7 +94,7 @@ def transmutations(model, train, held) -> tuple[pd.DataFrame, dict]:
         cells = held[held.obs[LABELS] == source].copy()
         for mode in ("ode", "sde"):
             t0 = time.perf_counter()
-            tm = model.transmute(cells, target, mode=mode, seed=0, progress_bar=False)
+            tm = model.transmute(cells, target, mode=mode, seed=seed, progress_bar=False)
             seconds = time.perf_counter() - t0
             success = sb.tl.transmutation_success(tm, train, heldout=held, use_rep="X_pca")
             retention = sb.tl.identity_retention(tm)
@@ -188,28 +189,60 @@ def stability(adata, n_bootstrap: int) -> tuple[pd.DataFrame, float]:
     return table, time.perf_counter() - t0
 
 
+def seed_summary(all_seeds: pd.DataFrame) -> pd.DataFrame:
+    """Per pair and mode: the ratio of every split, its minimum and the mean retention."""
+    rows = []
+    for (source, target, mode), part in all_seeds.groupby(["source", "target", "mode"], sort=False):
+        part = part.sort_values("seed")
+        rows.append(
+            {
+                "source": source,
+                "target": target,
+                "mode": mode,
+                "ratio per split": " / ".join(f"{r:.2f}" for r in part["ratio"]),
+                "min ratio": round(float(part["ratio"].min()), 3),
+                "mean retention": round(float(part["retention"].mean()), 3),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="smoke-test settings")
     parser.add_argument("--out", default="benchmark_out/interpretability", help="CSVs")
     parser.add_argument("--markdown", default=None, help="default: docs/benchmarks/...")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="split/training seeds; the first is shown in full"
+    )
     args = parser.parse_args(argv)
     cfg = SETTINGS["fast" if args.fast else "cpu"]
     import matplotlib
 
     matplotlib.use("Agg")
+    import scvi
+
     import scbranch as sb
 
     markdown = prepare_run(args, "interpretability")
     t_all = time.perf_counter()
-    train, held = load_pbmc68k(seed=0)
-    project_heldout(train, held)
-    model, fit_s = train_model(train, cfg)
-    table, kept = transmutations(model, train, held)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    repeats = []
+    for seed in seeds:  # the split (and training) seed; seed 0 is the headline run
+        scvi.settings.seed = seed
+        train, held = load_pbmc68k(seed=seed)
+        project_heldout(train, held)
+        model, seconds = train_model(train, cfg)
+        per_seed, kept_seed = transmutations(model, train, held, seed)
+        repeats.append(per_seed.assign(seed=seed))
+        if seed == seeds[0]:
+            table, kept, first_model, fit_s = per_seed, kept_seed, model, seconds
     table.to_csv("transmutation.csv", index=False)
+    all_seeds = pd.concat(repeats, ignore_index=True)
+    all_seeds.to_csv("transmutation_seeds.csv", index=False)
     genes = gene_ranking(kept[(*GENE_PAIR, "ode")], sb.datasets.pbmc68k())
-    hybrid = hybrid_pairs(model, cfg["n_pairs"])
+    hybrid = hybrid_pairs(first_model, cfg["n_pairs"])
     stab, stab_s = stability(sb.datasets.pbmc68k(), cfg["n_bootstrap"])
     stab.to_csv("stability.csv", index=False)
     wall = time.perf_counter() - t_all
@@ -240,6 +273,12 @@ def main(argv=None) -> int:
         _md(shown, index=False),
         "",
         f"ODE pairs with ratio >= 0.9: {int((ok >= 0.9).sum())} of {len(ok)}.",
+        "",
+        f"### Over {len(seeds)} splits (seeds {args.seeds}: split, training, transmutation)",
+        "",
+        "Success / control ratio per split, and retention, mean over splits:",
+        "",
+        _md(seed_summary(all_seeds), index=False),
         "",
         f"## Genes along {GENE_PAIR[0]} -> {GENE_PAIR[1]} (ODE)",
         "",
