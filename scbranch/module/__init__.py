@@ -16,6 +16,7 @@ __all__ = [
 from ._module import BranchedDiffusionModule
 from ._networks import ScoreNetwork
 from ._sampling import SOLVERS, SampleResult, sample, time_grid
+from ._transport import TransportResult, denoise, transport
 
 __all__ += [
     "BranchedDiffusionModule",
@@ -24,4 +25,7 @@ __all__ += [
     "time_grid",
     "SampleResult",
     "SOLVERS",
+    "transport",
+    "denoise",
+    "TransportResult",
 ]
