@@ -42,7 +42,7 @@ from ..module._extension import (
     train_heads,
 )
 from ..module._networks import count_parameters
-from ..module._sampling import SOLVER_ALIASES, SOLVERS, SampleResult, default_spacing
+from ..module._sampling import SampleResult, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import discover_record
 from ._counts import (
     class_pools,
@@ -735,12 +735,8 @@ class BranchedDiffusion(TrajectoryMixin, UnsupervisedTrainingMixin, BaseModelCla
         ... )
         >>> tr = model.generate(100, trajectory_times=[1.0, 0.6, 0.3, 0.0])  # doctest: +SKIP
         """
-        solver = SOLVER_ALIASES.get(solver, solver)
+        solver = resolve_solver(solver)
         spacing = default_spacing(solver) if spacing is None else spacing
-        if solver not in SOLVERS:
-            raise ValueError(
-                f"Unknown solver {solver!r}; choose one of {list(SOLVERS) + list(SOLVER_ALIASES)}."
-            )
         if residual_noise and self.decoder_ is None:
             space = f"obsm[{self.obsm_key!r}] without PCA loadings" if self.obsm_key else "genes"
             raise ValueError(
@@ -850,14 +846,11 @@ class BranchedDiffusion(TrajectoryMixin, UnsupervisedTrainingMixin, BaseModelCla
                     [batch] * len(z), categories=list(info["batches"])
                 )
             return out
-        if self.obsm_key is not None and self.decoder_ is not None:
-            rng = np.random.default_rng([seed, 1])
-            residual_noise = bool(params.get("residual_noise", False))
-            out["X"] = decode(self.decoder_, z, residual_noise=residual_noise, rng=rng)
-            out["var_names"] = self.decoder_["var_names"]
-        elif self.obsm_key is None:
-            out["X"] = np.clip(z, 0.0, None)  # log-normalised expression is never negative
-            out["var_names"] = np.asarray(self.get_var_names()).astype(str)
+        out["X"], out["var_names"] = self._expression(
+            z,
+            residual_noise=bool(params.get("residual_noise", False)),
+            rng=np.random.default_rng([seed, 1]),
+        )
         if params.get("counts"):
             factors = draw_from_pools(self.size_factors_, codes, np.random.default_rng([seed, 2]))
             out["layers"]["counts"] = counts_from_expression(
@@ -865,6 +858,21 @@ class BranchedDiffusion(TrajectoryMixin, UnsupervisedTrainingMixin, BaseModelCla
             )
             out["obs"]["scbranch_size_factor"] = factors
         return out
+
+    def _expression(
+        self, z: np.ndarray, *, residual_noise: bool = False, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Expression and genes of latent or expression states (not scVI), or ``(None, None)``.
+
+        PCA models decode through the loadings (with ``residual_noise``, from ``rng``);
+        expression models clip at 0 (log-normalised expression is never negative).
+        """
+        if self.obsm_key is not None and self.decoder_ is not None:
+            x = decode(self.decoder_, z, residual_noise=residual_noise, rng=rng)
+            return x, self.decoder_["var_names"]
+        if self.obsm_key is None:
+            return np.clip(z, 0.0, None), np.asarray(self.get_var_names()).astype(str)
+        return None, None
 
     def _as_anndata(self, z: np.ndarray, codes: np.ndarray, params: dict) -> AnnData:
         decoded = self._decode(z, codes, params)

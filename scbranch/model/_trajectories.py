@@ -19,9 +19,8 @@ from scvi.utils import track
 
 from .._constants import UNS_KEYS
 from .._validation import check_obs_key
-from ..module._sampling import SOLVER_ALIASES, SOLVERS, SampleResult
+from ..module._sampling import SampleResult, resolve_solver
 from ..module._transport import denoise, transport
-from ._decoding import decode
 from ._scvi import decode_latents
 
 logger = logging.getLogger(__name__)
@@ -153,7 +152,8 @@ class TrajectoryMixin:
         n_calls = 0
         branch_times = {}
         for s in np.unique(sources):
-            rows = torch.as_tensor(np.flatnonzero(sources == s), device=device)
+            pos = np.flatnonzero(sources == s)
+            rows = torch.as_tensor(pos, device=device)
             t_star = tree.branch_time(int(s), target_code)
             branch_times[self.classes[s]] = t_star
             up_times = checkpoint_times(sde.t_min, t_star, k, sde)
@@ -198,8 +198,8 @@ class TrajectoryMixin:
                     n_calls += 1
                 states[rows, j] = state
                 estimates[rows, j] = estimate
-                times[rows.cpu().numpy(), j] = t
-                branches[rows.cpu().numpy(), j] = tree.lookup(np.array([code]), float(t))[0]
+                times[pos, j] = t
+                branches[pos, j] = tree.lookup(np.array([code]), float(t))[0]
 
         names = make_index_unique(pd.Index(adata.obs_names.astype(str)))
         phase = np.array(["up"] * n_rows, dtype=object)
@@ -257,8 +257,7 @@ class TrajectoryMixin:
         if source is not None:
             codes = np.full(adata.n_obs, int(self.tree.class_index(str(source))[0]))
         else:
-            if self.labels_key not in adata.obs.columns:
-                check_obs_key(adata, self.labels_key)  # raises with the available columns
+            check_obs_key(adata, self.labels_key)
             names = adata.obs[self.labels_key].astype(str).to_numpy()
             present = list(pd.unique(names))
             if len(present) > 1 and not per_cell_source:
@@ -332,11 +331,7 @@ class TrajectoryMixin:
         if int(n_cells) < 1:
             raise ValueError(f"n_cells must be a positive integer, got {n_cells}.")
         n = int(n_cells)
-        solver = SOLVER_ALIASES.get(solver, solver)
-        if solver not in SOLVERS:
-            raise ValueError(
-                f"Unknown solver {solver!r}; choose one of {list(SOLVERS) + list(SOLVER_ALIASES)}."
-            )
+        solver = resolve_solver(solver)
         counts, batch = self._check_decoding_options(counts, batch)
         seed = resolve_seed(seed)
         t_star = self.tree.branch_time(a, b)
@@ -417,9 +412,9 @@ class TrajectoryMixin:
                 states.append(state)
                 estimates.append(estimate)
                 branches.append(tree.lookup(labels.cpu().numpy(), t))
-        stack = torch.stack  # (n, n_rows, d): rows grouped by cell
-        states_np = stack(states, 1).reshape(n * n_rows, -1).float().cpu().numpy()
-        estimates_np = stack(estimates, 1).reshape(n * n_rows, -1).float().cpu().numpy()
+        # (n, n_rows, d): rows grouped by cell
+        states_np = torch.stack(states, 1).reshape(n * n_rows, -1).float().cpu().numpy()
+        estimates_np = torch.stack(estimates, 1).reshape(n * n_rows, -1).float().cpu().numpy()
         codes = np.repeat(labels.cpu().numpy(), n_rows)
         cells = np.repeat([f"gen{i}" for i in range(n)], n_rows)
         checkpoint = np.tile(np.arange(n_rows), n)
@@ -456,11 +451,7 @@ class TrajectoryMixin:
                 seed=0,
             )
             return np.log1p(scale * SCVI_NORMALIZED_TOTAL), np.asarray(info["var_names"])
-        if self.obsm_key is not None and self.decoder_ is not None:
-            return decode(self.decoder_, estimates), self.decoder_["var_names"]
-        if self.obsm_key is None:  # log-normalised expression is never negative
-            return np.clip(estimates, 0.0, None), np.asarray(self.get_var_names()).astype(str)
-        return None, np.array([], dtype=str)
+        return self._expression(estimates)
 
     def _trajectory_anndata(
         self, states: np.ndarray, estimates: np.ndarray, obs: pd.DataFrame, params: dict

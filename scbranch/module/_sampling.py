@@ -34,6 +34,16 @@ SOLVERS = ("em", "pc", "heun", "dpm2m")
 SOLVER_ALIASES = {"ode": "heun", "sde": "em"}
 
 
+def resolve_solver(solver: str) -> str:
+    """The solver a user-facing name means (``"ode"`` -> ``"heun"``, ...), checked."""
+    solver = SOLVER_ALIASES.get(solver, solver)
+    if solver not in SOLVERS:
+        raise ValueError(
+            f"Unknown solver {solver!r}; choose one of {list(SOLVERS) + list(SOLVER_ALIASES)}."
+        )
+    return solver
+
+
 def default_spacing(solver: str) -> str:
     """Step spacing used when none is given: uniform in t for the reverse SDE, log-SNR for ODEs.
 
