@@ -567,3 +567,16 @@ def test_ranking_bad_inputs():
         rank_transmutation_genes(tm[tm.obs["phase"] != "endpoint"].copy())
     with pytest.raises(ValueError, match="n_genes"):
         rank_transmutation_genes(tm, n_genes=0)
+
+
+def test_nan_or_inf_in_the_states_is_refused(train):
+    tm = make_transmuted()
+    tm.obsm["X_pca"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        transmutation_success(tm, train)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        identity_retention(tm)
+    planted = make_planted()
+    planted.X[3, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rank_transmutation_genes(planted)

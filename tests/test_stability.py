@@ -325,3 +325,21 @@ def test_failed_replicates_are_left_out(monkeypatch, caplog):
     monkeypatch.setattr(_branch_stability, "discover_hierarchy", broken)
     with pytest.raises(ValueError, match="failed in 6 of 6 replicates.*indistinguishable"):
         sb.tl.branch_stability(adata, n_bootstrap=6, progress_bar=False)
+
+
+def test_nan_and_changed_labels_are_refused():
+    adata, _ = _hierarchy(decay=0.3, separation=10.0, seed=0)
+    nan = adata.copy()
+    nan.obsm["X_latent"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sb.tl.branch_stability(nan, n_bootstrap=2, progress_bar=False)
+    renamed = adata.copy()
+    renamed.obs["cell_type"] = renamed.obs["cell_type"].cat.rename_categories(
+        {renamed.obs["cell_type"].cat.categories[0]: "other"}
+    )
+    with pytest.raises(ValueError, match="does not know"):
+        sb.tl.branch_stability(renamed, n_bootstrap=2, progress_bar=False)
+    missing = adata.copy()
+    del missing.obs["cell_type"]
+    with pytest.raises(KeyError, match="cell_type"):
+        sb.tl.branch_stability(missing, n_bootstrap=2, progress_bar=False)

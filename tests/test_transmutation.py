@@ -149,6 +149,12 @@ def test_transmutation_bad_input(trained):
     source = _cells(adata, "c0", n=5)
     with pytest.raises(KeyError, match="Unknown label.*'nope'"):
         model.transmute(source, target="nope", progress_bar=False)
+    with pytest.raises(KeyError, match="Unknown label.*'nope'"):
+        model.transmute(source, target="c1", source="nope", progress_bar=False)
+    unknown = source.copy()
+    unknown.obs["cell_type"] = "c9"
+    with pytest.raises(KeyError, match="Unknown label.*'c9'"):
+        model.transmute(unknown, target="c1", progress_bar=False)
     with pytest.raises(ValueError, match="already are of the target type 'c0'"):
         model.transmute(source, target="c0", progress_bar=False)
     with pytest.raises(ValueError, match="mode must be"):
