@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
 
 import scbranch as sb
 from scbranch.metrics import (
     classifier_auroc,
+    gene_mean_ceiling,
     gene_moment_spearman,
     median_bandwidth,
     mmd_rbf,
@@ -110,6 +112,41 @@ def test_gene_level_metrics():
     assert zero_fraction_error(counts, np.array([[1, 1, 0], [0, 1, 3]])) == pytest.approx(
         (0.5 + 0.5 + 0.5) / 3
     )
+
+
+def _nb_cells(rng, mu, n):
+    """n cells of negative-binomial counts (dispersion 2) with per-gene means mu."""
+    return rng.negative_binomial(2, 2 / (2 + mu), size=(n, mu.size))
+
+
+@pytest.mark.parametrize("n_cells", [60, 150])
+def test_gene_mean_ceiling_matches_the_true_means_correlation(n_cells):
+    # the known answer: how well the TRUE per-gene means rank-correlate with a sample's means
+    rng = np.random.default_rng(0)
+    mu = np.exp(rng.normal(-2, 1.5, 1000))  # mostly near-zero genes, as in a cell type's HVGs
+    samples = [_nb_cells(rng, mu, n_cells) for _ in range(8)]
+    truth = np.mean([spearmanr(mu, s.mean(0)).statistic for s in samples])
+    estimate = np.mean([gene_mean_ceiling(s, n_splits=20, seed=i) for i, s in enumerate(samples)])
+    assert estimate == pytest.approx(truth, abs=0.01)
+
+
+def test_gene_mean_ceiling_is_an_upper_bound_for_few_cells():
+    rng = np.random.default_rng(1)
+    mu = np.exp(rng.normal(-2, 1.5, 1000))
+    for n_cells in (6, 12):
+        s = _nb_cells(rng, mu, n_cells)
+        assert gene_mean_ceiling(s) >= spearmanr(mu, s.mean(0)).statistic
+    # the ceiling falls with fewer cells, and noiseless cells allow a perfect ranking
+    assert gene_mean_ceiling(_nb_cells(rng, mu, 10)) < gene_mean_ceiling(_nb_cells(rng, mu, 200))
+    assert gene_mean_ceiling(np.tile(mu, (6, 1))) == pytest.approx(1.0)
+    import scipy.sparse as sp
+
+    s = _nb_cells(rng, mu, 40)
+    assert gene_mean_ceiling(sp.csr_matrix(s)) == pytest.approx(gene_mean_ceiling(s))
+    with pytest.raises(ValueError, match="at least 4 cells"):
+        gene_mean_ceiling(s[:3])
+    with pytest.raises(ValueError, match="n_splits"):
+        gene_mean_ceiling(s, n_splits=0)
 
 
 def test_metrics_reject_bad_shapes():

@@ -2,13 +2,14 @@
 
 from ._classifier import classifier_auroc
 from ._distances import MMD_BANDWIDTHS, median_bandwidth, mmd_rbf, wasserstein2
-from ._genes import gene_moment_spearman, zero_fraction, zero_fraction_error
+from ._genes import gene_mean_ceiling, gene_moment_spearman, zero_fraction, zero_fraction_error
 from ._quality import centroid_spread, label_fidelity, quality_report
 
 __all__ = [
     "MMD_BANDWIDTHS",
     "centroid_spread",
     "classifier_auroc",
+    "gene_mean_ceiling",
     "gene_moment_spearman",
     "label_fidelity",
     "median_bandwidth",
