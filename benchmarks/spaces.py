@@ -8,11 +8,21 @@ space's model is fitted on the train cells only and generates ``n_cells`` per cl
   expression  the log-normalised genes themselves (no encoder); counts through size factors
 Reported per space: fitting time (encoder and diffusion), sampling time, and
 ``scbranch.tl.evaluate``'s metrics with their real-vs-real controls, plus two count checks on
-ALL held-out cells of each class: the Spearman correlation of per-gene mean counts (generated vs
-held-out; control: train vs held-out) and the mean over genes of |zero fraction difference|.
+ALL held-out cells of each class, over ``count_seeds`` generations of ``count_cells`` per class:
+the Spearman correlation of per-gene mean counts (generated vs held-out) and the mean over genes
+of |zero fraction difference|. Three references put the correlation in context:
+  control         the class's real train cells vs its held-out cells
+  reconstruction  (scVI only) scVI's expected counts for the held-out cells THEMSELVES (their
+                  own latents, their own library sizes): what a generator in scVI's latent space
+                  reaches if it reproduces the held-out cells exactly
+  ceiling         ``scbranch.metrics.gene_mean_ceiling`` of the held-out counts: what the true
+                  per-gene means of the class would reach, given the held-out cells' sampling noise
+pbmc3k runs with two HVG sets: ``seurat_v3`` (raw counts; what scvi-tools recommends for count
+models; needs scikit-misc, ``pip install -e ".[benchmarks]"``) and scanpy's default ``seurat``
+(log-normalised dispersion, as in quality.py).
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/spaces.py            # CPU settings (about 12 min on 2 cores)
+  python benchmarks/spaces.py            # CPU settings (about 25 min on 2 cores)
   python benchmarks/spaces.py --fast     # smoke test (numbers meaningless)
 Writes docs/benchmarks/spaces.md (tables) and CSVs under --out.
 """
@@ -27,12 +37,41 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from quality import LABELS, _md, load_pbmc3k, load_pbmc68k, prepare_run, write_lines
 
 SETTINGS = {
-    "cpu": {"steps": 2000, "batch_size": 64, "n_cells": 300, "seed": 0, "scvi_epochs": 200},
-    "fast": {"steps": 20, "batch_size": 64, "n_cells": 30, "seed": 0, "scvi_epochs": 2},
+    "cpu": {
+        "steps": 2000,
+        "batch_size": 64,
+        "n_cells": 300,
+        "seed": 0,
+        "scvi_epochs": 200,
+        # the count checks: many cells per class, so the generated means carry little noise
+        "count_cells": 3000,
+        "count_seeds": (0, 1, 2),
+    },
+    "fast": {
+        "steps": 20,
+        "batch_size": 64,
+        "n_cells": 30,
+        "seed": 0,
+        "scvi_epochs": 2,
+        "count_cells": 40,
+        "count_seeds": (0, 1),
+    },
+}
+#: dataset name -> (loader, keyword arguments)
+DATASETS = {
+    "pbmc3k": ("pbmc3k", {"hvg_flavor": "seurat_v3"}),
+    "pbmc3k_seurat": ("pbmc3k", {"hvg_flavor": "seurat"}),
+    "pbmc68k": ("pbmc68k", {}),
+}
+DATASET_TITLES = {
+    "pbmc3k": "pbmc3k, 2,000 seurat_v3 HVGs (raw counts; scvi-tools' recommendation)",
+    "pbmc3k_seurat": "pbmc3k, 2,000 seurat HVGs (log-normalised; scanpy's default, as quality.py)",
+    "pbmc68k": "pbmc68k",
 }
 SPACES = ("PCA", "scVI", "expression")
 #: evaluate() metrics shown in the summary (mean over classes), with their space
@@ -76,29 +115,79 @@ def fit_space(space: str, train, cfg) -> tuple[object, dict]:
     return model, {"encoder_s": encoder_s, "diffusion_s": time.perf_counter() - t1}
 
 
-def count_checks(gen, held, train) -> pd.DataFrame:
-    """Per class: per-gene mean-count Spearman and zero-fraction error on all held-out cells."""
-    from scbranch.metrics import gene_moment_spearman, zero_fraction_error
+def _class_counts(adata, label: str):
+    return adata.layers["counts"][(adata.obs[LABELS] == label).to_numpy()]
 
-    held_counts = held.layers["counts"]
-    rows = []
-    for label in gen.obs[LABELS].cat.categories:
-        g = gen.layers["counts"][(gen.obs[LABELS] == label).to_numpy()]
-        h = held_counts[(held.obs[LABELS] == label).to_numpy()]
-        t = train.layers["counts"][(train.obs[LABELS] == label).to_numpy()]
-        if g.shape[0] == 0 or h.shape[0] < 2:
+
+def scvi_reconstruction(model, held) -> np.ndarray | None:
+    """scVI's expected counts for the held-out cells themselves (None for other spaces).
+
+    Each cell's own latent posterior decoded with its own library size: the per-gene means a
+    generator in scVI's latent space would give if it reproduced the held-out cells exactly.
+    """
+    vae = model.scvi_model
+    if vae is None:
+        return None
+    scale = vae.get_normalized_expression(held, library_size=1.0, n_samples=20, return_mean=True)
+    library = np.asarray(held.layers["counts"].sum(1)).ravel()
+    return np.asarray(scale) * library[:, None]
+
+
+def count_checks(model, held, train, cfg) -> pd.DataFrame:
+    """Per class and count seed: mean-count Spearman and zero-fraction error on held-out cells."""
+    from scbranch.metrics import gene_mean_ceiling, gene_moment_spearman, zero_fraction_error
+
+    recon = scvi_reconstruction(model, held)
+    labels = held.obs[LABELS].cat.categories
+    references = {}
+    for label in labels:
+        h = _class_counts(held, label)
+        if h.shape[0] < 2:
             continue
-        rows.append(
-            {
-                "class": label,
-                "n_held": h.shape[0],
-                "spearman": gene_moment_spearman(g, h)[0],
-                "spearman_control": gene_moment_spearman(t, h)[0],
-                "zero_error": zero_fraction_error(g, h),
-                "zero_error_control": zero_fraction_error(t, h),
-            }
+        mask = (held.obs[LABELS] == label).to_numpy()
+        references[label] = {
+            "n_held": h.shape[0],
+            "control": gene_moment_spearman(_class_counts(train, label), h)[0],
+            "reconstruction": np.nan if recon is None else gene_moment_spearman(recon[mask], h)[0],
+            "ceiling": gene_mean_ceiling(h, seed=cfg["seed"]) if h.shape[0] >= 4 else np.nan,
+            "zero_error_control": zero_fraction_error(_class_counts(train, label), h),
+        }
+    rows = []
+    for seed in cfg["count_seeds"]:
+        gen = model.generate(
+            n_cells=cfg["count_cells"],
+            labels=list(references),
+            seed=seed,
+            counts=True,
+            progress_bar=False,
         )
+        for label, ref in references.items():
+            g, h = _class_counts(gen, label), _class_counts(held, label)
+            rows.append(
+                {
+                    "class": label,
+                    "count_seed": seed,
+                    "spearman": gene_moment_spearman(g, h)[0],
+                    "zero_error": zero_fraction_error(g, h),
+                    **ref,
+                }
+            )
     return pd.DataFrame(rows)
+
+
+def per_class(checks: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and sd over count seeds) of the per-class count checks."""
+    keys = ["space", "class"]
+    fixed = ["n_held", "control", "reconstruction", "ceiling", "zero_error_control"]
+    by = checks.groupby(keys, sort=False)
+    out = by[fixed].first()
+    out.insert(1, "spearman", by["spearman"].mean())
+    out.insert(2, "spearman_sd", by["spearman"].std(ddof=1))
+    out["zero_error"] = by["zero_error"].mean()
+    return out[
+        ["n_held", "spearman", "spearman_sd", "control", "reconstruction", "ceiling"]
+        + ["zero_error", "zero_error_control"]
+    ]
 
 
 def run_dataset(name: str, train, held, cfg) -> dict:
@@ -118,8 +207,7 @@ def run_dataset(name: str, train, held, cfg) -> dict:
         sample_s = time.perf_counter() - t0
         report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=cfg["seed"])
         means = report[report.group == "mean"].set_index(["space", "metric"])
-        per_class = count_checks(gen, held, train).assign(space=space)
-        checks.append(per_class)
+        checks.append(count_checks(model, held, train, cfg).assign(space=space))
         row = {"space": space, **times, "sample_s_per_1k": sample_s / gen.n_obs * 1e3}
         for key in SUMMARY:
             if key in means.index:
@@ -138,14 +226,21 @@ def run_dataset(name: str, train, held, cfg) -> dict:
 
 def count_summary(checks: pd.DataFrame) -> pd.DataFrame:
     """Per space: the per-class count checks on all held-out cells, summarised."""
-    by_space = checks.groupby("space", sort=False)
+    table = per_class(checks).reset_index()
+    by_space = table.groupby("space", sort=False)
+
+    def at_least(column):
+        return by_space[column].apply(lambda r: int((r >= 0.9).sum()))
+
     return pd.DataFrame(
         {
             "count ρ (mean over classes)": by_space["spearman"].mean(),
-            "control": by_space["spearman_control"].mean(),
-            "classes with ρ ≥ 0.9": by_space["spearman"].apply(lambda r: int((r >= 0.9).sum())),
-            "control ≥ 0.9": by_space["spearman_control"].apply(lambda r: int((r >= 0.9).sum())),
+            "control": by_space["control"].mean(),
             "classes": by_space.size(),
+            "ρ ≥ 0.9": at_least("spearman"),
+            "control ≥ 0.9": at_least("control"),
+            "reconstruction ≥ 0.9": at_least("reconstruction"),
+            "ceiling ≥ 0.9": at_least("ceiling"),
             "zero error (mean)": by_space["zero_error"].mean(),
             "zero error control": by_space["zero_error_control"].mean(),
         }
@@ -158,7 +253,9 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         "",
         f"Generated by `python benchmarks/spaces.py` ({cfg_name} settings: {cfg['steps']} "
         f"optimiser steps at batch {cfg['batch_size']}, {cfg['n_cells']} cells per class, "
-        f"scVI {cfg['scvi_epochs']} epochs, seed {cfg['seed']}); total {wall_s / 60:.1f} min on "
+        f"scVI {cfg['scvi_epochs']} epochs, seed {cfg['seed']}; count checks on "
+        f"{cfg['count_cells']} cells per class and generation seeds {list(cfg['count_seeds'])})"
+        f"; total {wall_s / 60:.1f} min on "
         f"{os.cpu_count()} CPU cores. Every model is fitted on the train cells only.",
         "",
         "Summary: mean over classes of `sb.tl.evaluate` (equal-size halves of the held-out cells;"
@@ -167,18 +264,21 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
     for name, res in results.items():
         lines += [
             "",
-            f"## {name} ({res['n_train']} train / {res['n_held']} held-out cells, "
-            f"{res['n_genes']} genes)",
+            f"## {DATASET_TITLES.get(name, name)}: {res['n_train']} train / {res['n_held']} "
+            f"held-out cells, {res['n_genes']} genes",
             "",
             _md(res["summary"].set_index("space")),
             "",
             "Counts, per class on ALL held-out cells of the class: Spearman correlation of "
-            "per-gene mean counts (generated vs held-out; control: the class's real train cells "
-            "vs held-out) and mean over genes of |zero-fraction difference|.",
+            "per-gene mean counts, generated vs held-out (mean and sd over the count seeds); "
+            "control: the class's real train cells vs held-out; reconstruction: scVI's "
+            "expected counts for the held-out cells themselves; ceiling: "
+            "`gene_mean_ceiling` of the held-out cells (what the class's true means would "
+            "reach). Zero error: mean over genes of |zero-fraction difference|.",
             "",
             _md(count_summary(res["checks"])),
             "",
-            _md(res["checks"].set_index(["space", "class"])),
+            _md(per_class(res["checks"])),
         ]
     return write_lines(path, lines)
 
@@ -186,7 +286,7 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="smoke-test settings")
-    parser.add_argument("--datasets", default="pbmc3k,pbmc68k")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"of {list(DATASETS)}")
     parser.add_argument("--out", default="benchmark_out/spaces", help="CSVs")
     parser.add_argument("--markdown", default=None, help="default: docs/benchmarks/spaces.md")
     parser.add_argument("--threads", type=int, default=2)
@@ -204,6 +304,9 @@ def main(argv=None) -> int:
 
     markdown = prepare_run(args, "spaces")
     loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
+    unknown = set(args.datasets.split(",")) - set(DATASETS)
+    if unknown:
+        parser.error(f"unknown dataset(s) {sorted(unknown)}; choose from {list(DATASETS)}")
     results = {}
     t0 = time.perf_counter()
     if args.report_only:
@@ -218,7 +321,8 @@ def main(argv=None) -> int:
         return 0
     meta = {}
     for name in args.datasets.split(","):
-        train, held = loaders[name](seed=0)
+        loader, kwargs = DATASETS[name]
+        train, held = loaders[loader](seed=0, **kwargs)
         results[name] = run_dataset(name, train, held, cfg)
         results[name]["summary"].to_csv(f"summary_{name}.csv", index=False)
         results[name]["checks"].to_csv(f"checks_{name}.csv", index=False)
