@@ -147,6 +147,10 @@ def test_gene_mean_ceiling_is_an_upper_bound_for_few_cells():
         gene_mean_ceiling(s[:3])
     with pytest.raises(ValueError, match="n_splits"):
         gene_mean_ceiling(s, n_splits=0)
+    s = s.astype(float)
+    s[0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        gene_mean_ceiling(s)
 
 
 def test_metrics_reject_bad_shapes():

@@ -6,6 +6,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import spearmanr
 
+from .._validation import check_finite
+
 
 def _moments(m) -> tuple[np.ndarray, np.ndarray]:
     if sp.issparse(m):
@@ -122,6 +124,7 @@ def gene_mean_ceiling(x, n_splits: int = 50, seed: int = 0) -> float:
     if n_splits < 1:
         raise ValueError(f"n_splits must be at least 1; got {n_splits}.")
     x = sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, np.float64)
+    check_finite(x, "x (the cells given to gene_mean_ceiling)")
     rng = np.random.default_rng(seed)
     half = n // 2
     r = []
