@@ -124,6 +124,8 @@ def scvi_reconstruction(model, held) -> np.ndarray | None:
 
     Each cell's own latent posterior decoded with its own library size: the per-gene means a
     generator in scVI's latent space would give if it reproduced the held-out cells exactly.
+    Right for the NB and Poisson likelihoods (fit_scvi's default here): for ZINB the
+    normalised expression leaves out the zero inflation, and expected counts are lower.
     """
     vae = model.scvi_model
     if vae is None:
