@@ -196,6 +196,8 @@ def run_demo(
         "transmutation_genes_png": out / "transmutation_genes.png",
         "summary": out / "summary.json",
     }
+    # generated cells in the real cells' UMAP, so `sc.pl.umap(generated)` works on the file
+    sb.tl.embed_like(gen, adata, basis="umap")
     gen.write_h5ad(paths["generated"])
     transmuted.write_h5ad(paths["transmutation"])
     report.to_csv(paths["report"])
@@ -238,7 +240,7 @@ def run_demo(
 
 
 def _embedding_figure(real, gen, classes):
-    """Held-out real and generated cells on the first two PCs, coloured by type."""
+    """Held-out real and generated cells in the real cells' UMAP, coloured by type."""
     import matplotlib.pyplot as plt
 
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -248,11 +250,11 @@ def _embedding_figure(real, gen, classes):
         (axes[1], gen, "generated cells"),
     ):
         for i, c in enumerate(classes):
-            xy = data.obsm["X_pca"][(data.obs["cell_type"] == c).to_numpy(), :2]
+            xy = data.obsm["X_umap"][(data.obs["cell_type"] == c).to_numpy(), :2]
             ax.scatter(xy[:, 0], xy[:, 1], s=6, color=cmap(i % cmap.N), label=c, alpha=0.8)
         ax.set_title(title)
-        ax.set_xlabel("PC1")
-    axes[0].set_ylabel("PC2")
+        ax.set_xlabel("UMAP1")
+    axes[0].set_ylabel("UMAP2")
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, markerscale=2)
     fig.tight_layout()
     return fig

@@ -1,6 +1,7 @@
 """The demo pipeline, for real, with a tiny training budget (the full run is `make demo`)."""
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,6 +17,8 @@ def test_demo_fast_writes_everything(tmp_path):
     assert gen.n_vars == 765  # decoded to genes
     counts = gen.layers["counts"]  # and to integer counts
     assert counts.data.min() >= 0 and (counts.data == counts.data.round()).all()
+    # placed in the real cells' UMAP, so scanpy's plots work on the file
+    assert gen.obsm["X_umap"].shape == (gen.n_obs, 2) and np.isfinite(gen.obsm["X_umap"]).all()
     for name in (
         "report.csv",
         "evaluation.csv",
