@@ -114,8 +114,8 @@ def _knn_placement(
     The weights are UMAP's membership strengths, ``exp(-(d - rho) / sigma)`` with the nearest
     neighbour at 1 (``umap``'s ``smooth_knn_dist``): the position UMAP's own out-of-sample
     transform starts from. Against a plain mean of 15 neighbours it puts held-out pbmc68k cells
-    closer to where a UMAP of all cells puts them (median error 0.43 vs 0.55 UMAP units), and
-    fewer cells between clusters. (scanpy's ``sc.tl.ingest``, which runs the whole transform,
+    closer to where a UMAP of all cells puts them (median error 0.43 vs 0.55 UMAP units).
+    (scanpy's ``sc.tl.ingest``, which runs the whole transform,
     fails with pynndescent 0.7 under scanpy 1.11.5.)
     """
     from sklearn.neighbors import NearestNeighbors
