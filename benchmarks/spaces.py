@@ -140,19 +140,20 @@ def count_checks(model, held, train, cfg) -> pd.DataFrame:
     from scbranch.metrics import gene_mean_ceiling, gene_moment_spearman, zero_fraction_error
 
     recon = scvi_reconstruction(model, held)
-    labels = held.obs[LABELS].cat.categories
-    references = {}
-    for label in labels:
+    held_counts, references = {}, {}
+    for label in held.obs[LABELS].cat.categories:
         h = _class_counts(held, label)
         if h.shape[0] < 2:
             continue
+        t = _class_counts(train, label)
         mask = (held.obs[LABELS] == label).to_numpy()
+        held_counts[label] = h
         references[label] = {
             "n_held": h.shape[0],
-            "control": gene_moment_spearman(_class_counts(train, label), h)[0],
+            "control": gene_moment_spearman(t, h)[0],
             "reconstruction": np.nan if recon is None else gene_moment_spearman(recon[mask], h)[0],
             "ceiling": gene_mean_ceiling(h, seed=cfg["seed"]) if h.shape[0] >= 4 else np.nan,
-            "zero_error_control": zero_fraction_error(_class_counts(train, label), h),
+            "zero_error_control": zero_fraction_error(t, h),
         }
     rows = []
     for seed in cfg["count_seeds"]:
@@ -164,7 +165,7 @@ def count_checks(model, held, train, cfg) -> pd.DataFrame:
             progress_bar=False,
         )
         for label, ref in references.items():
-            g, h = _class_counts(gen, label), _class_counts(held, label)
+            g, h = _class_counts(gen, label), held_counts[label]
             rows.append(
                 {
                     "class": label,

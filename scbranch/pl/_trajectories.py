@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .._validation import check_finite, to_dense
+from ..tl._embed import _basis_key
 from ..tl._interpret import (
     _check_trajectories,
     _model_info,
@@ -145,12 +146,7 @@ def trajectories(
     _check_trajectories(transmuted)
     if not isinstance(reference, AnnData):
         raise TypeError(f"`reference` must be an AnnData, got {type(reference).__name__}.")
-    basis_key = basis if basis.startswith("X_") else f"X_{basis}"
-    if basis_key not in reference.obsm:
-        raise KeyError(
-            f"basis={basis!r}: reference.obsm has no {basis_key!r} (available: "
-            f"{list(reference.obsm.keys())}). Compute it first, e.g. `sc.tl.umap(reference)`."
-        )
+    basis_key = _basis_key(reference, basis)
     if np.asarray(reference.obsm[basis_key]).shape[1] < 2:
         raise ValueError(f"reference.obsm[{basis_key!r}] has fewer than 2 dimensions.")
     if max_trajectories is not None and max_trajectories < 1:

@@ -13,8 +13,15 @@ from ._interpret import _model_obsm_key, _obsm
 logger = logging.getLogger(__name__)
 
 
-def _basis_key(basis: str) -> str:
-    return basis if basis.startswith("X_") else f"X_{basis}"
+def _basis_key(reference: AnnData, basis: str) -> str:
+    """``reference.obsm`` key of the embedding ``basis`` ("umap" or "X_umap"); raise if absent."""
+    key = basis if basis.startswith("X_") else f"X_{basis}"
+    if key not in reference.obsm:
+        raise KeyError(
+            f"basis={basis!r}: reference.obsm has no {key!r} (available: "
+            f"{list(reference.obsm.keys())}). Compute it first, e.g. `sc.tl.umap(reference)`."
+        )
+    return key
 
 
 def _graph_rep(reference: AnnData, neighbors_key: str) -> tuple[str, int | None] | None:
@@ -31,7 +38,7 @@ def _graph_rep(reference: AnnData, neighbors_key: str) -> tuple[str, int | None]
     return ("X_pca", None) if "X_pca" in reference.obsm else ("X", None)
 
 
-def _pca_projection(adata: AnnData, reference: AnnData, n_dims: int | None) -> np.ndarray:
+def _pca_projection(adata: AnnData, reference: AnnData) -> np.ndarray:
     """``adata``'s genes projected on the reference's PCA, centred with the REFERENCE's mean.
 
     (``sc.tl.ingest`` centres new cells with their own mean, which moves a set of cells of one
@@ -61,8 +68,7 @@ def _pca_projection(adata: AnnData, reference: AnnData, n_dims: int | None) -> n
     check_finite(x, "adata.X")
     if params.get("zero_center", True):
         x = x - to_dense(reference[:, genes].X).astype(np.float64).mean(0)
-    coords = x @ loadings
-    return coords if n_dims is None else coords[:, :n_dims]
+    return x @ loadings
 
 
 def _coordinates(
@@ -87,7 +93,7 @@ def _coordinates(
         if rep in adata.obsm:
             new, how = _obsm(adata, rep), f"obsm[{rep!r}]"
         elif rep == "X_pca":
-            new, how = _pca_projection(adata, reference, None), "genes projected on the PCA"
+            new, how = _pca_projection(adata, reference), "genes projected on the PCA"
         else:
             raise KeyError(
                 f"The reference's neighbours use obsm[{rep!r}], which adata lacks (it has "
@@ -204,12 +210,7 @@ def embed_like(
         raise ValueError("adata has no cells to place.")
     if n_neighbors < 1:
         raise ValueError(f"n_neighbors must be at least 1, got {n_neighbors}.")
-    basis_key = _basis_key(basis)
-    if basis_key not in reference.obsm:
-        raise KeyError(
-            f"basis={basis!r}: reference.obsm has no {basis_key!r} (available: "
-            f"{list(reference.obsm.keys())}). Compute it first, e.g. `sc.tl.umap(reference)`."
-        )
+    basis_key = _basis_key(reference, basis)
     n_dims = None
     if use_rep is None:
         graph = _graph_rep(reference, neighbors_key)
