@@ -239,6 +239,8 @@ def test_trajectories_bad_inputs(reference):
         trajectories(tm, reference, use_rep="X_scvi")
     with pytest.raises(ValueError, match="max_trajectories"):
         trajectories(tm, reference, max_trajectories=0)
+    with pytest.raises(ValueError, match="n_neighbors must be at least 1, got 0"):
+        trajectories(tm, reference, n_neighbors=0)
     with pytest.raises(ValueError, match="lacks"):
         trajectories(reference, reference)
 

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .._validation import check_finite, to_dense
-from ..tl._embed import _basis_key
+from ..tl._embed import _basis_key, _knn_placement
 from ..tl._interpret import (
     _check_trajectories,
     _model_info,
@@ -41,9 +41,11 @@ def _place_states(
 ) -> tuple[np.ndarray, str]:
     """Coordinates of every trajectory state in ``reference.obsm[basis_key]`` (first 2 dims).
 
-    Directly when the basis is the model's representation (e.g. both ``X_pca``); otherwise the
-    mean embedding position of each state's ``n_neighbors`` nearest reference cells in a
-    representation both share. Returns the coordinates and how they were obtained.
+    Directly when the basis is the model's representation (e.g. both ``X_pca``); otherwise as
+    :func:`scbranch.tl.embed_like` places cells: the embedding positions of each state's
+    ``n_neighbors`` nearest reference cells in a representation both share, weighted by UMAP's
+    membership strengths (a plain mean draws paths tighter than the clusters they cross).
+    Returns the coordinates and how they were obtained.
     """
     embedding = _obsm(reference, basis_key)[:, :2]
     rep = use_rep if use_rep is not None else _model_obsm_key(transmuted)
@@ -52,12 +54,7 @@ def _place_states(
     query, others, _ = _shared_representation(
         transmuted, {"reference": reference}, use_rep, seed=seed
     )
-    from sklearn.neighbors import NearestNeighbors
-
-    k = int(min(max(1, n_neighbors), reference.n_obs))
-    nn = NearestNeighbors(n_neighbors=k).fit(others["reference"])
-    idx = nn.kneighbors(query, return_distance=False)
-    return embedding[idx].mean(1), "neighbours"
+    return _knn_placement(query, others["reference"], embedding, n_neighbors), "neighbours"
 
 
 def _palette(reference: AnnData, color: str, categories: list[str]) -> dict[str, str]:
@@ -102,7 +99,8 @@ def trajectories(
     and at its end. States are placed directly when the basis is the model's representation
     (``basis="pca"`` for a model on ``X_pca``: the first two components); otherwise each state
     goes to the mean position of its ``n_neighbors`` nearest real cells in a representation
-    both objects share (the model's ``obsm_key``, or genes).
+    both objects share (the model's ``obsm_key``, or genes), weighted by UMAP's membership
+    strengths as in :func:`scbranch.tl.embed_like`.
 
     Parameters
     ----------
@@ -121,7 +119,7 @@ def trajectories(
         Representation to find neighbours in: an ``.obsm`` key of both objects or ``"X"`` for
         genes; default the model's ``obsm_key`` when both carry it, else genes.
     n_neighbors
-        Real cells averaged to place one state.
+        Real cells whose weighted mean position places one state.
     max_trajectories
         Draw at most this many trajectories (a seeded random subset); `None`: all.
     seed
@@ -151,6 +149,8 @@ def trajectories(
         raise ValueError(f"reference.obsm[{basis_key!r}] has fewer than 2 dimensions.")
     if max_trajectories is not None and max_trajectories < 1:
         raise ValueError(f"max_trajectories must be at least 1, got {max_trajectories}.")
+    if n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be at least 1, got {n_neighbors}.")
     labels_key = str(_model_info(transmuted).get("labels_key", "") or "")
     if color is None and labels_key and labels_key in reference.obs.columns:
         color = labels_key
