@@ -84,6 +84,52 @@ def test_similarity_curves_do_not_depend_on_chunking():
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
 
 
+def test_similarity_curves_average_noise_draws_exactly():
+    """n_draws=k is the mean of k curves, each noised by the next draw of one generator."""
+    x, labels = _tiny()
+    sde = VPSDE()
+    times = np.array([0.0, 0.3, 0.6])
+    seed, k = 5, 3
+    intra, inter = similarity_curves(x, labels, 3, sde, times, seed=seed, n_draws=k)
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.as_tensor(times, dtype=torch.float32)
+    mean = torch.as_tensor(x, dtype=torch.float32) * sde.alpha(t).view(-1, 1, 1)
+    b_intra, b_inter = np.zeros((3, 3)), np.zeros((3, 3, 3))
+    for _ in range(k):
+        noise = torch.randn((len(times), *x.shape), generator=gen)
+        xt = (mean + sde.sigma(t).view(-1, 1, 1) * noise).double().numpy()
+        for j in range(len(times)):
+            i_j, e_j = brute_curves(xt[j], labels, 3)
+            b_intra[:, j] += i_j / k
+            b_inter[:, :, j] += e_j / k
+    np.testing.assert_allclose(intra, b_intra, atol=1e-5)
+    np.testing.assert_allclose(inter, b_inter, atol=1e-5)
+    # one draw is the first draw: the curves of the default call
+    one = similarity_curves(x, labels, 3, sde, times, seed=seed)
+    again = similarity_curves(x, labels, 3, sde, times, seed=seed, n_draws=1)
+    np.testing.assert_array_equal(one[0], again[0])
+    with pytest.raises(ValueError, match="n_draws must be at least 1"):
+        similarity_curves(x, labels, 3, sde, times, n_draws=0)
+
+
+def test_similarity_curves_noise_draws_shrink_the_spread():
+    """Averaging 16 draws divides the seed-to-seed sd of the curves by about 4 (sqrt 16)."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(8, 5)) + 1.5, rng.normal(size=(8, 5)) - 1.5])
+    labels = np.repeat([0, 1], 8)
+    times = np.array([0.4, 0.6])
+
+    def spread(n_draws):
+        curves = [
+            similarity_curves(x, labels, 2, VPSDE(), times, seed=s, n_draws=n_draws)[1]
+            for s in range(12)
+        ]
+        return np.std(curves, axis=0).mean()
+
+    ratio = spread(16) / spread(1)
+    assert 0.12 < ratio < 0.5
+
+
 def test_similarity_curves_statistics_at_intermediate_t():
     """Two point masses at +-m*1: cosine of noised cells is ~ +-a^2 m^2 / (a^2 m^2 + s^2)."""
     d, n = 20, 300
@@ -309,6 +355,33 @@ def test_average_linkage_resists_a_chaining_pair():
     assert average.merges[-1][2] > 0.6
 
 
+def test_noise_draws_recover_simulated_tree_and_steady_its_times():
+    sim = simulate_tree(depth=3, n_per_class=40, seed=1)
+    shift, scale = global_standardizer(sim.x)
+    x = (sim.x - shift) / scale
+
+    def merge_times(n_draws, seed):
+        res = discover_hierarchy(
+            x, sim.labels, sim.classes, VPSDE(), n_noise_draws=n_draws, seed=seed
+        )
+        assert _splits(res.tree) == sim.true_splits
+        return sorted(b.t_start for b in res.tree.branches if b.children)
+
+    sd_one = np.std([merge_times(1, s) for s in range(6)], axis=0).mean()
+    sd_eight = np.std([merge_times(8, s) for s in range(6)], axis=0).mean()
+    assert sd_eight < 0.6 * sd_one
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [(0, ValueError, "at least 1"), (2.5, TypeError, "integer"), (True, TypeError, "integer")],
+)
+def test_bad_noise_draws_raise(value, error, match):
+    sim = simulate_tree(depth=1, n_per_class=20, seed=0)
+    with pytest.raises(error, match=f"n_noise_draws must be.*{match}"):
+        discover_hierarchy(sim.x, sim.labels, sim.classes, VPSDE(), n_noise_draws=value)
+
+
 def test_unknown_linkage_raises():
     sim = simulate_tree(depth=1, n_per_class=20, seed=0)
     with pytest.raises(ValueError, match="linkage"):
@@ -325,6 +398,8 @@ def test_branch_hierarchy_bad_input():
         sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_pca")
     with pytest.raises(KeyError, match="layer='counts'"):
         sb.tl.branch_hierarchy(adata, groupby="cell_type", layer="counts")
+    with pytest.raises(ValueError, match="n_noise_draws must be at least 1, got 0"):
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", n_noise_draws=0)
     adata.obsm["X_latent"][0, 0] = np.nan
     with pytest.raises(ValueError, match=r"adata.obsm\['X_latent'\] contains 1 NaN"):
         sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
@@ -339,4 +414,5 @@ def test_branch_hierarchy_copy_leaves_input_untouched():
     assert "scbranch_hierarchy" not in adata.uns
     record = out.uns["scbranch_hierarchy"]
     assert record["params"]["groupby"] == "cell_type" and record["params"]["linkage"] == "average"
+    assert record["params"]["n_noise_draws"] == 1
     assert record["intra"].shape == (4, 200) and record["inter"].shape == (4, 4, 200)

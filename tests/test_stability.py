@@ -149,7 +149,13 @@ def calls(monkeypatch):
 def test_replicates_use_stored_options_and_standardisation(calls):
     adata, _ = _hierarchy(decay=0.3, separation=10.0, seed=0)
     sb.tl.branch_hierarchy(
-        adata, groupby="cell_type", use_rep="X_latent", epsilon=0.01, n_times=150, beta1=15.0
+        adata,
+        groupby="cell_type",
+        use_rep="X_latent",
+        epsilon=0.01,
+        n_times=150,
+        beta1=15.0,
+        n_noise_draws=3,
     )
     x_all = adata.obsm["X_latent"].astype(np.float64)
     standard = (x_all - x_all.mean(0)) / np.sqrt(np.mean((x_all - x_all.mean(0)) ** 2))
@@ -164,6 +170,7 @@ def test_replicates_use_stored_options_and_standardisation(calls):
         np.testing.assert_array_equal(call["labels"], labels[order])
         assert call["epsilon"] == 0.01 and call["n_times"] == 150 and call["sde"].beta1 == 15.0
         assert call["linkage"] == "average" and call["n_per_class"] == 200
+        assert call["n_noise_draws"] == 3
     seeds3 = [c["seed"] for c in calls]
     assert len(set(seeds3)) == 3  # every replicate its own noise
 
@@ -181,6 +188,14 @@ def test_replicates_use_stored_options_and_standardisation(calls):
         np.testing.assert_array_equal(labels[rows], call["labels"])
         assert previous is None or set(rows.tolist()) != previous  # resampled every time
         previous = set(rows.tolist())
+
+
+def test_hierarchy_recorded_before_noise_draws_uses_one(calls):
+    adata, _ = _hierarchy(decay=0.3, separation=10.0, seed=0)
+    sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
+    del adata.uns[KEY]["params"]["n_noise_draws"]  # as written before the option existed
+    sb.tl.branch_stability(adata, n_bootstrap=2, progress_bar=False)
+    assert [c["n_noise_draws"] for c in calls] == [1, 1]
 
 
 def test_statistics_are_those_of_the_replicate_trees(calls):

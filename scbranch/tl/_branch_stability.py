@@ -60,6 +60,8 @@ def _discovery_settings(params: dict, key: str) -> tuple[dict, VPSDE]:
         "epsilon": float(params["epsilon"]),
         "min_branch_length": float(params["min_branch_length"]),
         "linkage": str(params["linkage"]),
+        # recorded since the option exists; hierarchies from before it used one draw
+        "n_noise_draws": int(params.get("n_noise_draws", 1)),
     }
     sde = VPSDE(
         beta0=float(params["beta0"]), beta1=float(params["beta1"]), t_min=float(params["t_min"])
