@@ -53,6 +53,13 @@ def test_gene_projection_reproduces_the_reference_pca(pbmc):
     del mono.obsm["X_pca"]
     sb.tl.embed_like(mono, pbmc, basis="pca")
     np.testing.assert_allclose(mono.obsm["X_pca"], truth, atol=1e-3)
+    # a graph on fewer PCs than X_pca holds: basis="pca" still gives every component
+    ref = pbmc.copy()
+    sc.pp.neighbors(ref, n_pcs=10, random_state=0)
+    del new.obsm["X_pca"]
+    sb.tl.embed_like(new, ref, basis="pca")
+    assert new.obsm["X_pca"].shape == (80, pbmc.obsm["X_pca"].shape[1])
+    np.testing.assert_allclose(new.obsm["X_pca"], pbmc.obsm["X_pca"][:80], atol=1e-3)
 
 
 def test_cells_land_among_their_own_type_and_near_their_true_place():

@@ -218,9 +218,10 @@ def embed_like(
             use_rep, n_dims = graph
         else:
             use_rep = _model_obsm_key(adata) or "X_pca"
-    new, ref, how = _coordinates(adata, reference, use_rep, n_dims)
-
     direct = basis_key == use_rep
+    if direct:  # the basis itself, all of its dimensions (not only those the graph used)
+        n_dims = None
+    new, ref, how = _coordinates(adata, reference, use_rep, n_dims)
     if direct:
         placed = new
     else:
