@@ -256,3 +256,32 @@ def test_extension_wrong_key_and_nan(extended):
     with pytest.raises(ValueError, match="representation of the new cells contains 1 NaN"):
         model.add_classes(new, labels=["fresh"], progress_bar=False)
     assert "fresh" not in model.classes  # nothing half-added
+
+
+def test_placement_uses_the_discovery_options_of_the_model(monkeypatch, tmp_path):
+    """A new class joins by the crossover rule the old classes were merged by, after load too."""
+    from scbranch.model import _model as model_module
+
+    sim = _sim(n_per_class=40)
+    old = _without(sim, ["c3"])
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key=REP)
+    options = {"epsilon": 0.01, "n_times": 120, "smooth_sigma": 2.0, "n_noise_draws": 3}
+    model = sb.BranchedDiffusion(old, discovery_kwargs=options, **FAST)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    model.save(tmp_path / "m")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m")
+
+    seen = []
+    real = model_module.place_class
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "place_class", spy)
+    loaded.add_classes(sim, labels=["c3"], max_epochs=1, progress_bar=False)
+    (kwargs,) = seen
+    assert kwargs["epsilon"] == 0.01 and kwargs["n_times"] == 120
+    assert kwargs["smooth_sigma"] == 2.0 and kwargs["n_draws"] == 3
+    assert kwargs["min_branch_length"] == 0.02  # the discovery default, recorded too
+    assert loaded.extensions_[-1]["joins"] == "c2"

@@ -90,6 +90,27 @@ def _reference_sample(x, labels: np.ndarray, shift, scale: float, n_classes: int
     }
 
 
+#: discovery options that placing a new class reuses: (name in the hierarchy's params, in
+#: place_class)
+_PLACEMENT_OPTIONS = (
+    ("n_times", "n_times", int),
+    ("smooth_sigma", "smooth_sigma", float),
+    ("epsilon", "epsilon", float),
+    ("min_branch_length", "min_branch_length", float),
+    ("n_noise_draws", "n_draws", int),
+)
+
+
+def _placement_options(record: dict | None) -> dict:
+    """The options the model's tree was discovered with, as :func:`place_class` arguments.
+
+    A new class must join by the same crossover rule as the old ones; options missing from the
+    record (a tree given by hand, or recorded before the option existed) keep the defaults.
+    """
+    params = (record or {}).get("params", {}) or {}
+    return {arg: cast(params[key]) for key, arg, cast in _PLACEMENT_OPTIONS if key in params}
+
+
 def _check_same_genes(adata: AnnData, genes: np.ndarray, what: str) -> None:
     """Raise unless ``adata`` has exactly ``genes``, in order (missing genes named)."""
     columns = check_genes(adata, genes, what)
@@ -939,7 +960,8 @@ class BranchedDiffusion(TrajectoryMixin, UnsupervisedTrainingMixin, BaseModelCla
 
         For each new type, in order (METHOD.md §10): its crossover times against the model's
         stored reference cells of every known type place it on the tree (it joins the type
-        it becomes indistinguishable from first, at that time); the branch it joins is split
+        it becomes indistinguishable from first, at that time, by the crossover rule and the
+        options the tree was discovered with, e.g. ``n_noise_draws``); the branch it joins is split
         there, keeping its head on both halves; a new head, warm-started from that branch's
         head, is trained on the new cells only, with t below the branch point; every other
         parameter stays frozen. Old types therefore use exactly the same parameters at every
@@ -1029,6 +1051,7 @@ class BranchedDiffusion(TrajectoryMixin, UnsupervisedTrainingMixin, BaseModelCla
                 self.module.sde,
                 seed=seed,
                 class_names=[*self.classes, name],
+                **_placement_options(self.hierarchy_record_),
             )
             leaf, head = extend_module(self.module, name, placement)
             code = len(self.classes)

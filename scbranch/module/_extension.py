@@ -43,6 +43,7 @@ def place_class(
     epsilon: float = 0.005,
     min_branch_length: float = 0.02,
     min_reference_cells: int = 10,
+    n_draws: int = 1,
     seed: int = 0,
     class_names: list[str] | None = None,
 ) -> Placement:
@@ -62,8 +63,8 @@ def place_class(
         Standardised cells of the new class.
     sde
         The model's forward process.
-    n_times, smooth_sigma, epsilon, min_branch_length, seed
-        As in hierarchy discovery.
+    n_times, smooth_sigma, epsilon, min_branch_length, n_draws, seed
+        As in hierarchy discovery (``n_draws``: its ``n_noise_draws``).
     min_reference_cells
         Classes with fewer reference cells are not candidates to join (unless all are): their
         within-class similarity rests on a handful of pairs and crosses early by chance
@@ -74,7 +75,9 @@ def place_class(
     x = np.concatenate([np.asarray(reference, np.float32), np.asarray(new, np.float32)])
     labels = np.concatenate([reference_labels, np.full(len(new), n_classes)])
     times = np.linspace(0.0, 1.0, n_times)
-    intra, inter = similarity_curves(x, labels, n_classes + 1, sde, times, seed=seed)
+    intra, inter = similarity_curves(
+        x, labels, n_classes + 1, sde, times, seed=seed, n_draws=n_draws
+    )
     if smooth_sigma > 0:
         intra = gaussian_filter1d(intra, smooth_sigma, axis=-1, mode="nearest")
         inter = gaussian_filter1d(inter, smooth_sigma, axis=-1, mode="nearest")
