@@ -167,8 +167,8 @@ def branch_hierarchy(
         first crossing of any pair of their types (chains easily).
     n_noise_draws
         Independent forward-noise draws the similarity curves are averaged over, at
-        proportionally more compute (0.3 s for 8 draws of 8 types x 200 cells x 30 PCs on 2
-        cores). More draws make the tree depend less on the seed: over 20 seeds, pbmc3k's 8
+        proportionally more compute (8 draws of 8 types x 200 cells on 2 cores: 0.3 s on 30
+        PCs, 43 s on 2,000 genes). More draws make the tree depend less on the seed: over 20 seeds, pbmc3k's 8
         types gave 6 distinct trees with 1 draw and 2 with 8, and a simulated 16-class tree
         was recovered 2 and 18 times (``benchmarks/discovery.py``). Check a tree with
         :func:`~scbranch.tl.branch_stability`.
