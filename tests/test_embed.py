@@ -93,6 +93,11 @@ def test_real_pbmc_cells_are_placed_as_well_as_their_pca_allows(pbmc):
     accuracy = (in_umap.predict(new.obsm["X_umap"]) == labels).mean()
     control = (in_pca.predict(new.obsm["X_pca"]) == labels).mean()
     assert accuracy >= control - 0.05
+    # cells that ARE reference cells land exactly on them (not on their neighbourhood's mean)
+    again = reference[:30].copy()
+    del again.obsm["X_umap"]
+    sb.tl.embed_like(again, reference)
+    np.testing.assert_array_equal(again.obsm["X_umap"], reference.obsm["X_umap"][:30])
 
 
 def test_generated_cells_are_embedded_and_plotted(pbmc):

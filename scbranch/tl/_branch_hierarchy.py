@@ -168,10 +168,10 @@ def branch_hierarchy(
     n_noise_draws
         Independent forward-noise draws the similarity curves are averaged over, at
         proportionally more compute (8 draws of 8 types x 200 cells on 2 cores: 0.3 s on 30
-        PCs, 43 s on 2,000 genes). More draws make the tree depend less on the seed: over 20 seeds, pbmc3k's 8
-        types gave 6 distinct trees with 1 draw and 2 with 8, and a simulated 16-class tree
-        was recovered 2 and 18 times (``benchmarks/discovery.py``). Check a tree with
-        :func:`~scbranch.tl.branch_stability`.
+        PCs, 43 s on 2,000 genes). More draws make the tree depend less on the seed: over 20
+        seeds, pbmc3k's 8 types gave 6 distinct trees with 1 draw and 2 with 8, and a
+        simulated 16-class tree was recovered 2 and 18 times (``benchmarks/discovery.py``).
+        Check a tree with :func:`~scbranch.tl.branch_stability`.
     beta0, beta1, t_min
         Forward process; must match the model's (the defaults do).
     min_cells_per_class
