@@ -15,11 +15,11 @@ defaults) with ``n_seeds`` seeds and reports:
                   cells, each with its own seed) of the seed-0 tree: mean and minimum support
                   over its internal branches (root excluded)
 
-One more row per dataset, "closed form", discovers the tree (seed 0, defaults otherwise) from
-similarity curves with NO Monte Carlo noise: the large-d limit of the expected cosine of two
-noised cells (``expected_curves``), a candidate replacement for the sampled curves. It reports
-whether that tree is the most common one with the most draws, and the mean absolute difference
-of their shared branch times (against those clades' mean times over the seeds).
+One more row per dataset, "expected curves", discovers the tree with ``curves="expected"``
+(seed 0, defaults otherwise): similarity curves with NO Monte Carlo noise, the many-dimension
+limit of the expected cosine of two noised cells. It reports whether that tree is the most
+common one with the most draws, and the mean absolute difference of their shared branch times
+(against those clades' mean times over the seeds).
 
 The seed sets the subsample (types with more than 200 cells) and the noise; for pbmc68k (every
 type under 200 cells) it sets the noise alone.
@@ -27,6 +27,10 @@ type under 200 cells) it sets the noise alone.
 Data: pbmc68k (scanpy's shipped 700 cells, 30 PCs), the train cells of pbmc3k (70 % per type,
 30 PCs of 2,000 HVGs; skipped if ../shared/data is absent) and two simulated trees of 16
 Gaussian classes whose true topology is known (``SIMULATED``).
+
+Last, on the real cells of pbmc3k (pbmc68k without it), the expected curves on the first d PCs
+against 64 averaged sampled draws: largest difference of the (smoothed) between-type curves,
+same tree, branch-time difference.
 
 Usage (from the repository root, in the project's venv):
   python benchmarks/discovery.py          # about 10 min on 2 cores
@@ -46,8 +50,20 @@ import pandas as pd
 from quality import LABELS, PBMC3K, _md, load_pbmc3k, prepare_run, write_lines
 
 SETTINGS = {
-    "cpu": {"draws": (1, 2, 4, 8, 16), "n_seeds": 20, "stability_draws": (1, 8), "n_bootstrap": 50},
-    "fast": {"draws": (1, 2), "n_seeds": 3, "stability_draws": (1, 2), "n_bootstrap": 3},
+    "cpu": {
+        "draws": (1, 2, 4, 8, 16),
+        "n_seeds": 20,
+        "stability_draws": (1, 8),
+        "n_bootstrap": 50,
+        "dims": (30, 10, 5, 2),
+    },
+    "fast": {
+        "dims": (10, 2),
+        "draws": (1, 2),
+        "n_seeds": 3,
+        "stability_draws": (1, 2),
+        "n_bootstrap": 3,
+    },
 }
 #: simulated trees: 16 Gaussian classes; deeper splits shrink by ``decay`` per level, so the
 #: closer it is to 1, the closer together the branch times (and the harder the topology)
@@ -121,62 +137,19 @@ def seed_spread(adata, draws: int, n_seeds: int, truth) -> dict:
     return row, mean_times
 
 
-def expected_curves(x: np.ndarray, labels: np.ndarray, n_classes: int, sde, times: np.ndarray):
-    """Similarity curves WITHOUT Monte Carlo noise: the large-d limit of the expected cosine.
-
-    For cells x, y noised independently, cos(x_t, y_t) concentrates, as the dimension d grows,
-    at a^2 x.y / sqrt((a^2 |x|^2 + s^2 d)(a^2 |y|^2 + s^2 d)). Averaged over pairs exactly as
-    ``similarity_curves`` averages sampled cosines (distinct pairs within a class).
-    A candidate replacement for the sampled curves, checked here against many noise draws.
-    """
-    import torch
-
-    t = torch.as_tensor(times, dtype=torch.float64)
-    a, s = sde.alpha(t).numpy(), sde.sigma(t).numpy()
-    gram = x @ x.T
-    sq, d = np.diag(gram).copy(), x.shape[1]
-    onehot = np.eye(n_classes)[labels]
-    counts = onehot.sum(0)
-    intra = np.zeros((n_classes, len(times)))
-    inter = np.zeros((n_classes, n_classes, len(times)))
-    for k in range(len(times)):
-        norm = np.sqrt(a[k] ** 2 * sq + s[k] ** 2 * d)
-        cos = a[k] ** 2 * gram / np.outer(norm, norm)
-        np.fill_diagonal(cos, 0.0)
-        sums = onehot.T @ cos @ onehot
-        inter[:, :, k] = sums / np.outer(counts, counts)
-        intra[:, k] = np.diag(sums) / (counts * (counts - 1))
-    idx = np.arange(n_classes)
-    inter[idx, idx] = intra
-    return intra, inter
-
-
 def closed_form(adata, reference: dict[frozenset, float], truth) -> dict:
-    """The tree of ``expected_curves`` (discovery's defaults otherwise) vs the sampled trees."""
-    from scipy.ndimage import gaussian_filter1d
-
-    from scbranch.module import VPSDE, BranchTree, global_standardizer
-    from scbranch.module._discovery import agglomerate_average, subsample_per_class
+    """The ``curves="expected"`` tree (seed 0, defaults otherwise) vs the sampled trees."""
+    import scbranch as sb
 
     t0 = time.perf_counter()
-    cats = pd.Categorical(adata.obs[LABELS]).remove_unused_categories()
-    classes = [str(c) for c in cats.categories]
-    labels = np.asarray(cats.codes, dtype=np.int64)
-    x = np.asarray(adata.obsm["X_pca"], dtype=np.float64)
-    shift, scale = global_standardizer(x)  # all cells, as discover_record
-    keep = subsample_per_class(labels, len(classes), 200, 0)
-    times = np.linspace(0.0, 1.0, 200)
-    curves = expected_curves((x[keep] - shift) / scale, labels[keep], len(classes), VPSDE(), times)
-    intra, inter = (gaussian_filter1d(c, 3.0, axis=-1, mode="nearest") for c in curves)
-    tree = BranchTree.from_merges(classes, agglomerate_average(intra, inter, times).merges)
-    found = {
-        frozenset(classes[c] for c in b.classes): b.t_start
-        for b in tree.branches
-        if b.children and len(b.classes) < len(classes)
-    }
+    found = clades(
+        sb.tl.branch_hierarchy(adata, LABELS, use_rep="X_pca", curves="expected", copy=True).uns[
+            "scbranch_hierarchy"
+        ]
+    )
     shared = [c for c in found if c in reference]
     row = {
-        "n_noise_draws": "closed form",
+        "n_noise_draws": "expected curves",
         "topologies": 1,
         "s / call": time.perf_counter() - t0,
         "same tree as most draws": frozenset(found) == frozenset(reference),
@@ -203,6 +176,43 @@ def support(adata, draws: int, n_bootstrap: int) -> dict:
     }
 
 
+def few_dimensions(adata, dims, n_draws: int) -> pd.DataFrame:
+    """Expected vs ``n_draws`` averaged sampled curves on the first ``d`` PCs, for each d.
+
+    The many-dimension limit is least accurate in few dimensions (an scVI latent has 10).
+    """
+    import scbranch as sb
+
+    rows = []
+    for d in dims:
+        data = adata.copy()
+        data.obsm["X_pca"] = np.ascontiguousarray(data.obsm["X_pca"][:, :d])
+        records = {
+            curves: sb.tl.branch_hierarchy(data, LABELS, use_rep="X_pca", copy=True, **kw).uns[
+                "scbranch_hierarchy"
+            ]
+            for curves, kw in (
+                ("expected", {"curves": "expected"}),
+                ("sampled", {"n_noise_draws": n_draws}),
+            )
+        }
+        expected, sampled = (clades(r) for r in records.values())
+        shared = [c for c in expected if c in sampled]
+        rows.append(
+            {
+                "PCs": d,
+                "max curve difference": float(
+                    np.abs(records["expected"]["inter"] - records["sampled"]["inter"]).max()
+                ),
+                "same tree": frozenset(expected) == frozenset(sampled),
+                "abs. time difference": float(
+                    np.mean([abs(expected[c] - sampled[c]) for c in shared])
+                ),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="smoke-test settings")
@@ -217,13 +227,14 @@ def main(argv=None) -> int:
     markdown = prepare_run(args, "discovery")
     t_all = time.perf_counter()
     lines = [
-        "# Discovery benchmark: seed dependence of the learned tree, by noise draws",
+        "# Discovery benchmark: seed dependence of the learned tree, by noise draws and curves",
         "",
         f"Generated by `python benchmarks/discovery.py` ({cfg_name} settings: {cfg['n_seeds']} "
         f"seeds, stability with {cfg['n_bootstrap']} replicates); see the script's docstring "
         "for the columns.",
     ]
-    for name, (adata, truth) in datasets().items():
+    data = datasets()
+    for name, (adata, truth) in data.items():
         logger.info("%s", name)
         rows = [seed_spread(adata, k, cfg["n_seeds"], truth) for k in cfg["draws"]]
         spread = pd.DataFrame([row for row, _ in rows] + [closed_form(adata, rows[-1][1], truth)])
@@ -234,6 +245,17 @@ def main(argv=None) -> int:
         n_types = adata.obs[LABELS].nunique()
         lines += ["", f"## {name}: {adata.n_obs} cells, {n_types} types", "", _md(table, False)]
         print(name, "\n", table.to_string(index=False), flush=True)
+    # the limit in few dimensions, on real cells (pbmc3k where shipped)
+    real = "pbmc3k (train cells)" if "pbmc3k (train cells)" in data else "pbmc68k"
+    low = few_dimensions(data[real][0], cfg["dims"], 64)
+    lines += [
+        "",
+        f"## Expected curves in few dimensions ({real}, first d PCs; against 64 averaged "
+        "sampled draws, seed 0)",
+        "",
+        _md(low, False),
+    ]
+    print(low.to_string(index=False), flush=True)
     lines += ["", f"Total {(time.perf_counter() - t_all) / 60:.1f} min on {args.threads} threads."]
     write_lines(markdown, lines)
     return 0

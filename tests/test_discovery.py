@@ -130,6 +130,58 @@ def test_similarity_curves_noise_draws_shrink_the_spread():
     assert 0.12 < ratio < 0.5
 
 
+def brute_expected(x, labels, n_classes, sde, t):
+    """O(n^2) mean of the many-dimension cosine limit over the same pairs as brute_curves."""
+    a, s = float(sde.alpha(t)), float(sde.sigma(t))
+    d = x.shape[1]
+    norms = np.sqrt(a**2 * (x**2).sum(1) + s**2 * d)
+    cos = a**2 * (x @ x.T) / np.outer(norms, norms)
+    inter = np.zeros((n_classes, n_classes))
+    for i, j in itertools.product(range(n_classes), repeat=2):
+        ia, ib = np.flatnonzero(labels == i), np.flatnonzero(labels == j)
+        inter[i, j] = np.mean([cos[p, q] for p in ia for q in ib if p != q])
+    return np.diag(inter).copy(), inter
+
+
+def test_expected_curves_equal_brute_force_and_ignore_the_seed():
+    x, labels = _tiny()
+    sde = VPSDE()
+    times = np.array([0.0, 0.2, 0.5, 0.9])
+    intra, inter = similarity_curves(x, labels, 3, sde, times, curves="expected", seed=1)
+    for k, t in enumerate(times):
+        b_intra, b_inter = brute_expected(x, labels, 3, sde, t)
+        np.testing.assert_allclose(intra[:, k], b_intra, atol=1e-5)
+        np.testing.assert_allclose(inter[:, :, k], b_inter, atol=1e-5)
+    # at t = 0 (no noise) it is the exact clean cosine, as the sampled curves are
+    np.testing.assert_allclose(intra[:, 0], brute_curves(x, labels, 3)[0], atol=1e-5)
+    again = similarity_curves(x, labels, 3, sde, times, curves="expected", seed=99)
+    np.testing.assert_array_equal(again[1], inter)
+    with pytest.raises(ValueError, match="curves must be one of"):
+        similarity_curves(x, labels, 3, sde, times, curves="mean")
+
+
+def test_expected_curves_are_the_mean_of_sampled_ones_in_many_dimensions():
+    """Known answer: two point masses +-2 (cosine limit a^2 4 / (a^2 4 + s^2)), and the mean
+    of many sampled draws of Gaussian classes in 300 dimensions."""
+    sde = VPSDE()
+    d = 300
+    x = np.concatenate([np.full((5, d), 2.0), np.full((5, d), -2.0)])
+    labels = np.repeat([0, 1], 5)
+    intra, inter = similarity_curves(x, labels, 2, sde, np.array([0.5]), curves="expected")
+    a, s = float(sde.alpha(0.5)), float(sde.sigma(0.5))
+    assert intra[0, 0] == pytest.approx(a**2 * 4 / (a**2 * 4 + s**2), rel=1e-5)
+    assert inter[0, 1, 0] == pytest.approx(-(a**2) * 4 / (a**2 * 4 + s**2), rel=1e-5)
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, d))
+    labels = np.repeat([0, 1, 2], 30)
+    x = centres[labels] * 0.8 + rng.normal(size=(90, d))
+    times = np.linspace(0.05, 0.95, 10)
+    expected = similarity_curves(x, labels, 3, sde, times, curves="expected")
+    sampled = similarity_curves(x, labels, 3, sde, times, n_draws=16, seed=0)
+    np.testing.assert_allclose(expected[1], sampled[1], atol=0.01)
+
+
 def test_similarity_curves_statistics_at_intermediate_t():
     """Two point masses at +-m*1: cosine of noised cells is ~ +-a^2 m^2 / (a^2 m^2 + s^2)."""
     d, n = 20, 300
@@ -372,6 +424,29 @@ def test_noise_draws_recover_simulated_tree_and_steady_its_times():
     assert sd_eight < 0.6 * sd_one
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expected_curves_recover_simulated_tree_without_noise(seed):
+    sim = simulate_tree(depth=4, n_per_class=60, decay=0.8, seed=seed)
+    shift, scale = global_standardizer(sim.x)
+    x = (sim.x - shift) / scale
+    trees = [
+        discover_hierarchy(x, sim.labels, sim.classes, VPSDE(), curves="expected", seed=k).tree
+        for k in (0, 5)
+    ]
+    assert _splits(trees[0]) == sim.true_splits
+    assert trees[0].to_newick() == trees[1].to_newick()  # all cells used: the seed is moot
+
+
+def test_expected_curves_take_no_noise_draws():
+    sim = simulate_tree(depth=1, n_per_class=20, seed=0)
+    with pytest.raises(ValueError, match="curves='expected' draws no noise"):
+        discover_hierarchy(
+            sim.x, sim.labels, sim.classes, VPSDE(), curves="expected", n_noise_draws=4
+        )
+    with pytest.raises(ValueError, match="curves must be one of"):
+        discover_hierarchy(sim.x, sim.labels, sim.classes, VPSDE(), curves="analytic")
+
+
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [(0, ValueError, "at least 1"), (2.5, TypeError, "integer"), (True, TypeError, "integer")],
@@ -414,5 +489,5 @@ def test_branch_hierarchy_copy_leaves_input_untouched():
     assert "scbranch_hierarchy" not in adata.uns
     record = out.uns["scbranch_hierarchy"]
     assert record["params"]["groupby"] == "cell_type" and record["params"]["linkage"] == "average"
-    assert record["params"]["n_noise_draws"] == 1
+    assert record["params"]["n_noise_draws"] == 1 and record["params"]["curves"] == "sampled"
     assert record["intra"].shape == (4, 200) and record["inter"].shape == (4, 4, 200)

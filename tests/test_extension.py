@@ -265,7 +265,7 @@ def test_placement_uses_the_discovery_options_of_the_model(monkeypatch, tmp_path
     sim = _sim(n_per_class=40)
     old = _without(sim, ["c3"])
     sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key=REP)
-    options = {"epsilon": 0.01, "n_times": 120, "smooth_sigma": 2.0, "n_noise_draws": 3}
+    options = {"epsilon": 0.01, "n_times": 120, "smooth_sigma": 2.0, "curves": "expected"}
     model = sb.BranchedDiffusion(old, discovery_kwargs=options, **FAST)
     model.train(max_epochs=2, enable_progress_bar=False)
     model.save(tmp_path / "m")
@@ -282,6 +282,7 @@ def test_placement_uses_the_discovery_options_of_the_model(monkeypatch, tmp_path
     loaded.add_classes(sim, labels=["c3"], max_epochs=1, progress_bar=False)
     (kwargs,) = seen
     assert kwargs["epsilon"] == 0.01 and kwargs["n_times"] == 120
-    assert kwargs["smooth_sigma"] == 2.0 and kwargs["n_draws"] == 3
+    assert kwargs["smooth_sigma"] == 2.0 and kwargs["curves"] == "expected"
+    assert kwargs["n_draws"] == 1
     assert kwargs["min_branch_length"] == 0.02  # the discovery default, recorded too
     assert loaded.extensions_[-1]["joins"] == "c2"

@@ -148,13 +148,14 @@ def test_hierarchy_matches_truth_inside_model():
     }
     assert splits == simulate_tree(depth=2, n_per_class=60, dim=8, seed=0).true_splits
     # discovery options reach discovery and its record
-    averaged = sb.BranchedDiffusion(adata, width=16, discovery_kwargs={"n_noise_draws": 4})
-    assert averaged.hierarchy_record_["params"]["n_noise_draws"] == 4
-    assert {
-        frozenset(averaged.tree.classes[c] for c in b.classes)
-        for b in averaged.tree.branches
-        if b.children
-    } == splits
+    for options in ({"n_noise_draws": 4}, {"curves": "expected"}):
+        other = sb.BranchedDiffusion(adata, width=16, discovery_kwargs=options)
+        assert {k: other.hierarchy_record_["params"][k] for k in options} == options
+        assert {
+            frozenset(other.tree.classes[c] for c in b.classes)
+            for b in other.tree.branches
+            if b.children
+        } == splits
 
 
 def test_reregistration_after_other_model_setup():

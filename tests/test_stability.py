@@ -190,12 +190,22 @@ def test_replicates_use_stored_options_and_standardisation(calls):
         previous = set(rows.tolist())
 
 
-def test_hierarchy_recorded_before_noise_draws_uses_one(calls):
+def test_hierarchy_recorded_before_the_curve_options_uses_one_draw(calls):
     adata, _ = _hierarchy(decay=0.3, separation=10.0, seed=0)
     sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
-    del adata.uns[KEY]["params"]["n_noise_draws"]  # as written before the option existed
+    del adata.uns[KEY]["params"]["n_noise_draws"]  # as written before the options existed
+    del adata.uns[KEY]["params"]["curves"]
     sb.tl.branch_stability(adata, n_bootstrap=2, progress_bar=False)
-    assert [c["n_noise_draws"] for c in calls] == [1, 1]
+    assert [(c["n_noise_draws"], c["curves"]) for c in calls] == [(1, "sampled")] * 2
+
+
+def test_expected_curves_are_reused_and_replicates_differ_by_the_resample_only(calls):
+    adata, _ = _hierarchy(decay=0.3, separation=10.0, seed=0)
+    sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", curves="expected")
+    a = sb.tl.branch_stability(adata, n_bootstrap=3, fraction=1.0, progress_bar=False)
+    assert all(c["curves"] == "expected" for c in calls)
+    # no noise and every cell in every replicate: every replicate is the stored tree
+    assert (a["support"] == 1.0).all() and (a["t_sd"].fillna(0.0) < 1e-12).all()
 
 
 def test_statistics_are_those_of_the_replicate_trees(calls):

@@ -98,6 +98,7 @@ _PLACEMENT_OPTIONS = (
     ("epsilon", "epsilon", float),
     ("min_branch_length", "min_branch_length", float),
     ("n_noise_draws", "n_draws", int),
+    ("curves", "curves", str),
 )
 
 

@@ -59,6 +59,24 @@ def subsample_per_class(
     return np.concatenate(keep)
 
 
+#: how the similarity curves are obtained (see :func:`similarity_curves`)
+CURVES = ("sampled", "expected")
+
+
+def _pair_sums(u: torch.Tensor, onehot: torch.Tensor, counts: torch.Tensor, self_terms):
+    """Mean cosines from per-cell vectors ``u`` (Tc, n, d): ``(intra (Tc, C), inter (Tc, C, C))``.
+
+    The mean-unit-vector identity: the mean of ``u_i . u_j`` over i in A, j in B is
+    ``mean(u_A) . mean(u_B)``; within A over distinct pairs it is
+    ``(|sum u_A|^2 - sum_i |u_i|^2) / (n_A (n_A - 1))`` (``self_terms``: that per-class sum).
+    """
+    sums = torch.einsum("nc,tnd->tcd", onehot, u)  # (Tc, C, d)
+    means = sums / counts.view(1, -1, 1)
+    inter = means @ means.transpose(1, 2)  # (Tc, C, C)
+    intra = (sums.pow(2).sum(-1) - self_terms) / (counts * (counts - 1))
+    return intra, inter
+
+
 def similarity_curves(
     x: np.ndarray,
     labels: np.ndarray,
@@ -68,6 +86,7 @@ def similarity_curves(
     *,
     seed: int = 0,
     n_draws: int = 1,
+    curves: str = "sampled",
     max_chunk_elements: int = 2**24,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean pairwise cosine similarity within and between classes along the forward process.
@@ -91,10 +110,17 @@ def similarity_curves(
     seed
         Seed of the forward noise.
     n_draws
-        Independent forward-noise draws the curves are averaged over. Each draw is a Monte
-        Carlo estimate of the expected curves that the crossover rule is defined on; averaging
-        ``k`` draws divides their variance by ``k``; ``n_draws=1`` reproduces the single-draw
-        curves exactly.
+        Independent forward-noise draws the curves are averaged over (``curves="sampled"``).
+        Each draw is a Monte Carlo estimate of the expected curves that the crossover rule is
+        defined on; averaging ``k`` draws divides their variance by ``k``; ``n_draws=1``
+        reproduces the single-draw curves exactly.
+    curves
+        ``"sampled"``: cells noised by draws of the forward process (the paper).
+        ``"expected"``: no noise is drawn; the cosine of two independently noised cells
+        ``x_t = a x + s eps`` is replaced by its limit for many dimensions,
+        ``a^2 x.y / sqrt((a^2 |x|^2 + s^2 d) (a^2 |y|^2 + s^2 d))`` (the noise terms are
+        O(sqrt d) against O(d)). Deterministic, and as cheap as one draw: the identity above
+        holds with ``u_i = a x_i / sqrt(a^2 |x_i|^2 + s^2 d)``.
     max_chunk_elements
         Memory cap: how many floats one chunk of noised cells may hold.
 
@@ -102,6 +128,8 @@ def similarity_curves(
     -------
     ``intra`` of shape ``(C, T)`` and ``inter`` of shape ``(C, C, T)`` (diagonal = intra).
     """
+    if curves not in CURVES:
+        raise ValueError(f"curves must be one of {CURVES}, got {curves!r}.")
     if int(n_draws) < 1:
         raise ValueError(f"n_draws must be at least 1, got {n_draws}.")
     x_t0 = torch.as_tensor(np.asarray(x), dtype=torch.float32)
@@ -113,6 +141,7 @@ def similarity_curves(
         raise ValueError(f"Class index {bad} has {int(counts[bad])} cell(s); need at least 2.")
     onehot = torch.nn.functional.one_hot(lab, n_classes).to(torch.float32)  # (n, C)
     gen = torch.Generator().manual_seed(int(seed))
+    squared_norms = x_t0.pow(2).sum(-1)  # (n,)
     t_all = torch.as_tensor(np.asarray(times), dtype=torch.float32)
     chunk = max(1, int(max_chunk_elements // max(n * d, 1)))
     intra_out, inter_out = [], []
@@ -120,16 +149,21 @@ def similarity_curves(
         t = t_all[start : start + chunk]
         a = sde.alpha(t).view(-1, 1, 1)
         s = sde.sigma(t).view(-1, 1, 1)
-        intra = inter = 0.0
-        for _ in range(int(n_draws)):
-            xt = a * x_t0 + s * torch.randn((len(t), n, d), generator=gen)
-            u = xt / xt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            sums = torch.einsum("nc,tnd->tcd", onehot, u)  # (Tc, C, d)
-            means = sums / counts.view(1, -1, 1)
-            inter = inter + means @ means.transpose(1, 2)  # (Tc, C, C)
-            intra = intra + (sums.pow(2).sum(-1) - counts) / (counts * (counts - 1))
-        intra_out.append(intra / n_draws)
-        inter_out.append(inter / n_draws)
+        if curves == "expected":
+            norms = (a[..., 0] ** 2 * squared_norms + s[..., 0] ** 2 * d).sqrt()  # (Tc, n)
+            u = a * x_t0 / norms.clamp_min(1e-12).unsqueeze(-1)
+            self_terms = u.pow(2).sum(-1) @ onehot  # (Tc, C)
+            intra, inter = _pair_sums(u, onehot, counts, self_terms)
+        else:
+            intra = inter = 0.0
+            for _ in range(int(n_draws)):
+                xt = a * x_t0 + s * torch.randn((len(t), n, d), generator=gen)
+                u = xt / xt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                one_intra, one_inter = _pair_sums(u, onehot, counts, counts)  # |u_i| = 1
+                intra, inter = intra + one_intra, inter + one_inter
+            intra, inter = intra / n_draws, inter / n_draws
+        intra_out.append(intra)
+        inter_out.append(inter)
     intra = torch.cat(intra_out).T.numpy().astype(np.float64)
     inter = torch.cat(inter_out).permute(1, 2, 0).numpy().astype(np.float64)
     idx = np.arange(n_classes)
@@ -303,6 +337,7 @@ def discover_hierarchy(
     min_branch_length: float = 0.02,
     linkage: str = "average",
     n_noise_draws: int = 1,
+    curves: str = "sampled",
     seed: int = 0,
 ) -> DiscoveryResult:
     """Discover the branch tree of standardised data (METHOD.md §4 steps 1-6).
@@ -336,6 +371,10 @@ def discover_hierarchy(
         :func:`similarity_curves`). One draw leaves Monte Carlo noise in the curves that moves
         close branch points and can reorder them (``benchmarks/discovery.py``: a simulated
         16-class tree was recovered with 2 of 20 seeds from one draw, 18 from eight).
+    curves
+        ``"sampled"`` (noised cells, the paper) or ``"expected"`` (no noise drawn: the
+        many-dimension limit of the expected cosines; deterministic). See
+        :func:`similarity_curves`.
     seed
         Seed for subsampling and noise.
 
@@ -355,11 +394,25 @@ def discover_hierarchy(
         raise TypeError(f"n_noise_draws must be an integer, got {n_noise_draws!r}.")
     if n_noise_draws < 1:
         raise ValueError(f"n_noise_draws must be at least 1, got {n_noise_draws}.")
+    if curves not in CURVES:
+        raise ValueError(f"curves must be one of {CURVES}, got {curves!r}.")
+    if curves == "expected" and n_noise_draws != 1:
+        raise ValueError(
+            "n_noise_draws averages sampled curves; curves='expected' draws no noise. Use one "
+            "or the other."
+        )
     n_classes = len(classes)
     keep = subsample_per_class(labels, n_classes, n_per_class, seed)
     times = np.linspace(0.0, 1.0, n_times)
     intra, inter = similarity_curves(
-        x[keep], labels[keep], n_classes, sde, times, seed=seed, n_draws=n_noise_draws
+        x[keep],
+        labels[keep],
+        n_classes,
+        sde,
+        times,
+        seed=seed,
+        n_draws=n_noise_draws,
+        curves=curves,
     )
     if smooth_sigma > 0:
         intra = gaussian_filter1d(intra, smooth_sigma, axis=-1, mode="nearest")

@@ -44,6 +44,7 @@ def place_class(
     min_branch_length: float = 0.02,
     min_reference_cells: int = 10,
     n_draws: int = 1,
+    curves: str = "sampled",
     seed: int = 0,
     class_names: list[str] | None = None,
 ) -> Placement:
@@ -63,7 +64,7 @@ def place_class(
         Standardised cells of the new class.
     sde
         The model's forward process.
-    n_times, smooth_sigma, epsilon, min_branch_length, n_draws, seed
+    n_times, smooth_sigma, epsilon, min_branch_length, n_draws, curves, seed
         As in hierarchy discovery (``n_draws``: its ``n_noise_draws``).
     min_reference_cells
         Classes with fewer reference cells are not candidates to join (unless all are): their
@@ -76,7 +77,7 @@ def place_class(
     labels = np.concatenate([reference_labels, np.full(len(new), n_classes)])
     times = np.linspace(0.0, 1.0, n_times)
     intra, inter = similarity_curves(
-        x, labels, n_classes + 1, sde, times, seed=seed, n_draws=n_draws
+        x, labels, n_classes + 1, sde, times, seed=seed, n_draws=n_draws, curves=curves
     )
     if smooth_sigma > 0:
         intra = gaussian_filter1d(intra, smooth_sigma, axis=-1, mode="nearest")

@@ -62,6 +62,7 @@ def _discovery_settings(params: dict, key: str) -> tuple[dict, VPSDE]:
         "linkage": str(params["linkage"]),
         # recorded since the option exists; hierarchies from before it used one draw
         "n_noise_draws": int(params.get("n_noise_draws", 1)),
+        "curves": str(params.get("curves", "sampled")),
     }
     sde = VPSDE(
         beta0=float(params["beta0"]), beta1=float(params["beta1"]), t_min=float(params["t_min"])
