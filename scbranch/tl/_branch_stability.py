@@ -102,8 +102,9 @@ def branch_stability(
 
     Hierarchy discovery is rerun ``n_bootstrap`` times, each time on a random ``fraction`` of
     the cells of every class (drawn without replacement, at least 2 cells per class) and with
-    its own forward noise. Data, representation and every discovery option are those recorded
-    by :func:`scbranch.tl.branch_hierarchy` in ``adata.uns[key]['params']``, and the data are
+    its own forward noise (none for a hierarchy discovered with ``curves="expected"``). Data,
+    representation and every discovery option are those recorded by
+    :func:`scbranch.tl.branch_hierarchy` in ``adata.uns[key]['params']``, and the data are
     standardised with the scale of all cells, exactly as there, so replicates differ from the
     stored tree only by the resample and the noise.
 
