@@ -137,7 +137,7 @@ def seed_spread(adata, draws: int, n_seeds: int, truth) -> dict:
     return row, mean_times
 
 
-def closed_form(adata, reference: dict[frozenset, float], truth) -> dict:
+def expected_curves_row(adata, reference: dict[frozenset, float], truth) -> dict:
     """The ``curves="expected"`` tree (seed 0, defaults otherwise) vs the sampled trees."""
     import scbranch as sb
 
@@ -237,7 +237,9 @@ def main(argv=None) -> int:
     for name, (adata, truth) in data.items():
         logger.info("%s", name)
         rows = [seed_spread(adata, k, cfg["n_seeds"], truth) for k in cfg["draws"]]
-        spread = pd.DataFrame([row for row, _ in rows] + [closed_form(adata, rows[-1][1], truth)])
+        spread = pd.DataFrame(
+            [row for row, _ in rows] + [expected_curves_row(adata, rows[-1][1], truth)]
+        )
         stable = pd.DataFrame(
             [support(adata, k, cfg["n_bootstrap"]) for k in cfg["stability_draws"]]
         )
