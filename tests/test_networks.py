@@ -82,6 +82,54 @@ def test_unneeded_heads_are_never_called():
     assert calls == {0: [2], 1: [], 2: [4], 3: [], 4: []}
 
 
+def _loss_and_head_grads(net, x, t, head):
+    net.zero_grad(set_to_none=True)
+    out = net(x, t, head)
+    out.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def test_stacked_heads_equal_the_per_head_loop_in_output_and_gradients(monkeypatch):
+    """The GPU training path (one bmm per layer) computes what the per-head loop computes."""
+    net = _net().train()
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(33, 6, generator=gen), torch.rand(33, generator=gen)
+    head = torch.tensor([0, 2, 2, 4] * 8 + [0])  # heads 1 and 3 absent, uneven groups
+    loop_out, loop_grads = _loss_and_head_grads(net, x, t, head)
+    monkeypatch.setattr("scbranch.module._networks.STACKED_HEAD_DEVICES", ("cpu",))
+    calls = []
+    original = ScoreNetwork._stacked_heads
+    monkeypatch.setattr(
+        ScoreNetwork, "_stacked_heads", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    out, grads = _loss_and_head_grads(net, x, t, head)
+    assert calls == [1]  # training with gradients on a listed device takes the stacked path
+    torch.testing.assert_close(out, loop_out, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == loop_grads.keys()
+    assert not any(k.startswith(("heads.1.", "heads.3.")) for k in grads)  # absent: no grad
+    for k in grads:
+        torch.testing.assert_close(grads[k], loop_grads[k], atol=1e-4, rtol=1e-4)
+    # evaluation (sampling) keeps the loop, so samples never depend on the training path
+    net.eval()
+    with torch.no_grad():
+        net(x, t, head)
+    assert calls == [1]
+
+
+def test_stacked_heads_leave_frozen_heads_without_gradients(monkeypatch):
+    """Class extension freezes old heads: the stacked path must not give them gradients."""
+    monkeypatch.setattr("scbranch.module._networks.STACKED_HEAD_DEVICES", ("cpu",))
+    net = _net().train()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in net.heads[4].parameters():
+        p.requires_grad_(True)
+    head = torch.tensor([0, 4, 4, 2, 4, 0])
+    _, grads = _loss_and_head_grads(net, torch.randn(6, 6), torch.rand(6), head)
+    assert grads and all(k.startswith("heads.4.") for k in grads)
+
+
 def test_flat_network_requires_label_and_uses_it():
     net = _net(n_heads=1, n_classes=3)
     assert isinstance(net.class_embed, torch.nn.Embedding)
