@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,15 @@ def main() -> None:
     )
     parser.add_argument("--out", default="gpu_check_out")
     parser.add_argument("--dry-run", action="store_true", help="tiny settings on CPU")
+    parser.add_argument(
+        "--sections",
+        default="main,scvi,scaling",
+        help="comma-separated: main (training, quality, throughput, save/load, DDP), train "
+        "(training and quality only), scvi (count-level cells through scVI), scaling (ms per "
+        "step against batch size, stacked heads against the per-head loop)",
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -55,88 +64,232 @@ def main() -> None:
     train, held = adata[tr].copy(), adata[te].copy()
     sb.BranchedDiffusion.setup_anndata(train, labels_key="cell_type", obsm_key="X_pca")
 
-    # 1. training speed on one GPU (same settings as the CPU demo)
-    model = sb.BranchedDiffusion(train)
-    t0 = time.perf_counter()
-    model.train(
-        max_epochs=epochs, batch_size=64, accelerator=accel, devices=1, enable_progress_bar=False
-    )
-    _sync()
-    dt = time.perf_counter() - t0
-    steps = epochs * int(np.ceil(train.n_obs / 64))
-    res["train"] = {
-        "epochs": epochs,
-        "steps": steps,
-        "seconds": round(dt, 2),
-        "ms_per_step": round(1000 * dt / steps, 2),
-    }
+    if sections & {"main", "train"}:
+        # 1. training speed on one GPU (same settings as the CPU demo)
+        model = sb.BranchedDiffusion(train)
+        t0 = time.perf_counter()
+        model.train(
+            max_epochs=epochs,
+            batch_size=64,
+            accelerator=accel,
+            devices=1,
+            enable_progress_bar=False,
+        )
+        _sync()
+        dt = time.perf_counter() - t0
+        steps = epochs * int(np.ceil(train.n_obs / 64))
+        res["train"] = {
+            "epochs": epochs,
+            "steps": steps,
+            "seconds": round(dt, 2),
+            "ms_per_step": round(1000 * dt / steps, 2),
+        }
 
-    # 2. quality of the GPU-trained model (same checks as the demo)
-    gen = model.generate(n_cells=200, seed=0, progress_bar=False)
-    report = sb.metrics.quality_report(gen, train, held, labels_key="cell_type", use_rep="X_pca")
-    res["quality"] = {
-        "label_fidelity_ratio": round(
-            float(report["knn_generated"].mean() / report["knn_control"].mean()), 3
-        ),
-        "spread_ratio_per_class": report["spread_vs_heldout"].round(2).to_dict(),
-    }
+        # 1b. the same model on this machine's CPU cores for a few epochs: a ratio in one run
+        cpu_epochs = 2 if dry else 25
+        cpu_model = sb.BranchedDiffusion(train)
+        t0 = time.perf_counter()
+        cpu_model.train(
+            max_epochs=cpu_epochs,
+            batch_size=64,
+            accelerator="cpu",
+            devices=1,
+            enable_progress_bar=False,
+        )
+        cpu_ms = 1000 * (time.perf_counter() - t0) / (cpu_epochs * int(np.ceil(train.n_obs / 64)))
+        res["train"]["cpu_ms_per_step"] = round(cpu_ms, 2)
+        res["train"]["cpu_threads"] = torch.get_num_threads()
+        res["train"]["gpu_speedup"] = round(cpu_ms / res["train"]["ms_per_step"], 2)
 
-    # 3. sampling throughput, all classes, decoded to genes (warm-up first)
-    model.generate(n_cells=10, seed=0, progress_bar=False)
-    thr = []
-    for total in sizes:
-        per_class = total // len(model.classes)
-        for solver, n_steps in (("heun", 25), ("dpm2m", 25)):
-            try:
-                _sync()
-                t0 = time.perf_counter()
-                g = model.generate(
-                    n_cells=per_class, seed=1, solver=solver, n_steps=n_steps, progress_bar=False
-                )
-                _sync()
-                dt = time.perf_counter() - t0
-                thr.append(
-                    {
-                        "cells": g.n_obs,
-                        "solver": solver,
-                        "n_steps": n_steps,
-                        "seconds": round(dt, 3),
-                        "cells_per_s": round(g.n_obs / dt),
-                        "network_calls": int(g.uns["scbranch"]["params"]["n_network_calls"]),
-                    }
-                )
-            except torch.OutOfMemoryError as err:  # report the largest batch that fits
-                thr.append({"cells": total, "solver": solver, "error": f"OOM: {err}"[:200]})
-            print(thr[-1], flush=True)
-    res["throughput"] = thr
-    if torch.cuda.is_available():
-        res["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        # 2. quality of the GPU-trained model (same checks as the demo)
+        gen = model.generate(n_cells=200, seed=0, progress_bar=False)
+        report = sb.metrics.quality_report(
+            gen, train, held, labels_key="cell_type", use_rep="X_pca"
+        )
+        res["quality"] = {
+            "label_fidelity_ratio": round(
+                float(report["knn_generated"].mean() / report["knn_control"].mean()), 3
+            ),
+            "spread_ratio_per_class": report["spread_vs_heldout"].round(2).to_dict(),
+        }
 
-    # 4. save on GPU, load, identical samples
-    import tempfile
+    if "main" in sections:
+        # 3. sampling throughput, all classes, decoded to genes (warm-up first)
+        model.generate(n_cells=10, seed=0, progress_bar=False)
+        thr = []
+        for total in sizes:
+            per_class = total // len(model.classes)
+            for solver, n_steps in (("heun", 25), ("dpm2m", 25)):
+                try:
+                    _sync()
+                    t0 = time.perf_counter()
+                    g = model.generate(
+                        n_cells=per_class,
+                        seed=1,
+                        solver=solver,
+                        n_steps=n_steps,
+                        progress_bar=False,
+                    )
+                    _sync()
+                    dt = time.perf_counter() - t0
+                    thr.append(
+                        {
+                            "cells": g.n_obs,
+                            "solver": solver,
+                            "n_steps": n_steps,
+                            "seconds": round(dt, 3),
+                            "cells_per_s": round(g.n_obs / dt),
+                            "network_calls": int(g.uns["scbranch"]["params"]["n_network_calls"]),
+                        }
+                    )
+                except torch.OutOfMemoryError as err:  # report the largest batch that fits
+                    thr.append({"cells": total, "solver": solver, "error": f"OOM: {err}"[:200]})
+                print(thr[-1], flush=True)
+        res["throughput"] = thr
+        if torch.cuda.is_available():
+            res["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
-    model_dir = Path(tempfile.mkdtemp()) / "model"
-    model.save(str(model_dir))
-    loaded = sb.BranchedDiffusion.load(str(model_dir))
-    a = model.generate(n_cells=20, seed=5, progress_bar=False).obsm["X_pca"]
-    b = loaded.generate(n_cells=20, seed=5, progress_bar=False).obsm["X_pca"]
-    res["save_load_identical"] = bool(np.array_equal(a, b))
-    res["loaded_device"] = str(loaded.module.shift.device)
+        # 4. save on GPU, load, identical samples
 
-    # 5. the DDP code path: one process on one GPU, Lightning's DDP strategy, scvi's sampler
-    m2 = sb.BranchedDiffusion(train, width=64)
-    t0 = time.perf_counter()
-    m2.train(
-        max_epochs=3 if dry else 20,
-        accelerator=accel,
-        devices=1,
-        strategy="ddp_find_unused_parameters_true",
-        enable_progress_bar=False,
-    )
-    res["ddp_one_device"] = {
-        "ok": bool(m2.is_trained),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+        model_dir = Path(tempfile.mkdtemp()) / "model"
+        model.save(str(model_dir))
+        loaded = sb.BranchedDiffusion.load(str(model_dir))
+        a = model.generate(n_cells=20, seed=5, progress_bar=False).obsm["X_pca"]
+        b = loaded.generate(n_cells=20, seed=5, progress_bar=False).obsm["X_pca"]
+        res["save_load_identical"] = bool(np.array_equal(a, b))
+        res["loaded_device"] = str(loaded.module.shift.device)
+
+        # 5. the DDP code path: one process on one GPU, Lightning's DDP strategy, scvi's sampler
+        m2 = sb.BranchedDiffusion(train, width=64)
+        t0 = time.perf_counter()
+        m2.train(
+            max_epochs=3 if dry else 20,
+            accelerator=accel,
+            devices=1,
+            strategy="ddp_find_unused_parameters_true",
+            enable_progress_bar=False,
+        )
+        res["ddp_one_device"] = {
+            "ok": bool(m2.is_trained),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
+    if "scvi" in sections:
+        # 6. count-level cells (issue 4) on the GPU: scVI trained there, diffusion in its latent,
+        #    counts decoded there; save -> load (no AnnData) -> identical counts on the same device
+        from scbranch.metrics import gene_moment_spearman
+
+        strain = train.copy()
+        t0 = time.perf_counter()
+        vae = sb.model.fit_scvi(
+            strain,
+            counts_layer="counts",
+            max_epochs=2 if dry else 200,
+            accelerator=accel,
+            devices=1,
+            enable_progress_bar=False,
+        )
+        scvi_s = time.perf_counter() - t0
+        ms = sb.BranchedDiffusion.from_scvi_model(vae, labels_key="cell_type", adata=strain)
+        t0 = time.perf_counter()
+        ms.train(
+            max_epochs=epochs,
+            batch_size=64,
+            accelerator=accel,
+            devices=1,
+            enable_progress_bar=False,
+        )
+        _sync()
+        diffusion_s = time.perf_counter() - t0
+        n_count_cells = 50 if dry else 10_000
+        t0 = time.perf_counter()
+        gc = ms.generate(n_cells=n_count_cells, seed=3, counts=True, progress_bar=False)
+        _sync()
+        gen_s = time.perf_counter() - t0
+        counts = gc.layers["counts"]
+        values = counts.data if hasattr(counts, "data") else np.asarray(counts).ravel()
+        rho = {}
+        for label in held.obs["cell_type"].cat.categories:
+            h = held.layers["counts"][(held.obs["cell_type"] == label).to_numpy()]
+            if h.shape[0] >= 2:
+                g = counts[(gc.obs["cell_type"] == label).to_numpy()]
+                rho[str(label)] = round(float(gene_moment_spearman(g, h)[0]), 3)
+        scvi_dir = Path(tempfile.mkdtemp()) / "scvi_model"
+        ms.save(str(scvi_dir))
+        same = sb.BranchedDiffusion.load(str(scvi_dir), accelerator=accel)
+        cpu = sb.BranchedDiffusion.load(str(scvi_dir))
+        a = ms.generate(n_cells=20, seed=5, counts=True, progress_bar=False).layers["counts"]
+        b = same.generate(n_cells=20, seed=5, counts=True, progress_bar=False).layers["counts"]
+        c = cpu.generate(n_cells=20, seed=5, counts=True, progress_bar=False).layers["counts"]
+        c_values = c.data if hasattr(c, "data") else np.asarray(c).ravel()
+        res["scvi_counts"] = {
+            "scvi_epochs": 2 if dry else 200,
+            "scvi_train_s": round(scvi_s, 2),
+            "diffusion_train_s": round(diffusion_s, 2),
+            "generate_with_counts_s": round(gen_s, 3),
+            "cells": gc.n_obs,
+            "counts_cells_per_s": round(gc.n_obs / gen_s),
+            "counts_nonnegative_integers": bool(
+                np.all(values >= 0) and np.all(values == np.round(values))
+            ),
+            "count_mean_spearman_vs_heldout": rho,
+            "model_devices": [
+                str(ms.module.shift.device),
+                str(next(vae.module.parameters()).device),
+            ],
+            "loaded_same_device_identical_counts": bool((a != b).nnz == 0)
+            if hasattr(a, "nnz")
+            else bool(np.array_equal(a, b)),
+            "loaded_default_device": str(next(cpu.scvi_model.module.parameters()).device),
+            "loaded_default_counts_valid": bool(
+                np.all(c_values >= 0) and np.all(c_values == np.round(c_values))
+            ),
+        }
+        print(res["scvi_counts"], flush=True)
+
+    if "scaling" in sections:
+        # 7. training time per step against batch size: is a GPU step launch-bound?
+        #    (simulated 8-class tree, 20,000 cells in 30 dimensions; about 100 steps per size)
+        sim = sb.datasets.simulate_tree(depth=3, n_per_class=2500, dim=30, seed=0).to_anndata()
+        sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+        rows = []
+        from scbranch.module import _networks
+
+        stacked_devices = _networks.STACKED_HEAD_DEVICES
+        targets = [("cpu", 64, "loop"), ("cpu", 1024, "loop")]
+        targets += [(accel, b, "loop") for b in (64, 1024)]
+        targets += [(accel, b, "stacked") for b in (64, 256, 1024, 4096)]
+        for where, batch, heads in targets if not dry else [("cpu", 64, "loop")]:
+            # the per-head loop on every device, or the library's default (stacked on CUDA)
+            _networks.STACKED_HEAD_DEVICES = () if heads == "loop" else stacked_devices
+            per_epoch = int(np.ceil(sim.n_obs / batch))
+            n_epochs = 1 if dry else max(1, int(np.ceil(100 / per_epoch)))
+            sm = sb.BranchedDiffusion(sim)
+            _sync()
+            t0 = time.perf_counter()
+            sm.train(
+                max_epochs=n_epochs,
+                batch_size=batch,
+                accelerator=where,
+                devices=1,
+                enable_progress_bar=False,
+            )
+            _sync()
+            dt = time.perf_counter() - t0
+            steps = n_epochs * per_epoch
+            rows.append(
+                {
+                    "accelerator": where,
+                    "heads": heads,
+                    "batch_size": batch,
+                    "steps": steps,
+                    "ms_per_step": round(1000 * dt / steps, 2),
+                    "cells_per_s": round(steps * batch / dt),
+                }
+            )
+            print(rows[-1], flush=True)
+        _networks.STACKED_HEAD_DEVICES = stacked_devices
+        res["train_batch_scaling"] = rows
 
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
