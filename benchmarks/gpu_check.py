@@ -26,6 +26,21 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _timed_train(model, *, epochs: int, batch_size: int, accelerator: str) -> float:
+    """Train ``model`` on one device; the wall time in seconds (CUDA synchronised)."""
+    _sync()
+    t0 = time.perf_counter()
+    model.train(
+        max_epochs=epochs,
+        batch_size=batch_size,
+        accelerator=accelerator,
+        devices=1,
+        enable_progress_bar=False,
+    )
+    _sync()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,16 +82,7 @@ def main() -> None:
     if sections & {"main", "train"}:
         # 1. training speed on one GPU (same settings as the CPU demo)
         model = sb.BranchedDiffusion(train)
-        t0 = time.perf_counter()
-        model.train(
-            max_epochs=epochs,
-            batch_size=64,
-            accelerator=accel,
-            devices=1,
-            enable_progress_bar=False,
-        )
-        _sync()
-        dt = time.perf_counter() - t0
+        dt = _timed_train(model, epochs=epochs, batch_size=64, accelerator=accel)
         steps = epochs * int(np.ceil(train.n_obs / 64))
         res["train"] = {
             "epochs": epochs,
@@ -87,16 +93,10 @@ def main() -> None:
 
         # 1b. the same model on this machine's CPU cores for a few epochs: a ratio in one run
         cpu_epochs = 2 if dry else 25
-        cpu_model = sb.BranchedDiffusion(train)
-        t0 = time.perf_counter()
-        cpu_model.train(
-            max_epochs=cpu_epochs,
-            batch_size=64,
-            accelerator="cpu",
-            devices=1,
-            enable_progress_bar=False,
+        cpu_s = _timed_train(
+            sb.BranchedDiffusion(train), epochs=cpu_epochs, batch_size=64, accelerator="cpu"
         )
-        cpu_ms = 1000 * (time.perf_counter() - t0) / (cpu_epochs * int(np.ceil(train.n_obs / 64)))
+        cpu_ms = 1000 * cpu_s / (cpu_epochs * int(np.ceil(train.n_obs / 64)))
         res["train"]["cpu_ms_per_step"] = round(cpu_ms, 2)
         res["train"]["cpu_threads"] = torch.get_num_threads()
         res["train"]["gpu_speedup"] = round(cpu_ms / res["train"]["ms_per_step"], 2)
@@ -191,16 +191,7 @@ def main() -> None:
         )
         scvi_s = time.perf_counter() - t0
         ms = sb.BranchedDiffusion.from_scvi_model(vae, labels_key="cell_type", adata=strain)
-        t0 = time.perf_counter()
-        ms.train(
-            max_epochs=epochs,
-            batch_size=64,
-            accelerator=accel,
-            devices=1,
-            enable_progress_bar=False,
-        )
-        _sync()
-        diffusion_s = time.perf_counter() - t0
+        diffusion_s = _timed_train(ms, epochs=epochs, batch_size=64, accelerator=accel)
         n_count_cells = 50 if dry else 10_000
         t0 = time.perf_counter()
         gc = ms.generate(n_cells=n_count_cells, seed=3, counts=True, progress_bar=False)
@@ -264,18 +255,9 @@ def main() -> None:
             _networks.STACKED_HEAD_DEVICES = () if heads == "loop" else stacked_devices
             per_epoch = int(np.ceil(sim.n_obs / batch))
             n_epochs = 1 if dry else max(1, int(np.ceil(100 / per_epoch)))
-            sm = sb.BranchedDiffusion(sim)
-            _sync()
-            t0 = time.perf_counter()
-            sm.train(
-                max_epochs=n_epochs,
-                batch_size=batch,
-                accelerator=where,
-                devices=1,
-                enable_progress_bar=False,
+            dt = _timed_train(
+                sb.BranchedDiffusion(sim), epochs=n_epochs, batch_size=batch, accelerator=where
             )
-            _sync()
-            dt = time.perf_counter() - t0
             steps = n_epochs * per_epoch
             rows.append(
                 {
