@@ -110,11 +110,20 @@ def test_stacked_heads_equal_the_per_head_loop_in_output_and_gradients(monkeypat
     assert not any(k.startswith(("heads.1.", "heads.3.")) for k in grads)  # absent: no grad
     for k in grads:
         torch.testing.assert_close(grads[k], loop_grads[k], atol=1e-4, rtol=1e-4)
+    # edge cases: one head present, a single row
+    for rows in (torch.tensor([3, 3, 3]), torch.tensor([1])):
+        n = len(rows)
+        monkeypatch.setattr("scbranch.module._networks.STACKED_HEAD_DEVICES", ())
+        expected, _ = _loss_and_head_grads(net, x[:n], t[:n], rows)
+        monkeypatch.setattr("scbranch.module._networks.STACKED_HEAD_DEVICES", ("cpu",))
+        got, _ = _loss_and_head_grads(net, x[:n], t[:n], rows)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # evaluation (sampling) keeps the loop, so samples never depend on the training path
+    calls.clear()
     net.eval()
     with torch.no_grad():
         net(x, t, head)
-    assert calls == [1]
+    assert calls == []
 
 
 def test_stacked_heads_leave_frozen_heads_without_gradients(monkeypatch):
