@@ -146,12 +146,18 @@ class ScoreNetwork(nn.Module):
             return self._stacked_heads(
                 h, temb if not shared_time else temb.expand(len(h), -1), head
             )
-        # Evaluate each needed head once, on the contiguous slice of rows that use it. The
-        # sampler already passes rows grouped by branch: then no gather/scatter is needed.
+        return self._looped_heads(h, temb, head, shared_time)
+
+    def _looped_heads(
+        self, h: torch.Tensor, temb: torch.Tensor, head: torch.Tensor, shared_time: bool
+    ) -> torch.Tensor:
+        """The heads of all rows, each needed head once on the contiguous slice of its rows."""
+        shape = (len(h), self.n_input)
+        # The sampler already passes rows grouped by branch: then no gather/scatter is needed.
         ids, counts = torch.unique_consecutive(head, return_counts=True)
         ids, counts = ids.tolist(), counts.tolist()
         if len(set(ids)) == len(ids):
-            out = torch.empty(x.shape, dtype=h.dtype, device=x.device)
+            out = torch.empty(shape, dtype=h.dtype, device=h.device)
             start = 0
             for head_id, count in zip(ids, counts, strict=True):
                 sl = slice(start, start + count)
@@ -162,7 +168,7 @@ class ScoreNetwork(nn.Module):
         counts = torch.bincount(head, minlength=len(self.heads)).tolist()
         h_sorted = h[order]
         temb_sorted = temb if shared_time else temb[order]
-        out_sorted = torch.empty(x.shape, dtype=h.dtype, device=x.device)
+        out_sorted = torch.empty(shape, dtype=h.dtype, device=h.device)
         start = 0
         for head_id, count in enumerate(counts):
             if count:
@@ -181,8 +187,8 @@ class ScoreNetwork(nn.Module):
         (19 heads x 3 blocks, forward and backward): an H200 then took 54 ms per step at batch
         64 and 64 ms at batch 4096, launch-bound (``benchmarks/gpu_check.py``). Here the rows
         are padded into one [heads present, most rows, width] block and every layer runs once
-        for all present heads (``benchmarks/head_batching.py``: 7-9x faster heads on the H200,
-        same output to 1e-6). The weights are stacked from the heads' own parameters on the
+        for all present heads (1.9x faster steps on the H200; ``benchmarks/head_batching.py``
+        times the two head paths alone). The weights are stacked from the heads' own parameters on the
         fly, so the saved format and the freezing of heads (class extension) are unchanged:
         gradients reach each head's parameters through ``torch.stack``, frozen ones get none.
         Still only the heads the batch needs are evaluated, on the rows that need them.
