@@ -26,26 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from quality import LABELS, PBMC3K, _md, _split, write_lines
+from quality import LABELS, PBMC3K, _md, _split, select_genes, write_lines
 
 GENE_SETS = [("seurat_v3", n) for n in (300, 500, 1000, 2000, 4000)]
 GENE_SETS += [("seurat", n) for n in (300, 500, 1000, 2000, 4000)]
 GENE_SETS += [("all expressed", None)]
-
-
-def gene_set(train, flavor: str, n_top: int | None) -> pd.Index:
-    """HVGs chosen on the train cells only (as the benchmarks do), or all genes in >= 3 cells."""
-    import scanpy as sc
-
-    probe = train.copy()
-    sc.pp.filter_genes(probe, min_cells=3)
-    if n_top is None:
-        return probe.var_names
-    if flavor == "seurat":
-        sc.pp.normalize_total(probe, target_sum=1e4)
-        sc.pp.log1p(probe)
-    sc.pp.highly_variable_genes(probe, n_top_genes=n_top, flavor=flavor)
-    return probe.var_names[probe.var["highly_variable"]]
 
 
 def ceilings(adata, train, held, genes) -> pd.DataFrame:
@@ -96,7 +81,7 @@ def main(argv=None) -> int:
     train, held = _split(adata, 0.7, 0)
     tables = {}
     for flavor, n_top in GENE_SETS:
-        genes = gene_set(train, flavor, n_top)
+        genes = select_genes(train, n_top, flavor)
         name = f"{flavor} {n_top}" if n_top else f"{flavor} ({len(genes)})"
         tables[name] = ceilings(adata, train, held, genes)
         print(name, flush=True)

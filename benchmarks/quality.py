@@ -127,6 +127,23 @@ def load_pbmc68k(seed: int):
     return train, held
 
 
+def select_genes(train, n_hvg: int | None, hvg_flavor: str):
+    """HVGs of the raw counts in ``train`` (the train cells only), or with ``n_hvg=None`` every
+    gene seen in >= 3 of them. ``"seurat_v3"`` ranks on the raw counts, other flavours on
+    log-normalised counts."""
+    import scanpy as sc
+
+    probe = train.copy()
+    sc.pp.filter_genes(probe, min_cells=3)
+    if n_hvg is None:
+        return probe.var_names
+    if hvg_flavor != "seurat_v3":
+        sc.pp.normalize_total(probe, target_sum=1e4)
+        sc.pp.log1p(probe)
+    sc.pp.highly_variable_genes(probe, n_top_genes=n_hvg, flavor=hvg_flavor)
+    return probe.var_names[probe.var["highly_variable"]]
+
+
 def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat"):
     """pbmc3k split 70/30 per type; ``n_hvg`` HVGs chosen on the train cells only.
 
@@ -142,16 +159,7 @@ def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat"):
     adata = ad.read_h5ad(PBMC3K)
     adata.obs[LABELS] = adata.obs[LABELS].astype("category")
     train, held = _split(adata, 0.7, seed)
-    # HVGs from the train cells only
-    probe = train.copy()
-    sc.pp.filter_genes(probe, min_cells=3)
-    if hvg_flavor == "seurat_v3":  # on raw counts
-        sc.pp.highly_variable_genes(probe, n_top_genes=n_hvg, flavor="seurat_v3")
-    else:  # on log-normalised counts
-        sc.pp.normalize_total(probe, target_sum=1e4)
-        sc.pp.log1p(probe)
-        sc.pp.highly_variable_genes(probe, n_top_genes=n_hvg, flavor=hvg_flavor)
-    genes = probe.var_names[probe.var["highly_variable"]]
+    genes = select_genes(train, n_hvg, hvg_flavor)
     out = []
     for part in (train, held):
         part = part[:, genes].copy()
