@@ -15,6 +15,8 @@ from anndata import AnnData
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
+from ._reference import ReferencePCA
+
 
 def _classifier(kind: str, seed: int):
     if kind == "knn":
@@ -127,7 +129,7 @@ def quality_report(
     heldout: AnnData,
     *,
     labels_key: str,
-    use_rep: str,
+    use_rep: str | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Per-class label fidelity (kNN and logistic regression) and spread, with real controls.
@@ -143,9 +145,13 @@ def quality_report(
     labels_key
         Column of ``obs`` with the cell types (the same in all three objects).
     use_rep
-        Key of ``obsm`` in which to compare (e.g. ``"X_pca"``).
+        Key of ``obsm`` in which to compare (e.g. the model's ``"X_pca"``). It must not have
+        been fitted on ``heldout`` (a PCA of all cells gives the held-out cells in-sample
+        spread that generated cells cannot have). `None`: a PCA of the generated genes fitted
+        on ``train`` only (:class:`~scbranch.metrics.ReferencePCA`), into which generated and
+        held-out cells are projected.
     seed
-        Random seed of the classifiers.
+        Random seed of the classifiers (and of the PCA).
 
     Returns
     -------
@@ -156,18 +162,18 @@ def quality_report(
 
     Examples
     --------
-    >>> quality_report(gen, train, held, labels_key="cell_type", use_rep="X_pca")  # doctest: +SKIP
+    >>> quality_report(gen, train, held, labels_key="cell_type")  # doctest: +SKIP
     """
     for name, data in (("generated", generated), ("train", train), ("heldout", heldout)):
         if labels_key not in data.obs:
             raise KeyError(f"{name}.obs has no column {labels_key!r}.")
-        if use_rep not in data.obsm:
+        if use_rep is not None and use_rep not in data.obsm:
             raise KeyError(f"{name}.obsm has no {use_rep!r}.")
-
-    def rep(data):
-        return np.asarray(data.obsm[use_rep]), data.obs[labels_key].astype(str).to_numpy()
-
-    (g, gl), (t, tl), (h, hl) = rep(generated), rep(train), rep(heldout)
+    if use_rep is None:
+        g, t, h = _reference_coordinates(generated, train, heldout, seed)
+    else:
+        g, t, h = (np.asarray(d.obsm[use_rep]) for d in (generated, train, heldout))
+    gl, tl, hl = (d.obs[labels_key].astype(str).to_numpy() for d in (generated, train, heldout))
     knn = label_fidelity(g, gl, t, tl, h, hl, classifier="knn", seed=seed)
     logreg = label_fidelity(g, gl, t, tl, h, hl, classifier="logreg", seed=seed)
     report = pd.DataFrame(
@@ -183,3 +189,25 @@ def quality_report(
     )
     report.index.name = labels_key
     return report
+
+
+def _reference_coordinates(generated: AnnData, train: AnnData, heldout: AnnData, seed: int):
+    """Generated, train and held-out cells in a PCA of the generated genes fitted on train."""
+    if generated.n_vars == 0 or generated.X is None:
+        raise ValueError(
+            "generated carries no genes to build a reference PCA from; pass `use_rep=` naming "
+            "a representation all three objects share (e.g. the model's latent)."
+        )
+    genes = generated.var_names
+    for name, data in (("train", train), ("heldout", heldout)):
+        missing = genes.difference(data.var_names)
+        if len(missing):
+            raise ValueError(
+                f"{name} lacks {len(missing)} of the generated genes (e.g. {list(missing[:5])}); "
+                "pass cells with the model's genes or `use_rep=`."
+            )
+    pca = ReferencePCA(seed=seed).fit(train[:, genes].X)
+    return (
+        pca.transform(d[:, genes].X if d is not generated else d.X)
+        for d in (generated, train, heldout)
+    )

@@ -188,8 +188,8 @@ class ScoreNetwork(nn.Module):
         64 and 64 ms at batch 4096, launch-bound (``benchmarks/gpu_check.py``). Here the rows
         are padded into one [heads present, most rows, width] block and every layer runs once
         for all present heads (1.9x faster steps on the H200; ``benchmarks/head_batching.py``
-        times the two head paths alone). The weights are stacked from the heads' own parameters on the
-        fly, so the saved format and the freezing of heads (class extension) are unchanged:
+        times the two head paths alone). The weights are stacked from the heads' own parameters
+        on the fly, so the saved format and the freezing of heads (class extension) are unchanged:
         gradients reach each head's parameters through ``torch.stack``, frozen ones get none.
         Still only the heads the batch needs are evaluated, on the rows that need them.
         """

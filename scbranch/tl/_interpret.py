@@ -21,6 +21,7 @@ from scipy import stats
 
 from .._validation import check_finite, check_obs_key, to_dense
 from ..metrics._quality import _classifier
+from ..metrics._reference import ReferencePCA
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ DOWN_PHASES = ("branch point", "down", "endpoint")
 RETENTION_OBS_KEY = "scbranch_identity_retention"
 #: components of the PCA of genes used when no latent representation is shared
 N_COMPS_GENES = 30
-#: at most this many cells to fit that PCA (and per transform chunk): bounded memory
-_PCA_MAX_CELLS = 10_000
 #: folds of the out-of-fold control when no held-out cells are given
 N_FOLDS = 5
 
@@ -152,30 +151,6 @@ def _dense_rows(m, rows: np.ndarray | None = None) -> np.ndarray:
     return to_dense(m)
 
 
-def _genes_pca(fit_matrix, n_comps: int, seed: int):
-    """PCA of genes fitted on (at most ``_PCA_MAX_CELLS`` of) the rows of ``fit_matrix``."""
-    from sklearn.decomposition import PCA
-
-    n = fit_matrix.shape[0]
-    rows = None
-    if n > _PCA_MAX_CELLS:
-        rows = np.sort(np.random.default_rng(seed).choice(n, _PCA_MAX_CELLS, replace=False))
-    x = _dense_rows(fit_matrix, rows)
-    n_comps = int(min(n_comps, x.shape[0] - 1, x.shape[1]))
-    if n_comps < 1:
-        raise ValueError("Too few cells or genes to fit a PCA of the shared genes.")
-    pca = PCA(n_components=n_comps, random_state=seed).fit(x)
-
-    def project(m) -> np.ndarray:
-        chunks = [
-            pca.transform(_dense_rows(m, np.arange(i, min(i + _PCA_MAX_CELLS, m.shape[0]))))
-            for i in range(0, m.shape[0], _PCA_MAX_CELLS)
-        ]
-        return np.vstack(chunks) if chunks else np.zeros((0, n_comps))
-
-    return project, n_comps
-
-
 def _obsm(adata: AnnData, key: str) -> np.ndarray:
     m = adata.obsm[key]
     m = m.to_numpy() if isinstance(m, pd.DataFrame) else m
@@ -265,14 +240,17 @@ def _shared_representation(
         check_finite(m, f"{name}.X")
         matrices[name] = m
     first = next(iter(others))
-    project, n_comps = _genes_pca(matrices[first], N_COMPS_GENES, seed)
-    coords = {name: project(m) for name, m in matrices.items()}
+    # fitted on the reference cells only (the first of `others`, e.g. the training cells):
+    # everything judged in it is out-of-sample (see scbranch.metrics.ReferencePCA)
+    pca = ReferencePCA(N_COMPS_GENES, seed=seed).fit(matrices[first])
+    coords = {name: pca.transform(m) for name, m in matrices.items()}
     q = coords.pop(query_name)
     description = {
         "use_rep": "X",
-        "space": f"genes (PCA of {len(common)} shared genes, {n_comps} components, fitted on "
-        f"{first})",
+        "space": f"genes (PCA of {len(common)} shared genes, {pca.n_components_} components, "
+        f"fitted on {first})",
         "n_genes": len(common),
+        "matrices": matrices,
     }
     return q, coords, description
 
@@ -441,13 +419,13 @@ def transmutation_success(
         control_pred, control_y = clf.predict(coords["heldout"]), held_y
         n_folds = 0
     else:
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+        from sklearn.model_selection import StratifiedKFold
 
         smallest = int(pd.Series(train_y).value_counts().min())
         n_folds = int(max(2, min(N_FOLDS, smallest)))
         folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        control_pred = cross_val_predict(
-            _classifier(classifier, seed), coords["train"], train_y, cv=folds
+        control_pred = _out_of_fold_predictions(
+            coords["train"], train_y, rep, folds, classifier, seed
         )
         control_y = train_y
 
@@ -503,6 +481,24 @@ def transmutation_success(
             },
         )
     return table
+
+
+def _out_of_fold_predictions(x, y, rep: dict, folds, classifier: str, seed: int) -> np.ndarray:
+    """Each training cell predicted by a classifier (and gene PCA) that never saw it.
+
+    On genes the PCA is fitted again without the held-out fold: a cell must be out-of-sample
+    for the space it is judged in as well as for the classifier.
+    """
+    pred = np.empty(len(y), dtype=object)
+    genes = rep.get("matrices", {}).get("train") if rep["use_rep"] == "X" else None
+    for fit_idx, test_idx in folds.split(x, y):
+        if genes is not None:
+            pca = ReferencePCA(N_COMPS_GENES, seed=seed).fit(genes[fit_idx])
+            fit_x, test_x = pca.transform(genes[fit_idx]), pca.transform(genes[test_idx])
+        else:
+            fit_x, test_x = x[fit_idx], x[test_idx]
+        pred[test_idx] = _classifier(classifier, seed).fit(fit_x, y[fit_idx]).predict(test_x)
+    return pred.astype(str)
 
 
 # -------------------------------------------------------------------- retention
