@@ -68,7 +68,7 @@ def main() -> None:
     import scvi
 
     import scbranch as sb
-    from scbranch._demo import stratified_split
+    from scbranch.datasets import stratified_split
 
     dry = args.dry_run or not torch.cuda.is_available()
     accel = "cpu" if dry else "gpu"

@@ -1,11 +1,14 @@
 """Quality benchmark: branched vs flat diffusion vs baselines, judged with real-vs-real controls.
 
 Protocol: ../shared/design/EVALUATION.md, implemented by ``scbranch.tl.evaluate``. For each
-dataset, cells are split per class into train and held-out (stratified, seeded); every method is
-fitted on the train cells only; each generation seed draws ``n_cells`` per class and is
-evaluated against the held-out cells (reference PCA fitted on all real cells), with the
+dataset, cells are split per class into train (50 %), held-out (30 %) and unseen (20 %; no
+model and no fitted space ever sees them) parts, stratified and seeded; every method is fitted
+on the train cells only; each generation seed draws ``n_cells`` per class and is evaluated
+against the held-out cells, in a reference PCA fitted on the TRAIN cells only (so the held-out
+halves, the generated cells and the unseen real cells are all out-of-sample for it), with the
 real-vs-real control of the same call. Reported: the mean over evaluated classes, then mean and
-standard deviation over generation seeds (models are trained once, with seed 0).
+standard deviation over every run (training seeds x generation seeds), with the sd between
+training seeds and within them (between generation seeds) given apart.
 
 Methods (same training budget for the two diffusion models: optimiser steps and batch size):
   branched             BranchedDiffusion, discovered tree, 30-PC space of the train cells
@@ -16,19 +19,22 @@ Methods (same training budget for the two diffusion models: optimiser steps and 
   ... + residual       the same generated latents decoded with the per-gene PCA residual noise
                        (generate(residual_noise=True)); no retraining
 Probes (references that say what the metrics can see, not methods):
+  real cells, unseen   real cells of the third split, evaluated exactly like a generator: the
+                       known answer. It must sit at the control, or no other row can be read
   class mean           every cell is its class's mean: a collapsed generator
-  train cells          real training cells, resampled: memorisation, the best a model can do
+  train cells          real training cells, resampled: memorisation. They are IN-sample for the
+                       reference PCA (fitted on them), so they show how much a fitted space
+                       inflates its own cells; a model can only learn that inflated picture
   train cells via PCA  the same cells projected on the models' 30 PCs and decoded: the best a
                        PCA-space model can do without residual noise
 
 Datasets:
-  pbmc68k   scanpy's pbmc68k_reduced (700 cells, 765 genes, 10 types); 50 % held out (the
-            types are small; 6 have enough held-out cells for distances)
+  pbmc68k   scanpy's pbmc68k_reduced (700 cells, 765 genes, 10 types)
   pbmc3k    ../shared/data/pbmc3k_labelled.h5ad (2,638 cells; labels DERIVED from marker genes
-            over clusters, not ground truth); 2,000 HVGs chosen on the train cells; 30 % held out
+            over clusters, not ground truth); 2,000 HVGs chosen on the train cells
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/quality.py                 # CPU settings, about 16 min on 2 cores
+  python benchmarks/quality.py                 # CPU settings, about 40 min on 2 cores
   python benchmarks/quality.py --gpu           # GPU settings (longer training, more seeds)
   python benchmarks/quality.py --fast          # smoke test (a minute; numbers meaningless)
 Writes docs/benchmarks/quality.md (tables) and, under --out, per-row CSV and figures.
@@ -57,6 +63,7 @@ SETTINGS = {
         "batch_size": 64,
         "n_cells": 200,
         "seeds": [0, 1, 2],
+        "train_seeds": [0, 1, 2],
         "scvi_epochs": 200,
         "accelerator": "cpu",
     },
@@ -65,6 +72,7 @@ SETTINGS = {
         "batch_size": 64,
         "n_cells": 500,
         "seeds": [0, 1, 2, 3, 4],
+        "train_seeds": [0, 1, 2],
         "scvi_epochs": 400,
         "accelerator": "gpu",
     },
@@ -73,11 +81,14 @@ SETTINGS = {
         "batch_size": 64,
         "n_cells": 40,
         "seeds": [0, 1],
+        "train_seeds": [0, 1],
         "scvi_epochs": 2,
         "accelerator": "cpu",
     },
 }
 LABELS = "cell_type"
+#: train / held-out / unseen shares of every class
+SPLIT = (0.5, 0.3, 0.2)
 #: the metrics of the per-class comparison and the figure
 HEADLINE_METRICS = [
     "label_fidelity",
@@ -86,6 +97,7 @@ HEADLINE_METRICS = [
     "mmd_median",
     "dispersion",
     "gene_mean_spearman",
+    "de_lfc_spearman",
 ]
 METRIC_ORDER = [
     "label_fidelity",
@@ -96,6 +108,8 @@ METRIC_ORDER = [
     "dispersion",
     "gene_mean_spearman",
     "gene_var_spearman",
+    "de_lfc_spearman",
+    "de_marker_overlap",
     "zero_fraction_error",
 ]
 
@@ -103,11 +117,11 @@ logger = logging.getLogger("quality")
 
 
 # ----------------------------------------------------------------------------- data
-def _split(adata, train_fraction: float, seed: int):
-    from scbranch._demo import stratified_split
+def _split(adata, fractions, seed: int):
+    import scbranch as sb
 
-    train_pos, held_pos = stratified_split(adata.obs[LABELS], train_fraction, seed)
-    return adata[train_pos].copy(), adata[held_pos].copy()
+    parts = sb.datasets.stratified_split(adata.obs[LABELS], fractions, seed)
+    return [adata[p].copy() for p in parts]
 
 
 def _model_pca(train, n_comps: int = 30):
@@ -117,14 +131,15 @@ def _model_pca(train, n_comps: int = 30):
     sc.pp.pca(train, n_comps=n_comps, random_state=0)
 
 
-def load_pbmc68k(seed: int):
+def load_pbmc68k(seed: int, fractions=(0.5, 0.5)):
+    """pbmc68k split per type (train first); the models' PCA is fitted on the train part."""
     import scbranch as sb
 
     adata = sb.datasets.pbmc68k()
     del adata.obsm["X_pca"], adata.varm["PCs"]
-    train, held = _split(adata, 0.5, seed)
-    _model_pca(train)
-    return train, held
+    parts = _split(adata, fractions, seed)
+    _model_pca(parts[0])
+    return tuple(parts)
 
 
 def select_genes(train, n_hvg: int | None, hvg_flavor: str):
@@ -144,8 +159,8 @@ def select_genes(train, n_hvg: int | None, hvg_flavor: str):
     return probe.var_names[probe.var["highly_variable"]]
 
 
-def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat"):
-    """pbmc3k split 70/30 per type; ``n_hvg`` HVGs chosen on the train cells only.
+def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat", fractions=(0.7, 0.3)):
+    """pbmc3k split per type (train first); ``n_hvg`` HVGs chosen on the train cells only.
 
     ``hvg_flavor="seurat"`` (scanpy's default) ranks genes by dispersion on log-normalised
     counts; ``"seurat_v3"`` (what scvi-tools recommends for count models) on the raw counts.
@@ -158,10 +173,10 @@ def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat"):
         raise FileNotFoundError(f"{PBMC3K} not found (see ../shared/data/README.md).")
     adata = ad.read_h5ad(PBMC3K)
     adata.obs[LABELS] = adata.obs[LABELS].astype("category")
-    train, held = _split(adata, 0.7, seed)
-    genes = select_genes(train, n_hvg, hvg_flavor)
+    parts = _split(adata, fractions, seed)
+    genes = select_genes(parts[0], n_hvg, hvg_flavor)
     out = []
-    for part in (train, held):
+    for part in parts:
         part = part[:, genes].copy()
         part.layers["counts"] = sp.csr_matrix(part.X, dtype=np.float32)
         # normalised over the evaluated genes, exactly as count-generating methods are
@@ -169,9 +184,8 @@ def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat"):
         sc.pp.log1p(part)
         part.X = sp.csr_matrix(part.X, dtype=np.float32)
         out.append(part)
-    train, held = out
-    _model_pca(train)
-    return train, held
+    _model_pca(out[0])
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -194,19 +208,23 @@ class ClassMeanProbe:
 
 
 class TrainCellsProbe:
-    """Real training cells drawn per class (at most all of them), as is or through the PCA."""
+    """Real cells drawn per class (at most all of them), as is or through the PCA.
 
-    def __init__(self, train, decoder=None):
+    With the training cells: memorisation (and the reference PCA's in-sample inflation, since
+    it is fitted on them). With the unseen cells: the known answer, real cells nothing saw.
+    """
+
+    def __init__(self, cells, decoder=None):
         import anndata as ad
 
         from scbranch.model._decoding import decode
 
         if decoder is None:
-            self.x = train.X
+            self.x = cells.X
         else:
-            self.x = decode(decoder, np.asarray(train.obsm["X_pca"], dtype=np.float32))
-        self.labels = _labels(train)
-        self.var_names = train.var_names if decoder is None else decoder["var_names"]
+            self.x = decode(decoder, np.asarray(cells.obsm["X_pca"], dtype=np.float32))
+        self.labels = _labels(cells)
+        self.var_names = cells.var_names if decoder is None else decoder["var_names"]
         self._ad = ad
 
     def generate(self, n_cells, seed):
@@ -237,8 +255,19 @@ class _Generator:
         return self.method.generate(n_cells=n_cells, seed=seed, **self.options)
 
 
-def fit_methods(train, cfg) -> tuple[dict, dict]:
-    """Fit every method once; returns row name -> generator, and row name -> cost."""
+#: rows with a training seed of their own; the other rows are fitted once (no randomness worth
+#: a seed, or real cells)
+TRAINED = ("branched", "flat", "scVI resampling")
+
+
+def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
+    """Fit the methods of one training seed; returns row name -> generator, and -> cost.
+
+    The diffusion models and scVI get ``train_seed``; the deterministic rows (Gaussian, probes)
+    are fitted only with the first training seed.
+    """
+    import scvi
+
     import scbranch as sb
 
     steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
@@ -257,6 +286,7 @@ def fit_methods(train, cfg) -> tuple[dict, dict]:
     for arch in ("branched", "flat"):
 
         def make(arch=arch):
+            scvi.settings.seed = train_seed  # initialisation and minibatches
             sb.BranchedDiffusion.setup_anndata(train, labels_key=LABELS, obsm_key="X_pca")
             model = sb.BranchedDiffusion(train, architecture=arch)
             model.train(
@@ -265,7 +295,7 @@ def fit_methods(train, cfg) -> tuple[dict, dict]:
                 accelerator=cfg["accelerator"],
                 enable_progress_bar=False,
             )
-            logger.info("%s", model)
+            logger.info("%s (training seed %d)", model, train_seed)
             return model
 
         model = timed(arch, make, n_params)
@@ -276,15 +306,24 @@ def fit_methods(train, cfg) -> tuple[dict, dict]:
         timed(
             "scVI resampling",
             lambda: sb.baselines.ScviResampling(
-                train, LABELS, max_epochs=cfg["scvi_epochs"], accelerator=cfg["accelerator"]
+                train,
+                LABELS,
+                max_epochs=cfg["scvi_epochs"],
+                seed=train_seed,
+                accelerator=cfg["accelerator"],
             ),
             lambda m: sum(p.numel() for p in m.model_.module.parameters()),
         )
     )
+    if train_seed != cfg["train_seeds"][0]:
+        return rows, info
     gauss = timed("per-class Gaussian", lambda: sb.baselines.PerClassGaussian(train, LABELS))
     rows["per-class Gaussian"] = _Generator(gauss)
     rows["per-class Gaussian + residual"] = _Generator(gauss, residual_noise=True)
     info["per-class Gaussian + residual"] = info["per-class Gaussian"]
+    rows["probe: real cells, unseen"] = timed(
+        "probe: real cells, unseen", lambda: TrainCellsProbe(unseen)
+    )
     rows["probe: class mean"] = timed("probe: class mean", lambda: ClassMeanProbe(train))
     rows["probe: train cells"] = timed("probe: train cells", lambda: TrainCellsProbe(train))
     rows["probe: train cells via PCA"] = timed(
@@ -294,34 +333,45 @@ def fit_methods(train, cfg) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- run
-def run_dataset(name: str, train, held, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run_dataset(name: str, train, held, unseen, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     import scbranch as sb
 
     logger.info(
-        "%s: %d train / %d held-out cells, %d genes", name, train.n_obs, held.n_obs, train.n_vars
+        "%s: %d train / %d held-out / %d unseen cells, %d genes",
+        name,
+        train.n_obs,
+        held.n_obs,
+        unseen.n_obs,
+        train.n_vars,
     )
-    methods, info = fit_methods(train, cfg)
     rows, timing = [], []
-    for method_name, method in methods.items():
-        for seed in cfg["seeds"]:
-            t0 = time.perf_counter()
-            gen = method.generate(cfg["n_cells"], seed)
-            gen_s = time.perf_counter() - t0
-            report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=seed)
-            rows.append(report.assign(dataset=name, method=method_name, seed=seed))
-            calls = gen.uns.get("scbranch", {}).get("params", {}).get("n_network_calls", 0)
-            timing.append(
-                {
-                    "dataset": name,
-                    "method": method_name,
-                    "seed": seed,
-                    "generate_s": gen_s,
-                    "cells": gen.n_obs,
-                    "network_calls": calls,
-                    **info[method_name],
-                }
-            )
-        logger.info("%s / %s done", name, method_name)
+    for train_seed in cfg["train_seeds"]:
+        methods, info = fit_methods(train, unseen, cfg, train_seed)
+        for method_name, method in methods.items():
+            for seed in cfg["seeds"]:
+                t0 = time.perf_counter()
+                gen = method.generate(cfg["n_cells"], seed)
+                gen_s = time.perf_counter() - t0
+                report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=seed)
+                rows.append(
+                    report.assign(
+                        dataset=name, method=method_name, train_seed=train_seed, seed=seed
+                    )
+                )
+                calls = gen.uns.get("scbranch", {}).get("params", {}).get("n_network_calls", 0)
+                timing.append(
+                    {
+                        "dataset": name,
+                        "method": method_name,
+                        "train_seed": train_seed,
+                        "seed": seed,
+                        "generate_s": gen_s,
+                        "cells": gen.n_obs,
+                        "network_calls": calls,
+                        **info[method_name],
+                    }
+                )
+            logger.info("%s / %s (training seed %d) done", name, method_name, train_seed)
     return pd.concat(rows, ignore_index=True), pd.DataFrame(timing)
 
 
@@ -347,8 +397,15 @@ def _directions(rows: pd.DataFrame) -> pd.Series:
     return rows.drop_duplicates("metric").set_index("metric")["better"]
 
 
+def _runs(mean_rows: pd.DataFrame, values: str) -> pd.DataFrame:
+    """Per (method, training seed, generation seed) run: metric -> value."""
+    return mean_rows.pivot_table(
+        index=["method", "train_seed", "seed"], columns="metric", values=values, sort=False
+    )
+
+
 def summary_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Methods (and the control) x metrics: mean over classes, then mean ± sd over seeds.
+    """Methods (and the control) x metrics: mean over classes, then mean ± sd over all runs.
 
     Also the ratio to the control (1 is ideal) and the cases where a method beats the control
     of a one-sided ("lower") metric by more than the combined seed sd (an artefact, unless the
@@ -356,24 +413,20 @@ def summary_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[
     """
     mean_rows = rows[rows["group"] == "mean"]
     metrics = [m for m in METRIC_ORDER if m in set(mean_rows["metric"])]
-    per_seed = mean_rows.pivot_table(
-        index=["method", "seed"], columns="metric", values="generated", sort=False
-    )
-    control = mean_rows.pivot_table(
-        index=["method", "seed"], columns="metric", values="control", sort=False
-    )
+    per_run, control = _runs(mean_rows, "generated"), _runs(mean_rows, "control")
     methods = list(pd.unique(mean_rows["method"]))
-    # the control is the same for every method (same real cells, same seeds); counts-only
-    # metrics exist just for methods that generate counts, hence the NaN-skipping mean
+    # the control is the same for every method and training seed (same real cells, same
+    # evaluation seed); counts-only metrics exist just for methods with counts (NaN-skipping)
     ctrl = control.groupby(level="seed").mean()
     for m in methods:
-        mine = control.loc[m].reindex(ctrl.index)
-        ok = np.isfinite(mine.to_numpy())
-        assert np.allclose(mine.to_numpy()[ok], ctrl.to_numpy()[ok]), f"control differs: {m}"
+        for _, mine in control.loc[m].groupby(level="train_seed"):
+            mine = mine.droplevel("train_seed").reindex(ctrl.index)
+            ok = np.isfinite(mine.to_numpy())
+            assert np.allclose(mine.to_numpy()[ok], ctrl.to_numpy()[ok]), f"control differs: {m}"
     better = _directions(rows)
     table, ratio, flags = {}, {}, []
     for method in methods:
-        vals = per_seed.loc[method]
+        vals = per_run.loc[method]
         table[method] = {m: _fmt(vals[m].mean(), vals[m].std(ddof=1)) for m in metrics}
         ratio[method] = {m: f"{vals[m].mean() / ctrl[m].mean():.2f}" for m in metrics}
         for m in metrics:
@@ -390,6 +443,33 @@ def summary_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[
     return pd.DataFrame(table).T[metrics], pd.DataFrame(ratio).T[metrics], flags
 
 
+def seed_spread(rows: pd.DataFrame, metrics=("auroc", "mmd_median", "dispersion")) -> pd.DataFrame:
+    """For the methods trained with several seeds: sd between training seeds and within them.
+
+    Between: the sd of the per-training-seed means (over generation seeds). Within: the mean
+    over training seeds of the sd between generation seeds.
+    """
+    mean_rows = rows[(rows["group"] == "mean") & rows["method"].isin(TRAINED)]
+    per_run = _runs(mean_rows, "generated")
+    out = {}
+    for method in pd.unique(mean_rows["method"]):
+        vals = per_run.loc[method]
+        if vals.index.get_level_values("train_seed").nunique() < 2:
+            continue
+        by_train = vals.groupby(level="train_seed")
+        for m in metrics:
+            if m in vals:
+                out[(method, m)] = {
+                    "mean": vals[m].mean(),
+                    "sd, training seeds": by_train[m].mean().std(ddof=1),
+                    "sd, generation seeds": by_train[m].std(ddof=1).mean(),
+                }
+    table = pd.DataFrame(out).T
+    if len(table):
+        table.index.names = ["method", "metric"]
+    return table
+
+
 def per_class_comparison(rows: pd.DataFrame, a: str = "branched", b: str = "flat") -> pd.DataFrame:
     """Per class and metric: mean over seeds of methods a and b, and which is better.
 
@@ -397,6 +477,7 @@ def per_class_comparison(rows: pd.DataFrame, a: str = "branched", b: str = "flat
     margin larger than the two methods' combined seed sd, otherwise "tie".
     """
     cls = rows[(rows["group"] != "mean") & rows["method"].isin([a, b])]
+    # over every run: training seeds x generation seeds
     stats = cls.groupby(["group", "metric", "method"])["generated"].agg(["mean", "std"])
     control = cls.groupby(["group", "metric"])["control"].mean()
     better = _directions(rows)
@@ -430,11 +511,19 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         "",
         f"Settings `{cfg_name}`: {cfg['steps']} optimiser steps (batch {cfg['batch_size']}) for "
         f"both diffusion models, {cfg['n_cells']} generated cells per class and seed, "
-        f"seeds {cfg['seeds']}, scVI {cfg['scvi_epochs']} epochs, {cfg['accelerator']}. "
-        f"Total wall time {wall_s / 60:.1f} min.",
+        f"training seeds {cfg['train_seeds']} (diffusion models and scVI) x generation seeds "
+        f"{cfg['seeds']}, scVI {cfg['scvi_epochs']} epochs, {cfg['accelerator']}. "
+        f"Total wall time {wall_s / 60:.1f} min. Split per class: train / held-out / unseen "
+        f"{' / '.join(f'{f:.0%}' for f in SPLIT)}.",
+        "",
+        "Reference space: a 30-PC PCA fitted on the TRAIN cells only; the held-out halves, the "
+        "generated cells and the unseen real cells are all out-of-sample for it. Read every "
+        "row against the probe `real cells, unseen` (real cells no model or fitted space saw, "
+        "evaluated exactly like a generator): it must sit at the control.",
         "",
         "Values: mean over evaluated classes (`tl.evaluate` rows `group == 'mean'`), then "
-        "mean ± sd over generation seeds. Better: lower for auroc, mmd, mmd_median and "
+        "mean ± sd over runs (training x generation seeds). Better: lower for auroc, mmd, "
+        "mmd_median and "
         "zero_fraction_error (the control is a floor); closer to the control for w2, "
         "dispersion, label_fidelity and the Spearman correlations (a perfect generator matches "
         "the control, and overshooting it means too-typical cells: see the class-mean probe). "
@@ -459,14 +548,24 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         lines += [
             f"## {name}",
             "",
-            f"{res['n_train']} train / {res['n_held']} held-out cells, {res['n_genes']} "
-            f"genes. Classes with distances (>= 10 held-out cells per half): "
+            f"{res['n_train']} train / {res['n_held']} held-out / {res.get('n_unseen', 0)} "
+            f"unseen cells, {res['n_genes']} genes. Classes with distances (>= 10 held-out "
+            "cells per half): "
             f"{', '.join(evaluated)}; label fidelity covers all classes.",
             "",
             _md(table),
             "",
         ]
         lines += ["Ratio to the control (1 is ideal):", "", _md(ratio), ""]
+        spread = seed_spread(res["rows"])
+        if len(spread):
+            lines += [
+                "Seed spread of the trained methods (sd between training seeds, and between "
+                "generation seeds of one trained model):",
+                "",
+                _md(spread),
+                "",
+            ]
         lines += [
             "Rated better than the control of a one-sided metric by more than the combined "
             "seed sd of both: " + ("; ".join(flags) if flags else "none") + ".",
@@ -474,7 +573,7 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         ]
         timing["ms_per_1000_cells"] = 1e3 * timing["generate_s"] / timing["cells"] * 1000
         lines += [
-            "Cost (fit once; generation per seed, all classes):",
+            "Cost (fit per training seed; generation per seed, all classes):",
             "",
             _md(timing[["fit_s", "parameters", "network_calls", "ms_per_1000_cells"]]),
             "",
@@ -566,8 +665,8 @@ def main(argv=None) -> int:
         print(write_markdown(markdown, results, cfg_name, cfg, meta["wall_s"]))
         return 0
     for name in args.datasets.split(","):
-        train, held = loaders[name](seed=0)
-        rows, timing = run_dataset(name, train, held, cfg)
+        train, held, unseen = loaders[name](seed=0, fractions=SPLIT)
+        rows, timing = run_dataset(name, train, held, unseen, cfg)
         rows.to_csv(f"rows_{name}.csv", index=False)
         timing.to_csv(f"timing_{name}.csv", index=False)
         methods = rows[~rows["method"].str.startswith("probe")]
@@ -583,6 +682,7 @@ def main(argv=None) -> int:
             "timing": timing,
             "n_train": train.n_obs,
             "n_held": held.n_obs,
+            "n_unseen": unseen.n_obs,
             "n_genes": train.n_vars,
         }
     meta = {

@@ -79,6 +79,7 @@ SUMMARY = [
     ("reference_pca", "label_fidelity"),
     ("reference_pca", "auroc"),
     ("genes", "gene_mean_spearman"),
+    ("genes", "de_lfc_spearman"),
     ("counts", "count_mean_spearman"),
     ("counts", "zero_fraction_error"),
 ]

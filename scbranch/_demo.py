@@ -26,21 +26,6 @@ FAST = {"max_epochs": 3, "batch_size": 64, "n_cells": 30}
 TRANSMUTATION = ("CD14+ Monocyte", "Dendritic")
 
 
-def stratified_split(
-    labels: pd.Series, train_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of a stratified train/held-out split; every class keeps >= 1 held-out cell."""
-    rng = np.random.default_rng(seed)
-    train, held = [], []
-    codes = pd.Categorical(labels).codes
-    for c in np.unique(codes):
-        idx = rng.permutation(np.flatnonzero(codes == c))
-        n_train = min(len(idx) - 1, int(round(train_fraction * len(idx))))
-        train.append(idx[:n_train])
-        held.append(idx[n_train:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
-
-
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{str(out)!r} exists and is not a directory.")
@@ -104,7 +89,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     adata = sb.datasets.pbmc68k()
-    train_pos, held_pos = stratified_split(adata.obs["cell_type"], 0.7, seed)
+    train_pos, held_pos = sb.datasets.stratified_split(adata.obs["cell_type"], 0.7, seed)
     train, held = adata[train_pos].copy(), adata[held_pos].copy()
     # the model's space is a PCA of the TRAINING cells; held-out cells are projected into it,
     # never fitted on (a PCA of all cells gives them in-sample spread no new cell has)

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scbranch._demo import run_demo, stratified_split
+from scbranch._demo import run_demo
+from scbranch.datasets import stratified_split
 
 
 def test_demo_fast_writes_everything(tmp_path):
@@ -51,3 +52,17 @@ def test_stratified_split_keeps_every_class_on_both_sides():
     train, held = stratified_split(labels, 0.7, seed=0)
     assert set(labels.iloc[train]) == set(labels.iloc[held]) == {"a", "b", "c"}
     assert len(set(train) & set(held)) == 0 and len(train) + len(held) == 15
+
+
+def test_three_way_split_keeps_every_class_in_every_part_and_is_seeded():
+    labels = np.array(["a"] * 100 + ["b"] * 5 + ["c"] * 3)
+    parts = stratified_split(labels, (0.5, 0.3, 0.2), seed=0)
+    assert sum(len(p) for p in parts) == len(labels)
+    assert len(np.unique(np.concatenate(parts))) == len(labels)
+    for p in parts:
+        assert set(labels[p]) == {"a", "b", "c"}
+    assert [int((labels[p] == "a").sum()) for p in parts] == [50, 30, 20]
+    again = stratified_split(labels, (0.5, 0.3, 0.2), seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(parts, again, strict=True))
+    with pytest.raises(ValueError, match="sum to 1"):
+        stratified_split(labels, (0.5, 0.3), seed=0)

@@ -2,5 +2,6 @@
 
 from ._pbmc import pbmc68k
 from ._simulate import SimulatedTree, simulate_tree
+from ._split import stratified_split
 
-__all__ = ["pbmc68k", "simulate_tree", "SimulatedTree"]
+__all__ = ["pbmc68k", "simulate_tree", "SimulatedTree", "stratified_split"]
