@@ -1,4 +1,4 @@
-"""Registry keys and default AnnData keys used throughout scbranch."""
+"""Registry keys of the scvi-tools data registration (AnnData keys live in ``_keys.Key``)."""
 
 from typing import NamedTuple
 
@@ -9,15 +9,4 @@ class _RegistryKeys(NamedTuple):
     REP_KEY: str = "rep"
 
 
-class _UnsKeys(NamedTuple):
-    HIERARCHY: str = "scbranch_hierarchy"
-    GENERATED: str = "scbranch"
-
-
-class _ObsKeys(NamedTuple):
-    GENERATED: str = "scbranch_generated"
-
-
 REGISTRY_KEYS = _RegistryKeys()
-UNS_KEYS = _UnsKeys()
-OBS_KEYS = _ObsKeys()

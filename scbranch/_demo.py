@@ -14,7 +14,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -76,6 +75,7 @@ def run_demo(
     import scvi
 
     import scbranch as sb
+    from scbranch._keys import Key
     from scbranch.tl._evaluate import REFERENCE_SPACE
 
     out = Path(out)
@@ -108,7 +108,7 @@ def run_demo(
     t0 = time.perf_counter()
     sb.tl.branch_hierarchy(train, groupby="cell_type", use_rep="X_pca", seed=seed)
     timings["hierarchy_s"] = time.perf_counter() - t0
-    newick = train.uns["scbranch_hierarchy"]["newick"]
+    newick = train.uns[Key.uns.HIERARCHY]["newick"]
 
     t0 = time.perf_counter()
     sb.BranchedDiffusion.setup_anndata(
@@ -131,7 +131,7 @@ def run_demo(
     report = sb.metrics.quality_report(gen, train, held, labels_key="cell_type", seed=seed).loc[
         model.classes
     ]
-    # the full protocol (EVALUATION.md): distances and a real-vs-real control in every row
+    # the full protocol (docs/evaluation.md): distances and a real-vs-real control in every row
     t0 = time.perf_counter()
     evaluation = sb.tl.evaluate(gen, held, "cell_type", train=train, seed=seed)
     timings["evaluate_s"] = time.perf_counter() - t0
@@ -163,7 +163,7 @@ def run_demo(
     )
     success = sb.tl.transmutation_success(transmuted, train, heldout=held, seed=seed)
     sb.tl.rank_transmutation_genes(transmuted)
-    top_genes = list(transmuted.uns["scbranch_transmutation_genes"]["names"][target][:10])
+    top_genes = list(transmuted.uns[Key.uns.TRANSMUTATION_GENES]["names"][target][:10])
     timings["transmute_s"] = time.perf_counter() - t0
     summary_numbers |= {
         "transmutation": f"{source} -> {target}",
@@ -217,7 +217,7 @@ def run_demo(
         "tree": newick,
         **summary_numbers,
         **{k: round(v, 2) for k, v in timings.items()},
-        "n_network_calls": int(gen.uns["scbranch"]["params"]["n_network_calls"]),
+        "n_network_calls": int(gen.uns[Key.uns.GENERATED]["params"]["n_network_calls"]),
         "settings": cfg,
     }
     paths["summary"].write_text(json.dumps(summary, indent=2))

@@ -1,6 +1,8 @@
-"""The ``scbranch`` logger: one RichHandler, no propagation (same pattern as scvi-tools)."""
+"""The ``scbranch`` logger (one RichHandler, no propagation, as scvi-tools) and quiet output."""
 
+import contextlib
 import logging
+import warnings
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -20,4 +22,39 @@ def _configure_logger() -> None:
     logger.propagate = False
 
 
+class _NoMarketingTips(logging.Filter):
+    """Drops Lightning's advertising lines ("💡 Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+#: loggers Lightning's rank-zero messages go through (fabric's and the trainer's)
+_LIGHTNING_RANK_ZERO = (
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+)
+
+
+def _quiet_lightning_tips() -> None:
+    for name in _LIGHTNING_RANK_ZERO:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _NoMarketingTips) for f in target.filters):
+            target.addFilter(_NoMarketingTips())
+
+
+@contextlib.contextmanager
+def quiet_training_warnings():
+    """Silence warnings of the training stack that say nothing about the user's data.
+
+    torch's deprecation of ``LeafSpec`` raised from inside Lightning, and Lightning's note that
+    a loader has few workers (the data are in memory; workers would only add start-up cost).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        yield
+
+
 _configure_logger()
+_quiet_lightning_tips()

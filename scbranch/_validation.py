@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,4 +118,113 @@ def check_counts(m, where: str, *, n_check: int = 100_000) -> None:
             "(log-normalised or scaled data?). Pass the layer with the raw counts, e.g. "
             "`counts_layer='counts'` (keep a copy before normalising: "
             "`adata.layers['counts'] = adata.X.copy()`)."
+        )
+
+
+def check_cells(adata: AnnData, what: str = "adata") -> None:
+    """Raise if ``adata`` holds no cells, or cells or genes with duplicate names."""
+    if adata.n_obs == 0:
+        raise ValueError(
+            f"{what} holds 0 cells; pass the cells to learn from (was it filtered to nothing?)."
+        )
+    for axis, names, fix in (
+        ("obs_names", adata.obs_names, "obs_names_make_unique"),
+        ("var_names", adata.var_names, "var_names_make_unique"),
+    ):
+        if not names.is_unique:
+            dup = list(pd.unique(names[names.duplicated()])[:3])
+            raise ValueError(
+                f"{what}.{axis} are not unique (e.g. {dup}), and generated cells would carry "
+                f"them on. Run `{what}.{fix}()` first."
+            )
+
+
+def check_in_memory(adata: AnnData, where: str) -> None:
+    """Raise if ``adata`` is file-backed, saying how to load it (for the matrix in ``where``)."""
+    if getattr(adata, "isbacked", False):
+        raise ValueError(
+            f"adata is file-backed (read with backed='r'), but {where} must be in memory for "
+            "this model. Load it with `adata = adata.to_memory()`, or train on a latent space "
+            "(`obsm_key=`), which keeps only the latent in memory."
+        )
+
+
+def check_lognormalized(m, where: str, *, n_check: int = 100_000) -> None:
+    """Warn if ``m`` holds negative values, which log-normalised expression never has.
+
+    A warning, not an error: other real-valued features can be diffused, but generated
+    expression is clipped at 0, which is only right for log-normalised data.
+    """
+    import warnings
+
+    values = m.data if sp.issparse(m) else np.asarray(m).ravel()
+    values = np.asarray(values[:n_check], dtype=np.float64)
+    if values.size and values.min() < 0:
+        warnings.warn(
+            f"{where} holds negative values (min {values.min():.3g}), so it is not log-normalised "
+            "expression (scaled with sc.pp.scale?), and generated expression is clipped at 0. "
+            "Pass the log-normalised layer with `layer=` (keep one before scaling: "
+            "`adata.layers['lognorm'] = adata.X.copy()`), or diffuse a latent with `obsm_key=`.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def check_setup_data(
+    adata: AnnData,
+    *,
+    labels_key: str,
+    obsm_key: str | None,
+    layer: str | None,
+    counts_layer: str | None,
+) -> None:
+    """Every check of a model's set-up data, before anything is registered."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    check_cells(adata)
+    check_obs_key(adata, labels_key)
+    check_rep_key(adata, obsm_key=obsm_key, layer=layer)
+    if counts_layer is not None and counts_layer not in adata.layers:
+        raise KeyError(
+            f"counts_layer={counts_layer!r} is not in adata.layers (available: "
+            f"{list(adata.layers.keys())})."
+        )
+    if obsm_key is not None:
+        check_finite(adata.obsm[obsm_key], f"adata.obsm[{obsm_key!r}]")
+        return
+    where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    check_in_memory(adata, where)
+    matrix = adata.layers[layer] if layer else adata.X
+    check_finite(matrix, where)
+    check_lognormalized(matrix, where)
+
+
+def check_genes(adata: AnnData, var_names: np.ndarray, what: str = "the scVI model") -> np.ndarray:
+    """Columns of ``adata`` holding ``var_names`` in order; raise if any gene is missing."""
+    index = pd.Index(adata.var_names.astype(str))
+    if index.equals(pd.Index(var_names)):
+        return np.arange(len(var_names))
+    missing = [str(g) for g in var_names if g not in index]
+    if missing:
+        raise ValueError(
+            f"The genes of adata do not match {what}'s: {len(missing)} of its "
+            f"{len(var_names)} genes are missing (e.g. {missing[:5]}). Pass cells measured on "
+            "the genes it was trained on."
+        )
+    if not index.is_unique:
+        raise ValueError("adata.var_names are not unique; run `adata.var_names_make_unique()`.")
+    logging.getLogger(__name__).info(
+        "Using the %d genes of %s out of adata's %d.", len(var_names), what, adata.n_vars
+    )
+    return index.get_indexer(var_names)
+
+
+def check_genes_equal(adata: AnnData, genes: np.ndarray, what: str) -> None:
+    """Raise unless ``adata`` has exactly ``genes``, in order (missing genes named)."""
+    columns = check_genes(adata, genes, what)
+    if not np.array_equal(columns, np.arange(adata.n_vars)):
+        raise ValueError(
+            f"The genes of adata do not match {what}'s: adata has {adata.n_vars} genes, "
+            f"{what} {len(genes)} (extra genes or another order). Pass "
+            "`adata[:, genes].copy()` with the genes it was trained on."
         )

@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import textwrap
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from ._keys import Key
+from .module._solvers import DEFAULT_N_STEPS, SOLVERS, solver_names
 
 logger = logging.getLogger(__name__)
 
 PROG = "scbranch"
 #: Exit status of a run stopped by bad user input (same as argparse's usage errors).
 EXIT_USAGE = 2
+#: Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130
 
 # Exceptions that mean "the input was wrong": reported as one line, never as a traceback.
 # FileNotFoundError, FileExistsError and PermissionError are OSErrors.
 _USER_ERRORS: tuple[type[BaseException], ...] = (KeyError, ValueError, OSError)
-
-_SOLVER_HELP = {
-    "heun": "probability-flow ODE, Heun's method (2 network calls per step; the default)",
-    "dpm2m": "probability-flow ODE, DPM-Solver++(2M) multistep (1 call per step)",
-    "em": "reverse SDE, Euler-Maruyama (stochastic; needs hundreds of steps)",
-    "pc": "reverse SDE, Euler-Maruyama predictor + Langevin corrector (2 calls per step; the "
-    "original paper's sampler, with 1000 steps)",
-}
 
 
 class CLIError(Exception):
@@ -119,15 +120,60 @@ def _read_h5ad(path: Path):
         raise ValueError(msg) from err
 
 
+@contextlib.contextmanager
+def _interrupts_noted():
+    """Note every Ctrl-C (and still raise it): a library that swallows one cannot hide it.
+
+    h5py runs the write in C and may catch the KeyboardInterrupt raised in its callbacks; the
+    write then "succeeds" and the command would end with status 0 and a file nobody wanted.
+    """
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def handler(signum, frame):
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _write_h5ad(adata, path: Path) -> None:
-    """Write through a temporary file so that a failed write never destroys an existing ``path``."""
+    """Write through a temporary file: a failed or interrupted write leaves no file behind.
+
+    The file appears under ``path`` only once it is complete, so an existing ``path`` is never
+    destroyed by a failed write, and Ctrl-C (even one a library swallowed) leaves neither the
+    final file nor the temporary one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
+        with _interrupts_noted() as noted:
+            adata.write_h5ad(tmp)
+            if noted:
+                raise KeyboardInterrupt
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_creatable(path: Path) -> None:
+    """Raise unless a directory can be created (or written) at ``path``, before any work."""
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileExistsError(f"--out {str(path)!r}: {str(parent)!r} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"--out {str(path)!r} cannot be created: {str(parent)!r} is not writable. Choose a "
+            "directory you can write to."
+        )
 
 
 def _parse_labels(csv: str | None, repeated: Sequence[str] | None) -> list[str] | None:
@@ -186,6 +232,12 @@ def _lightning_errors() -> tuple[type[BaseException], ...]:
     return (MisconfigurationException,)
 
 
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Print a result line, unless ``-q`` asked for nothing but errors."""
+    if not args.quiet:
+        print(text)
+
+
 # ---------------------------------------------------------------------------- subcommands
 def _cmd_demo(args: argparse.Namespace) -> int:
     try:
@@ -202,10 +254,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs,
         overwrite=args.overwrite,
     )
-    print(f"Demo finished; outputs in {args.out}")
+    _say(args, f"Demo finished; outputs in {args.out}")
     for key, value in (result or {}).items():
         if isinstance(value, str | os.PathLike | int | float):
-            print(f"  {key}: {value}")
+            _say(args, f"  {key}: {value}")
     return 0
 
 
@@ -214,6 +266,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # Check everything cheap before reading data and training.
     _check_output_dir(out, args.overwrite)
+    _check_creatable(out)
     _check_accelerator(args.accelerator)
 
     import scvi
@@ -235,6 +288,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             max_epochs=args.scvi_epochs,
             seed=args.seed,
             accelerator=args.accelerator,
+            enable_progress_bar=not args.quiet,
         )
         model = BranchedDiffusion.from_scvi_model(
             vae, labels_key=args.labels, adata=adata, **model_kwargs
@@ -271,8 +325,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if getattr(rank_zero_only, "rank", 0) != 0:
         return 0  # DDP: Lightning re-ran this command in every process; only rank 0 saves.
     model.save(str(out), overwrite=True, save_anndata=False)
-    print(f"Hierarchy of {len(model.classes)} cell types: {model.tree.to_newick()}")
-    print(f"Saved model to {out}")
+    _say(args, f"Hierarchy of {len(model.classes)} cell types: {model.tree.to_newick()}")
+    _say(args, f"Saved model to {out}")
     return 0
 
 
@@ -304,8 +358,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     _write_h5ad(gen, out)
     n_types = int((gen.obs[model.labels_key].value_counts() > 0).sum())
-    seed = gen.uns.get("scbranch", {}).get("params", {}).get("seed", args.seed)
-    print(f"Wrote {gen.n_obs} generated cells of {n_types} cell type(s) to {out} (seed {seed})")
+    seed = gen.uns.get(Key.uns.GENERATED, {}).get("params", {}).get("seed", args.seed)
+    _say(
+        args, f"Wrote {gen.n_obs} generated cells of {n_types} cell type(s) to {out} (seed {seed})"
+    )
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if not args.trust_pickle:
+        raise CLIError(
+            f"{args.old_dir!r} would be unpickled, which runs any code it contains; pass "
+            "--trust-pickle if you trust its source."
+        )
+    out = Path(args.out)
+    _check_output_dir(out, args.overwrite)
+    from .model import convert_legacy
+
+    convert_legacy(args.old_dir, out, overwrite=args.overwrite)
+    _say(args, f"Converted {args.old_dir} to {out} (tensors and plain data; no pickle)")
     return 0
 
 
@@ -576,16 +647,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--solver",
-        choices=list(_SOLVER_HELP),
+        choices=solver_names("down"),
         default="heun",
         help="Sampler: "
-        + "; ".join(f"{name}: {text}" for name, text in _SOLVER_HELP.items())
+        + "; ".join(f"{name}: {SOLVERS[name].description}" for name in solver_names("down"))
         + ".",
     )
     gen.add_argument(
         "--n-steps",
         type=_positive_int,
-        default=25,
+        default=DEFAULT_N_STEPS,
         metavar="N",
         help="Steps from pure noise to cells (default: %(default)s; use hundreds with "
         "--solver em).",
@@ -636,6 +707,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(gen)
     gen.set_defaults(handler=_cmd_generate)
+
+    # ------------------------------------------------------------------ convert
+    conv = sub.add_parser(
+        "convert",
+        formatter_class=fmt,
+        help="Rewrite a model saved by scbranch < 0.2 (a pickle) as plain data, once.",
+        description=textwrap.dedent(
+            """\
+            Models saved by scbranch < 0.2 are pickles: reading one runs whatever code it
+            contains. If you trust where OLD_DIR came from, this reads it once and writes it to
+            NEW_DIR as tensors and plain data, which load without running any code. OLD_DIR is
+            left as it is."""
+        ),
+        epilog=_epilog(f"{PROG} convert old_model --out new_model --trust-pickle"),
+    )
+    conv.add_argument("old_dir", metavar="OLD_DIR", help="Directory of the old model.")
+    conv.add_argument("--out", required=True, metavar="NEW_DIR", help="Directory to write.")
+    conv.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="Confirm that OLD_DIR comes from a source you trust (required: unpickling runs code).",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="Replace NEW_DIR if it exists.")
+    _common(conv, bars=False)
+    conv.set_defaults(handler=_cmd_convert)
     return parser
 
 
@@ -654,8 +750,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns
     -------
-    The exit status: 0 on success, 2 for bad input. ``--help``, ``--version`` and usage errors
-    raise :class:`SystemExit` (status 0 and 2) as usual for :mod:`argparse`.
+    The exit status: 0 on success, 2 for bad input or any other error (one line; ``--traceback``
+    shows the traceback), 130 when interrupted with Ctrl-C. ``--help``, ``--version`` and usage
+    errors raise :class:`SystemExit` (status 0 and 2) as usual for :mod:`argparse`.
 
     Examples
     --------
@@ -676,22 +773,33 @@ def main(argv: list[str] | None = None) -> int:
         for name in (__package__ or "scbranch", "scvi", "lightning.pytorch", "lightning.fabric")
     ]
     levels = [lg.level for lg in loggers]
-    if args.quiet:
-        for lg in loggers:
-            lg.setLevel(logging.WARNING)
-    try:
-        return args.handler(args)
-    except (CLIError, *_USER_ERRORS) as err:
-        if args.traceback:
-            raise
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    with warnings.catch_warnings():
+        if args.quiet:  # nothing but errors
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        try:
+            return args.handler(args)
+        except (CLIError, *_USER_ERRORS) as err:
+            if args.traceback:
+                raise
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as err:  # noqa: BLE001 - anything else: one line, not a traceback
+            if args.traceback:
+                raise
+            print(
+                f"{PROG}: error: {type(err).__name__}: {_one_line(err)} (run again with "
+                "--traceback for the details, and please report it)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 if __name__ == "__main__":

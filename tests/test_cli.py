@@ -77,7 +77,7 @@ def _error_line(capsys) -> str:
 
 def test_fit_saves_model_and_prints_tree(fitted):
     assert fitted["rc"] == 0
-    assert (fitted["model_dir"] / "model.pt").is_file()
+    assert (fitted["model_dir"] / "model.safetensors").is_file()
     # the input file is not modified
     assert "_scvi_manager_uuid" not in ad.read_h5ad(fitted["data"]).uns
 
@@ -101,7 +101,6 @@ def test_fit_output_names_tree_and_dir(tmp_path, capsys):
             "16",
             "--accelerator",
             "cpu",
-            "--quiet",
         ]
     )
     assert rc == 0
@@ -236,7 +235,7 @@ def test_generate_missing_model_dir(tmp_path, capsys):
     assert "no_model" in _error_line(capsys)
     Path("empty_model").mkdir()
     assert main(["generate", "empty_model", "--n-cells", "5", "--out", "g.h5ad"]) == 2
-    assert "model.pt" in _error_line(capsys)
+    assert "model.json" in _error_line(capsys)
     assert not Path("g.h5ad").exists()
 
 
@@ -404,7 +403,7 @@ def test_fit_scvi_and_generate_counts(tmp_path, capsys):
             *common,
         ]
     )
-    assert rc == 0 and (tmp_path / "m" / "scvi" / "model.pt").is_file()
+    assert rc == 0 and (tmp_path / "m" / "scvi" / "model.safetensors").is_file()
     out = tmp_path / "gen.h5ad"
     assert main(["generate", str(tmp_path / "m"), "--n-cells", "3", "--out", str(out), "-q"]) == 0
     gen = ad.read_h5ad(out)

@@ -82,7 +82,7 @@ def test_scvi_round_trip_without_data_gives_identical_counts(scvi_model_and_data
     _, model, _ = scvi_model_and_data
     before = model.generate(n_cells=20, seed=3, progress_bar=False)
     model.save(tmp_path / "m")
-    assert (tmp_path / "m" / "scvi" / "model.pt").is_file()
+    assert (tmp_path / "m" / "scvi" / "model.safetensors").is_file()
     loaded = sb.BranchedDiffusion.load(tmp_path / "m")
     assert loaded.adata is None and loaded.scvi_model is not None
     after = loaded.generate(n_cells=20, seed=3, progress_bar=False)
@@ -175,7 +175,7 @@ def test_missing_scvi_directory_is_reported(scvi_model_and_data, tmp_path):
     _, model, _ = scvi_model_and_data
     model.save(tmp_path / "m")
     shutil.rmtree(tmp_path / "m" / "scvi")
-    with pytest.raises(ValueError, match="holds none: the model directory is partial"):
+    with pytest.raises(ValueError, match="holds no .*: the model directory is partial"):
         sb.BranchedDiffusion.load(tmp_path / "m")
 
 
@@ -237,7 +237,7 @@ def test_counts_bad_input():
         model.generate(n_cells=2, batch="b0", progress_bar=False)
     with pytest.raises(KeyError, match="counts_layer='raw'"):
         sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, counts_layer="raw")
-    with pytest.raises(ValueError, match="scvi_model needs AnnData set up with `obsm_key`"):
+    with pytest.raises(ValueError, match="needs AnnData set up with `obsm_key`"):
         sb.BranchedDiffusion(adata, scvi_model=object())
     lognorm = adata.copy()
     lognorm.layers["counts"] = lognorm.X.copy()

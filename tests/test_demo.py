@@ -37,7 +37,7 @@ def test_demo_fast_writes_everything(tmp_path):
     assert set(tm.obs["target_label"]) == {"Dendritic"}
     assert "scbranch_transmutation_genes" in tm.uns
     assert 0 <= summary["transmutation_success"] <= 1
-    assert (out / "model" / "model.pt").exists()
+    assert (out / "model" / "model.safetensors").exists()
     assert 0 <= summary["label_fidelity_control"] <= 1
     evaluation = pd.read_csv(out / "evaluation.csv")
     assert {"auroc", "w2", "label_fidelity"} <= set(evaluation["metric"])

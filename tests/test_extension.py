@@ -232,15 +232,15 @@ def test_splitting_internal_branches_keeps_old_samples(solver):
         torch.nn.init.normal_(p, std=0.3)
     counts = {0: 5, 1: 4, 3: 6}
     options = {"solver": solver, "n_steps": 30, "seed": 3}
-    before = module.sample_counts(counts, **options).x
+    before = module.sample_cells(counts, **options).x
     # inside the (A, B) branch (0.2, 0.7), then again below that split, on the same path
     extend_module(module, "N1", Placement(sibling=0, t=0.5, crossover=np.zeros(4)))
     extend_module(module, "N2", Placement(sibling=1, t=0.35, crossover=np.zeros(5)))
     module.tree.validate()
-    after = module.sample_counts(counts, **options).x
+    after = module.sample_cells(counts, **options).x
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     # the new classes sample, and sampling them alongside changes nothing for themselves
-    both = module.sample_counts({**counts, 4: 3, 5: 3}, **options)
+    both = module.sample_cells({**counts, 4: 3, 5: 3}, **options)
     assert torch.isfinite(both.x).all() and both.x.shape == (21, 4)
 
 
@@ -260,7 +260,7 @@ def test_extension_wrong_key_and_nan(extended):
 
 def test_placement_uses_the_discovery_options_of_the_model(monkeypatch, tmp_path):
     """A new class joins by the crossover rule the old classes were merged by, after load too."""
-    from scbranch.model import _model as model_module
+    from scbranch.module import _extension as extension_module
 
     sim = _sim(n_per_class=40)
     old = _without(sim, ["c3"])
@@ -272,17 +272,17 @@ def test_placement_uses_the_discovery_options_of_the_model(monkeypatch, tmp_path
     loaded = sb.BranchedDiffusion.load(tmp_path / "m")
 
     seen = []
-    real = model_module.place_class
+    real = extension_module.place_class
 
     def spy(*args, **kwargs):
-        seen.append(kwargs)
+        seen.append(args[5])  # the DiscoveryOptions
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "place_class", spy)
+    monkeypatch.setattr(extension_module, "place_class", spy)
     loaded.add_classes(sim, labels=["c3"], max_epochs=1, progress_bar=False)
-    (kwargs,) = seen
-    assert kwargs["epsilon"] == 0.01 and kwargs["n_times"] == 120
-    assert kwargs["smooth_sigma"] == 2.0 and kwargs["curves"] == "expected"
-    assert kwargs["n_draws"] == 1
-    assert kwargs["min_branch_length"] == 0.02  # the discovery default, recorded too
+    (options,) = seen
+    assert options.epsilon == 0.01 and options.n_times == 120
+    assert options.smooth_sigma == 2.0 and options.curves == "expected"
+    assert options.n_noise_draws == 1
+    assert options.min_branch_length == 0.02  # the discovery default, recorded too
     assert loaded.extensions_[-1]["joins"] == "c2"

@@ -49,7 +49,7 @@ def test_train_and_generate(trained):
     assert gen.n_obs == 7 * 4
     assert list(gen.obs["cell_type"].cat.categories) == model.classes
     assert (gen.obs["cell_type"].value_counts() == 7).all()
-    assert gen.obs[sb._constants.OBS_KEYS.GENERATED].all()
+    assert gen.obs[sb._keys.Key.obs.GENERATED].all()
     assert gen.obsm["X_latent"].shape == (28, 8)
     assert np.isfinite(gen.obsm["X_latent"]).all()
     assert gen.uns["scbranch"]["params"]["seed"] == 0
@@ -179,7 +179,7 @@ def test_pca_decoding_reconstructs_expression():
     adata = _pca_adata()
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
     model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
-    dec = model.decoder_
+    dec = model.space.decoder
     assert dec is not None and dec["kind"] == "pca"
     # decoding the real PCs gives the PCA reconstruction of the real expression
     x = adata.X
@@ -203,14 +203,14 @@ def test_residual_noise_restores_what_the_pcs_leave_out():
     model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
     # the stored per-gene sd is that of the real cells' PCA residual
     x = adata.X
-    recon = sb.model._decoding.decode(model.decoder_, adata.obsm["X_pca"])
-    np.testing.assert_allclose(model.decoder_["residual_sd"], (x - recon).std(0), rtol=0.15)
+    recon = sb.model._decoding.decode(model.space.decoder, adata.obsm["X_pca"])
+    np.testing.assert_allclose(model.space.decoder["residual_sd"], (x - recon).std(0), rtol=0.15)
     model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
     plain = model.generate(n_cells=400, seed=0, progress_bar=False)
     noisy = model.generate(n_cells=400, seed=0, residual_noise=True, progress_bar=False)
     np.testing.assert_array_equal(plain.obsm["X_pca"], noisy.obsm["X_pca"])  # latent unchanged
     added = noisy.X - plain.X
-    np.testing.assert_allclose(added.std(0), model.decoder_["residual_sd"], rtol=0.1)
+    np.testing.assert_allclose(added.std(0), model.space.decoder["residual_sd"], rtol=0.1)
     assert abs(added.mean()) < 0.01
     assert noisy.uns["scbranch"]["params"]["residual_noise"] is True
     again = model.generate(n_cells=400, seed=0, residual_noise=True, progress_bar=False)
@@ -229,7 +229,7 @@ def test_pca_of_other_data_is_not_decoded():
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
     with pytest.warns(UserWarning, match="is not the PCA"):
         model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
-    assert model.decoder_ is None
+    assert model.space.decoder is None
     gen = model.generate(n_cells=2, seed=0, progress_bar=False)
     assert gen.n_vars == 0 and gen.obsm["X_pca"].shape == (8, 6)
 
@@ -328,7 +328,8 @@ def test_missing_and_corrupt_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="not .*a saved scbranch model"):
         sb.BranchedDiffusion.load(tmp_path / "empty")
     (tmp_path / "corrupt").mkdir()
-    (tmp_path / "corrupt" / "model.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "corrupt" / "model.json").write_bytes(b"not a model")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
         sb.BranchedDiffusion.load(tmp_path / "corrupt")
 
@@ -336,7 +337,7 @@ def test_missing_and_corrupt_model_dir(tmp_path):
 def test_save_refuses_to_overwrite(trained, tmp_path):
     _, model = trained
     model.save(tmp_path / "m")
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         model.save(tmp_path / "m")
 
 
@@ -353,7 +354,7 @@ def test_pca_decoding_on_a_subset_of_the_pca_cells():
     sub = full[::2].copy()
     sb.BranchedDiffusion.setup_anndata(sub, labels_key="cell_type", obsm_key="X_pca")
     model = sb.BranchedDiffusion(sub, width=16, n_head_blocks=1)
-    dec = model.decoder_
+    dec = model.space.decoder
     assert dec is not None
     pcs = full.varm["PCs"]
     full_mean = full.X.mean(0)

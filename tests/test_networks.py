@@ -243,11 +243,11 @@ def test_branch_of_equals_tree_lookup():
 
 def test_flat_module_sampling_ignores_share():
     module = _module(architecture="flat")
-    a = module.sample_counts({0: 4, 2: 3}, n_steps=6, share=True, seed=3)
-    b = module.sample_counts({0: 4, 2: 3}, n_steps=6, share=False, seed=3)
+    a = module.sample_cells({0: 4, 2: 3}, n_steps=6, share=True, seed=3)
+    b = module.sample_cells({0: 4, 2: 3}, n_steps=6, share=False, seed=3)
     assert torch.equal(a.x, b.x) and a.n_row_evaluations == b.n_row_evaluations
     module.set_standardization(np.array([10.0, 0, 0]), 2.0)
-    c = module.sample_counts({0: 4, 2: 3}, n_steps=6, share=True, seed=3)
+    c = module.sample_cells({0: 4, 2: 3}, n_steps=6, share=True, seed=3)
     torch.testing.assert_close(c.x, a.x * 2 + torch.tensor([10.0, 0, 0]))
 
 

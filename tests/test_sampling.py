@@ -5,7 +5,9 @@ import pytest
 import torch
 from _gaussian import GaussianMixtureEps
 
-from scbranch.module import SOLVERS, VPSDE, BranchTree, sample, time_grid
+from scbranch.module import VPSDE, BranchTree, sample, solver_names, time_grid
+
+SOLVERS = solver_names("down")
 
 SDE = VPSDE()
 CALLS = {"em": 1, "pc": 2, "heun": 2, "dpm2m": 1}

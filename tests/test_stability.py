@@ -136,9 +136,9 @@ def calls(monkeypatch):
     seen = []
     real = _branch_stability.discover_hierarchy
 
-    def spy(x, labels, classes, sde, **kwargs):
-        result = real(x, labels, classes, sde, **kwargs)
-        seen.append({"x": x.copy(), "labels": labels.copy(), "sde": sde, **kwargs})
+    def spy(x, labels, classes, sde, options, **kwargs):
+        result = real(x, labels, classes, sde, options, **kwargs)
+        seen.append({"x": x.copy(), "labels": labels.copy(), "sde": sde, **options.to_params()})
         seen[-1]["tree"] = result.tree
         return result
 

@@ -8,7 +8,9 @@ import scanpy as sc
 from sklearn.neighbors import KNeighborsClassifier
 
 import scbranch as sb
-from scbranch.model._trajectories import PHASES
+from scbranch._keys import Key
+
+PHASES = list(Key.phase.ALL)
 
 FAST = {"width": 32, "n_head_blocks": 1}
 REP = "X_latent"

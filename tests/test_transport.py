@@ -37,8 +37,12 @@ def test_transmutation_of_gaussians_matches_the_closed_form(two_gaussians):
     t_star = 0.5
     rng = np.random.default_rng(0)
     x0 = torch.as_tensor(means[0] + np.sqrt(v) * rng.normal(size=(200, 3)), dtype=torch.float32)
-    up = transport(eps, tree, SDE, x0, torch.zeros(200, dtype=torch.long), T_MIN, t_star)
-    down = transport(eps, tree, SDE, up.x, torch.ones(200, dtype=torch.long), t_star, T_MIN)
+    up = transport(
+        eps, tree, SDE, x0, torch.zeros(200, dtype=torch.long), T_MIN, t_star, n_steps=50
+    )
+    down = transport(
+        eps, tree, SDE, up.x, torch.ones(200, dtype=torch.long), t_star, T_MIN, n_steps=50
+    )
     # the PF-ODE of N(mu, v I) maps x_s -> alpha_t mu + (std_t / std_s) (x_s - alpha_s mu)
     ratio = _flow_scale(t_star, v) / _flow_scale(T_MIN, v)
     mu_a, mu_b = means

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._constants import OBS_KEYS, UNS_KEYS
+from .._keys import Key
 from .._validation import check_obs_key
 
 
@@ -105,7 +105,7 @@ class Baseline:
         obs = pd.DataFrame(
             {
                 self.labels_key: pd.Categorical.from_codes(codes, categories=self.classes),
-                OBS_KEYS.GENERATED: True,
+                Key.obs.GENERATED: True,
             },
             index=[f"gen{i}" for i in range(len(codes))],
         )
@@ -113,7 +113,7 @@ class Baseline:
         adata = AnnData(X=out["X"], obs=obs, var=var, obsm=out.get("obsm") or None)
         for k, v in (out.get("layers") or {}).items():
             adata.layers[k] = v
-        adata.uns[UNS_KEYS.GENERATED] = {
+        adata.uns[Key.uns.GENERATED] = {
             "params": {
                 "labels": np.array(list(counts), dtype=object),
                 "n_cells": np.array(list(counts.values()), dtype=np.int64),

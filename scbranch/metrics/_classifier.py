@@ -24,7 +24,7 @@ def classifier_auroc(
     The cells are pooled with labels 0 (``x``) and 1 (``y``). With ``n_folds``, every cell is
     scored once by a forest that did not see it (stratified k-fold, out-of-fold
     probabilities); with ``n_folds=None``, one stratified split holds out ``test_size`` of the
-    cells (EVALUATION.md's 70/30 split). Out-of-fold scoring keeps the held-out principle but
+    cells (the protocol's 70/30 split). Out-of-fold scoring keeps the held-out principle but
     scores all cells instead of 30 %, which matters with the tens of cells per class typical of
     rare types. 0.5 means the sets cannot be told apart, 1 that they are perfectly separable.
     Probabilities (not hard predictions) are scored, so ties do not pin the AUROC at 0.5.

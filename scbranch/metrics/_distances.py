@@ -1,10 +1,10 @@
 """Distances between two sets of cells: exact W2 (POT) and RBF-MMD.
 
-Both follow EVALUATION.md: W2 is the square root of the exact optimal-transport cost with a
-squared-Euclidean ground cost and uniform weights (``ot.emd2``), not a sliced or Gaussian
-approximation; MMD^2 is the biased (V-statistic) estimate with an RBF kernel
-``k(x, y) = exp(-||x - y||^2 / (2 sigma^2))``, summed over a fixed set of bandwidths or with
-the median-distance heuristic.
+Both follow the protocol (docs/evaluation.md): W2 is the square root of the exact optimal-transport
+cost with a squared-Euclidean ground cost and uniform weights (``ot.emd2``), not a sliced or
+Gaussian approximation; MMD^2 is the biased (V-statistic) estimate with an RBF kernel ``k(x, y) =
+exp(-||x - y||^2 / (2 sigma^2))``, summed over a fixed set of bandwidths or with the median-distance
+heuristic.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.spatial.distance import cdist
 
-#: the fixed bandwidth set of EVALUATION.md (in the units of the coordinates, e.g. 30 PCs)
+#: the protocol's fixed bandwidth set (in the units of the coordinates, e.g. 30 PCs)
 MMD_BANDWIDTHS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 

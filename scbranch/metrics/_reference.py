@@ -1,11 +1,10 @@
 """The space cells are judged in, fitted only on cells that are never among those compared.
 
 A PCA (or any fitted map) gives the cells it was fitted on more spread along its top components
-than any new cell gets: with a few hundred to a few thousand cells and 765-2,000 genes, the
+than any new cell gets: with a few hundred to a few thousand cells and thousands of genes, the
 in-sample scores are inflated. If the cells a metric compares are in-sample for its space, real
-cells that nothing saw look like poor generated cells (pbmc3k: AUROC 0.64 for unseen real cells
-against a control of 0.40 when the PCA had seen the control's cells; 0.55 against 0.53 when it
-was fitted on the training cells only). So every fitted space scbranch judges cells in is
+cells that nothing saw look like poor generated cells (docs/benchmarks/instrument.md measures
+it). So every fitted space scbranch judges cells in is
 fitted here, on cells that are then NOT compared: the training cells when there are any, or a
 seeded, stratified part of the real cells held apart for fitting (:func:`split_for_fitting`).
 """
@@ -21,7 +20,7 @@ from .._validation import to_dense
 
 logger = logging.getLogger(__name__)
 
-#: components of the reference PCA (EVALUATION.md)
+#: components of the reference PCA (docs/evaluation.md)
 N_COMPS = 30
 #: at most this many cells to fit the PCA, and per projected chunk (bounded memory)
 MAX_FIT_CELLS = 10_000

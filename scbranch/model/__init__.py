@@ -1,7 +1,30 @@
-"""The scvi-tools model class, its training plan, and the scVI latent space helper."""
+"""The scvi-tools model class, its training plan, its spaces and the scVI helper."""
 
 from ._model import BranchedDiffusion
+from ._persistence import UntrustedModelError, convert_legacy
 from ._scvi import fit_scvi
+from ._spaces import (
+    SPACES,
+    Decoded,
+    ExpressionSpace,
+    PcaSpace,
+    ScviSpace,
+    Space,
+    register_space,
+)
 from ._training_plan import DiffusionTrainingPlan
 
-__all__ = ["BranchedDiffusion", "DiffusionTrainingPlan", "fit_scvi"]
+__all__ = [
+    "SPACES",
+    "BranchedDiffusion",
+    "Decoded",
+    "DiffusionTrainingPlan",
+    "ExpressionSpace",
+    "PcaSpace",
+    "ScviSpace",
+    "Space",
+    "UntrustedModelError",
+    "convert_legacy",
+    "fit_scvi",
+    "register_space",
+]

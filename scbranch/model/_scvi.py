@@ -19,7 +19,9 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from .._validation import check_counts, check_finite, check_obs_key
+from .._logging import quiet_training_warnings
+from .._validation import check_counts, check_finite, check_genes, check_obs_key
+from ._plain import read_plain, write_plain
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,9 @@ SUPPORTED_SCVI = ("SCVI", "LinearSCVI")
 COUNT_LIKELIHOODS = ("nb", "zinb", "poisson")
 #: sub-directory of a saved scbranch model holding the scVI model
 SCVI_DIR = "scvi"
+#: files of the scVI model in that directory: tensors, and its set-up as plain data
+SCVI_WEIGHTS = "model.safetensors"
+SCVI_CONFIG = ("config.json", "config.npz")
 #: cells decoded per forward pass (memory: the decoder's output is cells x genes)
 DECODE_CHUNK = 4096
 
@@ -130,7 +135,10 @@ def fit_scvi(
         gene_likelihood=gene_likelihood,
     )
     train_kwargs.setdefault("enable_progress_bar", False)
-    vae.train(max_epochs=max_epochs, **train_kwargs)
+    n_batches = max(1, int(np.ceil(0.9 * data.n_obs / train_kwargs.get("batch_size", 128))))
+    train_kwargs.setdefault("log_every_n_steps", min(50, n_batches))
+    with quiet_training_warnings():
+        vae.train(max_epochs=max_epochs, **train_kwargs)
     return vae
 
 
@@ -183,24 +191,6 @@ def scvi_info(vae) -> dict:
         "n_latent": int(vae.module.n_latent),
         "gene_likelihood": str(vae.module.gene_likelihood),
     }
-
-
-def check_genes(adata: AnnData, var_names: np.ndarray, what: str = "the scVI model") -> np.ndarray:
-    """Columns of ``adata`` holding ``var_names`` in order; raise if any gene is missing."""
-    index = pd.Index(adata.var_names.astype(str))
-    if index.equals(pd.Index(var_names)):
-        return np.arange(len(var_names))
-    missing = [str(g) for g in var_names if g not in index]
-    if missing:
-        raise ValueError(
-            f"The genes of adata do not match {what}'s: {len(missing)} of its "
-            f"{len(var_names)} genes are missing (e.g. {missing[:5]}). Pass cells measured on "
-            "the genes it was trained on."
-        )
-    if not index.is_unique:
-        raise ValueError("adata.var_names are not unique; run `adata.var_names_make_unique()`.")
-    logger.info("Using the %d genes of %s out of adata's %d.", len(var_names), what, adata.n_vars)
-    return index.get_indexer(var_names)
 
 
 def counts_view(adata: AnnData, info: dict) -> AnnData:
@@ -309,8 +299,78 @@ def _placeholder_anndata(info: dict) -> AnnData:
     return adata
 
 
+def save_scvi_weights(vae, directory) -> None:
+    """Save an scVI model as tensors (safetensors) and its set-up as plain data (no pickle).
+
+    scvi-tools' own ``vae.save`` pickles its attributes; scbranch keeps only what rebuilds the
+    model: the class, its init parameters, its registry and the module's weights.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in vae.module.state_dict().items()}
+    save_file(state, directory / SCVI_WEIGHTS)
+    config = {
+        "class": type(vae).__name__,
+        "init_params": vae.init_params_,
+        "registry": vae.registry_,
+    }
+    write_plain(config, directory / SCVI_CONFIG[0], directory / SCVI_CONFIG[1], kind="scvi-model")
+
+
+def load_scvi_weights(directory, info: dict, *, device: str | None = None):
+    """Rebuild the scVI model saved by :func:`save_scvi_weights` (no data, no unpickling)."""
+    from pathlib import Path
+
+    import scvi
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights = directory / SCVI_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(
+            f"The scbranch model was built on an scVI model, but {str(directory)!r} holds no "
+            f"{SCVI_WEIGHTS!r}: the model directory is partial. Save the model again with "
+            "`model.save(dir_path)`."
+        )
+    config = read_plain(directory / SCVI_CONFIG[0], directory / SCVI_CONFIG[1], kind="scvi-model")
+    if config["class"] not in SUPPORTED_SCVI:
+        raise ValueError(f"Unsupported scVI model class {config['class']!r} in {str(directory)!r}.")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{str(weights)!r} is not a tensor file scbranch wrote ({err}); it may be corrupt or "
+            "replaced by something else. Save the model again."
+        ) from err
+    cls = getattr(scvi.model, config["class"])
+    registry = config["registry"]
+    placeholder = _placeholder_anndata(info)
+    init = config["init_params"]
+    kwargs = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
+    with _quiet_scvi(), warnings.catch_warnings():
+        # the placeholder's two cells per batch are not data (see _placeholder_anndata)
+        warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*", category=UserWarning)
+        cls.setup_anndata(placeholder, source_registry=registry, **registry["setup_args"])
+        vae = cls(placeholder, **init["non_kwargs"], **kwargs)
+    vae.module.load_state_dict(state)
+    vae.is_trained_ = True
+    if device is not None:
+        vae.to_device(device)
+    vae.module.eval()
+    return vae
+
+
 def load_scvi(path: str, info: dict, **load_kwargs):
-    """Load the scVI model saved at ``path`` (no data needed; LinearSCVI included)."""
+    """Load an scVI model saved by scvi-tools itself (a PICKLE: only for trusted legacy models).
+
+    scbranch < 0.2 saved its scVI model this way; :func:`load_scvi_weights` reads the format
+    that replaced it without unpickling.
+    """
     import scvi
 
     if not os.path.isfile(os.path.join(path, "model.pt")):
@@ -320,8 +380,6 @@ def load_scvi(path: str, info: dict, **load_kwargs):
         )
     cls = getattr(scvi.model, info["class"])
     with _quiet_scvi(), warnings.catch_warnings():
-        # the placeholder's two cells per batch are not data: scvi-tools' "fewer than 3 cells"
-        # warning about them would only confuse
         warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*", category=UserWarning)
         vae = cls.load(path, adata=_placeholder_anndata(info), **load_kwargs)
     vae.module.eval()

@@ -1,6 +1,6 @@
 """Pure torch/numpy building blocks: forward process, tree, discovery, networks, samplers."""
 
-from ._discovery import DiscoveryResult, discover_hierarchy, global_standardizer
+from ._discovery import DiscoveryOptions, DiscoveryResult, discover_hierarchy, global_standardizer
 from ._sde import VPSDE
 from ._tree import Branch, BranchTree
 
@@ -8,6 +8,7 @@ __all__ = [
     "VPSDE",
     "Branch",
     "BranchTree",
+    "DiscoveryOptions",
     "DiscoveryResult",
     "discover_hierarchy",
     "global_standardizer",
@@ -15,17 +16,26 @@ __all__ = [
 
 from ._module import BranchedDiffusionModule
 from ._networks import ScoreNetwork
-from ._sampling import SOLVERS, SampleResult, sample, time_grid
+from ._recipe import TrainingRecipe, WeightEMA, draw_times
+from ._sampling import SampleResult, sample, time_grid
+from ._solvers import DEFAULT_N_STEPS, SOLVERS, Solver, get_solver, solver_names
 from ._transport import TransportResult, denoise, transport
 
 __all__ += [
     "BranchedDiffusionModule",
-    "ScoreNetwork",
-    "sample",
-    "time_grid",
-    "SampleResult",
+    "DEFAULT_N_STEPS",
     "SOLVERS",
-    "transport",
-    "denoise",
+    "SampleResult",
+    "ScoreNetwork",
+    "Solver",
+    "TrainingRecipe",
     "TransportResult",
+    "WeightEMA",
+    "denoise",
+    "draw_times",
+    "get_solver",
+    "sample",
+    "solver_names",
+    "time_grid",
+    "transport",
 ]

@@ -1,13 +1,14 @@
-"""Hierarchy discovery (METHOD.md §4): when classes become indistinguishable under noise.
+"""Hierarchy discovery: when classes become indistinguishable under noise (docs/method.md).
 
 Everything here is pure numpy/torch and knows nothing about AnnData; ``scbranch.tl`` wraps it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-dimension centring and ONE global scale (METHOD.md §2).
+    """Per-dimension centring and ONE global scale (docs/method.md).
 
     Per-dimension standardisation would inflate minor dimensions and erase the hierarchy of
     separations that the tree is built from, so only the total variance is normalised.
@@ -45,6 +46,14 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
     return shift, scale
 
 
+def column_variance(x) -> np.ndarray:
+    """Per-column variance of a dense or sparse matrix (no densification), floored at 1e-12."""
+    if sp.issparse(x):
+        mean = np.asarray(x.mean(0)).ravel()
+        return np.maximum(np.asarray(x.multiply(x).mean(0)).ravel() - mean**2, 1e-12)
+    return np.maximum(np.asarray(x, dtype=np.float64).var(0), 1e-12)
+
+
 def subsample_per_class(
     labels: np.ndarray, n_classes: int, n_per_class: int, seed: int
 ) -> np.ndarray:
@@ -61,6 +70,103 @@ def subsample_per_class(
 
 #: how the similarity curves are obtained (see :func:`similarity_curves`)
 CURVES = ("sampled", "expected")
+#: how sets of classes are merged (see :func:`agglomerate_average`, :func:`agglomerate`)
+LINKAGES = ("average", "single")
+
+
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    """The options of hierarchy discovery, named once for every place that discovers or places.
+
+    :func:`scbranch.tl.branch_hierarchy`, the model (``discovery_kwargs``), placing a new type
+    (:meth:`~scbranch.BranchedDiffusion.add_classes`) and bootstrap stability all use these,
+    so a tree is rebuilt, extended or checked with exactly the options it was discovered with.
+
+    Parameters
+    ----------
+    n_per_class
+        Cells per type used for the similarity curves (seeded subsample).
+    n_times
+        Points of the diffusion-time grid on [0, 1].
+    smooth_sigma
+        Width, in grid steps, of the Gaussian smoothing of each curve (0: none).
+    epsilon
+        Tolerance of the crossover criterion; larger values merge types earlier.
+    min_branch_length
+        Shortest allowed branch, in units of diffusion time.
+    linkage
+        ``"average"`` (merge the sets of types whose pooled curves cross first) or
+        ``"single"`` (the paper's rule: at the first crossing of any pair of their types).
+    n_noise_draws
+        Forward-noise draws the sampled curves are averaged over.
+    curves
+        ``"sampled"`` (noised cells, the paper) or ``"expected"`` (no noise drawn; the
+        many-dimension limit of the expected cosines; deterministic).
+    seed
+        Seed of the subsample and of the noise.
+
+    Examples
+    --------
+    >>> DiscoveryOptions(curves="expected").to_params()["curves"]
+    'expected'
+    """
+
+    n_per_class: int = 200
+    n_times: int = 200
+    smooth_sigma: float = 3.0
+    epsilon: float = 0.005
+    min_branch_length: float = 0.02
+    linkage: str = "average"
+    n_noise_draws: int = 1
+    curves: str = "sampled"
+    seed: int = 0
+
+    def __post_init__(self):
+        n = self.n_noise_draws
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise TypeError(f"n_noise_draws must be an integer, got {n!r}.")
+        if n < 1:
+            raise ValueError(f"n_noise_draws must be at least 1, got {n}.")
+        if self.curves not in CURVES:
+            raise ValueError(f"curves must be one of {CURVES}, got {self.curves!r}.")
+        if self.curves == "expected" and n != 1:
+            raise ValueError(
+                "n_noise_draws averages sampled curves; curves='expected' draws no noise. Use "
+                "one or the other."
+            )
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {LINKAGES}, got {self.linkage!r}.")
+
+    @classmethod
+    def from_params(cls, params: Mapping | None, **overrides) -> DiscoveryOptions:
+        """The options recorded in a hierarchy's ``params`` (unknown keys ignored).
+
+        Records written before the options were unified name the cells per class
+        ``n_cells_per_class``; they are read too. Missing options keep their defaults.
+        """
+        params = dict(params or {})
+        if "n_cells_per_class" in params and "n_per_class" not in params:
+            params["n_per_class"] = params["n_cells_per_class"]
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        casts = {"int": int, "float": float, "str": str}
+        values = {k: casts[fields[k]](params[k]) for k in fields if k in params}
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping | None) -> DiscoveryOptions:
+        """Options from user keyword arguments, refusing names that are not options."""
+        kwargs = dict(kwargs or {})
+        if "n_cells_per_class" in kwargs:  # the name before the options were unified
+            kwargs["n_per_class"] = kwargs.pop("n_cells_per_class")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"Unknown discovery option(s) {unknown}; the options are {names}.")
+        return cls(**kwargs)
+
+    def to_params(self) -> dict:
+        """h5ad-safe dict of the options."""
+        return dataclasses.asdict(self)
 
 
 def _pair_sums(u: torch.Tensor, onehot: torch.Tensor, counts: torch.Tensor, self_terms):
@@ -171,6 +277,16 @@ def similarity_curves(
     return intra, inter
 
 
+def smoothed(intra: np.ndarray, inter: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity curves smoothed along t with a Gaussian of ``sigma`` grid steps (0: as is)."""
+    if sigma <= 0:
+        return intra, inter
+    return (
+        gaussian_filter1d(intra, sigma, axis=-1, mode="nearest"),
+        gaussian_filter1d(inter, sigma, axis=-1, mode="nearest"),
+    )
+
+
 def crossover_times(
     intra: np.ndarray,
     inter: np.ndarray,
@@ -222,7 +338,7 @@ class Agglomeration:
 
 
 def agglomerate(cross: np.ndarray, *, min_branch_length: float = 0.02) -> Agglomeration:
-    """Union-find agglomeration of classes by increasing crossover time (METHOD.md §4.6).
+    """Union-find agglomeration of classes by increasing crossover time (the paper's rule).
 
     The merged node's time is ``max(crossover, child_time + min_branch_length)`` for each child,
     so times increase towards the root and no branch is shorter than ``min_branch_length``.
@@ -329,18 +445,10 @@ def discover_hierarchy(
     labels: np.ndarray,
     classes: Sequence[str],
     sde: VPSDE,
-    *,
-    n_per_class: int = 200,
-    n_times: int = 200,
-    smooth_sigma: float = 3.0,
-    epsilon: float = 0.005,
-    min_branch_length: float = 0.02,
-    linkage: str = "average",
-    n_noise_draws: int = 1,
-    curves: str = "sampled",
-    seed: int = 0,
+    options: DiscoveryOptions | None = None,
+    **overrides,
 ) -> DiscoveryResult:
-    """Discover the branch tree of standardised data (METHOD.md §4 steps 1-6).
+    """Discover the branch tree of standardised data (docs/method.md, 'Hierarchy discovery').
 
     Parameters
     ----------
@@ -352,31 +460,12 @@ def discover_hierarchy(
         Class names (length C).
     sde
         The forward process (must be the one the model trains with).
-    n_per_class
-        Cells per class used for the curves (seeded subsample).
-    n_times
-        Number of points of the time grid on ``[0, 1]``.
-    smooth_sigma
-        Width (grid steps) of the Gaussian filter applied to each curve; 0 disables smoothing.
-    epsilon
-        Tolerance of the crossover criterion.
-    min_branch_length
-        Shortest allowed branch, in units of diffusion time.
-    linkage
-        ``"average"`` (merge the sets of classes whose pooled curves cross first; robust to
-        small noisy classes) or ``"single"`` (the paper's rule: merge at the first crossing of
-        any pair of their classes). See :func:`agglomerate_average`.
-    n_noise_draws
-        Forward-noise draws the similarity curves are averaged over (see
-        :func:`similarity_curves`). One draw leaves Monte Carlo noise in the curves that moves
-        close branch points and can reorder them (``benchmarks/discovery.py``: a simulated
-        16-class tree was recovered with 2 of 20 seeds from one draw, 18 from eight).
-    curves
-        ``"sampled"`` (noised cells, the paper) or ``"expected"`` (no noise drawn: the
-        many-dimension limit of the expected cosines; deterministic). See
-        :func:`similarity_curves`.
-    seed
-        Seed for subsampling and noise.
+    options
+        Discovery options (:class:`DiscoveryOptions`; default: its defaults). One noise draw
+        leaves Monte Carlo noise in the curves that moves close branch points and can reorder
+        them; ``n_noise_draws`` averages it away and ``curves="expected"`` removes it.
+    **overrides
+        Options by name, replacing those of ``options`` (e.g. ``curves="expected"``).
 
     Returns
     -------
@@ -390,53 +479,41 @@ def discover_hierarchy(
     >>> res.tree.n_branches
     7
     """
-    if isinstance(n_noise_draws, bool) or not isinstance(n_noise_draws, int | np.integer):
-        raise TypeError(f"n_noise_draws must be an integer, got {n_noise_draws!r}.")
-    if n_noise_draws < 1:
-        raise ValueError(f"n_noise_draws must be at least 1, got {n_noise_draws}.")
-    if curves not in CURVES:
-        raise ValueError(f"curves must be one of {CURVES}, got {curves!r}.")
-    if curves == "expected" and n_noise_draws != 1:
-        raise ValueError(
-            "n_noise_draws averages sampled curves; curves='expected' draws no noise. Use one "
-            "or the other."
-        )
+    o = DiscoveryOptions() if options is None else options
+    if overrides:
+        o = DiscoveryOptions.from_kwargs({**o.to_params(), **overrides})
     n_classes = len(classes)
-    keep = subsample_per_class(labels, n_classes, n_per_class, seed)
-    times = np.linspace(0.0, 1.0, n_times)
+    keep = subsample_per_class(labels, n_classes, o.n_per_class, o.seed)
+    times = np.linspace(0.0, 1.0, o.n_times)
     intra, inter = similarity_curves(
         x[keep],
         labels[keep],
         n_classes,
         sde,
         times,
-        seed=seed,
-        n_draws=n_noise_draws,
-        curves=curves,
+        seed=o.seed,
+        n_draws=o.n_noise_draws,
+        curves=o.curves,
     )
-    if smooth_sigma > 0:
-        intra = gaussian_filter1d(intra, smooth_sigma, axis=-1, mode="nearest")
-        inter = gaussian_filter1d(inter, smooth_sigma, axis=-1, mode="nearest")
-    cross = crossover_times(intra, inter, times, epsilon=epsilon, classes=classes)
-    if linkage == "average":
+    intra, inter = smoothed(intra, inter, o.smooth_sigma)
+    cross = crossover_times(intra, inter, times, epsilon=o.epsilon, classes=classes)
+    if o.linkage == "average":
         agg = agglomerate_average(
             intra,
             inter,
             times,
-            epsilon=epsilon,
-            min_branch_length=min_branch_length,
+            epsilon=o.epsilon,
+            min_branch_length=o.min_branch_length,
             classes=classes,
         )
-    elif linkage == "single":
-        agg = agglomerate(cross, min_branch_length=min_branch_length)
     else:
-        raise ValueError(f"linkage must be 'average' or 'single', got {linkage!r}.")
+        agg = agglomerate(cross, min_branch_length=o.min_branch_length)
     for i, j, t in agg.short_pairs:
-        if t < min_branch_length:
+        if t < o.min_branch_length:
             warnings.warn(
                 f"Classes {classes[i]!r} and {classes[j]!r} are indistinguishable already at "
                 f"t={t:.3f}; their branches were lengthened to min_branch_length="
-                f"{min_branch_length}. Consider merging these labels.",
+                f"{o.min_branch_length}. Consider merging these labels.",
                 UserWarning,
                 stacklevel=2,
             )

@@ -1,4 +1,4 @@
-"""Class extension (METHOD.md §10): place a new class on the tree, add its head, train only it.
+"""Class extension (docs/method.md): place a new class on the tree, add its head, train it.
 
 Old classes keep every parameter they use (trunk and heads are frozen; the branch that the new
 class splits keeps its head on both halves), so their samples are bit-identical after
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter1d
 
-from ._discovery import crossover_times, similarity_curves
+from ._discovery import DiscoveryOptions, crossover_times, similarity_curves, smoothed
+from ._recipe import TrainingRecipe, draw_times, noise_prediction_error
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +37,17 @@ def place_class(
     n_classes: int,
     new: np.ndarray,
     sde,
+    options: DiscoveryOptions | None = None,
     *,
-    n_times: int = 200,
-    smooth_sigma: float = 3.0,
-    epsilon: float = 0.005,
-    min_branch_length: float = 0.02,
     min_reference_cells: int = 10,
-    n_draws: int = 1,
-    curves: str = "sampled",
-    seed: int = 0,
     class_names: list[str] | None = None,
 ) -> Placement:
     """Crossover times of a new class against the reference cells of every existing class.
 
     The same similarity curves and crossover rule as hierarchy discovery
-    (:func:`~scbranch.module.discover_hierarchy`), on standardised cells. The new class joins
-    the class it crosses first (the most similar one) at that time.
+    (:func:`~scbranch.module.discover_hierarchy`), on standardised cells, with the options the
+    tree was discovered with. The new class joins the class it crosses first (the most similar
+    one) at that time.
 
     Parameters
     ----------
@@ -64,25 +59,25 @@ def place_class(
         Standardised cells of the new class.
     sde
         The model's forward process.
-    n_times, smooth_sigma, epsilon, min_branch_length, n_draws, curves, seed
-        As in hierarchy discovery (``n_draws``: its ``n_noise_draws``).
+    options
+        Discovery options (``n_times``, ``smooth_sigma``, ``epsilon``, ``min_branch_length``,
+        ``n_noise_draws``, ``curves`` and the ``seed`` of the noise are used).
     min_reference_cells
         Classes with fewer reference cells are not candidates to join (unless all are): their
-        within-class similarity rests on a handful of pairs and crosses early by chance
-        (pbmc68k: dendritic cells "joined" a type with 3 training cells, not the monocytes).
+        within-class similarity rests on a handful of pairs and crosses early by chance (a new
+        type would join a type of 3 cells rather than its real relative).
     class_names
         Names of the existing classes and the new one, for error messages.
     """
+    o = DiscoveryOptions() if options is None else options
     x = np.concatenate([np.asarray(reference, np.float32), np.asarray(new, np.float32)])
     labels = np.concatenate([reference_labels, np.full(len(new), n_classes)])
-    times = np.linspace(0.0, 1.0, n_times)
+    times = np.linspace(0.0, 1.0, o.n_times)
     intra, inter = similarity_curves(
-        x, labels, n_classes + 1, sde, times, seed=seed, n_draws=n_draws, curves=curves
+        x, labels, n_classes + 1, sde, times, seed=o.seed, n_draws=o.n_noise_draws, curves=o.curves
     )
-    if smooth_sigma > 0:
-        intra = gaussian_filter1d(intra, smooth_sigma, axis=-1, mode="nearest")
-        inter = gaussian_filter1d(inter, smooth_sigma, axis=-1, mode="nearest")
-    cross = crossover_times(intra, inter, times, epsilon=epsilon, classes=class_names)[
+    intra, inter = smoothed(intra, inter, o.smooth_sigma)
+    cross = crossover_times(intra, inter, times, epsilon=o.epsilon, classes=class_names)[
         n_classes, :n_classes
     ]
     sizes = np.bincount(reference_labels, minlength=n_classes)
@@ -90,7 +85,7 @@ def place_class(
     if not eligible.any():
         eligible[:] = True
     sibling = int(np.argmin(np.where(eligible, cross, np.inf)))
-    return Placement(sibling, float(max(cross[sibling], min_branch_length)), cross)
+    return Placement(sibling, float(max(cross[sibling], o.min_branch_length)), cross)
 
 
 def extend_module(module, name: str, placement: Placement) -> tuple[int, int]:
@@ -120,22 +115,23 @@ def train_heads(
     *,
     n_steps: int,
     batch_size: int = 64,
-    lr: float = 1e-3,
-    ema_decay: float = 0.999,
+    recipe: TrainingRecipe | None = None,
     seed: int = 0,
     progress: Callable | None = None,
 ) -> list[float]:
     """Train the heads ``heads`` alone on standardised cells ``x`` of classes ``labels``.
 
-    Every other parameter is frozen for the run (``requires_grad`` restored after); times are
-    stratified over ``t_range``; each row uses the branch of its class at its time (rows on
-    frozen heads only condition the loss); Adam with a cosine decay; the heads end at their
-    exponential moving average, as after full training.
+    The training recipe of full training (:class:`~scbranch.module.TrainingRecipe`): times
+    drawn as the module draws them (its ``t_sampling``), restricted to ``t_range``, the same
+    loss, Adam with a cosine decay, clipping, and the heads ending at their weight EMA. Every
+    other parameter is frozen for the run (``requires_grad`` restored after); each row uses the
+    branch of its class at its time (rows on frozen heads only condition the loss).
 
     Returns
     -------
     The loss of every step.
     """
+    recipe = TrainingRecipe() if recipe is None else recipe
     params = [p for h in sorted(set(heads)) for p in module.net.heads[h].parameters()]
     flags = [p.requires_grad for p in module.parameters()]
     for p in module.parameters():
@@ -144,11 +140,10 @@ def train_heads(
         p.requires_grad_(True)
     device = module.shift.device
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_steps))
-    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
-    sde, n = module.sde, x.shape[0]
-    t_lo, t_hi = t_range
+    optimizer = recipe.optimizer(params)
+    scheduler = recipe.scheduler(optimizer, n_steps)
+    ema = recipe.ema(params)
+    n = x.shape[0]
     losses: list[float] = []
     steps = range(n_steps)
     if progress is not None:
@@ -158,40 +153,113 @@ def train_heads(
     try:
         order = torch.randperm(n, generator=gen, device=device)
         pos = 0
-        for k in steps:
+        for _ in steps:
             if pos + batch_size > n:
                 order, pos = torch.randperm(n, generator=gen, device=device), 0
             rows = order[pos : pos + batch_size]
             pos += batch_size
             x0, lab = x[rows], labels[rows]
-            m = x0.shape[0]
-            u = (
-                torch.rand((), generator=gen, device=device) + torch.arange(m, device=device) / m
-            ) % 1
-            t = t_lo + (t_hi - t_lo) * u
+            t = draw_times(
+                module.sde,
+                x0.shape[0],
+                t_sampling=module.t_sampling,
+                t_range=t_range,
+                device=device,
+                generator=gen,
+            )
             noise = torch.randn(x0.shape, generator=gen, device=device)
-            xt = sde.alpha(t)[:, None] * x0 + sde.sigma(t)[:, None] * noise
+            xt, _ = module.sde.marginal(x0, t, noise)
             eps = module.predict_eps(xt, t, module.branch_of(lab, t), lab)
-            loss = (eps - noise).pow(2).mean()
+            loss = noise_prediction_error(eps, noise).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(float(loss.detach()))
             if ema is not None:
-                decay = min(ema_decay, (2 + k) / (11 + k))
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+                ema.update(params)
         if ema is not None:
-            with torch.no_grad():
-                for p, e in zip(params, ema, strict=True):
-                    p.copy_(e)
+            ema.copy_to(params)
     finally:
         for p, flag in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         module.train(was_training)
     return losses
+
+
+def add_class_head(
+    module,
+    reference: dict,
+    z: np.ndarray,
+    name: str,
+    options: DiscoveryOptions,
+    *,
+    class_names: list[str],
+    max_epochs: int | None,
+    batch_size: int,
+    recipe: TrainingRecipe,
+    fine_tune_shared: bool = False,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> dict:
+    """Place one new class on the module's tree, add its head and train it.
+
+    Parameters
+    ----------
+    module
+        The branched module (extended in place).
+    reference
+        Standardised reference cells of the known classes: ``{"x", "labels"}``.
+    z
+        Standardised cells of the new class.
+    name
+        Its name.
+    options
+        Discovery options of the tree (the placement uses its crossover rule).
+    class_names
+        Known classes and the new one, for messages.
+    max_epochs, batch_size, recipe, seed, progress
+        Training of the new head (see :func:`train_heads`).
+    fine_tune_shared
+        Then also train the heads above the new branch point, with replay of the reference
+        cells of every type (old types on those branches change).
+
+    Returns
+    -------
+    ``{"label", "joins" (class index), "t", "n_cells", "n_steps", "final_loss",
+    "fine_tune_shared"}``.
+    """
+    code = module.tree.n_classes
+    placement = place_class(
+        reference["x"], reference["labels"], code, z, module.sde, options, class_names=class_names
+    )
+    _, head = extend_module(module, name, placement)
+    device = module.shift.device
+    n_steps = default_head_steps(len(z), batch_size, max_epochs)
+    train = {"n_steps": n_steps, "batch_size": batch_size, "recipe": recipe, "seed": seed}
+    z_t = torch.as_tensor(z, dtype=torch.float32, device=device)
+    own = torch.full((len(z),), code, device=device)
+    t_min = module.sde.t_min
+    losses = train_heads(module, [head], z_t, own, (t_min, placement.t), progress=progress, **train)
+    if fine_tune_shared:
+        # the new class's whole path, with replay of every reference cell those heads serve:
+        # old types on these branches change (no longer bit-identical)
+        replay = np.isin(reference["labels"], module.tree.branches[module.tree.root].classes)
+        x_all = torch.cat([z_t, torch.as_tensor(reference["x"][replay], device=device)])
+        y_all = torch.cat([own, torch.as_tensor(reference["labels"][replay], device=device)])
+        heads = [head, *shared_heads(module.tree, code, placement.t)]
+        losses += train_heads(module, heads, x_all, y_all, (t_min, 1.0), progress=progress, **train)
+    return {
+        "label": name,
+        "joins": placement.sibling,
+        "t": placement.t,
+        "n_cells": len(z),
+        "n_steps": len(losses),
+        "final_loss": float(np.mean(losses[-50:])),
+        "fine_tune_shared": bool(fine_tune_shared),
+    }
 
 
 def shared_heads(tree, label: int, t: float) -> list[int]:

@@ -14,8 +14,10 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from .._constants import REGISTRY_KEYS
 from ._networks import ScoreNetwork, count_parameters, flat_width_matching
-from ._sampling import SampleResult, default_spacing, sample
+from ._recipe import T_SAMPLINGS, draw_times, noise_prediction_error
+from ._sampling import SampleResult, sample
 from ._sde import VPSDE
+from ._solvers import DEFAULT_N_STEPS, default_spacing
 from ._tree import BranchTree, lookup_tables
 
 ARCHITECTURES = ("branched", "flat")
@@ -47,7 +49,7 @@ class BranchedDiffusionModule(BaseModuleClass):
     --------
     >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
     >>> module = BranchedDiffusionModule(4, tree.to_dict(), width=16)
-    >>> module.sample_counts({0: 3, 1: 2}, n_steps=5).x.shape
+    >>> module.sample_cells({0: 3, 1: 2}, n_steps=5).x.shape
     torch.Size([5, 4])
     """
 
@@ -61,15 +63,15 @@ class BranchedDiffusionModule(BaseModuleClass):
         n_trunk_blocks: int = 1,
         n_head_blocks: int = 3,
         time_dim: int = 128,
-        beta0: float = 0.1,
-        beta1: float = 20.0,
-        t_min: float = 1e-3,
+        beta0: float = VPSDE.beta0,
+        beta1: float = VPSDE.beta1,
+        t_min: float = VPSDE.t_min,
         data_key: str = REGISTRY_KEYS.X_KEY,
         t_sampling: str = "uniform",
     ):
         super().__init__()
-        if t_sampling not in ("uniform", "logsnr"):
-            raise ValueError(f"t_sampling must be 'uniform' or 'logsnr', got {t_sampling!r}.")
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}.")
         self.t_sampling = t_sampling
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
@@ -158,16 +160,7 @@ class BranchedDiffusionModule(BaseModuleClass):
     def inference(self, x0: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward noising: draw t (stratified over the batch) and x_t ~ q(x_t | x_0)."""
         x0 = self.standardize(x0.to(self.shift.dtype))
-        n = x0.shape[0]
-        # stratified times: lower-variance gradient estimates than i.i.d. uniform t
-        u = (torch.rand((), device=x0.device) + torch.arange(n, device=x0.device) / n) % 1.0
-        u = u[torch.randperm(n, device=x0.device)]
-        if self.t_sampling == "logsnr":  # uniform in log-SNR: more weight on low noise levels
-            lam_hi = self.sde.log_snr(torch.tensor(self.sde.t_min, device=x0.device))
-            lam_lo = self.sde.log_snr(torch.tensor(1.0, device=x0.device))
-            t = self.sde.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * u)
-        else:
-            t = self.sde.t_min + (1 - self.sde.t_min) * u
+        t = draw_times(self.sde, x0.shape[0], t_sampling=self.t_sampling, device=x0.device)
         xt, noise = self.sde.marginal(x0, t)
         return {"xt": xt, "t": t, "noise": noise, "labels": labels}
 
@@ -190,8 +183,8 @@ class BranchedDiffusionModule(BaseModuleClass):
         The network predicts a correction to ``sigma x / (alpha^2 v + sigma^2)``, the exact
         noise prediction for Gaussian data with the data's per-dimension variance ``v``. Without
         this skip term an MLP regresses towards typical norms: starting points in the tail of the
-        N(0, I) prior were not contracted, and 2-6 % of generated pbmc68k cells landed 5x further
-        out than any real cell.
+        N(0, I) prior are not contracted, and a few generated cells land far outside every real
+        cell.
         """
         tt = t.to(x.dtype)
         sigma, alpha = self.sde.sigma(tt), self.sde.alpha(tt)
@@ -205,7 +198,7 @@ class BranchedDiffusionModule(BaseModuleClass):
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
         """Mean squared error of the noise prediction."""
-        err = (generative_outputs["eps"] - inference_outputs["noise"]).pow(2).mean(-1)
+        err = noise_prediction_error(generative_outputs["eps"], inference_outputs["noise"])
         return LossOutput(loss=err.mean(), reconstruction_loss=err)
 
     # ------------------------------------------------------------------ sampling
@@ -219,19 +212,19 @@ class BranchedDiffusionModule(BaseModuleClass):
         return fn
 
     @torch.inference_mode()
-    def sample_counts(
+    def sample_cells(
         self,
-        counts: Mapping[int, int],
+        n_per_class: Mapping[int, int],
         *,
         solver: str = "heun",
-        n_steps: int = 50,
+        n_steps: int = DEFAULT_N_STEPS,
         share: bool = True,
         seed: int = 0,
         spacing: str | None = None,
         progress: Callable | None = None,
         **options,
     ) -> SampleResult:
-        """Sample in the data space (un-standardised) for per-class counts.
+        """Sample cells in the data space (un-standardised), ``n_per_class`` per class index.
 
         ``options`` go to :func:`~scbranch.module.sample` (``batch_size``, ``record_times``,
         ``corrector_snr``, ``denoise``); recorded states are un-standardised too.
@@ -243,7 +236,7 @@ class BranchedDiffusionModule(BaseModuleClass):
             self.eps_fn(),
             self.tree,
             self.sde,
-            counts,
+            n_per_class,
             n_input=self.n_input,
             solver=solver,
             n_steps=n_steps,
@@ -259,6 +252,6 @@ class BranchedDiffusionModule(BaseModuleClass):
         return res
 
     @torch.inference_mode()
-    def sample(self, counts: Mapping[int, int], **kwargs) -> torch.Tensor:
-        """Generated data (data space) for per-class counts; see :meth:`sample_counts`."""
-        return self.sample_counts(counts, **kwargs).x
+    def sample(self, n_per_class: Mapping[int, int], **kwargs) -> torch.Tensor:
+        """Generated data (data space), ``n_per_class`` per class; see :meth:`sample_cells`."""
+        return self.sample_cells(n_per_class, **kwargs).x

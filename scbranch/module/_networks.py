@@ -1,4 +1,4 @@
-"""Score networks: a shared residual trunk and one head per branch (METHOD.md §6).
+"""Score networks: a shared residual trunk and one head per branch (docs/method.md).
 
 Both variants predict the noise ``eps`` of ``x_t = alpha x_0 + sigma eps``:
 
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 #: Devices on which training evaluates the heads with batched matmuls (``_stacked_heads``):
-#: there kernel launches, not arithmetic, bound a step. On CPUs the per-head loop is faster
-#: (0.7x at batch 64 on 2 cores with the stacked path), so it stays the default there.
+#: there kernel launches, not arithmetic, bound a step. On CPUs the per-head loop is faster,
+#: so it stays the default there (docs/benchmarks/gpu.md).
 STACKED_HEAD_DEVICES: tuple[str, ...] = ("cuda",)
 
 
@@ -184,13 +184,13 @@ class ScoreNetwork(nn.Module):
         """The heads of all rows with ONE batched matmul per layer over the heads present.
 
         Training on a GPU with the per-head loop launches over a thousand small kernels per step
-        (19 heads x 3 blocks, forward and backward): an H200 then took 54 ms per step at batch
-        64 and 64 ms at batch 4096, launch-bound (``benchmarks/gpu_check.py``). Here the rows
-        are padded into one [heads present, most rows, width] block and every layer runs once
-        for all present heads (1.9x faster steps on the H200; ``benchmarks/head_batching.py``
-        times the two head paths alone). The weights are stacked from the heads' own parameters
-        on the fly, so the saved format and the freezing of heads (class extension) are unchanged:
-        gradients reach each head's parameters through ``torch.stack``, frozen ones get none.
+        (19 heads x 3 blocks, forward and backward), so a step is launch-bound whatever the
+        batch size. Here the rows are padded into one [heads present, most rows, width] block
+        and every layer runs once for all present heads (measured in docs/benchmarks/gpu.md;
+        ``benchmarks/head_batching.py`` times the two head paths alone). The weights are stacked
+        from the heads' own parameters on the fly, so the saved format and the freezing of heads
+        (class extension) are unchanged: gradients reach each head's parameters through
+        ``torch.stack``, frozen ones get none.
         Still only the heads the batch needs are evaluated, on the rows that need them.
         """
         n_heads = len(self.heads)

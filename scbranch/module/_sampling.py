@@ -4,14 +4,14 @@ All samplers work in the standardised space and call ``eps_fn(x, t, branch, labe
 returns the predicted noise for rows ``x`` at the scalar time ``t`` (rows in branch ``branch[i]``;
 ``label[i]`` is the class of a row, or -1 while the row is still shared by several classes).
 
-Execution (METHOD.md §8): the time grid contains every branch time of the requested classes, so
-no step straddles a branch point. At each grid step every live group of rows is advanced with ONE
-network call (the network groups rows by head internally). With ``share=True`` a group is a
-branch: it starts as a copy of the first rows of its parent's states and holds as many rows as
-the largest class below it needs.
-With ``share=False`` every class is its own group from t = 1 and follows its own branches.
-Noise is drawn per group from generators seeded by (seed, branch or class), so results do not
-depend on which other classes are sampled alongside (with ``share=False``).
+Execution (docs/method.md, 'Sampling'): the time grid contains every branch time of the requested
+classes, so no step straddles a branch point. At each grid step every live group of rows is advanced
+with ONE network call (the network groups rows by head internally). With ``share=True`` a group is a
+branch: it starts as a copy of the first rows of its parent's states and holds as many rows as the
+largest class below it needs. With ``share=False`` every class is its own group from t = 1 and
+follows its own branches. Noise is drawn per group from generators seeded by (seed, branch or
+class), so results do not depend on which other classes are sampled alongside (with
+``share=False``).
 """
 
 from __future__ import annotations
@@ -24,41 +24,17 @@ import numpy as np
 import torch
 
 from ._sde import VPSDE
+from ._solvers import CORRECTOR_SNR, DEFAULT_N_STEPS, get_solver
 from ._tree import BranchTree
 
 logger = logging.getLogger(__name__)
 
 EpsFn = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor], torch.Tensor]
-SOLVERS = ("em", "pc", "heun", "dpm2m")
-#: user-facing names of the kind of process, mapped to the solver used for it
-SOLVER_ALIASES = {"ode": "heun", "sde": "em"}
-
-
-def resolve_solver(solver: str) -> str:
-    """The solver a user-facing name means (``"ode"`` -> ``"heun"``, ...), checked."""
-    solver = SOLVER_ALIASES.get(solver, solver)
-    if solver not in SOLVERS:
-        raise ValueError(
-            f"Unknown solver {solver!r}; choose one of {list(SOLVERS) + list(SOLVER_ALIASES)}."
-        )
-    return solver
-
-
-def default_spacing(solver: str) -> str:
-    """Step spacing used when none is given: uniform in t for the reverse SDE, log-SNR for ODEs.
-
-    Measured on pbmc68k: 1000 predictor-corrector steps in log-SNR spacing gave cells 1.22x as
-    dispersed as real ones (W2 30 vs 17); the same steps uniform in t gave the paper's sampler.
-    """
-    return "t" if solver in ("em", "pc") else "logsnr"
 
 
 #: rows per forward pass on CPU when no batch_size is given: larger passes spill the cache
 #: (32 classes x 1,000 cells, 2 cores: 8.2 s unchunked, 6.7 s in passes of 8,192 rows)
 CPU_PASS_ROWS = 8192
-
-#: signal-to-noise ratio of the Langevin corrector (Song et al. 2021's default)
-CORRECTOR_SNR = 0.16
 
 
 def time_grid(
@@ -187,11 +163,11 @@ def sample(
     eps_fn: EpsFn,
     tree: BranchTree,
     sde: VPSDE,
-    counts: Mapping[int, int],
+    n_per_class: Mapping[int, int],
     *,
     n_input: int,
     solver: str = "heun",
-    n_steps: int = 50,
+    n_steps: int = DEFAULT_N_STEPS,
     share: bool = True,
     seed: int = 0,
     spacing: str | None = None,
@@ -212,15 +188,13 @@ def sample(
         Branch tree of the model.
     sde
         Forward process.
-    counts
+    n_per_class
         Number of cells per class index.
     n_input
         Dimension of the data.
     solver
-        ``"em"`` (reverse-SDE Euler-Maruyama, 1 call per step), ``"pc"`` (Euler-Maruyama
-        predictor + one Langevin corrector step, 2 calls; the original paper's sampler),
-        ``"heun"`` (probability-flow ODE, Heun's method, 2 calls) or ``"dpm2m"``
-        (probability-flow ODE, DPM-Solver++(2M) in log-SNR, 1 call).
+        A solver of :data:`~scbranch.module.SOLVERS` that moves down: ``"heun"``,
+        ``"dpm2m"``, ``"em"`` or ``"pc"`` (or the aliases ``"ode"``, ``"sde"``).
     n_steps
         Number of grid steps from t = 1 to ``t_min``.
     share
@@ -228,8 +202,8 @@ def sample(
     seed
         Seed; the result is deterministic for a given seed and device.
     spacing
-        Step allocation and spacing unit, ``"logsnr"`` or ``"t"``; `None`:
-        :func:`default_spacing` of the solver.
+        Step allocation and spacing unit, ``"logsnr"`` or ``"t"``; `None`: the solver's
+        default (uniform in t for the reverse SDE, log-SNR for the ODE).
     denoise
         Return the network's denoised prediction at ``t_min`` (one extra call).
     device
@@ -250,12 +224,13 @@ def sample(
 
     Returns
     -------
-    Samples ordered by class in the order of ``counts``, cost counters, and the recorded
+    Samples ordered by class in the order of ``n_per_class``, cost counters, and the recorded
     states (``trajectory``: time -> states in the same row order).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
-    counts = {int(c): int(n) for c, n in counts.items() if int(n) > 0}
+    if corrector_snr <= 0:
+        raise ValueError(f"corrector_snr must be positive, got {corrector_snr}.")
+    step = get_solver(solver, corrector_snr=corrector_snr)
+    counts = {int(c): int(n) for c, n in n_per_class.items() if int(n) > 0}
     if not counts:
         raise ValueError("Nothing to sample: every requested count is 0.")
     device = torch.device(device)
@@ -266,11 +241,9 @@ def sample(
     # a class's cells do not depend on which other classes are sampled alongside
     knots = set(tree.breakpoints(list(counts) if share else None, sde.t_min))
     records = _check_record_times(record_times, sde)
-    spacing = default_spacing(solver) if spacing is None else spacing
+    spacing = step.default_spacing if spacing is None else spacing
     grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)
     batch_size = pass_rows(batch_size, device)
-    if corrector_snr <= 0:
-        raise ValueError(f"corrector_snr must be positive, got {corrector_snr}.")
 
     def need(branch: int) -> int:
         return max(counts.get(c, 0) for c in tree.branches[branch].classes)
@@ -312,20 +285,7 @@ def sample(
         x = torch.cat([g.x for g in groups])
         branch = _per_row([g.branch for g in groups], sizes, device)
         label = _per_row([g.label for g in groups], sizes, device)
-        x_new = _step(
-            call,
-            sde,
-            solver,
-            x,
-            t_hi,
-            t_lo,
-            branch,
-            label,
-            groups,
-            sizes,
-            first_in_segment,
-            corrector_snr,
-        )
+        x_new = step.step(call, sde, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment)
         for g, xs in zip(groups, torch.split(x_new, sizes), strict=True):
             g.x = xs
         if t_lo in records:
@@ -429,68 +389,3 @@ def _fan_out(groups, tree, t, need, device, seed):
         else:
             out.append(g)
     return out
-
-
-def _noise(groups, sizes, like: torch.Tensor) -> torch.Tensor:
-    return torch.cat(
-        [
-            torch.randn((s, like.shape[1]), generator=g.gen, device=like.device, dtype=like.dtype)
-            for g, s in zip(groups, sizes, strict=True)
-        ]
-    )
-
-
-def _step(call, sde, solver, x, t_hi, t_lo, branch, label, groups, sizes, first_in_segment, snr):
-    """Advance all rows from ``t_hi`` down to ``t_lo``."""
-    th, tl = torch.tensor(t_hi), torch.tensor(t_lo)
-    h = t_hi - t_lo
-    if solver in ("em", "pc"):
-        eps = call(x, t_hi, branch, label)
-        beta = sde.beta(th)
-        score = -eps / sde.sigma(th)
-        drift = 0.5 * beta * x + beta * score
-        x = x + drift * h + torch.sqrt(beta * h) * _noise(groups, sizes, x)
-        if solver == "em":
-            return x
-        # Langevin corrector at t_lo (Song et al. 2021, Algorithm 5, VP form): the step makes
-        # the injected noise `snr` times the score step, with norms averaged over a group's
-        # rows (per-row norms explode where the score vanishes; per group, a class's samples do
-        # not depend on the other classes sampled with share=False)
-        score = -call(x, t_lo, branch, label) / sde.sigma(tl)
-        z = _noise(groups, sizes, x)
-        # Song's alpha_i = 1 - beta_i, in the exact form that stays positive on coarse grids
-        keep = (sde.alpha(tl) / sde.alpha(th)) ** 2
-        steps = []
-        for s_part, z_part in zip(score.split(sizes), z.split(sizes), strict=True):
-            ratio = snr * z_part.norm(dim=1).mean() / s_part.norm(dim=1).mean().clamp_min(1e-12)
-            steps.append((2.0 * keep * ratio**2).expand(len(s_part)))
-        step = torch.cat(steps).unsqueeze(1).to(x.dtype)
-        return x + step * score + torch.sqrt(2.0 * step) * z
-    if solver == "heun":
-
-        def velocity(xx, t, tt):  # dx/dt of the probability-flow ODE
-            eps = call(xx, t, branch, label)
-            return -0.5 * sde.beta(tt) * (xx - eps / sde.sigma(tt))
-
-        d1 = velocity(x, t_hi, th)
-        x_euler = x - h * d1
-        d2 = velocity(x_euler, t_lo, tl)
-        return x - 0.5 * h * (d1 + d2)
-    # DPM-Solver++(2M): data prediction, multistep in lambda = log(alpha / sigma)
-    eps = call(x, t_hi, branch, label)
-    a_hi, s_hi = sde.alpha(th), sde.sigma(th)
-    a_lo, s_lo = sde.alpha(tl), sde.sigma(tl)
-    x0 = (x - s_hi * eps) / a_hi
-    lam_hi, lam_lo = torch.log(a_hi / s_hi), torch.log(a_lo / s_lo)
-    hh = lam_lo - lam_hi
-    prev = [g.x0_prev for g in groups]
-    if not first_in_segment and all(p is not None for p in prev):
-        x0_prev = torch.cat(prev)
-        r = groups[0].h_prev / hh
-        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-    else:
-        d = x0
-    for g, part in zip(groups, torch.split(x0, sizes), strict=True):
-        g.x0_prev = part
-        g.h_prev = hh
-    return (s_lo / s_hi) * x - a_lo * torch.expm1(-hh) * d

@@ -94,7 +94,7 @@ class VPSDE:
         return a * x0 + s * noise, noise
 
     def check_same(self, other: dict | VPSDE, what: str = "stored hierarchy") -> None:
-        """Raise if ``other`` describes a different process (METHOD.md §3: one process for all)."""
+        """Raise if ``other`` is a different process (discovery, training, sampling share one)."""
         o = other.to_dict() if isinstance(other, VPSDE) else other
         mine = self.to_dict()
         bad = [

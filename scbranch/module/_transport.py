@@ -1,19 +1,18 @@
 """Carry GIVEN states between two diffusion times along chosen classes' branches.
 
-The samplers (``_sampling.py``) start from noise at t = 1. Transmutation (METHOD.md §9) starts
-from real cells instead: up from ``t_min`` to the branch point of the source and target types
+The samplers (``_sampling.py``) start from noise at t = 1. Transmutation (docs/method.md)
+starts from real cells instead: up from ``t_min`` to the branch point of the source and target types
 along the source's branches, then down along the target's. Every row follows the branches of
 its own class (``labels``), so one call moves rows of several classes at once.
 
-Up the process:
+Up the process (solvers of :data:`~scbranch.module.SOLVERS` that move up):
 - ``"heun"``: the probability-flow ODE integrated forward in time. Deterministic, and the
   inverse of the same integration downwards (up to solver error): cell-specific detail
   survives the round trip.
 - ``"noise"``: exact forward transitions q(x_t' | x_t) between grid times (closed form, no
   network call). The states are a sample path of the forward SDE.
 
-Down the process: ``"heun"`` (probability-flow ODE), ``"em"`` or ``"pc"`` (reverse SDE), the
-solvers of :func:`~scbranch.module.sample`.
+Down the process: any solver of :func:`~scbranch.module.sample`.
 """
 
 from __future__ import annotations
@@ -24,22 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._sampling import (
-    CORRECTOR_SNR,
-    CountingCaller,
-    EpsFn,
-    _Group,
-    _seeded_generator,
-    _step,
-    default_spacing,
-    pass_rows,
-    time_grid,
-)
+from ._sampling import CountingCaller, EpsFn, _Group, _seeded_generator, pass_rows, time_grid
 from ._sde import VPSDE
+from ._solvers import DEFAULT_N_STEPS, get_solver
 from ._tree import BranchTree
 
-UP_SOLVERS = ("heun", "noise")
-DOWN_SOLVERS = ("heun", "em", "pc")
 #: noise streams of transport, apart from the samplers' (kind 0: branches, 1: classes)
 _STREAM = 2
 
@@ -64,7 +52,7 @@ def transport(
     t_to: float,
     *,
     solver: str = "heun",
-    n_steps: int = 50,
+    n_steps: int = DEFAULT_N_STEPS,
     seed: int = 0,
     spacing: str | None = None,
     record_times: Sequence[float] = (),
@@ -89,7 +77,7 @@ def transport(
         Start and end times in ``[t_min, 1]``; ``t_to > t_from`` moves up (towards noise).
     solver
         Up: ``"heun"`` (probability-flow ODE) or ``"noise"`` (exact forward transitions).
-        Down: ``"heun"``, ``"em"`` or ``"pc"``.
+        Down: ``"heun"``, ``"dpm2m"``, ``"em"`` or ``"pc"``.
     n_steps
         Steps between the two times; the grid holds every time where a row's class changes
         branch, and every record time, so no step straddles a branch point.
@@ -123,12 +111,7 @@ def transport(
     True
     """
     up = t_to > t_from
-    allowed = UP_SOLVERS if up else DOWN_SOLVERS
-    if solver not in allowed:
-        raise ValueError(
-            f"Solver {solver!r} cannot move states {'up' if up else 'down'}; choose one of "
-            f"{allowed}."
-        )
+    step = get_solver(solver, "up" if up else "down")
     lo, hi = sorted((float(t_from), float(t_to)))
     if not (sde.t_min <= lo and hi <= 1.0) or lo == hi:
         raise ValueError(
@@ -141,8 +124,7 @@ def transport(
         raise ValueError(f"Record times {outside} lie outside [{lo}, {hi}].")
     classes = sorted({int(c) for c in labels.tolist()})
     knots = set(tree.breakpoints(classes, lo)) | records
-    if spacing is None:
-        spacing = "logsnr" if solver == "noise" else default_spacing(solver)
+    spacing = step.default_spacing if spacing is None else spacing
     grid = time_grid(sde, sorted(knots), n_steps, spacing=spacing, t_start=hi, t_end=lo)
     if up:
         grid = grid[::-1].copy()
@@ -153,32 +135,19 @@ def transport(
     steps = range(len(grid) - 1)
     if progress is not None:
         steps = progress(steps)
+    first_in_segment = True
     for k in steps:
         t_a, t_b = float(grid[k]), float(grid[k + 1])
-        if solver == "noise":
-            x = _forward_transition(sde, x, t_a, t_b, gen)
-        else:
-            branch = tree.lookup(labels, torch.tensor(0.5 * (t_a + t_b)))
-            # _step moves from its first time to its second in either direction (Heun's h
-            # changes sign); the stochastic solvers only ever move down
-            x = _step(
-                call, sde, solver, x, t_a, t_b, branch, labels, [group], [len(x)], True,
-                CORRECTOR_SNR,
-            )  # fmt: skip
+        # each row follows the branch of its own class over (t_a, t_b); a solver without
+        # network calls (forward noising) needs none
+        branch = (
+            tree.lookup(labels, torch.tensor(0.5 * (t_a + t_b))) if step.calls_per_step else None
+        )
+        x = step.step(call, sde, x, t_a, t_b, branch, labels, [group], [len(x)], first_in_segment)
+        first_in_segment = t_b in knots
         if t_b in records:
             trajectory[t_b] = x.clone()
     return TransportResult(x=x, grid=grid, n_network_calls=call.n_calls, trajectory=trajectory)
-
-
-def _forward_transition(
-    sde: VPSDE, x: torch.Tensor, t_a: float, t_b: float, gen: torch.Generator
-) -> torch.Tensor:
-    """Draw x_{t_b} ~ q(x_{t_b} | x_{t_a}) for t_b > t_a: x scaled by alpha ratio plus noise."""
-    ta, tb = torch.tensor(t_a, dtype=torch.float64), torch.tensor(t_b, dtype=torch.float64)
-    ratio = sde.alpha(tb) / sde.alpha(ta)
-    var = (sde.sigma(tb) ** 2 - ratio**2 * sde.sigma(ta) ** 2).clamp_min(0.0)
-    z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    return ratio.to(x.dtype) * x + var.sqrt().to(x.dtype) * z
 
 
 def denoise(

@@ -222,7 +222,7 @@ class BranchTree:
     def add_class(self, name: str, sibling: int, t: float) -> BranchTree:
         """A new tree with class ``name`` joining class ``sibling``'s path at time ``t``.
 
-        The branch of ``sibling`` that spans ``t`` is split there (METHOD.md §10): its upper
+        The branch of ``sibling`` that spans ``t`` is split there (docs/method.md): its upper
         part keeps its id and head and gains the new class; the lower part gets a new id and the
         SAME head, so old classes follow exactly the same heads at every time; the new class
         gets a leaf ``(name, 0, t)`` with a new head (index ``n_heads``). Ids and heads of all

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patheffects import withStroke
 
-from .._constants import UNS_KEYS
+from .._keys import Key
 from ..module import BranchTree
 from ._utils import _class_colors, _default_colors, _finish, _get_hierarchy, _new_axes
 
@@ -54,7 +54,7 @@ def _leaf_layout(tree: BranchTree) -> tuple[list[int], dict[int, float]]:
 def branch_tree(
     adata: AnnData | BranchTree,
     *,
-    key: str = UNS_KEYS.HIERARCHY,
+    key: str = Key.uns.HIERARCHY,
     orientation: Literal["top", "bottom", "left", "right"] = "top",
     show_times: bool = True,
     stability: bool | None = None,
@@ -312,7 +312,7 @@ def _spaced_labels(ax: Axes, times: np.ndarray) -> list[str]:
 def branch_similarity(
     adata: AnnData,
     *,
-    key: str = UNS_KEYS.HIERARCHY,
+    key: str = Key.uns.HIERARCHY,
     classes: Sequence[str] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,

@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from .._keys import Key
 from ..tl._evaluate import METRICS, REFERENCE_SPACE, read_evaluation
 from ._utils import _default_colors
 
@@ -59,7 +60,7 @@ def evaluation(
     space: str | None = None,
     groups: str | Sequence[str] | None = None,
     hue: str | None = None,
-    key: str = "scbranch_evaluation",
+    key: str = Key.uns.EVALUATION,
     ncols: int = 4,
     panel_size: tuple[float, float] = (3.2, 3.0),
     ax: Axes | None = None,

@@ -15,6 +15,7 @@ from matplotlib.colors import TwoSlopeNorm, is_color_like, to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from .._keys import Key
 from .._validation import check_finite, to_dense
 from ..tl._embed import _basis_key, _knn_placement
 from ..tl._interpret import (
@@ -162,7 +163,7 @@ def trajectories(
 
     # trajectories to draw (seeded subset), rows in checkpoint order
     obs = transmuted.obs
-    ids = obs["trajectory"].astype(str).to_numpy()
+    ids = obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
     unique = pd.unique(ids)
     if max_trajectories is not None and len(unique) > max_trajectories:
         chosen = np.random.default_rng(seed).choice(len(unique), max_trajectories, replace=False)
@@ -171,7 +172,7 @@ def trajectories(
     order = pd.DataFrame(
         {
             "rank": pd.Categorical(ids[keep], categories=unique).codes,
-            "checkpoint": obs["checkpoint"].to_numpy()[keep],
+            "checkpoint": obs[Key.obs.CHECKPOINT].to_numpy()[keep],
             "row": keep,
         }
     ).sort_values(["rank", "checkpoint"], kind="stable")
@@ -225,7 +226,7 @@ def trajectories(
         LineCollection(segments, colors="0.15", linewidths=0.8, alpha=0.7, zorder=2),
         autolim=True,
     )
-    is_transmutation = "phase" in obs.columns
+    is_transmutation = Key.obs.PHASE in obs.columns
     start_label, end_label = ("source cell", "endpoint") if is_transmutation else ("start", "end")
     ax.scatter(
         *xy[starts].T,
@@ -290,7 +291,7 @@ def transmutation_genes(
     *,
     genes: Sequence[str] | None = None,
     n_genes: int = 10,
-    key: str = "scbranch_transmutation_genes",
+    key: str = Key.uns.TRANSMUTATION_GENES,
     group: str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -334,7 +335,9 @@ def transmutation_genes(
     >>> sb.pl.transmutation_genes(tm, n_genes=8)  # doctest: +SKIP
     """
     _check_trajectories(transmuted)
-    if "phase" not in transmuted.obs.columns or "target_label" not in transmuted.obs.columns:
+    if Key.obs.PHASE not in transmuted.obs.columns or (
+        Key.obs.TARGET_LABEL not in transmuted.obs.columns
+    ):
         raise ValueError(
             "transmuted.obs lacks 'phase' or 'target_label': pass the AnnData returned by "
             "`model.transmute(...)`."
@@ -342,7 +345,7 @@ def transmutation_genes(
     if transmuted.n_vars == 0 or transmuted.X is None:
         raise ValueError("transmuted has no genes (n_vars == 0): nothing to draw.")
     obs = transmuted.obs
-    targets = obs["target_label"].astype(str).to_numpy()
+    targets = obs[Key.obs.TARGET_LABEL].astype(str).to_numpy()
     if genes is None:
         if n_genes < 1:
             raise ValueError(f"n_genes must be at least 1, got {n_genes}.")
@@ -357,10 +360,10 @@ def transmutation_genes(
         group = _resolve_group(group, list(pd.unique(targets)))
 
     in_group = targets == group
-    ids = obs["trajectory"].astype(str).to_numpy()
-    phase = obs["phase"].astype(str).to_numpy()
-    checkpoints = obs["checkpoint"].to_numpy(dtype=np.int64)
-    t = obs["t"].to_numpy(dtype=np.float64)
+    ids = obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
+    phase = obs[Key.obs.PHASE].astype(str).to_numpy()
+    checkpoints = obs[Key.obs.CHECKPOINT].to_numpy(dtype=np.int64)
+    t = obs[Key.obs.T].to_numpy(dtype=np.float64)
     cols = pd.Index(transmuted.var_names).get_indexer(genes)
     x = transmuted.X
     source_rows = pd.Series(

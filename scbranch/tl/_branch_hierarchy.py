@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._constants import UNS_KEYS
-from .._validation import check_class_sizes, check_finite, check_obs_key, get_matrix, to_dense
+from .._keys import Key
+from .._validation import (
+    check_cells,
+    check_class_sizes,
+    check_finite,
+    check_obs_key,
+    get_matrix,
+    to_dense,
+)
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
-from ..module._discovery import DiscoveryResult, subsample_per_class
+from ..module._discovery import DiscoveryOptions, DiscoveryResult, subsample_per_class
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +38,7 @@ def hierarchy_record(result: DiscoveryResult, params: dict) -> dict:
     }
 
 
-def read_hierarchy(adata: AnnData, key: str = UNS_KEYS.HIERARCHY) -> tuple[BranchTree, dict]:
+def read_hierarchy(adata: AnnData, key: str = Key.uns.HIERARCHY) -> tuple[BranchTree, dict]:
     """Tree and record stored by :func:`branch_hierarchy` under ``adata.uns[key]``."""
     if key not in adata.uns:
         raise KeyError(
@@ -60,59 +68,91 @@ def discover_record(
     labels: np.ndarray,
     classes: list[str],
     sde: VPSDE,
+    options: DiscoveryOptions,
     *,
     groupby: str,
     use_rep: str | None,
     layer: str | None,
-    n_cells_per_class: int = 200,
-    n_times: int = 200,
-    smooth_sigma: float = 3.0,
-    epsilon: float = 0.005,
-    min_branch_length: float = 0.02,
-    linkage: str = "average",
-    n_noise_draws: int = 1,
-    curves: str = "sampled",
-    seed: int = 0,
 ) -> tuple[BranchTree, dict]:
     """Discover the tree of a (dense or sparse) matrix and build its ``.uns`` record.
 
     The one place where data are standardised (all cells, per-dimension centring, one global
     scale) and subsampled for discovery, shared by :func:`branch_hierarchy` and the model.
     """
-    keep = subsample_per_class(labels, len(classes), n_cells_per_class, seed)
+    keep = subsample_per_class(labels, len(classes), options.n_per_class, options.seed)
     shift, scale = global_standardizer(matrix)  # all cells, exactly as the model does
     result = discover_hierarchy(
-        (to_dense(matrix[keep]) - shift) / scale,
-        labels[keep],
-        classes,
-        sde,
-        n_per_class=n_cells_per_class,
-        n_times=n_times,
-        smooth_sigma=smooth_sigma,
-        epsilon=epsilon,
-        min_branch_length=min_branch_length,
-        linkage=linkage,
-        n_noise_draws=n_noise_draws,
-        curves=curves,
-        seed=seed,
+        (to_dense(matrix[keep]) - shift) / scale, labels[keep], classes, sde, options
     )
     params = {
         "groupby": groupby,
         "use_rep": use_rep or "",
         "layer": layer or "",
-        "n_cells_per_class": n_cells_per_class,
-        "n_times": n_times,
-        "smooth_sigma": smooth_sigma,
-        "epsilon": epsilon,
-        "min_branch_length": min_branch_length,
-        "linkage": linkage,
-        "n_noise_draws": int(n_noise_draws),
-        "curves": curves,
-        "seed": seed,
+        **options.to_params(),
         "standardization": "global",
         **sde.to_dict(),
     }
     return result.tree, hierarchy_record(result, params)
+
+
+def resolve_hierarchy(
+    hierarchy,
+    adata: AnnData,
+    matrix,
+    labels: np.ndarray,
+    classes: list[str],
+    sde: VPSDE,
+    options: DiscoveryOptions,
+    *,
+    groupby: str,
+    use_rep: str | None,
+    layer: str | None,
+) -> tuple[BranchTree, dict]:
+    """The tree a model uses, and its record: given, stored in ``adata.uns``, or discovered.
+
+    ``hierarchy`` is a :class:`~scbranch.module.BranchTree`, a dict (a tree or a stored
+    record), a key of ``adata.uns``, or `None` (reuse ``uns['scbranch_hierarchy']`` when it
+    was computed on the same classes, grouping, representation and forward process; else
+    discover one on ``matrix``).
+    """
+    if isinstance(hierarchy, BranchTree):
+        return hierarchy, {}
+    if isinstance(hierarchy, Mapping):
+        tree_dict = hierarchy.get("tree", hierarchy)
+        return BranchTree.from_dict(tree_dict), dict(hierarchy) if "tree" in hierarchy else {}
+    key = hierarchy if isinstance(hierarchy, str) else Key.uns.HIERARCHY
+    if key in adata.uns:
+        record = adata.uns[key]
+        params = record.get("params", {})
+        problems = []
+        tree = BranchTree.from_dict(record["tree"])
+        if tree.classes != classes:
+            problems.append(f"its classes {tree.classes} differ from {classes}")
+        if params.get("groupby") != groupby:
+            problems.append(f"it groups by {params.get('groupby')!r}, not {groupby!r}")
+        if (params.get("use_rep") or None) != use_rep or (params.get("layer") or None) != layer:
+            problems.append("it was computed on another representation")
+        try:
+            sde.check_same(params, what=f"hierarchy in adata.uns[{key!r}]")
+        except (ValueError, KeyError) as err:
+            problems.append(str(err))
+        if not problems:
+            logger.info("Using the hierarchy stored in adata.uns[%r].", key)
+            return tree, dict(record)
+        if isinstance(hierarchy, str):
+            raise ValueError(f"adata.uns[{key!r}] does not fit this model: {'; '.join(problems)}.")
+        logger.info(
+            "Not reusing adata.uns[%r] (%s); discovering the hierarchy.",
+            key,
+            "; ".join(problems),
+        )
+    elif isinstance(hierarchy, str):
+        raise KeyError(f"hierarchy={hierarchy!r} is not a key of adata.uns.")
+    tree, record = discover_record(
+        matrix, labels, classes, sde, options, groupby=groupby, use_rep=use_rep, layer=layer
+    )
+    logger.info("Discovered hierarchy: %s", tree.to_newick(3))
+    return tree, record
 
 
 def branch_hierarchy(
@@ -121,27 +161,27 @@ def branch_hierarchy(
     *,
     use_rep: str | None = None,
     layer: str | None = None,
-    n_cells_per_class: int = 200,
-    n_times: int = 200,
-    smooth_sigma: float = 3.0,
-    epsilon: float = 0.005,
-    min_branch_length: float = 0.02,
-    linkage: str = "average",
-    n_noise_draws: int = 1,
-    curves: str = "sampled",
-    beta0: float = 0.1,
-    beta1: float = 20.0,
-    t_min: float = 1e-3,
+    n_per_class: int = DiscoveryOptions.n_per_class,
+    n_times: int = DiscoveryOptions.n_times,
+    smooth_sigma: float = DiscoveryOptions.smooth_sigma,
+    epsilon: float = DiscoveryOptions.epsilon,
+    min_branch_length: float = DiscoveryOptions.min_branch_length,
+    linkage: str = DiscoveryOptions.linkage,
+    n_noise_draws: int = DiscoveryOptions.n_noise_draws,
+    curves: str = DiscoveryOptions.curves,
+    beta0: float = VPSDE.beta0,
+    beta1: float = VPSDE.beta1,
+    t_min: float = VPSDE.t_min,
     min_cells_per_class: int = 3,
-    seed: int = 0,
-    key_added: str = UNS_KEYS.HIERARCHY,
+    seed: int = DiscoveryOptions.seed,
+    key_added: str = Key.uns.HIERARCHY,
     copy: bool = False,
 ) -> AnnData | None:
     """Learn a branch tree over cell types from when they become indistinguishable under noise.
 
     Cells of each type are noised with the forward diffusion process; the time at which two
     types are as similar to each other as to themselves is their branch point, and
-    agglomerating types by increasing branch time gives a binary tree (METHOD.md §4).
+    agglomerating types by increasing branch time gives a binary tree (docs/method.md).
     The representation is centred per dimension and divided by one global scale, exactly as
     :class:`~scbranch.BranchedDiffusion` does before diffusion.
 
@@ -155,7 +195,7 @@ def branch_hierarchy(
         Key of ``adata.obsm`` to use (e.g. ``"X_pca"``). If `None`, use ``layer`` or ``.X``.
     layer
         Layer to use when ``use_rep`` is `None`.
-    n_cells_per_class
+    n_per_class
         Cells per type used for the similarity curves (seeded subsample).
     n_times
         Points of the diffusion-time grid.
@@ -171,17 +211,15 @@ def branch_hierarchy(
         first crossing of any pair of their types (chains easily).
     n_noise_draws
         Independent forward-noise draws the similarity curves are averaged over, at
-        proportionally more compute (8 draws of 8 types x 200 cells on 2 cores: 0.3 s on 30
-        PCs, 43 s on 2,000 genes). More draws make the tree depend less on the seed: over 20
-        seeds, pbmc3k's 8 types gave 6 distinct trees with 1 draw and 2 with 8, and a
-        simulated 16-class tree was recovered 2 and 18 times (``benchmarks/discovery.py``).
-        Check a tree with :func:`~scbranch.tl.branch_stability`.
+        proportionally more compute. More draws make the tree depend less on the seed
+        (measured in docs/benchmarks/discovery.md). Check a tree with
+        :func:`~scbranch.tl.branch_stability`.
     curves
         ``"sampled"``: the curves of noised cells, as in the paper. ``"expected"``: no noise
         is drawn; each cosine is the limit, for many dimensions, of the expected cosine of two
         noised cells. Deterministic (the seed only picks the cells of large types) and as
-        cheap as one draw; on pbmc68k, pbmc3k and two simulated trees it gave the most common
-        tree of 16 averaged draws, branch times within 0.004 (``benchmarks/discovery.py``).
+        cheap as one draw; how it compares with averaged draws is in
+        docs/benchmarks/discovery.md.
     beta0, beta1, t_min
         Forward process; must match the model's (the defaults do).
     min_cells_per_class
@@ -216,6 +254,7 @@ def branch_hierarchy(
     """
     start = time.perf_counter()
     adata = adata.copy() if copy else adata
+    check_cells(adata)
     check_obs_key(adata, groupby, "groupby")
     matrix = hierarchy_matrix(adata, use_rep, layer)
     cats = pd.Categorical(adata.obs[groupby])
@@ -224,19 +263,19 @@ def branch_hierarchy(
     labels = np.asarray(cats.codes, dtype=np.int64)
     check_class_sizes(labels, classes, min_cells_per_class, groupby)
     sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
-    options = {
-        "n_cells_per_class": n_cells_per_class,
-        "n_times": n_times,
-        "smooth_sigma": smooth_sigma,
-        "epsilon": epsilon,
-        "min_branch_length": min_branch_length,
-        "linkage": linkage,
-        "n_noise_draws": n_noise_draws,
-        "curves": curves,
-        "seed": seed,
-    }
+    options = DiscoveryOptions(
+        n_per_class=n_per_class,
+        n_times=n_times,
+        smooth_sigma=smooth_sigma,
+        epsilon=epsilon,
+        min_branch_length=min_branch_length,
+        linkage=linkage,
+        n_noise_draws=n_noise_draws,
+        curves=curves,
+        seed=seed,
+    )
     _, record = discover_record(
-        matrix, labels, classes, sde, groupby=groupby, use_rep=use_rep, layer=layer, **options
+        matrix, labels, classes, sde, options, groupby=groupby, use_rep=use_rep, layer=layer
     )
     adata.uns[key_added] = record
     result_newick = record["newick"]

@@ -1,12 +1,13 @@
 """``scbranch.tl.branch_stability``: how stable the branch points of the stored tree are.
 
-METHOD.md §4 item 8: rerun hierarchy discovery on resamples of the cells of every class and
-report, for every split of the stored tree, how often it recurs and how much its branch time
-varies.
+Rerun hierarchy discovery on resamples of the cells of every class (docs/method.md, 'Stability of
+branch points') and report, for every split of the stored tree, how often it recurs and how much its
+branch time varies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -16,9 +17,10 @@ import pandas as pd
 from anndata import AnnData
 from scvi.utils import track
 
-from .._constants import UNS_KEYS
+from .._keys import Key
 from .._validation import check_class_sizes, check_obs_key, to_dense
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
+from ..module._discovery import DiscoveryOptions
 from ._branch_hierarchy import hierarchy_matrix, read_hierarchy
 
 logger = logging.getLogger(__name__)
@@ -27,25 +29,17 @@ logger = logging.getLogger(__name__)
 COLUMNS = ["branch", "classes", "t", "support", "t_mean", "t_sd", "t_lo", "t_hi", "n_recur"]
 #: per-branch arrays of ``adata.uns[key]['stability']``
 _FIELDS = ("support", "t_mean", "t_sd", "t_lo", "t_hi", "n_recur")
-#: discovery options read back from the hierarchy's ``params``
-_OPTIONS = (
-    "n_cells_per_class",
-    "n_times",
-    "smooth_sigma",
-    "epsilon",
-    "min_branch_length",
-    "linkage",
-)
 _MIN_CELLS = 3
 
 
-def _discovery_settings(params: dict, key: str) -> tuple[dict, VPSDE]:
+def _discovery_settings(params: dict, key: str) -> tuple[DiscoveryOptions, VPSDE]:
     """Discovery options and forward process recorded by :func:`branch_hierarchy`."""
-    needed = ("groupby", *_OPTIONS, "beta0", "beta1", "t_min")
+    needed = ("groupby", "n_times", "smooth_sigma", "epsilon", "min_branch_length", "linkage")
+    needed += ("beta0", "beta1", "t_min")
     missing = [k for k in needed if k not in params]
-    if missing:
+    if missing or not {"n_per_class", "n_cells_per_class"} & set(params):
         raise ValueError(
-            f"adata.uns[{key!r}]['params'] lacks {missing}; rerun "
+            f"adata.uns[{key!r}]['params'] lacks {missing or ['n_per_class']}; rerun "
             "`scbranch.tl.branch_hierarchy` to record the discovery options."
         )
     if str(params.get("standardization", "global")) != "global":
@@ -53,21 +47,11 @@ def _discovery_settings(params: dict, key: str) -> tuple[dict, VPSDE]:
             f"adata.uns[{key!r}] was computed with standardization="
             f"{params['standardization']!r}; rerun `scbranch.tl.branch_hierarchy`."
         )
-    options = {
-        "n_per_class": int(params["n_cells_per_class"]),
-        "n_times": int(params["n_times"]),
-        "smooth_sigma": float(params["smooth_sigma"]),
-        "epsilon": float(params["epsilon"]),
-        "min_branch_length": float(params["min_branch_length"]),
-        "linkage": str(params["linkage"]),
-        # recorded since the option exists; hierarchies from before it used one draw
-        "n_noise_draws": int(params.get("n_noise_draws", 1)),
-        "curves": str(params.get("curves", "sampled")),
-    }
     sde = VPSDE(
         beta0=float(params["beta0"]), beta1=float(params["beta1"]), t_min=float(params["t_min"])
     )
-    return options, sde
+    # hierarchies recorded before n_noise_draws and curves existed used one sampled draw
+    return DiscoveryOptions.from_params(params), sde
 
 
 def _labels_of(adata: AnnData, groupby: str, classes: list[str]) -> np.ndarray:
@@ -94,7 +78,7 @@ def branch_stability(
     *,
     n_bootstrap: int = 50,
     fraction: float = 0.8,
-    key: str = UNS_KEYS.HIERARCHY,
+    key: str = Key.uns.HIERARCHY,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> pd.DataFrame:
@@ -113,8 +97,8 @@ def branch_stability(
     has a branch with exactly the same set of classes, and the branch time is summarised over
     the replicates where that clade recurs.
 
-    Discovery uses at most ``n_cells_per_class`` cells per class, so a class with more than
-    ``n_cells_per_class / fraction`` cells is simply subsampled to ``n_cells_per_class`` cells
+    Discovery uses at most ``n_per_class`` cells per class, so a class with more than
+    ``n_per_class / fraction`` cells is simply subsampled to ``n_per_class`` cells
     in every replicate, as in the stored tree, but with other cells each time.
 
     Parameters
@@ -126,7 +110,7 @@ def branch_stability(
     fraction
         Fraction of each class's cells drawn, without replacement, for every replicate; in
         ``(0, 1]``. With 1, replicates differ only by the noise (and by the subsample of
-        classes with more than ``n_cells_per_class`` cells).
+        classes with more than ``n_per_class`` cells).
     key
         Key in ``adata.uns`` of the hierarchy (the ``key_added`` of
         :func:`~scbranch.tl.branch_hierarchy`).
@@ -212,7 +196,7 @@ def branch_stability(
     n_draw = [max(2, int(np.floor(fraction * len(idx) + 1e-9))) for idx in per_class]
     # discovery keeps at most n_per_class cells of a class: drawing min(n_draw, n_per_class)
     # at once is the same distribution, and only those rows are ever densified
-    n_draw = [min(m, options["n_per_class"]) for m in n_draw]
+    n_draw = [min(m, options.n_per_class) for m in n_draw]
     internal = [b for b in tree.branches if b.children]
     times: dict[frozenset[int], list[float]] = {frozenset(b.classes): [] for b in internal}
     n_ok, failures, caught = 0, [], []
@@ -232,7 +216,9 @@ def branch_stability(
         try:
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
-                result = discover_hierarchy(x, labels[keep], classes, sde, seed=rep_seed, **options)
+                result = discover_hierarchy(
+                    x, labels[keep], classes, sde, dataclasses.replace(options, seed=rep_seed)
+                )
         except ValueError as err:
             failures.append(f"replicate {k}: {err}")
             continue
@@ -292,7 +278,7 @@ def branch_stability(
     return table
 
 
-def read_stability(adata: AnnData, key: str = UNS_KEYS.HIERARCHY) -> pd.DataFrame:
+def read_stability(adata: AnnData, key: str = Key.uns.HIERARCHY) -> pd.DataFrame:
     """The table of :func:`branch_stability`, rebuilt from ``adata.uns[key]['stability']``.
 
     Parameters

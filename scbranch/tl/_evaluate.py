@@ -1,6 +1,6 @@
 """``scbranch.tl.evaluate``: generated cells against held-out real cells, with a real control.
 
-The protocol of EVALUATION.md. Every metric compares generated cells of a class with real
+The protocol of docs/evaluation.md. Every metric compares generated cells of a class with real
 cells of that class, and the same metric is computed in the same call between two disjoint
 halves A and B of the real cells (the real-vs-real control, the floor no model can beat):
 
@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._keys import Key
 from .._validation import check_finite, check_obs_key
 from ..metrics._classifier import classifier_auroc
 from ..metrics._de import N_TOP_MARKERS, lfc_spearman, log_fold_changes, marker_overlap, top_markers
@@ -182,7 +183,7 @@ def _ordered(table: pd.DataFrame, groups: Sequence[str]) -> pd.DataFrame:
 
 
 def _mean_rows(table: pd.DataFrame, groups: Sequence[str]) -> pd.DataFrame:
-    """Per (space, metric): the mean over classes with finite values (EVALUATION.md).
+    """Per (space, metric): the mean over classes with finite values (docs/evaluation.md).
 
     Rows of class pairs (``de_pairs``) are not classes and stay out of the mean.
     """
@@ -231,8 +232,8 @@ def evaluate(
     compared: ``train`` when given, otherwise a seeded, stratified ``fit_fraction`` of ``real``
     held apart for fitting (the rest is split into the halves). Halves A and B and the generated
     cells are then all out-of-sample for the space they are compared in. (A PCA fitted on the
-    compared real cells gives them more spread than any new cell gets: unseen real cells scored
-    AUROC 0.64 against a control of 0.40 on pbmc3k that way; see ``docs/evaluation.md``.)
+    compared real cells gives them more spread than any new cell gets, so that real cells
+    nothing saw look like poor generated cells; see docs/evaluation.md.)
 
     Metrics (``better`` says which direction is better: ``"lower"``, or ``"closer to
     control"`` where a perfect generator matches the control and overshooting it means
@@ -662,7 +663,7 @@ def _uns_record(table: pd.DataFrame, params: dict) -> dict:
     return {"params": params, "table": columns}
 
 
-def read_evaluation(adata: AnnData, key: str = "scbranch_evaluation") -> pd.DataFrame:
+def read_evaluation(adata: AnnData, key: str = Key.uns.EVALUATION) -> pd.DataFrame:
     """The table :func:`evaluate` stored with ``key_added=key``, as a DataFrame.
 
     Examples

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy import stats
 
+from .._keys import Key
 from .._validation import check_finite, check_obs_key, to_dense
 from ..metrics._quality import _classifier
 from ..metrics._reference import ReferencePCA
@@ -26,11 +27,11 @@ from ..metrics._reference import ReferencePCA
 logger = logging.getLogger(__name__)
 
 #: phases of a transmutation trajectory, in order
-PHASES = ("source", "up", "branch point", "down", "endpoint")
+PHASES = Key.phase.ALL
 #: phases on the way down (from the branch point to the endpoint)
-DOWN_PHASES = ("branch point", "down", "endpoint")
+DOWN_PHASES = Key.phase.DOWN_PHASES
 #: per-row identity retention written by :func:`identity_retention` (documented output key)
-RETENTION_OBS_KEY = "scbranch_identity_retention"
+RETENTION_OBS_KEY = Key.obs.IDENTITY_RETENTION
 #: components of the PCA of genes used when no latent representation is shared
 N_COMPS_GENES = 30
 #: folds of the out-of-fold control when no held-out cells are given
@@ -61,7 +62,7 @@ RETENTION_COLUMNS = [
 # ------------------------------------------------------------------------------ inputs
 def _model_info(adata: AnnData) -> Mapping:
     """``uns['scbranch']['model']`` (empty when absent)."""
-    record = adata.uns.get("scbranch", {})
+    record = adata.uns.get(Key.uns.GENERATED, {})
     model = record.get("model", {}) if isinstance(record, Mapping) else {}
     return model if isinstance(model, Mapping) else {}
 
@@ -75,7 +76,9 @@ def _check_trajectories(adata: AnnData, name: str = "transmuted") -> None:
     """Raise unless ``adata`` is a trajectory AnnData (one row per cell and checkpoint)."""
     if not isinstance(adata, AnnData):
         raise TypeError(f"`{name}` must be an AnnData, got {type(adata).__name__}.")
-    missing = [k for k in ("trajectory", "checkpoint", "t") if k not in adata.obs.columns]
+    missing = [
+        k for k in (Key.obs.TRAJECTORY, Key.obs.CHECKPOINT, Key.obs.T) if k not in adata.obs.columns
+    ]
     if missing:
         raise ValueError(
             f"{name}.obs lacks {missing}: pass the trajectory AnnData returned by "
@@ -86,15 +89,16 @@ def _check_trajectories(adata: AnnData, name: str = "transmuted") -> None:
 def _check_transmutation(adata: AnnData, name: str = "transmuted") -> None:
     """Raise unless ``adata`` holds transmutation trajectories with source and endpoint rows."""
     _check_trajectories(adata, name)
-    missing = [k for k in ("phase", "source_label", "target_label") if k not in adata.obs.columns]
+    needed = (Key.obs.PHASE, Key.obs.SOURCE_LABEL, Key.obs.TARGET_LABEL)
+    missing = [k for k in needed if k not in adata.obs.columns]
     if missing:
         raise ValueError(
             f"{name}.obs lacks {missing}, so these are not transmutation trajectories (those of "
             "`model.generate(..., trajectory_times=...)` have no source cells). Pass the "
             "AnnData returned by `model.transmute(cells, target=...)`."
         )
-    phase = adata.obs["phase"].astype(str)
-    for needed in ("source", "endpoint"):
+    phase = adata.obs[Key.obs.PHASE].astype(str)
+    for needed in (Key.phase.SOURCE, Key.phase.ENDPOINT):
         if not (phase == needed).any():
             raise ValueError(
                 f"{name} has no rows with obs['phase'] == {needed!r} (phases present: "
@@ -106,8 +110,8 @@ def _check_transmutation(adata: AnnData, name: str = "transmuted") -> None:
 def _phase_rows(adata: AnnData, phase: str) -> pd.Series:
     """Row positions of one phase, indexed by trajectory id (one row per trajectory)."""
     obs = adata.obs
-    pos = np.flatnonzero(obs["phase"].astype(str).to_numpy() == phase)
-    ids = obs["trajectory"].astype(str).to_numpy()[pos]
+    pos = np.flatnonzero(obs[Key.obs.PHASE].astype(str).to_numpy() == phase)
+    ids = obs[Key.obs.TRAJECTORY].astype(str).to_numpy()[pos]
     rows = pd.Series(pos, index=pd.Index(ids, name="trajectory"))
     if rows.index.has_duplicates:
         dup = list(pd.unique(rows.index[rows.index.duplicated()])[:3])
@@ -120,7 +124,7 @@ def _phase_rows(adata: AnnData, phase: str) -> pd.Series:
 
 def _paired_rows(adata: AnnData) -> pd.DataFrame:
     """Per trajectory: row of its source state, row of its endpoint, source and target label."""
-    src, end = _phase_rows(adata, "source"), _phase_rows(adata, "endpoint")
+    src, end = _phase_rows(adata, Key.phase.SOURCE), _phase_rows(adata, Key.phase.ENDPOINT)
     common = end.index.intersection(src.index, sort=False)
     dropped = len(end) + len(src) - 2 * len(common)
     if dropped:
@@ -133,8 +137,8 @@ def _paired_rows(adata: AnnData) -> pd.DataFrame:
         {
             "source": src.loc[common].to_numpy(),
             "endpoint": end_pos,
-            "source_label": obs["source_label"].astype(str).to_numpy()[end_pos],
-            "target_label": obs["target_label"].astype(str).to_numpy()[end_pos],
+            "source_label": obs[Key.obs.SOURCE_LABEL].astype(str).to_numpy()[end_pos],
+            "target_label": obs[Key.obs.TARGET_LABEL].astype(str).to_numpy()[end_pos],
         },
         index=common,
     )
@@ -325,7 +329,7 @@ def transmutation_success(
     labels_key: str | None = None,
     use_rep: str | None = None,
     classifier: str = "knn",
-    key_added: str | None = "scbranch_transmutation_success",
+    key_added: str | None = Key.uns.TRANSMUTATION_SUCCESS,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Fraction of transmuted cells that a classifier of real cells calls the target type.
@@ -548,7 +552,7 @@ def identity_retention(
     *,
     use_rep: str | None = None,
     n_shuffles: int = 100,
-    key_added: str | None = "scbranch_identity_retention",
+    key_added: str | None = Key.uns.IDENTITY_RETENTION,
     seed: int = 0,
 ) -> pd.DataFrame:
     """How much of each cell's individuality survives the transmutation.
@@ -649,7 +653,7 @@ def identity_retention(
             n,
         )
     table = pd.DataFrame(rows, columns=RETENTION_COLUMNS)
-    ids = transmuted.obs["trajectory"].astype(str).to_numpy()
+    ids = transmuted.obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
     transmuted.obs[RETENTION_OBS_KEY] = per_trajectory.reindex(ids).to_numpy(dtype=np.float64)
     if key_added is not None:
         transmuted.uns[key_added] = _record(
@@ -700,7 +704,7 @@ def rank_transmutation_genes(
     *,
     n_genes: int | None = None,
     method: str = "mean_change",
-    key_added: str = "scbranch_transmutation_genes",
+    key_added: str = Key.uns.TRANSMUTATION_GENES,
 ) -> None:
     """Rank genes by their change along each transmutation, as :func:`scanpy.tl.rank_genes_groups`.
 
@@ -710,11 +714,9 @@ def rank_transmutation_genes(
     ``method="t-test_paired"`` the paired t statistic (:func:`scipy.stats.ttest_rel`); rows are
     sorted by score in decreasing order (up-regulated genes first). The mean change is the
     default because decoded expression carries no per-gene noise: a gene the latent barely
-    moves changes by a tiny, nearly constant amount in every cell and gets a huge t statistic.
-    On pbmc68k (CD14+ monocytes to dendritic cells, ``benchmarks/interpretability.py``) the top
-    20 genes by t statistic held no dendritic-cell marker and shared 1 gene with the top 20 of
-    real differential expression; by mean change they held FCER1A, CLEC10A, LGALS2 and five
-    MHC class II genes and shared 12. P-values always come from the paired t-test (they
+    moves changes by a tiny, nearly constant amount in every cell and gets a huge t statistic
+    (the two are compared in docs/benchmarks/interpretability.md). P-values always come from
+    the paired t-test (they
     describe how consistent a change is across cells; the cells are model outputs, not
     independent samples). Log fold changes are computed as scanpy does from log1p data,
     ``log2((expm1(mean_end) + 1e-9) / (expm1(mean_source) + 1e-9))`` (means below 0, possible
@@ -779,17 +781,17 @@ def rank_transmutation_genes(
     check_finite(x, "transmuted.X")
     paired = _paired_rows(transmuted)
     obs = transmuted.obs
-    ids = obs["trajectory"].astype(str).to_numpy()
-    checkpoints = obs["checkpoint"].to_numpy(dtype=np.int64)
-    phase = obs["phase"].astype(str).to_numpy()
-    t = obs["t"].to_numpy(dtype=np.float64)
+    ids = obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
+    checkpoints = obs[Key.obs.CHECKPOINT].to_numpy(dtype=np.int64)
+    phase = obs[Key.obs.PHASE].astype(str).to_numpy()
+    t = obs[Key.obs.T].to_numpy(dtype=np.float64)
     n_vars = transmuted.n_vars
     n_keep = n_vars if n_genes is None else min(int(n_genes), n_vars)
     var_names = np.asarray(transmuted.var_names, dtype=object)
 
     groups = list(pd.unique(paired["target_label"]))
-    if isinstance(obs["target_label"].dtype, pd.CategoricalDtype):
-        order = [str(c) for c in obs["target_label"].cat.categories]
+    if isinstance(obs[Key.obs.TARGET_LABEL].dtype, pd.CategoricalDtype):
+        order = [str(c) for c in obs[Key.obs.TARGET_LABEL].cat.categories]
         groups = sorted(groups, key=order.index)
     fields: dict[str, dict[str, np.ndarray]] = {
         k: {}
@@ -865,7 +867,7 @@ def rank_transmutation_genes(
     }
     record: dict = {
         "params": {
-            "groupby": "target_label",
+            "groupby": Key.obs.TARGET_LABEL,
             "reference": "source",
             "method": method,
             "use_raw": False,

@@ -157,8 +157,12 @@ def case_pca_space_save_load_and_extension(pca_model, tmp_path: Path):
     mean = np.asarray(adata.X.mean(0)).ravel()
     new.obsm["X_pca"] = (_dense(new.X) - mean) @ loadings
     loaded.add_classes(new, labels=["c9"], max_epochs=2, seed=0, progress_bar=False)
-    ext = loaded.generate(n_cells=5, seed=8, progress_bar=False)
-    _check("pca.extended.latent", ext.obsm["X_pca"])
+    # the old types after extension (unchanged: zero forgetting) and the new one (its head's
+    # training recipe is pinned here)
+    old = loaded.generate(n_cells=5, labels=["c0", "c1", "c2", "c3"], seed=8, progress_bar=False)
+    _check("pca.extended.old_types", old.obsm["X_pca"])
+    new = loaded.generate(n_cells={"c9": 5}, seed=8, progress_bar=False)
+    _check("pca.extended.new_type", new.obsm["X_pca"])
     _check("pca.extended.tree", loaded.tree.to_newick(6))
 
 

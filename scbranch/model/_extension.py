@@ -1,0 +1,233 @@
+"""Class extension (docs/method.md): new cell types added to a trained model, old ones kept.
+
+:meth:`~scbranch.BranchedDiffusion.add_classes` runs here, on the model's public state: its
+module (placement and the new head, ``module/_extension.py``), its space (the new cells and
+what the space keeps per type), and the persisted attributes (``registry_``,
+``reference_samples_``, ``class_counts_``, ``extensions_``, ``hierarchy_record_``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scvi.data import AnnDataManager
+
+from .._constants import REGISTRY_KEYS
+from .._utils import progress
+from .._validation import check_obs_key, to_dense
+from ..module._discovery import DiscoveryOptions, subsample_per_class
+from ..module._extension import add_class_head
+from ..module._recipe import TrainingRecipe
+
+if TYPE_CHECKING:
+    from ._model import BranchedDiffusion
+
+logger = logging.getLogger(__name__)
+
+#: standardised cells kept per class for placing classes added later
+REFERENCE_CELLS = 200
+
+
+def reference_sample(x, labels: np.ndarray, shift, scale: float, n_classes: int) -> dict:
+    """Up to :data:`REFERENCE_CELLS` seeded, standardised cells of every class."""
+    keep = subsample_per_class(labels, n_classes, REFERENCE_CELLS, seed=0)
+    rows = to_dense(x[keep])
+    return {
+        "x": ((rows - shift) / scale).astype(np.float32),
+        "labels": labels[keep].astype(np.int64),
+    }
+
+
+def add_classes(
+    model: BranchedDiffusion,  # the model, when called as ``model.add_classes(...)``
+    adata: AnnData,
+    labels: Sequence[str] | None = None,
+    *,
+    labels_key: str | None = None,
+    max_epochs: int | None = None,
+    batch_size: int = 64,
+    lr: float = TrainingRecipe.lr,
+    ema_decay: float = TrainingRecipe.ema_decay,
+    min_cells: int = 10,
+    fine_tune_shared: bool = False,
+    seed: int = 0,
+    progress_bar: bool = True,
+) -> BranchedDiffusion:
+    """Add new cell types without retraining and without changing the old ones.
+
+    For each new type, in order: its crossover times against the model's stored reference
+    cells of every known type place it on the tree (it joins the type it becomes
+    indistinguishable from first, at that time, by the crossover rule and the options the
+    tree was discovered with); the branch it joins is split there, keeping its head on both
+    halves; a new head, warm-started from that branch's head, is trained on the new cells
+    only, with t below the branch point, by the training recipe of :meth:`train` (the same
+    time distribution, loss, optimiser, schedule and EMA); every other parameter stays
+    frozen. Old types therefore use exactly the same parameters at every time: with the
+    same seed and the same requested types, :meth:`generate` returns bit-identical cells
+    before and after (with the default ``share=True``).
+
+    Parameters
+    ----------
+    adata
+        Cells of the new types, in the model's representation: ``obsm[obsm_key]`` in the
+        same latent space (e.g. projected on the same PCA), the same genes for expression
+        models, or the scVI model's genes and counts for scVI models. Cells of other types
+        are ignored.
+    labels
+        New types to add (default: every type in ``adata`` the model does not know).
+    labels_key
+        Column of ``adata.obs`` with the types (default: the model's).
+    max_epochs
+        Passes over a new type's cells (default: about 1,000 optimiser steps).
+    batch_size, lr, ema_decay
+        Optimiser settings of the new head (as in :meth:`train`).
+    min_cells
+        Types with fewer cells raise an error.
+    fine_tune_shared
+        After the new head, also fine-tune, for as many steps again, the heads of the
+        branches above the new branch point (shared with old types), on the new cells plus
+        a replay of the stored reference cells of every type. Off by default: it gives up
+        the zero-forgetting guarantee (the old types using those heads change) for a
+        possibly better fit of the new type's upper path (``benchmarks/extension.py``).
+    seed
+        Seed of placement noise and training.
+    progress_bar
+        Show a progress bar over the steps.
+
+    Returns
+    -------
+    The model itself (extended in place), for chaining.
+
+    Examples
+    --------
+    >>> model.add_classes(adata_new, labels=["Megakaryocyte"], max_epochs=100)  # doctest: +SKIP
+    >>> model.generate(n_cells={"Megakaryocyte": 200}, seed=0)  # doctest: +SKIP
+    """
+    if model.module.architecture != "branched":
+        raise ValueError(
+            "A flat model has no branches to extend: every weight is shared by all types. "
+            "Retrain it on all types, or use architecture='branched'."
+        )
+    if model.reference_samples_ is None:
+        raise ValueError(
+            "This model has no reference cells to place new types against (saved by an "
+            "older scbranch); build and train it again to extend it."
+        )
+    labels_key = labels_key or model.labels_key
+    labels = new_labels(model, adata, labels, labels_key)
+    data = new_class_data(model, adata, labels_key, labels, min_cells)
+    record = model.hierarchy_record_ or {}
+    options = DiscoveryOptions.from_params(record.get("params"), seed=seed)
+    recipe = TrainingRecipe(lr=lr, ema_decay=ema_decay)
+    for name in labels:
+        t0 = time.perf_counter()
+        x, extras = data[name]
+        z = (x - model.module.shift.cpu().numpy()) / float(model.module.scale)
+        record = add_class_head(
+            model.module,
+            model.reference_samples_,
+            z,
+            name,
+            options,
+            class_names=[*model.classes, name],
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            recipe=recipe,
+            fine_tune_shared=fine_tune_shared,
+            seed=seed,
+            progress=progress(f"Training {name}", progress_bar),
+        )
+        record["joins"] = model.classes[record["joins"]]
+        register_class(model, name, z, extras)
+        model.extensions_.append({**record, "seconds": time.perf_counter() - t0})
+        logger.info(
+            "Added %r: joins %r at t=%.3f (%d cells, %d steps, %.1f s).",
+            name,
+            record["joins"],
+            record["t"],
+            len(z),
+            record["n_steps"],
+            model.extensions_[-1]["seconds"],
+        )
+    model.module.eval()
+    return model
+
+
+def new_labels(model: BranchedDiffusion, adata: AnnData, labels, labels_key: str) -> list[str]:
+    """The new types asked for, checked against ``adata`` and the model."""
+    check_obs_key(adata, labels_key)
+    present = [str(c) for c in pd.unique(adata.obs[labels_key].astype(str))]
+    if labels is None:
+        labels = [c for c in present if c not in model.classes]
+        if not labels:
+            raise ValueError(
+                f"adata.obs[{labels_key!r}] holds no type the model does not know already; "
+                "nothing to add."
+            )
+    labels = [str(c) for c in ([labels] if isinstance(labels, str) else labels)]
+    known = [c for c in labels if c in model.classes]
+    if known:
+        raise ValueError(
+            f"The model knows {known} already; add_classes adds new types only. Rename "
+            "them, or retrain to change existing types."
+        )
+    missing = [c for c in labels if c not in present]
+    if missing:
+        raise KeyError(f"No cells labelled {missing} in adata.obs[{labels_key!r}].")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels lists a type twice: {labels}.")
+    return labels
+
+
+def new_class_data(
+    model: BranchedDiffusion, adata: AnnData, labels_key: str, labels: list[str], min_cells: int
+) -> dict:
+    """Per new type: its cells in the model's data space, and what its space keeps."""
+    names = adata.obs[labels_key].astype(str).to_numpy()
+    small = {c: int((names == c).sum()) for c in labels if (names == c).sum() < min_cells}
+    if small:
+        listing = ", ".join(f"{c!r} ({n} cells)" for c, n in small.items())
+        raise ValueError(
+            f"New type(s) {listing} have fewer than min_cells={min_cells} cells: too few to "
+            "place on the tree and train a head. Collect more cells or lower `min_cells`."
+        )
+    keep = np.isin(names, labels)
+    x, extras = model.space.class_data(adata[keep], "the new cells")
+    sub_names = names[keep]
+    return {
+        c: (x[sub_names == c], {k: v[sub_names == c] for k, v in extras.items()}) for c in labels
+    }
+
+
+def register_class(model: BranchedDiffusion, name: str, z: np.ndarray, extras: dict) -> None:
+    """Make a trained new class known everywhere generate/save/load look."""
+    code = len(model.classes)
+    # a private copy: the registry of the training AnnData (shared with its manager)
+    # keeps describing those data
+    model.registry_ = copy.deepcopy(model.registry_)
+    labels_field = model.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]
+    state = labels_field["state_registry"]
+    state["categorical_mapping"] = np.append(
+        np.asarray(state["categorical_mapping"], dtype=object), name
+    )
+    labels_field.setdefault("summary_stats", {})["n_labels"] = code + 1
+    model.summary_stats = AnnDataManager._get_summary_stats_from_registry(model.registry_)
+    keep = np.random.default_rng(0).permutation(len(z))[:REFERENCE_CELLS]
+    ref = model.reference_samples_
+    model.reference_samples_ = {
+        "x": np.concatenate([ref["x"], z[np.sort(keep)].astype(np.float32)]),
+        "labels": np.concatenate([ref["labels"], np.full(len(keep), code, dtype=np.int64)]),
+    }
+    model.class_counts_ = np.append(model.class_counts_, len(z))
+    model.space.add_class(extras)
+    # what load() rebuilds the module from
+    model.init_params_["non_kwargs"]["hierarchy"] = model.tree.to_dict()
+    model.hierarchy_record_ = {**(model.hierarchy_record_ or {}), "tree": model.tree.to_dict()}
+    model.refresh_summary()

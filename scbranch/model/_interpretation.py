@@ -1,0 +1,438 @@
+"""Interpretation with the tree: transmutation, hybrids and trajectories (docs/method.md).
+
+The model's :meth:`~scbranch.BranchedDiffusion.transmute`,
+:meth:`~scbranch.BranchedDiffusion.hybrids` and ``generate(trajectory_times=...)`` run here.
+These functions use only the model's public attributes (``module``, ``tree``, ``space``,
+``classes``, ``labels_key``) and methods (``encode``); every result is a new AnnData with one
+row per (cell, checkpoint) and the keys of :class:`scbranch._keys.Key`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from anndata.utils import make_index_unique
+
+from .._keys import Key
+from .._utils import progress, resolve_seed
+from .._validation import check_obs_key
+from ..module._sampling import SampleResult
+from ..module._solvers import DEFAULT_N_STEPS, resolve_solver
+from ..module._transport import denoise, transport
+from ._output import generated_anndata, trajectory_anndata
+
+if TYPE_CHECKING:
+    from ._model import BranchedDiffusion
+
+logger = logging.getLogger(__name__)
+
+#: solver steps per leg of a transmutation when none are given
+TRANSMUTE_STEPS = {"ode": 50, "sde": 200}
+
+
+def checkpoint_times(t_min: float, t_branch: float, n: int, sde) -> np.ndarray:
+    """``n`` times from ``t_min`` up to ``t_branch``, evenly spaced in log-SNR, exact ends."""
+    lam = np.linspace(sde.log_snr(t_min), sde.log_snr(t_branch), n)
+    times = np.asarray(sde.t_from_log_snr(lam), dtype=np.float64)
+    times[0], times[-1] = t_min, t_branch
+    return times
+
+
+def _unstandardized(module, z: torch.Tensor) -> np.ndarray:
+    """(n, k, d) standardised states -> (n * k, d) in the data space, numpy."""
+    return module.unstandardize(z).reshape(-1, z.shape[-1]).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def transmute(
+    model: BranchedDiffusion,  # the model, when called as ``model.transmute(...)``
+    adata: AnnData,
+    target: str,
+    *,
+    source: str | None = None,
+    per_cell_source: bool = False,
+    mode: str = "ode",
+    n_checkpoints: int = 5,
+    n_steps: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    progress_bar: bool = True,
+) -> AnnData:
+    """Carry real cells of one type to another type through their branch point.
+
+    Each cell goes up the diffusion process along its own type's branches to the time ``t*``
+    where its type and ``target`` join, then down along the target's branches (docs/method.md).
+    What the cell has beyond its type survives as far as the process keeps it: ``mode="ode"``
+    is deterministic and invertible (transmuting the result back returns the cell up to solver
+    error), ``mode="sde"`` noises the cell in closed form and samples the way down (more
+    diverse, keeps less of the cell).
+
+    Parameters
+    ----------
+    adata
+        Real cells in the model's representation (``obsm[obsm_key]`` in the same latent
+        space, the model's genes for expression models, or counts of the scVI model's genes
+        for scVI models).
+    target
+        The type to transmute into.
+    source
+        Treat every cell as this type. Default: ``adata.obs[labels_key]``, which must hold
+        one type unless ``per_cell_source=True``.
+    per_cell_source
+        Cells of several types: carry each up along its own type's branches (to its own
+        branch point with the target).
+    mode
+        ``"ode"`` (probability-flow ODE both ways, Heun) or ``"sde"`` (exact forward
+        noising up, reverse SDE Euler-Maruyama down).
+    n_checkpoints
+        States recorded on each leg, both ends included: every cell gets
+        ``2 * n_checkpoints - 1`` rows, the middle one at the branch point.
+    n_steps
+        Solver steps per leg (default 50 for ``"ode"``, 200 for ``"sde"``); the grid holds
+        every branch point on the way and every checkpoint.
+    seed
+        Seed of the noise (``"sde"``); `None` draws one (recorded in ``uns``).
+    batch_size
+        At most this many cells per forward pass.
+    progress_bar
+        Show progress bars over the steps.
+
+    Returns
+    -------
+    AnnData with one row per (cell, checkpoint), rows grouped by cell: ``obs['trajectory']``
+    and ``obs['source_cell']`` (the cell's name in ``adata``), ``obs['checkpoint']``,
+    ``obs['t']``, ``obs['phase']`` (``"source"``, ``"up"``, ``"branch point"``, ``"down"``,
+    ``"endpoint"``), ``obs['branch']``, ``obs['source_label']``, ``obs['target_label']``; the
+    model's estimate of the clean cell at each state (E[x_0 | x_t]) in ``obsm[obsm_key]`` and
+    decoded in ``.X`` where the space allows; the noisy state in ``obsm['scbranch_state']``;
+    parameters in ``uns['scbranch']['params']``. The source rows hold the cells as given, the
+    endpoint rows the transmuted cells: select them with ``tm[tm.obs['phase'] == 'endpoint']``.
+
+    Examples
+    --------
+    >>> mono = adata[adata.obs["cell_type"] == "CD14+ Monocyte"]  # doctest: +SKIP
+    >>> tm = model.transmute(mono, target="Dendritic", mode="ode")  # doctest: +SKIP
+    >>> dc_like = tm[tm.obs["phase"] == "endpoint"]  # doctest: +SKIP
+    """
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    if adata.n_obs == 0:
+        raise ValueError("`adata` holds no cells to transmute.")
+    if mode not in ("ode", "sde"):
+        raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}.")
+    if int(n_checkpoints) < 2:
+        raise ValueError(f"n_checkpoints must be at least 2, got {n_checkpoints}.")
+    n_steps = TRANSMUTE_STEPS[mode] if n_steps is None else int(n_steps)
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps}.")
+    target_code = int(model.tree.class_index(str(target))[0])
+    sources = _transmutation_sources(model, adata, source, per_cell_source, target_code)
+    x = model.encode(adata, "the cells to transmute")
+    seed = resolve_seed(seed)
+    solvers = ("heun", "heun") if mode == "ode" else ("noise", "em")
+
+    module, tree, sde = model.module, model.tree, model.module.sde
+    device = module.shift.device
+    eps_fn = module.eps_fn()
+    k = int(n_checkpoints)
+    n_rows = 2 * k - 1
+    z_all = module.standardize(torch.as_tensor(x, dtype=torch.float32, device=device))
+    states = torch.empty((len(x), n_rows, x.shape[1]), device=device)
+    estimates = torch.empty_like(states)
+    times = np.empty((len(x), n_rows))
+    branches = np.empty((len(x), n_rows), dtype=np.int64)
+    n_calls = 0
+    branch_times = {}
+    for s in np.unique(sources):
+        pos = np.flatnonzero(sources == s)
+        rows = torch.as_tensor(pos, device=device)
+        t_star = tree.branch_time(int(s), target_code)
+        branch_times[model.classes[s]] = t_star
+        up_times = checkpoint_times(sde.t_min, t_star, k, sde)
+        path_times = np.r_[up_times, up_times[-2::-1]]
+        path_labels = np.r_[np.full(k, s), np.full(k - 1, target_code)]
+        group_seed = int(np.random.SeedSequence([seed, int(s)]).generate_state(1)[0])
+        legs = []
+        for leg, (t_from, t_to, code, solver) in enumerate(
+            [
+                (sde.t_min, t_star, s, solvers[0]),
+                (t_star, sde.t_min, target_code, solvers[1]),
+            ]
+        ):
+            name = f"{model.classes[s]} -> {target} ({'up' if leg == 0 else 'down'})"
+            res = transport(
+                eps_fn,
+                tree,
+                sde,
+                z_all[rows] if leg == 0 else legs[0].x,
+                torch.full((len(rows),), int(code), device=device),
+                t_from,
+                t_to,
+                solver=solver,
+                n_steps=n_steps,
+                seed=group_seed,
+                record_times=up_times,
+                batch_size=batch_size,
+                progress=progress(name, progress_bar),
+            )
+            legs.append(res)
+            n_calls += res.n_network_calls
+        for j, (t, code) in enumerate(zip(path_times, path_labels, strict=True)):
+            leg = legs[0] if j < k else legs[1]
+            state = leg.trajectory[float(t)]
+            labels = torch.full((len(rows),), int(code), device=device)
+            if j == 0 or (j == n_rows - 1 and mode == "ode"):
+                # the given cell, and the ODE's endpoint: a state at t_min IS the cell
+                # (denoising it would break the exact inverse)
+                estimate = state
+            else:
+                estimate = denoise(eps_fn, tree, sde, state, labels, float(t))
+                n_calls += 1
+            states[rows, j] = state
+            estimates[rows, j] = estimate
+            times[pos, j] = t
+            branches[pos, j] = tree.lookup(np.array([code]), float(t))[0]
+
+    names = make_index_unique(pd.Index(adata.obs_names.astype(str)))
+    phase = np.array([Key.phase.UP] * n_rows, dtype=object)
+    phase[0], phase[k - 1] = Key.phase.SOURCE, Key.phase.BRANCH_POINT
+    phase[k:], phase[-1] = Key.phase.DOWN, Key.phase.ENDPOINT
+    cells = np.repeat(np.asarray(names), n_rows)
+    checkpoint = np.tile(np.arange(n_rows), len(x))
+    obs = pd.DataFrame(
+        {
+            Key.obs.TRAJECTORY: pd.Categorical(cells, categories=list(names)),
+            Key.obs.CHECKPOINT: checkpoint,
+            Key.obs.T: times.ravel(),
+            Key.obs.PHASE: pd.Categorical(np.tile(phase, len(x)), categories=Key.phase.ALL),
+            Key.obs.BRANCH: branches.ravel(),
+            Key.obs.SOURCE_LABEL: pd.Categorical.from_codes(
+                np.repeat(sources, n_rows), categories=model.classes
+            ),
+            Key.obs.TARGET_LABEL: pd.Categorical.from_codes(
+                np.full(len(cells), target_code), categories=model.classes
+            ),
+            Key.obs.SOURCE_CELL: np.repeat(np.asarray(adata.obs_names.astype(str)), n_rows),
+        },
+        index=[f"{c}-{j}" for c, j in zip(cells, checkpoint, strict=True)],
+    )
+    params = {
+        "kind": "transmutation",
+        "target": str(target),
+        "sources": np.array(list(branch_times), dtype=object),
+        "branch_times": np.array(list(branch_times.values()), dtype=np.float64),
+        "mode": mode,
+        "solver_up": solvers[0],
+        "solver_down": solvers[1],
+        "n_checkpoints": k,
+        "n_steps": n_steps,
+        "seed": seed,
+        "n_cells": len(x),
+        "n_network_calls": n_calls,
+    }
+    out = trajectory_anndata(
+        model, _unstandardized(module, states), _unstandardized(module, estimates), obs, params
+    )
+    logger.info(
+        "Transmuted %d cells into %r (%s) through t* = %s with %d network calls.",
+        len(x),
+        target,
+        mode,
+        ", ".join(f"{t:.3f}" for t in branch_times.values()),
+        n_calls,
+    )
+    return out
+
+
+def _transmutation_sources(
+    model: BranchedDiffusion,
+    adata: AnnData,
+    source: str | None,
+    per_cell_source: bool,
+    target_code: int,
+) -> np.ndarray:
+    """Class index of every cell's source type (validated against the target)."""
+    if source is not None:
+        codes = np.full(adata.n_obs, int(model.tree.class_index(str(source))[0]))
+    else:
+        check_obs_key(adata, model.labels_key)
+        names = adata.obs[model.labels_key].astype(str).to_numpy()
+        present = list(pd.unique(names))
+        if len(present) > 1 and not per_cell_source:
+            counts = pd.Series(names).value_counts()
+            listing = ", ".join(f"{c!r} ({n})" for c, n in counts.items())
+            raise ValueError(
+                f"adata holds cells of {len(present)} types ({listing}). Transmute one type "
+                "at a time (subset adata), pass `source=` to treat every cell as one type, "
+                "or `per_cell_source=True` to carry each cell along its own type's branches."
+            )
+        codes = model.tree.class_index(names)
+    if np.any(codes == target_code):
+        raise ValueError(
+            f"{int(np.sum(codes == target_code))} cell(s) already are of the target type "
+            f"{model.classes[target_code]!r}: a type cannot be transmuted into itself. "
+            "Choose another target, or leave these cells out."
+        )
+    return codes.astype(np.int64)
+
+
+@torch.inference_mode()
+def hybrids(
+    model: BranchedDiffusion,  # the model, when called as ``model.hybrids(...)``
+    label_a: str,
+    label_b: str,
+    n_cells: int = 100,
+    *,
+    solver: str = "heun",
+    n_steps: int = DEFAULT_N_STEPS,
+    seed: int | None = None,
+    counts: bool | None = None,
+    batch: str | None = None,
+    batch_size: int | None = None,
+    progress_bar: bool = True,
+) -> AnnData:
+    """Pairs of cells of two types that share their whole reverse path above the branch point.
+
+    The reverse process runs once from t = 1 down to ``t*``, where ``label_a`` and ``label_b``
+    split; the same states then finish once along ``label_a``'s branches and once along
+    ``label_b``'s. The two cells of a pair differ only by what the process adds below ``t*``:
+    what the types share, and where they part.
+
+    Parameters
+    ----------
+    label_a, label_b
+        The two types (different).
+    n_cells
+        Number of pairs.
+    solver, n_steps, seed, counts, batch, batch_size, progress_bar
+        As in :meth:`~scbranch.BranchedDiffusion.generate` (sharing is always on).
+
+    Returns
+    -------
+    AnnData of ``2 * n_cells`` generated cells, as ``generate`` returns them, with
+    ``obs['pair']`` (pair index), ``obs['side']`` (which type), and the shared state at the
+    branch point in ``obsm['scbranch_branch_state']``.
+
+    Examples
+    --------
+    >>> hy = model.hybrids("CD4+/CD25 T Reg", "CD8+ Cytotoxic T", n_cells=200)  # doctest: +SKIP
+    >>> hy.obs.groupby("side").size()  # doctest: +SKIP
+    """
+    if model.module.architecture != "branched":
+        raise ValueError(
+            "Hybrids need a branched model: a label-guided (flat) model has no reverse "
+            "path that two types share."
+        )
+    a, b = (int(c) for c in model.tree.class_index([str(label_a), str(label_b)]))
+    if a == b:
+        raise ValueError(f"Hybrids need two different types, got {label_a!r} twice.")
+    if int(n_cells) < 1:
+        raise ValueError(f"n_cells must be a positive integer, got {n_cells}.")
+    n = int(n_cells)
+    solver = resolve_solver(solver)
+    options = model.space.resolve_options(counts=counts, batch=batch, residual_noise=False)
+    seed = resolve_seed(seed)
+    t_star = model.tree.branch_time(a, b)
+    res = model.module.sample_cells(
+        {a: n, b: n},
+        solver=solver,
+        n_steps=n_steps,
+        share=True,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress("Sampling", progress_bar),
+        record_times=[t_star],
+    )
+    params = {
+        "kind": "hybrids",
+        "label_a": str(label_a),
+        "label_b": str(label_b),
+        "branch_time": t_star,
+        "n_cells": n,
+        "solver": solver,
+        "n_steps": n_steps,
+        "share": True,
+        "seed": seed,
+        "residual_noise": False,
+        "counts": options["counts"],
+        "batch": options["batch"] or "",
+        "n_network_calls": res.n_network_calls,
+        "n_row_evaluations": res.n_row_evaluations,
+    }
+    out = generated_anndata(model, res.x.float().cpu().numpy(), res.labels.cpu().numpy(), params)
+    out.obs[Key.obs.PAIR] = np.tile(np.arange(n), 2)
+    out.obs[Key.obs.SIDE] = pd.Categorical(
+        [str(label_a)] * n + [str(label_b)] * n, categories=[str(label_a), str(label_b)]
+    )
+    out.obs_names = [f"hybrid{i}_{side}" for side in ("a", "b") for i in range(n)]
+    out.obsm[Key.obsm.BRANCH_STATE] = res.trajectory[t_star].float().cpu().numpy()
+    return out
+
+
+def check_trajectory_times(
+    model: BranchedDiffusion, times: Sequence[float], counts: bool | None, residual_noise: bool
+) -> list[float]:
+    """Validated recording times of :meth:`generate`, decreasing (0: the final cells)."""
+    t_min = model.module.sde.t_min
+    values = sorted({float(t) for t in np.atleast_1d(np.asarray(times, dtype=float))})
+    if not values:
+        raise ValueError("trajectory_times is empty; give times in [t_min, 1] or 0.")
+    bad = [t for t in values if not (t == 0.0 or t_min <= t <= 1.0)]
+    if bad:
+        raise ValueError(
+            f"trajectory_times must be 0 (the final cells) or lie in [t_min={t_min}, 1]; got {bad}."
+        )
+    if counts or residual_noise:
+        raise ValueError(
+            "Trajectories carry the model's clean estimate at each time, not counts or "
+            "residual noise; generate the final cells without `trajectory_times` for those."
+        )
+    return values[::-1]
+
+
+def generation_trajectories(
+    model: BranchedDiffusion, res: SampleResult, times: list[float], params: dict
+) -> AnnData:
+    """One row per (generated cell, recorded time) from a sampler run."""
+    module, tree = model.module, model.tree
+    eps_fn = module.eps_fn()
+    labels = res.labels
+    n, n_rows = len(labels), len(times)
+    states, estimates, branches = [], [], []
+    with torch.inference_mode():
+        for t in times:
+            if t == 0.0:
+                state = estimate = res.x
+            else:
+                state = res.trajectory[t]
+                z = module.standardize(state)
+                estimate = module.unstandardize(denoise(eps_fn, tree, module.sde, z, labels, t))
+            states.append(state)
+            estimates.append(estimate)
+            branches.append(tree.lookup(labels.cpu().numpy(), t))
+    # (n, n_rows, d): rows grouped by cell
+    states_np = torch.stack(states, 1).reshape(n * n_rows, -1).float().cpu().numpy()
+    estimates_np = torch.stack(estimates, 1).reshape(n * n_rows, -1).float().cpu().numpy()
+    codes = np.repeat(labels.cpu().numpy(), n_rows)
+    cells = np.repeat([f"gen{i}" for i in range(n)], n_rows)
+    checkpoint = np.tile(np.arange(n_rows), n)
+    classes = pd.Categorical.from_codes(codes, categories=model.classes)
+    obs = pd.DataFrame(
+        {
+            Key.obs.TRAJECTORY: pd.Categorical(cells, categories=[f"gen{i}" for i in range(n)]),
+            Key.obs.CHECKPOINT: checkpoint,
+            Key.obs.T: np.tile(np.asarray(times, dtype=np.float64), n),
+            Key.obs.BRANCH: np.stack(branches, 1).ravel().astype(np.int64),
+            model.labels_key: classes,
+            Key.obs.TARGET_LABEL: classes.copy(),
+        },
+        index=[f"{c}-{j}" for c, j in zip(cells, checkpoint, strict=True)],
+    )
+    params = {**params, "kind": "trajectories", "trajectory_times": np.asarray(times)}
+    return trajectory_anndata(model, states_np, estimates_np, obs, params)

@@ -1,0 +1,159 @@
+"""The AnnData objects a model returns: generated cells and trajectories (scverse conventions).
+
+Both are NEW objects, never the user's: ``obs[labels_key]`` categorical over every type the
+model knows (training order), ``obs['scbranch_generated']``, the diffused coordinates in
+``obsm[space.output_key]``, what the space decodes (``.X``, layers, obs columns), and
+provenance in ``uns['scbranch']`` (parameters, model summary, forward process, tree).
+Everything here reads only the model's public attributes and its space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._keys import Key
+
+if TYPE_CHECKING:
+    from ._model import BranchedDiffusion
+
+#: keys of an extension record kept in ``uns['scbranch']['model']['extensions']``
+_EXTENSION_FIELDS = ("label", "joins", "t", "n_cells", "n_steps")
+
+
+def requested_cells(
+    tree, n_cells: int | Mapping[str, int], labels: Sequence[str] | None
+) -> dict[int, int]:
+    """Cells to generate per class index, from ``n_cells`` (an int or a dict) and ``labels``."""
+    if isinstance(n_cells, Mapping):
+        if labels is not None:
+            raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
+        idx = tree.class_index(list(n_cells))
+        requested = {int(i): int(n) for i, n in zip(idx, n_cells.values(), strict=True)}
+    else:
+        chosen = tree.classes if labels is None else labels
+        requested = {int(i): int(n_cells) for i in tree.class_index(list(chosen))}
+    if any(n < 0 for n in requested.values()):
+        raise ValueError("Cell counts must be non-negative.")
+    if sum(requested.values()) == 0:
+        raise ValueError("Nothing to generate: ask for at least one cell.")
+    return requested
+
+
+def generation_params(
+    classes: list[str], requested: dict[int, int], res, options: Mapping, **settings
+) -> dict:
+    """``uns['scbranch']['params']`` of a generate call: what was asked for and what it cost."""
+    return {
+        # arrays, not a dict keyed by label: labels like "CD4+/CD25" are not valid h5 keys
+        "labels": np.array([classes[c] for c in requested], dtype=object),
+        "n_cells": np.array(list(requested.values()), dtype=np.int64),
+        **settings,
+        "residual_noise": options["residual_noise"],
+        "counts": options["counts"],
+        "batch": options["batch"] or "",
+        "n_network_calls": res.n_network_calls,
+        "n_row_evaluations": res.n_row_evaluations,
+    }
+
+
+#: bytes of the sampler's working memory per diffused value (states, updates, noise, outputs)
+_SAMPLER_BYTES = 4 * 8
+
+
+def generation_bytes(space, n_cells: int, options: Mapping) -> int:
+    """Estimated peak memory of generating ``n_cells`` cells, in bytes."""
+    return int(n_cells) * (space.n_input * _SAMPLER_BYTES + space.bytes_per_cell(options))
+
+
+def check_memory(space, n_cells: int, options: Mapping, *, available: int | None = None) -> None:
+    """Refuse a request that cannot fit in memory, with the figure and what to do instead."""
+    import psutil
+
+    need = generation_bytes(space, n_cells, options)
+    available = psutil.virtual_memory().available if available is None else int(available)
+    if need > 0.9 * available:
+        per_cell = need / max(int(n_cells), 1)
+        fits = int(0.9 * available / max(per_cell, 1))
+        raise ValueError(
+            f"Generating {n_cells:,} cells needs about {need / 2**30:.1f} GiB of memory and "
+            f"{available / 2**30:.1f} GiB are available. Ask for fewer cells (about "
+            f"{fits:,} fit) and generate in several calls with different seeds, or without "
+            "counts; `batch_size` limits only the network's passes, not the output."
+        )
+
+
+def uns_record(model: BranchedDiffusion, params: dict, decoded: bool) -> dict:
+    """``uns['scbranch']`` of an AnnData the model made: params, model summary, tree."""
+    extensions = model.extensions_
+    return {
+        "params": params,
+        "model": {
+            "architecture": model.module.architecture,
+            "labels_key": model.labels_key,
+            **model.space.record(decoded),
+            # classes added by add_classes, in order (arrays: h5ad-safe)
+            **(
+                {
+                    "extensions": {
+                        k: np.asarray([e[k] for e in extensions]) for k in _EXTENSION_FIELDS
+                    }
+                }
+                if extensions
+                else {}
+            ),
+            "summary": model.summary_string,
+            **model.module.sde.to_dict(),
+        },
+        "hierarchy": model.tree.to_dict(),
+    }
+
+
+def generated_anndata(
+    model: BranchedDiffusion, z: np.ndarray, codes: np.ndarray, params: dict
+) -> AnnData:
+    """Generated cells: coordinates ``z`` of classes ``codes``, decoded by the model's space."""
+    decoded = model.space.decode(z, codes, params, int(params.get("seed", 0)))
+    obs = pd.DataFrame(
+        {
+            model.labels_key: pd.Categorical.from_codes(codes, categories=model.classes),
+            Key.obs.GENERATED: True,
+            **decoded.obs,
+        },
+        index=[f"gen{i}" for i in range(len(z))],
+    )
+    x = decoded.X
+    var = None if x is None else pd.DataFrame(index=decoded.var_names)
+    key = model.space.output_key
+    obsm = {key: z} if key is not None else None
+    adata = AnnData(X=x, obs=obs, var=var, obsm=obsm, layers=decoded.layers or None)
+    adata.uns[Key.uns.GENERATED] = uns_record(model, params, x is not None)
+    return adata
+
+
+def trajectory_anndata(
+    model: BranchedDiffusion,
+    states: np.ndarray,
+    estimates: np.ndarray,
+    obs: pd.DataFrame,
+    params: dict,
+) -> AnnData:
+    """Trajectories: one row per (cell, checkpoint) (docs/api.md, 'Trajectory AnnData').
+
+    ``obsm['scbranch_state']`` holds the noisy states; the model's clean estimates go to the
+    space's ``obsm`` key and, decoded deterministically, to ``.X``.
+    """
+    x = model.space.decode_estimates(estimates)
+    obsm = {Key.obsm.STATE: states}
+    key = model.space.output_key
+    if key is not None:
+        obsm[key] = estimates
+    var_names = model.space.var_names
+    var = None if x is None else pd.DataFrame(index=pd.Index(var_names).astype(str))
+    adata = AnnData(X=x, obs=obs, var=var, obsm=obsm)
+    adata.uns[Key.uns.GENERATED] = uns_record(model, params, x is not None)
+    return adata

@@ -1,0 +1,285 @@
+"""Saving and loading models as tensors and plain data: a model directory cannot run code.
+
+Layout of ``MODEL_DIR`` (file names take the save ``prefix``):
+
+``model.safetensors``
+    The network's parameters and buffers (safetensors: a header and raw tensors).
+``model.json`` + ``model.npz``
+    Everything else as plain data (``_plain.py``): the format version, the scvi-tools
+    registry, the init parameters, the space (its name and state), the trained attributes
+    (history, hierarchy record, reference cells, extensions).
+``scvi/``
+    scVI models only: the scVI model's weights (safetensors) and set-up (JSON + npz).
+``adata.h5ad``
+    With ``save_anndata=True``.
+
+Models saved by scbranch < 0.2 are pickles (``model.pt``, and scvi-tools' own pickle in
+``scvi/``). Unpickling runs whatever code the file holds, so those load only with
+``trust_pickle=True``, and ``scbranch convert`` rewrites them once in this format.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from .._validation import check_genes_equal
+from ._plain import PlainFormatError, read_plain, write_plain
+from ._spaces import SPACES, ExpressionSpace, PcaSpace, ScviSpace, _SizeFactorCounts
+
+logger = logging.getLogger(__name__)
+
+#: version of the model directory format (1: the pickles of scbranch < 0.2)
+FORMAT_VERSION = 2
+WEIGHTS = "model.safetensors"
+PLAIN = ("model.json", "model.npz")
+LEGACY = "model.pt"
+
+
+class UntrustedModelError(ValueError):
+    """A model directory that can only be read by unpickling, refused without trust."""
+
+
+def _paths(directory: Path, prefix: str) -> dict[str, Path]:
+    return {
+        "weights": directory / f"{prefix}{WEIGHTS}",
+        "json": directory / f"{prefix}{PLAIN[0]}",
+        "npz": directory / f"{prefix}{PLAIN[1]}",
+        "legacy": directory / f"{prefix}{LEGACY}",
+        "adata": directory / f"{prefix}adata.h5ad",
+    }
+
+
+def _attributes(model) -> dict:
+    """What scvi-tools saves of a model: every public attribute whose name ends with ``_``."""
+    return {k: v for k, v in vars(model).items() if k.endswith("_") and not k.startswith("_")}
+
+
+def save_model(
+    model,
+    dir_path,
+    *,
+    prefix: str = "",
+    overwrite: bool = False,
+    save_anndata: bool = False,
+    **anndata_write_kwargs,
+) -> None:
+    """Write ``model`` to ``dir_path`` (see the module docstring for the layout)."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    directory = Path(dir_path)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{str(directory)!r} is a file, not a directory.")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{str(directory)!r} already exists and is not empty; pass overwrite=True to replace "
+            "the model in it, or choose another directory."
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = _paths(directory, prefix)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+    tmp = paths["weights"].with_name(f".{paths['weights'].name}.tmp")
+    try:
+        save_file(state, str(tmp))
+        tmp.replace(paths["weights"])
+    finally:
+        tmp.unlink(missing_ok=True)
+    model.space.save_files(directory, prefix)
+    content = {
+        "package_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "model_name": type(model).__name__,
+        "space": {"name": model.space.name, "state": model.space.state()},
+        "attributes": _attributes(model),
+    }
+    write_plain(content, paths["json"], paths["npz"], kind="model")
+    # a pickle left from an older save would be read by nobody but could fool a user
+    paths["legacy"].unlink(missing_ok=True)
+    legacy_scvi = directory / f"{prefix}{ScviSpace.DIRECTORY}" / LEGACY
+    legacy_scvi.unlink(missing_ok=True)
+    if save_anndata:
+        if model.adata is None:
+            raise ValueError("save_anndata=True, but the model holds no AnnData.")
+        model.adata.write_h5ad(paths["adata"], **anndata_write_kwargs)
+
+
+def _corrupt(directory: Path, err) -> ValueError:
+    return ValueError(
+        f"Could not load the model in {str(directory)!r}: {err}. The directory is corrupt, "
+        "partial, or from an incompatible version; retrain and save it again."
+    )
+
+
+def load_model(
+    cls,
+    dir_path,
+    *,
+    adata: AnnData | None = None,
+    accelerator: str = "auto",
+    device="auto",
+    prefix: str = "",
+    trust_pickle: bool = False,
+):
+    """Rebuild a model saved by :func:`save_model` (legacy pickles only if trusted)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from scvi.model._utils import parse_device_args
+
+    directory = Path(dir_path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"No model directory at {str(directory)!r}. Save one with `model.save(dir_path)`."
+        )
+    paths = _paths(directory, prefix)
+    if not paths["json"].is_file():
+        if paths["legacy"].is_file():
+            if not trust_pickle:
+                raise UntrustedModelError(
+                    f"{str(directory)!r} holds a model saved by scbranch < 0.2 as a pickle "
+                    f"({paths['legacy'].name}); loading a pickle runs any code it contains. If "
+                    "you trust where it came from, load it with `trust_pickle=True` (CLI: "
+                    "`scbranch convert DIR --out NEW_DIR --trust-pickle` rewrites it once as "
+                    "plain data)."
+                )
+            return _load_legacy(cls, directory, paths, adata, accelerator, device, prefix)
+        raise FileNotFoundError(
+            f"{str(directory)!r} holds no '{paths['json'].name}': it is not (or not completely) "
+            "a saved scbranch model."
+        )
+    try:
+        content = read_plain(paths["json"], paths["npz"], kind="model")
+        if content.get("model_name") != cls.__name__:
+            raise PlainFormatError(
+                f"it holds a {content.get('model_name')!r}, not a {cls.__name__}"
+            )
+        state = load_file(str(paths["weights"]), device="cpu")
+    except (PlainFormatError, SafetensorError, OSError, KeyError, TypeError) as err:
+        raise _corrupt(directory, err) from err
+    name = content["space"]["name"]
+    if name not in SPACES:
+        raise ValueError(
+            f"The model in {str(directory)!r} diffuses a {name!r} space, which is not "
+            f"registered (registered: {sorted(SPACES)}). Import the package that defines it."
+        )
+    space = SPACES[name].from_state(content["space"]["state"], directory, prefix)
+    model = _rebuild(cls, content["attributes"], space, state, directory)
+    return _finish(model, adata, accelerator, device, parse_device_args)
+
+
+def _rebuild(cls, attributes: dict, space, state: dict, directory: Path):
+    """The model from its saved attributes, space and weights."""
+    attributes = dict(attributes)
+    try:
+        registry = attributes.pop("registry_")
+        init = attributes.pop("init_params_")
+        non_kwargs = {**init["non_kwargs"], "space": space}
+        kwargs = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
+        model = cls(None, registry=registry, **non_kwargs, **kwargs)
+        for key, value in attributes.items():
+            setattr(model, key, value)
+        model.module.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _corrupt(directory, err) from err
+    model._model_summary_string = model._summary()
+    return model
+
+
+def _finish(model, adata, accelerator, device, parse_device_args):
+    """Place the model on its device and attach ``adata`` (checked against the model)."""
+    _, _, torch_device = parse_device_args(
+        accelerator=accelerator, devices=device, return_device="torch", validate_single_device=True
+    )
+    model.to_device(torch_device)
+    model.module.eval()
+    if adata is not None:
+        check_genes_equal(adata, np.asarray(model.get_var_names()).astype(str), "the saved model")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*already.*", category=UserWarning)
+            model._validate_anndata(adata)
+    return model
+
+
+# ---------------------------------------------------------------------------- legacy
+def _legacy_space(attr: dict, setup: dict, var_names, directory: Path, prefix: str, n_rep):
+    """The space of a scbranch < 0.2 model, from its pickled attributes."""
+    from ._scvi import load_scvi
+
+    counts = None
+    if attr.get("size_factors_") is not None and setup.get("counts_layer"):
+        counts = _SizeFactorCounts(setup["counts_layer"], list(attr["size_factors_"]))
+    if attr.get("scvi_info_") is not None:
+        info = attr["scvi_info_"]
+        vae = load_scvi(str(directory / f"{prefix}{ScviSpace.DIRECTORY}"), info)
+        return ScviSpace(
+            obsm_key=setup["obsm_key"], vae=vae, info=info, library_sizes=attr["library_sizes_"]
+        )
+    if setup.get("obsm_key"):
+        return PcaSpace(
+            obsm_key=setup["obsm_key"],
+            layer=setup.get("layer"),
+            n_dims=int(n_rep),
+            decoder=attr.get("decoder_"),
+            counts=counts,
+        )
+    return ExpressionSpace(layer=setup.get("layer"), genes=var_names, counts=counts)
+
+
+#: attributes of scbranch < 0.2 that now live in the space
+_LEGACY_SPACE_ATTRIBUTES = ("decoder_", "scvi_info_", "library_sizes_", "size_factors_")
+
+
+def _load_legacy(cls, directory: Path, paths: dict, adata, accelerator, device, prefix):
+    """Read a scbranch < 0.2 pickle (trusted by the caller) into today's model."""
+    from scvi.data import AnnDataManager
+    from scvi.model._utils import parse_device_args
+
+    logger.warning(
+        "Unpickling %s because trust_pickle=True; convert it once with `scbranch convert`.",
+        paths["legacy"],
+    )
+    try:
+        saved = torch.load(paths["legacy"], map_location="cpu", weights_only=False)
+        attr = dict(saved["attr_dict"])
+        registry = attr["registry_"]
+        stats = AnnDataManager._get_summary_stats_from_registry(registry)
+        space = _legacy_space(
+            attr,
+            registry["setup_args"],
+            np.asarray(saved["var_names"]).astype(str),
+            directory,
+            prefix,
+            stats.get("n_rep", 0),
+        )
+    except Exception as err:  # noqa: BLE001 - any failure of an old pickle means "corrupt"
+        raise _corrupt(directory, err) from err
+    for key in _LEGACY_SPACE_ATTRIBUTES:
+        attr.pop(key, None)
+    model = _rebuild(cls, attr, space, saved["model_state_dict"], directory)
+    return _finish(model, adata, accelerator, device, parse_device_args)
+
+
+def convert_legacy(old_dir, new_dir, *, overwrite: bool = False) -> Path:
+    """Rewrite a trusted scbranch < 0.2 model directory in today's format (no pickle).
+
+    Examples
+    --------
+    >>> convert_legacy("old_model/", "new_model/")  # doctest: +SKIP
+    """
+    from ._model import BranchedDiffusion
+
+    model = BranchedDiffusion.load(old_dir, trust_pickle=True, accelerator="cpu")
+    new_dir = Path(new_dir)
+    if new_dir.resolve() == Path(old_dir).resolve():
+        raise ValueError("Convert into another directory; the old one is left as it is.")
+    if overwrite and new_dir.is_dir():
+        shutil.rmtree(new_dir)
+    model.save(new_dir, overwrite=overwrite)
+    return new_dir

@@ -1,0 +1,730 @@
+"""Where the diffusion runs, and how cells get in and out: one ``Space`` per representation.
+
+:class:`~scbranch.BranchedDiffusion` holds one :class:`Space` and never asks which kind it is.
+A space is fitted on the set-up data, encodes cells into the diffused coordinates, decodes
+generated coordinates into ``.X``, layers and ``obs`` columns, says whether it can make counts,
+and saves its state as plain data and arrays. Spaces are found by name in :data:`SPACES`
+(as moscot finds its solvers); a new representation is one new class::
+
+    @register_space
+    class MySpace(Space):
+        name = "mine"
+        ...
+
+    model = BranchedDiffusion(adata, space="mine")
+
+Shipped spaces:
+
+* :class:`PcaSpace` (``"pca"``): a latent in ``obsm[obsm_key]``; when it is a PCA of the
+  expression (scanpy's ``varm['PCs']`` reproduces it) generated cells are decoded to genes,
+  optionally with the per-gene residual noise and, with a ``counts_layer``, to counts.
+* :class:`ScviSpace` (``"scvi"``): an scVI model's latent means, decoded by scVI to normalised
+  expression and counts sampled from its likelihood.
+* :class:`ExpressionSpace` (``"expression"``): log-normalised genes themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._constants import REGISTRY_KEYS
+from .._keys import Key
+from .._validation import (
+    check_counts,
+    check_finite,
+    check_genes,
+    check_obs_key,
+    check_rep_key,
+    get_matrix,
+    to_dense,
+)
+from ._counts import (
+    class_pools,
+    counts_from_expression,
+    draw_from_pools,
+    log_normalize,
+    size_factors,
+)
+from ._decoding import decode, fit_pca_decoder
+from ._scvi import (
+    SCVI_DIR,
+    counts_view,
+    decode_latents,
+    latent_means,
+    load_scvi_weights,
+    save_scvi_weights,
+    scvi_info,
+)
+
+logger = logging.getLogger(__name__)
+
+#: library size of the normalised expression decoded from scVI latents along trajectories
+SCVI_NORMALIZED_TOTAL = 1e4
+
+
+@dataclass
+class Decoded:
+    """What generated coordinates become in an AnnData."""
+
+    X: np.ndarray | sp.spmatrix | None = None
+    var_names: np.ndarray | None = None
+    layers: dict = field(default_factory=dict)
+    obs: dict = field(default_factory=dict)
+
+
+class Space:
+    """Base class: the few operations the model needs from a representation.
+
+    Subclasses set :attr:`name` and implement :meth:`fit`, :attr:`n_input`, :meth:`encode`,
+    :meth:`decode`, :meth:`state` and :meth:`from_state`; the rest has defaults for a space
+    with no genes and no counts.
+
+    Parameters
+    ----------
+    obsm_key
+        ``adata.obsm`` key of the representation (latent spaces), or `None`.
+    layer
+        Layer of log-normalised expression (expression spaces; for PCA spaces the expression
+        the PCA was computed on), or `None` for ``.X``.
+    """
+
+    #: name in :data:`SPACES` and in saved models
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, obsm_key: str | None = None, layer: str | None = None):
+        self.obsm_key = obsm_key
+        self.layer = layer
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def fit(
+        cls, adata: AnnData, setup: Mapping, labels: np.ndarray, n_classes: int, **kwargs
+    ) -> Space:
+        """The space of the set-up data (``setup``: the registry's ``setup_args``)."""
+        raise NotImplementedError
+
+    @property
+    def n_input(self) -> int:
+        """Dimension of the diffused coordinates."""
+        raise NotImplementedError
+
+    @property
+    def data_key(self) -> str:
+        """Registry key of the diffused data in the training batches."""
+        return REGISTRY_KEYS.REP_KEY if self.obsm_key else REGISTRY_KEYS.X_KEY
+
+    def training_matrix(self, adata: AnnData):
+        """The (dense or sparse) matrix of the set-up cells the diffusion learns."""
+        return get_matrix(adata, obsm_key=self.obsm_key, layer=self.layer)
+
+    @property
+    def hierarchy_rep(self) -> tuple[str | None, str | None]:
+        """``(use_rep, layer)`` a hierarchy must have been discovered on to fit this space."""
+        return self.obsm_key, None if self.obsm_key else self.layer
+
+    # ------------------------------------------------------------------ cells in
+    def encode(self, adata: AnnData, what: str = "the cells") -> np.ndarray:
+        """Cells of ``adata`` in the diffused coordinates, checked and finite."""
+        raise NotImplementedError
+
+    def class_data(self, adata: AnnData, what: str) -> tuple[np.ndarray, dict]:
+        """Cells of a new type and the per-cell values the space keeps per type.
+
+        Used by :meth:`~scbranch.BranchedDiffusion.add_classes` (library sizes, size factors).
+        """
+        return self.encode(adata, what), {}
+
+    def add_class(self, extras: Mapping[str, np.ndarray]) -> None:
+        """Keep what :meth:`class_data` returned for a type that was added."""
+
+    # ------------------------------------------------------------------ cells out
+    @property
+    def output_key(self) -> str | None:
+        """``obsm`` key generated coordinates are written to (`None`: genes only)."""
+        return self.obsm_key
+
+    @property
+    def var_names(self) -> np.ndarray | None:
+        """Genes of decoded cells (`None`: the space has no map to genes)."""
+        return None
+
+    def resolve_options(
+        self, *, counts: bool | None, batch: str | None, residual_noise: bool
+    ) -> dict:
+        """Checked ``counts``, ``batch`` and ``residual_noise`` of a generate call."""
+        if residual_noise:
+            raise ValueError(
+                "residual_noise applies to models that decode a PCA to genes; this model "
+                f"(diffusing {self.describe()}) has no PCA decoder."
+            )
+        if batch is not None:
+            raise ValueError("`batch` applies to models decoded by scVI (from_scvi_model) only.")
+        if counts:
+            raise ValueError(
+                "This model cannot generate counts: set the data up with `counts_layer=` "
+                "(expression and PCA models) or build the model on an scVI model "
+                "(`BranchedDiffusion.from_scvi_model`)."
+            )
+        return {"counts": False, "batch": None, "residual_noise": False}
+
+    def decode(self, z: np.ndarray, codes: np.ndarray, options: Mapping, seed: int) -> Decoded:
+        """Generated coordinates ``z`` of classes ``codes`` as expression, layers and obs.
+
+        Each random part draws from its own stream derived from ``seed``, so the coordinates
+        and the expression are identical whatever else is asked for.
+        """
+        return Decoded()
+
+    def decode_estimates(self, z: np.ndarray) -> np.ndarray | None:
+        """Deterministic expression of clean estimates (trajectories): no noise, no counts."""
+        return None
+
+    def bytes_per_cell(self, options: Mapping) -> int:
+        """Peak memory :meth:`decode` needs per generated cell, in bytes (an estimate)."""
+        return 0
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict:
+        """Plain values and numpy arrays that :meth:`from_state` rebuilds the space from."""
+        return {"obsm_key": self.obsm_key, "layer": self.layer}
+
+    @classmethod
+    def from_state(cls, state: Mapping, directory: Path | None = None, prefix: str = "") -> Space:
+        """The space saved by :meth:`state` (and :meth:`save_files` in ``directory``)."""
+        return cls(obsm_key=state.get("obsm_key"), layer=state.get("layer"))
+
+    def save_files(self, directory: Path, prefix: str = "") -> None:
+        """Write files the state does not hold (a nested model's weights), as plain data."""
+
+    @property
+    def nested_model(self):
+        """A model the space decodes through (the scVI model), or `None`."""
+        return None
+
+    def to_device(self, device) -> None:
+        """Move a nested model to ``device`` (the diffusion module moves with the model)."""
+
+    def describe(self) -> str:
+        """One line saying what the diffusion runs on."""
+        return f"obsm[{self.obsm_key!r}]" if self.obsm_key else self.name
+
+    def record(self, decoded: bool) -> dict:
+        """The space's part of ``uns['scbranch']['model']`` of a generated AnnData."""
+        return {
+            "obsm_key": self.obsm_key or "",
+            "layer": self.layer or "",
+            "decoded": bool(decoded and self.obsm_key is not None),
+            "space": self.describe(),
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+#: every space, by name
+SPACES: dict[str, type[Space]] = {}
+
+
+def register_space(cls: type[Space]) -> type[Space]:
+    """Class decorator: make a :class:`Space` subclass available by its ``name``.
+
+    Examples
+    --------
+    >>> @register_space
+    ... class Identity(PcaSpace):
+    ...     name = "doctest-identity"
+    >>> "doctest-identity" in SPACES
+    True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Space)) or not cls.name:
+        raise TypeError("register_space takes a Space subclass with a `name`.")
+    SPACES[cls.name] = cls
+    return cls
+
+
+def space_name(space: str | None, setup: Mapping, scvi_model) -> str:
+    """The registered space a model uses: ``space`` if given, else inferred from the set-up."""
+    if space is None:
+        if scvi_model is not None:
+            return ScviSpace.name
+        return PcaSpace.name if setup.get("obsm_key") else ExpressionSpace.name
+    if space not in SPACES:
+        raise ValueError(f"Unknown space {space!r}; registered spaces are {sorted(SPACES)}.")
+    return space
+
+
+# ---------------------------------------------------------------------------- counts
+class _SizeFactorCounts:
+    """Counts from log-normalised expression through size factors observed in each class."""
+
+    def __init__(self, counts_layer: str, pools: list):
+        self.counts_layer = counts_layer
+        self.pools = list(pools)
+
+    @staticmethod
+    def factors_of(adata: AnnData, counts_layer: str, layer: str | None, genes) -> np.ndarray:
+        """Per-cell factor of ``layers[counts_layer]`` against the expression (checked)."""
+        if counts_layer not in adata.layers:
+            raise KeyError(
+                f"The model generates counts from adata.layers[{counts_layer!r}], which adata "
+                f"lacks (layers: {list(adata.layers.keys())})."
+            )
+        counts = adata.layers[counts_layer]
+        expression = adata.layers[layer] if layer else adata.X
+        columns = check_genes(adata, genes, "the model")
+        if not np.array_equal(columns, np.arange(adata.n_vars)):
+            counts, expression = counts[:, columns], expression[:, columns]
+        where = f"adata.layers[{counts_layer!r}]"
+        check_finite(counts, where)
+        check_counts(counts, where)
+        return size_factors(counts, expression)
+
+    def decode(self, x: np.ndarray, codes: np.ndarray, seed: int, out: Decoded) -> None:
+        factors = draw_from_pools(self.pools, codes, np.random.default_rng([seed, 2]))
+        out.layers[Key.layers.COUNTS] = counts_from_expression(
+            x, factors, np.random.default_rng([seed, 3])
+        )
+        out.obs[Key.obs.SIZE_FACTOR] = factors
+
+
+class _GeneSpace(Space):
+    """Shared by the spaces that decode to log-normalised genes (PCA and expression)."""
+
+    def __init__(self, *, counts: _SizeFactorCounts | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.counts = counts
+
+    def _fit_counts(self, adata, setup, labels, n_classes) -> None:
+        if setup.get("counts_layer"):
+            factors = _SizeFactorCounts.factors_of(
+                adata, setup["counts_layer"], self.layer, self.var_names
+            )
+            self.counts = _SizeFactorCounts(
+                setup["counts_layer"], class_pools(factors, labels, n_classes)
+            )
+
+    def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
+        if batch is not None:
+            raise ValueError("`batch` applies to models decoded by scVI (from_scvi_model) only.")
+        if counts and self.counts is None:
+            return super().resolve_options(counts=True, batch=None, residual_noise=False)
+        return {"counts": bool(counts), "batch": None, "residual_noise": bool(residual_noise)}
+
+    def bytes_per_cell(self, options) -> int:  # noqa: D102
+        genes = 0 if self.var_names is None else len(self.var_names)
+        # float32 expression and its copies; counts: float64 values, floor, draws, sum
+        return genes * (12 + (36 if options.get("counts") else 0))
+
+    def _with_counts(self, x, codes, options, seed) -> Decoded:
+        out = Decoded(X=x, var_names=self.var_names)
+        if options.get("counts"):
+            self.counts.decode(x, codes, seed, out)
+        return out
+
+    def class_data(self, adata, what):  # noqa: D102
+        extras = {}
+        if self.counts is not None:
+            extras["size_factors"] = _SizeFactorCounts.factors_of(
+                adata, self.counts.counts_layer, self.layer, self.var_names
+            )
+        return self.encode(adata, what), extras
+
+    def add_class(self, extras) -> None:  # noqa: D102
+        if self.counts is not None:
+            new = class_pools(extras["size_factors"], np.zeros(len(extras["size_factors"]), int), 1)
+            self.counts.pools = [*self.counts.pools, *new]
+
+    def state(self) -> dict:  # noqa: D102
+        counts = (
+            {"counts_layer": self.counts.counts_layer, "size_factors": self.counts.pools}
+            if self.counts is not None
+            else {}
+        )
+        return {**super().state(), **counts}
+
+    @staticmethod
+    def _counts_from_state(state: Mapping) -> _SizeFactorCounts | None:
+        if not state.get("counts_layer"):
+            return None
+        return _SizeFactorCounts(state["counts_layer"], list(state["size_factors"]))
+
+
+@register_space
+class PcaSpace(_GeneSpace):
+    """A latent in ``obsm[obsm_key]``, decoded to genes when it is a PCA of the expression.
+
+    scanpy's ``sc.pp.pca`` stores the loadings but not the centring mean; the decoder recovers
+    it (:func:`~scbranch.model._decoding.fit_pca_decoder`) and is kept only if it reproduces
+    the stored coordinates. Without a decoder, generated cells carry the latent only.
+
+    Parameters
+    ----------
+    obsm_key
+        ``obsm`` key of the latent.
+    layer
+        The expression the PCA was computed on (`None`: ``.X``).
+    n_dims
+        Dimension of the latent.
+    decoder
+        The PCA map (loadings, mean, genes, residual sd), or `None`.
+    counts
+        Size factors per class for counts, or `None`.
+    """
+
+    name = "pca"
+
+    def __init__(self, *, n_dims: int, decoder: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.n_dims = int(n_dims)
+        self.decoder = decoder
+
+    @classmethod
+    def fit(cls, adata, setup, labels, n_classes, **kwargs):  # noqa: D102
+        obsm_key = setup["obsm_key"]
+        n_dims = np.asarray(adata.obsm[obsm_key]).shape[1]
+        space = cls(obsm_key=obsm_key, layer=setup.get("layer"), n_dims=n_dims)
+        space.decoder = fit_pca_decoder(adata, obsm_key, space.layer)
+        if setup.get("counts_layer") and space.decoder is None:
+            warnings.warn(
+                f"counts_layer={setup['counts_layer']!r} is ignored: obsm[{obsm_key!r}] has no "
+                "map back to genes, so generated cells have no expression to turn into counts.",
+                UserWarning,
+                stacklevel=4,
+            )
+        elif setup.get("counts_layer"):
+            space._fit_counts(adata, setup, labels, n_classes)
+        return space
+
+    @property
+    def n_input(self) -> int:  # noqa: D102
+        return self.n_dims
+
+    @property
+    def var_names(self) -> np.ndarray | None:  # noqa: D102
+        return None if self.decoder is None else self.decoder["var_names"]
+
+    def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
+        check_rep_key(adata, obsm_key=self.obsm_key)
+        x = np.asarray(get_matrix(adata, obsm_key=self.obsm_key), dtype=np.float64)
+        if x.shape[1] != self.n_dims:
+            raise ValueError(
+                f"adata.obsm[{self.obsm_key!r}] has {x.shape[1]} dimensions, the model "
+                f"{self.n_dims}: {what} must be in the model's latent space (e.g. projected on "
+                "the same PCA)."
+            )
+        check_finite(x, f"the representation of {what}")
+        return x
+
+    def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
+        if residual_noise and self.decoder is None:
+            raise ValueError(
+                "residual_noise applies to models that decode a PCA to genes; this model "
+                f"(diffusing obsm[{self.obsm_key!r}] without PCA loadings) has no PCA decoder."
+            )
+        return super().resolve_options(counts=counts, batch=batch, residual_noise=residual_noise)
+
+    def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
+        if self.decoder is None:
+            return Decoded()
+        x = decode(
+            self.decoder,
+            z,
+            residual_noise=bool(options.get("residual_noise", False)),
+            rng=np.random.default_rng([seed, 1]),
+        )
+        return self._with_counts(x, codes, options, seed)
+
+    def decode_estimates(self, z) -> np.ndarray | None:  # noqa: D102
+        return None if self.decoder is None else decode(self.decoder, z)
+
+    def state(self) -> dict:  # noqa: D102
+        return {**super().state(), "n_dims": self.n_dims, "decoder": self.decoder}
+
+    @classmethod
+    def from_state(cls, state, directory=None, prefix=""):  # noqa: D102
+        return cls(
+            obsm_key=state["obsm_key"],
+            layer=state.get("layer"),
+            n_dims=state["n_dims"],
+            decoder=state.get("decoder"),
+            counts=cls._counts_from_state(state),
+        )
+
+
+@register_space
+class ExpressionSpace(_GeneSpace):
+    """Log-normalised genes (``layer`` or ``.X``), diffused as they are; no encoder.
+
+    Parameters
+    ----------
+    layer
+        Layer of log-normalised expression (`None`: ``.X``).
+    genes
+        The model's genes, in order.
+    counts
+        Size factors per class for counts, or `None`.
+    """
+
+    name = "expression"
+
+    def __init__(self, *, genes: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.genes = np.asarray(genes).astype(str)
+
+    @classmethod
+    def fit(cls, adata, setup, labels, n_classes, **kwargs):  # noqa: D102
+        space = cls(layer=setup.get("layer"), genes=np.asarray(adata.var_names).astype(str))
+        space._fit_counts(adata, setup, labels, n_classes)
+        return space
+
+    @property
+    def n_input(self) -> int:  # noqa: D102
+        return len(self.genes)
+
+    @property
+    def var_names(self) -> np.ndarray:  # noqa: D102
+        return self.genes
+
+    @property
+    def output_key(self) -> None:  # noqa: D102
+        return None
+
+    def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
+        # the model's genes, in its order (extra genes are left out)
+        columns = check_genes(adata, self.genes, "the model")
+        x = to_dense(get_matrix(adata, layer=self.layer)[:, columns])
+        check_finite(x, f"the representation of {what}")
+        return x
+
+    def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
+        if residual_noise:
+            raise ValueError(
+                "residual_noise applies to models that decode a PCA to genes; this model "
+                "(diffusing genes) has no PCA decoder."
+            )
+        return super().resolve_options(counts=counts, batch=batch, residual_noise=False)
+
+    def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
+        # log-normalised expression is never negative
+        return self._with_counts(np.clip(z, 0.0, None), codes, options, seed)
+
+    def decode_estimates(self, z) -> np.ndarray:  # noqa: D102
+        return np.clip(z, 0.0, None)
+
+    def describe(self) -> str:  # noqa: D102
+        return f"expression ({'layers[' + repr(self.layer) + ']' if self.layer else '.X'})"
+
+    def state(self) -> dict:  # noqa: D102
+        return {**super().state(), "genes": self.genes}
+
+    @classmethod
+    def from_state(cls, state, directory=None, prefix=""):  # noqa: D102
+        return cls(
+            layer=state.get("layer"), genes=state["genes"], counts=cls._counts_from_state(state)
+        )
+
+
+@register_space
+class ScviSpace(Space):
+    """The latent means of a trained scVI (or LinearSCVI) model, decoded through it.
+
+    Generated latents go through scVI's decoder with a library size drawn from the requested
+    type and a batch; counts are sampled from its likelihood.
+
+    Parameters
+    ----------
+    obsm_key
+        ``obsm`` key holding the latent means.
+    vae
+        The scvi-tools model.
+    info
+        What :func:`~scbranch.model._scvi.scvi_info` records (genes, batches, likelihood, ...).
+    library_sizes
+        Observed library sizes per class.
+    """
+
+    name = "scvi"
+    #: sub-directory of a saved model with the scVI model's weights and set-up
+    DIRECTORY = SCVI_DIR
+
+    def __init__(self, *, vae, info: dict, library_sizes: list, **kwargs):
+        super().__init__(**kwargs)
+        self.vae = vae
+        self.info = info
+        self.library_sizes = list(library_sizes)
+
+    @classmethod
+    def fit(cls, adata, setup, labels, n_classes, *, scvi_model=None, **kwargs):  # noqa: D102
+        obsm_key = setup.get("obsm_key")
+        if scvi_model is None or obsm_key is None:
+            raise ValueError(
+                "The scVI space needs AnnData set up with `obsm_key` naming the latent means of "
+                "`scvi_model=`; `BranchedDiffusion.from_scvi_model(scvi_model, labels_key=...)` "
+                "does both."
+            )
+        info = scvi_info(scvi_model)
+        latent = np.asarray(get_matrix(adata, obsm_key=obsm_key))
+        if latent.shape[1] != info["n_latent"]:
+            raise ValueError(
+                f"adata.obsm[{obsm_key!r}] has {latent.shape[1]} dimensions but the scVI "
+                f"model's latent has {info['n_latent']}: it is not this model's latent."
+            )
+        view = counts_view(adata, info)
+        # the diffusion must learn the latents the decoder expects: check a sample of cells
+        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, min(256, adata.n_obs), False))
+        expected = latent_means(scvi_model, view[rows].copy())
+        err = np.linalg.norm(latent[rows] - expected) / max(np.linalg.norm(expected), 1e-12)
+        if not err <= 1e-3:
+            raise ValueError(
+                f"adata.obsm[{obsm_key!r}] is not the scVI model's latent mean (relative "
+                f"difference {err:.3g}). Store `scvi_model.get_latent_representation()` there, "
+                "or use `BranchedDiffusion.from_scvi_model`."
+            )
+        library = np.asarray(view.X.sum(1)).ravel()
+        if info["batch_key"]:
+            info["default_batch"] = str(view.obs[info["batch_key"]].value_counts().idxmax())
+        else:
+            info["default_batch"] = str(info["batches"][0])
+        return cls(
+            obsm_key=obsm_key,
+            vae=scvi_model,
+            info=info,
+            library_sizes=class_pools(library, labels, n_classes),
+        )
+
+    @staticmethod
+    def store_latent(vae, adata: AnnData | None, obsm_key: str, labels_key: str) -> AnnData:
+        """Write ``vae``'s latent means of ``adata`` to ``obsm[obsm_key]`` (or check them).
+
+        An existing entry is reused only if it holds the same latents: scbranch never
+        overwrites it. ``adata`` defaults to the AnnData the scVI model was set up with.
+        """
+        info = scvi_info(vae)
+        if adata is None:
+            adata = vae.adata
+            if adata is None:
+                raise ValueError("The scVI model holds no AnnData; pass `adata=`.")
+        check_obs_key(adata, labels_key)
+        latent = latent_means(vae, counts_view(adata, info))
+        if obsm_key in adata.obsm:
+            stored = np.asarray(adata.obsm[obsm_key], dtype=np.float32)
+            if stored.shape != latent.shape or not np.allclose(stored, latent, atol=1e-4):
+                raise ValueError(
+                    f"adata.obsm[{obsm_key!r}] exists and is not this scVI model's latent mean; "
+                    "pass another `obsm_key=` (scbranch never overwrites it) or delete it."
+                )
+        else:
+            adata.obsm[obsm_key] = latent
+        return adata
+
+    @property
+    def n_input(self) -> int:  # noqa: D102
+        return int(self.info["n_latent"])
+
+    @property
+    def var_names(self) -> np.ndarray:  # noqa: D102
+        return np.asarray(self.info["var_names"]).astype(str)
+
+    def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
+        x = latent_means(self.vae, counts_view(adata, self.info))
+        check_finite(x, f"the representation of {what}")
+        return x
+
+    def class_data(self, adata, what):  # noqa: D102
+        library = np.asarray(counts_view(adata, self.info).X.sum(1)).ravel()
+        return self.encode(adata, what), {"library": library}
+
+    def add_class(self, extras) -> None:  # noqa: D102
+        new = class_pools(extras["library"], np.zeros(len(extras["library"]), int), 1)
+        self.library_sizes = [*self.library_sizes, *new]
+
+    def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
+        if residual_noise:
+            raise ValueError(
+                "residual_noise applies to models that decode a PCA to genes; this model "
+                f"(diffusing {self.describe()}) has no PCA decoder."
+            )
+        if counts is False:
+            raise ValueError("scVI models always generate counts; drop `counts=False`.")
+        batches = list(self.info["batches"])
+        if batch is not None and (not self.info["batch_key"] or batch not in batches):
+            raise ValueError(
+                f"Unknown batch {batch!r}; the scVI model's batches are {batches}."
+                if self.info["batch_key"]
+                else "The scVI model was set up without batches; drop `batch=`."
+            )
+        if self.info["batch_key"] and batch is None:
+            batch = self.info["default_batch"]
+        return {"counts": True, "batch": batch, "residual_noise": False}
+
+    def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
+        info = self.info
+        batch = options.get("batch") or info["default_batch"]  # "" without batches
+        batch_code = list(info["batches"]).index(batch)
+        library = draw_from_pools(self.library_sizes, codes, np.random.default_rng([seed, 2]))
+        scale, sampled = decode_latents(self.vae, z, library, np.full(len(z), batch_code), seed)
+        out = Decoded(
+            X=log_normalize(sampled),
+            var_names=self.var_names,
+            layers={Key.layers.COUNTS: sampled, Key.layers.SCALE: scale},
+            obs={Key.obs.LIBRARY_SIZE: library},
+        )
+        if info["batch_key"]:
+            out.obs[info["batch_key"]] = pd.Categorical(
+                [batch] * len(z), categories=list(info["batches"])
+            )
+        return out
+
+    def bytes_per_cell(self, options) -> int:  # noqa: D102
+        # scVI's normalised expression (float32, gathered from chunks) and the sparse counts
+        return len(self.var_names) * 16
+
+    def decode_estimates(self, z) -> np.ndarray:  # noqa: D102
+        batch_code = list(self.info["batches"]).index(self.info["default_batch"])
+        scale, _ = decode_latents(
+            self.vae,
+            z,
+            np.full(len(z), SCVI_NORMALIZED_TOTAL),
+            np.full(len(z), batch_code),
+            seed=0,
+        )
+        return np.log1p(scale * SCVI_NORMALIZED_TOTAL)
+
+    def describe(self) -> str:  # noqa: D102
+        return f"{self.info['class']} latent obsm[{self.obsm_key!r}]"
+
+    def state(self) -> dict:  # noqa: D102
+        return {**super().state(), "info": self.info, "library_sizes": self.library_sizes}
+
+    def save_files(self, directory: Path, prefix: str = "") -> None:  # noqa: D102
+        save_scvi_weights(self.vae, Path(directory) / f"{prefix}{self.DIRECTORY}")
+
+    @property
+    def nested_model(self):  # noqa: D102
+        return self.vae
+
+    def to_device(self, device) -> None:  # noqa: D102
+        self.vae.to_device(device)
+
+    @classmethod
+    def from_state(cls, state, directory=None, prefix=""):  # noqa: D102
+        if directory is None:
+            raise ValueError("An scVI space is loaded from a model directory.")
+        info = dict(state["info"])
+        vae = load_scvi_weights(Path(directory) / f"{prefix}{cls.DIRECTORY}", info)
+        return cls(
+            obsm_key=state["obsm_key"],
+            vae=vae,
+            info=info,
+            library_sizes=list(state["library_sizes"]),
+        )
