@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
@@ -23,6 +24,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
 from .._constants import REGISTRY_KEYS
+from .._keys import Key
 from .._logging import quiet_training_warnings
 from .._utils import progress, resolve_seed
 from .._validation import check_class_sizes, check_setup_data
@@ -35,7 +37,13 @@ from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _extension, _interpretation, _persistence
 from ._data import ResamplingDataSplitter
 from ._extension import reference_sample
-from ._output import check_memory, generated_anndata, generation_params, requested_cells
+from ._output import (
+    check_memory,
+    generated_anndata,
+    generation_params,
+    requested_cells,
+    requested_nodes,
+)
 from ._spaces import SPACES, ScviSpace, Space, space_name
 from ._training_plan import DiffusionTrainingPlan
 
@@ -448,6 +456,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         batch: str | None = None,
         batch_size: int | None = None,
         trajectory_times: Sequence[float] | None = None,
+        node_weights: str = "size",
         progress_bar: bool = True,
     ) -> AnnData:
         """Generate cells of any of the model's cell types, as a NEW AnnData.
@@ -456,7 +465,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         n_cells
             Cells per type (an int, for every type in ``labels``), or a dict
-            ``{cell type: count}``.
+            ``{cell type or node: count}``. A named node of the tree (a group of a given
+            hierarchy, or one named with ``model.tree.name_node``) stands for the mixture of
+            the types below it: its cells are spread over them (``node_weights``), each
+            records its type in ``obs[labels_key]`` and the node in
+            ``obs['scbranch_requested_node']``.
         labels
             Types to generate when ``n_cells`` is an int (default: all).
         solver
@@ -499,6 +512,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             of :meth:`transmute` (noisy state in ``obsm['scbranch_state']``; the clean estimate
             E[x_0 | x_t] in ``obsm[obsm_key]`` and ``.X``). The times join the step grid, so
             the final cells differ slightly from a run without recording.
+        node_weights
+            How a node's cells are spread over its types: ``"size"`` (in proportion to their
+            training cells) or ``"uniform"``.
         progress_bar
             Show a progress bar over the steps.
 
@@ -528,9 +544,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             times = _interpretation.check_trajectory_times(
                 self, trajectory_times, counts, residual_noise
             )
-        requested = requested_cells(self.tree, n_cells, labels)
-        check_memory(self.space, sum(requested.values()), options)
         seed = resolve_seed(seed)
+        requested, origins = requested_cells(
+            self.tree, n_cells, labels, class_counts=self.class_counts_,
+            node_weights=node_weights, rng=np.random.default_rng([seed, 4]),
+        )  # fmt: skip
+        check_memory(self.space, sum(requested.values()), options)
         res = self.module.sample_cells(
             requested,
             solver=solver,
@@ -548,9 +567,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         )  # fmt: skip
         if times is not None:
             return _interpretation.generation_trajectories(self, res, times, params)
-        return generated_anndata(
-            self, res.x.float().cpu().numpy(), res.labels.cpu().numpy(), params
-        )
+        codes = res.labels.cpu().numpy()
+        gen = generated_anndata(self, res.x.float().cpu().numpy(), codes, params)
+        if any(name not in self.classes for parts in origins.values() for name, _ in parts):
+            gen.obs[Key.obs.REQUESTED_NODE] = pd.Categorical(requested_nodes(codes, origins))
+        return gen
 
     # interpretation and extension: the functions are the methods (signatures and docs there)
     transmute = _interpretation.transmute

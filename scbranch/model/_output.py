@@ -26,22 +26,66 @@ _EXTENSION_FIELDS = ("label", "joins", "t", "n_cells", "n_steps")
 
 
 def requested_cells(
-    tree, n_cells: int | Mapping[str, int], labels: Sequence[str] | None
-) -> dict[int, int]:
-    """Cells to generate per class index, from ``n_cells`` (an int or a dict) and ``labels``."""
+    tree,
+    n_cells: int | Mapping[str, int],
+    labels: Sequence[str] | None,
+    *,
+    class_counts: np.ndarray | None = None,
+    node_weights: str = "size",
+    rng: np.random.Generator | None = None,
+) -> tuple[dict[int, int], dict[int, list[tuple[str, int]]]]:
+    """Cells to generate per class index, and for each class which request they answer.
+
+    ``n_cells`` is an int (for every type in ``labels``) or a dict whose keys are cell types
+    or named nodes of the tree; a node's cells are spread over the types below it, drawn from
+    a multinomial with weights proportional to the types' training sizes (``node_weights=
+    "size"``) or equal (``"uniform"``).
+    """
+    if node_weights not in ("size", "uniform"):
+        raise ValueError(f"node_weights must be 'size' or 'uniform', got {node_weights!r}.")
     if isinstance(n_cells, Mapping):
         if labels is not None:
             raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
-        idx = tree.class_index(list(n_cells))
-        requested = {int(i): int(n) for i, n in zip(idx, n_cells.values(), strict=True)}
+        asked = {str(k): int(v) for k, v in n_cells.items()}
     else:
         chosen = tree.classes if labels is None else labels
-        requested = {int(i): int(n_cells) for i in tree.class_index(list(chosen))}
-    if any(n < 0 for n in requested.values()):
+        asked = {str(c): int(n_cells) for c in chosen}
+    if any(n < 0 for n in asked.values()):
         raise ValueError("Cell counts must be non-negative.")
-    if sum(requested.values()) == 0:
+    if sum(asked.values()) == 0:
         raise ValueError("Nothing to generate: ask for at least one cell.")
-    return requested
+    requested: dict[int, int] = {}
+    origins: dict[int, list[tuple[str, int]]] = {}
+    for name, n in asked.items():
+        if name in tree.classes:
+            members = [tree.classes.index(name)]
+            split = [n]
+        elif name in tree.node_names:
+            members = tree.expand(name)
+            sizes = (
+                np.ones(len(members))
+                if class_counts is None
+                else np.asarray(class_counts, dtype=np.float64)[members]
+            )
+            weights = sizes if node_weights == "size" else np.ones(len(members))
+            rng = np.random.default_rng() if rng is None else rng
+            split = rng.multinomial(n, weights / weights.sum()).tolist()
+        else:
+            tree.class_index([name])  # the error that names what the tree knows
+        for c, k in zip(members, split, strict=True):
+            requested[c] = requested.get(c, 0) + int(k)
+            origins.setdefault(c, []).append((name, int(k)))
+    return requested, origins
+
+
+def requested_nodes(codes: np.ndarray, origins: dict[int, list[tuple[str, int]]]) -> np.ndarray:
+    """For each generated cell (classes in ``codes`` order), the name it was asked for."""
+    out = np.empty(len(codes), dtype=object)
+    for c, parts in origins.items():
+        rows = np.flatnonzero(codes == c)
+        names = np.repeat([p[0] for p in parts], [p[1] for p in parts])
+        out[rows] = names[: len(rows)]
+    return out
 
 
 def generation_params(

@@ -100,6 +100,13 @@ def save_model(
         "space": {"name": model.space.name, "state": model.space.state()},
         "attributes": _attributes(model),
     }
+    # the module is rebuilt from the init parameters' tree: save the tree as it is now (with
+    # classes added and nodes named since training)
+    init = content["attributes"]["init_params_"]
+    content["attributes"]["init_params_"] = {
+        **init,
+        "non_kwargs": {**init["non_kwargs"], "hierarchy": model.tree.to_dict()},
+    }
     write_plain(content, paths["json"], paths["npz"], kind="model")
     # a pickle left from an older save would be read by nobody but could fool a user
     paths["legacy"].unlink(missing_ok=True)

@@ -440,6 +440,31 @@ class DiscoveryResult:
     crossover: np.ndarray
 
 
+def discovery_curves(
+    x: np.ndarray, labels: np.ndarray, n_classes: int, sde: VPSDE, options: DiscoveryOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The time grid and the smoothed similarity curves discovery reads its tree from.
+
+    Shared by discovery and by hierarchies users give (whose branch times come from the same
+    curves).
+    """
+    o = options
+    keep = subsample_per_class(labels, n_classes, o.n_per_class, o.seed)
+    times = np.linspace(0.0, 1.0, o.n_times)
+    intra, inter = similarity_curves(
+        x[keep],
+        labels[keep],
+        n_classes,
+        sde,
+        times,
+        seed=o.seed,
+        n_draws=o.n_noise_draws,
+        curves=o.curves,
+    )
+    intra, inter = smoothed(intra, inter, o.smooth_sigma)
+    return times, intra, inter
+
+
 def discover_hierarchy(
     x: np.ndarray,
     labels: np.ndarray,
@@ -482,20 +507,7 @@ def discover_hierarchy(
     o = DiscoveryOptions() if options is None else options
     if overrides:
         o = DiscoveryOptions.from_kwargs({**o.to_params(), **overrides})
-    n_classes = len(classes)
-    keep = subsample_per_class(labels, n_classes, o.n_per_class, o.seed)
-    times = np.linspace(0.0, 1.0, o.n_times)
-    intra, inter = similarity_curves(
-        x[keep],
-        labels[keep],
-        n_classes,
-        sde,
-        times,
-        seed=o.seed,
-        n_draws=o.n_noise_draws,
-        curves=o.curves,
-    )
-    intra, inter = smoothed(intra, inter, o.smooth_sigma)
+    times, intra, inter = discovery_curves(x, labels, len(classes), sde, o)
     cross = crossover_times(intra, inter, times, epsilon=o.epsilon, classes=classes)
     if o.linkage == "average":
         agg = agglomerate_average(

@@ -79,6 +79,8 @@ class BranchTree:
     def __init__(self, classes: Sequence[str], branches: Sequence[Branch]):
         self.classes = [str(c) for c in classes]
         self.branches = list(branches)
+        #: named nodes (groups of a given hierarchy, clades a user named): name -> branch id
+        self.node_names: dict[str, int] = {}
         for i, b in enumerate(self.branches):
             if b.id != i:
                 raise ValueError(f"Branch at position {i} has id {b.id}; ids must be positions.")
@@ -185,6 +187,13 @@ class BranchTree:
         """Class indices of label names; raises a clear error for unknown labels."""
         labels = [labels] if isinstance(labels, str) else list(labels)
         pos = {c: i for i, c in enumerate(self.classes)}
+        groups = [lab for lab in labels if str(lab) not in pos and str(lab) in self.node_names]
+        if groups:
+            inside = [self.classes[c] for c in self.branches[self.node(str(groups[0]))].classes]
+            raise KeyError(
+                f"{groups[0]!r} is a group of the hierarchy ({', '.join(inside)}), not a cell "
+                "type; name one of its cell types here (generate also accepts groups)."
+            )
         unknown = [lab for lab in labels if str(lab) not in pos]
         if unknown:
             raise KeyError(
@@ -192,6 +201,47 @@ class BranchTree:
                 "Check the spelling, or add new classes with `model.add_classes`."
             )
         return np.array([pos[str(lab)] for lab in labels], dtype=np.int64)
+
+    def node(self, name: str) -> int:
+        """Branch id of a named node (a group of a given hierarchy, or a named clade)."""
+        if name in self.node_names:
+            return self.node_names[name]
+        raise KeyError(
+            f"Unknown node {name!r}; the tree's named nodes are {sorted(self.node_names)} and its "
+            f"cell types {self.classes}."
+        )
+
+    def expand(self, name: str) -> list[int]:
+        """Class indices a name stands for: a cell type itself, or the types below a node."""
+        if name in self.classes:
+            return [self.classes.index(name)]
+        return list(self.branches[self.node(name)].classes)
+
+    def name_node(self, name: str, classes: Sequence[str]) -> int:
+        """Name the branch that holds exactly ``classes`` (a clade); returns its id.
+
+        Examples
+        --------
+        >>> tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
+        >>> tree.name_node("AB", ["A", "B"])
+        3
+        """
+        name = str(name)
+        if name in self.classes:
+            raise ValueError(f"{name!r} is a cell type; give the node another name.")
+        members = tuple(sorted(int(i) for i in self.class_index(list(classes))))
+        # the upper part of a split branch keeps the original id: name the highest match
+        matches = [b.id for b in self.branches if b.classes == members]
+        if not matches:
+            raise ValueError(
+                f"{list(classes)} is not a clade of the tree (no branch holds exactly these "
+                f"types); the tree is {self.to_newick(3)}."
+            )
+        if name in self.node_names and self.node_names[name] not in matches:
+            raise ValueError(f"The tree already has a node named {name!r}.")
+        top = max(matches, key=lambda b: self.branches[b].t_end)
+        self.node_names[name] = top
+        return top
 
     def branch_time(self, a: int, b: int) -> float:
         """Diffusion time at which classes ``a`` and ``b`` join (their branch point)."""
@@ -278,7 +328,10 @@ class BranchTree:
         while b is not None:
             b.classes = tuple(sorted((*b.classes, new)))
             b = branches[b.parent] if b.parent >= 0 else None
-        return BranchTree([*self.classes, str(name)], [*branches, lower, leaf])
+        tree = BranchTree([*self.classes, str(name)], [*branches, lower, leaf])
+        # a named group now holds the new class too: names stay on the upper parts (same ids)
+        tree.node_names = dict(self.node_names)
+        return tree
 
     def validate(self) -> None:
         """Check that every class sits on exactly one branch at every time in [0, 1]."""
@@ -382,6 +435,8 @@ class BranchTree:
             "t_end": np.array([b.t_end for b in self.branches], dtype=np.float64),
             "parent": np.array([b.parent for b in self.branches], dtype=np.int64),
             "head": np.array([b.head for b in self.branches], dtype=np.int64),
+            "node_names": np.array(list(self.node_names), dtype=object),
+            "node_branches": np.array(list(self.node_names.values()), dtype=np.int64),
             "newick": self.to_newick(),
         }
 
@@ -413,7 +468,14 @@ class BranchTree:
             )
             for i in range(len(parent))
         ]
-        return cls(classes, branches)
+        tree = cls(classes, branches)
+        names, ids = d.get("node_names"), d.get("node_branches")
+        if names is not None and ids is not None:
+            tree.node_names = {
+                str(n): int(b)
+                for n, b in zip(np.asarray(names).tolist(), np.asarray(ids).tolist(), strict=True)
+            }
+        return tree
 
     def __repr__(self) -> str:
         return (

@@ -57,6 +57,7 @@ def branch_tree(
     key: str = Key.uns.HIERARCHY,
     orientation: Literal["top", "bottom", "left", "right"] = "top",
     show_times: bool = True,
+    show_names: bool = True,
     stability: bool | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -90,6 +91,9 @@ def branch_tree(
         or ``'right'`` (labels on the left; most readable for long names).
     show_times
         Write the diffusion time next to every branch point.
+    show_names
+        Write the names of named nodes (groups of a given hierarchy, named clades) beside
+        their branch points.
     stability
         Draw the bootstrap intervals and supports stored by
         :func:`scbranch.tl.branch_stability`. `None`: draw them when they are stored; `True`:
@@ -179,6 +183,31 @@ def branch_tree(
                 va=align[1],
                 fontsize="x-small",
                 color="0.25",
+                zorder=4,
+                path_effects=[withStroke(linewidth=2.5, foreground="white")],
+            )
+    if show_names:
+        named: dict[int, list[str]] = {}
+        for name, b in tree.node_names.items():
+            if tree.branches[b].children:
+                named.setdefault(b, []).append(name)
+        offset, align = {
+            "top": ((3, 2), ("left", "bottom")),
+            "bottom": ((3, -2), ("left", "top")),
+            "left": ((-2, 3), ("right", "bottom")),
+            "right": ((2, 3), ("left", "bottom")),
+        }[orientation]
+        for b, names_here in named.items():
+            ax.annotate(
+                " / ".join(names_here),
+                xy(pos[b], tree.branches[b].t_start),
+                xytext=offset,
+                textcoords="offset points",
+                ha=align[0],
+                va=align[1],
+                fontsize="x-small",
+                fontstyle="italic",
+                color="0.1",
                 zorder=4,
                 path_effects=[withStroke(linewidth=2.5, foreground="white")],
             )

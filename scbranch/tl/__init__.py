@@ -2,6 +2,7 @@
 
 from ._branch_hierarchy import branch_hierarchy, read_hierarchy
 from ._branch_stability import branch_stability, read_stability
+from ._compare import compare_hierarchies
 from ._embed import embed_like
 from ._evaluate import evaluate, read_evaluation
 from ._generate import generate, hybrids, transmute
@@ -15,6 +16,7 @@ from ._interpret import (
 __all__ = [
     "branch_hierarchy",
     "branch_stability",
+    "compare_hierarchies",
     "embed_like",
     "evaluate",
     "generate",

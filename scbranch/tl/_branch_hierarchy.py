@@ -21,6 +21,7 @@ from .._validation import (
 )
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
 from ..module._discovery import DiscoveryOptions, DiscoveryResult, subsample_per_class
+from ._given_hierarchy import given_record, is_given
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,18 @@ def resolve_hierarchy(
     """The tree a model uses, and its record: given, stored in ``adata.uns``, or discovered.
 
     ``hierarchy`` is a :class:`~scbranch.module.BranchTree`, a dict (a tree or a stored
-    record), a key of ``adata.uns``, or `None` (reuse ``uns['scbranch_hierarchy']`` when it
-    was computed on the same classes, grouping, representation and forward process; else
-    discover one on ``matrix``).
+    record), a key of ``adata.uns`` (a stored hierarchy), a hierarchy the user gives (see
+    :func:`branch_hierarchy`; its times come from ``matrix``), or `None` (reuse
+    ``uns['scbranch_hierarchy']`` when it was computed on the same classes, grouping,
+    representation and forward process; else discover one on ``matrix``).
     """
     if isinstance(hierarchy, BranchTree):
         return hierarchy, {}
+    if hierarchy is not None and is_given(hierarchy, adata):
+        return given_record(
+            adata, matrix, labels, classes, sde, options, hierarchy,
+            groupby=groupby, use_rep=use_rep, layer=layer,
+        )  # fmt: skip
     if isinstance(hierarchy, Mapping):
         tree_dict = hierarchy.get("tree", hierarchy)
         return BranchTree.from_dict(tree_dict), dict(hierarchy) if "tree" in hierarchy else {}
@@ -161,6 +168,9 @@ def branch_hierarchy(
     *,
     use_rep: str | None = None,
     layer: str | None = None,
+    hierarchy=None,
+    times: str = "data",
+    multifurcations: str = "keep",
     n_per_class: int = DiscoveryOptions.n_per_class,
     n_times: int = DiscoveryOptions.n_times,
     smooth_sigma: float = DiscoveryOptions.smooth_sigma,
@@ -185,6 +195,11 @@ def branch_hierarchy(
     The representation is centred per dimension and divided by one global scale, exactly as
     :class:`~scbranch.BranchedDiffusion` does before diffusion.
 
+    With ``hierarchy``, the topology is the user's and only the branch times come from the
+    data: each node's time is the crossover of its children's pooled similarity curves (the
+    criterion and pooling of average-linkage discovery; the last pair to cross for a node
+    with more than two children), kept at least ``min_branch_length`` above its children.
+
     Parameters
     ----------
     adata
@@ -195,6 +210,22 @@ def branch_hierarchy(
         Key of ``adata.obsm`` to use (e.g. ``"X_pca"``). If `None`, use ``layer`` or ``.X``.
     layer
         Layer to use when ``use_rep`` is `None`.
+    hierarchy
+        A hierarchy to use instead of discovering one: a Newick string (e.g.
+        ``"((CD4 T,CD8 T)T cells,B);"``, quoted names allowed, internal names kept); a nested
+        dict of named groups or list of lists of labels (``{"T cells": ["CD4 T", "CD8 T"],
+        "B": "B"}``); a list of coarser ``obs`` columns, coarse to fine (``["compartment",
+        "lineage"]``; every label must lie in exactly one group of each); or the key of a
+        ``sc.tl.dendrogram`` result in ``adata.uns``. Named groups become named nodes that
+        :meth:`~scbranch.BranchedDiffusion.generate` accepts.
+    times
+        With ``hierarchy``: ``"data"`` (branch times from the similarity curves) or
+        ``"newick"`` (each node's height above the leaves in the Newick branch lengths, in
+        units of diffusion time).
+    multifurcations
+        With ``hierarchy``, for nodes with more than two children: ``"keep"`` them as one
+        branch point (supported by the model and the samplers), or ``"resolve"`` them into
+        binary merges in the order the data cross. Recorded in ``params``.
     n_per_class
         Cells per type used for the similarity curves (seeded subsample).
     n_times
@@ -251,6 +282,13 @@ def branch_hierarchy(
     >>> adata = sb.datasets.pbmc68k()
     >>> sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_pca")
     >>> print(adata.uns["scbranch_hierarchy"]["newick"])  # doctest: +SKIP
+
+    A hierarchy of annotation levels, with times from the data:
+
+    >>> sb.tl.branch_hierarchy(
+    ...     adata, groupby="cell_type", use_rep="X_pca", hierarchy=["compartment", "lineage"],
+    ...     key_added="given",
+    ... )  # fmt: skip
     """
     start = time.perf_counter()
     adata = adata.copy() if copy else adata
@@ -274,9 +312,16 @@ def branch_hierarchy(
         curves=curves,
         seed=seed,
     )
-    _, record = discover_record(
-        matrix, labels, classes, sde, options, groupby=groupby, use_rep=use_rep, layer=layer
-    )
+    if hierarchy is None:
+        _, record = discover_record(
+            matrix, labels, classes, sde, options, groupby=groupby, use_rep=use_rep, layer=layer
+        )
+    else:
+        _, record = given_record(
+            adata, matrix, labels, classes, sde, options, hierarchy,
+            groupby=groupby, use_rep=use_rep, layer=layer, times=times,
+            multifurcations=multifurcations,
+        )  # fmt: skip
     adata.uns[key_added] = record
     result_newick = record["newick"]
     logger.info(

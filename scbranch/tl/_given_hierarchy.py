@@ -1,0 +1,167 @@
+"""Hierarchies users bring (Newick, nested labels, annotation levels, scanpy's dendrogram).
+
+The forms are read into one topology (:mod:`scbranch.module._topology`); the branch times come
+from the same similarity curves discovery uses (or from Newick lengths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._validation import to_dense
+from ..module import VPSDE, BranchTree, global_standardizer
+from ..module._discovery import (
+    DiscoveryOptions,
+    DiscoveryResult,
+    crossover_times,
+    discovery_curves,
+    subsample_per_class,
+)
+from ..module._topology import (
+    HierarchyError,
+    Node,
+    from_linkage,
+    from_nested,
+    parse_newick,
+    tree_from_topology,
+)
+
+
+def is_given(hierarchy, adata: AnnData | None) -> bool:
+    """Whether ``hierarchy`` is a topology a user gives (not a tree or a stored record)."""
+    if isinstance(hierarchy, Node):
+        return True
+    if isinstance(hierarchy, Mapping):
+        return "tree" not in hierarchy and "membership" not in hierarchy
+    if isinstance(hierarchy, str):
+        if adata is not None and hierarchy in adata.uns:
+            entry = adata.uns[hierarchy]
+            return isinstance(entry, Mapping) and "linkage" in entry
+        return True  # a Newick string or obs column(s); a missing key is reported there
+    return isinstance(hierarchy, Sequence | np.ndarray)
+
+
+def _from_columns(adata: AnnData, columns: Sequence[str], groupby: str, classes) -> Node:
+    """Annotation levels (coarse to fine) as a nested topology over the ``groupby`` types."""
+    obs = adata.obs
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        raise KeyError(f"Hierarchy column(s) {missing} are not in adata.obs.")
+    levels = [*columns, groupby]
+    values = obs[levels].astype(str)
+    # every group of a level lies in exactly one group of the level above it
+    for coarse, fine in zip(levels[:-1], levels[1:], strict=True):
+        parents = values.groupby(fine, observed=True)[coarse].unique()
+        split = {g: sorted(p) for g, p in parents.items() if len(p) > 1}
+        if split:
+            g, p = next(iter(split.items()))
+            what = "label" if fine == groupby else "group"
+            raise HierarchyError(
+                f"The {what} {g!r} of obs[{fine!r}] lies in {len(p)} groups of obs[{coarse!r}] "
+                f"({p}); annotation levels must nest (each {what} in one coarser group). Fix "
+                "the annotation, or give the hierarchy as a nested dict."
+            )
+
+    def nest(frame: pd.DataFrame, depth: int):
+        if depth == len(levels) - 1:
+            return sorted(pd.unique(frame[groupby]), key=list(classes).index)
+        out = {}
+        for group in pd.unique(frame[levels[depth]]):
+            out[str(group)] = nest(frame[frame[levels[depth]] == group], depth + 1)
+        return out
+
+    return from_nested(nest(values[values[groupby].isin(classes)], 0))
+
+
+def _from_dendrogram(entry: Mapping, groupby: str, classes, key: str) -> Node:
+    """The result of scanpy's ``sc.tl.dendrogram``: a linkage over its groupby's categories."""
+    if str(entry.get("groupby", groupby)) not in (groupby, str([groupby])):
+        raise HierarchyError(
+            f"adata.uns[{key!r}] is a dendrogram of {entry.get('groupby')!r}, not of "
+            f"{groupby!r}; run `sc.tl.dendrogram(adata, groupby={groupby!r})`."
+        )
+    # scanpy stores the leaves in plotting order with their index among the categories; the
+    # linkage numbers the categories in their own order
+    ordered = [str(c) for c in np.asarray(entry["categories_ordered"]).tolist()]
+    idx = [int(i) for i in np.asarray(entry["categories_idx_ordered"]).tolist()]
+    categories = [""] * len(ordered)
+    for name, i in zip(ordered, idx, strict=True):
+        categories[i] = name
+    return from_linkage(np.asarray(entry["linkage"]), categories)
+
+
+def read_topology(adata: AnnData, hierarchy, groupby: str, classes) -> tuple[Node, str]:
+    """The topology of a given hierarchy and what kind of input it was."""
+    if isinstance(hierarchy, Node):
+        return hierarchy, "topology"
+    if isinstance(hierarchy, Mapping):
+        return from_nested(dict(hierarchy)), "nested"
+    if isinstance(hierarchy, str):
+        if hierarchy in adata.uns:
+            return _from_dendrogram(adata.uns[hierarchy], groupby, classes, hierarchy), "dendrogram"
+        if "(" in hierarchy or hierarchy.rstrip().endswith(";"):
+            return parse_newick(hierarchy), "newick"
+        if hierarchy in adata.obs.columns:
+            return _from_columns(adata, [hierarchy], groupby, classes), "obs"
+        raise KeyError(
+            f"hierarchy={hierarchy!r} is not a Newick string, a key of adata.uns (e.g. "
+            "sc.tl.dendrogram's) or a column of adata.obs."
+        )
+    items = list(hierarchy)
+    if items and all(isinstance(i, str) and i in adata.obs.columns for i in items):
+        return _from_columns(adata, items, groupby, classes), "obs"
+    return from_nested(items), "nested"
+
+
+def given_record(
+    adata: AnnData,
+    matrix,
+    labels: np.ndarray,
+    classes: list[str],
+    sde: VPSDE,
+    options: DiscoveryOptions,
+    hierarchy,
+    *,
+    groupby: str,
+    use_rep: str | None,
+    layer: str | None,
+    times: str = "data",
+    multifurcations: str = "keep",
+) -> tuple[BranchTree, dict]:
+    """The tree of a given topology, times from the same curves as discovery, and its record."""
+    from ._branch_hierarchy import hierarchy_record
+
+    topology, kind = read_topology(adata, hierarchy, groupby, classes)
+    shift, scale = global_standardizer(matrix)  # all cells, exactly as discovery and the model
+    keep = subsample_per_class(labels, len(classes), options.n_per_class, options.seed)
+    grid, intra, inter = discovery_curves(
+        (to_dense(matrix[keep]) - shift) / scale, labels[keep], len(classes), sde, options
+    )
+    tree = tree_from_topology(
+        topology,
+        classes,
+        times=times,
+        multifurcations=multifurcations,
+        curves=(grid, intra, inter),
+        epsilon=options.epsilon,
+        min_branch_length=options.min_branch_length,
+    )
+    cross = crossover_times(intra, inter, grid, epsilon=options.epsilon, classes=classes)
+    params = {
+        "groupby": groupby,
+        "use_rep": use_rep or "",
+        "layer": layer or "",
+        **options.to_params(),
+        "standardization": "global",
+        **sde.to_dict(),
+        "given": kind,
+        "times_from": times,
+        "multifurcations": multifurcations,
+    }
+
+    result = DiscoveryResult(tree=tree, times=grid, intra=intra, inter=inter, crossover=cross)
+    return tree, hierarchy_record(result, params)
