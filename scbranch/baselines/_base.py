@@ -23,6 +23,14 @@ class Baseline:
         Column of ``adata.obs`` with the cell types.
     min_cells_per_class
         Types with fewer training cells raise an error.
+
+    Examples
+    --------
+    A baseline is a subclass with ``_sample``; see :class:`PerClassGaussian`:
+
+    >>> import scbranch as sb
+    >>> issubclass(sb.baselines.PerClassGaussian, sb.baselines.Baseline)
+    True
     """
 
     #: short name recorded in ``uns['scbranch']['model']['architecture']``

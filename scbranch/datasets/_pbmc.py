@@ -50,7 +50,7 @@ def pbmc68k(n_comps: int = 30) -> AnnData:
     Examples
     --------
     >>> adata = pbmc68k()
-    >>> adata.obs["cell_type"].nunique(), adata.layers["counts"].max() > 1
+    >>> adata.obs["cell_type"].nunique(), bool(adata.layers["counts"].max() > 1)
     (10, True)
     """
     import scanpy as sc

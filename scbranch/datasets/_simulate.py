@@ -25,6 +25,12 @@ class SimulatedTree:
         Class means, shape ``(C, dim)``.
     true_splits
         Set of frozensets of class names, one per internal node (the topology to recover).
+
+    Examples
+    --------
+    >>> sim = simulate_tree(depth=1, n_per_class=5)
+    >>> sim.to_anndata().obs["cell_type"].value_counts().tolist()
+    [5, 5]
     """
 
     x: np.ndarray

@@ -158,7 +158,14 @@ def top_markers(
 
 
 def lfc_spearman(a: pd.DataFrame, b: pd.DataFrame) -> pd.Series:
-    """Spearman correlation across genes of matching columns of two fold-change tables."""
+    """Spearman correlation across genes of matching columns of two fold-change tables.
+
+    Examples
+    --------
+    >>> a = pd.DataFrame({"B": [1.0, 2.0, 3.0]})
+    >>> float(lfc_spearman(a, a * 2)["B"])
+    1.0
+    """
     out = {}
     for col in a.columns:
         u, v = a[col].to_numpy(), b[col].to_numpy()
@@ -169,7 +176,14 @@ def lfc_spearman(a: pd.DataFrame, b: pd.DataFrame) -> pd.Series:
 
 
 def marker_overlap(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> pd.Series:
-    """Fraction of each group's top markers that two rankings share."""
+    """Fraction of each group's top markers that two rankings share.
+
+    Examples
+    --------
+    >>> marker_overlap({"B": np.array(["CD79A", "MS4A1"])}, {"B": np.array(["MS4A1", "CD3E"])})
+    B    0.5
+    dtype: float64
+    """
     return pd.Series(
         {g: len(set(a[g]) & set(b[g])) / max(len(a[g]), 1) for g in a if g in b}, dtype=float
     )

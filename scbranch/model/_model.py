@@ -191,7 +191,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         self.init_params_["non_kwargs"]["scvi_model"] = None
 
     def refresh_summary(self) -> None:
-        """Recompute the model summary (after the tree or the classes changed)."""
+        """Recompute the model summary (after the tree or the classes changed).
+
+        Examples
+        --------
+        >>> model.refresh_summary(); print(model.summary_string)  # doctest: +SKIP
+        """
         self._model_summary_string = self._summary()
 
     def _summary(self) -> str:
@@ -331,7 +336,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         return self.module.tree
 
     def get_from_registry(self, adata: AnnData, key: str) -> np.ndarray:
-        """Data registered under ``key`` for ``adata``."""
+        """Data registered under ``key`` for ``adata``.
+
+        Examples
+        --------
+        >>> labels = model.get_from_registry(adata, "labels")  # doctest: +SKIP
+        """
         return self.get_anndata_manager(adata, required=True).get_from_registry(key)
 
     def encode(self, adata: AnnData, what: str = "the cells") -> np.ndarray:
@@ -629,7 +639,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         prefix: str | None = None,
         trust_pickle: bool = False,
     ) -> BranchedDiffusion:
-        """Load a model saved with :meth:`save`, without running any code it contains.
+        """Load a saved model (:meth:`~scbranch.BranchedDiffusion.save`) without running its code.
 
         Parameters
         ----------

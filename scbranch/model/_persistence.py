@@ -43,7 +43,15 @@ LEGACY = "model.pt"
 
 
 class UntrustedModelError(ValueError):
-    """A model directory that can only be read by unpickling, refused without trust."""
+    """A model directory that can only be read by unpickling, refused without trust.
+
+    Examples
+    --------
+    >>> try:  # doctest: +SKIP
+    ...     sb.BranchedDiffusion.load("old_model/")
+    ... except sb.model.UntrustedModelError:
+    ...     model = sb.BranchedDiffusion.load("old_model/", trust_pickle=True)
+    """
 
 
 def _paths(directory: Path, prefix: str) -> dict[str, Path]:

@@ -74,7 +74,14 @@ SCVI_NORMALIZED_TOTAL = 1e4
 
 @dataclass
 class Decoded:
-    """What generated coordinates become in an AnnData."""
+    """What generated coordinates become in an AnnData.
+
+    Examples
+    --------
+    >>> out = Decoded(X=np.zeros((2, 3)), var_names=np.array(["a", "b", "c"]))
+    >>> out.X.shape, out.layers
+    ((2, 3), {})
+    """
 
     X: np.ndarray | sp.spmatrix | None = None
     var_names: np.ndarray | None = None
@@ -96,6 +103,15 @@ class Space:
     layer
         Layer of log-normalised expression (expression spaces; for PCA spaces the expression
         the PCA was computed on), or `None` for ``.X``.
+
+    Examples
+    --------
+    A new space is one subclass (``tests/test_spaces.py`` has a complete one):
+
+    >>> @register_space
+    ... class MyLatent(PcaSpace):
+    ...     name = "doctest-my-latent"
+    >>> model = sb.BranchedDiffusion(adata, space="doctest-my-latent")  # doctest: +SKIP
     """
 
     #: name in :data:`SPACES` and in saved models
@@ -145,7 +161,7 @@ class Space:
         return self.encode(adata, what), {}
 
     def add_class(self, extras: Mapping[str, np.ndarray]) -> None:
-        """Keep what :meth:`class_data` returned for a type that was added."""
+        """Keep what :meth:`~scbranch.model.Space.class_data` returned for a type that was added."""
 
     # ------------------------------------------------------------------ cells out
     @property
@@ -190,17 +206,20 @@ class Space:
         return None
 
     def bytes_per_cell(self, options: Mapping) -> int:
-        """Peak memory :meth:`decode` needs per generated cell, in bytes (an estimate)."""
+        """Peak memory decoding needs per generated cell, in bytes (an estimate)."""
         return 0
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
-        """Plain values and numpy arrays that :meth:`from_state` rebuilds the space from."""
+        """Plain values and numpy arrays to rebuild the space from (with ``from_state``)."""
         return {"obsm_key": self.obsm_key, "layer": self.layer}
 
     @classmethod
     def from_state(cls, state: Mapping, directory: Path | None = None, prefix: str = "") -> Space:
-        """The space saved by :meth:`state` (and :meth:`save_files` in ``directory``)."""
+        """The space saved by ``state`` (and by ``save_files`` in ``directory``).
+
+        See :meth:`~scbranch.model.Space.state` and :meth:`~scbranch.model.Space.save_files`.
+        """
         return cls(obsm_key=state.get("obsm_key"), layer=state.get("layer"))
 
     def save_files(self, directory: Path, prefix: str = "") -> None:
@@ -236,7 +255,7 @@ SPACES: dict[str, type[Space]] = {}
 
 
 def register_space(cls: type[Space]) -> type[Space]:
-    """Class decorator: make a :class:`Space` subclass available by its ``name``.
+    """Class decorator: make a :class:`~scbranch.model.Space` subclass available by its ``name``.
 
     Examples
     --------
@@ -364,7 +383,7 @@ class PcaSpace(_GeneSpace):
     """A latent in ``obsm[obsm_key]``, decoded to genes when it is a PCA of the expression.
 
     scanpy's ``sc.pp.pca`` stores the loadings but not the centring mean; the decoder recovers
-    it (:func:`~scbranch.model._decoding.fit_pca_decoder`) and is kept only if it reproduces
+    it (``fit_pca_decoder``) and is kept only if it reproduces
     the stored coordinates. Without a decoder, generated cells carry the latent only.
 
     Parameters
@@ -379,6 +398,16 @@ class PcaSpace(_GeneSpace):
         The PCA map (loadings, mean, genes, residual sd), or `None`.
     counts
         Size factors per class for counts, or `None`.
+
+    Examples
+    --------
+    The space of a model set up with ``obsm_key`` (built by the model, not by hand):
+
+    >>> sb.BranchedDiffusion.setup_anndata(  # doctest: +SKIP
+    ...     adata, labels_key="cell_type", obsm_key="X_pca"
+    ... )
+    >>> sb.BranchedDiffusion(adata).space  # doctest: +SKIP
+    PcaSpace(obsm['X_pca'])
     """
 
     name = "pca"
@@ -473,6 +502,14 @@ class ExpressionSpace(_GeneSpace):
         The model's genes, in order.
     counts
         Size factors per class for counts, or `None`.
+
+    Examples
+    --------
+    >>> sb.BranchedDiffusion.setup_anndata(  # doctest: +SKIP
+    ...     adata, labels_key="cell_type", layer="lognorm"
+    ... )
+    >>> sb.BranchedDiffusion(adata).space  # doctest: +SKIP
+    ExpressionSpace(expression (layers['lognorm']))
     """
 
     name = "expression"
@@ -548,9 +585,15 @@ class ScviSpace(Space):
     vae
         The scvi-tools model.
     info
-        What :func:`~scbranch.model._scvi.scvi_info` records (genes, batches, likelihood, ...).
+        What the model records about its scVI model (genes, batches, likelihood, ...).
     library_sizes
         Observed library sizes per class.
+
+    Examples
+    --------
+    >>> model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key="cell_type")  # doctest: +SKIP
+    >>> model.space  # doctest: +SKIP
+    ScviSpace(SCVI latent obsm['X_scVI'])
     """
 
     name = "scvi"

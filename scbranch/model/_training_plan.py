@@ -28,6 +28,12 @@ class DiffusionTrainingPlan(TrainingPlan):
         Decay the learning rate to zero with a per-step cosine schedule.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan` (``lr``, ``weight_decay``, ``optimizer``, ...).
+
+    Examples
+    --------
+    The model uses it for :meth:`~scbranch.BranchedDiffusion.train`; its options pass through:
+
+    >>> model.train(plan_kwargs={"weight_decay": 1e-6})  # doctest: +SKIP
     """
 
     def __init__(self, module, *, ema_decay: float = 0.999, cosine: bool = True, **kwargs):

@@ -19,11 +19,21 @@ from ._networks import ScoreNetwork
 from ._recipe import TrainingRecipe, WeightEMA, draw_times
 from ._sampling import SampleResult, sample, time_grid
 from ._solvers import DEFAULT_N_STEPS, SOLVERS, Solver, get_solver, solver_names
+from ._topology import (
+    HierarchyError,
+    Node,
+    check_topology,
+    from_linkage,
+    from_nested,
+    parse_newick,
+)
 from ._transport import TransportResult, denoise, transport
 
 __all__ += [
     "BranchedDiffusionModule",
     "DEFAULT_N_STEPS",
+    "HierarchyError",
+    "Node",
     "SOLVERS",
     "SampleResult",
     "ScoreNetwork",
@@ -32,8 +42,12 @@ __all__ += [
     "TransportResult",
     "WeightEMA",
     "denoise",
+    "check_topology",
     "draw_times",
+    "from_linkage",
+    "from_nested",
     "get_solver",
+    "parse_newick",
     "sample",
     "solver_names",
     "time_grid",

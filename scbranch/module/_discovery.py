@@ -32,6 +32,12 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
     -------
     ``(shift, scale)`` such that ``(x - shift) / scale`` has mean 0 and mean per-dimension
     variance 1.
+
+    Examples
+    --------
+    >>> shift, scale = global_standardizer(np.array([[0.0, 0.0], [2.0, 4.0]]))
+    >>> shift.tolist(), round(scale, 3)
+    ([1.0, 2.0], 1.581)
     """
     if sp.issparse(x):  # no densification: E[x^2] - E[x]^2 per dimension
         shift = np.asarray(x.mean(0), dtype=np.float64).ravel()
@@ -431,7 +437,16 @@ def agglomerate_average(
 
 @dataclass
 class DiscoveryResult:
-    """Everything discovery computed: the tree and the curves it came from."""
+    """Everything discovery computed: the tree and the curves it came from.
+
+    Examples
+    --------
+    >>> from scbranch.datasets import simulate_tree
+    >>> sim = simulate_tree(depth=1, seed=0)
+    >>> res = discover_hierarchy(sim.x, sim.labels, sim.classes, VPSDE())
+    >>> res.intra.shape
+    (2, 200)
+    """
 
     tree: BranchTree
     times: np.ndarray

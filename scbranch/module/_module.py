@@ -253,5 +253,8 @@ class BranchedDiffusionModule(BaseModuleClass):
 
     @torch.inference_mode()
     def sample(self, n_per_class: Mapping[int, int], **kwargs) -> torch.Tensor:
-        """Generated data (data space), ``n_per_class`` per class; see :meth:`sample_cells`."""
+        """Generated data (data space), ``n_per_class`` per class.
+
+        See :meth:`~scbranch.module.BranchedDiffusionModule.sample_cells`.
+        """
         return self.sample_cells(n_per_class, **kwargs).x

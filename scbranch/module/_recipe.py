@@ -81,6 +81,14 @@ class WeightEMA:
         The parameters to follow (their current values start the average).
     decay
         The decay after the warm-up.
+
+    Examples
+    --------
+    >>> w = [torch.zeros(2)]
+    >>> ema = WeightEMA(w, decay=0.9)
+    >>> ema.update([torch.ones(2)])
+    >>> [round(v, 3) for v in ema.shadow[0].tolist()]
+    [0.818, 0.818]
     """
 
     def __init__(self, params: list[torch.Tensor], decay: float):

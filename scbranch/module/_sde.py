@@ -77,7 +77,10 @@ class VPSDE:
         return -b - lib.log(-lib.expm1(-b))
 
     def t_from_log_snr(self, lam: ArrayLike) -> ArrayLike:
-        """Inverse of :meth:`log_snr` (solves the quadratic B(t) = log(1 + exp(-lambda)))."""
+        """Inverse of :meth:`~scbranch.module.VPSDE.log_snr`.
+
+        Solves the quadratic B(t) = log(1 + exp(-lambda)) for t.
+        """
         lib = _lib(lam)
         b = lib.log1p(lib.exp(-lam))
         a = 0.5 * (self.beta1 - self.beta0)

@@ -38,6 +38,11 @@ class Solver:
     """One way of moving rows between two diffusion times.
 
     Subclasses set the class attributes and implement :meth:`step`.
+
+    Examples
+    --------
+    >>> SOLVERS["dpm2m"].calls_per_step, SOLVERS["em"]().default_spacing
+    (1, 't')
     """
 
     #: name in :data:`SOLVERS`
@@ -48,12 +53,12 @@ class Solver:
     calls_per_step: int = 1
     #: whether it draws noise
     stochastic: bool = False
-    #: directions it can move in: "down" (towards data), "up" (towards noise)
+    #: directions it can move in, "down" (towards data) and/or "up" (towards noise)
     directions: tuple[str, ...] = ("down",)
 
     @property
     def default_spacing(self) -> str:
-        """Step spacing when none is asked for: uniform in t for the reverse SDE, else log-SNR.
+        """Step spacing when none is asked for (uniform in t for the reverse SDE, else log-SNR).
 
         The predictor-corrector sampler over-disperses cells when log-SNR spacing crowds its
         steps near the data (docs/benchmarks/sampling.md); uniform in t is the paper's.
@@ -229,7 +234,13 @@ SOLVERS: dict[str, type[Solver]] = {
 
 
 def solver_names(direction: str = "down") -> list[str]:
-    """Names of the solvers that move in ``direction``."""
+    """Names of the solvers that move in ``direction``.
+
+    Examples
+    --------
+    >>> solver_names("up")
+    ['heun', 'noise']
+    """
     return [name for name, cls in SOLVERS.items() if direction in cls.directions]
 
 
@@ -255,7 +266,13 @@ def resolve_solver(name: str, direction: str = "down") -> str:
 def get_solver(
     name: str, direction: str = "down", *, corrector_snr: float = CORRECTOR_SNR
 ) -> Solver:
-    """A solver instance by name (``corrector_snr``: the Langevin step of ``"pc"``)."""
+    """A solver instance by name (``corrector_snr``: the Langevin step of ``"pc"``).
+
+    Examples
+    --------
+    >>> get_solver("ode"), get_solver("pc", corrector_snr=0.1).snr
+    (Heun('heun'), 0.1)
+    """
     cls = SOLVERS[resolve_solver(name, direction)]
     return cls(corrector_snr) if cls is PredictorCorrector else cls()
 

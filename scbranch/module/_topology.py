@@ -25,12 +25,27 @@ MULTIFURCATIONS = ("keep", "resolve")
 
 
 class HierarchyError(ValueError):
-    """A hierarchy that does not fit the cell types (with the problem and the fix)."""
+    """A hierarchy that does not fit the cell types (with the problem and the fix).
+
+    Examples
+    --------
+    >>> check_topology(parse_newick("((A,B),C);"), ["A", "B"])
+    Traceback (most recent call last):
+    ...
+    scbranch.module._topology.HierarchyError: The hierarchy names label(s) ['C'] ...
+    """
 
 
 @dataclass
 class Node:
-    """A node of a user's hierarchy: a leaf (a cell type) or a group of nodes."""
+    """A node of a user's hierarchy: a leaf (a cell type) or a group of nodes.
+
+    Examples
+    --------
+    >>> root = Node("lymphoid", [Node("T"), Node("B")])
+    >>> root.leaves(), root.is_leaf
+    (['T', 'B'], False)
+    """
 
     name: str | None = None
     children: list[Node] = field(default_factory=list)
@@ -164,7 +179,15 @@ def from_nested(obj, name: str | None = None) -> Node:
 
 
 def from_linkage(linkage: np.ndarray, labels: Sequence[str]) -> Node:
-    """A binary topology from a SciPy linkage over ``labels`` (e.g. ``sc.tl.dendrogram``'s)."""
+    """A binary topology from a SciPy linkage over ``labels`` (e.g. ``sc.tl.dendrogram``'s).
+
+    Examples
+    --------
+    >>> from scipy.cluster.hierarchy import linkage
+    >>> z = linkage(np.array([[0.0], [0.1], [5.0]]), method="average")
+    >>> [child.leaves() for child in from_linkage(z, ["T", "NK", "B"]).children]
+    [['B'], ['T', 'NK']]
+    """
     z = np.asarray(linkage, dtype=np.float64)
     n = len(labels)
     if z.ndim != 2 or z.shape != (n - 1, 4):
@@ -202,6 +225,14 @@ def check_topology(root: Node, classes: Sequence[str]) -> Node:
 
     Every class must be a leaf exactly once, every leaf a class, and internal node names must
     be unique and differ from every class name.
+
+    Examples
+    --------
+    Groups of one (the lineage "B cell" holding only the type "B") collapse into their child:
+
+    >>> root = check_topology(from_nested({"lymphoid": ["T", {"B cell": ["B"]}]}), ["T", "B"])
+    >>> root.name, [c.name for c in root.children], root.children[1].aliases
+    ('lymphoid', ['T', 'B'], ['B cell'])
     """
     root = _simplify(root)
     leaves = root.leaves()

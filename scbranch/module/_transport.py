@@ -34,7 +34,15 @@ _STREAM = 2
 
 @dataclass
 class TransportResult:
-    """States at ``t_to``, the states recorded on the way, and the cost."""
+    """States at ``t_to``, the states recorded on the way, and the cost.
+
+    See :func:`transport`.
+
+    Examples
+    --------
+    >>> TransportResult(x=torch.zeros(2, 3), grid=np.array([0.5, 0.1]), n_network_calls=2).x.shape
+    torch.Size([2, 3])
+    """
 
     x: torch.Tensor
     grid: np.ndarray
@@ -161,6 +169,16 @@ def denoise(
     """The model's estimate of the clean state, E[x_0 | x_t] (Tweedie), on each row's branch.
 
     At a branch point the branch above it (shared by the classes that meet there) is used.
+
+    Examples
+    --------
+    A network that predicts no noise leaves ``x / alpha(t)``:
+
+    >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
+    >>> x = torch.ones(2, 3)
+    >>> x0 = denoise(lambda x, t, b, c: 0 * x, tree, VPSDE(), x, torch.tensor([0, 1]), 0.3)
+    >>> torch.allclose(x0, x / VPSDE().alpha(torch.tensor(0.3)))
+    True
     """
     tt = torch.tensor(float(t))
     branch = tree.lookup(labels, tt)

@@ -25,7 +25,14 @@ _NEWICK_SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 @dataclass
 class Branch:
-    """One branch of the tree (one score head over one time interval)."""
+    """One branch of the tree (one score head over one time interval).
+
+    Examples
+    --------
+    >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
+    >>> tree.branches[0].length, tree.branches[2].classes
+    (0.5, (0, 1))
+    """
 
     id: int
     classes: tuple[int, ...]
@@ -442,7 +449,10 @@ class BranchTree:
 
     @classmethod
     def from_dict(cls, d: dict) -> BranchTree:
-        """Rebuild a tree written by :meth:`to_dict` (also after an h5ad round trip)."""
+        """Rebuild a tree written by :meth:`~scbranch.module.BranchTree.to_dict`.
+
+        Also after an h5ad round trip (which turns lists into arrays).
+        """
         try:
             classes = [str(c) for c in np.asarray(d["classes"]).tolist()]
             membership = np.asarray(d["membership"])

@@ -40,7 +40,17 @@ def hierarchy_record(result: DiscoveryResult, params: dict) -> dict:
 
 
 def read_hierarchy(adata: AnnData, key: str = Key.uns.HIERARCHY) -> tuple[BranchTree, dict]:
-    """Tree and record stored by :func:`branch_hierarchy` under ``adata.uns[key]``."""
+    """Tree and record stored by :func:`~scbranch.tl.branch_hierarchy` under ``adata.uns[key]``.
+
+    Examples
+    --------
+    >>> import scbranch as sb
+    >>> adata = sb.datasets.pbmc68k()
+    >>> sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_pca")
+    >>> tree, record = sb.tl.read_hierarchy(adata)
+    >>> tree.n_classes
+    10
+    """
     if key not in adata.uns:
         raise KeyError(
             f"No hierarchy in adata.uns[{key!r}]. Run `scbranch.tl.branch_hierarchy(adata, "

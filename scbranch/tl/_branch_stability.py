@@ -15,9 +15,9 @@ import warnings
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scvi.utils import track
 
 from .._keys import Key
+from .._utils import progress
 from .._validation import check_class_sizes, check_obs_key, to_dense
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
 from ..module._discovery import DiscoveryOptions
@@ -201,9 +201,8 @@ def branch_stability(
     times: dict[frozenset[int], list[float]] = {frozenset(b.classes): [] for b in internal}
     n_ok, failures, caught = 0, [], []
     replicates = np.random.SeedSequence(int(seed)).spawn(int(n_bootstrap))
-    for k, child in enumerate(
-        track(replicates, description="Bootstrap", style="tqdm", disable=not progress_bar)
-    ):
+    bar = progress("Bootstrap", enabled=progress_bar)
+    for k, child in enumerate(bar(replicates) if bar is not None else replicates):
         rng = np.random.default_rng(child)
         rep_seed = int(child.generate_state(1)[0] & 0x7FFFFFFF)
         keep = np.concatenate(
@@ -279,7 +278,7 @@ def branch_stability(
 
 
 def read_stability(adata: AnnData, key: str = Key.uns.HIERARCHY) -> pd.DataFrame:
-    """The table of :func:`branch_stability`, rebuilt from ``adata.uns[key]['stability']``.
+    """The table of :func:`~scbranch.tl.branch_stability`, from ``uns[key]['stability']``.
 
     Parameters
     ----------

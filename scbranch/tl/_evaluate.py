@@ -255,7 +255,7 @@ def evaluate(
       variances (log-normalised expression).
     * ``count_mean_spearman``: rank correlation of per-gene mean counts, on ``counts_layer``
       when both objects have it.
-    * ``zero_fraction_error``: mean over genes of |zero fraction difference|, on
+    * ``zero_fraction_error``: mean over genes of the absolute difference of zero fractions, on
       ``counts_layer`` when both objects have it.
     * ``de_lfc_spearman``: Spearman correlation across genes of each class's log fold change
       against the other evaluated classes (and of ``de_pairs``), see
@@ -664,7 +664,7 @@ def _uns_record(table: pd.DataFrame, params: dict) -> dict:
 
 
 def read_evaluation(adata: AnnData, key: str = Key.uns.EVALUATION) -> pd.DataFrame:
-    """The table :func:`evaluate` stored with ``key_added=key``, as a DataFrame.
+    """The table :func:`~scbranch.tl.evaluate` stored with ``key_added=key``, as a DataFrame.
 
     Examples
     --------

@@ -289,7 +289,7 @@ def _record(table: pd.DataFrame, params: dict) -> dict:
 
 
 def read_interpretation(adata: AnnData, key: str) -> pd.DataFrame:
-    """A table stored by :func:`transmutation_success` or :func:`identity_retention`.
+    """A table stored by :func:`~scbranch.tl.transmutation_success` or ``identity_retention``.
 
     Parameters
     ----------
