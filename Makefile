@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,8 +21,18 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e ".[docs]"
+	touch $@
+
+# the documentation site; warnings (a broken cross-reference among them) fail the build
+docs: $(VENV)/.docs-installed
+	rm -rf docs/generated docs/_build
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
 lint: setup
-	$(PY) -m pip install -q ruff && $(PY) -m ruff check scbranch tests benchmarks
+	$(PY) -m pip install -q ruff && $(PY) -m ruff check scbranch tests benchmarks docs && $(PY) -m ruff format --check scbranch tests benchmarks docs/conf.py docs/_ext
 
 clean:
-	rm -rf $(DEMO_OUT) lightning_logs scvi_log .pytest_cache
+	rm -rf $(DEMO_OUT) lightning_logs scvi_log .pytest_cache docs/_build docs/generated
