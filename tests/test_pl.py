@@ -239,6 +239,7 @@ def test_public_api():
     assert set(sb.pl.__all__) == {
         "branch_tree",
         "branch_similarity",
+        "compare_hierarchies",
         "evaluation",
         "trajectories",
         "transmutation_genes",

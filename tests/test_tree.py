@@ -186,13 +186,23 @@ def _same_tree(a: BranchTree, b: BranchTree):
 def test_dict_round_trip():
     tree = BranchTree.from_merges(["CD4 T", "B/plasma", "c+", "d", "e", "f"], SIX[1])
     d = tree.to_dict()
-    assert set(d) == {"classes", "membership", "t_start", "t_end", "parent", "head", "newick"}
+    assert set(d) == {
+        "classes",
+        "membership",
+        "t_start",
+        "t_end",
+        "parent",
+        "head",
+        "newick",
+        "node_names",
+        "node_branches",
+    }
     assert d["membership"].shape == (11, 6) and d["membership"].sum() == sum(
         len(b.classes) for b in tree.branches
     )
     _same_tree(tree, BranchTree.from_dict(d))
-    # "head" is optional
-    d2 = {k: v for k, v in d.items() if k != "head"}
+    # "head" and the node names are optional (hierarchies written before nodes had names)
+    d2 = {k: v for k, v in d.items() if k not in ("head", "node_names", "node_branches")}
     _same_tree(tree, BranchTree.from_dict(d2))
     with pytest.raises(ValueError, match="parent"):
         BranchTree.from_dict({k: v for k, v in d.items() if k != "parent"})
