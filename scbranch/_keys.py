@@ -38,6 +38,8 @@ class Key:
         IDENTITY_RETENTION = "scbranch_identity_retention"
         #: comparison of two hierarchies (:func:`scbranch.tl.compare_hierarchies`)
         HIERARCHY_COMPARISON = "scbranch_hierarchy_comparison"
+        #: out-of-fold PC scores (:func:`scbranch.tl.pca_out_of_fold`), one record per obsm key
+        OUT_OF_FOLD = "scbranch_out_of_fold"
 
     class obs:
         """``.obs`` columns."""

@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._keys import Key
 from .._validation import to_dense
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,13 @@ def fit_pca_decoder(
     -------
     ``{"kind": "pca", "loadings": (d, g), "mean": (g,), "var_names": (g,)}`` or `None`.
     """
+    source = out_of_fold_source(adata, obsm_key)
+    if source is not None:
+        # out-of-fold scores (tl.pca_out_of_fold) are in the basis of the in-sample PCA, so
+        # they decode through its loadings and centring; they do not reproduce x @ loadings
+        return fit_pca_decoder(
+            adata, source, layer, loadings_key=loadings_key, rtol=rtol, n_check=n_check
+        )
     rep = np.asarray(adata.obsm[obsm_key], dtype=np.float64)
     if loadings_key not in adata.varm or adata.varm[loadings_key].shape[1] != rep.shape[1]:
         logger.info(
@@ -110,3 +118,17 @@ def decode(
         rng = np.random.default_rng() if rng is None else rng
         x += rng.standard_normal(x.shape, dtype=np.float32) * sd
     return x
+
+
+def out_of_fold_source(adata: AnnData, obsm_key: str) -> str | None:
+    """The in-sample PCA key ``obsm_key``'s out-of-fold scores decode through, or `None`."""
+    record = adata.uns.get(Key.uns.OUT_OF_FOLD, {}).get(obsm_key)
+    if record is None:
+        return None
+    source = str(record["obsm_key"])
+    if source not in adata.obsm or adata.obsm[source].shape != adata.obsm[obsm_key].shape:
+        raise KeyError(
+            f"adata.obsm[{obsm_key!r}] holds out-of-fold scores of obsm[{source!r}], which is "
+            "missing or has another shape; rerun `sb.tl.pca_out_of_fold`."
+        )
+    return source

@@ -12,6 +12,7 @@ from ._interpret import (
     read_interpretation,
     transmutation_success,
 )
+from ._out_of_fold import pca_out_of_fold
 
 __all__ = [
     "branch_hierarchy",
@@ -22,6 +23,7 @@ __all__ = [
     "generate",
     "hybrids",
     "identity_retention",
+    "pca_out_of_fold",
     "rank_transmutation_genes",
     "read_interpretation",
     "read_evaluation",
