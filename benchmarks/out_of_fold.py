@@ -18,7 +18,7 @@ cells; the held-out and unseen cells and every generated set are out-of-sample f
   branched, <latent>                   the default model trained on each latent
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/out_of_fold.py           # about 35 min on 2 cores
+  python benchmarks/out_of_fold.py           # about 40 min on 2 cores
   python benchmarks/out_of_fold.py --fast    # smoke test; numbers meaningless
 Writes docs/benchmarks/out_of_fold.md.
 """

@@ -76,7 +76,9 @@ def pca_out_of_fold(
     (1.27x class by class on pbmc3k, 1.5x on pbmc68k_reduced), and a generator trained on them
     learns that. With ``method="rescale"`` each component of the in-sample scores is shrunk to
     the out-of-fold spread; with ``"procrustes"`` the out-of-fold scores are rotated into the
-    basis of ``adata.varm['PCs']`` (see the module notes for why that is the weaker choice).
+    basis of ``adata.varm['PCs']``; the rotation re-aligns the noise components with the
+    directions the full PCA fitted to these very cells, so it gets their spread right only on
+    average (leading noise components too wide, trailing ones too narrow).
     The loadings and centring of the existing PCA decode either to genes: train a model with
     ``setup_anndata(..., obsm_key=key_added)``.
 
