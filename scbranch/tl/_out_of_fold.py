@@ -28,7 +28,6 @@ from anndata import AnnData
 
 from .._keys import Key
 from .._validation import check_finite, check_obs_key, check_rep_key
-from ..model._decoding import fit_pca_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +122,8 @@ def pca_out_of_fold(
     True
     """
     import scanpy as sc
+
+    from ..model._decoding import fit_pca_decoder
 
     check_rep_key(adata, obsm_key=obsm_key)
     if layer is not None:
