@@ -120,6 +120,10 @@ def test_bad_input_is_named(simulated):
     train.obsm["X_other"] = np.random.default_rng(0).normal(size=(train.n_obs, N_COMPS))
     with pytest.raises(ValueError, match="sc.pp.pca"), pytest.warns(UserWarning, match="mismatch"):
         sb.tl.pca_out_of_fold(train, obsm_key="X_other")
+    with_nan = train.copy()
+    with_nan.X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sb.tl.pca_out_of_fold(with_nan)
     sb.tl.pca_out_of_fold(train)
     del train.obsm["X_pca"]
     with pytest.raises(KeyError, match="rerun"):

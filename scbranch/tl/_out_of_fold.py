@@ -139,11 +139,14 @@ def pca_out_of_fold(
             f"key_added={key_added!r} would overwrite the in-sample scores it decodes through; "
             "choose another key."
         )
+    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    # before the decoder: a NaN would otherwise surface as "not a PCA of the expression"
+    check_finite(adata.layers[layer] if layer is not None else adata.X, where)
+    check_finite(np.asarray(adata.obsm[obsm_key]), f"adata.obsm[{obsm_key!r}]")
     decoder = fit_pca_decoder(adata, obsm_key, layer)
     if decoder is None:
         raise ValueError(
-            f"adata.obsm[{obsm_key!r}] is not a PCA of "
-            f"{'adata.layers[' + repr(layer) + ']' if layer else 'adata.X'} with loadings in "
+            f"adata.obsm[{obsm_key!r}] is not a PCA of {where} with loadings in "
             "adata.varm['PCs']; run `sc.pp.pca(adata)` on the log-normalised expression (or "
             "pass the `layer=` it was computed on)."
         )
@@ -162,9 +165,8 @@ def pca_out_of_fold(
     expr = expr[:, genes]
     if sp.issparse(expr):
         expr = sp.csr_matrix(expr)
-    check_finite(expr, f"adata.{'layers[' + repr(layer) + ']' if layer else 'X'}")
     loadings = decoder["loadings"].T.astype(np.float64)  # (g, d)
-    rotated = np.empty((adata.n_obs, n_comps), dtype=np.float64)
+    rotated = np.empty((adata.n_obs, n_comps)) if method == "procrustes" else None
     # out-of-fold spread per component, pooled over folds (component j of every fold PCA)
     sum_sq = np.zeros(n_comps)
     for k in range(n_folds):
@@ -174,14 +176,15 @@ def pca_out_of_fold(
             fitting, n_comps=n_comps, return_info=True, random_state=seed, svd_solver="arpack"
         )
         components = np.asarray(components, dtype=np.float64)  # (d, g)
-        centre = np.asarray(fitting.mean(0), dtype=np.float64).ravel()
-        projected = np.asarray(expr[score_rows] @ components.T) - centre @ components.T
+        fold_centre = np.asarray(fitting.mean(0), dtype=np.float64).ravel()
+        projected = np.asarray(expr[score_rows] @ components.T) - fold_centre @ components.T
         sum_sq += (projected**2).sum(0)
-        rotated[score_rows] = projected @ _procrustes(components, loadings)
+        if rotated is not None:
+            rotated[score_rows] = projected @ _procrustes(components, loadings)
     in_sample = np.asarray(adata.obsm[obsm_key], dtype=np.float64)
     inflation = in_sample.std(0) / np.maximum(np.sqrt(sum_sq / adata.n_obs), 1e-12)
     centre = in_sample.mean(0)
-    scores = centre + (in_sample - centre) / inflation if method == "rescale" else rotated
+    scores = rotated if rotated is not None else centre + (in_sample - centre) / inflation
     adata.obsm[key_added] = scores.astype(np.float32)
     records = dict(adata.uns.get(Key.uns.OUT_OF_FOLD, {}))
     records[key_added] = {
