@@ -6,6 +6,7 @@ from . import (
     _logging,  # noqa: F401  (configures the "scbranch" logger)
     baselines,
     datasets,
+    io,
     metrics,
     model,
     module,
@@ -23,6 +24,7 @@ __all__ = [
     "BranchedDiffusion",
     "baselines",
     "datasets",
+    "io",
     "metrics",
     "model",
     "module",

@@ -17,7 +17,7 @@ import pytest
 import scbranch as sb
 
 #: the sub-packages whose ``__all__`` is the public API (the documentation renders them)
-PUBLIC = ["tl", "pl", "metrics", "datasets", "baselines", "model", "module"]
+PUBLIC = ["tl", "pl", "metrics", "datasets", "baselines", "model", "module", "io"]
 
 
 def _public_objects() -> dict[str, object]:

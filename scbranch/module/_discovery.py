@@ -39,7 +39,12 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
     >>> shift.tolist(), round(scale, 3)
     ([1.0, 2.0], 1.581)
     """
-    if sp.issparse(x):  # no densification: E[x^2] - E[x]^2 per dimension
+    from ..io._rows import is_streamed, moments
+
+    if is_streamed(x):  # on disk, or transformed on the way in: one pass over blocks of rows
+        shift, variance = moments(x)
+        scale = float(np.sqrt(np.mean(variance)))
+    elif sp.issparse(x):  # no densification: E[x^2] - E[x]^2 per dimension
         shift = np.asarray(x.mean(0), dtype=np.float64).ravel()
         second = np.asarray(x.multiply(x).mean(0), dtype=np.float64).ravel()
         scale = float(np.sqrt(np.mean(np.maximum(second - shift**2, 0.0))))
@@ -54,10 +59,38 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def column_variance(x) -> np.ndarray:
     """Per-column variance of a dense or sparse matrix (no densification), floored at 1e-12."""
+    from ..io._rows import is_streamed, moments
+
+    if is_streamed(x):
+        return np.maximum(moments(x)[1], 1e-12)
     if sp.issparse(x):
         mean = np.asarray(x.mean(0)).ravel()
         return np.maximum(np.asarray(x.multiply(x).mean(0)).ravel() - mean**2, 1e-12)
     return np.maximum(np.asarray(x, dtype=np.float64).var(0), 1e-12)
+
+
+def standardization(x) -> tuple[np.ndarray, float, np.ndarray]:
+    """Shift, global scale and per-dimension variance of the standardised data.
+
+    :func:`global_standardizer` and :func:`column_variance` / scale**2, in one pass over the
+    cells when they are streamed from disk.
+
+    Examples
+    --------
+    >>> shift, scale, var = standardization(np.array([[0.0, 0.0], [2.0, 4.0]]))
+    >>> round(float(var.mean()), 6)
+    1.0
+    """
+    from ..io._rows import is_streamed, moments
+
+    if not is_streamed(x):
+        shift, scale = global_standardizer(x)
+        return shift, scale, column_variance(x) / scale**2
+    shift, variance = moments(x)
+    scale = float(np.sqrt(np.mean(variance)))
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError("The data have zero variance; nothing to learn a hierarchy from.")
+    return shift, scale, np.maximum(variance, 1e-12) / scale**2
 
 
 def subsample_per_class(

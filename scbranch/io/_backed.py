@@ -1,0 +1,71 @@
+"""Open an ``.h5ad`` file or an AnnData ``.zarr`` store with its expression left on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from anndata import AnnData
+
+from ._writer import is_zarr_path
+
+
+def read_backed(path: str | os.PathLike) -> AnnData:
+    """Open cells whose expression stays on disk; everything else is read into memory.
+
+    ``.h5ad`` files open as :func:`anndata.read_h5ad` with ``backed="r"`` (read-only: scbranch
+    never writes into them). ``.zarr`` stores open with ``.X`` (and sparse layers) as
+    anndata's on-disk sparse datasets. ``obs``, ``var``, ``obsm`` and ``uns`` are read into
+    memory: a latent of a million cells is small, the expression matrix is not. Note that
+    anndata reads an ``.h5ad`` file's layers into memory even in backed mode: keep an atlas's
+    counts in ``.X`` (and train on them with ``setup_anndata(..., target_sum=1e4)``).
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file or a ``.zarr`` store written by anndata.
+
+    Returns
+    -------
+    The cells, with ``.X`` on disk.
+
+    Examples
+    --------
+    >>> import scbranch as sb
+    >>> path = sb.datasets.simulate_atlas("atlas.h5ad", n_cells=2_000)  # doctest: +SKIP
+    >>> adata = sb.io.read_backed(path)  # doctest: +SKIP
+    >>> sb.BranchedDiffusion.setup_anndata(  # doctest: +SKIP
+    ...     adata, labels_key="cell_type", target_sum=1e4
+    ... )
+    """
+    import anndata
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No such .h5ad file or .zarr store: {str(path)!r}.")
+    if not is_zarr_path(path):
+        try:
+            return anndata.read_h5ad(path, backed="r")
+        except OSError as err:
+            raise ValueError(f"Could not read {str(path)!r} as an .h5ad file: {err}") from err
+    import zarr
+    from anndata.io import read_elem, sparse_dataset
+
+    group = zarr.open_group(str(path), mode="r")
+
+    def on_disk(node):
+        kind = node.attrs.get("encoding-type", "")
+        return sparse_dataset(node) if kind in ("csr_matrix", "csc_matrix") else node
+
+    def read(key):
+        return read_elem(group[key]) if key in group else None
+
+    layers = group["layers"] if "layers" in group else {}
+    return AnnData(
+        X=on_disk(group["X"]) if "X" in group else None,
+        obs=read("obs"),
+        var=read("var"),
+        obsm=read("obsm"),
+        uns=read("uns"),
+        layers={k: on_disk(layers[k]) for k in layers},
+    )
