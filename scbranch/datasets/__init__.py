@@ -1,7 +1,16 @@
 """Datasets shipped with installed packages or simulated in code (never downloaded)."""
 
+from ._atlas import AtlasParameters, fit_atlas_parameters, simulate_atlas
 from ._pbmc import pbmc68k
 from ._simulate import SimulatedTree, simulate_tree
 from ._split import stratified_split
 
-__all__ = ["pbmc68k", "simulate_tree", "SimulatedTree", "stratified_split"]
+__all__ = [
+    "pbmc68k",
+    "simulate_tree",
+    "SimulatedTree",
+    "simulate_atlas",
+    "fit_atlas_parameters",
+    "AtlasParameters",
+    "stratified_split",
+]
