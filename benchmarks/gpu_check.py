@@ -47,6 +47,47 @@ def _timed_train(model, *, epochs: int, batch_size: int, accelerator: str) -> fl
     return time.perf_counter() - t0
 
 
+def _multi_device(out: Path, dry: bool) -> dict:
+    """DDP on every GPU against one GPU with the same global batch (benchmarks/ddp_train.py).
+
+    Without two GPUs (or in a dry run) it runs two CPU processes, as tests/test_ddp.py does.
+    """
+    import subprocess
+    import sys
+
+    n_gpu = torch.cuda.device_count()
+    accelerator, n = ("gpu", n_gpu) if n_gpu >= 2 and not dry else ("cpu", 2)
+    script = Path(__file__).with_name("ddp_train.py")
+    work = out / "ddp"
+    work.mkdir(exist_ok=True)
+    size = ["--n-per-class", "90"] if dry or accelerator == "cpu" else ["--n-per-class", "25000"]
+    size += ["--global-batch", str(48 if dry or accelerator == "cpu" else 512 * n)]
+    for devices in (1, n):
+        subprocess.run(
+            [sys.executable, str(script), "--devices", str(devices), "--out", str(work),
+             "--accelerator", accelerator, *size],
+            check=True, cwd=work, env={**os.environ, "MASTER_ADDR": "127.0.0.1"},
+        )  # fmt: skip
+    one = np.load(work / "devices1_rank0.npz")
+    ranks = [np.load(work / f"devices{n}_rank{r}.npz") for r in range(n)]
+    weights = [k for k in one.files if k not in ("losses", "seconds")]
+    mean_loss = np.mean([r["losses"] for r in ranks], axis=0)
+    return {
+        "accelerator": accelerator,
+        "devices": n,
+        "steps": int(len(one["losses"])),
+        "max_loss_difference_vs_one_device": float(np.abs(mean_loss - one["losses"]).max()),
+        "max_weight_difference_vs_one_device": float(
+            max(np.abs(ranks[0][k] - one[k]).max() for k in weights)
+        ),
+        "max_weight_difference_between_processes": float(
+            max(np.abs(r[k] - ranks[0][k]).max() for r in ranks for k in weights)
+        ),
+        "seconds_one_device": float(one["seconds"]),
+        "seconds_n_devices": float(ranks[0]["seconds"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,7 +99,8 @@ def main() -> None:
         default="main,scvi,scaling",
         help="comma-separated: main (training, quality, throughput, save/load, DDP), train "
         "(training and quality only), scvi (count-level cells through scVI), scaling (ms per "
-        "step against batch size, stacked heads against the per-head loop)",
+        "step against batch size, stacked heads against the per-head loop), multi (DDP on all "
+        "GPUs against one GPU with the same global batch; two CPU processes without 2 GPUs)",
     )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -272,6 +314,10 @@ def main() -> None:
             print(rows[-1], flush=True)
         _networks.STACKED_HEAD_DEVICES = stacked_devices
         res["train_batch_scaling"] = rows
+
+    if "multi" in sections:
+        res["multi_device"] = _multi_device(out, dry)
+        print(res["multi_device"], flush=True)
 
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -49,10 +49,15 @@ def quiet_training_warnings():
 
     torch's deprecation of ``LeafSpec`` raised from inside Lightning, and Lightning's note that
     a loader has few workers (the data are in memory; workers would only add start-up cost).
+    The block loader (``model/_streaming.py``) yields whole batches from one process, so
+    Lightning's notes on an iterable dataset's length with several workers and on guessing
+    the batch size from a dict do not apply either.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+        warnings.filterwarnings("ignore", message=r".*infer the `batch_size` from an ambiguous.*")
         yield
 
 

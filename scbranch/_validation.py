@@ -139,16 +139,6 @@ def check_cells(adata: AnnData, what: str = "adata") -> None:
             )
 
 
-def check_in_memory(adata: AnnData, where: str) -> None:
-    """Raise if ``adata`` is file-backed, saying how to load it (for the matrix in ``where``)."""
-    if getattr(adata, "isbacked", False):
-        raise ValueError(
-            f"adata is file-backed (read with backed='r'), but {where} must be in memory for "
-            "this model. Load it with `adata = adata.to_memory()`, or train on a latent space "
-            "(`obsm_key=`), which keeps only the latent in memory."
-        )
-
-
 def check_lognormalized(m, where: str, *, n_check: int = 100_000) -> None:
     """Warn if ``m`` holds negative values, which log-normalised expression never has.
 
@@ -177,8 +167,13 @@ def check_setup_data(
     obsm_key: str | None,
     layer: str | None,
     counts_layer: str | None,
+    target_sum: float | None = None,
 ) -> None:
-    """Every check of a model's set-up data, before anything is registered."""
+    """Every check of a model's set-up data, before anything is registered.
+
+    A matrix on disk (an atlas opened with :func:`scbranch.io.read_backed`) is checked a
+    block of rows at a time, so the check never loads it.
+    """
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     check_cells(adata)
@@ -189,14 +184,43 @@ def check_setup_data(
             f"counts_layer={counts_layer!r} is not in adata.layers (available: "
             f"{list(adata.layers.keys())})."
         )
+    if target_sum is not None:
+        if obsm_key is not None:
+            raise ValueError(
+                "target_sum normalises raw counts for expression models; a latent model "
+                "(obsm_key=...) diffuses its latent as it is. Drop `target_sum`."
+            )
+        if counts_layer is not None:
+            raise ValueError(
+                "With target_sum the diffused matrix holds the raw counts, so counts come from "
+                "it; drop `counts_layer`."
+            )
+        if not np.isfinite(target_sum) or target_sum <= 0:
+            raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
     if obsm_key is not None:
         check_finite(adata.obsm[obsm_key], f"adata.obsm[{obsm_key!r}]")
         return
+    from .io._rows import count_nonfinite, is_on_disk, read_block
+
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-    check_in_memory(adata, where)
     matrix = adata.layers[layer] if layer else adata.X
-    check_finite(matrix, where)
-    check_lognormalized(matrix, where)
+    if matrix is None:
+        raise ValueError(f"{where} is empty; pass the layer with the expression (`layer=`).")
+    if is_on_disk(matrix):
+        bad = count_nonfinite(matrix)
+        if bad:
+            raise ValueError(
+                f"{where} contains {bad} NaN or infinite value(s). Remove or impute them "
+                "before using scbranch."
+            )
+        first = read_block(matrix, 0, min(matrix.shape[0], 10_000))
+    else:
+        check_finite(matrix, where)
+        first = matrix
+    if target_sum is not None:
+        check_counts(first, where + " (target_sum: raw counts expected)")
+    else:
+        check_lognormalized(first, where)
 
 
 def check_genes(adata: AnnData, var_names: np.ndarray, what: str = "the scVI model") -> np.ndarray:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
 import sys
 import textwrap
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._keys import Key
 from .module._solvers import DEFAULT_N_STEPS, SOLVERS, solver_names
 
 logger = logging.getLogger(__name__)
@@ -94,18 +90,18 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
 
 
 def _check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing file (or a directory) unless ``overwrite``."""
-    if path.is_dir():
+    """Refuse to replace an existing file or store unless ``overwrite`` (or a directory)."""
+    if path.is_dir() and path.suffix != ".zarr":
         raise FileExistsError(
-            f"--out {str(path)!r} is a directory; give a file name ending in .h5ad."
+            f"--out {str(path)!r} is a directory; give a file name ending in .h5ad or .zarr."
         )
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"--out {str(path)!r} already exists; choose another file or pass --overwrite to "
             "replace it."
         )
-    if path.suffix != ".h5ad":
-        logger.warning("Writing AnnData to %s, whose name does not end in .h5ad.", path)
+    if path.suffix not in (".h5ad", ".zarr"):
+        logger.warning("Writing an .h5ad file to %s, whose name does not end in .h5ad.", path)
 
 
 def _read_h5ad(path: Path):
@@ -118,48 +114,6 @@ def _read_h5ad(path: Path):
     except OSError as err:
         msg = f"Could not read {str(path)!r} as an .h5ad file: {_one_line(err)}"
         raise ValueError(msg) from err
-
-
-@contextlib.contextmanager
-def _interrupts_noted():
-    """Note every Ctrl-C (and still raise it): a library that swallows one cannot hide it.
-
-    h5py runs the write in C and may catch the KeyboardInterrupt raised in its callbacks; the
-    write then "succeeds" and the command would end with status 0 and a file nobody wanted.
-    """
-    noted: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-
-    def handler(signum, frame):
-        noted.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _write_h5ad(adata, path: Path) -> None:
-    """Write through a temporary file: a failed or interrupted write leaves no file behind.
-
-    The file appears under ``path`` only once it is complete, so an existing ``path`` is never
-    destroyed by a failed write, and Ctrl-C (even one a library swallowed) leaves neither the
-    final file nor the temporary one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with _interrupts_noted() as noted:
-            adata.write_h5ad(tmp)
-            if noted:
-                raise KeyboardInterrupt
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_creatable(path: Path) -> None:
@@ -274,11 +228,19 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .model import BranchedDiffusion
 
     scvi.settings.seed = args.seed
-    logger.info("Reading %s.", data)
-    adata = _read_h5ad(data)
+    logger.info("Reading %s%s.", data, " (expression left on disk)" if args.backed else "")
+    if args.backed or data.suffix == ".zarr":
+        from .io import read_backed
+
+        adata = read_backed(data)
+    else:
+        adata = _read_h5ad(data)
     model_kwargs = {} if args.width is None else {"width": args.width}
     if args.scvi:
         from .model import fit_scvi
+
+        if args.target_sum is not None:
+            raise CLIError("--target-sum applies to expression models; scVI reads the counts.")
 
         logger.info("Training scVI on the counts in %s.", args.counts_layer or ".X")
         vae = fit_scvi(
@@ -296,12 +258,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     else:
         if args.batch_key is not None:
             raise CLIError("--batch-key applies to --scvi models only.")
+        if args.target_sum is not None and args.rep is not None:
+            raise CLIError("--target-sum normalises raw counts for expression models; drop --rep.")
         BranchedDiffusion.setup_anndata(
             adata,
             labels_key=args.labels,
             layer=args.layer,
             obsm_key=args.rep,
             counts_layer=args.counts_layer,
+            target_sum=args.target_sum,
         )
         model = BranchedDiffusion(adata, **model_kwargs)
     logger.info("Training on %d cells of %d types.", adata.n_obs, len(model.classes))
@@ -336,6 +301,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     labels = _parse_labels(args.labels, args.label)
     _check_accelerator(args.accelerator)
 
+    from ._utils import resolve_seed
     from .model import BranchedDiffusion
 
     model_dir = Path(args.model_dir)
@@ -345,22 +311,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model = BranchedDiffusion.load(str(model_dir), accelerator=args.accelerator, device=device)
     except _lightning_errors() as err:
         raise CLIError(f"--accelerator/--device: {_one_line(err)}") from err
-    gen = model.generate(
+    seed = resolve_seed(args.seed)  # drawn here to be reported (and recorded in the file)
+    # written block by block as the cells are made: memory does not grow with --n-cells, and
+    # the file appears under its name only when complete (Ctrl-C or an error leave none)
+    model.generate(
         args.n_cells,
         labels=labels,
         solver=args.solver,
         n_steps=args.n_steps,
         share=not args.no_share,
-        seed=args.seed,
+        seed=seed,
         counts=True if args.counts else None,
         batch=args.batch,
         progress_bar=not args.quiet,
+        out=out,
+        overwrite=args.overwrite,
+        block_size=args.block_size,
     )
-    _write_h5ad(gen, out)
-    n_types = int((gen.obs[model.labels_key].value_counts() > 0).sum())
-    seed = gen.uns.get(Key.uns.GENERATED, {}).get("params", {}).get("seed", args.seed)
+    n_types = len(set(labels)) if labels is not None else len(model.classes)
     _say(
-        args, f"Wrote {gen.n_obs} generated cells of {n_types} cell type(s) to {out} (seed {seed})"
+        args,
+        f"Wrote {args.n_cells * n_types} generated cells of {n_types} cell type(s) to {out} "
+        f"(seed {seed})",
     )
     return 0
 
@@ -500,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-epochs 300",
             f"{PROG} fit pbmc.h5ad --labels cell_type --layer lognorm --out expr_model "
             "--accelerator gpu --devices 1",
+            f"{PROG} fit atlas.h5ad --labels cell_type --backed --target-sum 1e4 "
+            "--out atlas_model --accelerator gpu --devices -1",
         ),
     )
     fit.add_argument("data", metavar="DATA.h5ad", help="AnnData file with the cells to learn.")
@@ -536,6 +510,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Layer with the raw counts: what --scvi trains on (default there: .X), or, with "
         "--rep/--layer, what lets 'generate --counts' return counts.",
+    )
+    fit.add_argument(
+        "--target-sum",
+        type=float,
+        default=None,
+        metavar="T",
+        help="Expression models on RAW COUNTS (an atlas's .X): learn log1p(counts / total * T), "
+        "normalised a block of cells at a time (e.g. 1e4); counts for 'generate --counts' "
+        "then come from the cells' totals.",
+    )
+    fit.add_argument(
+        "--backed",
+        action="store_true",
+        help="Leave the expression matrix on disk and read it in blocks of cells (atlases "
+        "larger than memory; always on for a .zarr store). Only obs, var, obsm and uns are "
+        "loaded.",
     )
     fit.add_argument(
         "--batch-key",
@@ -687,7 +677,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="scVI models with batches: the batch to decode into (default: the most common).",
     )
     gen.add_argument(
-        "--out", required=True, metavar="OUT.h5ad", help="File to write the generated cells to."
+        "--out",
+        required=True,
+        metavar="OUT.h5ad|OUT.zarr",
+        help="File (.h5ad) or zarr store (.zarr) to write the generated cells to. Cells are "
+        "written block by block as they are made (memory does not grow with --n-cells); the "
+        "output appears under its name only once complete.",
+    )
+    gen.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="Cells per block (default: what fits in about 256 MB, from the model). The cells "
+        "depend on it: give the same value to reproduce a run.",
     )
     gen.add_argument(
         "--accelerator",
@@ -702,9 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D",
         help="Device index on that accelerator, or auto (default: %(default)s).",
     )
-    gen.add_argument(
-        "--overwrite", action="store_true", help="Replace OUT.h5ad if it already exists."
-    )
+    gen.add_argument("--overwrite", action="store_true", help="Replace OUT if it already exists.")
     _common(gen)
     gen.set_defaults(handler=_cmd_generate)
 

@@ -125,13 +125,24 @@ def test_an_anndata_with_no_cells_says_so():
         sb.tl.branch_hierarchy(empty, groupby="cell_type", use_rep="X_pca")
 
 
-def test_a_file_backed_anndata_in_the_expression_space_is_refused_with_the_fix(tmp_path):
-    _pbmc().write_h5ad(tmp_path / "x.h5ad")
-    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
-    with pytest.raises(ValueError, match=r"file-backed.*to_memory\(\)"):
-        sb.BranchedDiffusion.setup_anndata(backed, labels_key="cell_type")
-    # a latent space needs only the latent: it works from a backed file
+def test_a_file_backed_anndata_sets_up_in_every_space_and_target_sum_needs_counts(tmp_path):
+    adata = _pbmc()
+    adata.write_h5ad(tmp_path / "lognorm.h5ad")
+    adata.X = adata.layers["counts"].copy()  # an atlas keeps its counts in .X
+    del adata.layers["counts"]
+    adata.write_h5ad(tmp_path / "counts.h5ad")
+    backed = ad.read_h5ad(tmp_path / "counts.h5ad", backed="r")
+    with pytest.raises(ValueError, match="target_sum normalises raw counts for expression"):
+        sb.BranchedDiffusion.setup_anndata(
+            backed, labels_key="cell_type", obsm_key="X_pca", target_sum=1e4
+        )
+    sb.BranchedDiffusion.setup_anndata(backed, labels_key="cell_type", target_sum=1e4)
     sb.BranchedDiffusion.setup_anndata(backed, labels_key="cell_type", obsm_key="X_pca")
+    # log-normalised data are not counts: target_sum refuses them, checked on disk
+    lognorm = ad.read_h5ad(tmp_path / "lognorm.h5ad", backed="r")
+    with pytest.raises(ValueError, match="raw counts.*non-integer"):
+        sb.BranchedDiffusion.setup_anndata(lognorm, labels_key="cell_type", target_sum=1e4)
+    sb.BranchedDiffusion.setup_anndata(lognorm, labels_key="cell_type")
 
 
 def test_negative_values_in_log_normalised_expression_are_flagged():

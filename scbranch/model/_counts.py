@@ -109,3 +109,25 @@ def log_normalize(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matr
     x = sp.csr_matrix(x, dtype=np.float32)
     x.data = np.log1p(x.data)
     return x
+
+
+def normalize_block(block, target_sum: float):
+    """``log1p(counts / total * target_sum)`` per row of a dense or sparse block of counts.
+
+    The normalisation ``sc.pp.normalize_total(target_sum=...)`` + ``sc.pp.log1p`` applies to
+    the whole matrix, done one block of cells at a time (every cell is normalised by its own
+    total, so blocks are independent). Sparse stays sparse; rows with no counts stay 0.
+
+    Examples
+    --------
+    >>> normalize_block(np.array([[1.0, 3.0], [0.0, 0.0]]), 4.0).tolist()
+    [[0.6931471805599453, 1.3862943611198906], [0.0, 0.0]]
+    """
+    totals = np.asarray(block.sum(1), dtype=np.float64).ravel()
+    factors = target_sum / np.maximum(totals, 1.0)
+    if sp.issparse(block):
+        out = sp.csr_matrix(block, dtype=np.float64, copy=True)
+        out.data *= np.repeat(factors, np.diff(out.indptr))
+        out.data = np.log1p(out.data)
+        return out
+    return np.log1p(np.asarray(block, dtype=np.float64) * factors[:, None])

@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from .._keys import Key
 from .._validation import to_dense
+from ..io._rows import column_moments, is_on_disk, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +54,23 @@ def fit_pca_decoder(
     loadings = np.asarray(adata.varm[loadings_key], dtype=np.float64)
     genes = np.flatnonzero(np.abs(loadings).sum(1) > 0)  # PCA on HVGs leaves zero rows elsewhere
     expr = adata.layers[layer] if layer is not None else adata.X
-    expr = expr[:, genes]
-    if sp.issparse(expr):
-        data_mean = np.asarray(expr.mean(0), dtype=np.float64).ravel()
+    if expr is None:
+        return None
+    if is_on_disk(expr):  # an atlas on disk: one pass over blocks of cells, a few rows read
+        data_mean = column_moments(expr)[0][genes]
     else:
-        data_mean = to_dense(expr).mean(0)
+        expr = expr[:, genes]
+        if sp.issparse(expr):
+            data_mean = np.asarray(expr.mean(0), dtype=np.float64).ravel()
+        else:
+            data_mean = to_dense(expr).mean(0)
     # The PCA may have been centred on more cells than these (e.g. a train split of the data it
     # was fitted on). Inside the PC span its centring is pinned down by the stored coordinates,
     # mean @ P = mean over cells of (x @ P - x_pca); outside the span keep the data mean.
     p = loadings[genes]
     n_rows = min(n_check, adata.n_obs)
     rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, n_rows, replace=False))
-    x_rows = to_dense(expr[rows])
+    x_rows = to_dense(read_rows(expr, rows)[:, genes]) if is_on_disk(expr) else to_dense(expr[rows])
     target = rep[rows]
     span_mean = (x_rows @ p - target).mean(0)
     mean = data_mean - (data_mean @ p - span_mean) @ np.linalg.pinv(p)

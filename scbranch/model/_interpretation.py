@@ -10,7 +10,8 @@ row per (cell, checkpoint) and the keys of :class:`scbranch._keys.Key`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -394,6 +395,49 @@ def check_trajectory_times(
             "residual noise; generate the final cells without `trajectory_times` for those."
         )
     return values[::-1]
+
+
+def run_trajectories(
+    model: BranchedDiffusion,
+    requested: dict[int, int],
+    times: list[float],
+    options: Mapping,
+    settings: Mapping,
+    *,
+    batch_size: int | None,
+    block_rows: int,
+    out: Path | None,
+    overwrite: bool,
+    progress_bar: bool,
+) -> AnnData | Path:
+    """Run ``generate(trajectory_times=...)``: one sampler run that records states.
+
+    Returned in memory or written to ``out``; trajectories are one block (their rows are
+    (cell, time) pairs, not cells).
+    """
+    from ._blocks import write_anndata
+    from ._output import check_memory, generation_params
+
+    n_total = sum(requested.values())
+    if out is not None and n_total > block_rows:
+        raise ValueError(
+            f"Trajectories are written in one block, and {n_total:,} cells exceed the block of "
+            f"{block_rows:,}: ask for fewer cells, or pass a larger `block_size` if they fit in "
+            "memory."
+        )
+    check_memory(model.space, n_total, options)
+    res = model.module.sample_cells(
+        requested,
+        **{k: settings[k] for k in ("solver", "n_steps", "share", "seed", "spacing")},
+        batch_size=batch_size,
+        progress=progress("Sampling", progress_bar),
+        record_times=[t for t in times if t > 0],
+    )
+    params = generation_params(
+        model.classes, requested, res, options, **settings, block_rows=block_rows, n_blocks=1
+    )
+    trajectories = generation_trajectories(model, res, times, params)
+    return trajectories if out is None else write_anndata(trajectories, out, overwrite)
 
 
 def generation_trajectories(

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
@@ -24,27 +24,28 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
 from .._constants import REGISTRY_KEYS
-from .._keys import Key
 from .._logging import quiet_training_warnings
-from .._utils import progress, resolve_seed
+from .._utils import resolve_seed
 from .._validation import check_class_sizes, check_setup_data
-from ..module import VPSDE, BranchedDiffusionModule, BranchTree, global_standardizer
-from ..module._discovery import DiscoveryOptions, column_variance
+from ..module import VPSDE, BranchedDiffusionModule, BranchTree
+from ..module._discovery import DiscoveryOptions
+from ..module._discovery import standardization as data_standardization
 from ..module._networks import count_parameters
 from ..module._recipe import TrainingRecipe
 from ..module._solvers import DEFAULT_N_STEPS, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _extension, _interpretation, _persistence
+from ._blocks import (
+    check_block_size,
+    check_output,
+    default_block_rows,
+    generate_blocks,
+)
 from ._data import ResamplingDataSplitter
 from ._extension import reference_sample
-from ._output import (
-    check_memory,
-    generated_anndata,
-    generation_params,
-    requested_cells,
-    requested_nodes,
-)
+from ._output import check_memory, keep_layers, requested_cells
 from ._spaces import SPACES, ScviSpace, Space, space_name
+from ._streaming import model_datamodule, use_block_loader
 from ._training_plan import DiffusionTrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -145,8 +146,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             name = space_name(space, setup, scvi_model)
             self.space = SPACES[name].fit(adata, setup, labels, len(classes), scvi_model=scvi_model)
             x = self.space.training_matrix(adata)
-            shift, scale = global_standardizer(x)
-            standardization = (shift, scale, column_variance(x) / scale**2)
+            standardization = data_standardization(x)  # one pass over the cells when on disk
+            shift, scale = standardization[:2]
             options = DiscoveryOptions.from_kwargs(discovery_kwargs)
             use_rep, layer = self.space.hierarchy_rep
             tree, self.hierarchy_record_ = resolve_hierarchy(
@@ -228,6 +229,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         layer: str | None = None,
         obsm_key: str | None = None,
         counts_layer: str | None = None,
+        target_sum: float | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData object with the model.
@@ -247,6 +249,13 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Layer with the raw counts behind the log-normalised expression (expression and
             PCA spaces): each class's size factors are stored so that ``generate(counts=True)``
             can return counts. Not needed for scVI models (they sample counts themselves).
+        target_sum
+            Expression models whose ``layer``/``.X`` holds RAW COUNTS: diffuse
+            ``log1p(counts / total * target_sum)`` (scanpy's ``normalize_total`` + ``log1p``),
+            computed a block of cells at a time, so an atlas opened with
+            :func:`scbranch.io.read_backed` trains without loading or rewriting its matrix.
+            Counts come for free (each type's size factors are its cells' totals over
+            ``target_sum``). `None`: the matrix already holds log-normalised expression.
         **kwargs
             Used by :meth:`load` (``source_registry``).
 
@@ -258,7 +267,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         check_setup_data(
-            adata, labels_key=labels_key, obsm_key=obsm_key, layer=layer, counts_layer=counts_layer
+            adata,
+            labels_key=labels_key,
+            obsm_key=obsm_key,
+            layer=layer,
+            counts_layer=counts_layer,
+            target_sum=target_sum,
         )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -379,6 +393,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         devices: int | list[int] | str = "auto",
         train_size: float = 1.0,
         validation_size: float | None = None,
+        loader: str = "auto",
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         **trainer_kwargs,
@@ -409,6 +424,14 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             all of them; set < 1 with ``check_val_every_n_epoch`` to monitor validation loss).
         validation_size
             Fraction of cells for validation (default ``1 - train_size``).
+        loader
+            How training batches are read. ``"blocks"``: blocks of contiguous cells into a
+            shuffled buffer (an atlas on disk streams at disk speed, the matrix is never
+            loaded), with each step's noise drawn for the whole multi-device batch, so training
+            on N devices matches training on one with N times the batch (docs/scale.md).
+            ``"scvi"``: scvi-tools' loader (scattered rows; in-memory data). ``"auto"``:
+            ``"blocks"`` when the expression is on disk or normalised on the way in
+            (``target_sum``) or when training on several devices, else ``"scvi"``.
         plan_kwargs
             Options of :class:`~scbranch.model.DiffusionTrainingPlan` (``weight_decay``, ...).
         datasplitter_kwargs
@@ -430,12 +453,32 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
         trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
         plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **(plan_kwargs or {})}
+        loader_kwargs = dict(datasplitter_kwargs or {})  # block_rows, blocks_per_buffer
         datasplitter_kwargs = {
             "data_and_attributes": [self.module.data_key, REGISTRY_KEYS.LABELS_KEY],
             "class_balance": class_balance,
             **(datasplitter_kwargs or {}),
         }
         trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
+        if use_block_loader(self, loader, devices, trainer_kwargs):
+            datamodule = model_datamodule(
+                self,
+                batch_size=batch_size,
+                train_size=train_size,
+                validation_size=validation_size,
+                class_balance=class_balance,
+                trainer_kwargs=trainer_kwargs,
+                **loader_kwargs,
+            )
+            with quiet_training_warnings():
+                return super().train(
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    plan_kwargs=plan_kwargs,
+                    datamodule=datamodule,
+                    **trainer_kwargs,
+                )
         with quiet_training_warnings():
             return super().train(
                 max_epochs=max_epochs,
@@ -468,8 +511,19 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         trajectory_times: Sequence[float] | None = None,
         node_weights: str = "size",
         progress_bar: bool = True,
-    ) -> AnnData:
-        """Generate cells of any of the model's cell types, as a NEW AnnData.
+        out: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        block_size: int | None = None,
+        devices: Sequence[str | torch.device] | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> AnnData | Path:
+        """Generate cells of any of the model's cell types, as a NEW AnnData or to disk.
+
+        Cells are made in blocks of at most ``block_size`` cells (each sampled and decoded
+        with its own seed derived from ``seed``): a request is fully determined by the model,
+        ``n_cells``, ``seed`` and the block size, whether it is kept in memory, written to
+        ``out`` or spread over ``devices``. A request that fits in one block is one sampler
+        run with ``seed`` itself.
 
         Parameters
         ----------
@@ -526,16 +580,45 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             How a node's cells are spread over its types: ``"size"`` (in proportion to their
             training cells) or ``"uniform"``.
         progress_bar
-            Show a progress bar over the steps.
+            Show one progress bar over the steps of all blocks.
+        out
+            Write the cells to this ``.h5ad`` file or ``.zarr`` store (by its suffix) instead
+            of returning them: each block is written as soon as it is decoded (counts and
+            log-normalised ``.X`` sparse), so memory holds one block plus every cell's ``obs``
+            row, whatever the number of cells. The file appears under its name only when
+            complete; an error or Ctrl-C leaves no file (and no temporary one) behind, and an
+            existing file as it was. Trajectories (``trajectory_times``) are written in one
+            block.
+        overwrite
+            Replace an existing ``out`` (only once the new one is complete); without it an
+            existing ``out`` raises :class:`FileExistsError` before any work.
+        block_size
+            Cells per block. `None`: what fits in about 256 MB while decoding with counts,
+            from the model's dimension and genes (1,024 to 65,536 cells; recorded in
+            ``uns['scbranch']['params']['block_rows']``). The cells depend on it: pass the
+            same value to reproduce a run made with another one.
+        devices
+            Spread the blocks over these devices (e.g. ``["cuda:0", "cuda:1"]``): each gets
+            a copy of the network and a thread, and blocks come back in order, so the cells
+            are those of a single-device run (up to float rounding between device types;
+            identical on devices of one type). Decoding runs on the model's device. `None`:
+            the model's device. Not for trajectories.
+        layers
+            Layers to keep, e.g. ``["counts"]`` (default: every layer the model makes). scVI
+            models also make ``layers['scale']``, dense normalised expression: at 2,000 genes
+            8 kB per cell, most of a large file written to ``out``.
 
         Returns
         -------
-        AnnData with ``obs[labels_key]`` (categorical, all training types in training order),
-        ``obs['scbranch_generated']``, the latent in ``obsm[obsm_key]`` (latent models),
-        expression in ``.X`` when the map to genes is known (expression models: clipped at 0;
-        scVI models: the counts log-normalised to 10,000 per cell, with scVI's normalised
-        expression in ``layers['scale']`` and library sizes in ``obs['scbranch_library_size']``),
-        counts in ``layers['counts']`` (see ``counts``), and provenance in ``uns['scbranch']``.
+        With ``out``: the path written. Otherwise an AnnData with ``obs[labels_key]``
+        (categorical, all training types in training order), ``obs['scbranch_generated']``,
+        the latent in ``obsm[obsm_key]`` (latent models), expression in ``.X`` when the map to
+        genes is known (expression models: clipped at 0; scVI models: the counts
+        log-normalised to 10,000 per cell, sparse, with scVI's normalised expression in
+        ``layers['scale']`` and library sizes in ``obs['scbranch_library_size']``), counts in
+        ``layers['counts']`` (sparse CSR; see ``counts``), and provenance in
+        ``uns['scbranch']`` (with ``block_rows`` and ``n_blocks``). The file written to
+        ``out`` holds exactly this AnnData (cells ``gen0``, ``gen1``, ... in block order).
 
         Examples
         --------
@@ -543,45 +626,65 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ...     n_cells={"CD19+ B": 1000}, solver="heun", n_steps=30, seed=0
         ... )
         >>> tr = model.generate(100, trajectory_times=[1.0, 0.6, 0.3, 0.0])  # doctest: +SKIP
+        >>> model.generate(100_000, counts=True, seed=0, out="cells.zarr")  # doctest: +SKIP
+        PosixPath('cells.zarr')
+        >>> model.generate(  # doctest: +SKIP
+        ...     10**6, seed=0, out="cells.h5ad", devices=["cuda:0", "cuda:1"]
+        ... )
+        PosixPath('cells.h5ad')
         """
         solver = resolve_solver(solver)
         spacing = default_spacing(solver) if spacing is None else spacing
         options = self.space.resolve_options(
             counts=counts, batch=batch, residual_noise=residual_noise
         )
+        options = keep_layers(self.space, options, layers)
         times = None
         if trajectory_times is not None:
             times = _interpretation.check_trajectory_times(
                 self, trajectory_times, counts, residual_noise
             )
+            if devices is not None:
+                raise ValueError(
+                    "`devices` spreads blocks of cells; trajectories are one block on the "
+                    "model's device (move it with `model.to_device`)."
+                )
+        block_rows = check_block_size(block_size) or default_block_rows(self.space)
+        if out is not None:  # before any work
+            out = check_output(out, overwrite)
+        if devices is not None:
+            devices = [torch.device(d) for d in devices]
+            if not devices:
+                raise ValueError("`devices` is empty; pass None for the model's device.")
         seed = resolve_seed(seed)
         requested, origins = requested_cells(
             self.tree, n_cells, labels, class_counts=self.class_counts_,
             node_weights=node_weights, rng=np.random.default_rng([seed, 4]),
         )  # fmt: skip
-        check_memory(self.space, sum(requested.values()), options)
-        res = self.module.sample_cells(
-            requested,
-            solver=solver,
-            n_steps=n_steps,
-            share=share,
-            seed=seed,
-            spacing=spacing,
-            batch_size=batch_size,
-            progress=progress("Sampling", progress_bar),
-            record_times=[t for t in (times or []) if t > 0],
-        )
-        params = generation_params(
-            self.classes, requested, res, options,
-            solver=solver, n_steps=n_steps, share=share, seed=seed, spacing=spacing,
+        n_total = sum(requested.values())
+        settings = {
+            "solver": solver, "n_steps": n_steps, "share": share, "seed": seed, "spacing": spacing
+        }  # fmt: skip
+        if times is None:
+            # to disk only one block must fit (and every cell's obs row)
+            check_memory(
+                self.space, n_total, options, block_rows=None if out is None else block_rows
+            )
+            return generate_blocks(
+                self, requested, origins,
+                options=options, seed=seed, block_rows=block_rows, settings=settings,
+                sample_options={
+                    "solver": solver, "n_steps": n_steps, "share": share, "spacing": spacing,
+                    "batch_size": batch_size,
+                },
+                out=out, overwrite=overwrite, devices=devices, progress_bar=progress_bar,
+            )  # fmt: skip
+        # trajectories: one sampler run (their rows are (cell, time) pairs, not blocks of cells)
+        return _interpretation.run_trajectories(
+            self, requested, times, options, settings,
+            batch_size=batch_size, block_rows=block_rows, out=out, overwrite=overwrite,
+            progress_bar=progress_bar,
         )  # fmt: skip
-        if times is not None:
-            return _interpretation.generation_trajectories(self, res, times, params)
-        codes = res.labels.cpu().numpy()
-        gen = generated_anndata(self, res.x.float().cpu().numpy(), codes, params)
-        if any(name not in self.classes for parts in origins.values() for name, _ in parts):
-            gen.obs[Key.obs.REQUESTED_NODE] = pd.Categorical(requested_nodes(codes, origins))
-        return gen
 
     # interpretation and extension: the functions are the methods (signatures and docs there)
     transmute = _interpretation.transmute
@@ -618,6 +721,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         Examples
         --------
         >>> model.save("pbmc_model/")  # doctest: +SKIP
+
+        Under multi-device training (DDP) every process runs the script, but only process 0
+        writes; the others return without touching ``dir_path``.
         """
         _persistence.save_model(
             self,

@@ -107,6 +107,10 @@ def generation_params(
 
 #: bytes of the sampler's working memory per diffused value (states, updates, noise, outputs)
 _SAMPLER_BYTES = 4 * 8
+#: bytes of a cell's annotation (obs: name, type, a few values), kept in memory until the file
+#: written to is complete (measured: ~90 bytes, ~125 while the blocks' obs are concatenated;
+#: rounded up for the columns some spaces add)
+_OBS_BYTES = 256
 
 
 def generation_bytes(space, n_cells: int, options: Mapping) -> int:
@@ -114,21 +118,49 @@ def generation_bytes(space, n_cells: int, options: Mapping) -> int:
     return int(n_cells) * (space.n_input * _SAMPLER_BYTES + space.bytes_per_cell(options))
 
 
-def check_memory(space, n_cells: int, options: Mapping, *, available: int | None = None) -> None:
-    """Refuse a request that cannot fit in memory, with the figure and what to do instead."""
+def check_memory(
+    space,
+    n_cells: int,
+    options: Mapping,
+    *,
+    available: int | None = None,
+    block_rows: int | None = None,
+) -> None:
+    """Refuse a request that cannot fit in memory, with the figure and what to do instead.
+
+    ``block_rows``: the cells are written to disk in blocks of at most this many, so only one
+    block (and every cell's annotation) must fit.
+    """
     import psutil
 
-    need = generation_bytes(space, n_cells, options)
+    n_cells = int(n_cells)
     available = psutil.virtual_memory().available if available is None else int(available)
-    if need > 0.9 * available:
-        per_cell = need / max(int(n_cells), 1)
+    if block_rows is None:
+        need = generation_bytes(space, n_cells, options)
+    else:
+        need = generation_bytes(space, min(n_cells, int(block_rows)), options)
+        need += n_cells * _OBS_BYTES
+    if need <= 0.9 * available:
+        return
+    if block_rows is None:
+        per_cell = need / max(n_cells, 1)
         fits = int(0.9 * available / max(per_cell, 1))
         raise ValueError(
             f"Generating {n_cells:,} cells needs about {need / 2**30:.1f} GiB of memory and "
             f"{available / 2**30:.1f} GiB are available. Ask for fewer cells (about "
-            f"{fits:,} fit) and generate in several calls with different seeds, or without "
-            "counts; `batch_size` limits only the network's passes, not the output."
+            f"{fits:,} fit), write them to disk with `out=` (memory then holds one block of "
+            "cells), or generate without counts; `batch_size` limits only the network's "
+            "passes, not the output."
         )
+    block = generation_bytes(space, min(n_cells, int(block_rows)), options)
+    fits = int(max(0.9 * available - block, 0) / _OBS_BYTES)
+    raise ValueError(
+        f"Writing {n_cells:,} cells to disk needs about {need / 2**30:.1f} GiB of memory (one "
+        f"block of {min(n_cells, int(block_rows)):,} cells and every cell's annotation, which "
+        f"is written last) and {available / 2**30:.1f} GiB are available. Ask for fewer cells "
+        f"(about {fits:,} fit) and generate in several calls with different seeds, or use a "
+        "smaller `block_size`."
+    )
 
 
 def uns_record(model: BranchedDiffusion, params: dict, decoded: bool) -> dict:
@@ -157,25 +189,58 @@ def uns_record(model: BranchedDiffusion, params: dict, decoded: bool) -> dict:
     }
 
 
-def generated_anndata(
-    model: BranchedDiffusion, z: np.ndarray, codes: np.ndarray, params: dict
+def keep_layers(space, options: Mapping, layers: Sequence[str] | None) -> Mapping:
+    """``options`` with the layers a generate call keeps (``layers=``), checked by name."""
+    if layers is None:
+        return options
+    made = space.layers_made(options)
+    unknown = sorted(set(layers) - set(made))
+    if unknown:
+        raise ValueError(
+            f"layers={list(layers)!r}: this model makes no layer {unknown} with these options; "
+            f"it makes {made}."
+        )
+    return {**options, "layers": list(layers)}
+
+
+def generated_block(
+    model: BranchedDiffusion,
+    z: np.ndarray,
+    codes: np.ndarray,
+    options: Mapping,
+    seed: int,
+    *,
+    start: int = 0,
 ) -> AnnData:
-    """Generated cells: coordinates ``z`` of classes ``codes``, decoded by the model's space."""
-    decoded = model.space.decode(z, codes, params, int(params.get("seed", 0)))
+    """Cells ``gen{start}``, ... of coordinates ``z`` and classes ``codes``, decoded (no ``uns``).
+
+    ``options`` are the decoding options (``counts``, ``batch``, ``residual_noise``) and
+    ``seed`` the seed of the decoder's random parts.
+    """
+    decoded = model.space.decode(z, codes, options, int(seed))
+    if options.get("layers") is not None:  # generate(layers=...): only the layers asked for
+        decoded.layers = {k: v for k, v in decoded.layers.items() if k in options["layers"]}
     obs = pd.DataFrame(
         {
             model.labels_key: pd.Categorical.from_codes(codes, categories=model.classes),
             Key.obs.GENERATED: True,
             **decoded.obs,
         },
-        index=[f"gen{i}" for i in range(len(z))],
+        index=[f"gen{i}" for i in range(start, start + len(z))],
     )
     x = decoded.X
     var = None if x is None else pd.DataFrame(index=decoded.var_names)
     key = model.space.output_key
     obsm = {key: z} if key is not None else None
-    adata = AnnData(X=x, obs=obs, var=var, obsm=obsm, layers=decoded.layers or None)
-    adata.uns[Key.uns.GENERATED] = uns_record(model, params, x is not None)
+    return AnnData(X=x, obs=obs, var=var, obsm=obsm, layers=decoded.layers or None)
+
+
+def generated_anndata(
+    model: BranchedDiffusion, z: np.ndarray, codes: np.ndarray, params: dict
+) -> AnnData:
+    """Generated cells: coordinates ``z`` of classes ``codes``, decoded by the model's space."""
+    adata = generated_block(model, z, codes, params, int(params.get("seed", 0)))
+    adata.uns[Key.uns.GENERATED] = uns_record(model, params, adata.X is not None)
     return adata
 
 

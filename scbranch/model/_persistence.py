@@ -79,6 +79,12 @@ def save_model(
     **anndata_write_kwargs,
 ) -> None:
     """Write ``model`` to ``dir_path`` (see the module docstring for the layout)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    rank = int(getattr(rank_zero_only, "rank", 0) or 0)
+    if rank != 0:  # under DDP every process runs the script; one writes
+        logger.info("Process %d does not save: only process 0 writes the model.", rank)
+        return
     from safetensors.torch import save_file
 
     from .. import __version__

@@ -20,7 +20,8 @@ import torch
 from anndata import AnnData
 
 from .._logging import quiet_training_warnings
-from .._validation import check_counts, check_finite, check_genes, check_obs_key
+from .._validation import check_counts, check_finite, check_genes, check_obs_key, to_dense
+from ..io._rows import count_nonfinite, is_on_disk, iter_blocks, read_block, read_rows
 from ._plain import read_plain, write_plain
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ SCVI_WEIGHTS = "model.safetensors"
 SCVI_CONFIG = ("config.json", "config.npz")
 #: cells decoded per forward pass (memory: the decoder's output is cells x genes)
 DECODE_CHUNK = 4096
+#: cells of an atlas on disk that scVI's constructor sees (the rest stream during training)
+INIT_CELLS = 10_000
 
 
 @contextmanager
@@ -114,13 +117,29 @@ def fit_scvi(
         )
     counts = adata.layers[counts_layer] if counts_layer is not None else adata.X
     where = f"adata.layers[{counts_layer!r}]" if counts_layer else "adata.X"
-    check_finite(counts, where)
-    check_counts(counts, where)
+    on_disk = is_on_disk(counts)
+    if on_disk:  # an atlas on disk: checked and trained a block of cells at a time
+        bad = count_nonfinite(counts)
+        if bad:
+            raise ValueError(f"{where} contains {bad} NaN or infinite value(s).")
+        check_counts(read_block(counts, 0, min(counts.shape[0], 10_000)), where)
+    else:
+        check_finite(counts, where)
+        check_counts(counts, where)
     obs = pd.DataFrame(index=adata.obs_names.copy())
     if batch_key is not None:
         check_obs_key(adata, batch_key, "batch_key")
         obs[batch_key] = adata.obs[batch_key].astype(str).astype("category")
-    data = AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=obs)
+    rows = slice(None)
+    if on_disk:
+        # scVI's constructor reads every cell (its library-size prior, used only with
+        # use_observed_lib_size=False): build it on a seeded sample, train on all cells
+        n = counts.shape[0]
+        rows = np.sort(np.random.default_rng(seed).choice(n, min(n, INIT_CELLS), replace=False))
+        matrix = read_rows(counts, rows, dtype=np.float32)
+    else:
+        matrix = counts
+    data = AnnData(X=sp.csr_matrix(matrix, dtype=np.float32), obs=obs.iloc[rows])
     data.var_names = adata.var_names.astype(str)
     if counts_layer is not None:
         data.layers[counts_layer] = data.X
@@ -134,12 +153,57 @@ def fit_scvi(
         n_layers=n_layers,
         gene_likelihood=gene_likelihood,
     )
+    if on_disk:
+        _train_streamed(vae, counts, obs, batch_key, seed, max_epochs, train_kwargs)
+        return vae
     train_kwargs.setdefault("enable_progress_bar", False)
     n_batches = max(1, int(np.ceil(0.9 * data.n_obs / train_kwargs.get("batch_size", 128))))
     train_kwargs.setdefault("log_every_n_steps", min(50, n_batches))
     with quiet_training_warnings():
         vae.train(max_epochs=max_epochs, **train_kwargs)
     return vae
+
+
+def _train_streamed(vae, counts, obs, batch_key, seed, max_epochs, train_kwargs) -> None:
+    """Train scVI on counts left on disk, with scbranch's block loader (model/_streaming.py)."""
+    from scvi import REGISTRY_KEYS as SCVI_KEYS
+    from scvi.model._utils import get_max_epochs_heuristic
+
+    from ._streaming import BlockDataModule
+
+    n = counts.shape[0]
+    if batch_key is not None:
+        mapping = vae.adata_manager.get_state_registry(SCVI_KEYS.BATCH_KEY).categorical_mapping
+        codes = pd.Categorical(obs[batch_key], categories=list(mapping)).codes
+    else:
+        codes = np.zeros(n, dtype=np.int64)
+    fields = {
+        SCVI_KEYS.BATCH_KEY: codes.astype(np.int64)[:, None],
+        SCVI_KEYS.LABELS_KEY: np.zeros((n, 1), dtype=np.int64),
+    }
+    loader_kwargs = {
+        k: train_kwargs.pop(k) for k in ("block_rows", "blocks_per_buffer") if k in train_kwargs
+    }
+    train_size = train_kwargs.pop("train_size", None) or 0.9
+    # a whole batch per step (the block loader drops incomplete ones): small data, small batch
+    batch_size = min(int(train_kwargs.pop("batch_size", 128)), max(1, int(n * train_size)))
+    datamodule = BlockDataModule(
+        counts,
+        fields,
+        data_key=SCVI_KEYS.X_KEY,
+        batch_size=batch_size,
+        train_size=train_size,
+        validation_size=train_kwargs.pop("validation_size", None),
+        seed=seed,
+        **loader_kwargs,
+    )
+    train_kwargs.setdefault("enable_progress_bar", False)
+    steps = max(1, datamodule.n_train // datamodule.batch_size)
+    train_kwargs.setdefault("log_every_n_steps", min(50, steps))
+    if max_epochs is None:
+        max_epochs = get_max_epochs_heuristic(n)
+    with quiet_training_warnings():
+        vae.train(max_epochs=max_epochs, datamodule=datamodule, **train_kwargs)
 
 
 def scvi_info(vae) -> dict:
@@ -193,8 +257,8 @@ def scvi_info(vae) -> dict:
     }
 
 
-def counts_view(adata: AnnData, info: dict) -> AnnData:
-    """A private AnnData with the counts (and batch) of ``adata`` in the scVI model's layout."""
+def _counts_matrix(adata: AnnData, info: dict):
+    """``(counts, gene columns, where)``: the matrix the scVI model reads, possibly on disk."""
     columns = check_genes(adata, info["var_names"])
     layer = info["layer"] or None
     if layer is not None and layer not in adata.layers:
@@ -203,27 +267,108 @@ def counts_view(adata: AnnData, info: dict) -> AnnData:
             f"{list(adata.layers.keys())}). Store the raw counts there."
         )
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-    counts = adata.layers[layer] if layer else adata.X
+    return (adata.layers[layer] if layer else adata.X), columns, where
+
+
+def _batch_values(adata: AnnData, info: dict) -> pd.Categorical | None:
+    """The cells' batches in the scVI model's categories (checked), or `None` without batches."""
+    if not info["batch_key"]:
+        return None
+    key = info["batch_key"]
+    check_obs_key(adata, key, "the scVI model's batch_key")
+    values = adata.obs[key].astype(str)
+    unknown = sorted(set(values) - set(info["batches"]))
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{key!r}] has batches the scVI model was not trained on: {unknown[:5]}."
+        )
+    return pd.Categorical(values, categories=list(info["batches"]))
+
+
+def counts_on_disk(adata: AnnData, info: dict) -> bool:
+    """Whether the counts the scVI model reads from ``adata`` are on disk (an atlas)."""
+    return is_on_disk(_counts_matrix(adata, info)[0])
+
+
+def counts_view(adata: AnnData, info: dict) -> AnnData:
+    """A private AnnData with the counts (and batch) of ``adata`` in the scVI model's layout."""
+    counts, columns, where = _counts_matrix(adata, info)
+    layer = info["layer"] or None
     counts = sp.csr_matrix(counts, dtype=np.float32)[:, columns]
     check_finite(counts, where)
     check_counts(counts, where + " (the scVI model's counts)")
     obs = pd.DataFrame(index=adata.obs_names.copy())
-    if info["batch_key"]:
-        key = info["batch_key"]
-        check_obs_key(adata, key, "the scVI model's batch_key")
-        values = adata.obs[key].astype(str)
-        unknown = sorted(set(values) - set(info["batches"]))
-        if unknown:
-            raise ValueError(
-                f"adata.obs[{key!r}] has batches the scVI model was not trained on: {unknown[:5]}."
-            )
-        obs[key] = pd.Categorical(values, categories=list(info["batches"]))
+    batches = _batch_values(adata, info)
+    if batches is not None:
+        obs[info["batch_key"]] = batches
     if info["labels_key"]:
         obs[info["labels_key"]] = info["first_label"]  # unused by the decoder (no gene-label)
     view = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=info["var_names"]))
     if layer is not None:
         view.layers[layer] = view.X
     return view
+
+
+def _blocks_of_counts(adata: AnnData, info: dict, rows: np.ndarray | None = None):
+    """Yield ``(start, stop, counts block in the model's genes, batch codes)`` from disk."""
+    counts, columns, where = _counts_matrix(adata, info)
+    batches = _batch_values(adata, info)
+    codes = np.zeros(adata.n_obs, np.int64) if batches is None else batches.codes.astype(np.int64)
+    identity = np.array_equal(columns, np.arange(counts.shape[1]))
+    if rows is not None:
+        block = read_rows(counts, rows, dtype=np.float32)
+        yield 0, len(rows), block if identity else block[:, columns], codes[rows]
+        return
+    for start, stop, block in iter_blocks(counts, DECODE_CHUNK, dtype=np.float32):
+        yield start, stop, block if identity else block[:, columns], codes[start:stop]
+
+
+def latent_of(vae, adata: AnnData, info: dict, rows: np.ndarray | None = None) -> np.ndarray:
+    """Latent means of scVI for ``adata``'s cells (``rows`` of them); on disk, block by block.
+
+    On disk, each block goes through the encoder (``module.inference``) and its posterior mean
+    ``qz.loc`` is kept, as ``get_latent_representation`` computes it, without loading the
+    matrix.
+    """
+    if not counts_on_disk(adata, info):
+        view = counts_view(adata, info)
+        return latent_means(vae, view if rows is None else view[rows].copy())
+    module = vae.module
+    if getattr(module, "latent_distribution", "normal") != "normal":
+        raise ValueError(
+            "Encoding cells on disk supports scVI's normal latent distribution only; load the "
+            "cells into memory (`adata.to_memory()`) for latent_distribution='ln'."
+        )
+    device = next(module.parameters()).device
+    n = adata.n_obs if rows is None else len(rows)
+    out = np.empty((n, int(module.n_latent)), dtype=np.float32)
+    module.eval()
+    with torch.inference_mode():
+        for start, stop, block, codes in _blocks_of_counts(adata, info, rows):
+            check_counts(block, "the scVI model's counts")
+            x = torch.as_tensor(to_dense(block), dtype=torch.float32, device=device)
+            batch = torch.as_tensor(codes, device=device)[:, None]
+            qz = module.inference(x=x, batch_index=batch)["qz"]
+            out[start:stop] = qz.loc.float().cpu().numpy()
+    return out
+
+
+def library_sizes_of(adata: AnnData, info: dict) -> np.ndarray:
+    """Total counts (in the scVI model's genes) of every cell of ``adata``."""
+    if not counts_on_disk(adata, info):
+        return np.asarray(counts_view(adata, info).X.sum(1)).ravel()
+    out = np.empty(adata.n_obs)
+    for start, stop, block, _ in _blocks_of_counts(adata, info):
+        out[start:stop] = np.asarray(block.sum(1)).ravel()
+    return out
+
+
+def default_batch(adata: AnnData, info: dict) -> str:
+    """The most common batch of ``adata`` (scVI models with batches), else the only one."""
+    batches = _batch_values(adata, info)
+    if batches is None:
+        return str(info["batches"][0])
+    return str(pd.Series(batches).value_counts().idxmax())
 
 
 def latent_means(vae, view: AnnData, batch_size: int = 1024) -> np.ndarray:

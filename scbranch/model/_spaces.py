@@ -48,19 +48,22 @@ from .._validation import (
     get_matrix,
     to_dense,
 )
+from ..io._rows import RowMatrix, is_on_disk, read_block, row_sums
 from ._counts import (
     class_pools,
     counts_from_expression,
     draw_from_pools,
     log_normalize,
+    normalize_block,
     size_factors,
 )
 from ._decoding import decode, fit_pca_decoder
 from ._scvi import (
     SCVI_DIR,
-    counts_view,
     decode_latents,
-    latent_means,
+    default_batch,
+    latent_of,
+    library_sizes_of,
     load_scvi_weights,
     save_scvi_weights,
     scvi_info,
@@ -193,6 +196,10 @@ class Space:
             )
         return {"counts": False, "batch": None, "residual_noise": False}
 
+    def layers_made(self, options: Mapping) -> list[str]:
+        """Names of the layers :meth:`decode` makes with ``options`` (resolved options)."""
+        return []
+
     def decode(self, z: np.ndarray, codes: np.ndarray, options: Mapping, seed: int) -> Decoded:
         """Generated coordinates ``z`` of classes ``codes`` as expression, layers and obs.
 
@@ -284,9 +291,14 @@ def space_name(space: str | None, setup: Mapping, scvi_model) -> str:
 
 # ---------------------------------------------------------------------------- counts
 class _SizeFactorCounts:
-    """Counts from log-normalised expression through size factors observed in each class."""
+    """Counts from log-normalised expression through size factors observed in each class.
 
-    def __init__(self, counts_layer: str, pools: list):
+    ``counts_layer`` names the layer of raw counts behind the expression, or is `None` when
+    the model normalises raw counts itself (``target_sum``): the factors are then the cells'
+    totals over ``target_sum``.
+    """
+
+    def __init__(self, counts_layer: str | None, pools: list):
         self.counts_layer = counts_layer
         self.pools = list(pools)
 
@@ -324,7 +336,10 @@ class _GeneSpace(Space):
         self.counts = counts
 
     def _fit_counts(self, adata, setup, labels, n_classes) -> None:
-        if setup.get("counts_layer"):
+        if setup.get("target_sum"):
+            factors = self._normalized_factors(adata)
+            self.counts = _SizeFactorCounts(None, class_pools(factors, labels, n_classes))
+        elif setup.get("counts_layer"):
             factors = _SizeFactorCounts.factors_of(
                 adata, setup["counts_layer"], self.layer, self.var_names
             )
@@ -339,6 +354,9 @@ class _GeneSpace(Space):
             return super().resolve_options(counts=True, batch=None, residual_noise=False)
         return {"counts": bool(counts), "batch": None, "residual_noise": bool(residual_noise)}
 
+    def layers_made(self, options) -> list[str]:  # noqa: D102
+        return [Key.layers.COUNTS] if options.get("counts") else []
+
     def bytes_per_cell(self, options) -> int:  # noqa: D102
         genes = 0 if self.var_names is None else len(self.var_names)
         # float32 expression and its copies; counts: float64 values, floor, draws, sum
@@ -350,9 +368,15 @@ class _GeneSpace(Space):
             self.counts.decode(x, codes, seed, out)
         return out
 
+    def _normalized_factors(self, adata) -> np.ndarray:
+        """Size factors of raw counts the model normalises itself (target_sum models)."""
+        raise NotImplementedError
+
     def class_data(self, adata, what):  # noqa: D102
         extras = {}
-        if self.counts is not None:
+        if self.counts is not None and self.counts.counts_layer is None:
+            extras["size_factors"] = self._normalized_factors(adata)
+        elif self.counts is not None:
             extras["size_factors"] = _SizeFactorCounts.factors_of(
                 adata, self.counts.counts_layer, self.layer, self.var_names
             )
@@ -365,7 +389,7 @@ class _GeneSpace(Space):
 
     def state(self) -> dict:  # noqa: D102
         counts = (
-            {"counts_layer": self.counts.counts_layer, "size_factors": self.counts.pools}
+            {"counts_layer": self.counts.counts_layer or "", "size_factors": self.counts.pools}
             if self.counts is not None
             else {}
         )
@@ -373,9 +397,9 @@ class _GeneSpace(Space):
 
     @staticmethod
     def _counts_from_state(state: Mapping) -> _SizeFactorCounts | None:
-        if not state.get("counts_layer"):
+        if "size_factors" not in state:
             return None
-        return _SizeFactorCounts(state["counts_layer"], list(state["size_factors"]))
+        return _SizeFactorCounts(state.get("counts_layer") or None, list(state["size_factors"]))
 
 
 @register_space
@@ -514,15 +538,46 @@ class ExpressionSpace(_GeneSpace):
 
     name = "expression"
 
-    def __init__(self, *, genes: np.ndarray, **kwargs):
+    def __init__(self, *, genes: np.ndarray, target_sum: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.genes = np.asarray(genes).astype(str)
+        self.target_sum = None if not target_sum else float(target_sum)
 
     @classmethod
     def fit(cls, adata, setup, labels, n_classes, **kwargs):  # noqa: D102
-        space = cls(layer=setup.get("layer"), genes=np.asarray(adata.var_names).astype(str))
+        space = cls(
+            layer=setup.get("layer"),
+            genes=np.asarray(adata.var_names).astype(str),
+            target_sum=setup.get("target_sum"),
+        )
         space._fit_counts(adata, setup, labels, n_classes)
         return space
+
+    def normalize(self, block):
+        """``log1p(counts / total * target_sum)`` of a block of raw counts (target_sum models)."""
+        return normalize_block(block, self.target_sum)
+
+    def training_matrix(self, adata: AnnData):
+        """The set-up cells' expression: read in blocks when on disk or normalised on the way."""
+        m = get_matrix(adata, layer=self.layer)
+        if self.target_sum is not None or is_on_disk(m):
+            return RowMatrix(m, transform=self.normalize if self.target_sum else None)
+        return m
+
+    def _normalized_factors(self, adata) -> np.ndarray:
+        columns = check_genes(adata, self.genes, "the model")
+        m = get_matrix(adata, layer=self.layer)
+        if not np.array_equal(columns, np.arange(adata.n_vars)):
+            m = read_block(m, 0, m.shape[0]) if is_on_disk(m) else m
+            m = m[:, columns]
+        return np.maximum(row_sums(m), 1.0) / self.target_sum
+
+    @property
+    def hierarchy_rep(self) -> tuple[str | None, str | None]:  # noqa: D102
+        if self.target_sum is None:
+            return super().hierarchy_rep
+        # a hierarchy learned on the raw counts is not one of the normalised expression
+        return None, f"log1p(CP{self.target_sum:g}) of {self.layer or 'X'}"
 
     @property
     def n_input(self) -> int:  # noqa: D102
@@ -539,9 +594,15 @@ class ExpressionSpace(_GeneSpace):
     def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
         # the model's genes, in its order (extra genes are left out)
         columns = check_genes(adata, self.genes, "the model")
-        x = to_dense(get_matrix(adata, layer=self.layer)[:, columns])
-        check_finite(x, f"the representation of {what}")
-        return x
+        m = get_matrix(adata, layer=self.layer)
+        if is_on_disk(m):
+            m = read_block(m, 0, m.shape[0])
+        m = m[:, columns]
+        check_finite(m, f"the representation of {what}")
+        if self.target_sum is not None:
+            check_counts(m, f"the counts of {what}")
+            m = self.normalize(m)
+        return to_dense(m)
 
     def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
         if residual_noise:
@@ -559,15 +620,21 @@ class ExpressionSpace(_GeneSpace):
         return np.clip(z, 0.0, None)
 
     def describe(self) -> str:  # noqa: D102
-        return f"expression ({'layers[' + repr(self.layer) + ']' if self.layer else '.X'})"
+        where = f"layers[{self.layer!r}]" if self.layer else ".X"
+        if self.target_sum is not None:
+            return f"expression (log1p(CP{self.target_sum:g}) of the counts in {where})"
+        return f"expression ({where})"
 
     def state(self) -> dict:  # noqa: D102
-        return {**super().state(), "genes": self.genes}
+        return {**super().state(), "genes": self.genes, "target_sum": self.target_sum or 0.0}
 
     @classmethod
     def from_state(cls, state, directory=None, prefix=""):  # noqa: D102
         return cls(
-            layer=state.get("layer"), genes=state["genes"], counts=cls._counts_from_state(state)
+            layer=state.get("layer"),
+            genes=state["genes"],
+            target_sum=state.get("target_sum") or None,
+            counts=cls._counts_from_state(state),
         )
 
 
@@ -622,10 +689,9 @@ class ScviSpace(Space):
                 f"adata.obsm[{obsm_key!r}] has {latent.shape[1]} dimensions but the scVI "
                 f"model's latent has {info['n_latent']}: it is not this model's latent."
             )
-        view = counts_view(adata, info)
         # the diffusion must learn the latents the decoder expects: check a sample of cells
         rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, min(256, adata.n_obs), False))
-        expected = latent_means(scvi_model, view[rows].copy())
+        expected = latent_of(scvi_model, adata, info, rows)
         err = np.linalg.norm(latent[rows] - expected) / max(np.linalg.norm(expected), 1e-12)
         if not err <= 1e-3:
             raise ValueError(
@@ -633,11 +699,8 @@ class ScviSpace(Space):
                 f"difference {err:.3g}). Store `scvi_model.get_latent_representation()` there, "
                 "or use `BranchedDiffusion.from_scvi_model`."
             )
-        library = np.asarray(view.X.sum(1)).ravel()
-        if info["batch_key"]:
-            info["default_batch"] = str(view.obs[info["batch_key"]].value_counts().idxmax())
-        else:
-            info["default_batch"] = str(info["batches"][0])
+        library = library_sizes_of(adata, info)
+        info["default_batch"] = default_batch(adata, info)
         return cls(
             obsm_key=obsm_key,
             vae=scvi_model,
@@ -658,7 +721,7 @@ class ScviSpace(Space):
             if adata is None:
                 raise ValueError("The scVI model holds no AnnData; pass `adata=`.")
         check_obs_key(adata, labels_key)
-        latent = latent_means(vae, counts_view(adata, info))
+        latent = latent_of(vae, adata, info)
         if obsm_key in adata.obsm:
             stored = np.asarray(adata.obsm[obsm_key], dtype=np.float32)
             if stored.shape != latent.shape or not np.allclose(stored, latent, atol=1e-4):
@@ -679,13 +742,12 @@ class ScviSpace(Space):
         return np.asarray(self.info["var_names"]).astype(str)
 
     def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
-        x = latent_means(self.vae, counts_view(adata, self.info))
+        x = latent_of(self.vae, adata, self.info)
         check_finite(x, f"the representation of {what}")
         return x
 
     def class_data(self, adata, what):  # noqa: D102
-        library = np.asarray(counts_view(adata, self.info).X.sum(1)).ravel()
-        return self.encode(adata, what), {"library": library}
+        return self.encode(adata, what), {"library": library_sizes_of(adata, self.info)}
 
     def add_class(self, extras) -> None:  # noqa: D102
         new = class_pools(extras["library"], np.zeros(len(extras["library"]), int), 1)
@@ -727,6 +789,9 @@ class ScviSpace(Space):
                 [batch] * len(z), categories=list(info["batches"])
             )
         return out
+
+    def layers_made(self, options) -> list[str]:  # noqa: D102
+        return [Key.layers.COUNTS, Key.layers.SCALE]
 
     def bytes_per_cell(self, options) -> int:  # noqa: D102
         # scVI's normalised expression (float32, gathered from chunks) and the sparse counts

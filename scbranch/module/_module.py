@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
-from .._constants import REGISTRY_KEYS
+from .._constants import NOISE_KEYS, REGISTRY_KEYS
 from ._networks import ScoreNetwork, count_parameters, flat_width_matching
 from ._recipe import T_SAMPLINGS, draw_times, noise_prediction_error
 from ._sampling import SampleResult, sample
@@ -151,18 +151,43 @@ class BranchedDiffusionModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ scvi contract
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
+        inputs = {
             "x0": tensors[self.data_key],
             "labels": tensors[REGISTRY_KEYS.LABELS_KEY].long().view(-1),
         }
+        if NOISE_KEYS.KEY in tensors:  # the block loader's per-step noise (model/_streaming.py)
+            inputs["noise"] = tuple(int(tensors[k]) for k in NOISE_KEYS)
+        return inputs
 
     @auto_move_data
-    def inference(self, x0: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward noising: draw t (stratified over the batch) and x_t ~ q(x_t | x_0)."""
+    def inference(
+        self,
+        x0: torch.Tensor,
+        labels: torch.Tensor,
+        noise: tuple[int, int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Forward noising: draw t (stratified over the batch) and x_t ~ q(x_t | x_0).
+
+        ``noise = (key, offset, rows)`` draws the times and noise of a global batch of
+        ``rows`` cells from ``key`` and keeps rows ``offset:offset + n``: the processes of a
+        multi-device step together draw exactly what one process with the whole batch draws.
+        Without it, torch's global generator is used (scvi-tools' loader).
+        """
         x0 = self.standardize(x0.to(self.shift.dtype))
-        t = draw_times(self.sde, x0.shape[0], t_sampling=self.t_sampling, device=x0.device)
-        xt, noise = self.sde.marginal(x0, t)
-        return {"xt": xt, "t": t, "noise": noise, "labels": labels}
+        n = x0.shape[0]
+        if noise is None:
+            t = draw_times(self.sde, n, t_sampling=self.t_sampling, device=x0.device)
+            xt, eps = self.sde.marginal(x0, t)
+            return {"xt": xt, "t": t, "noise": eps, "labels": labels}
+        key, offset, rows = noise
+        # on the CPU whatever the device, so a step's draws do not depend on where it runs
+        gen = torch.Generator().manual_seed(key)
+        t = draw_times(self.sde, rows, t_sampling=self.t_sampling, generator=gen)
+        eps = torch.randn((rows, x0.shape[1]), generator=gen, dtype=x0.dtype)
+        t = t[offset : offset + n].to(x0.device)
+        eps = eps[offset : offset + n].to(x0.device)
+        xt, eps = self.sde.marginal(x0, t, eps)
+        return {"xt": xt, "t": t, "noise": eps, "labels": labels}
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
         return {k: inference_outputs[k] for k in ("xt", "t", "labels")}

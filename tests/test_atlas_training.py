@@ -1,0 +1,238 @@
+"""Training from an atlas on disk: the file is only read, and what is learned from it equals
+what is learned from the same cells in memory (the known answer for a streaming path)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+
+import scbranch as sb
+from scbranch.io._rows import RowMatrix
+from scbranch.model._data import balanced_indices
+from scbranch.model._streaming import BlockDataModule, BlockShuffleBatches
+
+
+def _counts_adata(n_per_type: int = 80, n_genes: int = 60, seed: int = 0) -> ad.AnnData:
+    """Three types of negative-binomial counts (two close, one far), counts in ``.X``."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(2.0, 1.0, size=n_genes)
+    profiles = [base, base * rng.lognormal(0, 0.3, n_genes), base * rng.lognormal(0, 1.0, n_genes)]
+    rows, labels = [], []
+    for k, p in enumerate(profiles):
+        lib = rng.lognormal(np.log(400), 0.3, size=n_per_type)
+        mean = lib[:, None] * p / p.sum()
+        rows.append(rng.poisson(rng.gamma(5.0, mean / 5.0)))
+        labels += [f"type{k}"] * n_per_type
+    x = sp.csr_matrix(np.vstack(rows).astype(np.float32))
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(x.shape[0])]
+    )
+    # shuffle the cells so that blocks of contiguous cells mix types, as in a real file
+    order = rng.permutation(x.shape[0])
+    adata = ad.AnnData(
+        X=x[order], obs=obs.iloc[order], var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])
+    )
+    adata.obs_names = [f"c{i}" for i in range(adata.n_obs)]
+    return adata
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _train(model, **kwargs):
+    model.train(
+        max_epochs=2, batch_size=32, loader="blocks", enable_progress_bar=False,
+        datasplitter_kwargs={"block_rows": 40, "blocks_per_buffer": 3}, **kwargs,
+    )  # fmt: skip
+
+
+def test_training_from_counts_on_disk_equals_training_on_the_normalised_cells_in_memory(tmp_path):
+    adata = _counts_adata()
+    path = tmp_path / "atlas.h5ad"
+    adata.write_h5ad(path)
+    before = _sha(path)
+
+    memory = adata.copy()
+    sc.pp.normalize_total(memory, target_sum=1e4)
+    sc.pp.log1p(memory)
+    sb.BranchedDiffusion.setup_anndata(memory, labels_key="cell_type")
+    torch.manual_seed(0)
+    in_memory = sb.BranchedDiffusion(memory, width=32, n_head_blocks=1)
+
+    backed = sb.io.read_backed(path)
+    sb.BranchedDiffusion.setup_anndata(backed, labels_key="cell_type", target_sum=1e4)
+    torch.manual_seed(0)
+    on_disk = sb.BranchedDiffusion(backed, width=32, n_head_blocks=1)
+    assert on_disk.space.training_matrix(backed).on_disk
+
+    # statistics streamed over blocks of the file = those of the matrix in memory (scanpy
+    # normalises in float32, the blocks in float64: agreement to float32 rounding)
+    for name in ("shift", "scale", "data_var"):
+        np.testing.assert_allclose(
+            getattr(on_disk.module, name), getattr(in_memory.module, name), rtol=2e-4, atol=1e-5
+        )
+    assert on_disk.tree.to_newick(3) == in_memory.tree.to_newick(3)
+
+    _train(in_memory)
+    _train(on_disk)
+    for k, v in in_memory.module.state_dict().items():
+        np.testing.assert_allclose(
+            on_disk.module.state_dict()[k], v, rtol=1e-3, atol=1e-4, err_msg=k
+        )
+    assert _sha(path) == before  # the backed file was only read
+
+    # counts come from the data's own totals; generated cells decode to log1p(CP10k)
+    gen = on_disk.generate(20, seed=0, counts=True, progress_bar=False)
+    counts = gen.layers["counts"].toarray()
+    assert np.all(counts == np.round(counts)) and counts.sum() > 0
+    # ...of size factors drawn from the type's own cells: totals / target_sum
+    factors = gen.obs["scbranch_size_factor"].to_numpy()
+    observed = adata.X.sum(1).A1 / 1e4
+    assert observed.min() - 1e-6 <= factors.min() and factors.max() <= observed.max() + 1e-6
+    expected = factors * np.expm1(np.clip(gen.X, 0, None)).sum(1)
+    np.testing.assert_allclose(counts.sum(1), expected, rtol=0.05)
+    # save and load keep the normalisation
+    on_disk.save(tmp_path / "model")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "model")
+    assert loaded.space.target_sum == 1e4
+    np.testing.assert_allclose(loaded.encode(adata[:5].copy()), memory.X[:5].toarray(), atol=1e-5)
+
+
+def test_a_zarr_store_trains_like_the_h5ad_file(tmp_path):
+    adata = _counts_adata(n_per_type=40)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    adata.write_zarr(tmp_path / "a.zarr")
+    models = []
+    for name in ("a.h5ad", "a.zarr"):
+        data = sb.io.read_backed(tmp_path / name)
+        sb.BranchedDiffusion.setup_anndata(data, labels_key="cell_type", target_sum=1e4)
+        torch.manual_seed(0)
+        model = sb.BranchedDiffusion(data, width=16, n_head_blocks=1)
+        _train(model)
+        models.append(model.module.state_dict())
+    for k, v in models[0].items():
+        np.testing.assert_array_equal(models[1][k], v, err_msg=k)
+
+
+def test_scvi_fits_on_counts_on_disk_and_encodes_as_in_memory(tmp_path):
+    adata = _counts_adata(n_per_type=40)
+    adata.obs["batch"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2, "b1", "b2"))
+    path = tmp_path / "atlas.h5ad"
+    adata.write_h5ad(path)
+    before = _sha(path)
+    backed = sb.io.read_backed(path)
+    vae = sb.model.fit_scvi(backed, counts_layer=None, batch_key="batch", max_epochs=2, n_latent=4)
+    from scbranch.model._scvi import latent_of, library_sizes_of, scvi_info
+
+    info = scvi_info(vae)
+    # the encoder applied block by block on disk = scVI's own encoding of the cells in memory
+    np.testing.assert_allclose(
+        latent_of(vae, backed, info), vae.get_latent_representation(adata.copy()), atol=1e-5
+    )
+    np.testing.assert_allclose(library_sizes_of(backed, info), adata.X.sum(1).A1)
+    model = sb.BranchedDiffusion.from_scvi_model(
+        vae, labels_key="cell_type", adata=backed, width=16
+    )
+    _train(model)
+    gen = model.generate(5, seed=0, progress_bar=False)
+    assert gen.layers["counts"].shape == (15, adata.n_vars)
+    assert _sha(path) == before
+
+
+def test_each_epoch_visits_every_cell_once_and_processes_split_every_batch():
+    n = 103
+    x = np.arange(n, dtype=np.float32)[:, None]
+    fields = {"labels": np.zeros((n, 1), np.int64)}
+    kwargs = dict(data_key="X", indices=np.arange(n), block_rows=10, blocks_per_buffer=3, seed=4)
+    one = BlockShuffleBatches(x, fields, batch_size=20, **kwargs)
+    epochs = [[b["X"].numpy().ravel() for b in one] for _ in range(2)]
+    for batches in epochs:
+        seen = np.concatenate(batches)
+        assert len(batches) == n // 20 and len(np.unique(seen)) == len(seen) == 100
+    # shuffled across blocks (not block by block), and differently every epoch
+    assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))
+    assert np.abs(np.diff(np.concatenate(epochs[0]))).mean() > 10
+    # two processes: each its own half of the same global batches, with the same noise key
+    ranks = [
+        BlockShuffleBatches(x, fields, batch_size=10, rank=r, world_size=2, **kwargs)
+        for r in (0, 1)
+    ]
+    for b1, b0, b_1 in zip(
+        BlockShuffleBatches(x, fields, batch_size=20, **kwargs), *ranks, strict=True
+    ):
+        np.testing.assert_array_equal(np.concatenate([b0["X"], b_1["X"]]), b1["X"])
+        assert int(b0["noise_key"]) == int(b_1["noise_key"]) == int(b1["noise_key"])
+        assert (int(b0["noise_offset"]), int(b_1["noise_offset"]), int(b0["noise_rows"])) == (
+            0,
+            10,
+            20,
+        )
+
+
+def test_class_balance_in_blocks_matches_the_in_memory_resampling():
+    labels = np.array([0] * 180 + [1] * 20)
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(200)]
+    data = BlockShuffleBatches(
+        np.arange(200.0)[:, None], {"labels": labels[:, None]}, data_key="X",
+        indices=np.arange(200), batch_size=10, class_labels=labels, class_balance=1.0,
+        block_rows=16, blocks_per_buffer=2,
+    )  # fmt: skip
+    seen = np.concatenate([b["labels"].numpy().ravel() for b in data])
+    expected = np.bincount(labels[balanced_indices(labels, 1.0, seed=0)])
+    np.testing.assert_array_equal(np.bincount(seen), expected)  # 100 and 100: rare type x5
+
+
+def test_row_matrix_statistics_and_rows_on_disk(tmp_path):
+    x = sp.random(300, 7, density=0.4, format="csr", random_state=0, dtype=np.float32)
+    ad.AnnData(X=x).write_h5ad(tmp_path / "m.h5ad")
+    disk = ad.read_h5ad(tmp_path / "m.h5ad", backed="r").X
+    m = RowMatrix(disk, transform=lambda b: b * 2, block_rows=64)
+    mean, var = m.moments()
+    dense = x.toarray().astype(np.float64) * 2
+    np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(var, dense.var(0), rtol=1e-9)
+    rows = np.array([299, 3, 3, 150])
+    np.testing.assert_allclose(m[rows].toarray(), dense[rows])
+
+
+def test_bad_loader_choices_are_named(tmp_path):
+    adata = _counts_adata(n_per_type=20)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = sb.io.read_backed(tmp_path / "a.h5ad")
+    sb.BranchedDiffusion.setup_anndata(backed, labels_key="cell_type", target_sum=1e4)
+    model = sb.BranchedDiffusion(backed, width=16, n_head_blocks=1)
+    with pytest.raises(ValueError, match="only loader='blocks' reads"):
+        model.train(max_epochs=1, loader="scvi")
+    with pytest.raises(ValueError, match="loader must be"):
+        model.train(max_epochs=1, loader="fast")
+    with pytest.raises(ValueError, match="fewer than one step's batch"):
+        model.train(max_epochs=1, batch_size=1000, enable_progress_bar=False)
+    dm = BlockDataModule(np.zeros((50, 2)), {}, data_key="X", batch_size=8)
+    assert dm.n_train == 50 and len(dm.val_idx) == 0
+
+
+def test_the_command_line_fits_an_atlas_left_on_disk(tmp_path):
+    from scbranch.cli import main
+
+    path = tmp_path / "atlas.h5ad"
+    _counts_adata(n_per_type=30).write_h5ad(path)
+    before = _sha(path)
+    rc = main(
+        ["fit", str(path), "--labels", "cell_type", "--backed", "--target-sum", "1e4",
+         "--out", str(tmp_path / "model"), "--max-epochs", "1", "--batch-size", "16",
+         "--width", "16", "-q"]
+    )  # fmt: skip
+    assert rc == 0 and _sha(path) == before
+    model = sb.BranchedDiffusion.load(tmp_path / "model")
+    assert model.space.target_sum == 1e4
+    assert main(["fit", str(path), "--labels", "cell_type", "--target-sum", "1e4", "--rep",
+                 "X_pca", "--out", str(tmp_path / "m2"), "-q"]) == 2  # fmt: skip
