@@ -378,3 +378,14 @@ def test_layers_keeps_only_the_layers_asked_for_and_names_unknown_ones(
     # a PCA model makes counts (with counts=True), never scVI's normalised expression
     with pytest.raises(ValueError, match=r"no layer \['scale'\].*makes \['counts'\]"):
         pca_model.generate(6, seed=2, counts=True, layers=["scale"], progress_bar=False)
+
+
+def test_cli_layers_option_names_unknown_layers_in_one_line(saved_model, tmp_path, capsys):
+    out = tmp_path / "gen.h5ad"
+    argv = ["generate", str(saved_model), "--n-cells", "3", "--out", str(out), "--counts", "-q"]
+    assert main([*argv, "--n-steps", "6", "--layers", "counts"]) == 0
+    assert list(_read(out).layers) == ["counts"]
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--layers", "scale"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no layer ['scale']" in err[0]
