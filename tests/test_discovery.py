@@ -13,6 +13,7 @@ from scbranch.module._discovery import (
     agglomerate_average,
     crossover_times,
     similarity_curves,
+    smoothed,
 )
 
 
@@ -491,3 +492,118 @@ def test_branch_hierarchy_copy_leaves_input_untouched():
     assert record["params"]["groupby"] == "cell_type" and record["params"]["linkage"] == "average"
     assert record["params"]["n_noise_draws"] == 1 and record["params"]["curves"] == "sampled"
     assert record["intra"].shape == (4, 200) and record["inter"].shape == (4, 4, 200)
+
+
+# ----------------------------------------------------------------------------- many types
+# Discovery with many types updates pooled curves at each merge and finds crossings with
+# array operations (benchmarks/many_types.py times it); these references are the plain rules.
+
+
+def _reference_crossover(intra, inter, times, epsilon):
+    """Crossover times by a loop over pairs and grid points."""
+    n = len(intra)
+    out = np.zeros((n, n))
+    for i, j in itertools.combinations(range(n), 2):
+        gap = inter[i, j] - 0.5 * (intra[i] + intra[j]) + epsilon
+        k = next(k for k in range(len(times)) if gap[k] >= 0)
+        if k == 0:
+            out[i, j] = out[j, i] = times[0]
+        else:  # linear interpolation between grid points k - 1 and k
+            frac = -gap[k - 1] / (gap[k] - gap[k - 1])
+            out[i, j] = out[j, i] = times[k - 1] + frac * (times[k] - times[k - 1])
+    return out
+
+
+def _reference_average_linkage(intra, inter, times, epsilon, min_branch_length):
+    """Average linkage as defined: every set's pooled curves and crossings anew at each merge."""
+    n = len(intra)
+    sim = inter.copy()
+    sim[np.arange(n), np.arange(n)] = intra
+    groups, node_time, merges, short = [(i,) for i in range(n)], [0.0] * n, [], []
+    while len(groups) > 1:
+        pooled = np.array([[sim[np.ix_(g, h)].mean(axis=(0, 1)) for h in groups] for g in groups])
+        cross = _reference_crossover(np.einsum("ggt->gt", pooled), pooled, times, epsilon)
+        np.fill_diagonal(cross, np.inf)
+        a, b = sorted(np.unravel_index(np.argmin(cross), cross.shape))  # first pair in list order
+        t = cross[a, b]
+        time_ = max(t, node_time[a] + min_branch_length, node_time[b] + min_branch_length)
+        if time_ > t + 1e-12:
+            short.append((groups[a][0], groups[b][0]))
+        merges.append((groups[a], groups[b], time_))
+        groups = [g for k, g in enumerate(groups) if k not in (a, b)] + [
+            tuple(sorted(groups[a] + groups[b]))
+        ]
+        node_time = [x for k, x in enumerate(node_time) if k not in (a, b)] + [time_]
+    return merges, short
+
+
+def _twenty_types(curves: str):
+    """Smoothed curves of 20 simulated types (a 32-leaf tree cut to its first 20 leaves)."""
+    sim = simulate_tree(depth=5, n_per_class=40, dim=16, decay=0.8, seed=0)
+    keep = sim.labels < 20
+    shift, scale = global_standardizer(sim.x[keep])
+    times = np.linspace(0, 1, 200)
+    intra, inter = similarity_curves(
+        (sim.x[keep] - shift) / scale, sim.labels[keep], 20, VPSDE(), times, curves=curves
+    )
+    return (times, *smoothed(intra, inter, 3.0))
+
+
+@pytest.mark.parametrize("curves", ["sampled", "expected"])
+@pytest.mark.parametrize("min_branch_length", [0.02, 0.05])
+def test_average_linkage_equals_the_plain_rule_on_20_types(curves, min_branch_length):
+    times, intra, inter = _twenty_types(curves)
+    np.testing.assert_allclose(
+        crossover_times(intra, inter, times), _reference_crossover(intra, inter, times, 0.005)
+    )
+    fast = agglomerate_average(intra, inter, times, min_branch_length=min_branch_length)
+    merges, short = _reference_average_linkage(intra, inter, times, 0.005, min_branch_length)
+    assert [m[:2] for m in fast.merges] == [m[:2] for m in merges]
+    np.testing.assert_allclose([m[2] for m in fast.merges], [m[2] for m in merges], atol=1e-12)
+    assert [p[:2] for p in fast.short_pairs] == short
+    assert short  # the case does exercise lengthened branches
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_average_linkage_breaks_ties_like_the_plain_rule(seed):
+    """Crossings on grid points tie exactly; the pair of sets formed first merges first."""
+    rng = np.random.default_rng(seed)
+    times = np.linspace(0, 1, 21)
+    n = 12
+    t0 = np.round(rng.uniform(0, 0.5, size=(n, n)), 1)  # on the grid: many exact ties
+    t0 = np.triu(t0, 1) + np.triu(t0, 1).T
+    inter = np.clip(times - t0[..., None], None, 0.0)
+    intra = np.zeros((n, len(times)))
+    fast = agglomerate_average(intra, inter, times, epsilon=0.0, min_branch_length=0.01)
+    merges, short = _reference_average_linkage(intra, inter, times, 0.0, 0.01)
+    assert [m[:2] for m in fast.merges] == [m[:2] for m in merges]
+    np.testing.assert_allclose([m[2] for m in fast.merges], [m[2] for m in merges], atol=1e-12)
+    assert [p[:2] for p in fast.short_pairs] == short
+    # all alike: every set crosses every other at t = 0, so ties decide every merge
+    flat = agglomerate_average(intra, np.zeros_like(inter), times, epsilon=0.0)
+    merges, _ = _reference_average_linkage(intra, np.zeros_like(inter), times, 0.0, 0.02)
+    assert [m[:2] for m in flat.merges] == [m[:2] for m in merges]
+
+
+def test_average_linkage_names_merged_sets_that_never_cross():
+    """Every pair of types crosses, but the pooled curves of {a, b} and c never do."""
+    times = np.linspace(0, 1, 2)
+    intra = np.zeros((3, 2))
+    inter = np.zeros((3, 3, 2))
+    inter[0, 2] = inter[2, 0] = [1.0, -2.0]
+    inter[1, 2] = inter[2, 1] = [-2.0, 1.0]
+    with pytest.raises(ValueError, match=r"'c' and 'a\+b' never become indistinguishable"):
+        agglomerate_average(intra, inter, times, epsilon=0.0, classes=["a", "b", "c"])
+
+
+def test_expected_curves_do_not_depend_on_cell_order_or_chunking():
+    sim = simulate_tree(depth=3, n_per_class=15, dim=8, seed=0)
+    times = np.linspace(0, 1, 9)
+    perm = np.random.default_rng(0).permutation(len(sim.labels))
+    kw = {"curves": "expected"}
+    a = similarity_curves(sim.x, sim.labels, 8, VPSDE(), times, **kw)
+    b = similarity_curves(sim.x[perm], sim.labels[perm], 8, VPSDE(), times, **kw)
+    c = similarity_curves(sim.x, sim.labels, 8, VPSDE(), times, max_chunk_elements=300, **kw)
+    for other in (b, c):
+        np.testing.assert_allclose(a[0], other[0], atol=1e-6)
+        np.testing.assert_allclose(a[1], other[1], atol=1e-6)
