@@ -647,10 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--n-steps",
         type=_positive_int,
-        default=DEFAULT_N_STEPS,
+        default=None,
         metavar="N",
-        help="Steps from pure noise to cells (default: %(default)s; use hundreds with "
-        "--solver em).",
+        help=f"Steps from pure noise to cells (default: {DEFAULT_N_STEPS}, more for trees with "
+        "more branch points than that; use hundreds with --solver em).",
     )
     gen.add_argument(
         "--seed",

@@ -190,6 +190,32 @@ def test_shared_cost_ratio_matches_tree_bound():
     assert bound == pytest.approx(6 / 3.044, rel=1e-9)
 
 
+def test_many_types_cost_one_call_per_evaluation_and_the_rows_of_the_grid():
+    """40 types: a step is one call per solver evaluation in both modes, however many branches
+    are alive, and sharing evaluates exactly each live branch's rows (benchmarks/many_types.py
+    reads its bound off these counts)."""
+    from scbranch.module._discovery import agglomerate
+
+    rng = np.random.default_rng(0)
+    m = rng.uniform(0.05, 0.6, size=(40, 40))
+    tree = BranchTree.from_merges(
+        [f"c{i}" for i in range(40)], agglomerate(np.triu(m, 1) + np.triu(m, 1).T).merges
+    )
+    counts = {c: 3 for c in range(40)}
+    kw = dict(n_input=2, solver="heun", n_steps=80)  # 80 steps over 40 segments, log-SNR
+    spy = Spy()
+    shared = sample(spy, tree, SDE, counts, share=True, **kw)
+    alone = sample(lambda x, *a: 0.5 * x, tree, SDE, counts, share=False, **kw)
+    assert shared.n_network_calls == alone.n_network_calls == 2 * 80 + 1
+    np.testing.assert_array_equal(shared.grid, alone.grid)
+    assert shared.n_row_evaluations - 120 == 2 * _expected_rows_shared(tree, shared.grid, counts)
+    assert alone.n_row_evaluations == 120 * (2 * 80 + 1)
+    # each call holds every live branch once, in one contiguous block of rows
+    for _t, _n, branch, _label in spy.calls[:-1]:
+        ids, sizes = torch.unique_consecutive(branch, return_counts=True)
+        assert len(set(ids.tolist())) == len(ids) and set(sizes.tolist()) == {3}
+
+
 # ---------------------------------------------------------------------------- Gaussian answers
 MEANS_A = np.array([[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]])
 COVS_A = np.array([[[1.0, 0.3], [0.3, 0.5]], [[0.4, -0.1], [-0.1, 0.8]], [[0.6, 0.0], [0.0, 0.3]]])
@@ -418,3 +444,24 @@ def test_corrector_sharpens_em_at_few_steps():
     em = sample(eps, TREE_A, SDE, counts, n_input=2, solver="em", n_steps=40, seed=0)
     pc = sample(eps, TREE_A, SDE, counts, n_input=2, solver="pc", n_steps=40, seed=0)
     assert cov_error(pc) < cov_error(em)
+
+
+def test_the_default_number_of_steps_fits_trees_with_many_branch_points():
+    """25 steps cannot hold a tree of 40 types (39 branch times); the default adapts."""
+    from scbranch.module._sampling import steps_for
+
+    n = 40
+    merges, sets, t = [], [(i,) for i in range(n)], 0.02
+    while len(sets) > 1:  # a caterpillar: every merge at its own time
+        a, b = sets.pop(0), sets.pop(0)
+        merges.append((a, b, t))
+        sets.insert(0, a + b)
+        t += 0.02
+    tree = BranchTree.from_merges([f"c{i}" for i in range(n)], merges)
+    sde = VPSDE()
+    assert steps_for(tree, sde, range(n)) == 39 + 1 + 12
+    res = sample(lambda x, t, b, c: 0 * x, tree, sde, {c: 1 for c in range(n)}, n_input=2)
+    assert len(res.grid) - 1 == 52
+    with pytest.raises(ValueError, match="ask for at least 40 steps.*n_steps=None"):
+        sample(lambda x, t, b, c: 0 * x, tree, sde, {0: 1, 1: 1}, n_input=2, n_steps=25,
+               share=False)  # fmt: skip

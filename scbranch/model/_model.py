@@ -32,7 +32,8 @@ from ..module._discovery import DiscoveryOptions
 from ..module._discovery import standardization as data_standardization
 from ..module._networks import count_parameters
 from ..module._recipe import TrainingRecipe
-from ..module._solvers import DEFAULT_N_STEPS, default_spacing, resolve_solver
+from ..module._sampling import steps_for
+from ..module._solvers import default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _extension, _interpretation, _persistence
 from ._blocks import (
@@ -166,18 +167,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             self.space = space
             hierarchy = hierarchy.to_dict() if isinstance(hierarchy, BranchTree) else hierarchy
         self.module = self._module_cls(
-            self.space.n_input,
-            hierarchy,
-            architecture=architecture,
-            width=width,
-            n_trunk_blocks=n_trunk_blocks,
-            n_head_blocks=n_head_blocks,
-            beta0=beta0,
-            beta1=beta1,
-            t_min=t_min,
-            data_key=self.space.data_key,
-            t_sampling=t_sampling,
-        )
+            self.space.n_input, hierarchy, architecture=architecture, width=width,
+            n_trunk_blocks=n_trunk_blocks, n_head_blocks=n_head_blocks, beta0=beta0, beta1=beta1,
+            t_min=t_min, data_key=self.space.data_key, t_sampling=t_sampling,
+        )  # fmt: skip
         if standardization is not None:
             self.module.set_standardization(*standardization)
         if self.module.tree.classes != self.classes:
@@ -500,7 +493,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         *,
         labels: Sequence[str] | None = None,
         solver: str = "heun",
-        n_steps: int = DEFAULT_N_STEPS,
+        n_steps: int | None = None,
         share: bool = True,
         seed: int | None = None,
         spacing: str | None = None,
@@ -544,6 +537,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             calls per step: the original paper's sampler).
         n_steps
             Steps from t = 1 to ``t_min``; the grid always contains every branch time.
+            `None`: 25, or, for trees with more branch points than 25 steps can hold, one
+            step per segment plus 12 (recorded in ``uns['scbranch']['params']``).
         share
             Share the reverse path above branch points between types (fewer network calls;
             cells of different types then share noisy ancestors). `False` gives independent paths.
@@ -662,6 +657,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             node_weights=node_weights, rng=np.random.default_rng([seed, 4]),
         )  # fmt: skip
         n_total = sum(requested.values())
+        n_steps = steps_for(
+            self.tree, self.module.sde, requested,
+            share=share and self.module.architecture == "branched", n_steps=n_steps,
+            record_times=times,
+        )  # fmt: skip
         settings = {
             "solver": solver, "n_steps": n_steps, "share": share, "seed": seed, "spacing": spacing
         }  # fmt: skip

@@ -17,7 +17,7 @@ from ._networks import ScoreNetwork, count_parameters, flat_width_matching
 from ._recipe import T_SAMPLINGS, draw_times, noise_prediction_error
 from ._sampling import SampleResult, sample
 from ._sde import VPSDE
-from ._solvers import DEFAULT_N_STEPS, default_spacing
+from ._solvers import default_spacing
 from ._tree import BranchTree, lookup_tables
 
 ARCHITECTURES = ("branched", "flat")
@@ -242,7 +242,7 @@ class BranchedDiffusionModule(BaseModuleClass):
         n_per_class: Mapping[int, int],
         *,
         solver: str = "heun",
-        n_steps: int = DEFAULT_N_STEPS,
+        n_steps: int | None = None,
         share: bool = True,
         seed: int = 0,
         spacing: str | None = None,

@@ -73,7 +73,8 @@ def time_grid(
     if n_steps < len(knots) - 1:
         raise ValueError(
             f"n_steps={n_steps} is smaller than the {len(knots) - 1} segments between branch "
-            "points (and trajectory times); ask for more steps."
+            f"points (and trajectory times); ask for at least {len(knots) - 1} steps (the "
+            "default, n_steps=None, adapts to the tree)."
         )
 
     def unit(t):
@@ -130,6 +131,35 @@ class SampleResult:
     trajectory: dict[float, torch.Tensor] = field(default_factory=dict)
 
 
+def steps_for(
+    tree: BranchTree,
+    sde: VPSDE,
+    classes,
+    *,
+    share: bool = True,
+    n_steps: int | None = None,
+    record_times: Sequence[float] | None = None,
+) -> int:
+    """The number of steps a run takes: ``n_steps``, or by default enough for the tree.
+
+    Every segment between branch points (and recording times) needs at least one step, so the
+    default is :data:`~scbranch.module.DEFAULT_N_STEPS` (25) for trees with few branch points
+    and one step per segment plus half of 25 for the long ones with more (a tree of C types has
+    up to C - 1 branch times: 100 types would not fit in 25 steps).
+
+    Examples
+    --------
+    >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
+    >>> steps_for(tree, VPSDE(), [0, 1]), steps_for(tree, VPSDE(), [0, 1], n_steps=7)
+    (25, 7)
+    """
+    if n_steps is not None:
+        return int(n_steps)
+    knots = set(tree.breakpoints(list(classes) if share else None, sde.t_min))
+    knots |= {float(t) for t in (record_times or ()) if sde.t_min < float(t) < 1.0}
+    return max(DEFAULT_N_STEPS, len(knots) + 1 + DEFAULT_N_STEPS // 2)
+
+
 def pass_rows(batch_size: int | None, device: torch.device) -> int | None:
     """Rows per forward pass: checked, or ``CPU_PASS_ROWS`` (8192) on CPU when not given."""
     if batch_size is not None and int(batch_size) < 1:
@@ -175,7 +205,7 @@ def sample(
     *,
     n_input: int,
     solver: str = "heun",
-    n_steps: int = DEFAULT_N_STEPS,
+    n_steps: int | None = None,
     share: bool = True,
     seed: int = 0,
     spacing: str | None = None,
@@ -204,7 +234,7 @@ def sample(
         A solver of :data:`~scbranch.module.SOLVERS` that moves down: ``"heun"``,
         ``"dpm2m"``, ``"em"`` or ``"pc"`` (or the aliases ``"ode"``, ``"sde"``).
     n_steps
-        Number of grid steps from t = 1 to ``t_min``.
+        Number of grid steps from t = 1 to ``t_min`` (`None`: :func:`steps_for`).
     share
         Share the reverse path above branch points between classes (fan-out).
     seed
@@ -258,6 +288,7 @@ def sample(
     # a class's cells do not depend on which other classes are sampled alongside
     knots = set(tree.breakpoints(list(counts) if share else None, sde.t_min))
     records = _check_record_times(record_times, sde)
+    n_steps = steps_for(tree, sde, counts, share=share, n_steps=n_steps, record_times=records)
     spacing = step.default_spacing if spacing is None else spacing
     grid = time_grid(sde, sorted(knots | records), n_steps, spacing=spacing)
     batch_size = pass_rows(batch_size, device)
