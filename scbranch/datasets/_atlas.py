@@ -52,8 +52,9 @@ _NOTE = (
 class AtlasParameters:
     """Negative-binomial parameters of cell types, fitted to real cells.
 
-    Plain arrays only, so that they can be saved with :meth:`save` (``numpy.savez``) and
-    passed to :func:`simulate_atlas` as ``parameters=``. Made by
+    Plain arrays only, so that they can be saved with
+    :meth:`~scbranch.datasets.AtlasParameters.save` (``numpy.savez``) and passed to
+    :func:`~scbranch.datasets.simulate_atlas` as ``parameters=``. Made by
     :func:`fit_atlas_parameters`.
 
     Attributes
@@ -138,12 +139,18 @@ class AtlasParameters:
         return len(self.genes)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the arrays to an ``.npz`` file (read back with :meth:`load`)."""
+        """Write the arrays to an ``.npz`` file.
+
+        Read back with :meth:`~scbranch.datasets.AtlasParameters.load`.
+        """
         np.savez(path, **{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AtlasParameters:
-        """Read parameters written by :meth:`save` (no pickled objects are loaded)."""
+        """Read parameters written by :meth:`~scbranch.datasets.AtlasParameters.save`.
+
+        No pickled objects are loaded.
+        """
         with np.load(path, allow_pickle=False) as data:
             return cls(**{f.name: data[f.name] for f in fields(cls)})
 
@@ -174,7 +181,7 @@ def fit_atlas_parameters(
     min_cells_per_type: int = 3,
     seed: int = 0,
 ) -> AtlasParameters:
-    """Fit per-type negative-binomial parameters of raw counts, for :func:`simulate_atlas`.
+    """Fit per-type negative-binomial parameters of raw counts, for ``simulate_atlas``.
 
     * Genes: those with counts; when there are more than ``n_genes``, the ``n_genes`` whose
       per-type mean expression (log1p of counts per 10,000) varies most across types. When
@@ -187,7 +194,7 @@ def fit_atlas_parameters(
       that a gene unseen in a small type keeps a small expected count.
     * Dispersion: one ``theta`` per gene, by the method of moments within types (each cell's
       expected count is its total times its type's profile), pooled across types and clipped to
-      :data:`THETA_RANGE`.
+      ``THETA_RANGE``.
     * Library size: per type, a log-normal whose mean and variance are those of the cells' log
       total counts (over the genes kept, made-up genes counting as their sources do) less the
       negative-binomial noise of the counts (delta method), so that simulated totals vary as

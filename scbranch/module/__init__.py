@@ -17,7 +17,7 @@ __all__ = [
 from ._module import BranchedDiffusionModule
 from ._networks import ScoreNetwork
 from ._recipe import TrainingRecipe, WeightEMA, draw_times
-from ._sampling import SampleResult, sample, time_grid
+from ._sampling import SampleResult, sample, steps_for, time_grid
 from ._solvers import DEFAULT_N_STEPS, SOLVERS, Solver, get_solver, solver_names
 from ._topology import (
     HierarchyError,
@@ -49,6 +49,7 @@ __all__ += [
     "get_solver",
     "parse_newick",
     "sample",
+    "steps_for",
     "solver_names",
     "time_grid",
     "transport",

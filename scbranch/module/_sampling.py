@@ -234,7 +234,7 @@ def sample(
         A solver of :data:`~scbranch.module.SOLVERS` that moves down: ``"heun"``,
         ``"dpm2m"``, ``"em"`` or ``"pc"`` (or the aliases ``"ode"``, ``"sde"``).
     n_steps
-        Number of grid steps from t = 1 to ``t_min`` (`None`: :func:`steps_for`).
+        Number of grid steps from t = 1 to ``t_min`` (`None`: :func:`~scbranch.module.steps_for`).
     share
         Share the reverse path above branch points between classes (fan-out).
     seed
