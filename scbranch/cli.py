@@ -235,7 +235,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         adata = read_backed(data)
     else:
         adata = _read_h5ad(data)
-    model_kwargs = {} if args.width is None else {"width": args.width}
+    model_kwargs = {"architecture": args.architecture}
+    if args.width is not None:
+        model_kwargs["width"] = args.width
     if args.scvi:
         from .model import fit_scvi
 
@@ -581,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="Random seed of initialisation and training (default: %(default)s).",
+    )
+    fit.add_argument(
+        "--architecture",
+        choices=("branched", "conditioned"),
+        default="branched",
+        help="'branched': one head per branch; 'conditioned': one network conditioned on the "
+        "branch, whose size does not grow with the number of types (atlases with many types "
+        "or genes).",
     )
     fit.add_argument(
         "--width",

@@ -110,7 +110,7 @@ def add_classes(
     >>> model.add_classes(adata_new, labels=["Megakaryocyte"], max_epochs=100)  # doctest: +SKIP
     >>> model.generate(n_cells={"Megakaryocyte": 200}, seed=0)  # doctest: +SKIP
     """
-    if model.module.architecture != "branched":
+    if not model.module.follows_tree:
         raise ValueError(
             "A flat model has no branches to extend: every weight is shared by all types. "
             "Retrain it on all types, or use architecture='branched'."

@@ -325,7 +325,7 @@ def hybrids(
     >>> hy = model.hybrids("CD4+/CD25 T Reg", "CD8+ Cytotoxic T", n_cells=200)  # doctest: +SKIP
     >>> hy.obs.groupby("side").size()  # doctest: +SKIP
     """
-    if model.module.architecture != "branched":
+    if not model.module.follows_tree:
         raise ValueError(
             "Hybrids need a branched model: a label-guided (flat) model has no reverse "
             "path that two types share."

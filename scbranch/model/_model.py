@@ -72,7 +72,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         and the forward process, otherwise discovers one; a :class:`~scbranch.module.BranchTree`,
         a dict from :meth:`~scbranch.module.BranchTree.to_dict`, or a key of ``adata.uns``.
     architecture
-        ``"branched"`` or ``"flat"`` (label-guided baseline with about the same parameter count).
+        ``"branched"`` (one head per branch), ``"conditioned"`` (one network conditioned on a
+        branch embedding, whose size does not grow with the number of types: for atlases with
+        many types or many genes) or ``"flat"`` (label-guided baseline with about the same
+        parameter count as ``"branched"``).
     width
         Hidden width of the network.
     n_trunk_blocks
@@ -659,7 +662,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         n_total = sum(requested.values())
         n_steps = steps_for(
             self.tree, self.module.sde, requested,
-            share=share and self.module.architecture == "branched", n_steps=n_steps,
+            share=share and self.module.follows_tree, n_steps=n_steps,
             record_times=times,
         )  # fmt: skip
         settings = {

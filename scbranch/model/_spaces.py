@@ -197,7 +197,10 @@ class Space:
         return {"counts": False, "batch": None, "residual_noise": False}
 
     def layers_made(self, options: Mapping) -> list[str]:
-        """Names of the layers :meth:`decode` makes with ``options`` (resolved options)."""
+        """Names of the layers :meth:`~scbranch.model.Space.decode` makes with ``options``.
+
+        ``options`` are resolved options.
+        """
         return []
 
     def decode(self, z: np.ndarray, codes: np.ndarray, options: Mapping, seed: int) -> Decoded:

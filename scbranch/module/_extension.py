@@ -2,12 +2,13 @@
 
 Old classes keep every parameter they use (trunk and heads are frozen; the branch that the new
 class splits keeps its head on both halves), so their samples are bit-identical after
-extension for the same seed and requested classes.
+extension for the same seed and requested classes. A branch-conditioned network gains an
+embedding row instead of a head; only that row is trained and every other row is restored
+bit for bit after training.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -93,14 +94,16 @@ def extend_module(module, name: str, placement: Placement) -> tuple[int, int]:
 
     Returns ``(leaf_branch_id, head_index)`` of the new class.
     """
-    if module.architecture != "branched":
+    if not module.follows_tree:
         raise ValueError("Only branched models can be extended (a flat model shares every weight).")
     old_tree = module.tree
     tree = old_tree.add_class(name, placement.sibling, placement.t)
     leaf = tree.leaf(tree.n_classes - 1)
     split = tree.branches[tree.branches[leaf].parent]
-    head = copy.deepcopy(module.net.heads[split.head])  # the branch it leaves: a close start
-    module.net.heads.append(head.to(module.shift.device))
+    index = module.net.add_branch(split.head)  # the branch it leaves: a close start
+    if index != tree.branches[leaf].head:
+        raise RuntimeError(f"branch function {index} != the tree's {tree.branches[leaf].head}")
+    module.net.to(module.shift.device)
     module.tree = tree
     module._refresh_lookup()
     return leaf, tree.branches[leaf].head
@@ -132,7 +135,11 @@ def train_heads(
     The loss of every step.
     """
     recipe = TrainingRecipe() if recipe is None else recipe
-    params = [p for h in sorted(set(heads)) for p in module.net.heads[h].parameters()]
+    params, trained = module.net.branch_parameters(heads)
+    if trained is not None:  # conditioned: per-branch matrices of which only `trained` rows
+        frozen = [p.detach().clone() for p in params]  # may change
+        keep = trained.unsqueeze(1)
+        hooks = [p.register_hook(lambda g: g * keep.to(g.dtype)) for p in params]
     flags = [p.requires_grad for p in module.parameters()]
     for p in module.parameters():
         p.requires_grad_(False)
@@ -183,6 +190,11 @@ def train_heads(
         if ema is not None:
             ema.copy_to(params)
     finally:
+        if trained is not None:
+            with torch.no_grad():  # bit-identical old branches, whatever the optimiser did
+                for p, f, hook in zip(params, frozen, hooks, strict=True):
+                    hook.remove()
+                    p[~trained] = f[~trained]
         for p, flag in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         module.train(was_training)

@@ -20,7 +20,9 @@ from ._sde import VPSDE
 from ._solvers import default_spacing
 from ._tree import BranchTree, lookup_tables
 
-ARCHITECTURES = ("branched", "flat")
+ARCHITECTURES = ("branched", "conditioned", "flat")
+#: architectures that follow the tree (fan-out sampling, hybrids, transmutation, extension)
+TREE_ARCHITECTURES = ("branched", "conditioned")
 
 
 class BranchedDiffusionModule(BaseModuleClass):
@@ -33,8 +35,10 @@ class BranchedDiffusionModule(BaseModuleClass):
     hierarchy
         Tree as written by :meth:`~scbranch.module.BranchTree.to_dict`.
     architecture
-        ``"branched"`` (one head per branch) or ``"flat"`` (class embedding, one head, width
-        chosen so that the parameter count matches the branched network).
+        ``"branched"`` (one head per branch), ``"conditioned"`` (one network conditioned on a
+        branch embedding: its size does not grow with the number of types) or ``"flat"``
+        (class embedding, one head, width chosen so that the parameter count matches the
+        branched network).
     width, n_trunk_blocks, n_head_blocks, time_dim
         Network size (see :class:`~scbranch.module.ScoreNetwork`).
     beta0, beta1, t_min
@@ -90,6 +94,11 @@ class BranchedDiffusionModule(BaseModuleClass):
         )
         if architecture == "branched":
             self.net = branched
+        elif architecture == "conditioned":
+            self.net = ScoreNetwork(
+                n_input, 1, width, n_trunk_blocks, n_head_blocks, time_dim=time_dim,
+                n_branches=self.tree.n_heads,
+            )  # fmt: skip
         else:
             target = count_parameters(
                 ScoreNetwork(
@@ -118,6 +127,11 @@ class BranchedDiffusionModule(BaseModuleClass):
         # per-dimension variance of the standardised data (for the analytic Gaussian skip term)
         self.register_buffer("data_var", torch.ones(n_input))
         self._refresh_lookup()
+
+    @property
+    def follows_tree(self) -> bool:
+        """Whether the network is a function of the branch (not the class): not flat."""
+        return self.architecture in TREE_ARCHITECTURES
 
     # ------------------------------------------------------------------ tree helpers
     def _refresh_lookup(self) -> None:
@@ -217,7 +231,7 @@ class BranchedDiffusionModule(BaseModuleClass):
             sigma, alpha = sigma.unsqueeze(-1), alpha.unsqueeze(-1)
         # E[eps | x_t] for Gaussian data with the standardised data's per-dimension variance
         skip = sigma * x / (alpha**2 * self.data_var + sigma**2)
-        if self.architecture == "branched":
+        if self.follows_tree:
             return skip + self.net(x, t, self._heads[branch])
         return skip + self.net(x, t, torch.zeros_like(branch), labels)
 
@@ -254,7 +268,7 @@ class BranchedDiffusionModule(BaseModuleClass):
         ``options`` go to :func:`~scbranch.module.sample` (``batch_size``, ``record_times``,
         ``corrector_snr``, ``denoise``); recorded states are un-standardised too.
         """
-        if self.architecture == "flat" and share:
+        if not self.follows_tree and share:
             share = False  # a label-guided network has no shared branches to reuse
         device = self.shift.device
         res = sample(

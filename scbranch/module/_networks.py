@@ -1,9 +1,12 @@
 """Score networks: a shared residual trunk and one head per branch (docs/method.md).
 
-Both variants predict the noise ``eps`` of ``x_t = alpha x_0 + sigma eps``:
+All variants predict the noise ``eps`` of ``x_t = alpha x_0 + sigma eps``:
 
 * branched: no label input; the head is chosen by the branch of (class, t). Only the heads the
   batch needs are evaluated, each on a contiguous slice of the rows sorted by head.
+* conditioned: one network for all branches; the branch of (class, t) picks an embedding that is
+  added to the time embedding, so every block is conditioned on it. Same branch, same function
+  (fan-out sampling holds), with parameters that do not grow with the number of types.
 * flat ("label-guided" baseline): a class embedding is added to the input and one head serves all.
 
 LayerNorm, not BatchNorm: running statistics drift, break train/eval agreement and would break
@@ -12,6 +15,7 @@ the frozen-branch guarantee of class extension.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -47,8 +51,14 @@ class ResidualBlock(nn.Module):
         self.time = nn.Linear(time_dim, width)
         self.fc2 = nn.Linear(width, width)
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(
+        self, h: torch.Tensor, temb: torch.Tensor, film: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One block; ``film`` (rows x 2 width) scales (1 + first half) and shifts the hidden."""
         z = self.fc1(self.norm(h)) + self.time(temb)
+        if film is not None:
+            gamma, beta = film.chunk(2, dim=-1)
+            z = z * (1 + gamma) + beta
         return h + self.fc2(nn.functional.silu(z))
 
 
@@ -67,9 +77,12 @@ class Head(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        for block in self.blocks:
-            h = block(h, temb)
+    def forward(
+        self, h: torch.Tensor, temb: torch.Tensor, films: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The blocks (each with its FiLM of ``films``, if given) and the output layer."""
+        for k, block in enumerate(self.blocks):
+            h = block(h, temb, None if films is None else films[k])
         return self.out(nn.functional.silu(h))
 
 
@@ -92,6 +105,10 @@ class ScoreNetwork(nn.Module):
         If > 0, a class embedding is added to the input (flat, label-guided model).
     time_dim
         Width of the time embedding.
+    n_branches
+        If > 0 (with ``n_heads=1``), ``head`` indexes one of ``n_branches`` branches, each with
+        an embedding added to the time embedding and a small adapter: a scale and shift of
+        every block's hidden units (FiLM) and an output bias (branch-conditioned network).
 
     Examples
     --------
@@ -110,8 +127,11 @@ class ScoreNetwork(nn.Module):
         n_head_blocks: int = 3,
         n_classes: int = 0,
         time_dim: int = 128,
+        n_branches: int = 0,
     ):
         super().__init__()
+        if n_branches > 0 and n_heads != 1:
+            raise ValueError("A branch-conditioned network has one head (n_heads=1).")
         self.n_input = n_input
         self.time_embed = FourierTimeEmbedding(time_dim)
         self.inp = nn.Linear(n_input, width)
@@ -120,6 +140,17 @@ class ScoreNetwork(nn.Module):
         self.heads = nn.ModuleList(
             Head(width, time_dim, n_head_blocks, n_input) for _ in range(n_heads)
         )
+        # Added to the time embedding, as class labels are in conditional diffusion models: it
+        # reaches every block through the blocks' time projections, not the input alone.
+        self.branch_embed = nn.Embedding(n_branches, time_dim) if n_branches > 0 else None
+        # Per-branch adapter (FiLM of every block, output bias), zero at the start: it gives a
+        # new type's branch (class extension, where nothing shared may change) the capacity
+        # that an embedding alone lacks.
+        self.n_blocks = n_trunk_blocks + n_head_blocks
+        self.branch_adapter = None
+        if n_branches > 0:
+            self.branch_adapter = nn.Embedding(n_branches, 2 * width * self.n_blocks + n_input)
+            nn.init.zeros_(self.branch_adapter.weight)
 
     def forward(
         self,
@@ -138,6 +169,8 @@ class ScoreNetwork(nn.Module):
             if label is None:
                 raise ValueError("This network is label-guided: pass `label`.")
             h = h + self.class_embed(label)
+        if self.branch_embed is not None:
+            return self._conditioned(h, temb, head)
         for block in self.trunk:
             h = block(h, temb)
         if len(self.heads) == 1:
@@ -147,6 +180,51 @@ class ScoreNetwork(nn.Module):
                 h, temb if not shared_time else temb.expand(len(h), -1), head
             )
         return self._looped_heads(h, temb, head, shared_time)
+
+    def _conditioned(self, h: torch.Tensor, temb: torch.Tensor, branch: torch.Tensor):
+        """Every block conditioned on the branch: embedding + FiLM; the branch's output bias."""
+        temb = temb + self.branch_embed(branch)  # one conditioning row per row of x
+        adapter = self.branch_adapter(branch)
+        width = self.inp.out_features
+        films = list(adapter[:, : 2 * width * self.n_blocks].split(2 * width, dim=1))
+        for k, block in enumerate(self.trunk):
+            h = block(h, temb, films[k])
+        out = self.heads[0](h, temb, films[len(self.trunk) :])
+        return out + adapter[:, 2 * width * self.n_blocks :]
+
+    @property
+    def n_branch_functions(self) -> int:
+        """Number of branch functions: heads, or branch embeddings when conditioned."""
+        return len(self.heads) if self.branch_embed is None else self.branch_embed.num_embeddings
+
+    def add_branch(self, source: int) -> int:
+        """A new branch function, starting as a copy of ``source``'s; its index.
+
+        A new head (branched) or a new row of the branch embedding and adapter (conditioned);
+        nothing else changes.
+        """
+        if self.branch_embed is None:
+            self.heads.append(copy.deepcopy(self.heads[source]))
+            return len(self.heads) - 1
+        self.branch_embed = _with_row_copied(self.branch_embed, source)
+        self.branch_adapter = _with_row_copied(self.branch_adapter, source)
+        return self.branch_embed.num_embeddings - 1
+
+    def branch_parameters(self, branches: list[int]) -> tuple[list[nn.Parameter], torch.Tensor]:
+        """Parameters to train for ``branches`` alone, and the rows of them that may change.
+
+        Branched: the heads' parameters (`None`: all of them may change). Conditioned: the
+        branch embedding and adapter matrices, and a mask of the rows of ``branches``: only
+        those may change (the caller masks the gradient and restores the other rows, see
+        ``module/_extension.py``).
+        """
+        ids = sorted(set(int(b) for b in branches))
+        if self.branch_embed is None:
+            return [p for h in ids for p in self.heads[h].parameters()], None
+        mask = torch.zeros(self.branch_embed.num_embeddings, dtype=torch.bool)
+        mask[ids] = True
+        params = [self.branch_embed.weight, self.branch_adapter.weight]
+        return params, mask.to(params[0].device)
 
     def _looped_heads(
         self, h: torch.Tensor, temb: torch.Tensor, head: torch.Tensor, shared_time: bool
@@ -233,6 +311,16 @@ class ScoreNetwork(nn.Module):
         out = torch.empty(len(head), yp.shape[2], dtype=yp.dtype, device=yp.device)
         out[order] = yp[group, pos]
         return out
+
+
+def _with_row_copied(embedding: nn.Embedding, source: int) -> nn.Embedding:
+    """``embedding`` with one more row, a copy of row ``source``."""
+    old = embedding.weight
+    with torch.no_grad():
+        weight = torch.cat([old, old[source : source + 1]])
+    grown = nn.Embedding(len(weight), weight.shape[1], device=old.device, dtype=old.dtype)
+    grown.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
+    return grown
 
 
 def count_parameters(module: nn.Module) -> int:
