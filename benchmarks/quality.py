@@ -14,6 +14,8 @@ Methods (same training budget for the two diffusion models: optimiser steps and 
   branched             BranchedDiffusion, discovered tree, 30-PC space of the train cells
   flat                 the same model with architecture="flat": one label-guided network with
                        about the branched model's parameter count
+  conditioned          (--architectures ...,conditioned) architecture="conditioned": one
+                       network conditioned on a branch embedding and per-branch adapters
   scVI resampling      latents from the class's aggregated posterior, NB counts, log-normalised
   per-class Gaussian   Ledoit-Wolf Gaussian per class in the same PC space, decoded the same way
   ... + residual       the same generated latents decoded with the per-gene PCA residual noise
@@ -257,7 +259,7 @@ class _Generator:
 
 #: rows with a training seed of their own; the other rows are fitted once (no randomness worth
 #: a seed, or real cells)
-TRAINED = ("branched", "flat", "scVI resampling")
+TRAINED = ("branched", "flat", "conditioned", "scVI resampling")
 
 
 def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
@@ -283,7 +285,7 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     def n_params(model):
         return sum(p.numel() for p in model.module.parameters())
 
-    for arch in ("branched", "flat"):
+    for arch in cfg["architectures"]:
 
         def make(arch=arch):
             scvi.settings.seed = train_seed  # initialisation and minibatches
@@ -578,12 +580,17 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
             _md(timing[["fit_s", "parameters", "network_calls", "ms_per_1000_cells"]]),
             "",
         ]
-        comp = per_class_comparison(res["rows"])
-        if len(comp):
+        present = set(res["rows"]["method"])
+        for a, b in [("branched", "flat"), ("conditioned", "flat"), ("branched", "conditioned")]:
+            if not {a, b} <= present:
+                continue
+            comp = per_class_comparison(res["rows"], a, b)
+            if not len(comp):
+                continue
             wins = comp.groupby("metric")["winner"].value_counts().unstack(fill_value=0)
             lines += [
-                "Branched vs flat per class (winner: lower, or nearer the control, by more "
-                "than the two methods' combined seed sd):",
+                f"{a.capitalize()} vs {b} per class (winner: lower, or nearer the control, by "
+                "more than the two methods' combined seed sd):",
                 "",
                 _md(wins),
                 "",
@@ -637,13 +644,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--architectures",
+        default="branched,flat",
+        help="diffusion models to compare (branched, flat, conditioned)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild the markdown from the CSVs of a previous run in --out",
     )
     args = parser.parse_args(argv)
     cfg_name = "gpu" if args.gpu else "fast" if args.fast else "cpu"
-    cfg = SETTINGS[cfg_name]
+    cfg = {**SETTINGS[cfg_name], "architectures": tuple(args.architectures.split(","))}
 
     import matplotlib
 

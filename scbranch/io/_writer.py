@@ -87,7 +87,7 @@ class ChunkedWriter:
 
     Every block brings the same fields (``X``, ``layers``, ``obsm``: each sparse or dense, as
     in the first block) and its ``obs`` rows. The file appears under ``path`` only at
-    :meth:`~scbranch.io.ChunkedWriter.commit`; used as a context manager, an exception (or
+    ``commit()``; used as a context manager, an exception (or
     Ctrl-C) inside the block removes the temporary file and leaves ``path`` as it was.
 
     Parameters

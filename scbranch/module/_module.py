@@ -130,7 +130,7 @@ class BranchedDiffusionModule(BaseModuleClass):
 
     @property
     def follows_tree(self) -> bool:
-        """Whether the network is a function of the branch (not the class): not flat."""
+        """Whether the network is a function of the branch, not of the class (all but flat)."""
         return self.architecture in TREE_ARCHITECTURES
 
     # ------------------------------------------------------------------ tree helpers

@@ -194,7 +194,7 @@ class ScoreNetwork(nn.Module):
 
     @property
     def n_branch_functions(self) -> int:
-        """Number of branch functions: heads, or branch embeddings when conditioned."""
+        """How many branch functions there are (heads, or branch embeddings when conditioned)."""
         return len(self.heads) if self.branch_embed is None else self.branch_embed.num_embeddings
 
     def add_branch(self, source: int) -> int:

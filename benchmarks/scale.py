@@ -1,0 +1,413 @@
+"""Atlas scale: training from a file on disk and generating to disk, at 10^4 to 10^6 cells.
+
+    python benchmarks/scale.py [--sizes 10000,100000,1000000] [--device cpu|cuda] [--steps 300]
+
+Writes docs/benchmarks/scale.md. The atlas is SIMULATED (``sb.datasets.simulate_atlas``, 60
+types on a three-level tree, 2,000 genes, negative-binomial counts whose parameters are fitted
+to the labelled pbmc3k cells in ../shared/data, or to scanpy's pbmc68k_reduced when that file
+is absent). Every stage runs in its own child process; its peak resident memory is the
+child's ``ru_maxrss`` as the kernel reports it at exit (``os.wait4``), so it includes Python,
+torch and scvi-tools themselves (about 0.6 GB on import). Stages:
+
+- ``simulate``: write the atlas (.h5ad, counts in .X, CSR) in blocks.
+- ``expression``: open it with ``sb.io.read_backed`` (the matrix stays on disk), set up an
+  expression model on the 2,000 genes with ``target_sum=1e4`` (log1p(CP10k) computed per block),
+  build it (streamed statistics, hierarchy discovery) and train a fixed number of steps with
+  the block loader; once with one head per branch (``architecture="branched"``, 119 heads for
+  60 types) and once with the branch-conditioned network (``architecture="conditioned"``).
+- ``scvi``: train scVI on the counts on disk (block loader, fixed steps), encode every cell
+  block by block, build a diffusion model on the latent (in memory) and train it.
+- ``generate``: load the scVI-latent model and generate as many cells as the atlas holds,
+  counts included, to an .h5ad file (``generate(out=...)``, blocks), without scVI's dense
+  normalised expression (``layers=["counts"]``).
+
+Time per training step excludes the first ``--warmup`` steps and the set-up; "per cell" is per
+cell processed (steps x batch) or generated. Throughput ratios between sizes are read within
+one run of this script (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_labelled.h5ad"
+N_TYPES = 60
+N_GENES = 2000
+ARCHITECTURES = ("branched", "conditioned")
+
+
+# ---------------------------------------------------------------------------- child stages
+class StepTimer:
+    """Lightning callback: wall time of every training step after the warm-up."""
+
+    def __init__(self, warmup: int):
+        from lightning.pytorch.callbacks import Callback
+
+        timer = self
+
+        class _Callback(Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                timer.times.append(time.perf_counter())
+
+        self.warmup = warmup
+        self.times: list[float] = []
+        self.callback = _Callback()
+
+    def seconds_per_step(self) -> float:
+        t = np.asarray(self.times[self.warmup :])
+        return float((t[-1] - t[0]) / max(1, len(t) - 1))
+
+
+def _accelerator(device: str) -> str:
+    return "gpu" if device == "cuda" else "cpu"
+
+
+def _timed_steps(model, a) -> float:
+    """Train ``a.steps`` steps of ``a.batch`` cells; seconds per step after the warm-up."""
+    timer = StepTimer(a.warmup)
+    model.train(
+        max_epochs=10**6, max_steps=a.steps, batch_size=a.batch, accelerator=_accelerator(a.device),
+        devices=1, enable_progress_bar=False, callbacks=[timer.callback],
+    )  # fmt: skip
+    return timer.seconds_per_step()
+
+
+def stage_simulate(a) -> dict:
+    import scbranch as sb
+
+    params = sb.datasets.AtlasParameters.load(a.parameters)
+    t0 = time.perf_counter()
+    path = sb.datasets.simulate_atlas(
+        a.atlas, a.n, n_types=N_TYPES, parameters=params, seed=0, overwrite=True,
+        progress_bar=False,
+    )  # fmt: skip
+    return {"seconds": time.perf_counter() - t0, "bytes": Path(path).stat().st_size}
+
+
+def stage_expression(a) -> dict:
+    import scvi
+    import torch
+
+    import scbranch as sb
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    scvi.settings.seed = 0
+    t0 = time.perf_counter()
+    adata = sb.io.read_backed(a.atlas)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", target_sum=1e4)
+    model = sb.BranchedDiffusion(adata, architecture=a.architecture)
+    setup = time.perf_counter() - t0
+    step = _timed_steps(model, a)
+    return {
+        "parameters": sum(p.numel() for p in model.module.parameters()),
+        "setup_seconds": setup,
+        "seconds_per_step": step,
+        "cells_per_second": a.batch / step,
+        "n_types": len(model.classes),
+        "n_genes": int(model.module.n_input),
+    }
+
+
+def stage_scvi(a) -> dict:
+    import scvi
+    import torch
+
+    import scbranch as sb
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    scvi.settings.seed = 0
+    adata = sb.io.read_backed(a.atlas)
+    timer = StepTimer(a.warmup)
+    t0 = time.perf_counter()
+    vae = sb.model.fit_scvi(
+        adata, counts_layer=None, max_epochs=10**6, max_steps=a.steps, batch_size=128,
+        accelerator=_accelerator(a.device), devices=1, callbacks=[timer.callback],
+    )  # fmt: skip
+    scvi_total = time.perf_counter() - t0
+    scvi_step = timer.seconds_per_step()
+    t0 = time.perf_counter()
+    model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key="cell_type", adata=adata)
+    encode_setup = time.perf_counter() - t0
+    step = _timed_steps(model, a)
+    model.save(a.model, overwrite=True)
+    return {
+        "scvi_seconds": scvi_total,
+        "scvi_seconds_per_step": scvi_step,
+        "scvi_cells_per_second": 128 / scvi_step,
+        "encode_and_setup_seconds": encode_setup,
+        "seconds_per_step": step,
+        "cells_per_second": a.batch / step,
+    }
+
+
+def stage_generate(a) -> dict:
+    import torch
+
+    import scbranch as sb
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    accelerator = _accelerator(a.device)
+    model = sb.BranchedDiffusion.load(a.model, accelerator=accelerator)
+    per_type = a.n // len(model.classes)
+    t0 = time.perf_counter()
+    path = model.generate(
+        per_type, seed=0, out=a.generated, overwrite=True, layers=["counts"], progress_bar=False
+    )
+    seconds = time.perf_counter() - t0
+    import h5py
+
+    # not anndata.read_h5ad(backed="r"): it reads every layer into memory (GBs of counts here),
+    # which would be counted in this stage's peak memory
+    with h5py.File(path, "r") as f:
+        counts = f["layers/counts"]
+        n = int(counts.attrs["shape"][0])
+        encoding = str(counts.attrs["encoding-type"])
+    return {
+        "seconds": seconds,
+        "cells": n,
+        "cells_per_second": n / seconds,
+        "bytes": Path(path).stat().st_size,
+        "counts_sparse": encoding,
+    }
+
+
+STAGES = {
+    "simulate": stage_simulate,
+    "expression": stage_expression,
+    "scvi": stage_scvi,
+    "generate": stage_generate,
+}
+
+
+# ---------------------------------------------------------------------------- parent
+def run_stage(stage: str, result: Path, **kwargs) -> dict:
+    """Run a stage in a child process; its result plus the child's peak resident memory."""
+    cmd = [sys.executable, __file__, "--stage", stage, "--result", str(result)]
+    for k, v in kwargs.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=result.parent)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage} ({kwargs}) failed with exit code {proc.returncode}")
+    out = json.loads(result.read_text())
+    out["peak_rss_gb"] = usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+    out["wall_seconds"] = time.perf_counter() - t0
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    print(stage, kwargs.get("n"), shown, flush=True)
+    return out
+
+
+def fit_parameters(path: Path) -> str:
+    import anndata
+
+    import scbranch as sb
+
+    if PBMC3K.is_file():
+        reference = anndata.read_h5ad(PBMC3K)
+        params = sb.datasets.fit_atlas_parameters(reference, counts_layer=None, n_genes=N_GENES)
+        name = "pbmc3k (labels derived from marker genes)"
+    else:
+        params = sb.datasets.fit_atlas_parameters(
+            sb.datasets.pbmc68k(), counts_layer="counts", n_genes=N_GENES
+        )
+        name = "scanpy's pbmc68k_reduced (765 genes, extended to 2,000 by jittered copies)"
+    params.save(path)
+    return name
+
+
+def _fmt(x, digits=3):
+    if isinstance(x, float):
+        return f"{x:,.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def write_page(rows: dict, args, reference: str, page: Path) -> None:
+    sizes = sorted(rows)
+    lines = [
+        "# Atlas scale: training from disk, generating to disk",
+        "",
+        f"Generated by `python benchmarks/scale.py --sizes {','.join(map(str, sizes))} "
+        f"--device {args.device} --steps {args.steps}` ({os.cpu_count()} CPU cores"
+        f"{'' if args.device == 'cpu' else ', CUDA'}). The atlas is SIMULATED: "
+        f"`sb.datasets.simulate_atlas` with {N_TYPES} types on a three-level tree and "
+        f"{N_GENES:,} genes, negative-binomial parameters fitted to {reference}. Each stage runs "
+        "in a child process; peak memory is its resident set at its highest (`ru_maxrss`), "
+        "Python, torch and scvi-tools included.",
+        *(
+            [
+                "",
+                f"Rerun by a second invocation: {', '.join(args.stages_run)} "
+                f"(`--stages {','.join(args.stages_run)}`, same sizes and settings, the models "
+                "of the first run); the other rows are the first run's. Ratios below compare "
+                "sizes within one invocation.",
+            ]
+            if set(args.stages_run) != set(STAGES)
+            else []
+        ),
+        "",
+        "## Training from the file on disk",
+        "",
+        "### Expression model (2,000 genes, read from the file a block at a time)",
+        "",
+        "| cells | file (GB) | simulate (s) | network | parameters | set-up (s) | ms / step "
+        "| cells / s | peak memory (GB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        s = rows[n]["simulate"]
+        for arch in ARCHITECTURES:
+            e = rows[n][f"expression_{arch}"]
+            lines.append(
+                f"| {n:,} | {s['bytes'] / 1e9:.2f} | {s['seconds']:.0f} | {arch} | "
+                f"{e['parameters'] / 1e6:.1f} M | {e['setup_seconds']:.1f} | "
+                f"{1000 * e['seconds_per_step']:.1f} | {e['cells_per_second']:,.0f} | "
+                f"{e['peak_rss_gb']:.2f} |"
+            )
+    lines += [
+        "",
+        "### scVI fitted on the file, diffusion on its latent (branched)",
+        "",
+        "| cells | scVI: ms / step | encode + set-up (s) | diffusion: ms / step | "
+        "peak memory (GB) |",
+        "|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        v = rows[n]["scvi"]
+        lines.append(
+            f"| {n:,} | {1000 * v['scvi_seconds_per_step']:.1f} | "
+            f"{v['encode_and_setup_seconds']:.1f} | {1000 * v['seconds_per_step']:.1f} | "
+            f"{v['peak_rss_gb']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Steps: {args.steps} per model (batch {args.batch} for the diffusion, 128 for scVI), "
+        f"timed after {args.warmup} warm-up steps. Set-up reads the whole matrix a few times "
+        "(per-gene moments, size factors, the discovery subsample): it grows with the cells; "
+        "a step does not.",
+        "",
+        "## Generating to disk",
+        "",
+        "| cells | seconds | cells / s | file (GB) | peak memory (GB) | counts |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        g = rows[n]["generate"]
+        lines.append(
+            f"| {g['cells']:,} | {g['seconds']:.0f} | {g['cells_per_second']:,.0f} | "
+            f"{g['bytes'] / 1e9:.2f} | {g['peak_rss_gb']:.2f} | {g['counts_sparse']} |"
+        )
+    big = [n for n in sizes if n >= 100_000]
+    if len(big) >= 2:
+        a, b = big[-2], big[-1]
+        ratio = lambda stage, key: rows[b][stage][key] / rows[a][stage][key]  # noqa: E731
+        per_cell_gen = (rows[b]["generate"]["seconds"] / rows[b]["generate"]["cells"]) / (
+            rows[a]["generate"]["seconds"] / rows[a]["generate"]["cells"]
+        )
+        lines += [
+            "",
+            f"## Linear cost ({b:,} against {a:,} cells, this run)",
+            "",
+            "| what | time per cell, ratio |",
+            "|---|---|",
+            *(
+                f"| expression model ({arch}), training step | "
+                f"{ratio(f'expression_{arch}', 'seconds_per_step'):.2f} |"
+                for arch in ARCHITECTURES
+            ),
+            f"| scVI, training step | {ratio('scvi', 'scvi_seconds_per_step'):.2f} |",
+            "| diffusion on scVI latent, training step | "
+            f"{ratio('scvi', 'seconds_per_step'):.2f} |",
+            f"| generation to disk, with counts | {per_cell_gen:.2f} |",
+            "",
+            "A ratio of 1 is linear cost; the goal is at most 1.5.",
+        ]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    print(f"wrote {page}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--work", default=str(ROOT / "benchmark_out" / "scale"))
+    parser.add_argument("--page", default=str(ROOT / "docs" / "benchmarks" / "scale.md"))
+    parser.add_argument(
+        "--stages",
+        default="simulate,expression,scvi,generate",
+        help="stages to run; the others are read from a previous run's scale.json in --work "
+        "(generate needs the models that run saved)",
+    )
+    # child-process arguments
+    parser.add_argument("--stage", choices=sorted(STAGES))
+    parser.add_argument("--result")
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--atlas")
+    parser.add_argument("--parameters")
+    parser.add_argument("--model")
+    parser.add_argument("--generated")
+    parser.add_argument("--architecture", choices=ARCHITECTURES)
+    args = parser.parse_args()
+    if args.stage:
+        out = STAGES[args.stage](args)
+        Path(args.result).write_text(json.dumps(out))
+        return
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    params = work / "atlas_parameters.npz"
+    reference = fit_parameters(params)
+    common = {
+        "device": args.device, "steps": args.steps, "warmup": args.warmup, "batch": args.batch
+    }  # fmt: skip
+    stages = set(args.stages.split(","))
+    unknown = stages - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {sorted(STAGES)}")
+    previous = {}
+    if stages != set(STAGES):
+        previous = {int(k): v for k, v in json.loads((work / "scale.json").read_text()).items()}
+    rows = {}
+    for n in [int(s) for s in args.sizes.split(",")]:
+        atlas, model = work / f"atlas_{n}.h5ad", work / f"model_{n}"
+        generated = work / f"generated_{n}.h5ad"
+        result = work / "result.json"
+        rows[n] = dict(previous.get(n, {}))
+        if "simulate" in stages:
+            rows[n]["simulate"] = run_stage("simulate", result, n=n, atlas=atlas, parameters=params)
+        if "expression" in stages:
+            for arch in ARCHITECTURES:
+                rows[n][f"expression_{arch}"] = run_stage(
+                    "expression", result, n=n, atlas=atlas, architecture=arch, **common
+                )
+        if "scvi" in stages:
+            rows[n]["scvi"] = run_stage("scvi", result, n=n, atlas=atlas, model=model, **common)
+        if "generate" in stages:
+            rows[n]["generate"] = run_stage(
+                "generate", result, n=n, model=model, generated=generated, device=args.device
+            )
+        generated.unlink(missing_ok=True)  # files of a million cells are many GB
+        atlas.unlink(missing_ok=True)
+        (work / "scale.json").write_text(json.dumps(rows, indent=1))
+    args.stages_run = sorted(stages, key=list(STAGES).index)
+    write_page(rows, args, reference, Path(args.page))
+
+
+if __name__ == "__main__":
+    main()
