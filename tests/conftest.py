@@ -29,3 +29,17 @@ def _isolated(tmp_path, monkeypatch):
     scvi.settings.seed = 0
     scvi.settings.logging_dir = tmp_path
     yield
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler during the test, whatever the runner inherited.
+
+    A job started in the background by a non-interactive shell (as CI runners may do) ignores
+    SIGINT, and a Ctrl-C test would then test nothing.
+    """
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

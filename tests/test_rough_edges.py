@@ -163,7 +163,9 @@ def test_duplicate_names_are_refused_with_the_fix(axis):
 
 
 @pytest.mark.parametrize("swallowed", [False, True])
-def test_ctrl_c_during_the_final_write_leaves_nothing(files, monkeypatch, capfd, swallowed):
+def test_ctrl_c_during_the_final_write_leaves_nothing(
+    files, monkeypatch, capfd, swallowed, default_sigint
+):
     def interrupted_write(self, path, *args, **kwargs):
         Path(path).write_bytes(b"half a file")
         try:
