@@ -500,7 +500,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         share: bool = True,
         seed: int | None = None,
         spacing: str | None = None,
-        residual_noise: bool = False,
+        residual_noise: bool | str = False,
         counts: bool | None = None,
         batch: str | None = None,
         batch_size: int | None = None,
@@ -551,10 +551,13 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Step allocation and spacing, ``"logsnr"`` or ``"t"``; `None`: ``"t"`` for the
             stochastic solvers (as in Song et al.), ``"logsnr"`` for the ODE solvers.
         residual_noise
-            PCA-space models: add to the decoded expression the per-gene noise real cells have
-            outside the PCs (probabilistic PCA), so cells vary like real cells in every
-            direction rather than being denoised profiles. Values can then be negative. The
-            latent is unchanged.
+            PCA-space models: what decoded cells carry beyond their PCA profile (the latent is
+            unchanged). `False`: the denoised profile. `True` or ``"gaussian"``: per-gene
+            Gaussian noise of the size real cells have outside the PCs (probabilistic PCA);
+            values can be negative. ``"nb"``: counts drawn from a per-gene negative binomial
+            around the decoded mean, with a library size from the class (needs
+            ``counts_layer`` at set-up), and ``.X`` their log-normalisation, as scVI's cells:
+            counting noise and what the PCs leave out, and no negative values.
         counts
             Also return counts in ``layers['counts']``. scVI models always do (sampled from
             scVI's likelihood with library sizes drawn from the class). Expression and PCA

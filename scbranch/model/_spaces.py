@@ -48,13 +48,15 @@ from .._validation import (
     get_matrix,
     to_dense,
 )
-from ..io._rows import RowMatrix, is_on_disk, read_block, row_sums
+from ..io._rows import RowMatrix, is_on_disk, read_block, read_rows, row_sums
 from ._counts import (
     class_pools,
     counts_from_expression,
     draw_from_pools,
+    fit_negative_binomial,
     log_normalize,
     normalize_block,
+    sample_negative_binomial,
     size_factors,
 )
 from ._decoding import decode, fit_pca_decoder
@@ -73,6 +75,26 @@ logger = logging.getLogger(__name__)
 
 #: library size of the normalised expression decoded from scVI latents along trajectories
 SCVI_NORMALIZED_TOTAL = 1e4
+#: set-up cells (a seeded subsample beyond this) the negative binomial decoder is fitted on
+NB_FIT_CELLS = 5000
+
+
+def check_noise(residual_noise) -> bool | str:
+    """``residual_noise`` of a generate call as ``False``, ``True`` (Gaussian) or ``"nb"``.
+
+    Examples
+    --------
+    >>> check_noise("gaussian"), check_noise("nb"), check_noise(None)
+    (True, 'nb', False)
+    """
+    if residual_noise is None or isinstance(residual_noise, bool | np.bool_):
+        return bool(residual_noise)
+    if residual_noise in ("gaussian", "nb"):
+        return True if residual_noise == "gaussian" else "nb"
+    raise ValueError(
+        f"residual_noise must be False, True (or 'gaussian': Gaussian noise per gene) or 'nb' "
+        f"(negative binomial counts around the decoded mean), got {residual_noise!r}."
+    )
 
 
 @dataclass
@@ -301,9 +323,11 @@ class _SizeFactorCounts:
     totals over ``target_sum``.
     """
 
-    def __init__(self, counts_layer: str | None, pools: list):
+    def __init__(self, counts_layer: str | None, pools: list, nb: dict | None = None):
         self.counts_layer = counts_layer
         self.pools = list(pools)
+        #: per-gene negative binomial around the decoded mean (``fit_negative_binomial``)
+        self.nb = nb
 
     @staticmethod
     def factors_of(adata: AnnData, counts_layer: str, layer: str | None, genes) -> np.ndarray:
@@ -330,6 +354,35 @@ class _SizeFactorCounts:
         )
         out.obs[Key.obs.SIZE_FACTOR] = factors
 
+    def decode_negative_binomial(
+        self, x: np.ndarray, codes: np.ndarray, seed: int, out: Decoded, keep_counts: bool
+    ) -> None:
+        """Counts drawn around the decoded profiles ``x``; ``out.X`` their log-normalisation.
+
+        The cell's size factor comes from its class (as for ``counts=True``), the mean is the
+        gene's scaled decoded mean and the noise the gene's fitted negative binomial, so the
+        cells carry the counting noise and the variation the latent leaves out, as scVI's
+        cells do. ``.X`` is ``log1p(counts / total * target_sum)``, like the set-up data.
+        """
+        nb = self.nb
+        factors = draw_from_pools(self.pools, codes, np.random.default_rng([seed, 2]))
+        mu = factors[:, None] * np.expm1(np.clip(x, 0.0, None, dtype=np.float64)) * nb["scale"]
+        counts = sample_negative_binomial(
+            mu, nb["inverse_dispersion"], np.random.default_rng([seed, 4])
+        )
+        totals = np.maximum(counts.sum(1, keepdims=True), 1.0)
+        out.X = np.log1p(counts * (nb["target_sum"] / totals)).astype(np.float32)
+        if keep_counts:
+            out.layers[Key.layers.COUNTS] = sp.csr_matrix(counts)
+        out.obs[Key.obs.SIZE_FACTOR] = factors
+
+    def state(self) -> dict:
+        """Plain values and arrays (the counts part of a gene space's state)."""
+        state = {"counts_layer": self.counts_layer or "", "size_factors": self.pools}
+        if self.nb is not None:
+            state["negative_binomial"] = self.nb
+        return state
+
 
 class _GeneSpace(Space):
     """Shared by the spaces that decode to log-normalised genes (PCA and expression)."""
@@ -338,7 +391,9 @@ class _GeneSpace(Space):
         super().__init__(**kwargs)
         self.counts = counts
 
-    def _fit_counts(self, adata, setup, labels, n_classes) -> None:
+    def _fit_counts(self, adata, setup, labels, n_classes) -> np.ndarray | None:
+        """Size factors per class for counts; returns every set-up cell's factor."""
+        factors = None
         if setup.get("target_sum"):
             factors = self._normalized_factors(adata)
             self.counts = _SizeFactorCounts(None, class_pools(factors, labels, n_classes))
@@ -349,13 +404,22 @@ class _GeneSpace(Space):
             self.counts = _SizeFactorCounts(
                 setup["counts_layer"], class_pools(factors, labels, n_classes)
             )
+        return factors
 
     def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
         if batch is not None:
             raise ValueError("`batch` applies to models decoded by scVI (from_scvi_model) only.")
+        noise = check_noise(residual_noise)
         if counts and self.counts is None:
             return super().resolve_options(counts=True, batch=None, residual_noise=False)
-        return {"counts": bool(counts), "batch": None, "residual_noise": bool(residual_noise)}
+        if noise == "nb" and (self.counts is None or self.counts.nb is None):
+            raise ValueError(
+                "residual_noise='nb' draws counts around the decoded mean and needs the raw "
+                "counts at set-up: call `setup_anndata(..., counts_layer='counts')` (the layer "
+                "with the counts behind the expression the PCA was computed on) and build the "
+                "model again."
+            )
+        return {"counts": bool(counts), "batch": None, "residual_noise": noise}
 
     def layers_made(self, options) -> list[str]:  # noqa: D102
         return [Key.layers.COUNTS] if options.get("counts") else []
@@ -391,18 +455,21 @@ class _GeneSpace(Space):
             self.counts.pools = [*self.counts.pools, *new]
 
     def state(self) -> dict:  # noqa: D102
-        counts = (
-            {"counts_layer": self.counts.counts_layer or "", "size_factors": self.counts.pools}
-            if self.counts is not None
-            else {}
-        )
+        counts = self.counts.state() if self.counts is not None else {}
         return {**super().state(), **counts}
 
     @staticmethod
     def _counts_from_state(state: Mapping) -> _SizeFactorCounts | None:
         if "size_factors" not in state:
             return None
-        return _SizeFactorCounts(state.get("counts_layer") or None, list(state["size_factors"]))
+        nb = state.get("negative_binomial")
+        if nb is not None:
+            nb = {
+                "scale": np.asarray(nb["scale"], dtype=np.float32),
+                "inverse_dispersion": np.asarray(nb["inverse_dispersion"], dtype=np.float32),
+                "target_sum": float(nb["target_sum"]),
+            }
+        return _SizeFactorCounts(state.get("counts_layer") or None, list(state["size_factors"]), nb)
 
 
 @register_space
@@ -458,8 +525,30 @@ class PcaSpace(_GeneSpace):
                 stacklevel=4,
             )
         elif setup.get("counts_layer"):
-            space._fit_counts(adata, setup, labels, n_classes)
+            factors = space._fit_counts(adata, setup, labels, n_classes)
+            space.counts.nb = space._fit_negative_binomial(adata, setup["counts_layer"], factors)
         return space
+
+    def _fit_negative_binomial(self, adata, counts_layer: str, factors: np.ndarray) -> dict:
+        """Per-gene negative binomial of counts around the decoded PCA (``residual_noise="nb"``).
+
+        Fitted on at most :data:`NB_FIT_CELLS` set-up cells (seeded).
+        """
+        n = adata.n_obs
+        rows = np.sort(np.random.default_rng(0).choice(n, min(NB_FIT_CELLS, n), replace=False))
+        columns = check_genes(adata, self.var_names, "the model")
+
+        def rows_of(m):
+            m = read_rows(m, rows) if is_on_disk(m) else m[rows]
+            return to_dense(m[:, columns])
+
+        z = np.asarray(get_matrix(adata, obsm_key=self.obsm_key)[rows], dtype=np.float32)
+        return fit_negative_binomial(
+            rows_of(adata.layers[counts_layer]),
+            factors[rows],
+            decode(self.decoder, z),
+            rows_of(get_matrix(adata, layer=self.layer)),
+        )
 
     @property
     def n_input(self) -> int:  # noqa: D102
@@ -492,12 +581,14 @@ class PcaSpace(_GeneSpace):
     def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
         if self.decoder is None:
             return Decoded()
+        noise = options.get("residual_noise", False)
         x = decode(
-            self.decoder,
-            z,
-            residual_noise=bool(options.get("residual_noise", False)),
-            rng=np.random.default_rng([seed, 1]),
+            self.decoder, z, residual_noise=noise is True, rng=np.random.default_rng([seed, 1])
         )
+        if noise == "nb":
+            out = Decoded(var_names=self.var_names)
+            self.counts.decode_negative_binomial(x, codes, seed, out, bool(options.get("counts")))
+            return out
         return self._with_counts(x, codes, options, seed)
 
     def decode_estimates(self, z) -> np.ndarray | None:  # noqa: D102
