@@ -1,0 +1,373 @@
+"""Rare-type augmentation benchmark: do generated cells help a cell-type classifier?
+
+How users use a generator: a reference has only a handful of cells of a rare type, so a
+classifier trained on it misses that type; generated cells of the type are added to the
+training set. Protocol, per dataset and split seed (>= 5 splits):
+
+1. Cells are split per class into train (70 %) and test (30 %), stratified and seeded.
+2. Rare types (< 5 % of the dataset's cells) are cut down to ``n_rare`` train cells (a handful);
+   their other train cells are put aside, seen by nothing (the pool of the known answer below).
+3. Genes (pbmc3k: 2,000 HVGs) and the models' 30-PC space are fitted on the reduced train cells
+   only; every part is log-normalised over those genes.
+4. Every method is fitted on the reduced train cells and adds ``n_aug`` cells of each rare type.
+5. Classifier, the CellTypist recipe: genes scaled on the training set (clipped at 10), then a
+   multinomial logistic regression; macro-F1 over the rare types on the test cells (and over all
+   types, to see that the abundant types do not pay for it).
+
+Rows:
+  real only                the reduced train cells, nothing added
+  copies of rare cells     the handful of real rare cells, resampled with replacement (the
+                           oversampling every generator has to beat)
+  per-class Gaussian       Ledoit-Wolf Gaussian per class in the 30 PCs, decoded
+  scVI resampling          latents from the class's aggregated posterior, NB counts, log-normalised
+  flat, branched, ...      the diffusion models (quality benchmark settings), default decoding
+  ... + residual           the same models' cells decoded with per-gene PCA residual noise
+Known answers (probes, not methods):
+  real rare cells, unseen  the rare types' real train cells that were put aside: new real cells
+                           (up to ``n_aug``) must help, or the instrument cannot see help
+  mislabelled cells        ``n_aug`` real cells of the abundant types labelled as each rare type:
+                           wrong cells must not help (with a handful of real cells the rare
+                           types' F1 starts near its floor, so it cannot fall much)
+
+Usage (from the repository root, in the project's venv):
+  python benchmarks/augmentation.py            # 5 splits x 2 datasets, about 45 min on 2 cores
+  python benchmarks/augmentation.py --fast     # smoke test (numbers meaningless)
+Writes docs/benchmarks/augmentation.md and, under --out, the per-split CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import LABELS, PBMC3K, _md, fit_methods, prepare_run, select_genes, write_lines
+
+SETTINGS = {
+    "cpu": {
+        "steps": 2000,
+        "batch_size": 64,
+        "scvi_epochs": 200,
+        "splits": [0, 1, 2, 3, 4],
+        "n_rare": 5,
+        "n_aug": 50,
+        "accelerator": "cpu",
+    },
+    "fast": {
+        "steps": 20,
+        "batch_size": 64,
+        "scvi_epochs": 2,
+        "splits": [0, 1],
+        "n_rare": 5,
+        "n_aug": 20,
+        "accelerator": "cpu",
+    },
+}
+#: a type is rare below this share of the dataset's cells
+RARE_SHARE = 0.05
+TEST_SHARE = 0.3
+#: rows of the fitted methods that are added as they are (the "+ residual" rows and the quality
+#: benchmark's probes are left out)
+METHOD_ROWS = ("per-class Gaussian", "scVI resampling")
+REAL_ONLY = "real only"
+COPIES = "copies of rare cells"
+UNSEEN = "probe: real rare cells, unseen"
+MISLABELLED = "probe: mislabelled cells"
+
+logger = logging.getLogger("augmentation")
+
+
+# ----------------------------------------------------------------------------- data
+def raw_counts(name: str):
+    """The dataset with raw counts in ``.X`` and ``obs[LABELS]`` as a category."""
+    import anndata as ad
+
+    import scbranch as sb
+
+    if name == "pbmc3k":
+        adata = ad.read_h5ad(PBMC3K)
+    else:
+        adata = sb.datasets.pbmc68k()
+        adata = ad.AnnData(X=adata.layers["counts"], obs=adata.obs[[LABELS]], var=adata.var)
+    adata.obs[LABELS] = adata.obs[LABELS].astype(str).astype("category")
+    return adata
+
+
+def rare_types(labels: pd.Series) -> list[str]:
+    """Types below ``RARE_SHARE`` of all cells."""
+    share = labels.value_counts(normalize=True)
+    return sorted(share.index[share < RARE_SHARE])
+
+
+def split(adata, rare: list[str], seed: int, n_rare: int, n_hvg: int | None):
+    """Train (rare types cut to ``n_rare``), test, and the rare cells put aside, all
+    log-normalised over genes chosen on the reduced train cells; the PCA of train only."""
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    import scbranch as sb
+
+    train_idx, test_idx = sb.datasets.stratified_split(
+        adata.obs[LABELS], (1 - TEST_SHARE, TEST_SHARE), seed
+    )
+    rng = np.random.default_rng(seed)
+    labels = adata.obs[LABELS].to_numpy()[train_idx]
+    keep = np.ones(len(train_idx), bool)
+    for c in rare:
+        members = rng.permutation(np.flatnonzero(labels == c))
+        keep[members[n_rare:]] = False
+    parts = [adata[train_idx[keep]], adata[test_idx], adata[train_idx[~keep]]]
+    genes = select_genes(parts[0].copy(), n_hvg, "seurat")
+    out = []
+    for part in parts:
+        part = part[:, genes].copy()
+        part.obs[LABELS] = part.obs[LABELS].cat.remove_unused_categories()
+        part.layers["counts"] = sp.csr_matrix(part.X, dtype=np.float32)
+        sc.pp.normalize_total(part, target_sum=1e4)
+        sc.pp.log1p(part)
+        part.X = sp.csr_matrix(part.X, dtype=np.float32)
+        out.append(part)
+    sc.pp.pca(out[0], n_comps=30, random_state=0)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- classifier
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+
+
+def classify(x_train, y_train, x_test, seed: int = 0) -> np.ndarray:
+    """The CellTypist recipe: genes scaled on the training set and clipped at 10, then a
+    multinomial logistic regression (L2, C = 1). Returns the predicted labels of ``x_test``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
+    clf.fit(np.clip(scaler.transform(x_train), -10, 10), y_train)
+    return clf.predict(np.clip(scaler.transform(x_test), -10, 10))
+
+
+def scores(y_true, y_pred, rare: list[str]) -> dict[str, float]:
+    """Macro-F1 over the rare types and over all types, and F1 of each rare type."""
+    from sklearn.metrics import f1_score
+
+    out = {
+        "rare_macro_f1": f1_score(y_true, y_pred, labels=rare, average="macro", zero_division=0),
+        "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+    }
+    per_rare = f1_score(y_true, y_pred, labels=rare, average=None, zero_division=0)
+    for c, f in zip(rare, per_rare, strict=True):
+        out[f"f1: {c}"] = f
+    return out
+
+
+# ----------------------------------------------------------------------------- added cells
+def copies(train, rare: list[str], n_aug: int, seed: int):
+    """``n_aug`` draws with replacement from each rare type's real train cells."""
+    rng = np.random.default_rng(seed)
+    labels = train.obs[LABELS].to_numpy()
+    idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), n_aug) for c in rare])
+    return _dense(train.X[idx]), labels[idx]
+
+
+def unseen_real(pool, rare: list[str], n_aug: int, seed: int):
+    """Up to ``n_aug`` of each rare type's real cells that were put aside, without replacement."""
+    rng = np.random.default_rng(seed)
+    labels = pool.obs[LABELS].to_numpy()
+    idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n_aug] for c in rare])
+    return _dense(pool.X[idx]), labels[idx]
+
+
+def mislabelled(train, rare: list[str], n_aug: int, seed: int):
+    """``n_aug`` real train cells of the abundant types per rare type, labelled as that type."""
+    rng = np.random.default_rng(seed)
+    abundant = np.flatnonzero(~train.obs[LABELS].isin(rare).to_numpy())
+    idx = rng.choice(abundant, n_aug * len(rare), replace=False)
+    return _dense(train.X[idx]), np.repeat(rare, n_aug)
+
+
+def generated(method, train, rare: list[str], n_aug: int, seed: int):
+    """``n_aug`` generated cells of each rare type, in the train cells' genes."""
+    gen = method.generate(n_cells={c: n_aug for c in rare}, seed=seed)
+    gen = gen[:, train.var_names]
+    return _dense(gen.X), gen.obs[LABELS].astype(str).to_numpy()
+
+
+# ----------------------------------------------------------------------------- run
+def run_split(name: str, adata, rare: list[str], seed: int, cfg: dict) -> list[dict]:
+    """Every row of one split seed: fit the methods on the reduced train cells, add their cells,
+    classify the test cells."""
+    n_hvg = 2000 if name == "pbmc3k" else None
+    train, test, pool = split(adata, rare, seed, cfg["n_rare"], n_hvg)
+    logger.info(
+        "%s split %d: %d train cells (%s of each rare type), %d test, %d put aside",
+        name,
+        seed,
+        train.n_obs,
+        cfg["n_rare"],
+        test.n_obs,
+        pool.n_obs,
+    )
+    fit_cfg = {**cfg, "train_seeds": [seed]}
+    t0 = time.perf_counter()
+    fitted, cost = fit_methods(train, pool, fit_cfg, train_seed=seed)
+    logger.info("fitted in %.0f s", time.perf_counter() - t0)
+    x_train, y_train = _dense(train.X), train.obs[LABELS].astype(str).to_numpy()
+    x_test, y_test = _dense(test.X), test.obs[LABELS].astype(str).to_numpy()
+    added = {
+        REAL_ONLY: (x_train[:0], y_train[:0]),
+        COPIES: copies(train, rare, cfg["n_aug"], seed),
+        UNSEEN: unseen_real(pool, rare, cfg["n_aug"], seed),
+        MISLABELLED: mislabelled(train, rare, cfg["n_aug"], seed),
+    }
+    residual = [f"{arch} + residual" for arch in cfg["architectures"]]
+    for row in (*cfg["architectures"], *residual, *METHOD_ROWS):
+        added[row] = generated(fitted[row], train, rare, cfg["n_aug"], seed)
+    rows = []
+    for row, (x_add, y_add) in added.items():
+        pred = classify(np.vstack([x_train, x_add]), np.concatenate([y_train, y_add]), x_test)
+        rows.append(
+            {
+                "dataset": name,
+                "split": seed,
+                "method": row,
+                "n_added": len(y_add),
+                "fit_s": cost.get(row, {}).get("fit_s", 0.0),
+                **scores(y_test, pred, rare),
+            }
+        )
+        f1 = rows[-1]["rare_macro_f1"]
+        logger.info("%s split %d %-32s rare macro-F1 %.3f", name, seed, row, f1)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def _order(methods) -> list[str]:
+    head = [REAL_ONLY, COPIES]
+    probes = [UNSEEN, MISLABELLED]
+    return head + [m for m in methods if m not in head + probes] + probes
+
+
+def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sd over splits, and the gain over real-only and over copies paired by split."""
+    base = rows[rows["method"] == REAL_ONLY].set_index("split")["rare_macro_f1"]
+    copy = rows[rows["method"] == COPIES].set_index("split")["rare_macro_f1"]
+    out = {}
+    for method, r in rows.groupby("method", sort=False):
+        f = r.set_index("split")["rare_macro_f1"]
+        gain, over_copies = f - base.loc[f.index], f - copy.loc[f.index]
+        out[method] = {
+            "rare macro-F1": f"{f.mean():.3f} ± {f.std(ddof=1):.3f}",
+            "gain over real only": f"{gain.mean():+.3f} ± {gain.std(ddof=1):.3f}",
+            "gain over copies": f"{over_copies.mean():+.3f} ± {over_copies.std(ddof=1):.3f}",
+            "splits better than copies": f"{int((over_copies > 0).sum())} / {len(f)}",
+            "macro-F1, all types": f"{r['macro_f1'].mean():.3f} ± {r['macro_f1'].std(ddof=1):.3f}",
+        }
+    table = pd.DataFrame(out).T
+    return table.loc[_order(table.index)]
+
+
+def per_type(rows: pd.DataFrame) -> pd.DataFrame:
+    """F1 of each rare type, mean over splits."""
+    cols = [c for c in rows.columns if c.startswith("f1: ")]
+    table = rows.groupby("method", sort=False)[cols].mean().round(3).dropna(axis=1, how="all")
+    table.columns = [c[4:] for c in table.columns]
+    return table.loc[_order(table.index)]
+
+
+def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cfg: dict, wall_s):
+    lines = [
+        "# Rare-type augmentation (generated by `benchmarks/augmentation.py`; do not edit by hand)",
+        "",
+        f"Settings `{cfg_name}`: split seeds {cfg['splits']}; per split, train / test "
+        f"{1 - TEST_SHARE:.0%} / {TEST_SHARE:.0%} per class, rare types (< {RARE_SHARE:.0%} of the "
+        f"cells) cut to {cfg['n_rare']} train cells, {cfg['n_aug']} cells added per rare type; "
+        f"diffusion models {cfg['steps']} optimiser steps (batch {cfg['batch_size']}) in a 30-PC "
+        f"space of the reduced train cells, scVI {cfg['scvi_epochs']} epochs. Classifier: genes "
+        "scaled on the training set (clipped at 10), multinomial logistic regression (the "
+        "CellTypist recipe)."
+        + (f" Total wall time {wall_s / 60:.1f} min." if np.isfinite(wall_s) else ""),
+        "",
+        "Read every row against the two known answers: new real cells of the rare types "
+        "(`probe: real rare cells, unseen`, the rare train cells that were put aside, at most "
+        f"{cfg['n_aug']} per type) must raise the rare types' F1, and real cells of other types "
+        "labelled as rare (`probe: mislabelled cells`) must not raise it. Gains are paired by "
+        "split (same train and test cells): mean ± sd over splits.",
+    ]
+    for name, r in rows.groupby("dataset", sort=False):
+        meta = info[name]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"{meta['n_cells']} cells, {meta['n_genes']} genes in the classifier; rare types "
+            f"({meta['rare_shares']}); per split {meta['n_test']} test cells, of them "
+            f"{meta['n_test_rare']} of rare types.",
+            "",
+            _md(summary(r)),
+            "",
+            "F1 per rare type (mean over splits):",
+            "",
+            _md(per_type(r)),
+        ]
+    return write_lines(path, lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fast", action="store_true", help="smoke-test settings")
+    parser.add_argument("--datasets", default="pbmc3k,pbmc68k")
+    parser.add_argument("--out", default="benchmark_out/augmentation", help="per-split CSV")
+    parser.add_argument("--markdown", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--architectures",
+        default="branched,flat",
+        help="diffusion models to compare (branched, flat, conditioned)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the markdown from rows.csv of a previous run in --out",
+    )
+    args = parser.parse_args(argv)
+    cfg_name = "fast" if args.fast else "cpu"
+    cfg = {**SETTINGS[cfg_name], "architectures": tuple(args.architectures.split(","))}
+    markdown = prepare_run(args, "augmentation")
+    t_all = time.perf_counter()
+    rows, info = [], {}
+    if args.report_only:
+        previous = pd.read_csv("rows.csv")
+        rows = previous[previous["dataset"].isin(args.datasets.split(","))].to_dict("records")
+        wall_s = float(previous["wall_s"].max()) if "wall_s" in previous else float("nan")
+    for name in args.datasets.split(","):
+        adata = raw_counts(name)
+        rare = rare_types(adata.obs[LABELS])
+        counts = adata.obs[LABELS].value_counts()
+        _, test, _ = split(adata, rare, cfg["splits"][0], cfg["n_rare"], None)
+        info[name] = {
+            "n_cells": adata.n_obs,
+            "n_genes": 2000 if name == "pbmc3k" else "all detected",
+            "rare_shares": ", ".join(f"{c}: {counts[c]} cells" for c in rare),
+            "n_test": test.n_obs,
+            "n_test_rare": int(test.obs[LABELS].isin(rare).sum()),
+        }
+        for seed in [] if args.report_only else cfg["splits"]:
+            rows += run_split(name, adata, rare, seed, cfg)
+            wall_s = time.perf_counter() - t_all
+            pd.DataFrame(rows).assign(wall_s=wall_s).to_csv("rows.csv", index=False)
+    rows = pd.DataFrame(rows)
+    print(write_markdown(markdown, rows, info, cfg_name, cfg, wall_s))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.getLogger("augmentation").setLevel(logging.INFO)
+    sys.exit(main())
