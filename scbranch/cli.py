@@ -156,6 +156,8 @@ def _device(text: str) -> int | str:
 
 
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+#: ``generate --noise`` -> ``BranchedDiffusion.generate(residual_noise=...)``
+NOISE_OPTIONS = {"none": False, "gaussian": True, "nb": "nb"}
 
 
 def _check_accelerator(name: str) -> None:
@@ -324,6 +326,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         share=not args.no_share,
         seed=seed,
         counts=True if args.counts else None,
+        residual_noise=NOISE_OPTIONS[args.noise],
         batch=args.batch,
         progress_bar=not args.quiet,
         out=out,
@@ -680,6 +683,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Also write counts to .layers['counts'] (models fitted with --counts-layer; scVI "
         "models always do).",
+    )
+    gen.add_argument(
+        "--noise",
+        choices=sorted(NOISE_OPTIONS),
+        default="none",
+        help="PCA models: what decoded cells carry beyond their PCA profile: none, per-gene "
+        "Gaussian noise (gaussian), or negative binomial counts around it with .X their "
+        "log-normalisation (nb; models fitted with --counts-layer).",
     )
     gen.add_argument(
         "--batch",

@@ -208,6 +208,18 @@ def test_generate_unknown_label(fitted, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_generate_noise_needs_a_pca_decoder(fitted, tmp_path, capsys):
+    # the fixture's latent has no PCA loadings: --noise nb cannot apply, and says why
+    out = tmp_path / "x.h5ad"
+    argv = ["generate", str(fitted["model_dir"]), "--n-cells", "2", "--out", str(out)]
+    rc = main([*argv, "--noise", "nb"])
+    assert rc == 2
+    assert "decode a PCA" in _error_line(capsys)
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main([*argv, "--noise", "poisson"])
+
+
 def test_fit_wrong_labels_key(fitted, capsys):
     rc = main(
         ["fit", str(fitted["data"]), "--labels", "celltype", "--rep", "X_latent", "--out", "m2"]
