@@ -87,7 +87,6 @@ class LatentCellsProbe:
 
 def fit_rows(train, unseen, cfg, train_seeds) -> dict:
     """Row name -> list of (training seed, generator)."""
-    import scvi
 
     import scbranch as sb
     from scbranch._validation import to_dense
@@ -108,26 +107,64 @@ def fit_rows(train, unseen, cfg, train_seeds) -> dict:
         rows[f"per-class Gaussian, {name}"] = [
             (0, sb.baselines.PerClassGaussian(train, LABELS, obsm_key=LATENTS[name]))
         ]
-    steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
-    epochs = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
     for name in ("in-sample", "rescaled"):
-        models = []
-        for seed in train_seeds:
-            scvi.settings.seed = seed
-            adata = train.copy()
-            sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, obsm_key=LATENTS[name])
-            model = sb.BranchedDiffusion(adata)
-            t0 = time.perf_counter()
-            model.train(
-                max_epochs=epochs,
-                batch_size=cfg["batch_size"],
-                accelerator="cpu",
-                enable_progress_bar=False,
-            )
-            logger.info("branched, %s, seed %d: %.0f s", name, seed, time.perf_counter() - t0)
-            models.append((seed, model))
-        rows[f"branched, {name}"] = models
+        rows[f"branched, {name}"] = [
+            (seed, train_branched(train, LATENTS[name], cfg, seed)) for seed in train_seeds
+        ]
     return rows
+
+
+def train_branched(train, obsm_key: str, cfg: dict, seed: int, **setup):
+    """The default model on ``train.obsm[obsm_key]`` (a copy of ``train``), trained for
+    ``cfg['steps']`` optimiser steps with training seed ``seed``; ``setup`` goes to
+    ``setup_anndata`` (e.g. ``counts_layer``)."""
+    import scvi
+
+    import scbranch as sb
+
+    scvi.settings.seed = seed
+    adata = train.copy()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, obsm_key=obsm_key, **setup)
+    model = sb.BranchedDiffusion(adata)
+    steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
+    t0 = time.perf_counter()
+    model.train(
+        max_epochs=max(1, math.ceil(cfg["steps"] / steps_per_epoch)),
+        batch_size=cfg["batch_size"],
+        accelerator="cpu",
+        enable_progress_bar=False,
+    )
+    logger.info("branched on %s, seed %d: %.0f s", obsm_key, seed, time.perf_counter() - t0)
+    return model
+
+
+def evaluate_rows(name: str, rows: dict, train, held, cfg: dict) -> pd.DataFrame:
+    """Every (training seed, generator) of every row, for each generation seed, judged by
+    ``tl.evaluate(gen, held, train=train)``: one record per row, seed and metric of METRICS."""
+    import scbranch as sb
+
+    records = []
+    for row, generators in rows.items():
+        for train_seed, method in generators:
+            for seed in cfg["seeds"]:
+                kwargs = {"progress_bar": False} if isinstance(method, sb.BranchedDiffusion) else {}
+                gen = method.generate(n_cells=cfg["n_cells"], seed=seed, **kwargs)
+                report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=seed)
+                m = report[report["group"] == "mean"].set_index(["space", "metric"])
+                for key in METRICS:
+                    if key in m.index:
+                        records.append(
+                            {
+                                "row": row,
+                                "train_seed": train_seed,
+                                "seed": seed,
+                                "metric": key[1],
+                                "value": m.loc[key, "generated"],
+                                "control": m.loc[key, "control"],
+                            }
+                        )
+        logger.info("%s / %s done", name, row)
+    return pd.DataFrame(records)
 
 
 def run_dataset(name, loader, cfg) -> tuple[pd.DataFrame, dict]:
@@ -139,29 +176,8 @@ def run_dataset(name, loader, cfg) -> tuple[pd.DataFrame, dict]:
         train, groupby=LABELS, method="procrustes", key_added=LATENTS["procrustes"]
     )
     inflation = train.uns["scbranch_out_of_fold"][LATENTS["rescaled"]]["inflation"]
-    rows = []
-    for row, generators in fit_rows(train, unseen, cfg, cfg["train_seeds"][name]).items():
-        for train_seed, gen_method in generators:
-            for seed in cfg["seeds"]:
-                kwargs = (
-                    {"progress_bar": False} if isinstance(gen_method, sb.BranchedDiffusion) else {}
-                )
-                gen = gen_method.generate(n_cells=cfg["n_cells"], seed=seed, **kwargs)
-                report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=seed)
-                m = report[report["group"] == "mean"].set_index(["space", "metric"])
-                for key in METRICS:
-                    if key in m.index:
-                        rows.append(
-                            {
-                                "row": row,
-                                "train_seed": train_seed,
-                                "seed": seed,
-                                "metric": key[1],
-                                "value": m.loc[key, "generated"],
-                                "control": m.loc[key, "control"],
-                            }
-                        )
-        logger.info("%s / %s done", name, row)
+    rows = fit_rows(train, unseen, cfg, cfg["train_seeds"][name])
+    df = evaluate_rows(name, rows, train, held, cfg)
     meta = {
         "n_train": train.n_obs,
         "n_held": held.n_obs,
@@ -170,7 +186,7 @@ def run_dataset(name, loader, cfg) -> tuple[pd.DataFrame, dict]:
         "inflation_first5": float(np.mean(inflation[:5])),
         "inflation_last10": float(np.mean(inflation[-10:])),
     }
-    return pd.DataFrame(rows), meta
+    return df, meta
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
