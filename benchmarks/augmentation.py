@@ -230,7 +230,8 @@ def run_split(name: str, adata, rare: list[str], seed: int, cfg: dict) -> list[d
         MISLABELLED: mislabelled(train, rare, cfg["n_aug"], seed),
     }
     residual = [f"{arch} + residual" for arch in cfg["architectures"]]
-    for row in (*cfg["architectures"], *residual, *METHOD_ROWS):
+    baselines = METHOD_ROWS if cfg.get("baselines", True) else ()
+    for row in (*cfg["architectures"], *residual, *baselines):
         added[row] = generated(fitted[row], train, rare, cfg["n_aug"], seed)
     rows = []
     for row, (x_add, y_add) in added.items():
@@ -335,13 +336,22 @@ def main(argv=None) -> int:
         help="diffusion models to compare (branched, flat, conditioned)",
     )
     parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="fit only the diffusion models (rows of other methods come from an earlier run)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild the markdown from rows.csv of a previous run in --out",
     )
     args = parser.parse_args(argv)
     cfg_name = "fast" if args.fast else "cpu"
-    cfg = {**SETTINGS[cfg_name], "architectures": tuple(args.architectures.split(","))}
+    cfg = {
+        **SETTINGS[cfg_name],
+        "architectures": tuple(args.architectures.split(",")),
+        "baselines": not args.no_baselines,
+    }
     markdown = prepare_run(args, "augmentation")
     t_all = time.perf_counter()
     rows, info = [], {}

@@ -304,6 +304,8 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
         rows[arch] = _Generator(model)
         rows[f"{arch} + residual"] = _Generator(model, residual_noise=True)
         info[f"{arch} + residual"] = info[arch]
+    if not cfg.get("baselines", True):  # the diffusion models only
+        return rows, info
     rows["scVI resampling"] = _Generator(
         timed(
             "scVI resampling",
