@@ -5,7 +5,8 @@ classifier tells even NEW REAL cells decoded through the same PCs from real cell
 on pbmc3k in benchmarks/out_of_fold.py). ``generate(residual_noise=...)`` decides what is added:
 nothing, per-gene Gaussian noise of the PCA residual (``True``), or counts drawn from a per-gene
 negative binomial around the decoded mean with a library size of the class and ``.X`` their
-log-normalisation (``"nb"``, fitted on the train cells' counts at set-up).
+log-normalisation with its PC scores set back to the generated ones (``"nb"``, fitted on the
+train cells' counts at set-up).
 
 Rows (every one judged by ``tl.evaluate(gen, held, train=train)``, reference PCA on the train
 cells; held-out, unseen and generated cells are all out-of-sample for it):
@@ -19,6 +20,7 @@ cells; held-out, unseen and generated cells are all out-of-sample for it):
 
 Usage (from the repository root, in the project's venv):
   python benchmarks/noise_models.py          # about 40 min on 2 cores
+  python benchmarks/noise_models.py --probes-only   # the decoder's known answer, minutes
   python benchmarks/noise_models.py --fast   # smoke test; numbers meaningless
 Writes docs/benchmarks/noise_models.md.
 """
@@ -120,6 +122,8 @@ def fit_rows(train, unseen, cfg) -> dict:
         rows[f"probe: unseen cells via the PCs, {noise}"] = [
             (0, DecodedProbe(decoding, unseen, z_unseen, option))
         ]
+    if cfg.get("probes_only"):
+        return rows
     for latent, key in LATENTS.items():
         models = [
             (seed, train_branched(train, key, cfg, seed, counts_layer="counts"))
@@ -148,9 +152,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmark_out/noise_models")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--probes-only",
+        action="store_true",
+        help="only the decoded probes (no model is trained): the decoder's known answer",
+    )
     args = parser.parse_args(argv)
     cfg_name = "fast" if args.fast else "cpu"
-    cfg = SETTINGS[cfg_name]
+    cfg = {**SETTINGS[cfg_name], "probes_only": args.probes_only}
     markdown = prepare_run(args, "noise_models")
     loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
     t_all = time.perf_counter()
@@ -159,11 +168,13 @@ def main(argv=None) -> int:
         "",
         f"Settings `{cfg_name}`: {cfg['steps']} optimiser steps (batch {cfg['batch_size']}), "
         f"{cfg['n_cells']} generated cells per class and generation seed {cfg['seeds']}, "
-        f"training seeds {cfg['train_seeds']}; split seed 0, train / held-out / unseen "
+        + ("(probes only, no model trained); " if args.probes_only else "")
+        + f"training seeds {cfg['train_seeds']}; split seed 0, train / held-out / unseen "
         "50/30/20 %. Every row: `tl.evaluate(gen, held, train=train)` (reference PCA on the "
         "train cells), mean over classes, then mean ± sd over runs. Noise: `none` = the decoded "
         "profile, `gaussian` = `residual_noise=True`, `nb` = `residual_noise='nb'` (negative "
-        "binomial counts around the decoded mean, `.X` their log-normalisation). Latents: "
+        "binomial counts around the decoded mean, `.X` their log-normalisation with its PC scores "
+        "set back to the generated ones). Latents: "
         "`in-sample` is `sc.pp.pca` of the train cells, `rescaled` is "
         "`sb.tl.pca_out_of_fold(train, groupby='cell_type')`.",
         "",

@@ -556,8 +556,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Gaussian noise of the size real cells have outside the PCs (probabilistic PCA);
             values can be negative. ``"nb"``: counts drawn from a per-gene negative binomial
             around the decoded mean, with a library size from the class (needs
-            ``counts_layer`` at set-up), and ``.X`` their log-normalisation, as scVI's cells:
-            counting noise and what the PCs leave out, and no negative values.
+            ``counts_layer`` at set-up), in ``layers['counts']`` with ``counts=True``; ``.X`` is
+            their log-normalisation with its PC scores set back to the generated latent, so the
+            cells carry counting noise and what the PCs leave out without adding noise to the
+            scores (which already hold real cells' spread); values can be slightly negative.
         counts
             Also return counts in ``layers['counts']``. scVI models always do (sampled from
             scVI's likelihood with library sizes drawn from the class). Expression and PCA

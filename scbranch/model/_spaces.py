@@ -362,7 +362,8 @@ class _SizeFactorCounts:
         The cell's size factor comes from its class (as for ``counts=True``), the mean is the
         gene's scaled decoded mean and the noise the gene's fitted negative binomial, so the
         cells carry the counting noise and the variation the latent leaves out, as scVI's
-        cells do. ``.X`` is ``log1p(counts / total * target_sum)``, like the set-up data.
+        cells do. ``.X`` is ``log1p(counts / total * target_sum)``, like the set-up data
+        (:class:`PcaSpace` then sets its PC scores back to the generated ones).
         """
         nb = self.nb
         factors = draw_from_pools(self.pools, codes, np.random.default_rng([seed, 2]))
@@ -588,6 +589,14 @@ class PcaSpace(_GeneSpace):
         if noise == "nb":
             out = Decoded(var_names=self.var_names)
             self.counts.decode_negative_binomial(x, codes, seed, out, bool(options.get("counts")))
+            # The generated scores already hold the within-PC spread real cells have, noise
+            # included: noise added there again made new real cells' own scores, decoded this
+            # way, easy to tell from real cells (pbmc3k AUROC 0.71, dispersion 1.16). Keep the
+            # drawn cells' part outside the PCs and put their scores back to the generated ones
+            # (the same probe: AUROC 0.51, dispersion 0.97; control 0.50, 1.01).
+            loadings, mean = self.decoder["loadings"], self.decoder["mean"]
+            drift = (out.X - mean) @ loadings.T - z
+            out.X = (out.X - drift @ loadings).astype(np.float32)
             return out
         return self._with_counts(x, codes, options, seed)
 
