@@ -6,21 +6,23 @@ For each dataset, two cell types are held out of training ("new" types). The mod
 (seed 0) and judged by ``scbranch.tl.evaluate`` against held-out real cells (label fidelity with
 a classifier trained on all train cells, MMD at the median bandwidth, W2; real-vs-real controls):
 
-  branched + add_classes   trained on the old types, then ``add_classes`` with the new types'
-                           train cells (only the new heads train; about 1,000 steps per type)
-  ... + shared fine-tune   the same, with add_classes(fine_tune_shared=True): the heads above the
-                           new branch points also train, with replay of the reference cells
-  branched, retrained      trained from scratch on all types (the same budget as the old model)
+  ARCH + add_classes       a tree model (ARCH: each of --architectures, by default the
+                           branch-conditioned network and one head per branch) trained on the
+                           old types, then ``add_classes`` with the new types' train cells (only
+                           the new branches' weights train; about 1,000 steps per type)
+  ... + shared fine-tune   the same, with add_classes(fine_tune_shared=True): the branches above
+                           the new branch points also train, with replay of the reference cells
+  ARCH, retrained          trained from scratch on all types (the same budget as the old model)
   flat, fine-tuned on new  a flat label-guided model (label slots for every type) trained on the
                            old types, then fine-tuned on the new types' cells only, for as many
-                           steps as add_classes used in total
+                           steps as the first architecture's add_classes used in total
   flat, fine-tuned on all  the same pretrained flat model fine-tuned on all train cells instead
 
-Old-type quality is reported before and after extension / fine-tuning; for the branched model
-the old types' cells after extension are also checked to be bit-identical to those before.
+Old-type quality is reported before and after extension / fine-tuning; for the tree models the
+old types' cells after extension are also checked to be bit-identical to those before.
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/extension.py          # CPU settings (about 20 min on 2 cores)
+  python benchmarks/extension.py          # CPU settings (about 30 min on 2 cores)
   python benchmarks/extension.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/extension.md and CSVs under --out.
 """
@@ -130,66 +132,67 @@ def run_dataset(name: str, train, held, cfg) -> dict:
         )
         return time.perf_counter() - t
 
-    # branched: old types, then add_classes
-    sb.BranchedDiffusion.setup_anndata(old_data, labels_key=LABELS, obsm_key="X_pca")
-    branched = sb.BranchedDiffusion(old_data)
-    t0 = time.perf_counter()
-    branched.train(
-        max_epochs=_epochs(old_data.n_obs, cfg["steps"], bs),
-        batch_size=bs,
-        enable_progress_bar=False,
-    )
-    timing["train old (branched)"] = time.perf_counter() - t0
-    branched.save("old_model", overwrite=True)  # the start of the shared fine-tuning variant
-    before = gen(branched, old_types)
-    before_scores = _score(before, held, train, old_types)
-    timing["add_classes"] = extend(branched, fine_tune_shared=False)
-    ext_steps = sum(e["n_steps"] for e in branched.extensions_)
-    after_old = gen(branched, old_types)
-    identical = bool(np.array_equal(before.obsm["X_pca"], after_old.obsm["X_pca"]))
-    after = gen(branched)
-    rows.append(
-        {
-            "method": "branched + add_classes",
-            "stage": "before",
-            **_summary(before_scores, old_types, []),
-        }
-    )
-    rows.append(
-        {
-            "method": "branched + add_classes",
-            "stage": "after",
-            **_both(after, held, train, old_types, new_types),
-        }
-    )
-
-    # the same start, extended with fine_tune_shared=True (gives up zero forgetting)
-    variant = sb.BranchedDiffusion.load("old_model")
-    timing["add_classes + shared fine-tune"] = extend(variant, fine_tune_shared=True)
-    rows.append(
-        {
-            "method": "branched + add_classes + shared fine-tune",
-            "stage": "after",
-            **_both(gen(variant), held, train, old_types, new_types),
-        }
-    )
-
-    # branched retrained from scratch on everything
-    full = train.copy()
-    sb.BranchedDiffusion.setup_anndata(full, labels_key=LABELS, obsm_key="X_pca")
-    retrained = sb.BranchedDiffusion(full)
-    t0 = time.perf_counter()
-    retrained.train(
-        max_epochs=_epochs(full.n_obs, cfg["steps"], bs), batch_size=bs, enable_progress_bar=False
-    )
-    timing["retrain all (branched)"] = time.perf_counter() - t0
-    rows.append(
-        {
-            "method": "branched, retrained",
-            "stage": "after",
-            **_both(gen(retrained), held, train, old_types, new_types),
-        }
-    )
+    identical, extensions, ext_steps = {}, {}, None
+    for arch in cfg["architectures"]:
+        # the tree model: old types, then add_classes (and the shared fine-tune variant)
+        sb.BranchedDiffusion.setup_anndata(old_data, labels_key=LABELS, obsm_key="X_pca")
+        model = sb.BranchedDiffusion(old_data, architecture=arch)
+        t0 = time.perf_counter()
+        model.train(
+            max_epochs=_epochs(old_data.n_obs, cfg["steps"], bs),
+            batch_size=bs,
+            enable_progress_bar=False,
+        )
+        timing[f"train old ({arch})"] = time.perf_counter() - t0
+        model.save("old_model", overwrite=True)  # the start of the shared fine-tuning variant
+        before = gen(model, old_types)
+        before_scores = _score(before, held, train, old_types)
+        timing[f"add_classes ({arch})"] = extend(model, fine_tune_shared=False)
+        steps = sum(e["n_steps"] for e in model.extensions_)
+        ext_steps = steps if ext_steps is None else ext_steps  # the flat fine-tunes' budget
+        after_old = gen(model, old_types)
+        identical[arch] = bool(np.array_equal(before.obsm["X_pca"], after_old.obsm["X_pca"]))
+        extensions[arch] = [
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()}
+            for e in model.extensions_
+        ]
+        method = f"{arch} + add_classes"
+        rows.append({"method": method, "stage": "before", **_summary(before_scores, old_types, [])})
+        rows.append(
+            {
+                "method": method,
+                "stage": "after",
+                **_both(gen(model), held, train, old_types, new_types),
+            }
+        )
+        # the same start, extended with fine_tune_shared=True (gives up zero forgetting)
+        variant = sb.BranchedDiffusion.load("old_model")
+        timing[f"add_classes + shared fine-tune ({arch})"] = extend(variant, fine_tune_shared=True)
+        rows.append(
+            {
+                "method": f"{method} + shared fine-tune",
+                "stage": "after",
+                **_both(gen(variant), held, train, old_types, new_types),
+            }
+        )
+        # retrained from scratch on everything
+        full = train.copy()
+        sb.BranchedDiffusion.setup_anndata(full, labels_key=LABELS, obsm_key="X_pca")
+        retrained = sb.BranchedDiffusion(full, architecture=arch)
+        t0 = time.perf_counter()
+        retrained.train(
+            max_epochs=_epochs(full.n_obs, cfg["steps"], bs),
+            batch_size=bs,
+            enable_progress_bar=False,
+        )
+        timing[f"retrain all ({arch})"] = time.perf_counter() - t0
+        rows.append(
+            {
+                "method": f"{arch}, retrained",
+                "stage": "after",
+                **_both(gen(retrained), held, train, old_types, new_types),
+            }
+        )
 
     # flat: label slots for every type, pretrained on the old types' cells only
     flat_data = train.copy()
@@ -233,10 +236,7 @@ def run_dataset(name: str, train, held, cfg) -> dict:
         "rows": pd.DataFrame(rows),
         "timing": timing,
         "identical": identical,
-        "extensions": [
-            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()}
-            for e in branched.extensions_
-        ],
+        "extensions": extensions,
         "ext_steps": ext_steps,
         "new_types": new_types,
     }
@@ -255,27 +255,28 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
     for name, res in results.items():
         table = res["rows"].set_index(["method", "stage"])
         t = res["timing"]
-        ratio = t["add_classes"] / t["retrain all (branched)"]
-        new_fid = table.loc[("branched + add_classes", "after"), "new label_fidelity"]
-        ret_fid = table.loc[("branched, retrained", "after"), "new label_fidelity"]
+        lines += ["", f"## {name}: new types {', '.join(res['new_types'])}", "", _md(table), ""]
+        for arch in cfg["architectures"]:
+            new_fid = table.loc[(f"{arch} + add_classes", "after"), "new label_fidelity"]
+            ret_fid = table.loc[(f"{arch}, retrained", "after"), "new label_fidelity"]
+            add_s, retrain_s = t[f"add_classes ({arch})"], t[f"retrain all ({arch})"]
+            lines += [
+                f"- **{arch}**: old types' cells after `add_classes`, same seed, sampled alone: "
+                f"bit-identical to before: **{res['identical'][arch]}**. New types' label "
+                f"fidelity {new_fid:.3f} with `add_classes` vs {ret_fid:.3f} retrained (ratio "
+                f"{new_fid / ret_fid:.2f}); time {add_s:.1f} s vs {retrain_s:.1f} s (ratio "
+                f"{add_s / retrain_s:.2f}). Placement: "
+                + "; ".join(
+                    f"{e['label']} joins {e['joins']} at t = {e['t']:.3f}"
+                    for e in res["extensions"][arch]
+                )
+                + ".",
+            ]
         lines += [
-            "",
-            f"## {name}: new types {', '.join(res['new_types'])}",
-            "",
-            _md(table),
-            "",
-            f"- Old types' cells after `add_classes`, same seed, sampled alone: bit-identical to "
-            f"before: **{res['identical']}**. (The 'after' rows sample all types together, so "
-            "the new branch points enter the time grid and old types' cells differ from "
-            "'before' by sampling noise only.)",
-            f"- New types' label fidelity: {new_fid:.3f} with `add_classes` vs {ret_fid:.3f} "
-            f"retrained (ratio {new_fid / ret_fid:.2f}); time {t['add_classes']:.1f} s vs "
-            f"{t['retrain all (branched)']:.1f} s (ratio {ratio:.2f}; {res['ext_steps']} head "
-            "steps).",
-            "- Placement: "
-            + "; ".join(
-                f"{e['label']} joins {e['joins']} at t = {e['t']:.3f}" for e in res["extensions"]
-            ),
+            "- The 'after' rows sample all types together, so the new branch points enter the "
+            "time grid and old types' cells differ from 'before' by sampling noise only.",
+            f"- The flat fine-tunes run as many steps as the first architecture's `add_classes` "
+            f"({res['ext_steps']}).",
             "- Wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
         ]
     return write_lines(path, lines)
@@ -288,9 +289,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmark_out/extension", help="CSVs")
     parser.add_argument("--markdown", default=None, help="default: docs/benchmarks/extension.md")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--architectures",
+        default="conditioned,branched",
+        help="tree architectures extended and retrained, comma-separated (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     cfg_name = "fast" if args.fast else "cpu"
-    cfg = SETTINGS[cfg_name]
+    cfg = {**SETTINGS[cfg_name], "architectures": tuple(args.architectures.split(","))}
     markdown = prepare_run(args, "extension")
     loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
     results = {}
