@@ -25,9 +25,11 @@ def _without(adata: ad.AnnData, labels: list[str]) -> ad.AnnData:
     return old
 
 
-def _model(adata: ad.AnnData, max_epochs: int = 50) -> sb.BranchedDiffusion:
+def _model(
+    adata: ad.AnnData, max_epochs: int = 50, architecture: str = "branched"
+) -> sb.BranchedDiffusion:
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key=REP)
-    model = sb.BranchedDiffusion(adata, **FAST)
+    model = sb.BranchedDiffusion(adata, architecture=architecture, **FAST)
     model.train(max_epochs=max_epochs, enable_progress_bar=False)
     return model
 
@@ -200,16 +202,28 @@ def test_split_keeps_ids_and_heads():
         tree.add_class("E", sibling=0, t=0.3)
 
 
-def test_fine_tune_shared_trades_identity_for_the_shared_path():
+def _branch_parameters(model, head: int) -> list[torch.Tensor]:
+    """What only branch ``head`` uses: its head, or its embedding and adapter rows."""
+    net = model.module.net
+    if model.module.architecture == "branched":
+        return [p.detach().clone() for p in net.heads[head].parameters()]
+    return [
+        net.branch_embed.weight[head].detach().clone(),
+        net.branch_adapter.weight[head].detach().clone(),
+    ]
+
+
+@pytest.mark.parametrize("architecture", ["branched", "conditioned"])
+def test_fine_tune_shared_trades_identity_for_the_shared_path(architecture):
     sim = _sim()
-    model = _model(_without(sim, ["c3"]))
+    model = _model(_without(sim, ["c3"]), architecture=architecture)
     classes = list(model.classes)
     before = _old_cells(model, classes)
     shared = [b.head for b in model.tree.branches if b.parent < 0]  # the root's head
-    root_before = [p.detach().clone() for p in model.module.net.heads[shared[0]].parameters()]
+    root_before = _branch_parameters(model, shared[0])
     model.add_classes(sim, labels=["c3"], max_epochs=5, fine_tune_shared=True, progress_bar=False)
     assert model.extensions_[-1]["fine_tune_shared"]
-    root_after = list(model.module.net.heads[shared[0]].parameters())
+    root_after = _branch_parameters(model, shared[0])
     assert any(not torch.equal(a, b) for a, b in zip(root_before, root_after, strict=True))
     after = _old_cells(model, classes)
     assert not np.array_equal(after.obsm[REP], before.obsm[REP])  # documented: not zero-forgetting

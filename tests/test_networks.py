@@ -156,7 +156,7 @@ def test_flat_network_requires_label_and_uses_it():
 def test_flat_width_matches_parameter_count():
     for n_input, width, trunk, head_blocks in [(10, 64, 1, 3), (30, 128, 2, 1), (5, 48, 1, 2)]:
         kw = dict(width=width, n_trunk_blocks=trunk, n_head_blocks=head_blocks, time_dim=32)
-        module_b = BranchedDiffusionModule(n_input, FOUR.to_dict(), **kw)
+        module_b = BranchedDiffusionModule(n_input, FOUR.to_dict(), architecture="branched", **kw)
         module_f = BranchedDiffusionModule(n_input, FOUR.to_dict(), architecture="flat", **kw)
         nb, nf = count_parameters(module_b.net), count_parameters(module_f.net)
         assert abs(nf - nb) / nb < 0.05, (nb, nf)

@@ -113,7 +113,8 @@ def add_classes(
     if not model.module.follows_tree:
         raise ValueError(
             "A flat model has no branches to extend: every weight is shared by all types. "
-            "Retrain it on all types, or use architecture='branched'."
+            "Retrain it on all types, or use architecture='branched' (the default) or "
+            "'conditioned'."
         )
     if model.reference_samples_ is None:
         raise ValueError(

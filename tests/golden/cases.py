@@ -35,6 +35,8 @@ import scbranch as sb  # noqa: E402
 
 HASHES = Path(__file__).parent / "hashes.json"
 FAST = {"width": 32, "n_head_blocks": 1}
+#: one head per branch (the default), named so the pins do not depend on the default
+BRANCHED = {"architecture": "branched", **FAST}
 LABELS = "cell_type"
 
 _out: dict[str, dict] = {}
@@ -82,7 +84,7 @@ def pca_model():
     sb.BranchedDiffusion.setup_anndata(
         adata, labels_key=LABELS, obsm_key="X_pca", counts_layer="counts"
     )
-    model = sb.BranchedDiffusion(adata, **FAST)
+    model = sb.BranchedDiffusion(adata, **BRANCHED)
     _train(model)
     return model, adata
 
@@ -158,7 +160,7 @@ def expression_model():
     scvi.settings.seed = 0
     adata = _count_data(n_genes=24)
     sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, counts_layer="counts")
-    model = sb.BranchedDiffusion(adata, **FAST)
+    model = sb.BranchedDiffusion(adata, **BRANCHED)
     _train(model)
     return model, adata
 
@@ -182,7 +184,7 @@ def scvi_space_model():
     scvi.settings.seed = 0
     adata = _count_data(n_genes=30)
     vae = sb.model.fit_scvi(adata, counts_layer="counts", max_epochs=2, n_latent=4)
-    model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=adata, **FAST)
+    model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=adata, **BRANCHED)
     _train(model)
     return model, adata
 
@@ -214,6 +216,36 @@ def case_flat_model():
     _check("flat.X", gen.X)
 
 
+def case_conditioned_model(tmp_path: Path):
+    """The default network: generation, save/load, and extension leaving old types' bits."""
+    import scvi
+
+    scvi.settings.seed = 0
+    adata = _count_data(n_per_class=20)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, architecture="conditioned", **FAST)
+    _train(model)
+    gen = model.generate(n_cells=5, seed=0, n_steps=10, progress_bar=False)
+    _check("conditioned.latent", gen.obsm["X_pca"])
+    model.save(tmp_path / "c")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "c")
+    again = loaded.generate(n_cells=5, seed=0, n_steps=10, progress_bar=False)
+    _check("conditioned.latent", again.obsm["X_pca"])
+    new = _count_data(n_per_class=20, seed=1)
+    new = new[new.obs[LABELS] == "c1"].copy()
+    new.obs[LABELS] = pd.Categorical(["c9"] * new.n_obs)
+    loadings = np.asarray(adata.varm["PCs"])
+    mean = np.asarray(adata.X.mean(0)).ravel()
+    new.obsm["X_pca"] = (_dense(new.X) - mean) @ loadings
+    loaded.add_classes(new, labels=["c9"], max_epochs=2, seed=0, progress_bar=False)
+    old = loaded.generate(
+        n_cells=5, labels=["c0", "c1", "c2", "c3"], seed=0, n_steps=10, progress_bar=False
+    )
+    _check("conditioned.latent", old.obsm["X_pca"])  # zero forgetting: the same pin
+    added = loaded.generate(n_cells={"c9": 5}, seed=8, n_steps=10, progress_bar=False)
+    _check("conditioned.extended.new_type", added.obsm["X_pca"])
+
+
 def run_all() -> dict[str, dict]:
     """Every case, in a fixed order; returns name -> fingerprint."""
     import scvi
@@ -232,6 +264,7 @@ def run_all() -> dict[str, dict]:
         case_expression_space(expression_model(), tmp_path)
         case_scvi_space(scvi_space_model(), tmp_path)
         case_flat_model()
+        case_conditioned_model(tmp_path)
     return dict(_out)
 
 
