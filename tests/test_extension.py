@@ -38,11 +38,11 @@ def _old_cells(model, classes, seed=1):
     return model.generate(n_cells=30, labels=classes, seed=seed, progress_bar=False)
 
 
-@pytest.fixture(scope="module")
-def extended(tmp_path_factory):
+@pytest.fixture(scope="module", params=["branched", "conditioned"])
+def extended(request):
     sim = _sim()
     old = _without(sim, ["c3"])
-    model = _model(old)
+    model = _model(old, architecture=request.param)
     classes = list(model.classes)
     before = {
         solver: _old_cells(model, classes)
@@ -114,6 +114,10 @@ def test_new_class_cells_look_like_the_new_class(extended):
     assert list(gen.obs["cell_type"].cat.categories) == ["c0", "c1", "c2", "c3"]
     ext = gen.uns["scbranch"]["model"]["extensions"]
     assert list(ext["label"]) == ["c3"] and list(ext["joins"]) == ["c2"]
+    # the architecture's learning rate: a conditioned branch's two rows at 1e-3 gave cells of
+    # the sibling type (12 % kept c3 here), hence its own default
+    expected = {"branched": 1e-3, "conditioned": 3e-2}[model.module.architecture]
+    assert model.extensions_[-1]["lr"] == expected
 
 
 def test_branch_tree_plot_shows_the_new_class(extended):

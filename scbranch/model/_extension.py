@@ -23,7 +23,7 @@ from .._constants import REGISTRY_KEYS
 from .._utils import progress
 from .._validation import check_obs_key, to_dense
 from ..module._discovery import DiscoveryOptions, subsample_per_class
-from ..module._extension import add_class_head
+from ..module._extension import EXTENSION_LR, add_class_head
 from ..module._recipe import TrainingRecipe
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def add_classes(
     labels_key: str | None = None,
     max_epochs: int | None = None,
     batch_size: int = 64,
-    lr: float = TrainingRecipe.lr,
+    lr: float | None = None,
     ema_decay: float = TrainingRecipe.ema_decay,
     min_cells: int = 10,
     fine_tune_shared: bool = False,
@@ -86,8 +86,13 @@ def add_classes(
         Column of ``adata.obs`` with the types (default: the model's).
     max_epochs
         Passes over a new type's cells (default: about 1,000 optimiser steps).
-    batch_size, lr, ema_decay
+    batch_size, ema_decay
         Optimiser settings of the new head (as in :meth:`train`).
+    lr
+        Learning rate of the new branch's weights; `None` takes the architecture's default
+        (1e-3 for a new head, 3e-2 for a new embedding and adapter row of the conditioned
+        network, which starts as a copy of its sibling's and must move further:
+        ``docs/benchmarks/extension.md``).
     min_cells
         Types with fewer cells raise an error.
     fine_tune_shared
@@ -126,6 +131,7 @@ def add_classes(
     data = new_class_data(model, adata, labels_key, labels, min_cells)
     record = model.hierarchy_record_ or {}
     options = DiscoveryOptions.from_params(record.get("params"), seed=seed)
+    lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
     recipe = TrainingRecipe(lr=lr, ema_decay=ema_decay)
     for name in labels:
         t0 = time.perf_counter()
