@@ -74,8 +74,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     architecture
         ``"branched"`` (one head per branch), ``"conditioned"`` (one network conditioned on a
         branch embedding, whose size does not grow with the number of types: for atlases with
-        many types or many genes) or ``"flat"`` (label-guided baseline with about the same
-        parameter count as ``"branched"``).
+        many types or many genes; the same generation quality, but types added later with
+        :meth:`add_classes` learn through two rows and keep their type less well, see
+        ``docs/benchmarks/extension.md``) or ``"flat"`` (label-guided baseline with about the
+        same parameter count as ``"branched"``).
     width
         Hidden width of the network.
     n_trunk_blocks
