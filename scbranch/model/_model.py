@@ -73,11 +73,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         a dict from :meth:`~scbranch.module.BranchTree.to_dict`, or a key of ``adata.uns``.
     architecture
         ``"branched"`` (one head per branch), ``"conditioned"`` (one network conditioned on a
-        branch embedding, whose size does not grow with the number of types: for atlases with
-        many types or many genes; the same generation quality, but types added later with
-        :meth:`add_classes` learn through two rows and keep their type less well, see
-        ``docs/benchmarks/extension.md``) or ``"flat"`` (label-guided baseline with about the
-        same parameter count as ``"branched"``).
+        branch embedding, whose size does not grow with the number of types: for atlases; types
+        added by :meth:`add_classes` keep their type less well, ``docs/method.md``) or
+        ``"flat"`` (label-guided baseline, about the parameter count of ``"branched"``).
     width
         Hidden width of the network.
     n_trunk_blocks
