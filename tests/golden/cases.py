@@ -204,27 +204,27 @@ def case_scvi_space(scvi_space_model, tmp_path: Path):
     _check("scvi.counts", loaded.generate(n_cells=6, seed=2, progress_bar=False).layers["counts"])
 
 
-def case_flat_model():
+def _small_pca_model(architecture: str):
+    """A trained PCA-space model of the given architecture on 20 cells per type."""
     import scvi
 
     scvi.settings.seed = 0
     adata = _count_data(n_per_class=20)
     sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, obsm_key="X_pca")
-    model = sb.BranchedDiffusion(adata, architecture="flat", **FAST)
+    model = sb.BranchedDiffusion(adata, architecture=architecture, **FAST)
     _train(model)
+    return model, adata
+
+
+def case_flat_model():
+    model, _ = _small_pca_model("flat")
     gen = model.generate(n_cells=5, seed=0, n_steps=10, progress_bar=False)
     _check("flat.X", gen.X)
 
 
 def case_conditioned_model(tmp_path: Path):
-    """The default network: generation, save/load, and extension leaving old types' bits."""
-    import scvi
-
-    scvi.settings.seed = 0
-    adata = _count_data(n_per_class=20)
-    sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, obsm_key="X_pca")
-    model = sb.BranchedDiffusion(adata, architecture="conditioned", **FAST)
-    _train(model)
+    """The branch-conditioned network: generation, save/load, extension keeping old bits."""
+    model, adata = _small_pca_model("conditioned")
     gen = model.generate(n_cells=5, seed=0, n_steps=10, progress_bar=False)
     _check("conditioned.latent", gen.obsm["X_pca"])
     model.save(tmp_path / "c")
