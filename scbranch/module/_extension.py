@@ -206,8 +206,8 @@ def train_heads(
 #: branch of the conditioned network is two rows (an embedding and a FiLM adapter) that start
 #: as copies of the sibling's and must move far to tell the new type apart: at the recipe's
 #: 1e-3 its cells kept their type about half as often as real cells (label fidelity pbmc3k
-#: 0.53, control 0.94; pbmc68k 0.48, control 0.84), at 3e-2 nearly as often (0.91; 0.87) and
-#: close to a new head (0.94; 0.90). benchmarks/extension.py; 1e-2 and 1e-1 were within 0.03.
+#: 0.53, control 0.94; pbmc68k 0.48, control 0.84), at 3e-2 0.89 and 0.82, a little below a
+#: new head (0.94; 0.90): docs/benchmarks/extension.md. 1e-2 and 1e-1 were within 0.03 of 3e-2.
 EXTENSION_LR = {"branched": TrainingRecipe.lr, "conditioned": 3e-2}
 
 
