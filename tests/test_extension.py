@@ -120,6 +120,15 @@ def test_new_class_cells_look_like_the_new_class(extended):
     assert model.extensions_[-1]["lr"] == expected
 
 
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), float("inf")])
+def test_a_learning_rate_that_cannot_train_is_refused(extended, lr):
+    model, sim = extended["model"], extended["sim"]
+    before = list(model.classes)
+    with pytest.raises(ValueError, match="lr must be a positive number.*lr=None"):
+        model.add_classes(sim, labels=["c4"], lr=lr, progress_bar=False)
+    assert list(model.classes) == before  # refused before anything changed
+
+
 def test_branch_tree_plot_shows_the_new_class(extended):
     import matplotlib
 

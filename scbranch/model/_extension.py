@@ -121,6 +121,12 @@ def add_classes(
             "Retrain it on all types, or use architecture='branched' (the default) or "
             "'conditioned'."
         )
+    lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
+    if not np.isfinite(lr) or lr <= 0:
+        raise ValueError(
+            f"lr must be a positive number, got {lr!r}; leave lr=None for the architecture's "
+            f"default ({EXTENSION_LR[model.module.architecture]:g})."
+        )
     if model.reference_samples_ is None:
         raise ValueError(
             "This model has no reference cells to place new types against (saved by an "
@@ -131,7 +137,6 @@ def add_classes(
     data = new_class_data(model, adata, labels_key, labels, min_cells)
     record = model.hierarchy_record_ or {}
     options = DiscoveryOptions.from_params(record.get("params"), seed=seed)
-    lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
     recipe = TrainingRecipe(lr=lr, ema_decay=ema_decay)
     for name in labels:
         t0 = time.perf_counter()
