@@ -114,10 +114,12 @@ def fit_rows(train, unseen, cfg, train_seeds) -> dict:
     return rows
 
 
-def train_branched(train, obsm_key: str, cfg: dict, seed: int, **setup):
-    """The default model on ``train.obsm[obsm_key]`` (a copy of ``train``), trained for
-    ``cfg['steps']`` optimiser steps with training seed ``seed``; ``setup`` goes to
-    ``setup_anndata`` (e.g. ``counts_layer``)."""
+def train_branched(
+    train, obsm_key: str, cfg: dict, seed: int, *, architecture: str = "branched", **setup
+):
+    """The default model (or ``architecture``) on ``train.obsm[obsm_key]`` (a copy of
+    ``train``), trained for ``cfg['steps']`` optimiser steps with training seed ``seed``;
+    ``setup`` goes to ``setup_anndata`` (e.g. ``counts_layer``)."""
     import scvi
 
     import scbranch as sb
@@ -125,7 +127,7 @@ def train_branched(train, obsm_key: str, cfg: dict, seed: int, **setup):
     scvi.settings.seed = seed
     adata = train.copy()
     sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, obsm_key=obsm_key, **setup)
-    model = sb.BranchedDiffusion(adata)
+    model = sb.BranchedDiffusion(adata, architecture=architecture)
     steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
     t0 = time.perf_counter()
     model.train(
@@ -134,7 +136,8 @@ def train_branched(train, obsm_key: str, cfg: dict, seed: int, **setup):
         accelerator="cpu",
         enable_progress_bar=False,
     )
-    logger.info("branched on %s, seed %d: %.0f s", obsm_key, seed, time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    logger.info("%s on %s, seed %d: %.0f s", architecture, obsm_key, seed, elapsed)
     return model
 
 
