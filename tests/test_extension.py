@@ -118,6 +118,7 @@ def test_new_class_cells_look_like_the_new_class(extended):
     # the sibling type (12 % kept c3 here), hence its own default
     expected = {"branched": 1e-3, "conditioned": 3e-2}[model.module.architecture]
     assert model.extensions_[-1]["lr"] == expected
+    assert list(ext["lr"]) == [expected]  # in the cells' record too
 
 
 @pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), float("inf")])

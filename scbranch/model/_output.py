@@ -21,8 +21,9 @@ from .._keys import Key
 if TYPE_CHECKING:
     from ._model import BranchedDiffusion
 
-#: keys of an extension record kept in ``uns['scbranch']['model']['extensions']``
-_EXTENSION_FIELDS = ("label", "joins", "t", "n_cells", "n_steps")
+#: keys of an extension record kept in ``uns['scbranch']['model']['extensions']`` (models saved
+#: before the learning rate was recorded write NaN for "lr")
+_EXTENSION_FIELDS = ("label", "joins", "t", "n_cells", "n_steps", "lr")
 
 
 def requested_cells(
@@ -176,7 +177,8 @@ def uns_record(model: BranchedDiffusion, params: dict, decoded: bool) -> dict:
             **(
                 {
                     "extensions": {
-                        k: np.asarray([e[k] for e in extensions]) for k in _EXTENSION_FIELDS
+                        k: np.asarray([e.get(k, np.nan) for e in extensions])
+                        for k in _EXTENSION_FIELDS
                     }
                 }
                 if extensions
