@@ -10,9 +10,12 @@ train cells; the held-out, unseen and generated cells are all out-of-sample for 
 Rows:
 
   probe: real cells, unseen             real cells nothing saw: must sit at the control
-  probe: unseen cells via the PCs       the same cells' PC scores decoded (no noise): the
-                                        best a generator of exact PC scores can reach
-  <architecture>, <steps> steps         a model trained for that many steps on the latent
+  probe: unseen cells via the PCs, <noise>   the same cells' PC scores decoded without noise
+                                        and with "nb": the best a generator of exact PC
+                                        scores can reach
+  <architecture>, <steps> steps         a model trained for that many steps on the latent,
+                                        set up with counts (so PCA models decode with "nb",
+                                        the default)
 
 Usage (from the repository root, in the project's venv):
   python benchmarks/training_budget.py                       # both datasets, about 60 min
@@ -30,11 +33,11 @@ import time
 
 import numpy as np
 import pandas as pd
-from out_of_fold import LatentCellsProbe, evaluate_rows, table, train_branched
+from noise_models import fit_rows as noise_probes
+from out_of_fold import evaluate_rows, table, train_branched
 from quality import (
     LABELS,
     SPLIT,
-    TrainCellsProbe,
     _md,
     load_pbmc3k,
     load_pbmc68k,
@@ -52,24 +55,25 @@ SETTINGS = {
     },
     "fast": {"steps": [10, 20], "batch_size": 64, "n_cells": 40, "seeds": [0], "train_seed": 0},
 }
-#: latent name -> obsm key of the train cells
-LATENTS = {"in-sample": "X_pca", "rescaled": "X_pca_oof"}
+#: space name -> obsm key of the train cells (`None`: the log-normalised genes of ``.X``)
+LATENTS = {"in-sample": "X_pca", "rescaled": "X_pca_oof", "expression": None}
+
+#: known-answer rows (from benchmarks/noise_models.py)
+PROBES = (
+    "probe: real cells, unseen",
+    "probe: unseen cells via the PCs, none",
+    "probe: unseen cells via the PCs, nb",
+)
 
 logger = logging.getLogger("training_budget")
 
 
 def fit_rows(train, unseen, cfg, architectures, latent, max_steps) -> tuple[dict, list]:
     """Row name -> [(training seed, generator)], and the cost of every fit."""
-    from scbranch._validation import to_dense
-    from scbranch.model._decoding import fit_pca_decoder
-
-    decoder = fit_pca_decoder(train, "X_pca", None)
-    expr = to_dense(unseen[:, decoder["var_names"]].X)
-    z_unseen = (expr - decoder["mean"]) @ decoder["loadings"].T
-    rows = {
-        "probe: real cells, unseen": [(0, TrainCellsProbe(unseen))],
-        "probe: unseen cells via the PCs": [(0, LatentCellsProbe(unseen, z_unseen, decoder))],
-    }
+    # the unseen real cells, and their PC scores decoded as a PCA model decodes (no noise,
+    # and "nb", the default of models set up with counts)
+    probes = noise_probes(train, unseen, {"probes_only": True})
+    rows = {name: probes[name] for name in PROBES}
     costs = []
     for arch in architectures:
         for steps in cfg["steps"]:
@@ -82,6 +86,7 @@ def fit_rows(train, unseen, cfg, architectures, latent, max_steps) -> tuple[dict
                 {**cfg, "steps": steps},
                 cfg["train_seed"],
                 architecture=arch,
+                counts_layer="counts",  # PCA models then decode with "nb" (the default)
             )
             done = int(model.trainer.global_step)
             costs.append(
@@ -121,7 +126,13 @@ def main(argv=None) -> int:
     parser.add_argument("--fast", action="store_true", help="smoke-test settings")
     parser.add_argument("--datasets", default="pbmc68k,pbmc3k")
     parser.add_argument("--architectures", default="branched,conditioned")
-    parser.add_argument("--latent", default="rescaled", choices=sorted(LATENTS))
+    parser.add_argument(
+        "--latent",
+        default="rescaled",
+        choices=sorted(LATENTS),
+        help="PCA scores (in-sample or out-of-fold rescaled) or expression space",
+    )
+    parser.add_argument("--steps", default=None, help="budgets, e.g. 2000,8000")
     parser.add_argument(
         "--max-steps",
         default="",
@@ -133,7 +144,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     cfg_name = "fast" if args.fast else "cpu"
-    cfg = SETTINGS[cfg_name]
+    cfg = dict(SETTINGS[cfg_name])
+    if args.steps:
+        cfg["steps"] = [int(s) for s in args.steps.split(",")]
     architectures = args.architectures.split(",")
     limits: dict[str, dict] = {}
     for item in filter(None, args.max_steps.split(";")):
@@ -148,15 +161,21 @@ def main(argv=None) -> int:
         f"Settings `{cfg_name}`: budgets {cfg['steps']} optimiser steps (batch "
         f"{cfg['batch_size']}, each its own run with the cosine schedule over its budget), "
         f"training seed {cfg['train_seed']}, {cfg['n_cells']} generated cells per class and "
-        f"generation seed {cfg['seeds']}; latent `{args.latent}` "
-        f"(`obsm['{LATENTS[args.latent]}']`); split seed 0, train / held-out / unseen 50/30/20 %. "
+        f"generation seed {cfg['seeds']}; space `{args.latent}` ("
+        + (
+            f"`obsm['{LATENTS[args.latent]}']`"
+            if LATENTS[args.latent]
+            else "the log-normalised genes of `.X`"
+        )
+        + "); split seed 0, train / held-out / unseen 50/30/20 %. "
         "Every row: `tl.evaluate(gen, held, train=train)` (reference PCA on the train cells), "
         "mean over classes, then mean ± sd over generation seeds. `model.train()` defaults to "
         "about 4,000 steps; the quality benchmarks train for 2,000.",
         "",
         "Read every row against the control and the probes: `probe: real cells, unseen` must "
-        "sit at the control; `probe: unseen cells via the PCs` is the best a generator of exact "
-        "PC scores can reach (decoded without noise, as the model rows are).",
+        "sit at the control; `probe: unseen cells via the PCs, nb` is the best a generator of "
+        "exact PC scores can reach decoded as the model rows are (models set up with counts "
+        "decode with `residual_noise='nb'` by default; expression models add no noise).",
     ]
     for name in args.datasets.split(","):
         df, costs, meta = run_dataset(

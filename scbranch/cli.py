@@ -157,7 +157,7 @@ def _device(text: str) -> int | str:
 
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 #: ``generate --noise`` -> ``BranchedDiffusion.generate(residual_noise=...)``
-NOISE_OPTIONS = {"none": False, "gaussian": True, "nb": "nb"}
+NOISE_OPTIONS = {"auto": "auto", "none": False, "gaussian": True, "nb": "nb"}
 
 
 def _check_accelerator(name: str) -> None:
@@ -687,10 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--noise",
         choices=sorted(NOISE_OPTIONS),
-        default="none",
+        default="auto",
         help="PCA models: what decoded cells carry beyond their PCA profile: none, per-gene "
         "Gaussian noise (gaussian), or negative binomial counts around it with .X their "
-        "log-normalisation (nb; models fitted with --counts-layer).",
+        "log-normalisation (nb; models fitted with --counts-layer). Default auto: nb for "
+        "PCA models fitted with --counts-layer, else none.",
     )
     gen.add_argument(
         "--batch",

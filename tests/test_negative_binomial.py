@@ -133,6 +133,31 @@ def test_generate_with_nb_records_it(nb_model):
     np.testing.assert_array_equal(with_counts.X, gen.X)
 
 
+def test_nb_is_the_default_of_pca_models_with_counts(nb_model):
+    adata, _, model = nb_model
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    default = model.generate(n_cells=10, seed=2, progress_bar=False)
+    assert default.uns["scbranch"]["params"]["residual_noise"] == "nb"
+    nb = model.generate(n_cells=10, seed=2, residual_noise="nb", progress_bar=False)
+    np.testing.assert_array_equal(default.X, nb.X)
+    # trajectories carry clean estimates: "auto" means no noise there (an explicit "nb" fails)
+    traj = model.generate(n_cells=5, seed=2, trajectory_times=[0.5, 0], progress_bar=False)
+    assert traj.uns["scbranch"]["params"]["residual_noise"] is False
+    with pytest.raises(ValueError, match="Trajectories carry"):
+        model.generate(n_cells=5, trajectory_times=[0.5], residual_noise="nb", progress_bar=False)
+
+
+def test_models_without_counts_default_to_the_decoded_profile():
+    adata, _ = _simulated(n_per_class=60)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    assert model.space.default_noise is False
+    default = model.generate(n_cells=5, seed=1, progress_bar=False)
+    assert default.uns["scbranch"]["params"]["residual_noise"] is False
+    plain = model.generate(n_cells=5, seed=1, residual_noise=False, progress_bar=False)
+    np.testing.assert_array_equal(default.X, plain.X)
+
+
 def test_nb_needs_counts_at_setup():
     adata, _ = _simulated(n_per_class=60)
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")

@@ -45,7 +45,7 @@ from ._blocks import (
 from ._data import ResamplingDataSplitter
 from ._extension import reference_sample
 from ._output import check_memory, keep_layers, requested_cells
-from ._spaces import SPACES, ScviSpace, Space, space_name
+from ._spaces import SPACES, ScviSpace, Space, auto_noise, space_name
 from ._streaming import model_datamodule, use_block_loader
 from ._training_plan import DiffusionTrainingPlan
 
@@ -192,7 +192,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> model.refresh_summary(); print(model.summary_string)  # doctest: +SKIP
+        >>> model.refresh_summary()  # doctest: +SKIP
         """
         self._model_summary_string = self._summary()
 
@@ -361,8 +361,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             Cells in the model's representation: ``obsm[obsm_key]`` in the same latent space,
-            the model's genes for expression models, counts of the scVI model's genes for
-            scVI models.
+            the model's genes (expression models), counts of the scVI model's genes (scVI).
         what
             How to name the cells in error messages.
 
@@ -500,7 +499,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         share: bool = True,
         seed: int | None = None,
         spacing: str | None = None,
-        residual_noise: bool | str = False,
+        residual_noise: bool | str = "auto",
         counts: bool | None = None,
         batch: str | None = None,
         batch_size: int | None = None,
@@ -552,14 +551,14 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             stochastic solvers (as in Song et al.), ``"logsnr"`` for the ODE solvers.
         residual_noise
             PCA-space models: what decoded cells carry beyond their PCA profile (the latent is
-            unchanged). `False`: the denoised profile. `True` or ``"gaussian"``: per-gene
-            Gaussian noise of the size real cells have outside the PCs (probabilistic PCA);
-            values can be negative. ``"nb"``: counts drawn from a per-gene negative binomial
-            around the decoded mean, with a library size from the class (needs
-            ``counts_layer`` at set-up), in ``layers['counts']`` with ``counts=True``; ``.X`` is
-            their log-normalisation with its PC scores set back to the generated latent, so the
-            cells carry counting noise and what the PCs leave out without adding noise to the
-            scores (which already hold real cells' spread); values can be slightly negative.
+            unchanged). `False`: the denoised profile. `True`/``"gaussian"``: per-gene Gaussian
+            noise of real cells' size outside the PCs (values can be negative). ``"nb"``: counts
+            from a per-gene negative binomial around the decoded mean with a library size from
+            the class (needs ``counts_layer`` at set-up; ``layers['counts']`` with
+            ``counts=True``), ``.X`` their log-normalisation with its PC scores set back to the
+            generated ones (counting noise and what the PCs leave out, no noise added to the
+            scores). ``"auto"``: ``"nb"`` for PCA models set up with ``counts_layer``, else
+            `False` (also with ``trajectory_times``); docs/benchmarks/noise_models.md.
         counts
             Also return counts in ``layers['counts']``. scVI models always do (sampled from
             scVI's likelihood with library sizes drawn from the class). Expression and PCA
@@ -638,6 +637,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         """
         solver = resolve_solver(solver)
         spacing = default_spacing(solver) if spacing is None else spacing
+        residual_noise = auto_noise(self.space, residual_noise, trajectory_times is not None)
         options = self.space.resolve_options(
             counts=counts, batch=batch, residual_noise=residual_noise
         )
