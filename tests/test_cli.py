@@ -448,3 +448,26 @@ def test_fit_scvi_and_generate_counts(tmp_path, capsys):
         ]
     )
     assert rc == 2 and "--batch-key applies to --scvi" in _error_line(capsys)
+
+
+def test_fit_out_of_fold_learns_new_cells_spread_and_generates_nb(tmp_path, capsys):
+    adata = scbranch.datasets.pbmc68k()
+    data = tmp_path / "pbmc.h5ad"
+    adata.write_h5ad(data)
+    common = ["--labels", "cell_type", "--max-epochs", "1", "--width", "16", "-q"]
+    fit = ["fit", str(data), "--rep", "X_pca", "--counts-layer", "counts", *common]
+    assert main([*fit, "--out-of-fold", "--out", str(tmp_path / "m")]) == 0
+    model = scbranch.BranchedDiffusion.load(tmp_path / "m")
+    assert model.space.obsm_key == "X_pca_oof"
+    assert "X_pca_oof" not in ad.read_h5ad(data).obsm  # the input file is not changed
+    out = tmp_path / "gen.h5ad"
+    assert main(["generate", str(tmp_path / "m"), "--n-cells", "3", "--out", str(out), "-q"]) == 0
+    # --noise defaults to auto: negative binomial decoding for a PCA model fitted with counts
+    assert ad.read_h5ad(out).uns["scbranch"]["params"]["residual_noise"] == "nb"
+    # a latent that is not a PCA, or no --rep: one clear line, exit 2
+    no_rep = ["fit", str(data), "--out-of-fold", "--out", str(tmp_path / "bad"), *common]
+    assert main(no_rep) == 2 and "--rep" in _error_line(capsys)
+    adata.obsm["X_other"] = adata.obsm["X_pca"][:, :5].copy()
+    adata.write_h5ad(data)
+    bad = [*fit[:3], "X_other", *fit[4:], "--out-of-fold", "--out", str(tmp_path / "bad2")]
+    assert main(bad) == 2 and "--out-of-fold" in _error_line(capsys)

@@ -477,10 +477,13 @@ class _GeneSpace(Space):
 
     @property
     def default_noise(self) -> bool | str:
-        """``"nb"`` when a negative binomial was fitted at set-up (a PCA decoded to genes and
-        ``counts_layer``): new real cells decoded from their PC scores that way score like real
-        cells (pbmc3k AUROC 0.50 vs 0.61 without, control 0.50) and so do trained models on
-        out-of-fold scores (0.58 vs 0.67; docs/benchmarks/noise_models.md). Else no noise."""
+        """``"nb"`` when a negative binomial was fitted at set-up, else no noise.
+
+        The negative binomial is fitted for a PCA decoded to genes set up with
+        ``counts_layer``. New real cells decoded from their PC scores that way score like real
+        cells (pbmc3k AUROC 0.50 vs 0.61 without, control 0.50), and so do trained models on
+        out-of-fold scores, nearly (0.58 vs 0.67; docs/benchmarks/noise_models.md).
+        """
         has_nb = self.counts is not None and self.counts.nb is not None
         return "nb" if has_nb else False
 
