@@ -481,8 +481,8 @@ class _GeneSpace(Space):
 
         The negative binomial is fitted for a PCA decoded to genes set up with
         ``counts_layer``. New real cells decoded from their PC scores that way score like real
-        cells (pbmc3k AUROC 0.50 vs 0.61 without, control 0.50), and so do trained models on
-        out-of-fold scores, nearly (0.58 vs 0.67; docs/benchmarks/noise_models.md).
+        cells (pbmc3k AUROC 0.50 vs 0.61 without, control 0.50); trained models on out-of-fold
+        scores move toward them (0.58 vs 0.67; docs/benchmarks/noise_models.md).
         """
         has_nb = self.counts is not None and self.counts.nb is not None
         return "nb" if has_nb else False
