@@ -111,7 +111,7 @@ def run_demo(
     timings["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sb.tl.branch_hierarchy(train, groupby="cell_type", use_rep="X_pca", seed=seed)
+    sb.tl.branch_hierarchy(train, groupby="cell_type", use_rep="X_pca_oof", seed=seed)
     timings["hierarchy_s"] = time.perf_counter() - t0
     newick = train.uns[Key.uns.HIERARCHY]["newick"]
 

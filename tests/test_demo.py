@@ -16,6 +16,11 @@ def test_demo_fast_writes_everything(tmp_path):
     assert set(gen.obs["cell_type"].cat.categories) == set(gen.obs["cell_type"].astype(str))
     assert gen.obs["cell_type"].nunique() == 10
     assert gen.n_vars == 765  # decoded to genes
+    # trained on out-of-fold PC scores, decoded with negative binomial counts (the default)
+    assert gen.uns["scbranch"]["model"]["obsm_key"] == "X_pca_oof"
+    assert gen.uns["scbranch"]["params"]["residual_noise"] == "nb"
+    # the tree the summary reports is the one the model used (discovered on the same scores)
+    assert summary["tree"] == gen.uns["scbranch"]["hierarchy"]["newick"]
     counts = gen.layers["counts"]  # and to integer counts
     assert counts.data.min() >= 0 and (counts.data == counts.data.round()).all()
     # placed in the real cells' UMAP, so scanpy's plots work on the file
