@@ -97,10 +97,9 @@ def run_demo(
     del held.obsm["X_pca"]
     sb.tl.embed_like(held, train, basis="pca")
     # ...and the model learns PC scores that spread like new cells' (in-sample scores spread
-    # more, and a generator learns that: docs/benchmarks/out_of_fold.md); the held-out cells'
-    # projections are new cells' scores already
+    # more, and a generator learns that: docs/benchmarks/out_of_fold.md); it reads the
+    # held-out cells' projections, new cells' scores already, from obsm["X_pca"]
     sb.tl.pca_out_of_fold(train, groupby="cell_type", seed=seed)
-    held.obsm["X_pca_oof"] = held.obsm["X_pca"]
     logger.info(
         "pbmc68k: %d cells, %d types; training on %d, holding out %d.",
         adata.n_obs,

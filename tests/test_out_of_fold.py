@@ -104,6 +104,31 @@ def test_a_model_on_out_of_fold_scores_generates_genes(simulated):
     assert gen.n_vars == N_GENES and "X_pca_oof" in gen.obsm
 
 
+def test_new_cells_projected_on_the_pca_are_read_by_an_out_of_fold_model(simulated, tmp_path):
+    train, new = simulated
+    train = train.copy()
+    sb.tl.pca_out_of_fold(train, groupby="group")
+    sb.BranchedDiffusion.setup_anndata(train, labels_key="group", obsm_key="X_pca_oof")
+    model = sb.BranchedDiffusion(train, width=16, n_head_blocks=1)
+    assert model.space.scores_of == "X_pca"
+    # new cells get out-of-sample scores by projection on the PCA (embed_like, ingest): those
+    # are what the out-of-fold scores stand for, so the model reads them from obsm["X_pca"]
+    held = ad.AnnData(new[:30])
+    decoder = fit_pca_decoder(train, "X_pca", None)
+    held.obsm["X_pca"] = ((new[:30] - decoder["mean"]) @ decoder["loadings"].T).astype(np.float32)
+    np.testing.assert_array_equal(model.encode(held), held.obsm["X_pca"])
+    model.save(tmp_path / "m")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m", adata=train)
+    assert loaded.space.scores_of == "X_pca"
+    # a model on in-sample scores has no such fallback: the missing key is named
+    sb.BranchedDiffusion.setup_anndata(train, labels_key="group", obsm_key="X_pca")
+    plain = sb.BranchedDiffusion(train, width=16, n_head_blocks=1)
+    assert plain.space.scores_of is None
+    del held.obsm["X_pca"]
+    with pytest.raises(KeyError, match="X_pca"):
+        model.encode(held)
+
+
 def test_bad_input_is_named(simulated):
     train, _ = simulated
     train = train.copy()

@@ -59,7 +59,7 @@ from ._counts import (
     sample_negative_binomial,
     size_factors,
 )
-from ._decoding import decode, fit_pca_decoder
+from ._decoding import decode, fit_pca_decoder, out_of_fold_source
 from ._scvi import (
     SCVI_DIR,
     decode_latents,
@@ -539,16 +539,31 @@ class PcaSpace(_GeneSpace):
 
     name = "pca"
 
-    def __init__(self, *, n_dims: int, decoder: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        n_dims: int,
+        decoder: dict | None = None,
+        scores_of: str | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.n_dims = int(n_dims)
         self.decoder = decoder
+        #: the in-sample PCA key when ``obsm_key`` holds its out-of-fold scores
+        #: (``tl.pca_out_of_fold``), else `None`
+        self.scores_of = scores_of
 
     @classmethod
     def fit(cls, adata, setup, labels, n_classes, **kwargs):  # noqa: D102
         obsm_key = setup["obsm_key"]
         n_dims = np.asarray(adata.obsm[obsm_key]).shape[1]
-        space = cls(obsm_key=obsm_key, layer=setup.get("layer"), n_dims=n_dims)
+        space = cls(
+            obsm_key=obsm_key,
+            layer=setup.get("layer"),
+            n_dims=n_dims,
+            scores_of=out_of_fold_source(adata, obsm_key),
+        )
         space.decoder = fit_pca_decoder(adata, obsm_key, space.layer)
         if setup.get("counts_layer") and space.decoder is None:
             warnings.warn(
@@ -592,8 +607,14 @@ class PcaSpace(_GeneSpace):
         return None if self.decoder is None else self.decoder["var_names"]
 
     def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
-        check_rep_key(adata, obsm_key=self.obsm_key)
-        x = np.asarray(get_matrix(adata, obsm_key=self.obsm_key), dtype=np.float64)
+        key = self.obsm_key
+        if key not in adata.obsm and self.scores_of is not None and self.scores_of in adata.obsm:
+            # New cells projected on the PCA (sc.tl.ingest, tl.embed_like(basis="pca")) have
+            # out-of-sample scores already: what the learned out-of-fold scores stand for.
+            logger.info("%s: obsm[%r] is missing; using obsm[%r].", what, key, self.scores_of)
+            key = self.scores_of
+        check_rep_key(adata, obsm_key=key)
+        x = np.asarray(get_matrix(adata, obsm_key=key), dtype=np.float64)
         if x.shape[1] != self.n_dims:
             raise ValueError(
                 f"adata.obsm[{self.obsm_key!r}] has {x.shape[1]} dimensions, the model "
@@ -636,7 +657,12 @@ class PcaSpace(_GeneSpace):
         return None if self.decoder is None else decode(self.decoder, z)
 
     def state(self) -> dict:  # noqa: D102
-        return {**super().state(), "n_dims": self.n_dims, "decoder": self.decoder}
+        return {
+            **super().state(),
+            "n_dims": self.n_dims,
+            "decoder": self.decoder,
+            "scores_of": self.scores_of or "",
+        }
 
     @classmethod
     def from_state(cls, state, directory=None, prefix=""):  # noqa: D102
@@ -645,6 +671,7 @@ class PcaSpace(_GeneSpace):
             layer=state.get("layer"),
             n_dims=state["n_dims"],
             decoder=state.get("decoder"),
+            scores_of=state.get("scores_of") or None,  # models saved before it: None
             counts=cls._counts_from_state(state),
         )
 
