@@ -103,6 +103,16 @@ def test_nb_cells_vary_like_real_cells(nb_model):
     assert 0.85 < np.median(x.var(0) / real.var(0)) < 1.1
 
 
+def test_an_outlier_far_outside_the_data_still_decodes(nb_model):
+    # a generated cell can land far from every real one; its decoded genes must stay drawable
+    adata, _, model = nb_model
+    z = np.asarray(adata.obsm["X_pca"][:2]) * 1e3
+    options = model.space.resolve_options(counts=True, batch=None, residual_noise="nb")
+    out = model.space.decode(z, np.array([0, 1]), options, 0)
+    counts = out.layers["counts"].toarray()
+    assert np.isfinite(counts).all() and np.isfinite(out.X).all()
+
+
 def test_nb_decoding_is_seeded(nb_model):
     adata, _, model = nb_model
     a, b = _decode_real(model, adata, "nb", seed=3), _decode_real(model, adata, "nb", seed=3)

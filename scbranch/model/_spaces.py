@@ -387,7 +387,11 @@ class _SizeFactorCounts:
         """
         nb = self.nb
         factors = draw_from_pools(self.pools, codes, np.random.default_rng([seed, 2]))
-        mu = factors[:, None] * np.expm1(np.clip(x, 0.0, None, dtype=np.float64)) * nb["scale"]
+        # No gene of a log-normalised cell exceeds log1p(target_sum) (all its counts in one
+        # gene); a generated outlier beyond it made Poisson rates numpy cannot draw
+        # ("lam value too large", a model trained for 8,000 steps on pbmc68k_reduced).
+        top = np.log1p(nb["target_sum"])
+        mu = factors[:, None] * np.expm1(np.clip(x, 0.0, top, dtype=np.float64)) * nb["scale"]
         counts = sample_negative_binomial(
             mu, nb["inverse_dispersion"], np.random.default_rng([seed, 4])
         )
