@@ -423,3 +423,15 @@ def test_generate_solver_aliases_batches_and_pc(trained):
     assert pc.uns["scbranch"]["params"]["n_network_calls"] == 2 * 8 + 1
     with pytest.raises(ValueError, match="Unknown solver 'rk4'"):
         model.generate(solver="rk4", **kw)
+
+
+@pytest.mark.parametrize(("n_per_class", "epochs"), [(10, 300), (800, 80)])
+def test_default_budget_is_4000_steps_or_300_epochs(n_per_class, epochs):
+    # 4 classes: 40 cells are 1 step an epoch at batch 64 (4,000 steps would be 4,000 epochs,
+    # which left small data under-dispersed: docs/benchmarks/training_budget.md); 3,200 cells
+    # are 50 steps an epoch, so 80 epochs give the 4,000 steps
+    adata = _sim_adata(n_per_class=n_per_class)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.train(batch_size=64, accelerator="cpu", enable_progress_bar=False, max_steps=2)
+    assert model.trainer.max_epochs == epochs

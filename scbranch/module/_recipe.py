@@ -18,6 +18,13 @@ import torch
 #: distributions of training times (see :func:`draw_times`)
 T_SAMPLINGS = ("uniform", "logsnr")
 
+#: Most passes over the cells of a default ``train()`` (about 4,000 steps otherwise). Quality
+#: against budget (benchmarks/training_budget.py, out-of-fold PCA + "nb"): pbmc68k_reduced's
+#: 351 cells AUROC 0.62 / 0.60 at 170 / 330 epochs, 0.69 / 0.73 at 670 / 1,330 (dispersion
+#: 0.95 -> 0.75, control 0.43 / 1.02); pbmc3k's 1,318 cells 0.58 / 0.57 / 0.58 up to 190
+#: epochs, 0.61 at 380 (dispersion 1.01 -> 0.90, control 0.50 / 1.01).
+MAX_DEFAULT_EPOCHS = 300
+
 
 @dataclass(frozen=True)
 class TrainingRecipe:
