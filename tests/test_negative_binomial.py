@@ -111,6 +111,15 @@ def test_an_outlier_far_outside_the_data_still_decodes(nb_model):
     out = model.space.decode(z, np.array([0, 1]), options, 0)
     counts = out.layers["counts"].toarray()
     assert np.isfinite(counts).all() and np.isfinite(out.X).all()
+    # ...also for a gene the set-up cells never expressed (scale 0): no counts, not NaN
+    nb = model.space.counts.nb
+    scale = nb["scale"].copy()
+    try:
+        nb["scale"][0] = 0.0
+        again = model.space.decode(z, np.array([0, 1]), options, 0).layers["counts"].toarray()
+    finally:
+        nb["scale"] = scale
+    assert np.isfinite(again).all() and (again[:, 0] == 0).all()
 
 
 def test_nb_decoding_is_seeded(nb_model):

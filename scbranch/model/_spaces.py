@@ -392,11 +392,14 @@ class _SizeFactorCounts:
         """
         nb = self.nb
         factors = draw_from_pools(self.pools, codes, np.random.default_rng([seed, 2]))
-        mu = factors[:, None] * np.expm1(np.clip(x, 0.0, None, dtype=np.float64)) * nb["scale"]
         # A generated outlier far outside the data made Poisson rates numpy cannot draw ("lam
         # value too large", a model trained for 8,000 steps on pbmc68k_reduced); no real gene
-        # comes near this many counts, so real-looking cells are untouched.
-        mu = np.minimum(mu, MAX_MEAN_COUNT)
+        # comes near this many counts, so real-looking cells are untouched. expm1 stays finite
+        # below 700 (a gene with scale 0 must give 0, not inf * 0); the products may overflow to
+        # inf, which the bound takes back.
+        with np.errstate(over="ignore"):
+            mu = factors[:, None] * np.expm1(np.clip(x, 0.0, 700.0, dtype=np.float64))
+            mu = np.minimum(mu * nb["scale"], MAX_MEAN_COUNT)
         counts = sample_negative_binomial(
             mu, nb["inverse_dispersion"], np.random.default_rng([seed, 4])
         )
