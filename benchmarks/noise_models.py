@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 import pandas as pd
-from out_of_fold import evaluate_rows, table, train_branched
+from out_of_fold import evaluate_rows, scores_of, table, train_branched
 from quality import (
     LABELS,
     SPLIT,
@@ -106,7 +106,6 @@ class _Noisy:
 def fit_rows(train, unseen, cfg) -> dict:
     """Row name -> list of (training seed, generator)."""
     import scbranch as sb
-    from scbranch._validation import to_dense
 
     # an untrained model's space decodes the probes (fitted on the train cells' counts)
     adata = train.copy()
@@ -115,8 +114,7 @@ def fit_rows(train, unseen, cfg) -> dict:
     )
     decoding = sb.BranchedDiffusion(adata)
     decoder = decoding.space.decoder
-    expr = to_dense(unseen[:, decoder["var_names"]].X)
-    z_unseen = (expr - decoder["mean"]) @ decoder["loadings"].T
+    z_unseen = scores_of(unseen, decoder)
     rows = {"probe: real cells, unseen": [(0, TrainCellsProbe(unseen))]}
     for noise, option in NOISES.items():
         rows[f"probe: unseen cells via the PCs, {noise}"] = [

@@ -70,6 +70,14 @@ METRICS = [
 logger = logging.getLogger("out_of_fold")
 
 
+def scores_of(cells, decoder) -> np.ndarray:
+    """Cells' PC scores on a model's PCA (out-of-sample for cells it was not fitted on)."""
+    from scbranch._validation import to_dense
+
+    expr = to_dense(cells[:, decoder["var_names"]].X)
+    return (expr - decoder["mean"]) @ decoder["loadings"].T
+
+
 class LatentCellsProbe:
     """The training (or any) cells' coordinates in one latent, decoded through the model PCA."""
 
@@ -89,12 +97,10 @@ def fit_rows(train, unseen, cfg, train_seeds) -> dict:
     """Row name -> list of (training seed, generator)."""
 
     import scbranch as sb
-    from scbranch._validation import to_dense
     from scbranch.model._decoding import fit_pca_decoder
 
     decoder = fit_pca_decoder(train, "X_pca", None)
-    expr = to_dense(unseen[:, decoder["var_names"]].X)
-    z_unseen = (expr - decoder["mean"]) @ decoder["loadings"].T
+    z_unseen = scores_of(unseen, decoder)
     rows = {
         "probe: real cells, unseen": [(0, TrainCellsProbe(unseen))],
         "probe: unseen cells via the PCs": [(0, LatentCellsProbe(unseen, z_unseen, decoder))],

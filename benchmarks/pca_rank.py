@@ -32,7 +32,7 @@ import sys
 import time
 
 import pandas as pd
-from out_of_fold import LatentCellsProbe, evaluate_rows, table, train_branched
+from out_of_fold import LatentCellsProbe, evaluate_rows, scores_of, table, train_branched
 from quality import (
     LABELS,
     SPLIT,
@@ -83,7 +83,6 @@ def with_rank(train, k: int, n_folds: int):
 
 def fit_rows(train, unseen, cfg) -> tuple[dict, list]:
     """Row name -> [(training seed, generator)], and the ranks' costs."""
-    from scbranch._validation import to_dense
     from scbranch.model._decoding import fit_pca_decoder
 
     rows = {"probe: real cells, unseen": [(0, TrainCellsProbe(unseen))]}
@@ -96,8 +95,7 @@ def fit_rows(train, unseen, cfg) -> tuple[dict, list]:
             continue
         cells = with_rank(train, k, cfg["n_folds"])
         decoder = fit_pca_decoder(cells, "X_pca", None)
-        expr = to_dense(unseen[:, decoder["var_names"]].X)
-        z_unseen = (expr - decoder["mean"]) @ decoder["loadings"].T
+        z_unseen = scores_of(unseen, decoder)
         rows[f"probe: unseen cells via {k} PCs"] = [
             (0, LatentCellsProbe(unseen, z_unseen, decoder))
         ]
