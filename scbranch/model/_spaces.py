@@ -92,8 +92,9 @@ def check_noise(residual_noise) -> bool | str:
     if residual_noise in ("gaussian", "nb"):
         return True if residual_noise == "gaussian" else "nb"
     raise ValueError(
-        f"residual_noise must be False, True (or 'gaussian': Gaussian noise per gene) or 'nb' "
-        f"(negative binomial counts around the decoded mean), got {residual_noise!r}."
+        f"residual_noise must be False, True (or 'gaussian': Gaussian noise per gene), 'nb' "
+        f"(negative binomial counts around the decoded mean) or 'auto' (generate's default), "
+        f"got {residual_noise!r}."
     )
 
 
