@@ -32,17 +32,18 @@ import logging
 import sys
 import time
 
-import numpy as np
 import pandas as pd
-from out_of_fold import evaluate_rows, scores_of, table, train_branched
+from out_of_fold import evaluate_rows, table, train_branched
 from quality import (
     LABELS,
     SPLIT,
+    DecodedProbe,
     TrainCellsProbe,
     _md,
     load_pbmc3k,
     load_pbmc68k,
     prepare_run,
+    scores_of,
     write_lines,
 )
 
@@ -62,33 +63,6 @@ NOISES = {"none": False, "gaussian": True, "nb": "nb"}
 LATENTS = {"in-sample": "X_pca", "rescaled": "X_pca_oof"}
 
 logger = logging.getLogger("noise_models")
-
-
-class DecodedProbe:
-    """Real cells' coordinates decoded by a model's space with one noise model."""
-
-    def __init__(self, model, cells, z, noise):
-        self.model, self.noise = model, noise
-        self.z = np.asarray(z, dtype=np.float32)
-        self.labels = cells.obs[LABELS].astype(str).to_numpy()
-
-    def generate(self, n_cells, seed):
-        import anndata as ad
-
-        rng = np.random.default_rng(seed)
-        classes = list(pd.unique(self.labels))
-        idx = np.concatenate(
-            [rng.permutation(np.flatnonzero(self.labels == c))[:n_cells] for c in classes]
-        )
-        codes = np.array([self.model.classes.index(c) for c in self.labels[idx]])
-        space = self.model.space
-        options = space.resolve_options(counts=False, batch=None, residual_noise=self.noise)
-        out = space.decode(self.z[idx], codes, options, seed)
-        obs = pd.DataFrame(
-            {LABELS: pd.Categorical(self.labels[idx], categories=classes)},
-            index=[f"probe{i}" for i in range(len(idx))],
-        )
-        return ad.AnnData(X=np.asarray(out.X), obs=obs, var=pd.DataFrame(index=out.var_names))
 
 
 class _Noisy:

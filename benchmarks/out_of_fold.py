@@ -42,6 +42,7 @@ from quality import (
     load_pbmc3k,
     load_pbmc68k,
     prepare_run,
+    scores_of,
     write_lines,
 )
 
@@ -68,14 +69,6 @@ METRICS = [
 ] + [("genes", "de_lfc_spearman")]
 
 logger = logging.getLogger("out_of_fold")
-
-
-def scores_of(cells, decoder) -> np.ndarray:
-    """Cells' PC scores on a model's PCA (out-of-sample for cells it was not fitted on)."""
-    from scbranch._validation import to_dense
-
-    expr = to_dense(cells[:, decoder["var_names"]].X)
-    return (expr - decoder["mean"]) @ decoder["loadings"].T
 
 
 class LatentCellsProbe:

@@ -32,7 +32,7 @@ import sys
 import time
 
 import pandas as pd
-from out_of_fold import LatentCellsProbe, evaluate_rows, scores_of, table, train_branched
+from out_of_fold import LatentCellsProbe, evaluate_rows, table, train_branched
 from quality import (
     LABELS,
     SPLIT,
@@ -41,6 +41,7 @@ from quality import (
     load_pbmc3k,
     load_pbmc68k,
     prepare_run,
+    scores_of,
     write_lines,
 )
 

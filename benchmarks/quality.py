@@ -10,25 +10,30 @@ real-vs-real control of the same call. Reported: the mean over evaluated classes
 standard deviation over every run (training seeds x generation seeds), with the sd between
 training seeds and within them (between generation seeds) given apart.
 
-Methods (same training budget for the two diffusion models: optimiser steps and batch size):
-  branched             BranchedDiffusion, discovered tree, 30-PC space of the train cells
+Every method gets the default configuration of the package (README quickstart): the models'
+latent is the train cells' out-of-fold PC scores (``sb.tl.pca_out_of_fold``, key
+``X_pca_oof``), the models are set up with the counts (``counts_layer``) so generated cells are
+decoded with the negative binomial (``generate(residual_noise="auto")``), and trained with the
+default budget (about 4,000 optimiser steps, at most 300 epochs; ``--steps`` overrides it).
+
+Methods (same training budget for the diffusion models: optimiser steps and batch size):
+  branched             BranchedDiffusion, discovered tree, the default model
   flat                 the same model with architecture="flat": one label-guided network with
                        about the branched model's parameter count
   conditioned          (--architectures ...,conditioned) architecture="conditioned": one
                        network conditioned on a branch embedding and per-branch adapters
   scVI resampling      latents from the class's aggregated posterior, NB counts, log-normalised
-  per-class Gaussian   Ledoit-Wolf Gaussian per class in the same PC space, decoded the same way
-  ... + residual       the same generated latents decoded with the per-gene PCA residual noise
-                       (generate(residual_noise=True)); no retraining
+  per-class Gaussian   Ledoit-Wolf Gaussian per class on the same out-of-fold scores, decoded
+                       by the models' own space with the same negative binomial
 Probes (references that say what the metrics can see, not methods):
   real cells, unseen   real cells of the third split, evaluated exactly like a generator: the
                        known answer. It must sit at the control, or no other row can be read
+  unseen cells via the PCs   the same unseen cells' PC scores decoded like the models' cells
+                       (negative binomial): the best a generator of exact PC scores can do
   class mean           every cell is its class's mean: a collapsed generator
   train cells          real training cells, resampled: memorisation. They are IN-sample for the
                        reference PCA (fitted on them), so they show how much a fitted space
-                       inflates its own cells; a model can only learn that inflated picture
-  train cells via PCA  the same cells projected on the models' 30 PCs and decoded: the best a
-                       PCA-space model can do without residual noise
+                       inflates its own cells
 
 Datasets:
   pbmc68k   scanpy's pbmc68k_reduced (700 cells, 765 genes, 10 types)
@@ -36,7 +41,7 @@ Datasets:
             over clusters, not ground truth); 2,000 HVGs chosen on the train cells
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/quality.py                 # CPU settings, about 40 min on 2 cores
+  python benchmarks/quality.py                 # CPU settings, about 60 min on 2 cores
   python benchmarks/quality.py --gpu           # GPU settings (longer training, more seeds)
   python benchmarks/quality.py --fast          # smoke test (a minute; numbers meaningless)
 Writes docs/benchmarks/quality.md (tables) and, under --out, per-row CSV and figures.
@@ -61,7 +66,7 @@ PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_labelled.h5ad"
 
 SETTINGS = {
     "cpu": {
-        "steps": 2000,
+        "steps": None,  # the package's default budget
         "batch_size": 64,
         "n_cells": 200,
         "seeds": [0, 1, 2],
@@ -89,6 +94,8 @@ SETTINGS = {
     },
 }
 LABELS = "cell_type"
+#: the models' latent: out-of-fold PC scores of the train cells (the package's default)
+LATENT = "X_pca_oof"
 #: train / held-out / unseen shares of every class
 SPLIT = (0.5, 0.3, 0.2)
 #: the metrics of the per-class comparison and the figure
@@ -243,6 +250,69 @@ class TrainCellsProbe:
         return self._ad.AnnData(X=self.x[idx], obs=obs, var=pd.DataFrame(index=self.var_names))
 
 
+def scores_of(cells, decoder) -> np.ndarray:
+    """Cells' PC scores on a model's PCA (out-of-sample for cells it was not fitted on)."""
+    from scbranch._validation import to_dense
+
+    expr = to_dense(cells[:, decoder["var_names"]].X)
+    return (expr - decoder["mean"]) @ decoder["loadings"].T
+
+
+def decode_in_space(model, z, labels, noise, seed: int):
+    """Latents ``z`` of cells labelled ``labels`` decoded by ``model``'s space exactly as its
+    generated cells are (``residual_noise=noise``; class library sizes for the counts)."""
+    import anndata as ad
+
+    from scbranch.model._spaces import auto_noise
+
+    codes = np.array([model.classes.index(c) for c in labels])
+    space = model.space
+    noise = auto_noise(space, noise, trajectories=False)
+    options = space.resolve_options(counts=False, batch=None, residual_noise=noise)
+    out = space.decode(np.asarray(z, dtype=np.float32), codes, options, seed)
+    classes = list(pd.unique(labels))
+    obs = pd.DataFrame(
+        {LABELS: pd.Categorical(labels, categories=classes)},
+        index=[f"cell{i}" for i in range(len(labels))],
+    )
+    return ad.AnnData(X=np.asarray(out.X), obs=obs, var=pd.DataFrame(index=out.var_names))
+
+
+class DecodedProbe:
+    """Real cells' coordinates ``z`` decoded by a model's space with one noise model."""
+
+    def __init__(self, model, cells, z, noise="auto"):
+        self.model, self.noise = model, noise
+        self.z = np.asarray(z, dtype=np.float32)
+        self.labels = _labels(cells)
+
+    def generate(self, n_cells, seed):
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(self.labels == c))[:n_cells]
+                for c in pd.unique(self.labels)
+            ]
+        )
+        return decode_in_space(self.model, self.z[idx], self.labels[idx], self.noise, seed)
+
+
+class SpaceDecodedGaussian:
+    """The per-class Gaussian in the models' latent, decoded by the models' own space (with
+    the default noise model): the diffusion models' decoder, a simpler latent generator."""
+
+    def __init__(self, train, model):
+        import scbranch as sb
+
+        self.gauss = sb.baselines.PerClassGaussian(train, LABELS, obsm_key=LATENT)
+        self.model = model
+
+    def generate(self, n_cells, seed):
+        gen = self.gauss.generate(n_cells=n_cells, seed=seed)
+        z = gen.obsm[self.gauss.obsm_key]
+        return decode_in_space(self.model, z, _labels(gen), "auto", seed)
+
+
 class _Generator:
     """A fitted method and the generate() options of one table row."""
 
@@ -262,18 +332,51 @@ class _Generator:
 TRAINED = ("branched", "flat", "conditioned", "scVI resampling")
 
 
+def default_setup(train, obsm_key: str = LATENT):
+    """A copy of ``train`` set up as the package's default configuration: the out-of-fold PC
+    scores (computed on ``train`` itself if missing) and the counts."""
+    import scbranch as sb
+
+    if obsm_key == LATENT and LATENT not in train.obsm:
+        sb.tl.pca_out_of_fold(train, groupby=LABELS, key_added=LATENT)
+    adata = train.copy()
+    sb.BranchedDiffusion.setup_anndata(
+        adata, labels_key=LABELS, obsm_key=obsm_key, counts_layer="counts"
+    )
+    return adata
+
+
+def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key: str = LATENT):
+    """One diffusion model in the default configuration, trained with training seed ``seed``
+    for ``cfg['steps']`` optimiser steps (``None``: the package's default budget)."""
+    import scvi
+
+    import scbranch as sb
+
+    scvi.settings.seed = seed  # initialisation and minibatches
+    model = sb.BranchedDiffusion(default_setup(train, obsm_key), architecture=architecture)
+    budget = {}
+    if cfg["steps"] is not None:
+        steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
+        budget["max_epochs"] = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
+    model.train(
+        **budget,
+        batch_size=cfg["batch_size"],
+        accelerator=cfg["accelerator"],
+        enable_progress_bar=False,
+    )
+    logger.info("%s (training seed %d)", model, seed)
+    return model
+
+
 def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     """Fit the methods of one training seed; returns row name -> generator, and -> cost.
 
     The diffusion models and scVI get ``train_seed``; the deterministic rows (Gaussian, probes)
     are fitted only with the first training seed.
     """
-    import scvi
-
     import scbranch as sb
 
-    steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
-    epochs = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
     rows, info = {}, {}
 
     def timed(name, make, parameters=lambda m: 0):
@@ -286,24 +389,9 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
         return sum(p.numel() for p in model.module.parameters())
 
     for arch in cfg["architectures"]:
-
-        def make(arch=arch):
-            scvi.settings.seed = train_seed  # initialisation and minibatches
-            sb.BranchedDiffusion.setup_anndata(train, labels_key=LABELS, obsm_key="X_pca")
-            model = sb.BranchedDiffusion(train, architecture=arch)
-            model.train(
-                max_epochs=epochs,
-                batch_size=cfg["batch_size"],
-                accelerator=cfg["accelerator"],
-                enable_progress_bar=False,
-            )
-            logger.info("%s (training seed %d)", model, train_seed)
-            return model
-
-        model = timed(arch, make, n_params)
+        model = timed(arch, lambda arch=arch: train_model(train, cfg, train_seed, arch), n_params)
+        info[arch]["steps"] = int(model.trainer.global_step)
         rows[arch] = _Generator(model)
-        rows[f"{arch} + residual"] = _Generator(model, residual_noise=True)
-        info[f"{arch} + residual"] = info[arch]
     if not cfg.get("baselines", True):  # the diffusion models only
         return rows, info
     rows["scVI resampling"] = _Generator(
@@ -321,18 +409,20 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     )
     if train_seed != cfg["train_seeds"][0]:
         return rows, info
-    gauss = timed("per-class Gaussian", lambda: sb.baselines.PerClassGaussian(train, LABELS))
-    rows["per-class Gaussian"] = _Generator(gauss)
-    rows["per-class Gaussian + residual"] = _Generator(gauss, residual_noise=True)
-    info["per-class Gaussian + residual"] = info["per-class Gaussian"]
+    # an untrained model: its space (PCA map, counts' noise model) is all the rows below use
+    space = sb.BranchedDiffusion(default_setup(train))
+    rows["per-class Gaussian"] = timed(
+        "per-class Gaussian", lambda: SpaceDecodedGaussian(default_setup(train), space)
+    )
     rows["probe: real cells, unseen"] = timed(
         "probe: real cells, unseen", lambda: TrainCellsProbe(unseen)
     )
+    rows["probe: unseen cells via the PCs"] = timed(
+        "probe: unseen cells via the PCs",
+        lambda: DecodedProbe(space, unseen, scores_of(unseen, space.space.decoder)),
+    )
     rows["probe: class mean"] = timed("probe: class mean", lambda: ClassMeanProbe(train))
     rows["probe: train cells"] = timed("probe: train cells", lambda: TrainCellsProbe(train))
-    rows["probe: train cells via PCA"] = timed(
-        "probe: train cells via PCA", lambda: TrainCellsProbe(train, gauss.decoder_)
-    )
     return rows, info
 
 
@@ -510,15 +600,25 @@ def per_class_comparison(rows: pd.DataFrame, a: str = "branched", b: str = "flat
 
 
 def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
+    budget = (
+        "the default training budget (about 4,000 optimiser steps, at most 300 epochs)"
+        if cfg["steps"] is None
+        else f"{cfg['steps']} optimiser steps"
+    )
     lines = [
         "# Quality benchmark (generated by `benchmarks/quality.py`; do not edit by hand)",
         "",
-        f"Settings `{cfg_name}`: {cfg['steps']} optimiser steps (batch {cfg['batch_size']}) for "
-        f"both diffusion models, {cfg['n_cells']} generated cells per class and seed, "
+        f"Settings `{cfg_name}`: {budget} (batch {cfg['batch_size']}) for "
+        f"the diffusion models, {cfg['n_cells']} generated cells per class and seed, "
         f"training seeds {cfg['train_seeds']} (diffusion models and scVI) x generation seeds "
         f"{cfg['seeds']}, scVI {cfg['scvi_epochs']} epochs, {cfg['accelerator']}. "
         f"Total wall time {wall_s / 60:.1f} min. Split per class: train / held-out / unseen "
         f"{' / '.join(f'{f:.0%}' for f in SPLIT)}.",
+        "",
+        "Configuration: the package's default. The models (and the per-class Gaussian) "
+        "work on the train cells' out-of-fold PC scores (`sb.tl.pca_out_of_fold`), set up "
+        "with the counts, so their cells are decoded with the negative binomial "
+        "(`generate(residual_noise='auto')`).",
         "",
         "Reference space: a 30-PC PCA fitted on the TRAIN cells only; the held-out halves, the "
         "generated cells and the unseen real cells are all out-of-sample for it. Read every "
@@ -543,6 +643,7 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
             .agg(
                 fit_s=("fit_s", "first"),
                 parameters=("parameters", "first"),
+                steps=("steps", "first"),
                 generate_s=("generate_s", "mean"),
                 cells=("cells", "first"),
                 network_calls=("network_calls", "first"),
@@ -579,7 +680,7 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         lines += [
             "Cost (fit per training seed; generation per seed, all classes):",
             "",
-            _md(timing[["fit_s", "parameters", "network_calls", "ms_per_1000_cells"]]),
+            _md(timing[["fit_s", "steps", "parameters", "network_calls", "ms_per_1000_cells"]]),
             "",
         ]
         present = set(res["rows"]["method"])
