@@ -14,6 +14,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
+from scipy.stats import spearmanr
 
 import scbranch as sb
 from scbranch.model._counts import fit_negative_binomial, sample_negative_binomial
@@ -65,12 +66,24 @@ def _decode_real(model, adata, noise, seed=0):
 def test_fitted_dispersion_follows_the_true_one(nb_model):
     adata, phi, model = nb_model
     fitted = model.space.counts.nb["inverse_dispersion"]
-    # around a decoded (not the true) mean, and with scales refined to match log means, the
-    # fitted dispersion follows the true one without being it (the exact estimator is checked
-    # in test_method_of_moments_on_exact_negative_binomial)
-    assert np.corrcoef(fitted, phi)[0, 1] > 0.7
-    assert np.median(np.abs(np.log(fitted / phi))) < 0.5
+    # Around a decoded (not the true) mean, and fitted so that the log-normalised draws match
+    # each gene's mean expression, the dispersion is an effective one: it keeps the genes'
+    # order (Spearman 0.73 here) and sits below the truth (median log ratio -0.6; the moments
+    # alone give -0.35, checked exactly in test_method_of_moments_on_exact_negative_binomial),
+    # because the decoded means already vary with the noise the 10 PCs absorbed.
+    assert spearmanr(fitted, phi)[0] > 0.65
+    assert -1.0 < np.median(np.log(fitted / phi)) < 0.0
     assert abs(model.space.counts.nb["target_sum"] - 1e4) < 1.0
+
+
+def test_nb_cells_have_the_real_library_sizes(nb_model):
+    # the fit matches log-normalised means without inflating the counts: the drawn cells'
+    # totals are the real ones (a fit that raised the scales to match log means drew 1.16x)
+    adata, _, model = nb_model
+    counts = _decode_real(model, adata, "nb").layers["counts"].toarray()
+    real = adata.layers["counts"].toarray().sum(1)
+    assert abs(counts.sum(1).mean() / real.mean() - 1) < 0.03
+    assert abs(np.median(counts.sum(1)) / np.median(real) - 1) < 0.05
 
 
 def test_nb_cells_vary_like_real_cells(nb_model):
@@ -99,7 +112,7 @@ def test_nb_cells_vary_like_real_cells(nb_model):
     np.testing.assert_allclose(scores, adata.obsm["X_pca"], atol=2e-3)
     outside = np.eye(x.shape[1]) - dec["loadings"].T @ dec["loadings"]
     np.testing.assert_allclose(x @ outside, drawn @ outside, atol=2e-3)
-    # measured 0.89 here (the denoised profiles: below 0.75)
+    # measured 0.90 here (the denoised profiles: below 0.75)
     assert 0.85 < np.median(x.var(0) / real.var(0)) < 1.1
 
 
