@@ -34,6 +34,10 @@ Probes (references that say what the metrics can see, not methods):
   train cells          real training cells, resampled: memorisation. They are IN-sample for the
                        reference PCA (fitted on them), so they show how much a fitted space
                        inflates its own cells
+  train cells' out-of-fold scores   the training cells as the models see them, decoded like
+                       their cells: the target. A generator that learned its training cells
+                       exactly lands here; the gap from this row to a model is what the model
+                       did not learn (or learned too well) from its cells
 
 Datasets:
   pbmc68k   scanpy's pbmc68k_reduced (700 cells, 765 genes, 10 types)
@@ -43,6 +47,7 @@ Datasets:
 Usage (from the repository root, in the project's venv):
   python benchmarks/quality.py                 # CPU settings, about 60 min on 2 cores
   python benchmarks/quality.py --gpu           # GPU settings (longer training, more seeds)
+  python benchmarks/quality.py --probes-only   # the untrained rows only, a few minutes
   python benchmarks/quality.py --fast          # smoke test (a minute; numbers meaningless)
 Writes docs/benchmarks/quality.md (tables) and, under --out, per-row CSV and figures.
 """
@@ -394,6 +399,8 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
         rows[arch] = _Generator(model)
     if not cfg.get("baselines", True):  # the diffusion models only
         return rows, info
+    if cfg.get("probes_only"):
+        return _fixed_rows(train, unseen, rows, info, timed)
     rows["scVI resampling"] = _Generator(
         timed(
             "scVI resampling",
@@ -409,6 +416,13 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     )
     if train_seed != cfg["train_seeds"][0]:
         return rows, info
+    return _fixed_rows(train, unseen, rows, info, timed)
+
+
+def _fixed_rows(train, unseen, rows: dict, info: dict, timed) -> tuple[dict, dict]:
+    """The rows without a training seed: the per-class Gaussian and the probes."""
+    import scbranch as sb
+
     # an untrained model: its space (PCA map, counts' noise model) is all the rows below use
     space = sb.BranchedDiffusion(default_setup(train))
     rows["per-class Gaussian"] = timed(
@@ -423,6 +437,12 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     )
     rows["probe: class mean"] = timed("probe: class mean", lambda: ClassMeanProbe(train))
     rows["probe: train cells"] = timed("probe: train cells", lambda: TrainCellsProbe(train))
+    # the target of every model: the training cells as the models see them (out-of-fold
+    # scores), decoded like their cells; a generator that learned them exactly lands here
+    rows["probe: train cells' out-of-fold scores"] = timed(
+        "probe: train cells' out-of-fold scores",
+        lambda: DecodedProbe(space, train, train.obsm[LATENT]),
+    )
     return rows, info
 
 
@@ -639,6 +659,7 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         table, ratio, flags = summary_table(res["rows"])
         timing = (
             res["timing"]
+            .reindex(columns=[*res["timing"].columns.drop("steps", errors="ignore"), "steps"])
             .groupby("method", sort=False)
             .agg(
                 fit_s=("fit_s", "first"),
@@ -752,6 +773,12 @@ def main(argv=None) -> int:
         help="diffusion models to compare (branched, flat, conditioned)",
     )
     parser.add_argument(
+        "--probes-only",
+        action="store_true",
+        help="only the untrained rows (per-class Gaussian, probes), one seed of fitting; "
+        "writes docs/benchmarks/quality_probes.md",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild the markdown from the CSVs of a previous run in --out",
@@ -759,13 +786,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg_name = "gpu" if args.gpu else "fast" if args.fast else "cpu"
     cfg = {**SETTINGS[cfg_name], "architectures": tuple(args.architectures.split(","))}
+    name = "quality"
+    if args.probes_only:
+        cfg.update(architectures=(), probes_only=True, train_seeds=cfg["train_seeds"][:1])
+        name = "quality_probes"
+        if args.out == parser.get_default("out"):
+            args.out = "benchmark_out/quality_probes"
 
     import matplotlib
 
     matplotlib.use("Agg")
     import scbranch as sb
 
-    markdown = prepare_run(args, "quality")
+    markdown = prepare_run(args, name)
     loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
     results = {}
     t_all = time.perf_counter()
