@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 import pandas as pd
+from out_of_fold import METRICS
 from quality import (
     LABELS,
     SPLIT,
@@ -47,10 +48,6 @@ from quality import (
 )
 
 SETTINGS = {"cpu": {"seeds": [0, 1, 2]}, "fast": {"seeds": [0]}}
-#: (space, metric) of tl.evaluate's rows
-METRICS = [("reference_pca", m) for m in ("auroc", "mmd_median", "dispersion")] + [
-    ("genes", "de_lfc_spearman")
-]
 
 
 def scales_raised(counts, factors, expected, expression, n_rounds: int = 4, seed: int = 0):
