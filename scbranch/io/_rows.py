@@ -216,3 +216,16 @@ def is_streamed(m) -> bool:
 def moments(m) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and variance of a streamed matrix (see :func:`is_streamed`)."""
     return m.moments() if isinstance(m, RowMatrix) else column_moments(m)
+
+
+def row_blocks(m, block_rows: int = BLOCK_ROWS):
+    """Yield ``(start, stop, rows)`` over all cells of ``m``, transformed if a RowMatrix.
+
+    Examples
+    --------
+    >>> [(a, b) for a, b, _ in row_blocks(np.zeros((3, 2)), block_rows=2)]
+    [(0, 2), (2, 3)]
+    """
+    if isinstance(m, RowMatrix):
+        return m.blocks(block_rows)
+    return iter_blocks(m, block_rows)

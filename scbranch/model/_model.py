@@ -27,9 +27,11 @@ from .._constants import REGISTRY_KEYS
 from .._logging import quiet_training_warnings
 from .._utils import resolve_seed
 from .._validation import check_class_sizes, check_setup_data
+from ..io._rows import row_blocks
 from ..module import VPSDE, BranchedDiffusionModule, BranchTree
 from ..module._discovery import DiscoveryOptions
 from ..module._discovery import standardization as data_standardization
+from ..module._gaussian_skip import class_statistics, uses_full_covariance
 from ..module._networks import count_parameters
 from ..module._recipe import MAX_DEFAULT_EPOCHS, TrainingRecipe
 from ..module._sampling import steps_for
@@ -99,6 +101,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         A trained :class:`scvi.model.SCVI` or :class:`scvi.model.LinearSCVI` whose latent means
         are ``adata.obsm[obsm_key]``: generated latents are decoded by it into normalised
         expression and counts. :meth:`from_scvi_model` sets this up in one call.
+    gaussian_skip
+        What the network corrects: ``"global"``, the exact noise prediction of one centred
+        Gaussian with the data's per-dimension variance, or ``"per_branch"``, that of a Gaussian
+        fitted to the cells each branch serves (an untrained leaf samples its type's Gaussian;
+        measured: cells' spread nearer the real one, AUROC not better; ``docs/method.md``).
 
     Examples
     --------
@@ -131,6 +138,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         t_sampling: str = "uniform",
         space: str | Space | None = None,
         scvi_model=None,
+        gaussian_skip: str = "global",
     ):
         super().__init__(adata, registry)
         sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
@@ -173,9 +181,17 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             self.space.n_input, hierarchy, architecture=architecture, width=width,
             n_trunk_blocks=n_trunk_blocks, n_head_blocks=n_head_blocks, beta0=beta0, beta1=beta1,
             t_min=t_min, data_key=self.space.data_key, t_sampling=t_sampling,
+            gaussian_skip=gaussian_skip,
         )  # fmt: skip
         if standardization is not None:
             self.module.set_standardization(*standardization)
+            if gaussian_skip == "per_branch":  # one more pass over the cells
+                self.module.set_gaussian_skip(
+                    class_statistics(
+                        row_blocks(x), labels, len(classes), shift, scale,
+                        full=uses_full_covariance(self.space.n_input),
+                    )
+                )  # fmt: skip
         if self.module.tree.classes != self.classes:
             raise ValueError(
                 f"The hierarchy's classes {self.module.tree.classes} differ from the labels "

@@ -201,7 +201,8 @@ def _rebuild(cls, attributes: dict, space, state: dict, directory: Path):
     try:
         registry = attributes.pop("registry_")
         init = attributes.pop("init_params_")
-        non_kwargs = {**init["non_kwargs"], "space": space}
+        # models saved before the option corrected one global Gaussian
+        non_kwargs = {"gaussian_skip": "global", **init["non_kwargs"], "space": space}
         kwargs = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
         model = cls(None, registry=registry, **non_kwargs, **kwargs)
         for key, value in attributes.items():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ._discovery import DiscoveryOptions, crossover_times, similarity_curves, smoothed
+from ._gaussian_skip import class_statistics, uses_full_covariance
 from ._recipe import TrainingRecipe, draw_times, noise_prediction_error
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def extend_module(module, name: str, placement: Placement) -> tuple[int, int]:
     leaf = tree.leaf(tree.n_classes - 1)
     split = tree.branches[tree.branches[leaf].parent]
     index = module.net.add_branch(split.head)  # the branch it leaves: a close start
+    module.copy_gaussian_skip(split.head)
     if index != tree.branches[leaf].head:
         raise RuntimeError(f"branch function {index} != the tree's {tree.branches[leaf].head}")
     module.net.to(module.shift.device)
@@ -258,6 +260,12 @@ def add_class_head(
         reference["x"], reference["labels"], code, z, module.sde, options, class_names=class_names
     )
     _, head = extend_module(module, name, placement)
+    # the new leaf's Gaussian from the new cells; every old branch keeps its own bit for bit
+    stats = class_statistics(
+        [(0, len(z), z)], np.full(len(z), code), code + 1, 0.0, 1.0,
+        full=uses_full_covariance(module.n_input),
+    )  # fmt: skip
+    module.set_gaussian_skip(stats, first=head)
     device = module.shift.device
     n_steps = default_head_steps(len(z), batch_size, max_epochs)
     train = {"n_steps": n_steps, "batch_size": batch_size, "recipe": recipe, "seed": seed}

@@ -13,6 +13,13 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from .._constants import NOISE_KEYS, REGISTRY_KEYS
+from ._gaussian_skip import (
+    GAUSSIAN_SKIPS,
+    gaussian_eps,
+    group_moments,
+    uses_full_covariance,
+    within_class_variance,
+)
 from ._networks import ScoreNetwork, count_parameters, flat_width_matching
 from ._recipe import T_SAMPLINGS, draw_times, noise_prediction_error
 from ._sampling import SampleResult, sample
@@ -48,6 +55,11 @@ class BranchedDiffusionModule(BaseModuleClass):
     t_sampling
         Distribution of training times: ``"uniform"`` in t or ``"logsnr"`` (uniform in log-SNR,
         which weights low noise levels, where within-type detail is resolved, more).
+    gaussian_skip
+        The Gaussian whose exact noise prediction the network corrects: ``"global"``, one
+        centred Gaussian with the data's per-dimension variance, or ``"per_branch"``, the mean
+        and covariance of the cells each branch function serves (set by
+        :meth:`set_gaussian_skip`).
 
     Examples
     --------
@@ -72,8 +84,14 @@ class BranchedDiffusionModule(BaseModuleClass):
         t_min: float = VPSDE.t_min,
         data_key: str = REGISTRY_KEYS.X_KEY,
         t_sampling: str = "uniform",
+        gaussian_skip: str = "global",
     ):
         super().__init__()
+        if gaussian_skip not in GAUSSIAN_SKIPS:
+            raise ValueError(
+                f"gaussian_skip must be one of {GAUSSIAN_SKIPS}, got {gaussian_skip!r}."
+            )
+        self.gaussian_skip = gaussian_skip
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}.")
         self.t_sampling = t_sampling
@@ -126,6 +144,17 @@ class BranchedDiffusionModule(BaseModuleClass):
         self.register_buffer("scale", torch.ones(()))
         # per-dimension variance of the standardised data (for the analytic Gaussian skip term)
         self.register_buffer("data_var", torch.ones(n_input))
+        if gaussian_skip == "per_branch":
+            # one Gaussian per branch function (head or embedding row; a class for flat)
+            n_functions = self.tree.n_heads if self.follows_tree else n_classes
+            self.register_buffer("skip_mean", torch.zeros(n_functions, n_input))
+            self.register_buffer("skip_var", torch.ones(n_functions, n_input))
+            # what a small type's covariance is shrunk towards (pooled within-type variance)
+            self.register_buffer("skip_prior", torch.ones(n_input))
+            basis = None
+            if uses_full_covariance(n_input):
+                basis = torch.eye(n_input).expand(n_functions, n_input, n_input).clone()
+            self.register_buffer("skip_basis", basis)
         self._refresh_lookup()
 
     @property
@@ -154,6 +183,58 @@ class BranchedDiffusionModule(BaseModuleClass):
         self.scale.fill_(float(scale))
         if variance is not None:
             self.data_var.copy_(torch.as_tensor(variance, dtype=torch.float32))
+            if self.gaussian_skip == "per_branch":  # the global Gaussian until fitted per branch
+                self.skip_mean.zero_()
+                self.skip_prior.copy_(self.data_var)
+                self.skip_var.copy_(self.data_var.expand_as(self.skip_var))
+                if self.skip_basis is not None:
+                    self.skip_basis.copy_(torch.eye(self.n_input).expand_as(self.skip_basis))
+
+    def function_classes(self) -> list[tuple[int, ...]]:
+        """Classes served by each branch function (head / embedding row; class for flat)."""
+        if not self.follows_tree:
+            return [(c,) for c in range(self.tree.n_classes)]
+        groups: list[set[int]] = [set() for _ in range(self.tree.n_heads)]
+        for b in self.tree.branches:
+            groups[b.head].update(b.classes)
+        return [tuple(sorted(g)) for g in groups]
+
+    def copy_gaussian_skip(self, source: int) -> None:
+        """A new last branch function starts with function ``source``'s Gaussian."""
+        if self.gaussian_skip != "per_branch":
+            return
+        for name in ("mean", "var", "basis"):
+            old = getattr(self, f"skip_{name}")
+            if old is not None:
+                setattr(self, f"skip_{name}", torch.cat([old, old[source : source + 1]]))
+
+    def set_gaussian_skip(
+        self, stats: dict[str, np.ndarray], first: int = 0, prior_var: np.ndarray | None = None
+    ) -> None:
+        """Fit the per-branch Gaussians from per-class statistics of the standardised cells.
+
+        ``stats`` as :func:`~scbranch.module._gaussian_skip.class_statistics` returns them;
+        functions ``first`` on are (re)set, the others kept (class extension: old branches
+        keep their Gaussians bit for bit). Rows are added for functions that have none yet.
+        Small groups' covariances are shrunk towards ``prior_var`` (default: the pooled
+        within-class variance of ``stats`` when all functions are fitted, the stored one of
+        the training cells when only new ones are).
+        """
+        if self.gaussian_skip != "per_branch":
+            return
+        if prior_var is None:
+            prior_var = within_class_variance(stats) if first == 0 else self.skip_prior
+        prior_var = torch.as_tensor(prior_var, dtype=self.skip_prior.dtype)
+        if first == 0:  # kept for the types added later
+            self.skip_prior.copy_(prior_var)
+        groups = self.function_classes()[first:]
+        moments = group_moments(stats, groups, prior_var.cpu().numpy())
+        for name in ("mean", "var", "basis"):
+            if name not in moments:
+                continue
+            old = getattr(self, f"skip_{name}")
+            new = torch.as_tensor(moments[name], dtype=old.dtype, device=old.device)
+            setattr(self, f"skip_{name}", torch.cat([old[:first], new]))
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """Data space -> diffusion space."""
@@ -219,9 +300,12 @@ class BranchedDiffusionModule(BaseModuleClass):
     ) -> torch.Tensor:
         """Noise prediction of the branch (branched) or of the class (flat) of every row.
 
-        The network predicts a correction to ``sigma x / (alpha^2 v + sigma^2)``, the exact
-        noise prediction for Gaussian data with the data's per-dimension variance ``v``. Without
-        this skip term an MLP regresses towards typical norms: starting points in the tail of the
+        The network predicts a correction to the exact noise prediction for Gaussian data:
+        with ``gaussian_skip="per_branch"`` the Gaussian of the cells the row's branch function
+        serves (``module/_gaussian_skip.py``: a rare type's leaf starts from its type's
+        Gaussian, not from the centre of all cells), with ``"global"``
+        ``sigma x / (alpha^2 v + sigma^2)`` for the data's per-dimension variance ``v``. Without
+        a skip term an MLP regresses towards typical norms: starting points in the tail of the
         N(0, I) prior are not contracted, and a few generated cells land far outside every real
         cell.
         """
@@ -229,10 +313,16 @@ class BranchedDiffusionModule(BaseModuleClass):
         sigma, alpha = self.sde.sigma(tt), self.sde.alpha(tt)
         if sigma.dim():
             sigma, alpha = sigma.unsqueeze(-1), alpha.unsqueeze(-1)
-        # E[eps | x_t] for Gaussian data with the standardised data's per-dimension variance
-        skip = sigma * x / (alpha**2 * self.data_var + sigma**2)
+        function = self._heads[branch] if self.follows_tree else labels
+        if self.gaussian_skip == "per_branch":
+            # E[eps | x_t] for the Gaussian of the cells this branch function serves
+            skip = gaussian_eps(
+                x, alpha, sigma, function, self.skip_mean, self.skip_var, self.skip_basis
+            )
+        else:  # one centred Gaussian with the standardised data's per-dimension variance
+            skip = sigma * x / (alpha**2 * self.data_var + sigma**2)
         if self.follows_tree:
-            return skip + self.net(x, t, self._heads[branch])
+            return skip + self.net(x, t, function)
         return skip + self.net(x, t, torch.zeros_like(branch), labels)
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
