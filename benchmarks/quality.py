@@ -22,6 +22,9 @@ Methods (same training budget for the diffusion models: optimiser steps and batc
                        about the branched model's parameter count
   conditioned          (--architectures ...,conditioned) architecture="conditioned": one
                        network conditioned on a branch embedding and per-branch adapters
+  <arch>:per_branch    (--architectures ...,branched:per_branch) the same architecture with
+                       gaussian_skip="per_branch": the network corrects each branch's own
+                       Gaussian instead of one global one
   scVI resampling      latents from the class's aggregated posterior, NB counts, log-normalised
   per-class Gaussian   Ledoit-Wolf Gaussian per class on the same out-of-fold scores, decoded
                        by the models' own space with the same negative binomial
@@ -351,15 +354,23 @@ def default_setup(train, obsm_key: str = LATENT):
     return adata
 
 
+def model_options(spec: str) -> dict:
+    """``"branched"`` -> the architecture alone; ``"branched:per_branch"`` -> also that
+    ``gaussian_skip`` (a variant row of the same model)."""
+    architecture, _, skip = spec.partition(":")
+    return {"architecture": architecture, **({"gaussian_skip": skip} if skip else {})}
+
+
 def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key: str = LATENT):
     """One diffusion model in the default configuration, trained with training seed ``seed``
-    for ``cfg['steps']`` optimiser steps (``None``: the package's default budget)."""
+    for ``cfg['steps']`` optimiser steps (``None``: the package's default budget).
+    ``architecture`` may name a variant, see :func:`model_options`."""
     import scvi
 
     import scbranch as sb
 
     scvi.settings.seed = seed  # initialisation and minibatches
-    model = sb.BranchedDiffusion(default_setup(train, obsm_key), architecture=architecture)
+    model = sb.BranchedDiffusion(default_setup(train, obsm_key), **model_options(architecture))
     budget = {}
     if cfg["steps"] is not None:
         steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
