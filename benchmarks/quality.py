@@ -574,7 +574,8 @@ def seed_spread(rows: pd.DataFrame, metrics=("auroc", "mmd_median", "dispersion"
     Between: the sd of the per-training-seed means (over generation seeds). Within: the mean
     over training seeds of the sd between generation seeds.
     """
-    mean_rows = rows[(rows["group"] == "mean") & rows["method"].isin(TRAINED)]
+    trained = rows["method"].str.split(":").str[0].isin(TRAINED)  # variants too
+    mean_rows = rows[(rows["group"] == "mean") & trained]
     per_run = _runs(mean_rows, "generated")
     out = {}
     for method in pd.unique(mean_rows["method"]):
