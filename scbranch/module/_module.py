@@ -213,7 +213,7 @@ class BranchedDiffusionModule(BaseModuleClass):
     ) -> None:
         """Fit the per-branch Gaussians from per-class statistics of the standardised cells.
 
-        ``stats`` as :func:`~scbranch.module._gaussian_skip.class_statistics` returns them;
+        ``stats`` as ``module._gaussian_skip.class_statistics`` returns them;
         functions ``first`` on are (re)set, the others kept (class extension: old branches
         keep their Gaussians bit for bit). Rows are added for functions that have none yet.
         Small groups' covariances are shrunk towards ``prior_var`` (default: the pooled
