@@ -33,7 +33,6 @@ import logging
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 from quality import (
     LABELS,
