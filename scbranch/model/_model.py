@@ -31,7 +31,6 @@ from ..io._rows import row_blocks
 from ..module import VPSDE, BranchedDiffusionModule, BranchTree
 from ..module._discovery import DiscoveryOptions
 from ..module._discovery import standardization as data_standardization
-from ..module._gaussian_skip import class_statistics, uses_full_covariance
 from ..module._networks import count_parameters
 from ..module._recipe import MAX_DEFAULT_EPOCHS, TrainingRecipe
 from ..module._sampling import steps_for
@@ -102,10 +101,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         are ``adata.obsm[obsm_key]``: generated latents are decoded by it into normalised
         expression and counts. :meth:`from_scvi_model` sets this up in one call.
     gaussian_skip
-        What the network corrects: ``"global"``, the exact noise prediction of one centred
-        Gaussian with the data's per-dimension variance, or ``"per_branch"``, that of a Gaussian
-        fitted to the cells each branch serves (an untrained leaf samples its type's Gaussian;
-        measured: cells' spread nearer the real one, AUROC not better; ``docs/method.md``).
+        The Gaussian the network corrects: ``"global"`` (one) or ``"per_branch"`` (docs/method.md).
 
     Examples
     --------
@@ -185,13 +181,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         )  # fmt: skip
         if standardization is not None:
             self.module.set_standardization(*standardization)
-            if gaussian_skip == "per_branch":  # one more pass over the cells
-                self.module.set_gaussian_skip(
-                    class_statistics(
-                        row_blocks(x), labels, len(classes), shift, scale,
-                        full=uses_full_covariance(self.space.n_input),
-                    )
-                )  # fmt: skip
+            self.module.fit_gaussian_skip(row_blocks(x), labels, shift, scale)
         if self.module.tree.classes != self.classes:
             raise ValueError(
                 f"The hierarchy's classes {self.module.tree.classes} differ from the labels "
@@ -472,34 +462,27 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         }
         trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
         if use_block_loader(self, loader, devices, trainer_kwargs):
-            datamodule = model_datamodule(
-                self,
-                batch_size=batch_size,
-                train_size=train_size,
-                validation_size=validation_size,
-                class_balance=class_balance,
-                trainer_kwargs=trainer_kwargs,
-                **loader_kwargs,
-            )
-            with quiet_training_warnings():
-                return super().train(
-                    max_epochs=max_epochs,
-                    accelerator=accelerator,
-                    devices=devices,
-                    plan_kwargs=plan_kwargs,
-                    datamodule=datamodule,
-                    **trainer_kwargs,
+            data = {
+                "datamodule": model_datamodule(
+                    self,
+                    batch_size=batch_size,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    class_balance=class_balance,
+                    trainer_kwargs=trainer_kwargs,
+                    **loader_kwargs,
                 )
+            }
+        else:  # scvi-tools' own splitter and loader
+            data = dict(train_size=train_size, batch_size=batch_size)
+            data.update(validation_size=validation_size, datasplitter_kwargs=datasplitter_kwargs)
         with quiet_training_warnings():
             return super().train(
                 max_epochs=max_epochs,
                 accelerator=accelerator,
                 devices=devices,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
                 plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs,
+                **data,
                 **trainer_kwargs,
             )
 

@@ -15,6 +15,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from .._constants import NOISE_KEYS, REGISTRY_KEYS
 from ._gaussian_skip import (
     GAUSSIAN_SKIPS,
+    class_statistics,
     gaussian_eps,
     group_moments,
     uses_full_covariance,
@@ -207,6 +208,18 @@ class BranchedDiffusionModule(BaseModuleClass):
             old = getattr(self, f"skip_{name}")
             if old is not None:
                 setattr(self, f"skip_{name}", torch.cat([old, old[source : source + 1]]))
+
+    def fit_gaussian_skip(self, blocks, labels: np.ndarray, shift, scale: float) -> None:
+        """Fit every branch function's Gaussian in one pass over the cells.
+
+        ``blocks`` yields ``(start, stop, rows)`` of cells not yet standardised, labelled by
+        ``labels``. Nothing to fit with ``gaussian_skip="global"``.
+        """
+        if self.gaussian_skip != "per_branch":
+            return
+        full = uses_full_covariance(self.n_input)
+        stats = class_statistics(blocks, labels, self.tree.n_classes, shift, scale, full)
+        self.set_gaussian_skip(stats)
 
     def set_gaussian_skip(
         self, stats: dict[str, np.ndarray], first: int = 0, prior_var: np.ndarray | None = None
