@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ._discovery import DiscoveryOptions, crossover_times, similarity_curves, smoothed
-from ._gaussian_skip import class_statistics, uses_full_covariance
 from ._recipe import TrainingRecipe, draw_times, noise_prediction_error
 
 logger = logging.getLogger(__name__)
@@ -261,11 +260,7 @@ def add_class_head(
     )
     _, head = extend_module(module, name, placement)
     # the new leaf's Gaussian from the new cells; every old branch keeps its own bit for bit
-    stats = class_statistics(
-        [(0, len(z), z)], np.full(len(z), code), code + 1, 0.0, 1.0,
-        full=uses_full_covariance(module.n_input),
-    )  # fmt: skip
-    module.set_gaussian_skip(stats, first=head)
+    module.fit_gaussian_skip([(0, len(z), z)], np.full(len(z), code), 0.0, 1.0, first=head)
     device = module.shift.device
     n_steps = default_head_steps(len(z), batch_size, max_epochs)
     train = {"n_steps": n_steps, "batch_size": batch_size, "recipe": recipe, "seed": seed}

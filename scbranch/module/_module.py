@@ -209,17 +209,20 @@ class BranchedDiffusionModule(BaseModuleClass):
             if old is not None:
                 setattr(self, f"skip_{name}", torch.cat([old, old[source : source + 1]]))
 
-    def fit_gaussian_skip(self, blocks, labels: np.ndarray, shift, scale: float) -> None:
-        """Fit every branch function's Gaussian in one pass over the cells.
+    def fit_gaussian_skip(
+        self, blocks, labels: np.ndarray, shift, scale: float, first: int = 0
+    ) -> None:
+        """Fit the Gaussians of branch functions ``first`` on in one pass over the cells.
 
         ``blocks`` yields ``(start, stop, rows)`` of cells not yet standardised, labelled by
-        ``labels``. Nothing to fit with ``gaussian_skip="global"``.
+        ``labels`` (see :meth:`set_gaussian_skip` for ``first``). Nothing to fit with
+        ``gaussian_skip="global"``.
         """
         if self.gaussian_skip != "per_branch":
             return
         full = uses_full_covariance(self.n_input)
         stats = class_statistics(blocks, labels, self.tree.n_classes, shift, scale, full)
-        self.set_gaussian_skip(stats)
+        self.set_gaussian_skip(stats, first=first)
 
     def set_gaussian_skip(
         self, stats: dict[str, np.ndarray], first: int = 0, prior_var: np.ndarray | None = None
