@@ -200,3 +200,33 @@ def test_models_saved_before_the_option_load_with_the_global_gaussian(tmp_path):
     _, new = _model()
     new.save(tmp_path / "new")
     assert sb.BranchedDiffusion.load(tmp_path / "new").module.gaussian_skip == "per_branch"
+
+
+@pytest.mark.parametrize("architecture", ["branched", "conditioned"])
+def test_add_classes_keeps_old_gaussians_and_samples_and_fits_the_new_leaf(architecture):
+    import scbranch as sb
+    from scbranch.datasets import simulate_tree
+
+    sim = simulate_tree(depth=2, n_per_class=60, dim=6, seed=0).to_anndata(
+        labels_key="cell_type", obsm_key="X_latent"
+    )
+    old = sim[sim.obs["cell_type"] != "c3"].copy()
+    old.obs["cell_type"] = old.obs["cell_type"].cat.remove_unused_categories()
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(
+        old, width=16, n_head_blocks=1, gaussian_skip="per_branch", architecture=architecture
+    )
+    model.train(max_epochs=2, enable_progress_bar=False)
+    classes = list(model.classes)
+    before = model.generate(n_cells=10, labels=classes, seed=1, progress_bar=False)
+    rows = {k: getattr(model.module, f"skip_{k}").clone() for k in ("mean", "var", "basis")}
+    model.add_classes(sim, labels=["c3"], max_epochs=2, progress_bar=False)
+    after = model.generate(n_cells=10, labels=classes, seed=1, progress_bar=False)
+    np.testing.assert_array_equal(before.obsm["X_latent"], after.obsm["X_latent"])
+    module = model.module
+    for k, old_rows in rows.items():
+        assert torch.equal(getattr(module, f"skip_{k}")[: len(old_rows)], old_rows)
+    leaf = model.tree.branches[model.tree.leaf(model.classes.index("c3"))].head
+    new = sim.obsm["X_latent"][(sim.obs["cell_type"] == "c3").to_numpy()]
+    want = (new - module.shift.numpy()) / float(module.scale)
+    np.testing.assert_allclose(module.skip_mean[leaf].numpy(), want.mean(0), atol=1e-4)
