@@ -37,6 +37,9 @@ Usage (from the repository root, in the project's venv):
   python benchmarks/augmentation.py --datasets pbmc3k,pbmc68k   # pbmc68k_reduced too: its
                                                # rare types have 8-31 cells, 2-9 test cells
   python benchmarks/augmentation.py --fast     # smoke test (numbers meaningless)
+More diffusion rows for an earlier run: run them alone (``--architectures branched:per_branch
+--no-baselines --out DIR``), append DIR/rows.csv to the earlier rows.csv and rebuild the page
+(``--report-only``).
 Writes docs/benchmarks/augmentation.md and, under --out, the per-split CSV.
 """
 
@@ -287,6 +290,15 @@ def per_type(rows: pd.DataFrame) -> pd.DataFrame:
     return table.loc[_order(table.index)]
 
 
+def total_wall_s(rows: pd.DataFrame) -> float:
+    """Wall time of the runs whose rows ``rows`` holds: each run's last value, added up (rows
+    of a ``--no-baselines`` run appended to an earlier run's carry their own ``run``)."""
+    if "wall_s" not in rows:
+        return float("nan")
+    runs = rows["run"].fillna("") if "run" in rows else pd.Series("", index=rows.index)
+    return float(rows.groupby(runs)["wall_s"].max().sum())
+
+
 def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cfg: dict, wall_s):
     budget = "the default budget" if cfg["steps"] is None else f"{cfg['steps']} optimiser steps"
     lines = [
@@ -342,7 +354,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--no-baselines",
         action="store_true",
-        help="fit only the diffusion models (rows of other methods come from an earlier run)",
+        help="fit only the diffusion models (append the rows to an earlier run's rows.csv "
+        "and rebuild the page with --report-only)",
     )
     parser.add_argument(
         "--report-only",
@@ -358,11 +371,12 @@ def main(argv=None) -> int:
     }
     markdown = prepare_run(args, "augmentation")
     t_all = time.perf_counter()
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")  # rows of several runs (--no-baselines) add up
     rows, info = [], {}
     if args.report_only:
         previous = pd.read_csv("rows.csv")
         rows = previous[previous["dataset"].isin(args.datasets.split(","))].to_dict("records")
-        wall_s = float(previous["wall_s"].max()) if "wall_s" in previous else float("nan")
+        wall_s = total_wall_s(previous)
     for name in args.datasets.split(","):
         adata = raw_counts(name)
         rare = rare_types(adata.obs[LABELS])
@@ -378,7 +392,7 @@ def main(argv=None) -> int:
         for seed in [] if args.report_only else cfg["splits"]:
             rows += run_split(name, adata, rare, seed, cfg)
             wall_s = time.perf_counter() - t_all
-            pd.DataFrame(rows).assign(wall_s=wall_s).to_csv("rows.csv", index=False)
+            pd.DataFrame(rows).assign(wall_s=wall_s, run=run).to_csv("rows.csv", index=False)
     rows = pd.DataFrame(rows)
     print(write_markdown(markdown, rows, info, cfg_name, cfg, wall_s))
     return 0
