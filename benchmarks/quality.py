@@ -25,6 +25,7 @@ Methods (same training budget for the diffusion models: optimiser steps and batc
   <arch>:per_branch    (--architectures ...,branched:per_branch) the same architecture with
                        gaussian_skip="per_branch": the network corrects each branch's own
                        Gaussian instead of one global one
+  <arch>:late, <arch>:unshared   later branch points / no sharing (benchmarks/sharing.py)
   scVI resampling      latents from the class's aggregated posterior, NB counts, log-normalised
   per-class Gaussian   Ledoit-Wolf Gaussian per class on the same out-of-fold scores, decoded
                        by the models' own space with the same negative binomial
@@ -354,11 +355,41 @@ def default_setup(train, obsm_key: str = LATENT):
     return adata
 
 
-def model_options(spec: str) -> dict:
-    """``"branched"`` -> the architecture alone; ``"branched:per_branch"`` -> also that
-    ``gaussian_skip`` (a variant row of the same model)."""
-    architecture, _, skip = spec.partition(":")
-    return {"architecture": architecture, **({"gaussian_skip": skip} if skip else {})}
+#: tree variant "unshared": every type alone below this time (alpha < 0.02 with the default
+#: process, so nothing is shared where the types differ); the types join one by one above it
+UNSHARED_FROM = 0.90
+
+
+def unshared_tree(classes):
+    """A tree on ``classes`` whose branch points all lie at t >= :data:`UNSHARED_FROM`: each
+    type follows its own function wherever the types differ, as a model without sharing would."""
+    import scbranch as sb
+
+    merges = [
+        (tuple(range(k + 1)), (k + 1,), UNSHARED_FROM + 0.01 * k) for k in range(len(classes) - 1)
+    ]
+    return sb.module.BranchTree.from_merges(list(classes), merges)
+
+
+def model_options(spec: str, classes=None) -> dict:
+    """Model keyword arguments of a row name: ``"<architecture>[:<variant>...]"``.
+
+    Variants: ``per_branch`` (``gaussian_skip="per_branch"``), ``late`` (discovery with
+    ``epsilon=0``: later branch points, less sharing) and ``unshared`` (the tree of
+    :func:`unshared_tree` on ``classes``: no sharing where the types differ).
+    """
+    architecture, *variants = spec.split(":")
+    options = {"architecture": architecture}
+    for variant in variants:
+        if variant == "per_branch":
+            options["gaussian_skip"] = variant
+        elif variant == "late":
+            options["discovery_kwargs"] = {"epsilon": 0.0}
+        elif variant == "unshared":
+            options["hierarchy"] = unshared_tree(classes)
+        else:
+            raise ValueError(f"Unknown variant {variant!r} in {spec!r}.")
+    return options
 
 
 def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key: str = LATENT):
@@ -370,7 +401,9 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     import scbranch as sb
 
     scvi.settings.seed = seed  # initialisation and minibatches
-    model = sb.BranchedDiffusion(default_setup(train, obsm_key), **model_options(architecture))
+    adata = default_setup(train, obsm_key)
+    classes = adata.obs[LABELS].cat.categories
+    model = sb.BranchedDiffusion(adata, **model_options(architecture, classes))
     budget = {}
     if cfg["steps"] is not None:
         steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
@@ -483,7 +516,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> tuple[pd.DataFrame, pd.D
                         dataset=name, method=method_name, train_seed=train_seed, seed=seed
                     )
                 )
-                calls = gen.uns.get("scbranch", {}).get("params", {}).get("n_network_calls", 0)
+                params = gen.uns.get("scbranch", {}).get("params", {})
                 timing.append(
                     {
                         "dataset": name,
@@ -492,7 +525,8 @@ def run_dataset(name: str, train, held, unseen, cfg) -> tuple[pd.DataFrame, pd.D
                         "seed": seed,
                         "generate_s": gen_s,
                         "cells": gen.n_obs,
-                        "network_calls": calls,
+                        "network_calls": params.get("n_network_calls", 0),
+                        "row_evaluations": params.get("n_row_evaluations", 0),
                         **info[method_name],
                     }
                 )
