@@ -418,6 +418,12 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     return model
 
 
+def describe_tree(tree) -> str:
+    """How many branch points a tree has, and the range of their times."""
+    times = sorted({b.t_start for b in tree.branches if b.children})
+    return f"{len(times)} branch points, t = {times[0]:.2f}-{times[-1]:.2f}"
+
+
 def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     """Fit the methods of one training seed; returns row name -> generator, and -> cost.
 
@@ -440,6 +446,7 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     for arch in cfg["architectures"]:
         model = timed(arch, lambda arch=arch: train_model(train, cfg, train_seed, arch), n_params)
         info[arch]["steps"] = int(model.trainer.global_step)
+        info[arch]["tree"] = describe_tree(model.tree)
         rows[arch] = _Generator(model)
     if not cfg.get("baselines", True):  # the diffusion models only
         return rows, info
