@@ -371,12 +371,20 @@ def unshared_tree(classes):
     return sb.module.BranchTree.from_merges(list(classes), merges)
 
 
+#: space variants of a row name (the default space is the out-of-fold PC scores)
+SPACE_VARIANTS = ("scvi", "expression")
+
+
 def model_options(spec: str, classes=None) -> dict:
     """Model keyword arguments of a row name: ``"<architecture>[:<variant>...]"``.
 
     Variants: ``per_branch`` (``gaussian_skip="per_branch"``), ``late`` (discovery with
-    ``epsilon=0``: later branch points, less sharing) and ``unshared`` (the tree of
-    :func:`unshared_tree` on ``classes``: no sharing where the types differ).
+    ``epsilon=0``: later branch points, less sharing), ``unshared`` (the tree of
+    :func:`unshared_tree` on ``classes``: no sharing where the types differ), ``width<N>``
+    (the network's width, e.g. ``width512``) and the spaces
+    ``scvi`` (scVI's latent, decoded by scVI) and ``expression`` (the log-normalised genes);
+    without a space variant the model diffuses the out-of-fold PC scores. The space comes
+    back under the key ``"space"``, for :func:`train_model`.
     """
     architecture, *variants = spec.split(":")
     options = {"architecture": architecture}
@@ -387,6 +395,10 @@ def model_options(spec: str, classes=None) -> dict:
             options["discovery_kwargs"] = {"epsilon": 0.0}
         elif variant == "unshared":
             options["hierarchy"] = unshared_tree(classes)
+        elif variant in SPACE_VARIANTS:
+            options["space"] = variant
+        elif variant.startswith("width") and variant[5:].isdigit():
+            options["width"] = int(variant[5:])
         else:
             raise ValueError(f"Unknown variant {variant!r} in {spec!r}.")
     return options
@@ -395,15 +407,32 @@ def model_options(spec: str, classes=None) -> dict:
 def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key: str = LATENT):
     """One diffusion model in the default configuration, trained with training seed ``seed``
     for ``cfg['steps']`` optimiser steps (``None``: the package's default budget).
-    ``architecture`` may name a variant, see :func:`model_options`."""
+    ``architecture`` may name a variant, see :func:`model_options`; the scVI space trains its
+    scVI model (``cfg['scvi_epochs']``) with the same seed, on the train cells only."""
     import scvi
 
     import scbranch as sb
 
     scvi.settings.seed = seed  # initialisation and minibatches
-    adata = default_setup(train, obsm_key)
-    classes = adata.obs[LABELS].cat.categories
-    model = sb.BranchedDiffusion(adata, **model_options(architecture, classes))
+    classes = train.obs[LABELS].cat.categories
+    options = model_options(architecture, classes)
+    space = options.pop("space", None)
+    if space == "scvi":
+        vae = sb.model.fit_scvi(
+            train,
+            counts_layer="counts",
+            max_epochs=cfg["scvi_epochs"],
+            seed=seed,
+            accelerator=cfg["accelerator"],
+            enable_progress_bar=False,
+        )
+        scvi.settings.seed = seed  # the diffusion starts from the same state as the others
+        model = sb.BranchedDiffusion.from_scvi_model(
+            vae, labels_key=LABELS, adata=train.copy(), **options
+        )
+    else:
+        adata = default_setup(train, None if space == "expression" else obsm_key)
+        model = sb.BranchedDiffusion(adata, **options)
     budget = {}
     if cfg["steps"] is not None:
         steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))

@@ -13,13 +13,17 @@ Rows:
   probe: unseen cells via the PCs, <noise>   the same cells' PC scores decoded without noise
                                         and with "nb": the best a generator of exact PC
                                         scores can reach
-  <architecture>, <steps> steps         a model trained for that many steps on the latent,
+  <architecture>, <steps> steps         a model trained for that many steps on the latent
+                                        (quality.py row names: ``branched:width512``),
                                         set up with counts (so PCA models decode with "nb",
                                         the default)
 
 Usage (from the repository root, in the project's venv):
   python benchmarks/training_budget.py                       # both datasets, about 60 min
   python benchmarks/training_budget.py --datasets pbmc68k --architectures conditioned
+  python benchmarks/training_budget.py --datasets pbmc68k --latent expression \
+      --steps 1800,7200,14400 --architectures branched,branched:width512 \
+      --markdown docs/benchmarks/training_budget_expression.md   # the expression space
   python benchmarks/training_budget.py --fast                # smoke test; numbers meaningless
 Writes docs/benchmarks/training_budget.md.
 """
@@ -34,14 +38,16 @@ import time
 import numpy as np
 import pandas as pd
 from noise_models import fit_rows as noise_probes
-from out_of_fold import evaluate_rows, table, train_branched
+from out_of_fold import evaluate_rows, table
 from quality import (
     LABELS,
     SPLIT,
     _md,
     load_pbmc3k,
     load_pbmc68k,
+    model_options,
     prepare_run,
+    train_model,
     write_lines,
 )
 
@@ -80,13 +86,13 @@ def fit_rows(train, unseen, cfg, architectures, latent, max_steps) -> tuple[dict
             if steps > max_steps.get(arch, np.inf):
                 continue
             t0 = time.perf_counter()
-            model = train_branched(
+            # set up with the counts, so PCA models decode with "nb" (the default)
+            model = train_model(
                 train,
-                LATENTS[latent],
-                {**cfg, "steps": steps},
+                {**cfg, "steps": steps, "accelerator": "cpu"},
                 cfg["train_seed"],
-                architecture=arch,
-                counts_layer="counts",  # PCA models then decode with "nb" (the default)
+                arch,
+                obsm_key=LATENTS[latent],
             )
             done = int(model.trainer.global_step)
             costs.append(
@@ -148,6 +154,8 @@ def main(argv=None) -> int:
     if args.steps:
         cfg["steps"] = [int(s) for s in args.steps.split(",")]
     architectures = args.architectures.split(",")
+    for arch in architectures:  # a misspelt row fails here, not after the first training
+        model_options(arch, ["A", "B"])
     limits: dict[str, dict] = {}
     for item in filter(None, args.max_steps.split(";")):
         dataset, _, rest = item.partition(":")

@@ -1,0 +1,101 @@
+"""The variant rows of sharing.py and spaces_quality.py (quality.py ``model_options``, variants.py).
+
+``unshared`` must give every type its own branch function wherever the types differ (below
+t = 0.90); a misspelt variant must not silently
+train the default model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+quality = pytest.importorskip("quality")
+
+
+def test_unshared_tree_gives_every_type_its_own_function_below_the_threshold():
+    classes = ["A", "B", "C", "D"]
+    tree = quality.unshared_tree(classes)
+    for c in range(len(classes)):
+        for t in (0.0, 0.5, 0.89):
+            branch = tree.branches[int(tree.lookup(np.array([c]), t)[0])]
+            assert branch.classes == (c,)
+    # above the last join all types share one function (the root)
+    root = tree.branches[int(tree.lookup(np.array([0]), 0.99)[0])]
+    assert set(root.classes) == set(range(len(classes)))
+    assert min(b.t_start for b in tree.branches if b.children) == quality.UNSHARED_FROM
+
+
+def test_model_options_reads_every_variant_and_refuses_unknown_ones():
+    assert quality.model_options("conditioned") == {"architecture": "conditioned"}
+    assert quality.model_options("branched:per_branch")["gaussian_skip"] == "per_branch"
+    assert quality.model_options("branched:late")["discovery_kwargs"] == {"epsilon": 0.0}
+    options = quality.model_options("branched:unshared", ["A", "B"])
+    assert options["hierarchy"].n_classes == 2
+    with pytest.raises(ValueError, match="Unknown variant"):
+        quality.model_options("branched:unshraed")
+    assert quality.model_options("branched:scvi")["space"] == "scvi"
+    assert quality.model_options("branched:width512")["width"] == 512
+    with pytest.raises(ValueError, match="Unknown variant"):
+        quality.model_options("branched:widthX")
+    assert quality.model_options("branched:expression:per_branch") == {
+        "architecture": "branched",
+        "space": "expression",
+        "gaussian_skip": "per_branch",
+    }
+
+
+def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_them(tmp_path):
+    import pandas as pd
+
+    variants = pytest.importorskip("variants")
+    methods = ["branched", "branched:unshared", variants.UNSEEN]
+    pd.DataFrame({"method": methods, "generated": [0.6, 0.7, 0.5]}).to_csv(
+        tmp_path / "rows_pbmc68k.csv", index=False
+    )
+    pd.DataFrame({"method": methods[:2], "fit_s": [1.0, 2.0]}).to_csv(
+        tmp_path / "timing_pbmc68k.csv", index=False
+    )
+    rows, timing = variants.reused_rows(tmp_path, "pbmc68k", ["branched"])
+    assert sorted(rows["method"]) == sorted([variants.DEFAULT, variants.UNSEEN])
+    assert list(timing["method"]) == [variants.DEFAULT]
+    rows, timing = variants.reused_rows(tmp_path, "pbmc68k", ["branched:unshared"])
+    assert len(rows) == 3 and len(timing) == 2  # asked for, with the default and the probe
+    with pytest.raises(FileNotFoundError):
+        variants.reused_rows(tmp_path, "pbmc3k", ["branched"])
+    pd.DataFrame({"method": ["flat"], "generated": [0.6]}).to_csv(
+        tmp_path / "rows_pbmc3k.csv", index=False
+    )
+    pd.DataFrame({"method": ["flat"], "fit_s": [1.0]}).to_csv(
+        tmp_path / "timing_pbmc3k.csv", index=False
+    )
+    with pytest.raises(ValueError, match="no rows of"):
+        variants.reused_rows(tmp_path, "pbmc3k", ["branched"])
+
+
+def test_gene_space_gaussian_recovers_a_known_gaussian_and_never_goes_negative():
+    import anndata as ad
+    import pandas as pd
+
+    spaces_quality = pytest.importorskip("spaces_quality")
+    rng = np.random.default_rng(0)
+    n, genes = 4000, 6
+    basis = np.linalg.qr(rng.normal(size=(genes, genes)))[0][:, :2]  # two true components
+    means = {"a": np.full(genes, 5.0), "b": np.linspace(4.0, 6.0, genes)}
+    blocks = [
+        m + rng.normal(size=(n, 2)) * [2.0, 1.0] @ basis.T + rng.normal(size=(n, genes)) * 0.1
+        for m in means.values()
+    ]
+    cells = ad.AnnData(np.vstack(blocks))
+    cells.obs[spaces_quality.LABELS] = pd.Categorical(np.repeat(list(means), n))
+    gen = spaces_quality.GeneSpaceGaussian(cells, rank=2).generate(n, seed=1)
+    assert gen.n_obs == 2 * n and (gen.X >= 0).all()
+    for label, mean in means.items():
+        drawn = gen.X[(gen.obs[spaces_quality.LABELS] == label).to_numpy()]
+        np.testing.assert_allclose(drawn.mean(0), mean, atol=0.1)
+        true_cov = basis @ np.diag([4.0, 1.0]) @ basis.T + 0.01 * np.eye(genes)
+        np.testing.assert_allclose(np.cov(drawn.T), true_cov, atol=0.25)
