@@ -263,7 +263,9 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         f"{os.cpu_count()} CPU cores. Every model is fitted on the train cells only.",
         "",
         "Summary: mean over classes of `sb.tl.evaluate` (equal-size halves of the held-out cells;"
-        " control = real half A vs real half B), times in seconds.",
+        " control = real half A vs real half B), times in seconds. For quality (AUROC, label "
+        "fidelity) read [spaces on the corrected instrument](spaces_quality.md): this page's "
+        "models diffuse in-sample PC scores.",
     ]
     for name, res in results.items():
         lines += [

@@ -1,0 +1,113 @@
+"""Spaces on the corrected instrument: the default model in PCA, scVI-latent and expression space.
+
+The same branched model and budget in each of the package's three spaces, judged by the quality
+benchmark's protocol (``benchmarks/quality.py``: train / held-out / unseen split per class,
+``tl.evaluate`` in a reference PCA fitted on the train cells only, 3 training x 3 generation
+seeds) next to the known answer: unseen real cells, judged like a generator, must sit at the
+control. (benchmarks/spaces.py measures counts per class; its AUROC is of the older instrument.)
+
+Rows:
+  branched             the default: out-of-fold PC scores (30), negative-binomial decoding
+  branched:scvi        scVI's latent means (scVI trained on the train cells' counts with the
+                       same seed, ``scvi_epochs``), decoded by scVI: counts from its likelihood
+  branched:expression  the 2,000 (pbmc3k) / 765 (pbmc68k) log-normalised genes, no encoder;
+                       negative values set to 0
+  probe: real cells, unseen   the known answer
+  probe: per-class Gaussian, genes   each type's log-normalised genes drawn from a Gaussian
+                       with the type's mean, its top-30 covariance and a per-gene remainder,
+                       negative values set to 0: what continuous noise in gene space looks
+                       like to the instrument (compare quality.md's per-class Gaussian in the
+                       PC scores, decoded with the negative binomial)
+
+Usage (from the repository root, in the project's venv; run nothing else beside it):
+  python benchmarks/spaces_quality.py --reuse benchmark_out/sharing   # the default rows of the
+                                       # sharing run (same splits and seeds): 35 min on 2 cores
+  python benchmarks/spaces_quality.py  # every row trained, about 50 min
+  python benchmarks/spaces_quality.py --fast   # smoke test (numbers meaningless)
+Writes docs/benchmarks/spaces_quality.md and, under --out, the per-row CSV (machinery:
+variants.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import variants
+from quality import LABELS
+
+ROWS = ("branched", "branched:scvi", "branched:expression")
+TITLE = "The three spaces on the corrected instrument"
+INTRO = (
+    "One branched model per space, the same budget (default steps, batch 64): `branched` "
+    "diffuses the out-of-fold PC scores and decodes with the negative binomial, "
+    "`branched:scvi` scVI's latent means (scVI fitted on the train cells with the training "
+    "seed) decoded by scVI, `branched:expression` the log-normalised genes themselves. "
+    "Fit (s) includes scVI's training for the scVI row."
+)
+
+
+class GeneSpaceGaussian:
+    """One Gaussian per type in log-normalised gene space: mean, top-``rank`` covariance
+    (from the type's centred cells) and a per-gene variance for the rest; negative draws set
+    to 0, as the expression space decodes.
+
+    Examples
+    --------
+    >>> cells = ad.AnnData(np.abs(np.random.default_rng(0).normal(size=(40, 5))))
+    >>> cells.obs[LABELS] = pd.Categorical(["a", "b"] * 20)
+    >>> GeneSpaceGaussian(cells, rank=2).generate(3, seed=0).shape
+    (6, 5)
+    """
+
+    def __init__(self, train, rank: int = 30):
+        import scipy.sparse as sp
+
+        x = train.X.toarray() if sp.issparse(train.X) else np.asarray(train.X)
+        labels = train.obs[LABELS]
+        self.var_names, self.classes = train.var_names, labels.cat.categories
+        self.moments = {}
+        for c in self.classes:
+            cells = x[(labels == c).to_numpy()].astype(np.float64)
+            mean = cells.mean(0)
+            _, s, vt = np.linalg.svd(cells - mean, full_matrices=False)
+            k = min(rank, len(s))
+            scales = s[:k] / np.sqrt(max(len(cells) - 1, 1))  # sd along each component
+            rest = (cells - mean) - (cells - mean) @ vt[:k].T @ vt[:k]
+            self.moments[c] = (mean, scales, vt[:k], rest.std(0, ddof=1 if len(cells) > 1 else 0))
+
+    def generate(self, n_cells: int, seed: int):
+        """``n_cells`` of every type, labelled in ``obs[LABELS]``."""
+        rng = np.random.default_rng(seed)
+        blocks = []
+        for c in self.classes:
+            mean, scales, basis, rest = self.moments[c]
+            top = (rng.standard_normal((n_cells, len(scales))) * scales) @ basis
+            blocks.append(mean + top + rng.standard_normal((n_cells, len(mean))) * rest)
+        out = ad.AnnData(np.clip(np.vstack(blocks), 0.0, None).astype(np.float32))
+        out.var_names = self.var_names
+        out.obs[LABELS] = pd.Categorical(np.repeat(self.classes, n_cells), categories=self.classes)
+        return out
+
+
+#: probes judged next to the model rows (row name -> fitted on the train cells)
+PROBES = {"probe: per-class Gaussian, genes": GeneSpaceGaussian}
+
+
+def main(argv=None) -> int:
+    return variants.main(
+        argv,
+        script="spaces_quality.py",
+        title=TITLE,
+        intro=INTRO,
+        rows=ROWS,
+        probes=PROBES,
+    )
+
+
+if __name__ == "__main__":
+    logging.getLogger("variants").setLevel(logging.INFO)
+    sys.exit(main())
