@@ -244,6 +244,22 @@ def test_expression_space_model():
     assert list(gen.var_names) == list(adata.var_names)
 
 
+def test_expression_space_on_many_genes_points_to_the_pca_space(caplog):
+    from scbranch.model._spaces import EXPRESSION_ADVICE_GENES
+
+    small = _pca_adata()
+    sb.BranchedDiffusion.setup_anndata(small, labels_key="cell_type")
+    with caplog.at_level("WARNING", logger="scbranch"):
+        sb.BranchedDiffusion(small, width=16, n_head_blocks=1)
+    assert "Diffusing" not in caplog.text  # a small panel is what the space is for
+    many = _pca_adata(n_per_class=10, n_genes=EXPRESSION_ADVICE_GENES + 1)
+    sb.BranchedDiffusion.setup_anndata(many, labels_key="cell_type")
+    with caplog.at_level("WARNING", logger="scbranch"):
+        sb.BranchedDiffusion(many, width=16, n_head_blocks=1)
+    assert f"Diffusing {EXPRESSION_ADVICE_GENES + 1} genes" in caplog.text
+    assert "pca_out_of_fold" in caplog.text
+
+
 def test_flat_architecture():
     adata = _sim_adata()
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
