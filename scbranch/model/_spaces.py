@@ -689,8 +689,8 @@ class PcaSpace(_GeneSpace):
         )
 
 
-#: above this many genes an expression model logs where its cells stand (docs/spaces.md:
-#: 765 and 2,000 PBMC genes were told apart from real cells at AUROC 0.96-0.98)
+#: above this many genes an expression model logs where its cells stand (measured on 765 and
+#: 2,000 PBMC genes in docs/spaces.md, "How the spaces compare")
 EXPRESSION_ADVICE_GENES = 300
 
 
@@ -734,10 +734,10 @@ class ExpressionSpace(_GeneSpace):
         if len(space.genes) > EXPRESSION_ADVICE_GENES:
             logger.warning(
                 "Diffusing %d genes directly: on whole transcriptomes generated cells are told "
-                "apart from real ones (AUROC 0.96-0.98 on PBMC data, where the default PCA "
-                "space scores 0.58-0.62; docs/spaces.md). For many genes, set up out-of-fold "
-                "PC scores (`sb.tl.pca_out_of_fold`, obsm_key='X_pca_oof') with counts_layer, "
-                "or an scVI latent (`from_scvi_model`).",
+                "apart from real ones far more easily than in the default PCA space (measured "
+                "in docs/spaces.md, 'How the spaces compare'). For many genes, set up "
+                "out-of-fold PC scores (`sb.tl.pca_out_of_fold`, obsm_key='X_pca_oof') with "
+                "counts_layer, or an scVI latent (`from_scvi_model`).",
                 len(space.genes),
             )
         return space
