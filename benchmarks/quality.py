@@ -373,6 +373,23 @@ def unshared_tree(classes):
 
 #: space variants of a row name (the default space is the out-of-fold PC scores)
 SPACE_VARIANTS = ("scvi", "expression")
+#: sampler variants of a row name: generate() options; the model is the row's without them
+#: (trained once per training seed when several rows share it)
+SAMPLER_VARIANTS = {"sde": {"solver": "em"}, "ode": {"solver": "heun"}}
+
+
+def model_spec(spec: str) -> str:
+    """A row name without its sampler variants: the model the row generates with."""
+    return ":".join(p for p in spec.split(":") if p not in SAMPLER_VARIANTS)
+
+
+def generate_options(spec: str) -> dict:
+    """``generate()`` options of a row name's sampler variants (``sde``: the reverse SDE,
+    Euler-Maruyama, at the default 25 steps; ``ode``: the probability-flow ODE, Heun)."""
+    options = {}
+    for part in spec.split(":")[1:]:
+        options.update(SAMPLER_VARIANTS.get(part, {}))
+    return options
 
 
 def model_options(spec: str, classes=None) -> dict:
@@ -384,9 +401,10 @@ def model_options(spec: str, classes=None) -> dict:
     (the network's width, e.g. ``width512``) and the spaces
     ``scvi`` (scVI's latent, decoded by scVI) and ``expression`` (the log-normalised genes);
     without a space variant the model diffuses the out-of-fold PC scores. The space comes
-    back under the key ``"space"``, for :func:`train_model`.
+    back under the key ``"space"``, for :func:`train_model`. Sampler variants
+    (:data:`SAMPLER_VARIANTS`) do not change the model: :func:`generate_options`.
     """
-    architecture, *variants = spec.split(":")
+    architecture, *variants = model_spec(spec).split(":")
     options = {"architecture": architecture}
     for variant in variants:
         if variant == "per_branch":
@@ -472,11 +490,20 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
     def n_params(model):
         return sum(p.numel() for p in model.module.parameters())
 
+    models = {}  # model spec -> (model, its first row): rows differing in the sampler share it
     for arch in cfg["architectures"]:
-        model = timed(arch, lambda arch=arch: train_model(train, cfg, train_seed, arch), n_params)
-        info[arch]["steps"] = int(model.trainer.global_step)
-        info[arch]["tree"] = describe_tree(model.tree)
-        rows[arch] = _Generator(model)
+        spec = model_spec(arch)
+        if spec in models:
+            model, first = models[spec]
+            info[arch] = dict(info[first])
+        else:
+            model = timed(
+                arch, lambda spec=spec: train_model(train, cfg, train_seed, spec), n_params
+            )
+            info[arch]["steps"] = int(model.trainer.global_step)
+            info[arch]["tree"] = describe_tree(model.tree)
+            models[spec] = (model, arch)
+        rows[arch] = _Generator(model, **generate_options(arch))
     if not cfg.get("baselines", True):  # the diffusion models only
         return rows, info
     if cfg.get("probes_only"):

@@ -126,26 +126,36 @@ def write_page(path, title: str, intro: str, results: dict, cfg, meta: dict) -> 
         lines += ["", f"## {name}", "", _md(table.fillna(""))]
         for metric in ("auroc", "label_fidelity"):
             lines += ["", f"{metric} per class (mean over runs):", "", _md(per_class(rows, metric))]
-        for other in cfg["architectures"]:
-            if other == DEFAULT:
-                continue
-            cmp = per_class_comparison(rows, DEFAULT, other)
+        pairs = [(DEFAULT, other) for other in cfg["architectures"] if other != DEFAULT]
+        pairs += [p for p in cfg.get("comparisons", ()) if p not in pairs]
+        for first, other in pairs:
+            cmp = per_class_comparison(rows, first, other)
             wins = cmp["winner"].value_counts()
             lines += [
                 "",
-                f"Per class and metric, {DEFAULT} vs {other} (a win needs a margin above the two "
+                f"Per class and metric, {first} vs {other} (a win needs a margin above the two "
                 f"rows' combined seed sd): {int(wins.get('tie', 0))} of {len(cmp)} tied, "
-                f"{int(wins.get(DEFAULT, 0))} won by {DEFAULT}, {int(wins.get(other, 0))} by "
+                f"{int(wins.get(first, 0))} won by {first}, {int(wins.get(other, 0))} by "
                 f"{other}.",
             ]
     return write_lines(path, lines)
 
 
-def main(argv, *, script: str, title: str, intro: str, rows: tuple[str, ...], probes=None) -> int:
+def main(
+    argv,
+    *,
+    script: str,
+    title: str,
+    intro: str,
+    rows: tuple[str, ...],
+    probes=None,
+    comparisons: tuple[tuple[str, str], ...] = (),
+) -> int:
     """Parse the study's command line, train its rows, write its page.
 
     ``probes``: row name -> callable of the train cells returning a generator (no training
-    seed; cheap), judged next to the model rows on every run.
+    seed; cheap), judged next to the model rows on every run. ``comparisons``: pairs of rows
+    compared per class and metric besides every row against the default.
     """
     name = Path(script).stem
     parser = argparse.ArgumentParser(description=title)
@@ -177,6 +187,7 @@ def main(argv, *, script: str, title: str, intro: str, rows: tuple[str, ...], pr
         "name": cfg_name,
         "script": script,
         "reuse": args.reuse,
+        "comparisons": comparisons,
     }
     markdown = prepare_run(args, name)
     if args.report_only:

@@ -99,3 +99,12 @@ def test_gene_space_gaussian_recovers_a_known_gaussian_and_never_goes_negative()
         np.testing.assert_allclose(drawn.mean(0), mean, atol=0.1)
         true_cov = basis @ np.diag([4.0, 1.0]) @ basis.T + 0.01 * np.eye(genes)
         np.testing.assert_allclose(np.cov(drawn.T), true_cov, atol=0.25)
+
+
+def test_sampler_variants_change_the_generate_options_not_the_model():
+    assert quality.model_spec("branched:sde") == "branched"
+    assert quality.model_spec("flat:unshared:ode") == "flat:unshared"
+    assert quality.generate_options("branched:sde") == {"solver": "em"}
+    assert quality.generate_options("branched:ode") == {"solver": "heun"}
+    assert quality.generate_options("branched:unshared") == {}
+    assert quality.model_options("branched:sde") == quality.model_options("branched")

@@ -1,0 +1,60 @@
+"""Which sampler makes the cells closest to real ones: the probability-flow ODE or the SDE.
+
+``generate`` can follow the probability-flow ODE (``solver="heun"``, 2 network calls per step)
+or the reverse SDE (``solver="em"``, Euler-Maruyama, 1 call per step), both at the default 25
+steps with fan-out sharing. The sampling benchmark (``benchmarks/sampling.py``) compares them
+against a 1,000-step reference on one model; this study judges them as generators, with the
+protocol and instrument of ``benchmarks/quality.py`` (same splits, same ``tl.evaluate``,
+reference PCA fitted on the train cells only, 3 training x 3 generation seeds), for both the
+branched model and the flat one, so that the comparison of the two architectures can be read
+on either sampler.
+
+Rows (every pair of rows with the same model shares one trained model per training seed):
+  branched             the default model, generated with the default solver
+  branched:sde         the same trained models, reverse SDE (Euler-Maruyama, 25 steps)
+  branched:ode         the same trained models, probability-flow ODE (Heun, 25 steps)
+  flat, flat:sde       the flat label-guided model with the default solver, and with the SDE
+  probe: real cells, unseen   real cells no model or space saw, judged like a generator: the
+                       known answer, must sit at the control
+
+Usage (from the repository root, in the project's venv):
+  python benchmarks/sampler_quality.py --reuse benchmark_out/quality
+                        # about 45 min on 2 cores; run nothing else (two torch processes on
+                        # 2 cores are ~10x slower)
+  python benchmarks/sampler_quality.py --fast   # smoke test (numbers meaningless)
+Writes docs/benchmarks/sampler_quality.md and, under --out, the per-row CSV (machinery:
+variants.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import variants
+
+ROWS = ("branched", "branched:sde", "branched:ode", "flat", "flat:sde")
+TITLE = "Which sampler: probability-flow ODE or reverse SDE"
+INTRO = (
+    "The same trained models generating with the probability-flow ODE (`:ode`, Heun, 2 network "
+    "calls per step) and the reverse SDE (`:sde`, Euler-Maruyama, 1 call per step), both at "
+    "the default 25 steps with fan-out sharing; `branched` and `flat` use `generate()`'s "
+    "default solver."
+)
+COMPARISONS = (("flat", "branched:sde"), ("flat:sde", "branched:sde"), ("flat", "flat:sde"))
+
+
+def main(argv=None) -> int:
+    return variants.main(
+        argv,
+        script="sampler_quality.py",
+        title=TITLE,
+        intro=INTRO,
+        rows=ROWS,
+        comparisons=COMPARISONS,
+    )
+
+
+if __name__ == "__main__":
+    logging.getLogger("variants").setLevel(logging.INFO)
+    sys.exit(main())
