@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .module._solvers import DEFAULT_N_STEPS, SOLVERS, solver_names
+from .module._solvers import DEFAULT_N_STEPS, DEFAULT_SOLVER, SOLVERS, solver_names
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     --------
     >>> args = build_parser().parse_args(["generate", "m/", "--n-cells", "10", "--out", "g.h5ad"])
     >>> args.n_cells, args.solver
-    (10, 'heun')
+    (10, 'em')
     """
     from . import __version__
 
@@ -682,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--solver",
         choices=solver_names("down"),
-        default="heun",
+        default=DEFAULT_SOLVER,
         help="Sampler: "
         + "; ".join(f"{name}: {SOLVERS[name].description}" for name in solver_names("down"))
         + ".",
@@ -693,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help=f"Steps from pure noise to cells (default: {DEFAULT_N_STEPS}, more for trees with "
-        "more branch points than that; use hundreds with --solver em).",
+        "more branch points than that).",
     )
     gen.add_argument(
         "--seed",

@@ -465,3 +465,21 @@ def test_the_default_number_of_steps_fits_trees_with_many_branch_points():
     with pytest.raises(ValueError, match="ask for at least 40 steps.*n_steps=None"):
         sample(lambda x, t, b, c: 0 * x, tree, sde, {0: 1, 1: 1}, n_input=2, n_steps=25,
                share=False)  # fmt: skip
+
+
+def test_every_generation_entry_point_defaults_to_the_same_solver():
+    """generate(), the module's samplers and the CLI share DEFAULT_SOLVER (the reverse SDE,
+    chosen by benchmarks/sampler_quality.py); transmutation keeps its own mode default."""
+    import inspect
+
+    import scbranch as sb
+    from scbranch.cli import build_parser
+    from scbranch.module import DEFAULT_SOLVER
+    from scbranch.module._module import BranchedDiffusionModule
+    from scbranch.module._sampling import sample
+
+    assert DEFAULT_SOLVER == "em"
+    for fn in (sb.BranchedDiffusion.generate, BranchedDiffusionModule.sample_cells, sample):
+        assert inspect.signature(fn).parameters["solver"].default == DEFAULT_SOLVER, fn
+    args = build_parser().parse_args(["generate", "m/", "--n-cells", "1", "--out", "g.h5ad"])
+    assert args.solver == DEFAULT_SOLVER

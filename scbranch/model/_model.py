@@ -34,7 +34,7 @@ from ..module._discovery import standardization as data_standardization
 from ..module._networks import count_parameters
 from ..module._recipe import MAX_DEFAULT_EPOCHS, TrainingRecipe
 from ..module._sampling import steps_for
-from ..module._solvers import default_spacing, resolve_solver
+from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _extension, _interpretation, _persistence
 from ._blocks import (
@@ -493,7 +493,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         n_cells: int | Mapping[str, int] = 100,
         *,
         labels: Sequence[str] | None = None,
-        solver: str = "heun",
+        solver: str = DEFAULT_SOLVER,
         n_steps: int | None = None,
         share: bool = True,
         seed: int | None = None,
@@ -531,11 +531,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         labels
             Types to generate when ``n_cells`` is an int (default: all).
         solver
-            A solver of :data:`~scbranch.module.SOLVERS`: ``"heun"`` (probability-flow ODE, 2
-            calls per step; alias ``"ode"``), ``"dpm2m"`` (probability-flow ODE, multistep, 1
-            call per step), ``"em"`` (reverse SDE, Euler-Maruyama; alias ``"sde"``; needs
-            hundreds of steps) or ``"pc"`` (Euler-Maruyama predictor + Langevin corrector, 2
-            calls per step: the original paper's sampler).
+            A solver of :data:`~scbranch.module.SOLVERS`: ``"em"`` (reverse SDE, Euler-Maruyama,
+            1 call per step; alias ``"sde"``; the default: closest to real cells), ``"heun"``
+            (probability-flow ODE, deterministic, 2 calls per step; alias ``"ode"``),
+            ``"dpm2m"`` (probability-flow ODE, multistep, 1 call per step) or ``"pc"`` (EM
+            + Langevin corrector, 2 calls per step: the paper's sampler).
         n_steps
             Steps from t = 1 to ``t_min``; the grid always contains every branch time.
             `None`: 25, or, for trees with more branch points than 25 steps can hold, one

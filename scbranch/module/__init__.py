@@ -18,7 +18,7 @@ from ._module import BranchedDiffusionModule
 from ._networks import ScoreNetwork
 from ._recipe import TrainingRecipe, WeightEMA, draw_times
 from ._sampling import SampleResult, sample, steps_for, time_grid
-from ._solvers import DEFAULT_N_STEPS, SOLVERS, Solver, get_solver, solver_names
+from ._solvers import DEFAULT_N_STEPS, DEFAULT_SOLVER, SOLVERS, Solver, get_solver, solver_names
 from ._topology import (
     HierarchyError,
     Node,
@@ -32,6 +32,7 @@ from ._transport import TransportResult, denoise, transport
 __all__ += [
     "BranchedDiffusionModule",
     "DEFAULT_N_STEPS",
+    "DEFAULT_SOLVER",
     "HierarchyError",
     "Node",
     "SOLVERS",

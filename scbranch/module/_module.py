@@ -25,7 +25,7 @@ from ._networks import ScoreNetwork, count_parameters, flat_width_matching
 from ._recipe import T_SAMPLINGS, draw_times, noise_prediction_error
 from ._sampling import SampleResult, sample
 from ._sde import VPSDE
-from ._solvers import default_spacing
+from ._solvers import DEFAULT_SOLVER, default_spacing
 from ._tree import BranchTree, lookup_tables
 
 ARCHITECTURES = ("branched", "conditioned", "flat")
@@ -361,7 +361,7 @@ class BranchedDiffusionModule(BaseModuleClass):
         self,
         n_per_class: Mapping[int, int],
         *,
-        solver: str = "heun",
+        solver: str = DEFAULT_SOLVER,
         n_steps: int | None = None,
         share: bool = True,
         seed: int = 0,

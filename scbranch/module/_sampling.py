@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ._sde import VPSDE
-from ._solvers import CORRECTOR_SNR, DEFAULT_N_STEPS, get_solver
+from ._solvers import CORRECTOR_SNR, DEFAULT_N_STEPS, DEFAULT_SOLVER, get_solver
 from ._tree import BranchTree
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ class SampleResult:
     --------
     >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
     >>> res = sample(lambda x, t, b, c: 0 * x, tree, VPSDE(), {0: 3}, n_input=2, n_steps=4)
-    >>> res.x.shape, res.n_network_calls
-    (torch.Size([3, 2]), 9)
+    >>> res.x.shape, res.n_network_calls  # 4 Euler-Maruyama steps and the final denoising
+    (torch.Size([3, 2]), 5)
     """
 
     x: torch.Tensor
@@ -204,7 +204,7 @@ def sample(
     n_per_class: Mapping[int, int],
     *,
     n_input: int,
-    solver: str = "heun",
+    solver: str = DEFAULT_SOLVER,
     n_steps: int | None = None,
     share: bool = True,
     seed: int = 0,
@@ -231,8 +231,9 @@ def sample(
     n_input
         Dimension of the data.
     solver
-        A solver of :data:`~scbranch.module.SOLVERS` that moves down: ``"heun"``,
-        ``"dpm2m"``, ``"em"`` or ``"pc"`` (or the aliases ``"ode"``, ``"sde"``).
+        A solver of :data:`~scbranch.module.SOLVERS` that moves down: ``"em"`` (the
+        default, :data:`~scbranch.module.DEFAULT_SOLVER`), ``"heun"``, ``"dpm2m"`` or ``"pc"``
+        (or the aliases ``"sde"``, ``"ode"``).
     n_steps
         Number of grid steps from t = 1 to ``t_min`` (`None`: :func:`~scbranch.module.steps_for`).
     share

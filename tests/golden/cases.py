@@ -37,6 +37,8 @@ HASHES = Path(__file__).parent / "hashes.json"
 FAST = {"width": 32, "n_head_blocks": 1}
 #: one head per branch (the default), named so the pins do not depend on the default
 BRANCHED = {"architecture": "branched", **FAST}
+#: the probability-flow ODE, named so the pins do not depend on generate()'s default solver
+ODE = "heun"
 LABELS = "cell_type"
 
 _out: dict[str, dict] = {}
@@ -92,7 +94,7 @@ def pca_model():
 def case_pca_space_generation_with_counts(pca_model):
     model, _ = pca_model
     _check("pca.tree", model.tree.to_newick(6))
-    gen = model.generate(n_cells=9, seed=3, counts=True, progress_bar=False)
+    gen = model.generate(solver=ODE, n_cells=9, seed=3, counts=True, progress_bar=False)
     _check("pca.latent", gen.obsm["X_pca"])
     _check("pca.X", gen.X)
     _check("pca.counts", gen.layers["counts"])
@@ -105,6 +107,8 @@ def case_pca_space_generation_with_counts(pca_model):
         n_cells=5, seed=5, solver="pc", n_steps=20, share=False, progress_bar=False
     )
     _check("pca.pc_unshared.latent", sde.obsm["X_pca"])
+    em = model.generate(n_cells=9, seed=3, solver="em", progress_bar=False)
+    _check("pca.em.latent", em.obsm["X_pca"])
 
 
 def case_pca_space_interpretation(pca_model):
@@ -124,7 +128,12 @@ def case_pca_space_interpretation(pca_model):
     _check("pca.hybrids.latent", hy.obsm["X_pca"])
     _check("pca.hybrids.branch_state", hy.obsm["scbranch_branch_state"])
     tr = model.generate(
-        n_cells=3, seed=7, n_steps=10, trajectory_times=[1.0, 0.5, 0.0], progress_bar=False
+        solver=ODE,
+        n_cells=3,
+        seed=7,
+        n_steps=10,
+        trajectory_times=[1.0, 0.5, 0.0],
+        progress_bar=False,
     )
     _check("pca.trajectories.X", tr.X)
     _check("pca.trajectories.state", tr.obsm["scbranch_state"])
@@ -134,7 +143,7 @@ def case_pca_space_save_load_and_extension(pca_model, tmp_path: Path):
     model, adata = pca_model
     model.save(tmp_path / "m")
     loaded = sb.BranchedDiffusion.load(tmp_path / "m")
-    again = loaded.generate(n_cells=9, seed=3, counts=True, progress_bar=False)
+    again = loaded.generate(solver=ODE, n_cells=9, seed=3, counts=True, progress_bar=False)
     _check("pca.counts", again.layers["counts"])  # the same pin as before saving
     # extension: a fifth type placed on the tree and trained alone
     new = _count_data(seed=1)
@@ -147,9 +156,11 @@ def case_pca_space_save_load_and_extension(pca_model, tmp_path: Path):
     loaded.add_classes(new, labels=["c9"], max_epochs=2, seed=0, progress_bar=False)
     # the old types after extension (unchanged: zero forgetting) and the new one (its head's
     # training recipe is pinned here)
-    old = loaded.generate(n_cells=5, labels=["c0", "c1", "c2", "c3"], seed=8, progress_bar=False)
+    old = loaded.generate(
+        solver=ODE, n_cells=5, labels=["c0", "c1", "c2", "c3"], seed=8, progress_bar=False
+    )
     _check("pca.extended.old_types", old.obsm["X_pca"])
-    new = loaded.generate(n_cells={"c9": 5}, seed=8, progress_bar=False)
+    new = loaded.generate(solver=ODE, n_cells={"c9": 5}, seed=8, progress_bar=False)
     _check("pca.extended.new_type", new.obsm["X_pca"])
     _check("pca.extended.tree", loaded.tree.to_newick(6))
 
@@ -167,7 +178,7 @@ def expression_model():
 
 def case_expression_space(expression_model, tmp_path: Path):
     model, adata = expression_model
-    gen = model.generate(n_cells=7, seed=1, counts=True, progress_bar=False)
+    gen = model.generate(solver=ODE, n_cells=7, seed=1, counts=True, progress_bar=False)
     _check("expression.X", gen.X)
     _check("expression.counts", gen.layers["counts"])
     cells = adata[adata.obs[LABELS] == "c3"][:4].copy()
@@ -175,7 +186,7 @@ def case_expression_space(expression_model, tmp_path: Path):
     _check("expression.transmute.X", tm.X)
     model.save(tmp_path / "e")
     loaded = sb.BranchedDiffusion.load(tmp_path / "e", adata=adata)
-    _check("expression.X", loaded.generate(n_cells=7, seed=1, progress_bar=False).X)
+    _check("expression.X", loaded.generate(solver=ODE, n_cells=7, seed=1, progress_bar=False).X)
 
 
 def scvi_space_model():
@@ -191,7 +202,7 @@ def scvi_space_model():
 
 def case_scvi_space(scvi_space_model, tmp_path: Path):
     model, adata = scvi_space_model
-    gen = model.generate(n_cells=6, seed=2, progress_bar=False)
+    gen = model.generate(solver=ODE, n_cells=6, seed=2, progress_bar=False)
     _check("scvi.latent", gen.obsm["X_scVI"])
     _check("scvi.counts", gen.layers["counts"])
     _check("scvi.scale", gen.layers["scale"])
@@ -201,7 +212,10 @@ def case_scvi_space(scvi_space_model, tmp_path: Path):
     _check("scvi.transmute.X", tm.X)
     model.save(tmp_path / "s")
     loaded = sb.BranchedDiffusion.load(tmp_path / "s")
-    _check("scvi.counts", loaded.generate(n_cells=6, seed=2, progress_bar=False).layers["counts"])
+    _check(
+        "scvi.counts",
+        loaded.generate(solver=ODE, n_cells=6, seed=2, progress_bar=False).layers["counts"],
+    )
 
 
 def _small_pca_model(architecture: str):
@@ -218,18 +232,18 @@ def _small_pca_model(architecture: str):
 
 def case_flat_model():
     model, _ = _small_pca_model("flat")
-    gen = model.generate(n_cells=5, seed=0, n_steps=10, progress_bar=False)
+    gen = model.generate(solver=ODE, n_cells=5, seed=0, n_steps=10, progress_bar=False)
     _check("flat.X", gen.X)
 
 
 def case_conditioned_model(tmp_path: Path):
     """The branch-conditioned network: generation, save/load, extension keeping old bits."""
     model, adata = _small_pca_model("conditioned")
-    gen = model.generate(n_cells=5, seed=0, n_steps=10, progress_bar=False)
+    gen = model.generate(solver=ODE, n_cells=5, seed=0, n_steps=10, progress_bar=False)
     _check("conditioned.latent", gen.obsm["X_pca"])
     model.save(tmp_path / "c")
     loaded = sb.BranchedDiffusion.load(tmp_path / "c")
-    again = loaded.generate(n_cells=5, seed=0, n_steps=10, progress_bar=False)
+    again = loaded.generate(solver=ODE, n_cells=5, seed=0, n_steps=10, progress_bar=False)
     _check("conditioned.latent", again.obsm["X_pca"])
     new = _count_data(n_per_class=20, seed=1)
     new = new[new.obs[LABELS] == "c1"].copy()
@@ -239,10 +253,15 @@ def case_conditioned_model(tmp_path: Path):
     new.obsm["X_pca"] = (_dense(new.X) - mean) @ loadings
     loaded.add_classes(new, labels=["c9"], max_epochs=2, seed=0, progress_bar=False)
     old = loaded.generate(
-        n_cells=5, labels=["c0", "c1", "c2", "c3"], seed=0, n_steps=10, progress_bar=False
+        solver=ODE,
+        n_cells=5,
+        labels=["c0", "c1", "c2", "c3"],
+        seed=0,
+        n_steps=10,
+        progress_bar=False,
     )
     _check("conditioned.latent", old.obsm["X_pca"])  # zero forgetting: the same pin
-    added = loaded.generate(n_cells={"c9": 5}, seed=8, n_steps=10, progress_bar=False)
+    added = loaded.generate(solver=ODE, n_cells={"c9": 5}, seed=8, n_steps=10, progress_bar=False)
     _check("conditioned.extended.new_type", added.obsm["X_pca"])
 
 
