@@ -588,6 +588,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> tuple[pd.DataFrame, pd.D
                         "seed": seed,
                         "generate_s": gen_s,
                         "cells": gen.n_obs,
+                        "solver": params.get("solver", ""),
                         "network_calls": params.get("n_network_calls", 0),
                         "row_evaluations": params.get("n_row_evaluations", 0),
                         **info[method_name],
@@ -728,6 +729,36 @@ def per_class_comparison(rows: pd.DataFrame, a: str = "branched", b: str = "flat
     return pd.DataFrame(out)
 
 
+#: solver names in the pages
+SOLVER_NAMES = {
+    "em": "the reverse SDE (Euler-Maruyama)",
+    "heun": "the probability-flow ODE (Heun)",
+    "dpm2m": "the probability-flow ODE (DPM-Solver++(2M))",
+    "pc": "the reverse SDE with a Langevin corrector",
+}
+
+
+def sampler_note(results: dict) -> str:
+    """Which solver the diffusion rows of a run generated with (recorded in the timing CSV;
+    runs from before it was recorded used the ODE, ``generate()``'s default then)."""
+    used = set()
+    for res in results.values():
+        timing = res["timing"]
+        model = timing[timing["network_calls"] > 0]
+        if "solver" in model.columns:
+            used |= set(model["solver"].dropna())
+        elif len(model):
+            return (
+                "The diffusion models generate with the probability-flow ODE (Heun, 25 steps), "
+                "`generate()`'s default when this page was made; the default is now the "
+                "reverse SDE ([sampler study](sampler_quality.md))."
+            )
+    if not used:
+        return ""
+    names = ", ".join(SOLVER_NAMES.get(s, s) for s in sorted(used))
+    return f"The diffusion models generate with {names}, 25 steps."
+
+
 def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
     budget = (
         "the default training budget (about 4,000 optimiser steps, at most 300 epochs)"
@@ -749,7 +780,7 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         "Configuration: the package's default. The models (and the per-class Gaussian) "
         "work on the train cells' out-of-fold PC scores (`sb.tl.pca_out_of_fold`), set up "
         "with the counts, so their cells are decoded with the negative binomial "
-        "(`generate(residual_noise='auto')`).",
+        "(`generate(residual_noise='auto')`). " + sampler_note(results),
         "",
         "Reference space: a 30-PC PCA fitted on the TRAIN cells only; the held-out halves, the "
         "generated cells and the unseen real cells are all out-of-sample for it. Read every "

@@ -9,8 +9,11 @@ reference PCA fitted on the train cells only, 3 training x 3 generation seeds), 
 branched model and the flat one, so that the comparison of the two architectures can be read
 on either sampler.
 
+This study is why ``generate()``'s default solver is the SDE (it was the ODE before).
+
 Rows (every pair of rows with the same model shares one trained model per training seed):
-  branched             the default model, generated with the default solver
+  branched             the default model, generated with the default solver (rows reused from
+                       earlier runs say which in the page's ``solver`` column)
   branched:sde         the same trained models, reverse SDE (Euler-Maruyama, 25 steps)
   branched:ode         the same trained models, probability-flow ODE (Heun, 25 steps)
   flat, flat:sde       the flat label-guided model with the default solver, and with the SDE
@@ -39,7 +42,8 @@ INTRO = (
     "The same trained models generating with the probability-flow ODE (`:ode`, Heun, 2 network "
     "calls per step) and the reverse SDE (`:sde`, Euler-Maruyama, 1 call per step), both at "
     "the default 25 steps with fan-out sharing; `branched` and `flat` use `generate()`'s "
-    "default solver."
+    "default solver of the run that made them (column `solver`: `heun` for rows reused from "
+    "runs before the default became the SDE, `em` after)."
 )
 COMPARISONS = (("flat", "branched:sde"), ("flat:sde", "branched:sde"), ("flat", "flat:sde"))
 

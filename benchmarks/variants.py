@@ -28,6 +28,7 @@ from quality import (
     SPLIT,
     TrainCellsProbe,
     _md,
+    generate_options,
     load_pbmc3k,
     load_pbmc68k,
     model_options,
@@ -71,15 +72,38 @@ def per_class(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.round(3)
 
 
+#: the solver of rows recorded before the timing CSV named it (generate()'s default then)
+SOLVER_BEFORE_RECORDING = "heun"
+
+
+def stale_rows(timing: pd.DataFrame) -> set[str]:
+    """Model rows of an earlier run generated with another solver than their name means now
+    (``generate()``'s default changed from the ODE to the SDE): they must be run again."""
+    from scbranch.module import DEFAULT_SOLVER
+
+    recorded = timing.get("solver", pd.Series(index=timing.index, dtype=object))
+    recorded = recorded.fillna("").replace("", SOLVER_BEFORE_RECORDING)
+    is_model = timing["network_calls"] > 0  # rows a diffusion model generated
+    stale = set()
+    for method, solver in zip(timing["method"][is_model], recorded[is_model], strict=True):
+        if solver != generate_options(method).get("solver", DEFAULT_SOLVER):
+            stale.add(method)
+    return stale
+
+
 def reused_rows(directory: Path, name: str, methods) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The rows (and timing) of ``methods`` that an earlier run in ``directory`` has, with its
-    unseen-real probe; the default model's rows must be among them."""
+    """The rows (and timing) of ``methods`` and the default model that an earlier run in
+    ``directory`` has, with its unseen-real probe (which must be there). Rows generated with
+    another solver than their name means now (:func:`stale_rows`) are left out, to be run
+    again."""
     rows = pd.read_csv(directory / f"rows_{name}.csv")
     timing = pd.read_csv(directory / f"timing_{name}.csv")
-    missing = {DEFAULT, UNSEEN} - set(rows["method"])
-    if missing or DEFAULT not in set(timing["method"]):
-        raise ValueError(f"{directory} has no rows of {sorted(missing) or [DEFAULT]} for {name}.")
-    keep = set(methods) | {DEFAULT, UNSEEN}
+    if UNSEEN not in set(rows["method"]):
+        raise ValueError(f"{directory} has no rows of {UNSEEN!r} for {name}.")
+    stale = stale_rows(timing)
+    if stale:
+        logger.info("%s: not reused (generated with another solver): %s", name, sorted(stale))
+    keep = (set(methods) | {DEFAULT, UNSEEN}) - stale
     return rows[rows["method"].isin(keep)], timing[timing["method"].isin(keep)]
 
 
@@ -117,7 +141,12 @@ def write_page(path, title: str, intro: str, results: dict, cfg, meta: dict) -> 
         cost = timing.groupby("method", sort=False).apply(
             lambda t: (t["row_evaluations"] / t["cells"]).mean(), include_groups=False
         )
-        table["row evaluations per cell"] = cost.map(lambda v: f"{v:.0f}").reindex(table.index)
+        table["row evaluations per cell"] = cost.map(
+            lambda v: f"{v:.0f}" if v == v else ""
+        ).reindex(table.index)
+        solver = timing.get("solver", pd.Series("", index=timing.index)).fillna("")
+        solver = solver.replace("", SOLVER_BEFORE_RECORDING).where(timing["network_calls"] > 0, "")
+        table["solver"] = solver.groupby(timing["method"], sort=False).first().reindex(table.index)
         fit = timing.groupby("method", sort=False)["fit_s"].mean()
         table["fit (s)"] = fit.map(lambda v: f"{v:.0f}").reindex(table.index)
         if "tree" in timing.columns:

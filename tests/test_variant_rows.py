@@ -57,9 +57,9 @@ def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_the
     pd.DataFrame({"method": methods, "generated": [0.6, 0.7, 0.5]}).to_csv(
         tmp_path / "rows_pbmc68k.csv", index=False
     )
-    pd.DataFrame({"method": methods[:2], "fit_s": [1.0, 2.0]}).to_csv(
-        tmp_path / "timing_pbmc68k.csv", index=False
-    )
+    pd.DataFrame(
+        {"method": methods[:2], "fit_s": [1.0, 2.0], "network_calls": [25, 25], "solver": "em"}
+    ).to_csv(tmp_path / "timing_pbmc68k.csv", index=False)
     rows, timing = variants.reused_rows(tmp_path, "pbmc68k", ["branched"])
     assert sorted(rows["method"]) == sorted([variants.DEFAULT, variants.UNSEEN])
     assert list(timing["method"]) == [variants.DEFAULT]
@@ -70,11 +70,36 @@ def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_the
     pd.DataFrame({"method": ["flat"], "generated": [0.6]}).to_csv(
         tmp_path / "rows_pbmc3k.csv", index=False
     )
-    pd.DataFrame({"method": ["flat"], "fit_s": [1.0]}).to_csv(
+    pd.DataFrame({"method": ["flat"], "fit_s": [1.0], "network_calls": [51]}).to_csv(
         tmp_path / "timing_pbmc3k.csv", index=False
     )
     with pytest.raises(ValueError, match="no rows of"):
         variants.reused_rows(tmp_path, "pbmc3k", ["branched"])
+
+
+def test_rows_generated_with_another_solver_than_their_name_means_are_not_reused(tmp_path):
+    import pandas as pd
+
+    variants = pytest.importorskip("variants")
+    methods = ["branched", "branched:ode", "branched:sde", "flat", variants.UNSEEN]
+    pd.DataFrame({"method": methods, "generated": 0.6}).to_csv(
+        tmp_path / "rows_pbmc3k.csv", index=False
+    )
+    # a run from before the timing named the solver: every model row used the ODE then
+    calls = [51, 51, 25, 51, 0]
+    pd.DataFrame({"method": methods, "fit_s": 1.0, "network_calls": calls}).to_csv(
+        tmp_path / "timing_pbmc3k.csv", index=False
+    )
+    rows, _ = variants.reused_rows(tmp_path, "pbmc3k", methods)
+    # the default model and flat now sample with the SDE; ':sde' rows were recorded as ODE
+    assert sorted(rows["method"]) == sorted(["branched:ode", variants.UNSEEN])
+    # recorded solvers are believed
+    solvers = ["em", "heun", "em", "em", ""]
+    pd.DataFrame(
+        {"method": methods, "fit_s": 1.0, "network_calls": calls, "solver": solvers}
+    ).to_csv(tmp_path / "timing_pbmc3k.csv", index=False)
+    rows, _ = variants.reused_rows(tmp_path, "pbmc3k", methods)
+    assert sorted(rows["method"]) == sorted(methods)
 
 
 def test_gene_space_gaussian_recovers_a_known_gaussian_and_never_goes_negative():
