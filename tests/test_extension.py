@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import scbranch as sb
+from scbranch.model._counts import class_ratios
 from scbranch.module import BranchTree
 
 FAST = {"width": 32, "n_head_blocks": 1}
@@ -164,10 +165,26 @@ def test_extension_with_counts():
         old, labels_key="cell_type", obsm_key="X_pca", counts_layer="counts"
     )
     model = sb.BranchedDiffusion(old, **FAST)
+    before = model.space.counts.nb["class_ratio"].copy()
     model.add_classes(adata, labels=["Dendritic"], max_epochs=1, progress_bar=False)
     gen = model.generate(n_cells={"Dendritic": 5}, seed=0, counts=True, progress_bar=False)
     counts = gen.layers["counts"]
     assert counts.shape == (5, adata.n_vars) and np.all(counts.data == np.round(counts.data))
+    # the new type gets its own ratio per gene (what it holds outside the PCs); the known
+    # types' ratios stay as they were, bit for bit
+    nb, space = model.space.counts.nb, model.space
+    np.testing.assert_array_equal(nb["class_ratio"][:-1], before)
+    new = adata[adata.obs["cell_type"] == "Dendritic"]
+    factors = space.counts.factors_of(new, "counts", None, space.var_names)
+    decoded = np.expm1(np.clip(space.decode_estimates(space.encode(new)), 0, None))
+    observed = new.layers["counts"]
+    observed = observed.toarray() if hasattr(observed, "toarray") else np.asarray(observed)
+    expected = class_ratios(
+        observed,
+        factors[:, None] * decoded * nb["scale"],
+        np.zeros(new.n_obs, int),
+    )
+    np.testing.assert_allclose(nb["class_ratio"][-1], expected[0], rtol=1e-4)
 
 
 def test_extension_bad_input(extended):

@@ -552,12 +552,13 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             PCA-space models: what decoded cells carry beyond their PCA profile (the latent is
             unchanged). `False`: the denoised profile. `True`/``"gaussian"``: per-gene Gaussian
             noise of real cells' size outside the PCs (values can be negative). ``"nb"``: counts
-            from a per-gene negative binomial around the decoded mean with a library size from
-            the class (needs ``counts_layer`` at set-up; ``layers['counts']`` with
-            ``counts=True``), ``.X`` their log-normalisation with its PC scores set back to the
-            generated ones (counting noise and what the PCs leave out, no noise added to the
-            scores). ``"auto"``: ``"nb"`` for PCA models set up with ``counts_layer``, else
-            `False` (also with ``trajectory_times``); docs/benchmarks/noise_models.md.
+            from a per-gene negative binomial around the decoded mean times the class's ratio
+            per gene (what it holds outside the PCs), library sizes of the class (needs
+            ``counts_layer``; ``layers['counts']`` with ``counts=True``), ``.X`` their
+            log-normalisation with its PC scores set back to the generated ones (counting
+            noise and what the PCs leave out, no noise added to the scores). ``"auto"``:
+            ``"nb"`` for PCA models set up with ``counts_layer``, else `False` (also with
+            ``trajectory_times``); docs/benchmarks/noise_models.md, class_ratios.md.
         counts
             Also return counts in ``layers['counts']``. scVI models always do (sampled from
             scVI's likelihood with library sizes drawn from the class). Expression and PCA

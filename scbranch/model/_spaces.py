@@ -51,6 +51,7 @@ from .._validation import (
 from ..io._rows import RowMatrix, is_on_disk, read_block, read_rows, row_sums
 from ._counts import (
     class_pools,
+    class_ratios,
     counts_from_expression,
     draw_from_pools,
     fit_negative_binomial,
@@ -386,10 +387,11 @@ class _SizeFactorCounts:
         """Counts drawn around the decoded profiles ``x``; ``out.X`` their log-normalisation.
 
         The cell's size factor comes from its class (as for ``counts=True``), the mean is the
-        gene's scaled decoded mean and the noise the gene's fitted negative binomial, so the
-        cells carry the counting noise and the variation the latent leaves out, as scVI's
-        cells do. ``.X`` is ``log1p(counts / total * target_sum)``, like the set-up data
-        (:class:`PcaSpace` then sets its PC scores back to the generated ones).
+        gene's scaled decoded mean times its class's ratio for the gene (what the class holds
+        outside the latent, ``class_ratios``) and the noise the gene's fitted negative
+        binomial, so the cells carry the counting noise and the variation the latent leaves
+        out, as scVI's cells do. ``.X`` is ``log1p(counts / total * target_sum)``, like the
+        set-up data (:class:`PcaSpace` then sets its PC scores back to the generated ones).
         """
         nb = self.nb
         factors = draw_from_pools(self.pools, codes, np.random.default_rng([seed, 2]))
@@ -400,7 +402,10 @@ class _SizeFactorCounts:
         # inf, which the bound takes back.
         with np.errstate(over="ignore"):
             mu = factors[:, None] * np.expm1(np.clip(x, 0.0, 700.0, dtype=np.float64))
-            mu = np.minimum(mu * nb["scale"], MAX_MEAN_COUNT)
+            mu = mu * nb["scale"]
+            if "class_ratio" in nb:  # models saved before the class ratios: the global mean
+                mu = mu * nb["class_ratio"][codes]
+            mu = np.minimum(mu, MAX_MEAN_COUNT)
         counts = sample_negative_binomial(
             mu, nb["inverse_dispersion"], np.random.default_rng([seed, 4])
         )
@@ -515,6 +520,10 @@ class _GeneSpace(Space):
                 "inverse_dispersion": np.asarray(nb["inverse_dispersion"], dtype=np.float32),
                 "target_sum": float(nb["target_sum"]),
             }
+            if "class_ratio" in state["negative_binomial"]:
+                nb["class_ratio"] = np.asarray(
+                    state["negative_binomial"]["class_ratio"], dtype=np.float32
+                )
         return _SizeFactorCounts(state.get("counts_layer") or None, list(state["size_factors"]), nb)
 
 
@@ -587,13 +596,23 @@ class PcaSpace(_GeneSpace):
             )
         elif setup.get("counts_layer"):
             factors = space._fit_counts(adata, setup, labels, n_classes)
-            space.counts.nb = space._fit_negative_binomial(adata, setup["counts_layer"], factors)
+            space.counts.nb = space._fit_negative_binomial(
+                adata, setup["counts_layer"], factors, labels, n_classes
+            )
         return space
 
-    def _fit_negative_binomial(self, adata, counts_layer: str, factors: np.ndarray) -> dict:
+    def _fit_negative_binomial(
+        self,
+        adata,
+        counts_layer: str,
+        factors: np.ndarray,
+        labels: np.ndarray | None,
+        n_classes: int,
+    ) -> dict:
         """Per-gene negative binomial of counts around the decoded PCA (``residual_noise="nb"``).
 
-        Fitted on at most :data:`NB_FIT_CELLS` set-up cells (seeded).
+        Fitted on at most :data:`NB_FIT_CELLS` set-up cells (seeded), with a ratio per class
+        and gene for what the class holds outside the PCs (none with ``labels=None``).
         """
         n = adata.n_obs
         rows = np.sort(np.random.default_rng(0).choice(n, min(NB_FIT_CELLS, n), replace=False))
@@ -609,7 +628,38 @@ class PcaSpace(_GeneSpace):
             factors[rows],
             decode(self.decoder, z),
             rows_of(get_matrix(adata, layer=self.layer)),
+            codes=None if labels is None else np.asarray(labels)[rows],
+            n_classes=n_classes,
         )
+
+    def class_data(self, adata, what):  # noqa: D102
+        z, extras = super().class_data(adata, what)
+        nb = None if self.counts is None else self.counts.nb
+        if nb is not None and "class_ratio" in nb:
+            # a new type's ratio per gene (fit_negative_binomial's class_ratio), from its
+            # cells' observed counts and the counts their decoded means give
+            columns = check_genes(adata, self.var_names, "the model")
+            counts = get_matrix(adata, layer=self.counts.counts_layer)
+            counts = read_block(counts, 0, counts.shape[0]) if is_on_disk(counts) else counts
+            factors = extras["size_factors"].astype(np.float64)
+            expected = np.expm1(np.clip(decode(self.decoder, z).astype(np.float64), 0.0, None))
+            extras["observed_counts"] = sp.csr_matrix(counts[:, columns], dtype=np.float32)
+            extras["decoded_counts"] = (factors[:, None] * expected * nb["scale"]).astype(
+                np.float32
+            )
+        return z, extras
+
+    def add_class(self, extras) -> None:  # noqa: D102
+        super().add_class(extras)
+        if "observed_counts" in extras:
+            nb = self.counts.nb
+            observed, decoded = extras["observed_counts"], extras["decoded_counts"]
+            ratio = class_ratios(observed, decoded, np.zeros(observed.shape[0], int), 1)
+            # a new dict: the known classes' rows stay as they are, bit for bit
+            self.counts.nb = {
+                **nb,
+                "class_ratio": np.concatenate([nb["class_ratio"], ratio.astype(np.float32)]),
+            }
 
     @property
     def n_input(self) -> int:  # noqa: D102
