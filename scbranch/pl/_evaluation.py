@@ -160,10 +160,12 @@ def evaluation(
             stats = sub.groupby("group")["generated"].agg(["mean", "min", "max"])
             y = np.array([y_of[g] for g in stats.index]) + off
             mean, low, high = (stats[c].to_numpy() for c in ("mean", "min", "max"))
+            # runs that agree to the last bit give a mean one rounding step outside [min, max]
+            spread = np.clip(np.vstack([mean - low, high - mean]), 0.0, None)
             panel.errorbar(
                 mean,
                 y,
-                xerr=np.vstack([mean - low, high - mean]),
+                xerr=spread,
                 fmt="o",
                 ms=5,
                 color=colors[h],
