@@ -779,8 +779,9 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         "",
         "Configuration: the package's default. The models (and the per-class Gaussian) "
         "work on the train cells' out-of-fold PC scores (`sb.tl.pca_out_of_fold`), set up "
-        "with the counts, so their cells are decoded with the negative binomial "
-        "(`generate(residual_noise='auto')`). " + sampler_note(results),
+        "with the counts, so their cells are decoded with the negative binomial around each "
+        "class's own mean per gene (`generate(residual_noise='auto')`; class ratios, "
+        "[class_ratios](class_ratios.md)). " + sampler_note(results),
         "",
         "Reference space: a 30-PC PCA fitted on the TRAIN cells only; the held-out halves, the "
         "generated cells and the unseen real cells are all out-of-sample for it. Read every "
