@@ -272,13 +272,13 @@ def class_ratios(
     A latent decoded to genes keeps what the latent spans (30 PCs); a type's mean expression
     outside it is lost, and with it part of the differences between types (pbmc3k: unseen
     real cells decoded from their own PC scores with one mean per gene reach 0.85-0.88 of the
-    control's DE log-fold-change correlation). The ratio ``(O + prior) / (E + prior)`` of a class's observed counts ``O`` and
-    the counts its cells' decoded means give ``E`` (summed over the class's cells) is the
-    gamma-Poisson posterior mean of that class's multiplier with a prior of ``prior`` pseudo-
-    counts (default :data:`CLASS_RATIO_PRIOR`): large for well-measured genes, near 1 for genes
-    a small class barely expresses. Classes with no cells get 1 everywhere. Both ``counts``
-    (dense or sparse) and ``expected`` are absolute counts (the mean already scaled by the
-    cell's size factor).
+    control's DE log-fold-change correlation). The ratio ``(O + prior) / (E + prior)`` of a
+    class's observed counts ``O`` and the counts its cells' decoded means give ``E`` (summed
+    over the class's cells) is the gamma-Poisson posterior mean of that class's multiplier
+    with a prior of ``prior`` pseudo-counts (default :data:`CLASS_RATIO_PRIOR`): large for
+    well-measured genes, near 1 for genes a small class barely expresses. Classes with no
+    cells get 1 everywhere. Both ``counts`` (dense or sparse) and ``expected`` are absolute
+    counts (the mean already scaled by the cell's size factor).
 
     Examples
     --------
