@@ -88,6 +88,140 @@ def _multi_device(out: Path, dry: bool) -> dict:
     }
 
 
+def _defaults(accel: str, dry: bool) -> dict:
+    """The default configuration of stops 32-33 on the GPU: counts layer (negative-binomial
+    decoder with class ratios), the reverse-SDE sampler, the default training budget.
+
+    Training speed, generation throughput with counts (and without the decoder's noise, to
+    see what it costs), the blocks spread over ``devices`` (two threads on one GPU: the
+    multi-GPU generation path) against one device and against the CPU, save -> load on the
+    GPU, streaming to an ``.h5ad`` file, and quality judged by ``tl.evaluate``. Data and
+    set-up are benchmarks/quality.py's (pbmc68k_reduced split 50/30/20, out-of-fold PC
+    scores, counts layer), so the quality figures read against its page (one training seed
+    here).
+    """
+    import anndata as ad
+    import pandas as pd
+    from quality import LATENT, SPLIT, default_setup, load_pbmc68k
+
+    import scbranch as sb
+
+    train, held, _ = load_pbmc68k(seed=0, fractions=SPLIT)
+    train = default_setup(train)
+    model = sb.BranchedDiffusion(train)
+    _sync()
+    t0 = time.perf_counter()
+    model.train(
+        **({"max_epochs": 3} if dry else {}),  # else the package's default budget
+        batch_size=64, accelerator=accel, devices=1, enable_progress_bar=False,
+    )  # fmt: skip
+    _sync()
+    seconds = time.perf_counter() - t0
+    steps = int(model.trainer.global_step)
+    res: dict = {
+        "train": {"steps": steps, "seconds": round(seconds, 2),
+                  "ms_per_step": round(1000 * seconds / max(steps, 1), 2)},
+        "solver": sb.module.DEFAULT_SOLVER,
+    }  # fmt: skip
+    print(res["train"], flush=True)
+    model.generate(n_cells=10, seed=0, progress_bar=False)  # warm-up
+    throughput = []
+    for total in [200, 2000] if dry else [10_000, 100_000]:
+        per_class = total // len(model.classes)
+        for noise, counts in (("nb", True), (False, False)):
+            _sync()
+            t0 = time.perf_counter()
+            g = model.generate(
+                n_cells=per_class, seed=1, residual_noise=noise, counts=counts,
+                progress_bar=False,
+            )  # fmt: skip
+            _sync()
+            dt = time.perf_counter() - t0
+            row = {
+                "cells": g.n_obs,
+                "decoder": "nb counts" if noise else "mean profile",
+                "seconds": round(dt, 3),
+                "cells_per_s": round(g.n_obs / dt),
+                "network_calls": int(g.uns["scbranch"]["params"]["n_network_calls"]),
+            }
+            if counts:
+                row["counts_nonnegative_integers"] = _nonnegative_integers(g.layers["counts"])
+            throughput.append(row)
+            print(row, flush=True)
+    res["throughput"] = throughput
+
+    # the blocks of one request spread over devices: identical on devices of one type
+    request = {"n_cells": 3000 // len(model.classes), "seed": 7, "block_size": 1024,
+               "progress_bar": False, "counts": True}  # fmt: skip
+    one = model.generate(**request)
+    gpu = "cpu" if dry else "cuda:0"
+    two = model.generate(**request, devices=[gpu, gpu])
+    cpu = model.generate(**request, devices=["cpu"])
+    key = LATENT  # the generated latents, under the set-up key
+    z = one.obsm[key]
+    res["devices"] = {
+        "n_blocks": int(one.uns["scbranch"]["params"]["n_blocks"]),
+        "two_threads_one_gpu_identical_latent": bool(np.array_equal(z, two.obsm[key])),
+        "two_threads_one_gpu_identical_counts": bool(
+            (one.layers["counts"] != two.layers["counts"]).nnz == 0
+        ),
+        "cpu_blocks_max_latent_difference": float(np.abs(z - cpu.obsm[key]).max()),
+        "latent_scale": float(np.abs(z).max()),
+    }
+    print(res["devices"], flush=True)
+
+    # save on the GPU, load there: the same cells and counts, class ratios kept
+    model_dir = Path(tempfile.mkdtemp()) / "model"
+    model.save(str(model_dir))
+    loaded = sb.BranchedDiffusion.load(str(model_dir), accelerator=accel)
+    a = model.generate(n_cells=20, seed=5, counts=True, progress_bar=False)
+    b = loaded.generate(n_cells=20, seed=5, counts=True, progress_bar=False)
+    res["save_load"] = {
+        "identical_counts": bool((a.layers["counts"] != b.layers["counts"]).nnz == 0),
+        "class_ratios_kept": bool(np.array_equal(
+            model.space.counts.nb["class_ratio"], loaded.space.counts.nb["class_ratio"])),
+        "loaded_device": str(loaded.module.shift.device),
+    }  # fmt: skip
+
+    # streaming to disk: one block at a time. pandas 3 (the device image's) makes string
+    # indexes that anndata 0.12 (which asks for pandas < 3) writes only when told to
+    if int(pd.__version__.split(".")[0]) >= 3:
+        ad.settings.allow_write_nullable_strings = True
+    res["pandas"] = pd.__version__
+    path = Path(tempfile.mkdtemp()) / "cells.h5ad"
+    n_stream = 20 if dry else 10_000
+    _sync()
+    t0 = time.perf_counter()
+    model.generate(n_cells=n_stream, seed=2, counts=True, out=path, progress_bar=False)
+    dt = time.perf_counter() - t0
+    back = ad.read_h5ad(path, backed="r")
+    n_obs = back.n_obs
+    res["stream_to_h5ad"] = {
+        "cells": n_obs,
+        "seconds": round(dt, 2),
+        "cells_per_s": round(n_obs / dt),
+        "file_MB": round(path.stat().st_size / 1e6, 1),
+        "reads_back_with_counts": "counts" in back.layers,
+    }
+    print(res["stream_to_h5ad"], flush=True)
+    back.file.close()
+    path.unlink()
+
+    # quality of the GPU-trained default model, judged like the CPU benchmarks
+    gen = model.generate(n_cells=200, seed=0, progress_bar=False)
+    report = sb.tl.evaluate(gen, held, "cell_type", train=train, seed=0)
+    mean = report[report["group"] == "mean"].set_index(["space", "metric"])
+    res["quality"] = {
+        f"{space}/{metric}": [round(float(mean.loc[(space, metric), "generated"]), 3),
+                              round(float(mean.loc[(space, metric), "control"]), 3)]
+        for space, metric in [("reference_pca", "auroc"), ("reference_pca", "label_fidelity"),
+                              ("reference_pca", "dispersion"), ("genes", "de_lfc_spearman")]
+        if (space, metric) in mean.index
+    }  # fmt: skip
+    print(res["quality"], flush=True)
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,7 +234,9 @@ def main() -> None:
         help="comma-separated: main (training, quality, throughput, save/load, DDP), train "
         "(training and quality only), scvi (count-level cells through scVI), scaling (ms per "
         "step against batch size, stacked heads against the per-head loop), multi (DDP on all "
-        "GPUs against one GPU with the same global batch; two CPU processes without 2 GPUs)",
+        "GPUs against one GPU with the same global batch; two CPU processes without 2 GPUs), "
+        "defaults (the default configuration: counts, SDE sampler, blocks over devices, "
+        "streaming to h5ad, quality)",
     )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -314,6 +450,9 @@ def main() -> None:
             print(rows[-1], flush=True)
         _networks.STACKED_HEAD_DEVICES = stacked_devices
         res["train_batch_scaling"] = rows
+
+    if "defaults" in sections:
+        res["defaults"] = _defaults(accel, dry)
 
     if "multi" in sections:
         res["multi_device"] = _multi_device(out, dry)

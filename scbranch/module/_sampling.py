@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ._random import normal, seeded_generator
 from ._sde import VPSDE
 from ._solvers import CORRECTOR_SNR, DEFAULT_N_STEPS, DEFAULT_SOLVER, get_solver
 from ._tree import BranchTree
@@ -192,11 +193,6 @@ class CountingCaller:
         return torch.cat([self.eps_fn(xs, t, bs, ls) for xs, bs, ls in parts])
 
 
-def _seeded_generator(device: torch.device, seed: int, kind: int, key: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(seed) % 2**32, kind, key]).generate_state(1)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
-
-
 def sample(
     eps_fn: EpsFn,
     tree: BranchTree,
@@ -299,20 +295,20 @@ def sample(
 
     if share:
         root = tree.root
-        gen = _seeded_generator(device, seed, 0, root)
+        gen = seeded_generator(seed, 0, root)
         groups = [
             _Group(
                 root,
                 -1 if len(tree.branches[root].classes) > 1 else tree.branches[root].classes[0],
-                torch.randn((need(root), n_input), generator=gen, device=device),
+                normal((need(root), n_input), gen, device),
                 gen,
             )
         ]
     else:
         groups = []
         for c, n in counts.items():
-            gen = _seeded_generator(device, seed, 1, c)
-            x = torch.randn((n, n_input), generator=gen, device=device)
+            gen = seeded_generator(seed, 1, c)
+            x = normal((n, n_input), gen, device)
             groups.append(_Group(tree.lookup(np.array([c]), 1.0)[0], c, x, gen))
 
     call = CountingCaller(eps_fn, batch_size)
@@ -433,7 +429,7 @@ def _fan_out(groups, tree, t, need, device, seed):
                     continue
                 child = tree.branches[ch]
                 label = child.classes[0] if len(child.classes) == 1 else -1
-                gen = _seeded_generator(device, seed, 0, ch)
+                gen = seeded_generator(seed, 0, ch)
                 out.append(_Group(ch, label, g.x[:n].clone(), gen))
         else:
             out.append(g)

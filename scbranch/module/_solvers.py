@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._random import normal
 from ._sde import VPSDE
 
 #: steps from t = 1 to t_min when none are given (sampling, hybrids, transport legs' unit)
@@ -98,7 +99,7 @@ def _noise(groups, sizes, like: torch.Tensor) -> torch.Tensor:
     """Standard normal noise, each group's rows from its own generator."""
     return torch.cat(
         [
-            torch.randn((s, like.shape[1]), generator=g.gen, device=like.device, dtype=like.dtype)
+            normal((s, like.shape[1]), g.gen, like.device, like.dtype)
             for g, s in zip(groups, sizes, strict=True)
         ]
     )
@@ -227,7 +228,7 @@ class ForwardNoising(Solver):
         tb = torch.tensor(t_to, dtype=torch.float64)
         ratio = sde.alpha(tb) / sde.alpha(ta)
         var = (sde.sigma(tb) ** 2 - ratio**2 * sde.sigma(ta) ** 2).clamp_min(0.0)
-        z = torch.randn(x.shape, generator=groups[0].gen, device=x.device, dtype=x.dtype)
+        z = normal(x.shape, groups[0].gen, x.device, x.dtype)
         return ratio.to(x.dtype) * x + var.sqrt().to(x.dtype) * z
 
 

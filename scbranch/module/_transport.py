@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._sampling import CountingCaller, EpsFn, _Group, _seeded_generator, pass_rows, time_grid
+from ._random import seeded_generator
+from ._sampling import CountingCaller, EpsFn, _Group, pass_rows, time_grid
 from ._sde import VPSDE
 from ._solvers import DEFAULT_N_STEPS, get_solver
 from ._tree import BranchTree
@@ -137,7 +138,7 @@ def transport(
     if up:
         grid = grid[::-1].copy()
     call = CountingCaller(eps_fn, pass_rows(batch_size, x.device))
-    gen = _seeded_generator(x.device, seed, _STREAM, int(up))
+    gen = seeded_generator(seed, _STREAM, int(up))
     group = _Group(branch=-1, label=-1, x=x, gen=gen)
     trajectory = {float(grid[0]): x.clone()} if float(grid[0]) in records else {}
     steps = range(len(grid) - 1)
