@@ -483,3 +483,18 @@ def test_every_generation_entry_point_defaults_to_the_same_solver():
         assert inspect.signature(fn).parameters["solver"].default == DEFAULT_SOLVER, fn
     args = build_parser().parse_args(["generate", "m/", "--n-cells", "1", "--out", "g.h5ad"])
     assert args.solver == DEFAULT_SOLVER
+
+
+def test_sampler_noise_comes_from_a_cpu_generator_whatever_the_device():
+    # a CUDA generator with the same seed draws other numbers (an H200 gave other cells than
+    # the CPU, docs/benchmarks/gpu.md): noise is drawn on the CPU, then moved
+    from scbranch.module._random import normal, seeded_generator
+
+    gen = seeded_generator(3, 0, 1)
+    assert gen.device.type == "cpu"
+    on_meta = normal((4, 2), seeded_generator(3, 0, 1), torch.device("meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (4, 2)
+    a = normal((4, 2), gen, torch.device("cpu"))
+    b = normal((4, 2), seeded_generator(3, 0, 1), torch.device("cpu"))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, normal((4, 2), seeded_generator(4, 0, 1), torch.device("cpu")))
