@@ -78,3 +78,22 @@ def test_new_real_cells_help_and_mislabelled_cells_do_not():
     # measured: gains 0.46-0.56 per split; wrong cells -0.15 to +0.17, -0.04 on average
     assert np.mean(gains) > 0.3
     assert np.mean(harms) < 0.1 and np.mean(gains) - np.mean(harms) > 0.3
+
+
+def test_decoded_unseen_cells_are_the_unseen_cells_through_the_models_space():
+    # the ceiling probe: the same cells as unseen_real, in the train genes, decoded by the
+    # space (new counts, so not the real profiles), each still closest to its own type's mean
+    adata = _counts(seed=4)
+    rare = augmentation.rare_types(adata.obs["cell_type"])
+    train, _, pool = augmentation.split(adata, rare, seed=0, n_rare=5, n_hvg=None)
+    x_real, y_real = augmentation.unseen_real(pool, rare, 10, seed=0)
+    x_dec, y_dec = augmentation.decoded_unseen(train, pool, rare, 10, seed=0)
+    assert x_dec.shape == (len(y_real), train.n_vars)
+    np.testing.assert_array_equal(y_dec, y_real)
+    assert not np.allclose(x_dec, x_real)
+    labels = pool.obs["cell_type"].astype(str).to_numpy()
+    means = {c: augmentation._dense(pool.X[labels == c]).mean(0) for c in rare}
+    for c in rare:
+        cells = x_dec[y_dec == c].mean(0)
+        nearest = min(rare, key=lambda k: np.linalg.norm(cells - means[k]))
+        assert nearest == c
