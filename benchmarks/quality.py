@@ -374,21 +374,32 @@ def unshared_tree(classes):
 #: space variants of a row name (the default space is the out-of-fold PC scores)
 SPACE_VARIANTS = ("scvi", "expression")
 #: sampler variants of a row name: generate() options; the model is the row's without them
-#: (trained once per training seed when several rows share it)
+#: (trained once per training seed when several rows share it). A number after the name sets
+#: the steps: ``sde100`` is the reverse SDE with 100 steps.
 SAMPLER_VARIANTS = {"sde": {"solver": "em"}, "ode": {"solver": "heun"}}
+
+
+def _sampler_variant(part: str) -> dict | None:
+    """``generate()`` options of one part of a row name, or None if it is no sampler variant."""
+    name = part.rstrip("0123456789")
+    if name not in SAMPLER_VARIANTS:
+        return None
+    steps = part[len(name) :]
+    return {**SAMPLER_VARIANTS[name], **({"n_steps": int(steps)} if steps else {})}
 
 
 def model_spec(spec: str) -> str:
     """A row name without its sampler variants: the model the row generates with."""
-    return ":".join(p for p in spec.split(":") if p not in SAMPLER_VARIANTS)
+    return ":".join(p for p in spec.split(":") if _sampler_variant(p) is None)
 
 
 def generate_options(spec: str) -> dict:
     """``generate()`` options of a row name's sampler variants (``sde``: the reverse SDE,
-    Euler-Maruyama, at the default 25 steps; ``ode``: the probability-flow ODE, Heun)."""
+    Euler-Maruyama, at the default 25 steps; ``ode``: the probability-flow ODE, Heun;
+    ``sde100``: the SDE with 100 steps)."""
     options = {}
     for part in spec.split(":")[1:]:
-        options.update(SAMPLER_VARIANTS.get(part, {}))
+        options.update(_sampler_variant(part) or {})
     return options
 
 

@@ -49,6 +49,14 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     }
 
 
+def test_sampler_variants_set_the_solver_and_steps_and_leave_the_model_alone():
+    assert quality.generate_options("branched:sde") == {"solver": "em"}
+    assert quality.generate_options("branched:sde100") == {"solver": "em", "n_steps": 100}
+    assert quality.generate_options("flat:ode50") == {"solver": "heun", "n_steps": 50}
+    assert quality.model_spec("branched:per_branch:sde100") == "branched:per_branch"
+    assert quality.model_spec("branched:width512") == "branched:width512"
+
+
 def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_them(tmp_path):
     import pandas as pd
 
