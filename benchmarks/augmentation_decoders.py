@@ -16,6 +16,10 @@ Decoders (all the package's negative binomial, fitted on the reduced train cells
                                     whether noisy ratios of a 5-cell type are the cause
   class ratios, dispersions of one mean   the class-ratio means with the other fit's per-gene
                                     dispersions: tests whether the dispersions are the cause
+  no noise model / Gaussian noise   the default fit's space decoding to the mean profile
+                                    (``residual_noise=False``) or adding Gaussian residuals of
+                                    real cells' size (``"gaussian"``): tests whether the
+                                    noise model is what the classifier loses
 
 Rows per decoder: ``per-class Gaussian`` (generated) and ``probe: their PC scores, decoded``
 (the ceiling of any generator of PC scores with that decoder). References: real only, and new
@@ -56,6 +60,8 @@ SETTINGS = {
     "fast": {"splits": [0], "n_rare": 5, "n_aug": 10, "pseudo_cells": [20]},
 }
 DEFAULT = "class ratios (default)"
+#: other noise models of the default fit: decoder name -> ``residual_noise``
+NOISE = {"no noise model (mean profile)": False, "Gaussian residual noise": "gaussian"}
 ONE_MEAN = "one mean per gene"
 GAUSSIAN = "per-class Gaussian"
 CEILING = "probe: their PC scores, decoded"
@@ -109,6 +115,15 @@ def decoders(model, setup, cfg) -> dict[str, dict]:
     return fits
 
 
+def gaussian_cells(gaussian, model, train, rare, cfg, seed: int, noise):
+    """The per-class Gaussian's cells of the rare types decoded with ``residual_noise=noise``."""
+    gen = gaussian.gauss.generate(n_cells={c: cfg["n_aug"] for c in rare}, seed=seed)
+    labels = gen.obs[LABELS].astype(str).to_numpy()
+    cells = decode_in_space(model, gen.obsm[gaussian.gauss.obsm_key], labels, noise, seed)
+    cells = cells[:, train.var_names]
+    return aug._dense(cells.X), cells.obs[LABELS].astype(str).to_numpy()
+
+
 def run_split(adata, rare: list[str], seed: int, cfg: dict) -> list[dict]:
     import scbranch as sb
 
@@ -129,7 +144,13 @@ def run_split(adata, rare: list[str], seed: int, cfg: dict) -> list[dict]:
         ("reference", aug.UNSEEN): aug.unseen_real(pool, rare, cfg["n_aug"], seed),
     }
     info = {}
-    for name, nb in decoders(model, setup, cfg).items():
+    fits = decoders(model, setup, cfg)
+    model.space.counts.nb = fits[DEFAULT]
+    for name, noise in NOISE.items():
+        added[(name, GAUSSIAN)] = gaussian_cells(gaussian, model, train, rare, cfg, seed, noise)
+        cells = decode_in_space(model, z_unseen, labels[idx], noise, seed)[:, train.var_names]
+        added[(name, CEILING)] = (aug._dense(cells.X), cells.obs[LABELS].astype(str).to_numpy())
+    for name, nb in fits.items():
         model.space.counts.nb = nb
         added[(name, GAUSSIAN)] = aug.generated(gaussian, train, rare, cfg["n_aug"], seed)
         cells = decode_in_space(model, z_unseen, labels[idx], "nb", seed)[:, train.var_names]

@@ -375,8 +375,13 @@ def unshared_tree(classes):
 SPACE_VARIANTS = ("scvi", "expression")
 #: sampler variants of a row name: generate() options; the model is the row's without them
 #: (trained once per training seed when several rows share it). A number after the name sets
-#: the steps: ``sde100`` is the reverse SDE with 100 steps.
-SAMPLER_VARIANTS = {"sde": {"solver": "em"}, "ode": {"solver": "heun"}}
+#: the steps: ``sde100`` is the reverse SDE with 100 steps. ``denoised`` decodes to the mean
+#: profile, with no noise model (``residual_noise=False``).
+SAMPLER_VARIANTS = {
+    "sde": {"solver": "em"},
+    "ode": {"solver": "heun"},
+    "denoised": {"residual_noise": False},
+}
 
 
 def _sampler_variant(part: str) -> dict | None:

@@ -55,6 +55,8 @@ def test_sampler_variants_set_the_solver_and_steps_and_leave_the_model_alone():
     assert quality.generate_options("flat:ode50") == {"solver": "heun", "n_steps": 50}
     assert quality.model_spec("branched:per_branch:sde100") == "branched:per_branch"
     assert quality.model_spec("branched:width512") == "branched:width512"
+    assert quality.generate_options("branched:denoised") == {"residual_noise": False}
+    assert quality.model_spec("branched:denoised") == "branched"
 
 
 def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_them(tmp_path):
