@@ -189,30 +189,40 @@ def copies(train, rare: list[str], n_aug: int, seed: int):
     return _dense(train.X[idx]), labels[idx]
 
 
-def unseen_real(pool, rare: list[str], n_aug: int, seed: int):
-    """Up to ``n_aug`` of each rare type's real cells that were put aside, without replacement."""
+def unseen_index(pool, rare: list[str], n_aug: int, seed: int) -> np.ndarray:
+    """Rows of up to ``n_aug`` of each rare type's real cells that were put aside (seeded)."""
     rng = np.random.default_rng(seed)
     labels = pool.obs[LABELS].to_numpy()
-    idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n_aug] for c in rare])
-    return _dense(pool.X[idx]), labels[idx]
+    return np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n_aug] for c in rare])
+
+
+def unseen_real(pool, rare: list[str], n_aug: int, seed: int):
+    """Up to ``n_aug`` of each rare type's real cells that were put aside, without replacement."""
+    idx = unseen_index(pool, rare, n_aug, seed)
+    return _dense(pool.X[idx]), pool.obs[LABELS].to_numpy()[idx]
+
+
+def through_space(model, cells, train, noise, seed: int):
+    """Real ``cells``' scores on ``model``'s PCA, decoded with ``residual_noise=noise`` as
+    generated latents are, in the train cells' genes."""
+    from quality import decode_in_space, scores_of
+
+    z = scores_of(cells, model.space.decoder)
+    labels = cells.obs[LABELS].astype(str).to_numpy()
+    gen = decode_in_space(model, z, labels, noise, seed)[:, train.var_names]
+    return _dense(gen.X), gen.obs[LABELS].astype(str).to_numpy()
 
 
 def decoded_unseen(train, pool, rare: list[str], n_aug: int, seed: int):
     """The cells of :func:`unseen_real`, through the models' space: their scores on its PCA,
     decoded (negative binomial) as the generated cells are. What the space can carry of new
     real cells, so the ceiling of any generator of its latents."""
-    from quality import decode_in_space, default_setup, scores_of
+    from quality import default_setup
 
     import scbranch as sb
 
-    rng = np.random.default_rng(seed)  # the same draw as unseen_real's
-    labels = pool.obs[LABELS].to_numpy()
-    idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n_aug] for c in rare])
     space = sb.BranchedDiffusion(default_setup(train))  # untrained: only its space is used
-    z = scores_of(pool[idx], space.space.decoder)
-    gen = decode_in_space(space, z, labels[idx].astype(str), "nb", seed)
-    gen = gen[:, train.var_names]
-    return _dense(gen.X), gen.obs[LABELS].astype(str).to_numpy()
+    return through_space(space, pool[unseen_index(pool, rare, n_aug, seed)], train, "nb", seed)
 
 
 def mislabelled(train, rare: list[str], n_aug: int, seed: int):

@@ -48,10 +48,8 @@ from quality import (
     LABELS,
     SpaceDecodedGaussian,
     _md,
-    decode_in_space,
     default_setup,
     prepare_run,
-    scores_of,
     write_lines,
 )
 
@@ -115,15 +113,6 @@ def decoders(model, setup, cfg) -> dict[str, dict]:
     return fits
 
 
-def gaussian_cells(gaussian, model, train, rare, cfg, seed: int, noise):
-    """The per-class Gaussian's cells of the rare types decoded with ``residual_noise=noise``."""
-    gen = gaussian.gauss.generate(n_cells={c: cfg["n_aug"] for c in rare}, seed=seed)
-    labels = gen.obs[LABELS].astype(str).to_numpy()
-    cells = decode_in_space(model, gen.obsm[gaussian.gauss.obsm_key], labels, noise, seed)
-    cells = cells[:, train.var_names]
-    return aug._dense(cells.X), cells.obs[LABELS].astype(str).to_numpy()
-
-
 def run_split(adata, rare: list[str], seed: int, cfg: dict) -> list[dict]:
     import scbranch as sb
 
@@ -133,32 +122,25 @@ def run_split(adata, rare: list[str], seed: int, cfg: dict) -> list[dict]:
     setup = default_setup(train)
     model = sb.BranchedDiffusion(setup)  # untrained: only its space is used
     gaussian = SpaceDecodedGaussian(default_setup(train), model)
-    labels = pool.obs[LABELS].astype(str).to_numpy()
-    rng = np.random.default_rng(seed)  # the cells augmentation.unseen_real draws
-    idx = np.concatenate(
-        [rng.permutation(np.flatnonzero(labels == c))[: cfg["n_aug"]] for c in rare]
-    )
-    z_unseen = scores_of(pool[idx], model.space.decoder)
+    unseen = pool[aug.unseen_index(pool, rare, cfg["n_aug"], seed)]
     added = {
         ("reference", "real only"): (x_train[:0], y_train[:0]),
         ("reference", aug.UNSEEN): aug.unseen_real(pool, rare, cfg["n_aug"], seed),
     }
-    info = {}
     fits = decoders(model, setup, cfg)
-    model.space.counts.nb = fits[DEFAULT]
-    for name, noise in NOISE.items():
-        added[(name, GAUSSIAN)] = gaussian_cells(gaussian, model, train, rare, cfg, seed, noise)
-        cells = decode_in_space(model, z_unseen, labels[idx], noise, seed)[:, train.var_names]
-        added[(name, CEILING)] = (aug._dense(cells.X), cells.obs[LABELS].astype(str).to_numpy())
-    for name, nb in fits.items():
-        model.space.counts.nb = nb
+    specs = [(name, fits[DEFAULT], noise) for name, noise in NOISE.items()]
+    specs += [(name, nb, "nb") for name, nb in fits.items()]
+    for name, nb, noise in specs:
+        model.space.counts.nb, gaussian.noise = nb, noise
         added[(name, GAUSSIAN)] = aug.generated(gaussian, train, rare, cfg["n_aug"], seed)
-        cells = decode_in_space(model, z_unseen, labels[idx], "nb", seed)[:, train.var_names]
-        added[(name, CEILING)] = (aug._dense(cells.X), cells.obs[LABELS].astype(str).to_numpy())
-        info[name] = {
+        added[(name, CEILING)] = aug.through_space(model, unseen, train, noise, seed)
+    info = {
+        name: {
             "median dispersion": float(np.median(nb["inverse_dispersion"])),
             "median scale": float(np.median(nb["scale"])),
         }
+        for name, nb in fits.items()
+    }
     rows = []
     for (decoder, row), (x_add, y_add) in added.items():
         pred = aug.classify(np.vstack([x_train, x_add]), np.concatenate([y_train, y_add]), x_test)

@@ -308,18 +308,19 @@ class DecodedProbe:
 
 class SpaceDecodedGaussian:
     """The per-class Gaussian in the models' latent, decoded by the models' own space (with
-    the default noise model): the diffusion models' decoder, a simpler latent generator."""
+    the default noise model, or ``residual_noise=noise``): the diffusion models' decoder, a
+    simpler latent generator."""
 
-    def __init__(self, train, model):
+    def __init__(self, train, model, noise="auto"):
         import scbranch as sb
 
         self.gauss = sb.baselines.PerClassGaussian(train, LABELS, obsm_key=LATENT)
-        self.model = model
+        self.model, self.noise = model, noise
 
     def generate(self, n_cells, seed):
         gen = self.gauss.generate(n_cells=n_cells, seed=seed)
         z = gen.obsm[self.gauss.obsm_key]
-        return decode_in_space(self.model, z, _labels(gen), "auto", seed)
+        return decode_in_space(self.model, z, _labels(gen), self.noise, seed)
 
 
 class _Generator:
