@@ -71,6 +71,7 @@ def test_perfect_generator_matches_its_control(data):
     assert _mean(report, "gene_mean_spearman", "genes")["generated"] > 0.9
     assert _mean(report, "zero_fraction_error", "counts")["ratio"] < 1.5
     assert _mean(report, "count_mean_spearman", "counts")["generated"] > 0.9
+    assert 0.85 < _mean(report, "train_distance")["ratio"] < 1.15
     # equal sizes: 30 held-out cells per half, 30 generated cells drawn to match
     per_class = report[(report.group != "mean") & (report.metric == "w2")]
     assert (per_class["n_cells"] == 30).all()
@@ -82,6 +83,32 @@ def test_wrong_classes_are_caught(data):
     assert _mean(report, "w2")["ratio"] > 1.5
     assert _mean(report, "label_fidelity")["generated"] < 0.05
     assert _mean(report, "gene_mean_spearman", "genes")["ratio"] < 0.95
+
+
+def test_copies_of_training_cells_are_caught_by_train_distance(data):
+    # copies of the training cells are new-looking to every distribution metric (they ARE
+    # real cells the reference never compared), and only their distance to the training
+    # cells gives them away; training cells with a little noise (a memorising generator) fall
+    # in between
+    copies = data["train"][: data["good"].n_obs].copy()
+    report = sb.tl.evaluate(copies, data["held"], "cell_type", train=data["train"])
+    assert _mean(report, "auroc")["generated"] < 0.65
+    assert 0.8 < _mean(report, "dispersion")["ratio"] < 1.25
+    assert _mean(report, "train_distance")["generated"] == 0.0
+    noisy = copies.copy()
+    rng = np.random.default_rng(0)
+    noisy.X = noisy.X.toarray() + rng.normal(0, 0.3, size=noisy.shape)
+    ratio = _mean(
+        sb.tl.evaluate(noisy, data["held"], "cell_type", train=data["train"]), "train_distance"
+    )["ratio"]
+    assert 0.1 < ratio < 0.6
+
+
+def test_train_distance_needs_train(data):
+    report = sb.tl.evaluate(data["good"], data["held"], "cell_type")
+    assert "train_distance" not in set(report.metric)
+    with pytest.raises(ValueError, match="train_distance.*train="):
+        sb.tl.evaluate(data["good"], data["held"], "cell_type", metrics=["train_distance"])
 
 
 def test_seeded_and_stored_h5ad_safe(data, tmp_path):

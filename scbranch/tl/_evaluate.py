@@ -13,6 +13,9 @@ halves A and B of the real cells (the real-vs-real control, the floor no model c
   apart for fitting), so that halves A and B and the generated cells are all out-of-sample for
   it, and optionally in a latent space;
 * label fidelity uses a classifier trained on those same fitting cells;
+* with ``train``, how near the cells come to the training cells: a generator that copies them
+  scores every distribution metric like new real cells, but sits closer to them than new
+  cells do;
 * differences between types: per-gene log fold changes of each type against the rest, and the
   overlap of top markers, generated vs B and A vs B.
 """
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from sklearn.neighbors import NearestNeighbors
 
 from .._keys import Key
 from .._validation import check_finite, check_obs_key
@@ -51,6 +55,7 @@ METRICS: dict[str, str] = {
     "mmd_median": "lower",
     "auroc": "lower",
     "dispersion": "closer to control",
+    "train_distance": "closer to control",
     "label_fidelity": "closer to control",
     "gene_mean_spearman": "closer to control",
     "gene_var_spearman": "closer to control",
@@ -248,6 +253,11 @@ def evaluate(
       out-of-fold, 5 folds, see :func:`~scbranch.metrics.classifier_auroc`).
     * ``dispersion``: mean distance to the class centroid relative to real half B's (the
       control is about 1; below it, too-typical cells).
+    * ``train_distance`` (only with ``train``): median distance of the cells to their nearest
+      ``train`` cell; control: the same for real half A, cells the model never saw. A ratio
+      below 1 means cells nearer the training cells than new real cells come: copies of
+      training cells score 0, a generator that memorised them lands in between, while every
+      other metric cannot tell copies from new cells. Above 1: cells off the data.
     * ``label_fidelity``: fraction of generated cells a real-data classifier assigns to the
       requested class; control: the same on real cells the classifier did not see (above
       the control: cells more typical than real ones).
@@ -325,12 +335,20 @@ def evaluate(
     >>> report.query("group == 'mean'")  # doctest: +SKIP
     >>> sb.pl.evaluation(report)  # doctest: +SKIP
     """
+    explicit = metrics is not None
     metrics = list(METRICS) if metrics is None else list(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(METRICS)}.")
     if min_cells < 2:
         raise ValueError(f"min_cells must be at least 2, got {min_cells}.")
+    if "train_distance" in metrics and train is None:
+        if explicit:
+            raise ValueError(
+                "metric 'train_distance' measures how near the cells come to the training "
+                "cells: pass them as `train=`, or leave the metric out."
+            )
+        metrics.remove("train_distance")
     named = {"generated": generated, "real": real} | ({"train": train} if train is not None else {})
     for name, data in named.items():
         if not isinstance(data, AnnData):
@@ -367,7 +385,11 @@ def evaluate(
     rows: list[dict] = []
     fit_labels = fitting.obs[labels_key].astype(str).to_numpy()
     for space, coords in spaces.items():
-        gen_x, real_x, _ = coords
+        gen_x, real_x, fit_x = coords
+        # distances to the training cells: only the cells the model saw can be copied
+        nearest = (
+            NearestNeighbors(n_neighbors=1).fit(fit_x) if "train_distance" in metrics else None
+        )
         for g in groups:
             h = halves[g]
             if h.m >= min_cells:
@@ -375,6 +397,12 @@ def evaluate(
                     gen_x[h.generated], real_x[h.a], real_x[h.b], metrics, seed
                 )
                 rows += [_row(space, g, k, v[0], v[1], h.m) for k, v in values.items()]
+                if nearest is not None:
+                    gen_d, ctrl_d = (
+                        np.median(nearest.kneighbors(x, return_distance=True)[0])
+                        for x in (gen_x[h.generated], real_x[h.a])
+                    )
+                    rows.append(_row(space, g, "train_distance", gen_d, ctrl_d, h.m))
         if "label_fidelity" in metrics:
             rows += _fidelity_rows(
                 space,
