@@ -124,6 +124,7 @@ METRIC_ORDER = [
     "mmd",
     "mmd_median",
     "dispersion",
+    "train_distance",
     "gene_mean_spearman",
     "gene_var_spearman",
     "de_lfc_spearman",
@@ -811,6 +812,10 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         "zero_fraction_error (the control is a floor); closer to the control for w2, "
         "dispersion, label_fidelity and the Spearman correlations (a perfect generator matches "
         "the control, and overshooting it means too-typical cells: see the class-mean probe). "
+        "`train_distance` (median distance to the nearest train cell, against held-out "
+        "cells') is the one metric that tells copies of the training cells from new cells: "
+        "below the control's 1, cells sit nearer the training cells than new real cells do "
+        "(the `train cells` probe is 0). "
         "The control row compares two disjoint halves of real held-out cells, in the same "
         "calls. Probes are references, not methods.",
         "",
