@@ -157,6 +157,8 @@ def run_demo(
         "auroc_generated": float(means.loc["auroc", "generated"]),
         "auroc_control": float(means.loc["auroc", "control"]),
         "w2_ratio": float(means.loc["w2", "ratio"]),
+        # below 1: generated cells nearer the training cells than new real cells come
+        "train_distance_ratio": float(means.loc["train_distance", "ratio"]),
     }
 
     # interpretation: held-out monocytes carried to dendritic cells through their branch point
@@ -263,7 +265,8 @@ def _log_report(report: pd.DataFrame, summary: dict) -> None:
         "Label fidelity (kNN): generated %.3f vs held-out control %.3f -> ratio %.3f "
         "(logistic regression ratio %.3f). Spread ratio mean %.2f; %d/%d types within 25%%. "
         "Real-vs-generated forest AUROC %.3f (real vs real %.3f; 0.5 = indistinguishable), "
-        "W2 %.2fx the real control.",
+        "W2 %.2fx the real control; distance to the nearest training cell %.2fx held-out "
+        "cells' (below 1: copies).",
         summary["label_fidelity_generated"],
         summary["label_fidelity_control"],
         summary["label_fidelity_ratio"],
@@ -274,6 +277,7 @@ def _log_report(report: pd.DataFrame, summary: dict) -> None:
         summary["auroc_generated"],
         summary["auroc_control"],
         summary["w2_ratio"],
+        summary["train_distance_ratio"],
     )
     logger.info(
         "Transmutation %s: %.0f%% of the cells called the target (real target cells: %.0f%%); "

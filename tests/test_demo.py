@@ -45,7 +45,8 @@ def test_demo_fast_writes_everything(tmp_path):
     assert (out / "model" / "model.safetensors").exists()
     assert 0 <= summary["label_fidelity_control"] <= 1
     evaluation = pd.read_csv(out / "evaluation.csv")
-    assert {"auroc", "w2", "label_fidelity"} <= set(evaluation["metric"])
+    assert {"auroc", "w2", "label_fidelity", "train_distance"} <= set(evaluation["metric"])
+    assert summary["train_distance_ratio"] > 0  # generated cells are not copies
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_demo(out, fast=True)
 
