@@ -28,6 +28,8 @@ Usage (from the repository root, in the project's venv):
   python benchmarks/known_truth.py          # about 14 min on 2 cores
   python benchmarks/known_truth.py --scales 16 --steps 16000 \
       --markdown docs/benchmarks/known_truth_budget.md   # a larger budget, 25 min
+  python benchmarks/known_truth.py --components 3 \
+      --markdown docs/benchmarks/known_truth_mixture.md   # types no Gaussian fits, 14 min
   python benchmarks/known_truth.py --fast   # smoke test; numbers meaningless
 Writes docs/benchmarks/known_truth.md.
 """
@@ -82,14 +84,23 @@ SETTINGS = {
 #: the types quality.py can judge with distances on pbmc68k_reduced (>= 10 cells per half)
 TYPES = ["CD14+ Monocyte", "CD19+ B", "CD4+/CD25 T Reg", "Dendritic"]
 METRICS = ("auroc", "mmd_median", "dispersion", "train_distance")
+#: a mixture truth: one component per this many cells of a type (at most ``--components``)
+CELLS_PER_COMPONENT = 40
+#: added to the mixture components' covariance diagonals (PC scores' variances are ~1-50)
+MIXTURE_REG = 0.1
 
 logger = logging.getLogger("known_truth")
 
 
 class Truth:
-    """Per-class Gaussian of every pbmc68k_reduced cell's PC scores, decoded with counts."""
+    """Per-class Gaussian of every pbmc68k_reduced cell's PC scores, decoded with counts.
 
-    def __init__(self):
+    ``components > 1``: a Gaussian mixture per type instead (up to ``components``, one per
+    ``CELLS_PER_COMPONENT`` cells of the type), a truth whose types have a shape no single
+    Gaussian has.
+    """
+
+    def __init__(self, components: int = 1):
         import scbranch as sb
 
         adata = sb.datasets.pbmc68k()
@@ -99,6 +110,28 @@ class Truth:
         self.sizes = adata.obs[LABELS].value_counts()
         self.space = sb.BranchedDiffusion(setup)  # untrained: its decoder only
         self.gauss = SpaceDecodedGaussian(setup, self.space).gauss
+        self.mixtures = {}
+        if components > 1:
+            from sklearn.mixture import GaussianMixture
+
+            z, labels = np.asarray(setup.obsm[LATENT]), _labels(setup)
+            for c in self.sizes.index:
+                k = int(np.clip((labels == c).sum() // CELLS_PER_COMPONENT, 1, components))
+                self.mixtures[c] = GaussianMixture(k, reg_covar=MIXTURE_REG, random_state=0).fit(
+                    z[labels == c]
+                )
+
+    def latents(self, request: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """PC scores and labels of ``request`` cells per type."""
+        if not self.mixtures:
+            gen = self.gauss.generate(n_cells=request, seed=seed)
+            return np.asarray(gen.obsm[self.gauss.obsm_key]), _labels(gen)
+        z, labels = [], []
+        for i, (c, n) in enumerate(request.items()):
+            self.mixtures[c].random_state = seed * 1000 + i
+            z.append(self.mixtures[c].sample(n)[0])
+            labels += [c] * n
+        return np.concatenate(z), np.asarray(labels)
 
     def sample(self, scale: int, seed: int):
         """``scale`` x the real class sizes of truth cells: ``.X`` log-normalised, counts."""
@@ -107,13 +140,11 @@ class Truth:
         import scipy.sparse as sp
 
         request = {c: int(n) * scale for c, n in self.sizes.items()}
-        gen = self.gauss.generate(n_cells=request, seed=seed)
-        labels = _labels(gen)
+        z, labels = self.latents(request, seed)
         space = self.space.space
         codes = np.array([self.space.classes.index(c) for c in labels])
         options = space.resolve_options(counts=True, batch=None, residual_noise="nb")
-        out = space.decode(np.asarray(gen.obsm[self.gauss.obsm_key], np.float32), codes,
-                           options, seed)  # fmt: skip
+        out = space.decode(np.asarray(z, np.float32), codes, options, seed)
         # .X as real data has it: the counts' log-normalisation (the decoder's own .X sets
         # the PC scores back to the generated ones, which no real dataset does)
         counts = sp.csr_matrix(out.layers["counts"], dtype=np.float32)
@@ -175,7 +206,7 @@ def judge(row: str, scale: int, method, train, held, cfg) -> list[dict]:
 
 
 def run(cfg) -> tuple[pd.DataFrame, dict]:
-    truth = Truth()
+    truth = Truth(cfg["components"])
     records, sizes = [], {}
     for scale in cfg["scales"]:
         t0 = time.perf_counter()
@@ -210,6 +241,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--steps", default=None, help="the model's training budget (default: the package's)"
     )
+    parser.add_argument(
+        "--components", type=int, default=1, help="> 1: a Gaussian mixture per type as the truth"
+    )
     parser.add_argument("--out", default="benchmark_out/known_truth")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -220,16 +254,23 @@ def main(argv=None) -> int:
         cfg["scales"] = [int(s) for s in args.scales.split(",")]
     if args.steps:
         cfg["steps"] = int(args.steps)
+    cfg["components"] = args.components
     markdown = prepare_run(args, "known_truth")
     t_all = time.perf_counter()
     df, sizes = run(cfg)
     df.to_csv("rows.csv", index=False)
     budget = "the default" if cfg["steps"] is None else f"{cfg['steps']} steps"
+    truth_name = (
+        "the per-class Gaussian"
+        if cfg["components"] == 1
+        else f"a Gaussian mixture per type (up to {cfg['components']} components, one per "
+        f"{CELLS_PER_COMPONENT} cells; no single Gaussian is the truth's family)"
+    )
     lines = [
         "# A known truth at pbmc68k_reduced's size (generated by `benchmarks/known_truth.py`; "
         "do not edit by hand)",
         "",
-        f"Settings `{cfg_name}`: truth = the per-class Gaussian of all 700 pbmc68k_reduced "
+        f"Settings `{cfg_name}`: truth = {truth_name} of all 700 pbmc68k_reduced "
         "cells' PC scores, decoded with the negative binomial (counts); synthetic datasets of "
         f"scale x the real class sizes (scales {cfg['scales']}), split 50/30/20 % (seed 0); "
         f"every row fitted on the synthetic train cells only; training seed "
