@@ -399,7 +399,7 @@ def evaluate(
                 rows += [_row(space, g, k, v[0], v[1], h.m) for k, v in values.items()]
                 if nearest is not None:
                     gen_d, ctrl_d = (
-                        np.median(nearest.kneighbors(x, return_distance=True)[0])
+                        np.median(nearest.kneighbors(x)[0])
                         for x in (gen_x[h.generated], real_x[h.a])
                     )
                     rows.append(_row(space, g, "train_distance", gen_d, ctrl_d, h.m))
