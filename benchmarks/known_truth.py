@@ -162,21 +162,23 @@ class Truth:
         return cells
 
 
-def rows_of(train, unseen, cfg) -> dict:
-    """Row name -> generator, every one fitted on the synthetic train cells only."""
+def rows_of(train, unseen, cfg, model: bool = True) -> dict:
+    """Row name -> generator, every one fitted on the synthetic train cells only (``model``:
+    with the trained branched model)."""
     import scbranch as sb
 
     space = sb.BranchedDiffusion(default_setup(train))  # untrained: its decoder only
-    return {
+    rows = {
         "probe: truth cells, unseen": TrainCellsProbe(unseen),
         "probe: train cells' out-of-fold scores, decoded": DecodedProbe(
             space, train, train.obsm[LATENT]
         ),
         "per-class Gaussian": SpaceDecodedGaussian(default_setup(train), space),
-        ("branched" if cfg["steps"] is None else f"branched, {cfg['steps']} steps"): (
-            train_model(train, cfg, cfg["train_seed"])
-        ),
     }
+    if model:
+        name = "branched" if cfg["steps"] is None else f"branched, {cfg['steps']} steps"
+        rows[name] = train_model(train, cfg, cfg["train_seed"])
+    return rows
 
 
 def judge(row: str, scale: int, method, train, held, cfg) -> list[dict]:
