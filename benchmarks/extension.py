@@ -58,7 +58,7 @@ from quality import (
 )
 
 SETTINGS = {
-    # steps None: the package's default budget (about 4,000 steps, at most 300 epochs)
+    # steps None: the package's default budget (about 100 epochs, 500-16,000 steps)
     "cpu": {"steps": None, "batch_size": 64, "n_cells": 200, "ext_epochs": None},
     "fast": {"steps": 20, "batch_size": 64, "n_cells": 30, "ext_epochs": 1},
 }
@@ -86,11 +86,11 @@ def split_types(train, new_types):
 
 def _epochs(n_cells: int, steps: int | None, batch_size: int) -> int:
     """Epochs for ``steps`` optimiser steps; `None`: the package's default budget."""
-    from scbranch.module._recipe import MAX_DEFAULT_EPOCHS
+    from scbranch.module._recipe import default_max_epochs
 
     steps_per_epoch = max(1, math.ceil(n_cells / batch_size))
     if steps is None:
-        return int(min(MAX_DEFAULT_EPOCHS, math.ceil(4000 / steps_per_epoch)))
+        return default_max_epochs(n_cells, batch_size)
     return max(1, math.ceil(steps / steps_per_epoch))
 
 

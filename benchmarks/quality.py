@@ -14,7 +14,7 @@ Every method gets the default configuration of the package (README quickstart): 
 latent is the train cells' out-of-fold PC scores (``sb.tl.pca_out_of_fold``, key
 ``X_pca_oof``), the models are set up with the counts (``counts_layer``) so generated cells are
 decoded with the negative binomial (``generate(residual_noise="auto")``), and trained with the
-default budget (about 4,000 optimiser steps, at most 300 epochs; ``--steps`` overrides it).
+default budget (about 100 epochs within 500-16,000 optimiser steps; ``--steps`` overrides it).
 
 Methods (same training budget for the diffusion models: optimiser steps and batch size):
   branched             BranchedDiffusion, discovered tree, the default model
@@ -779,7 +779,7 @@ def sampler_note(results: dict) -> str:
 
 def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
     budget = (
-        "the default training budget (about 4,000 optimiser steps, at most 300 epochs)"
+        "the default training budget (about 100 epochs within 500-16,000 optimiser steps)"
         if cfg["steps"] is None
         else f"{cfg['steps']} optimiser steps"
     )

@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="Passes over the cells (default: about 4,000 optimiser steps, at most 300 epochs).",
+        help="Passes over the cells (default: about 100, within 500-16,000 optimiser steps).",
     )
     fit.add_argument(
         "--batch-size",

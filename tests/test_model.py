@@ -441,13 +441,25 @@ def test_generate_solver_aliases_batches_and_pc(trained):
         model.generate(solver="rk4", **kw)
 
 
-@pytest.mark.parametrize(("n_per_class", "epochs"), [(10, 300), (800, 80)])
-def test_default_budget_is_4000_steps_or_300_epochs(n_per_class, epochs):
-    # 4 classes: 40 cells are 1 step an epoch at batch 64 (4,000 steps would be 4,000 epochs,
-    # which left small data under-dispersed: docs/benchmarks/training_budget.md); 3,200 cells
-    # are 50 steps an epoch, so 80 epochs give the 4,000 steps
+@pytest.mark.parametrize(("n_per_class", "epochs"), [(10, 500), (800, 100)])
+def test_default_budget_is_100_epochs_within_step_bounds(n_per_class, epochs):
+    # 4 classes: 40 cells are 1 step an epoch at batch 64, so the 500-step floor gives 500
+    # epochs; 3,200 cells are 50 steps an epoch, so 100 epochs are 5,000 steps, inside the
+    # bounds (docs/benchmarks/budget_curve.md)
     adata = _sim_adata(n_per_class=n_per_class)
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
     model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
     model.train(batch_size=64, accelerator="cpu", enable_progress_bar=False, max_steps=2)
     assert model.trainer.max_epochs == epochs
+
+
+def test_default_budget_caps_steps_for_large_data():
+    from scbranch.module._recipe import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS, default_max_epochs
+
+    # 100,000 cells are 1,563 steps an epoch: 100 epochs would be 156,300 steps
+    epochs = default_max_epochs(100_000, 64)
+    assert epochs == 11 and (epochs - 1) * 1563 < MAX_DEFAULT_STEPS <= epochs * 1563
+    # the budget grows with the cells until the cap: steps never fall as cells are added
+    steps = [default_max_epochs(n, 64) * -(-n // 64) for n in (40, 351, 1318, 5600, 22400)]
+    assert steps == sorted(steps) and steps[0] >= MIN_DEFAULT_STEPS
+    assert steps[1:] == [600, 2100, 8800, 16100]

@@ -32,7 +32,7 @@ from ..module import VPSDE, BranchedDiffusionModule, BranchTree
 from ..module._discovery import DiscoveryOptions
 from ..module._discovery import standardization as data_standardization
 from ..module._networks import count_parameters
-from ..module._recipe import MAX_DEFAULT_EPOCHS, TrainingRecipe
+from ..module._recipe import TrainingRecipe, default_max_epochs
 from ..module._sampling import steps_for
 from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
@@ -404,8 +404,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the training cells. Default: about 4,000 optimiser steps, at most 300
-            epochs (more made small data under-dispersed: docs/benchmarks/training_budget.md).
+            Passes over the training cells. Default: about 100, kept within 500-16,000 optimiser
+            steps (docs/benchmarks/budget_curve.md).
         batch_size
             Cells per optimiser step (per device under DDP). Small batches matter: larger ones
             gave under-dispersed cells at the same number of steps (see docs/method.md).
@@ -450,7 +450,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         self._validate_anndata(self.adata)
         steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
         if max_epochs is None:
-            max_epochs = int(min(MAX_DEFAULT_EPOCHS, math.ceil(4000 / steps_per_epoch)))
+            max_epochs = default_max_epochs(round(self.adata.n_obs * train_size), batch_size)
         # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
         trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
         plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **(plan_kwargs or {})}

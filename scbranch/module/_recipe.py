@@ -10,6 +10,7 @@ the weights with the same warm-up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,12 +19,38 @@ import torch
 #: distributions of training times (see :func:`draw_times`)
 T_SAMPLINGS = ("uniform", "logsnr")
 
-#: Most passes over the cells of a default ``train()`` (about 4,000 steps otherwise). Quality
-#: against budget (benchmarks/training_budget.py, out-of-fold PCA + "nb"): pbmc68k_reduced's
-#: 351 cells AUROC 0.62 / 0.60 at 170 / 330 epochs, 0.69 / 0.73 at 670 / 1,330 (dispersion
-#: 0.95 -> 0.75, control 0.43 / 1.02); pbmc3k's 1,318 cells 0.58 / 0.57 / 0.58 up to 190
-#: epochs, 0.61 at 380 (dispersion 1.01 -> 0.90, control 0.50 / 1.01).
-MAX_DEFAULT_EPOCHS = 300
+#: A default ``train()`` makes about this many passes over the cells, within
+#: [MIN_DEFAULT_STEPS, MAX_DEFAULT_STEPS] optimiser steps. Read from one grid of data size x
+#: budget on a known truth (benchmarks/budget_curve.py, docs/benchmarks/budget_curve.md): with
+#: few cells, passes pull the cells together (34-120 train cells per type: dispersion 1.00 /
+#: 0.91 / 0.85 at 84 / 167 / 334 epochs, AUROC 0.61 / 0.61 / 0.66, control 0.49); with many,
+#: the optimiser steps are what count (4,000 / 8,000 steps: AUROC 0.56 / 0.54 at 5,600 train
+#: cells and 0.57 / 0.55 at 22,400, controls 0.50), so a fixed 4,000 steps underfit large data.
+DEFAULT_EPOCHS = 100
+#: at least this many steps: the score of a tiny dataset still needs that many to be learnt
+MIN_DEFAULT_STEPS = 500
+#: at most this many steps (about 7 min on an H200, 10 min on 2 CPU cores at batch 64)
+MAX_DEFAULT_STEPS = 16_000
+
+
+def default_max_epochs(n_cells: int, batch_size: int) -> int:
+    """Passes over ``n_cells`` cells of a default ``train()`` at ``batch_size``.
+
+    About :data:`DEFAULT_EPOCHS` epochs, kept within :data:`MIN_DEFAULT_STEPS` and
+    :data:`MAX_DEFAULT_STEPS` optimiser steps.
+
+    Examples
+    --------
+    >>> default_max_epochs(351, 64)  # pbmc68k_reduced's train cells: 6 steps an epoch
+    100
+    >>> default_max_epochs(40, 64)  # 1 step an epoch: the 500-step floor
+    500
+    >>> default_max_epochs(100_000, 64)  # 1,563 steps an epoch: the 16,000-step cap
+    11
+    """
+    steps_per_epoch = max(1, math.ceil(n_cells / batch_size))
+    steps = min(max(DEFAULT_EPOCHS * steps_per_epoch, MIN_DEFAULT_STEPS), MAX_DEFAULT_STEPS)
+    return max(1, math.ceil(steps / steps_per_epoch))
 
 
 @dataclass(frozen=True)
