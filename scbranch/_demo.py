@@ -18,8 +18,9 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-#: (max_epochs, batch_size, cells generated per type) of the full and the fast (test) demo
-FULL = {"max_epochs": 250, "batch_size": 64, "n_cells": 200}
+#: (max_epochs, batch_size, cells generated per type) of the full and the fast (test) demo;
+#: the full demo trains with the package's default budget (``None``), as a user's first model
+FULL = {"max_epochs": None, "batch_size": 64, "n_cells": 200}
 FAST = {"max_epochs": 3, "batch_size": 64, "n_cells": 30}
 #: (source, target) of the demo's transmutation: related myeloid types
 TRANSMUTATION = ("CD14+ Monocyte", "Dendritic")
@@ -54,7 +55,8 @@ def run_demo(
     seed
         Seed of the split, training and generation.
     max_epochs
-        Override the number of training epochs.
+        Override the number of training epochs (default: the package's default budget, or
+        3 with ``fast``).
     overwrite
         Allow writing into a non-empty ``out``.
 

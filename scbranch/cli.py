@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="Training epochs (default: the demo's choice, fewer with --fast).",
+        help="Training epochs (default: the package's default budget; 3 with --fast).",
     )
     demo.add_argument(
         "--overwrite", action="store_true", help="Replace the results already in DIR."
