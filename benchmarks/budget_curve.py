@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 from known_truth import SETTINGS as TRUTH_SETTINGS
-from known_truth import TYPES, Truth, judge, rows_of, table
+from known_truth import TYPES, Truth, judge, rows_of, sizes_line, table
 from quality import SPLIT, _md, _model_pca, _split, prepare_run, train_model, write_lines
 
 #: scale -> budgets in optimiser steps (batch 64); 1x spans pbmc68k_reduced's 80-670 epochs
@@ -129,11 +129,7 @@ def report(df: pd.DataFrame, cfg: dict, sizes: dict, wall: float, missing=()) ->
         "over the types, then mean ± sd over generation seeds. `probe: truth cells, unseen` "
         "must sit at the control; train_distance 1 is a new cell, 0 a copy.",
         "",
-        "Train cells per type: "
-        + "; ".join(
-            f"x{s}: " + ", ".join(f"{t} {n}" for t, n in v.items()) for s, v in sizes.items()
-        )
-        + ".",
+        sizes_line(sizes),
         "",
         _md(table(df.drop(columns=["_probe", "_steps", "_order"]))),
         "",

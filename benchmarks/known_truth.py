@@ -221,6 +221,12 @@ def run(cfg) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(records), sizes
 
 
+def sizes_line(sizes: dict) -> str:
+    """The report's line of train cells per type at every scale."""
+    per_scale = (f"x{s}: " + ", ".join(f"{t} {n}" for t, n in v.items()) for s, v in sizes.items())
+    return "Train cells per type: " + "; ".join(per_scale) + "."
+
+
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows (scale, row) x metrics, mean +- sd over generation seeds, with each control."""
     out = {}
@@ -282,11 +288,7 @@ def main(argv=None) -> int:
         "mean over the types, then mean ± sd over generation seeds. `probe: truth cells, "
         "unseen` must sit at the control; the per-class Gaussian is the truth's own family.",
         "",
-        "Train cells per type: "
-        + "; ".join(
-            f"x{s}: " + ", ".join(f"{t} {n}" for t, n in v.items()) for s, v in sizes.items()
-        )
-        + ".",
+        sizes_line(sizes),
         "",
         _md(table(df)),
         "",
