@@ -25,6 +25,8 @@ Results are written as each job ends, so a run stopped at ``--deadline`` keeps w
 Usage (from the repository root, in the project's venv):
   python benchmarks/budget_curve.py --workers 16 --gpu-from 8000 --deadline 470
       # 7 min on 16 cores + an H200 (the 16,000-step budgets need longer)
+  python benchmarks/budget_curve.py --scales 16,64 --steps 16000 --threads 2 \
+      --markdown docs/benchmarks/budget_curve_cap.md   # those two on 2 CPU cores, 33 min
   python benchmarks/budget_curve.py --fast      # smoke test; numbers meaningless
 Writes docs/benchmarks/budget_curve.md.
 """
@@ -133,7 +135,8 @@ def report(df: pd.DataFrame, cfg: dict, sizes: dict, wall: float, missing=()) ->
         "",
         _md(table(df.drop(columns=["_probe", "_steps", "_order"]))),
         "",
-        "Fit time (set-up and training, one CPU thread or the GPU, seconds):",
+        f"Fit time (set-up and training, {cfg['threads']} CPU thread(s) per job or the GPU, "
+        "seconds):",
         "",
         _md(timing.assign(fit_s=timing["fit_s"].round(0))),
         "",

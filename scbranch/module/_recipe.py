@@ -24,12 +24,13 @@ T_SAMPLINGS = ("uniform", "logsnr")
 #: budget on a known truth (benchmarks/budget_curve.py, docs/benchmarks/budget_curve.md): with
 #: few cells, passes pull the cells together (34-120 train cells per type: dispersion 1.00 /
 #: 0.91 / 0.85 at 84 / 167 / 334 epochs, AUROC 0.61 / 0.61 / 0.66, control 0.49); with many,
-#: the optimiser steps are what count (4,000 / 8,000 steps: AUROC 0.56 / 0.54 at 5,600 train
-#: cells and 0.57 / 0.55 at 22,400, controls 0.50), so a fixed 4,000 steps underfit large data.
+#: the optimiser steps are what count (4,000 / 8,000 / 16,000 steps: AUROC 0.56 / 0.54 / 0.53
+#: at 5,600 train cells, 0.57 / 0.55 / 0.54 at 22,400; controls 0.50), so a fixed 4,000 steps
+#: underfit large data.
 DEFAULT_EPOCHS = 100
 #: at least this many steps: the score of a tiny dataset still needs that many to be learnt
 MIN_DEFAULT_STEPS = 500
-#: at most this many steps (about 7 min on an H200, 10 min on 2 CPU cores at batch 64)
+#: at most this many steps (about 7 min on an H200, 15 min on 2 CPU cores at batch 64)
 MAX_DEFAULT_STEPS = 16_000
 
 
