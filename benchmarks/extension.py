@@ -295,7 +295,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
 
 def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
     budget = (
-        "the package's default budget (about 4,000 optimiser steps, at most 300 epochs)"
+        "the package's default budget (about 100 epochs within 500-16,000 optimiser steps)"
         if cfg["steps"] is None
         else f"{cfg['steps']} optimiser steps"
     )
