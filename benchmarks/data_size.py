@@ -47,6 +47,7 @@ from quality import (
     default_setup,
     load_pbmc3k,
     prepare_run,
+    seed_reports,
     train_model,
     write_lines,
 )
@@ -108,13 +109,8 @@ def rows_of(part, cfg) -> dict:
 
 def judge(row: str, cap, method, train, held, cfg) -> list[dict]:
     """Per-type metrics of ``method`` for every generation seed."""
-    import scbranch as sb
-
     out = []
-    for seed in cfg["seeds"]:
-        kwargs = {"progress_bar": False} if isinstance(method, sb.BranchedDiffusion) else {}
-        gen = method.generate(n_cells=cfg["n_cells"], seed=seed, **kwargs)
-        report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=seed)
+    for seed, report in seed_reports(method, held, train, cfg):
         report = report[(report["space"] == "reference_pca") & report["metric"].isin(METRICS)]
         for rec in report.itertuples():
             out.append(

@@ -57,6 +57,7 @@ from quality import (
     _split,
     default_setup,
     prepare_run,
+    seed_reports,
     train_model,
     write_lines,
 )
@@ -183,15 +184,8 @@ def rows_of(train, unseen, cfg, model: bool = True) -> dict:
 
 def judge(row: str, scale: int, method, train, held, cfg) -> list[dict]:
     """Metrics (mean over TYPES) of ``method`` for every generation seed."""
-    import scbranch as sb
-
     out = []
-    for seed in cfg["seeds"]:
-        kwargs = {"progress_bar": False} if isinstance(method, sb.BranchedDiffusion) else {}
-        gen = method.generate(n_cells=cfg["n_cells"], seed=seed, **kwargs)
-        report = sb.tl.evaluate(
-            gen, held, LABELS, train=train, groups=TYPES, metrics=list(METRICS), seed=seed
-        )
+    for seed, report in seed_reports(method, held, train, cfg, groups=TYPES, metrics=list(METRICS)):
         report = report[(report["space"] == "reference_pca") & (report["group"] == "mean")]
         for rec in report.itertuples():
             out.append(

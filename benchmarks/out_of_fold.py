@@ -43,6 +43,7 @@ from quality import (
     load_pbmc68k,
     prepare_run,
     scores_of,
+    seed_reports,
     write_lines,
 )
 
@@ -143,15 +144,10 @@ def train_branched(
 def evaluate_rows(name: str, rows: dict, train, held, cfg: dict) -> pd.DataFrame:
     """Every (training seed, generator) of every row, for each generation seed, judged by
     ``tl.evaluate(gen, held, train=train)``: one record per row, seed and metric of METRICS."""
-    import scbranch as sb
-
     records = []
     for row, generators in rows.items():
         for train_seed, method in generators:
-            for seed in cfg["seeds"]:
-                kwargs = {"progress_bar": False} if isinstance(method, sb.BranchedDiffusion) else {}
-                gen = method.generate(n_cells=cfg["n_cells"], seed=seed, **kwargs)
-                report = sb.tl.evaluate(gen, held, LABELS, train=train, seed=seed)
+            for seed, report in seed_reports(method, held, train, cfg):
                 m = report[report["group"] == "mean"].set_index(["space", "metric"])
                 for key in METRICS:
                     if key in m.index:
