@@ -26,6 +26,8 @@ Methods (same training budget for the diffusion models: optimiser steps and batc
                        gaussian_skip="per_branch": the network corrects each branch's own
                        Gaussian instead of one global one
   <arch>:late, <arch>:unshared   later branch points / no sharing (benchmarks/sharing.py)
+  <arch>:ema0, :balance<x>, :batch<n>   trained without the weight EMA / with class_balance x /
+                       with n cells per optimiser step (benchmarks/budget_curve.py --rows)
   scVI resampling      latents from the class's aggregated posterior, NB counts, log-normalised
   per-class Gaussian   Ledoit-Wolf Gaussian per class on the same out-of-fold scores, decoded
                        by the models' own space with the same negative binomial
@@ -410,6 +412,32 @@ def generate_options(spec: str) -> dict:
     return options
 
 
+#: training variants of a row name: ``model.train()`` options (the model is built the same way)
+TRAIN_VARIANTS = {
+    "ema": ("ema_decay", float),  # ema0: no weight EMA
+    "balance": ("class_balance", float),  # balance0: natural frequencies, balance1: equal
+    "batch": ("batch_size", int),  # batch256: 256 cells per optimiser step
+}
+
+
+def _train_variant(part: str) -> dict | None:
+    """``train()`` options of one part of a row name, or None if it is no training variant."""
+    for prefix, (option, kind) in TRAIN_VARIANTS.items():
+        value = part[len(prefix) :]
+        if part.startswith(prefix) and value and value.replace(".", "", 1).isdigit():
+            return {option: kind(value)}
+    return None
+
+
+def train_options(spec: str) -> dict:
+    """``model.train()`` options of a row name's training variants (``ema0``, ``balance1``,
+    ``batch256``, see :data:`TRAIN_VARIANTS`)."""
+    options = {}
+    for part in model_spec(spec).split(":")[1:]:
+        options.update(_train_variant(part) or {})
+    return options
+
+
 def model_options(spec: str, classes=None) -> dict:
     """Model keyword arguments of a row name: ``"<architecture>[:<variant>...]"``.
 
@@ -420,11 +448,14 @@ def model_options(spec: str, classes=None) -> dict:
     ``scvi`` (scVI's latent, decoded by scVI) and ``expression`` (the log-normalised genes);
     without a space variant the model diffuses the out-of-fold PC scores. The space comes
     back under the key ``"space"``, for :func:`train_model`. Sampler variants
-    (:data:`SAMPLER_VARIANTS`) do not change the model: :func:`generate_options`.
+    (:data:`SAMPLER_VARIANTS`) do not change the model: :func:`generate_options`; training
+    variants (:data:`TRAIN_VARIANTS`) change how it is trained: :func:`train_options`.
     """
     architecture, *variants = model_spec(spec).split(":")
     options = {"architecture": architecture}
     for variant in variants:
+        if _train_variant(variant) is not None:
+            continue  # a train() option: train_options
         if variant == "per_branch":
             options["gaussian_skip"] = variant
         elif variant == "late":
@@ -481,16 +512,11 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     else:
         adata = default_setup(train, None if space == "expression" else obsm_key)
         model = sb.BranchedDiffusion(adata, **options)
-    budget = {}
+    training = {"batch_size": cfg["batch_size"], **train_options(architecture)}
     if cfg["steps"] is not None:
-        steps_per_epoch = max(1, math.ceil(train.n_obs / cfg["batch_size"]))
-        budget["max_epochs"] = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
-    model.train(
-        **budget,
-        batch_size=cfg["batch_size"],
-        accelerator=cfg["accelerator"],
-        enable_progress_bar=False,
-    )
+        steps_per_epoch = max(1, math.ceil(train.n_obs / training["batch_size"]))
+        training["max_epochs"] = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
+    model.train(**training, accelerator=cfg["accelerator"], enable_progress_bar=False)
     logger.info("%s (training seed %d)", model, seed)
     return model
 

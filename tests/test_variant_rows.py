@@ -59,6 +59,20 @@ def test_sampler_variants_set_the_solver_and_steps_and_leave_the_model_alone():
     assert quality.model_spec("branched:denoised") == "branched"
 
 
+def test_training_variants_set_train_options_and_leave_the_model_alone():
+    spec = "flat:per_branch:ema0:balance1:batch256:sde"
+    assert quality.train_options(spec) == {
+        "ema_decay": 0.0,
+        "class_balance": 1.0,
+        "batch_size": 256,
+    }
+    assert quality.train_options("branched:balance0.25")["class_balance"] == 0.25
+    assert quality.model_options(spec) == {"architecture": "flat", "gaussian_skip": "per_branch"}
+    assert quality.train_options("branched:per_branch") == {}
+    with pytest.raises(ValueError, match="Unknown variant"):
+        quality.model_options("branched:batch")  # no number: not a training variant
+
+
 def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_them(tmp_path):
     import pandas as pd
 
