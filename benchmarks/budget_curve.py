@@ -15,8 +15,11 @@ types, mean over types, mean ± sd over generation seeds):
   probe: train cells' out-of-fold scores, decoded
                                  the memoriser: its train_distance is what copying looks like
   per-class Gaussian             fitted on the train cells
-  branched, <steps> steps (<epochs> epochs)
-                                 the default model trained for that budget
+  <row>, <steps> steps (<epochs> epochs)
+                                 a model trained for that budget: ``branched`` (the default
+                                 model) or any row of ``--rows``, named as in quality.py
+                                 (``flat``, ``branched:per_branch``, ``branched:ema0``,
+                                 ``branched:balance1``, ``branched:batch256``, ...)
 
 The jobs are independent processes (``--workers``, one thread each), so the grid fits a machine
 with many cores; ``--gpu-from`` sends budgets of at least that many steps to a CUDA GPU.
@@ -27,6 +30,9 @@ Usage (from the repository root, in the project's venv):
       # 7 min on 16 cores + an H200 (the 16,000-step budgets need longer)
   python benchmarks/budget_curve.py --scales 16,64 --steps 16000 --threads 2 \
       --markdown docs/benchmarks/budget_curve_cap.md   # those two on 2 CPU cores, 33 min
+  python benchmarks/budget_curve.py --steps "1:250,500,1000,2000;4:500,1000,2000,4000" --workers 2 \
+      --rows branched,flat,branched:per_branch,branched:ema0,branched:balance1 \
+      --markdown docs/benchmarks/budget_curve_recipe.md   # the recipe's levers, small data
   python benchmarks/budget_curve.py --fast      # smoke test; numbers meaningless
 Writes docs/benchmarks/budget_curve.md.
 """
@@ -46,7 +52,17 @@ from pathlib import Path
 import pandas as pd
 from known_truth import SETTINGS as TRUTH_SETTINGS
 from known_truth import TYPES, Truth, judge, rows_of, sizes_line, table
-from quality import SPLIT, _md, _model_pca, _split, prepare_run, train_model, write_lines
+from quality import (
+    SPLIT,
+    _md,
+    _model_pca,
+    _split,
+    model_options,
+    prepare_run,
+    train_model,
+    train_options,
+    write_lines,
+)
 
 #: scale -> budgets in optimiser steps (batch 64); 1x spans pbmc68k_reduced's 80-670 epochs
 GRID = {
@@ -66,8 +82,9 @@ def _data(truth: Truth, scale: int):
     return train, held, unseen
 
 
-def run_job(scale: int, steps: int | None, cfg: dict, workdir: str) -> list[dict]:
-    """One job in its own process: the probes of a scale (``steps=None``) or one budget."""
+def run_job(spec: str, scale: int, steps: int | None, cfg: dict, workdir: str) -> list[dict]:
+    """One job in its own process: the probes of a scale (``steps=None``) or one budget of
+    the model of row name ``spec`` (``quality.model_options``)."""
     import scvi
     import torch
 
@@ -83,10 +100,11 @@ def run_job(scale: int, steps: int | None, cfg: dict, workdir: str) -> list[dict
         extra = {}
     else:
         accelerator = "gpu" if cfg["gpu_from"] and steps >= cfg["gpu_from"] else "cpu"
-        model = train_model(train, {**cfg, "steps": steps, "accelerator": accelerator}, 0)
+        model = train_model(train, {**cfg, "steps": steps, "accelerator": accelerator}, 0, spec)
         run_steps = int(model.trainer.global_step)
-        epochs = math.ceil(steps / math.ceil(train.n_obs / cfg["batch_size"]))
-        rows = {f"branched, {steps} steps ({epochs} epochs)": model}
+        batch_size = train_options(spec).get("batch_size", cfg["batch_size"])
+        epochs = math.ceil(steps / math.ceil(train.n_obs / batch_size))
+        rows = {f"{spec}, {steps} steps ({epochs} epochs)": model}
         extra = {
             "steps_run": run_steps,
             "epochs": epochs,
@@ -99,20 +117,29 @@ def run_job(scale: int, steps: int | None, cfg: dict, workdir: str) -> list[dict
     return records
 
 
-def jobs_of(grid: dict) -> list[tuple[int, int | None]]:
+def jobs_of(grid: dict, specs=("branched",)) -> list[tuple[str, int, int | None]]:
     """Longest first, so the pool ends together; the cheap probe jobs last."""
-    jobs = [(scale, steps) for scale, budgets in grid.items() for steps in budgets]
-    jobs.sort(key=lambda j: -j[1])
-    return jobs + [(scale, None) for scale in grid]
+    jobs = [(spec, scale, n) for spec in specs for scale, budgets in grid.items() for n in budgets]
+    jobs.sort(key=lambda j: -j[2])
+    return jobs + [("", scale, None) for scale in grid]
+
+
+def job_name(spec: str, scale: int, steps: int | None) -> str:
+    return f"x{scale} {f'{spec} {steps} steps' if steps else 'probes'}"
 
 
 def report(df: pd.DataFrame, cfg: dict, sizes: dict, wall: float, missing=()) -> list[str]:
     order = {row: i for i, row in enumerate(df["row"].unique())}
+    budget = df["row"].str.extract(r"^(.*), (\d+) steps \(")
+    specs = {spec: i for i, spec in enumerate(cfg.get("rows", ["branched"]))}
     df = df.assign(
-        _probe=~df["row"].str.startswith("branched"),
-        _steps=df["row"].str.extract(r"branched, (\d+) steps")[0].astype(float),
+        _probe=budget[0].isna(),
+        _spec=budget[0].map(specs),
+        _steps=budget[1].astype(float),
         _order=df["row"].map(order),
-    ).sort_values(["scale", "_probe", "_steps", "_order"], ascending=[True, False, True, True])
+    ).sort_values(
+        ["scale", "_probe", "_spec", "_steps", "_order"], ascending=[True, False, True, True, True]
+    )
     timing = (
         df.dropna(subset=["fit_s"])
         .groupby(["scale", "row"], sort=False)[["steps_run", "epochs", "fit_s", "accelerator"]]
@@ -133,7 +160,7 @@ def report(df: pd.DataFrame, cfg: dict, sizes: dict, wall: float, missing=()) ->
         "",
         sizes_line(sizes),
         "",
-        _md(table(df.drop(columns=["_probe", "_steps", "_order"]))),
+        _md(table(df.drop(columns=["_probe", "_spec", "_steps", "_order"]))),
         "",
         f"Fit time (set-up and training, {cfg['threads']} CPU thread(s) per job or the GPU, "
         "seconds):",
@@ -154,7 +181,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="smoke-test settings")
     parser.add_argument("--scales", default=None, help="e.g. 1,16 (default: all of GRID)")
-    parser.add_argument("--steps", default=None, help="e.g. 1000,4000: every scale's budgets")
+    parser.add_argument(
+        "--steps",
+        default=None,
+        help="1000,4000: every scale's budgets; 1:500;4:1000,2000: per scale",
+    )
+    parser.add_argument(
+        "--rows", default="branched", help="models (quality.model_options names), e.g. flat"
+    )
     parser.add_argument("--components", type=int, default=3, help="1: a Gaussian truth")
     parser.add_argument("--workers", type=int, default=1, help="parallel jobs")
     parser.add_argument("--gpu-from", type=int, default=0, help="budgets >= this use the GPU")
@@ -166,11 +200,19 @@ def main(argv=None) -> int:
     grid = dict(FAST_GRID if args.fast else GRID)
     if args.scales:
         grid = {int(s): grid[int(s)] for s in args.scales.split(",")}
-    if args.steps:
+    if args.steps and ":" in args.steps:  # per scale: "1:250,500;4:500,1000"
+        grid = {
+            int(scale): [int(n) for n in budgets.split(",")]
+            for scale, budgets in (item.split(":") for item in args.steps.split(";"))
+        }
+    elif args.steps:
         grid = {scale: [int(n) for n in args.steps.split(",")] for scale in grid}
     cfg = dict(TRUTH_SETTINGS["fast" if args.fast else "cpu"])
     cfg.update(components=args.components, workers=args.workers, gpu_from=args.gpu_from)
     cfg["threads"] = args.threads
+    cfg["rows"] = args.rows.split(",")
+    for spec in cfg["rows"]:  # a misspelt row fails here, not after the first training
+        model_options(spec, TYPES)
     markdown = prepare_run(args, "budget_curve")
     out = Path.cwd()
     t_all = time.perf_counter()
@@ -180,12 +222,11 @@ def main(argv=None) -> int:
         counts = truth.sizes * scale
         sizes[scale] = {t: int(round(counts[t] * SPLIT[0])) for t in TYPES}  # approximate
     records, ended = [], set()
-    jobs = jobs_of(grid)
-    name = {(s, n): f"x{s} {f'{n} steps' if n else 'probes'}" for s, n in jobs}
+    jobs = jobs_of(grid, cfg["rows"])
+    name = {job: job_name(*job) for job in jobs}
     pool = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
     futures = {
-        pool.submit(run_job, s, n, cfg, str(out / f"job_{s}_{n or 'probes'}")): (s, n)
-        for s, n in jobs
+        pool.submit(run_job, *job, cfg, str(out / name[job].replace(" ", "_"))): job for job in jobs
     }
 
     def write(missing=()):
