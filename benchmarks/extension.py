@@ -12,7 +12,8 @@ the known answer: real cells no model saw, scored exactly like generated cells):
   ARCH + add_classes       a tree model (ARCH: each of --architectures, by default the
                            branch-conditioned network and one head per branch) trained on the
                            old types, then ``add_classes`` with the new types' train cells (only
-                           the new branches' weights train; about 1,000 steps per type)
+                           the new branches' weights train; train()'s rule for the new
+                           cells: about 100 passes, at least 500 steps)
   ... + shared fine-tune   the same, with add_classes(fine_tune_shared=True): the branches above
                            the new branch points also train, with replay of the reference cells
   ARCH, retrained          trained from scratch on all types (the same budget as the old model:
@@ -28,7 +29,7 @@ old types' cells after extension are also checked to be bit-identical to those b
 coordinates and their decoded counts).
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/extension.py          # CPU settings (about 30 min on 2 cores)
+  python benchmarks/extension.py          # CPU settings (about 12 min on 2 cores)
   python benchmarks/extension.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/extension.md and CSVs under --out.
 """

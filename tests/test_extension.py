@@ -331,3 +331,19 @@ def test_placement_uses_the_discovery_options_of_the_model(monkeypatch, tmp_path
     assert options.n_noise_draws == 1
     assert options.min_branch_length == 0.02  # the discovery default, recorded too
     assert loaded.extensions_[-1]["joins"] == "c2"
+
+
+def test_extension_steps_follow_the_training_rule_for_the_new_cells():
+    from scbranch.module._extension import default_head_steps
+    from scbranch.module._recipe import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS
+
+    # a rare new type gets train()'s floor, not a fixed 1,000 steps
+    assert default_head_steps(30, 64, None) == MIN_DEFAULT_STEPS
+    # a large one about 100 passes (79 steps an epoch), capped like train()
+    assert default_head_steps(5_000, 64, None) == 7_900
+    # whole passes: the cap is rounded up to 2 epochs of 15,625 steps, as in train()
+    assert MAX_DEFAULT_STEPS < default_head_steps(1_000_000, 64, None) == 31_250
+    steps = [default_head_steps(n, 64, None) for n in (10, 100, 1_000, 10_000, 100_000)]
+    assert steps == sorted(steps)  # more cells never get fewer steps
+    # an explicit max_epochs is passes over the new cells
+    assert default_head_steps(130, 64, 3) == 9
