@@ -15,8 +15,8 @@ Rows (one trained model per training seed, shared by all rows):
                        known answer, must sit at the control
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/sde_steps.py --reuse benchmark_out/quality --datasets pbmc68k
-                        # about 10 min on 2 cores for pbmc68k_reduced; run nothing else
+  python benchmarks/sde_steps.py --reuse benchmark_out/quality --datasets pbmc68k,pbmc3k
+                        # 10.3 min on 2 cores (pbmc68k_reduced alone: 3 min); run nothing else
   python benchmarks/sde_steps.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/sde_steps.md and, under --out, the per-row CSV (machinery: variants.py).
 """
