@@ -145,7 +145,15 @@ def _summary(scores: dict, old: list[str], new: list[str]) -> dict:
 
 
 def run_dataset(name: str, train, held, unseen, cfg) -> dict:
+    import scvi
+
     import scbranch as sb
+
+    def reseed() -> None:
+        # every model starts from the same random state, whatever ran before it: without
+        # this, a change in one row's number of random draws (e.g. the flat fine-tunes'
+        # steps) moved every later row, those of the next dataset included
+        scvi.settings.seed = 0
 
     # out-of-fold scores of every train cell (new types included) on the shared PCA
     sb.tl.pca_out_of_fold(train, groupby=LABELS, key_added=LATENT)
@@ -200,6 +208,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
     for arch in cfg["architectures"]:
         # the tree model: old types, then add_classes (and the shared fine-tune variant)
         setup(old_data)
+        reseed()
         model = sb.BranchedDiffusion(old_data, architecture=arch)
         timing[f"train old ({arch})"] = fit_all(model)
         model.save("old_model", overwrite=True)  # the start of the shared fine-tuning variant
@@ -236,6 +245,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
         # retrained from scratch on everything
         full = train.copy()
         setup(full)
+        reseed()
         retrained = sb.BranchedDiffusion(full, architecture=arch)
         timing[f"retrain all ({arch})"] = fit_all(retrained)
         rows.append(
@@ -249,6 +259,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
     # flat: label slots for every type, pretrained on the old types' cells only
     flat_data = train.copy()
     setup(flat_data)
+    reseed()
     flat = sb.BranchedDiffusion(flat_data, architecture="flat", hierarchy=retrained.tree.to_dict())
     is_new = flat_data.obs[LABELS].isin(new_types).to_numpy()
     empty = np.array([], dtype=int)
@@ -276,6 +287,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
     pretrained = copy.deepcopy(flat.module.state_dict())
     for label, idx in (("new", np.flatnonzero(is_new)), ("all", everything)):
         flat.module.load_state_dict(pretrained)
+        reseed()
         timing[f"fine-tune flat on {label}"] = fit(flat, idx, ext_steps)
         rows.append(
             {
