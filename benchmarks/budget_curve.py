@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import logging
-import math
 import multiprocessing
 import os
 import sys
@@ -60,7 +59,6 @@ from quality import (
     model_options,
     prepare_run,
     train_model,
-    train_options,
     write_lines,
 )
 
@@ -102,8 +100,7 @@ def run_job(spec: str, scale: int, steps: int | None, cfg: dict, workdir: str) -
         accelerator = "gpu" if cfg["gpu_from"] and steps >= cfg["gpu_from"] else "cpu"
         model = train_model(train, {**cfg, "steps": steps, "accelerator": accelerator}, 0, spec)
         run_steps = int(model.trainer.global_step)
-        batch_size = train_options(spec).get("batch_size", cfg["batch_size"])
-        epochs = math.ceil(steps / math.ceil(train.n_obs / batch_size))
+        epochs = int(model.trainer.max_epochs)  # train_model's passes for this budget
         rows = {f"{spec}, {steps} steps ({epochs} epochs)": model}
         extra = {
             "steps_run": run_steps,
