@@ -54,6 +54,8 @@ class Key:
         IDENTITY_RETENTION = "scbranch_identity_retention"
         #: the node a cell was asked for when generated at an internal node of the tree
         REQUESTED_NODE = "scbranch_requested_node"
+        #: the real cell a cell was generated from (``model.generate_anchored``)
+        ANCHOR = "scbranch_anchor"
         # trajectories (one row per cell and checkpoint)
         TRAJECTORY = "trajectory"
         CHECKPOINT = "checkpoint"

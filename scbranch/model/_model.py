@@ -3,8 +3,9 @@
 The class holds the user API (set-up, training, generation, interpretation, extension,
 persistence) and delegates the rest: the representation to its :class:`~scbranch.model.Space`
 (``_spaces.py``), the AnnData it returns to ``_output.py``, transmutation, hybrids and
-trajectories to ``_interpretation.py``, saving and loading to ``_persistence.py``, and all the
-numerics to :class:`~scbranch.module.BranchedDiffusionModule`.
+trajectories to ``_interpretation.py``, anchored generation to ``_anchored.py``, saving and
+loading to ``_persistence.py``, and the numerics to
+:class:`~scbranch.module.BranchedDiffusionModule`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..module._recipe import TrainingRecipe, default_max_epochs
 from ..module._sampling import steps_for
 from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
-from . import _extension, _interpretation, _persistence
+from . import _anchored, _extension, _interpretation, _persistence
 from ._blocks import (
     check_block_size,
     check_output,
@@ -696,6 +697,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
     # interpretation and extension: the functions are the methods (signatures and docs there)
     transmute = _interpretation.transmute
+    generate_anchored = _anchored.generate_anchored
     hybrids = _interpretation.hybrids
     add_classes = _extension.add_classes
 
@@ -734,13 +736,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         writes; the others return without touching ``dir_path``.
         """
         _persistence.save_model(
-            self,
-            dir_path,
-            prefix=prefix or "",
-            overwrite=overwrite,
-            save_anndata=save_anndata,
-            **anndata_write_kwargs,
-        )
+            self, dir_path, prefix=prefix or "", overwrite=overwrite,
+            save_anndata=save_anndata, **anndata_write_kwargs,
+        )  # fmt: skip
 
     @classmethod
     def load(

@@ -5,7 +5,7 @@ from ._branch_stability import branch_stability, read_stability
 from ._compare import compare_hierarchies
 from ._embed import embed_like
 from ._evaluate import evaluate, read_evaluation
-from ._generate import generate, hybrids, transmute
+from ._generate import generate, generate_anchored, hybrids, transmute
 from ._interpret import (
     identity_retention,
     rank_transmutation_genes,
@@ -21,6 +21,7 @@ __all__ = [
     "embed_like",
     "evaluate",
     "generate",
+    "generate_anchored",
     "hybrids",
     "identity_retention",
     "pca_out_of_fold",

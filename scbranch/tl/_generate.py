@@ -1,4 +1,4 @@
-"""Functional mirrors of the model's sampling methods: generate, transmute, hybrids."""
+"""Functional mirrors of the model's sampling methods (generate, transmute, hybrids, ...)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,36 @@ def generate(model: BranchedDiffusion, n_cells: int | Mapping[str, int] = 100, *
     >>> gen = sb.tl.generate(model, n_cells={"CD19+ B": 500}, seed=0)  # doctest: +SKIP
     """
     return model.generate(n_cells, **kwargs)
+
+
+def generate_anchored(
+    model: BranchedDiffusion, adata: AnnData, n_cells: int | Mapping[str, int] = 100, **kwargs
+) -> AnnData:
+    """Generate new cells of each type from real cells of that type (notebook-style mirror).
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~scbranch.BranchedDiffusion`.
+    adata
+        Real cells (the anchors) in the model's representation, labelled in
+        ``obs[labels_key]``.
+    n_cells
+        New cells per type present in ``adata``, or a dict ``{cell type: count}``.
+    **kwargs
+        Options of :meth:`~scbranch.BranchedDiffusion.generate_anchored` (``anchor_time``,
+        ``n_steps``, ``seed``, ``residual_noise``, ``counts``, ...).
+
+    Returns
+    -------
+    The new cells, each with its anchor in ``obs['scbranch_anchor']``; the user's data are
+    never modified.
+
+    Examples
+    --------
+    >>> gen = sb.tl.generate_anchored(model, train, {"Dendritic": 200}, seed=0)  # doctest: +SKIP
+    """
+    return model.generate_anchored(adata, n_cells, **kwargs)
 
 
 def transmute(model: BranchedDiffusion, adata: AnnData, target: str, **kwargs) -> AnnData:
