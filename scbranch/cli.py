@@ -11,7 +11,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .module._solvers import DEFAULT_N_STEPS, DEFAULT_SOLVER, SOLVERS, solver_names
+from .module._solvers import (
+    DEFAULT_ANCHOR_TIME,
+    DEFAULT_N_STEPS,
+    DEFAULT_SOLVER,
+    SOLVERS,
+    solver_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +158,17 @@ def _device(text: str) -> int | str:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a device index, got {text!r}")
+    return value
+
+
+def _anchor_time(text: str) -> float:
+    """A time in (0, 1] (the model checks it against its own ``t_min``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a time in (0, 1], got {text!r}")
     return value
 
 
@@ -338,6 +355,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except _lightning_errors() as err:
         raise CLIError(f"--accelerator/--device: {_one_line(err)}") from err
     seed = resolve_seed(args.seed)  # drawn here to be reported (and recorded in the file)
+    if args.anchors is not None:
+        return _generate_anchored(model, args, labels, seed, out)
     # written block by block as the cells are made: memory does not grow with --n-cells, and
     # the file appears under its name only when complete (Ctrl-C or an error leave none)
     model.generate(
@@ -361,6 +380,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args,
         f"Wrote {args.n_cells * n_types} generated cells of {n_types} cell type(s) to {out} "
         f"(seed {seed})",
+    )
+    return 0
+
+
+def _generate_anchored(model, args: argparse.Namespace, labels, seed: int, out: Path) -> int:
+    """``generate --anchors``: new cells made from the real cells of an .h5ad file."""
+    ignored = [
+        flag
+        for flag, given in (
+            ("--no-share", args.no_share),
+            ("--block-size", args.block_size is not None),
+            ("--layers", args.layers is not None),
+            ("--solver", args.solver != DEFAULT_SOLVER),
+        )
+        if given
+    ]
+    if ignored:
+        raise CLIError(
+            f"{', '.join(ignored)} do(es) not apply with --anchors: anchored cells follow the "
+            "reverse SDE from their own anchors, in one block. Drop them."
+        )
+    anchors = _read_h5ad(Path(args.anchors))
+    n_cells = args.n_cells if labels is None else dict.fromkeys(labels, args.n_cells)
+    try:
+        gen = model.generate_anchored(
+            anchors, n_cells,
+            anchor_time=args.anchor_time, n_steps=args.n_steps, seed=seed,
+            counts=True if args.counts else None, residual_noise=NOISE_OPTIONS[args.noise],
+            batch=args.batch, progress_bar=not args.quiet, out=out, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (KeyError, ValueError) as err:
+        raise CLIError(f"--anchors {args.anchors!r}: {_one_line(err)}") from err
+    n_types = len(labels) if labels is not None else anchors.obs[model.labels_key].nunique()
+    _say(
+        args,
+        f"Wrote {args.n_cells * n_types} cells of {n_types} cell type(s), anchored on the cells "
+        f"of {args.anchors}, to {gen} (seed {seed})",
     )
     return 0
 
@@ -694,6 +750,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"Steps from pure noise to cells (default: {DEFAULT_N_STEPS}, more for trees with "
         "more branch points than that).",
+    )
+    gen.add_argument(
+        "--anchors",
+        default=None,
+        metavar="DATA.h5ad",
+        help="Make each new cell from a real cell of its type in this file (anchored generation: "
+        "the cell is noised to --anchor-time and brought back down its type's reverse SDE). The "
+        "file holds cells in the model's representation, labelled like the training cells; "
+        "without --labels every type it holds gets --n-cells cells.",
+    )
+    gen.add_argument(
+        "--anchor-time",
+        type=_anchor_time,
+        default=DEFAULT_ANCHOR_TIME,
+        metavar="T",
+        help="With --anchors: how far up the process the anchors are noised, in (0, 1]; lower "
+        "keeps more of each anchor (default: %(default)s).",
     )
     gen.add_argument(
         "--seed",

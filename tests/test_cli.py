@@ -471,3 +471,49 @@ def test_fit_out_of_fold_learns_new_cells_spread_and_generates_nb(tmp_path, caps
     adata.write_h5ad(data)
     bad = [*fit[:3], "X_other", *fit[4:], "--out-of-fold", "--out", str(tmp_path / "bad2")]
     assert main(bad) == 2 and "--out-of-fold" in _error_line(capsys)
+
+
+def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):
+    out = tmp_path / "anchored.h5ad"
+    argv = ["generate", str(fitted["model_dir"]), "--anchors", str(fitted["data"])]
+    rc = main([*argv, "--n-cells", "4", "--label", "c2", "--out", str(out), "--seed", "1"])
+    assert rc == 0
+    gen = ad.read_h5ad(out)
+    assert gen.obs["cell_type"].value_counts().to_dict() == {"c0": 0, "c1": 0, "c2": 4, "c3": 0}
+    real = ad.read_h5ad(fitted["data"])
+    anchors = gen.obs["scbranch_anchor"].to_numpy()
+    assert set(real.obs.loc[anchors, "cell_type"]) == {"c2"}
+    params = gen.uns["scbranch"]["params"]
+    assert params["kind"] == "anchored" and params["anchor_time"] == 0.25 and params["seed"] == 1
+    assert str(out) in capsys.readouterr().out
+    # an existing file needs --overwrite; every type of the file without --labels
+    assert main([*argv, "--n-cells", "2", "--out", str(out)]) == 2
+    assert "--overwrite" in _error_line(capsys)
+    rc = main([*argv, "--n-cells", "2", "--out", str(out), "--overwrite", "--anchor-time", "0.5"])
+    assert rc == 0
+    gen = ad.read_h5ad(out)
+    assert gen.n_obs == 8 and gen.uns["scbranch"]["params"]["anchor_time"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--no-share"], "--no-share"),
+        (["--solver", "heun"], "--solver"),
+        (["--label", "Neuron"], "Neuron"),
+    ],
+)
+def test_generate_anchored_bad_options(fitted, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.h5ad"
+    argv = ["generate", str(fitted["model_dir"]), "--anchors", str(fitted["data"])]
+    assert main([*argv, "--n-cells", "2", "--out", str(out), *extra]) == 2
+    assert message in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_generate_anchored_bad_anchor_time_and_file(fitted, tmp_path, capsys):
+    argv = ["generate", str(fitted["model_dir"]), "--n-cells", "2", "--out", "x.h5ad"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--anchors", str(fitted["data"]), "--anchor-time", "0"])
+    assert main([*argv, "--anchors", str(tmp_path / "none.h5ad")]) == 2
+    assert "none.h5ad" in _error_line(capsys)
