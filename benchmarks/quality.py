@@ -327,16 +327,21 @@ class SpaceDecodedGaussian:
 
 
 class _Generator:
-    """A fitted method and the generate() options of one table row."""
+    """A fitted method and the generate() options of one table row; rows with an
+    ``anchor_time`` generate from ``anchors`` (``model.generate_anchored``)."""
 
-    def __init__(self, method, **options):
-        self.method, self.options = method, options
+    def __init__(self, method, anchors=None, **options):
+        self.method, self.anchors, self.options = method, anchors, options
 
     def generate(self, n_cells, seed):
         import scbranch as sb
 
         if isinstance(self.method, sb.BranchedDiffusion):
             self.options.setdefault("progress_bar", False)
+        if "anchor_time" in self.options:
+            return self.method.generate_anchored(
+                self.anchors, n_cells=n_cells, seed=seed, **self.options
+            )
         return self.method.generate(n_cells=n_cells, seed=seed, **self.options)
 
 
@@ -380,11 +385,14 @@ SPACE_VARIANTS = ("scvi", "expression")
 #: sampler variants of a row name: generate() options; the model is the row's without them
 #: (trained once per training seed when several rows share it). A number after the name sets
 #: the steps: ``sde100`` is the reverse SDE with 100 steps. ``denoised`` decodes to the mean
-#: profile, with no noise model (``residual_noise=False``).
+#: profile, with no noise model (``residual_noise=False``). ``anchored`` generates from the
+#: train cells (``model.generate_anchored``); its number is the anchor time in hundredths
+#: (``anchored20``: ``anchor_time=0.2``).
 SAMPLER_VARIANTS = {
     "sde": {"solver": "em"},
     "ode": {"solver": "heun"},
     "denoised": {"residual_noise": False},
+    "anchored": {},
 }
 
 
@@ -393,8 +401,12 @@ def _sampler_variant(part: str) -> dict | None:
     name = part.rstrip("0123456789")
     if name not in SAMPLER_VARIANTS:
         return None
-    steps = part[len(name) :]
-    return {**SAMPLER_VARIANTS[name], **({"n_steps": int(steps)} if steps else {})}
+    number = part[len(name) :]
+    if name == "anchored":
+        from scbranch.module._solvers import DEFAULT_ANCHOR_TIME
+
+        return {"anchor_time": int(number) / 100 if number else DEFAULT_ANCHOR_TIME}
+    return {**SAMPLER_VARIANTS[name], **({"n_steps": int(number)} if number else {})}
 
 
 def model_spec(spec: str) -> str:
@@ -559,7 +571,7 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
             info[arch]["steps"] = int(model.trainer.global_step)
             info[arch]["tree"] = describe_tree(model.tree)
             models[spec] = (model, arch)
-        rows[arch] = _Generator(model, **generate_options(arch))
+        rows[arch] = _Generator(model, anchors=train, **generate_options(arch))
     if not cfg.get("baselines", True):  # the diffusion models only
         return rows, info
     if cfg.get("probes_only"):

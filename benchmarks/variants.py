@@ -137,7 +137,7 @@ def write_page(path, title: str, intro: str, results: dict, cfg, meta: dict) -> 
     for name, res in results.items():
         rows, timing = res["rows"], res["timing"]
         table, _, _ = summary_table(rows)
-        table = table[[m for m in HEADLINE if m in table.columns]]
+        table = table[[m for m in cfg.get("headline", HEADLINE) if m in table.columns]]
         cost = timing.groupby("method", sort=False).apply(
             lambda t: (t["row_evaluations"] / t["cells"]).mean(), include_groups=False
         )
@@ -179,12 +179,14 @@ def main(
     rows: tuple[str, ...],
     probes=None,
     comparisons: tuple[tuple[str, str], ...] = (),
+    headline: tuple[str, ...] = HEADLINE,
 ) -> int:
     """Parse the study's command line, train its rows, write its page.
 
     ``probes``: row name -> callable of the train cells returning a generator (no training
     seed; cheap), judged next to the model rows on every run. ``comparisons``: pairs of rows
-    compared per class and metric besides every row against the default.
+    compared per class and metric besides every row against the default. ``headline``: the
+    metrics of the page's main table.
     """
     name = Path(script).stem
     parser = argparse.ArgumentParser(description=title)
@@ -217,6 +219,7 @@ def main(
         "script": script,
         "reuse": args.reuse,
         "comparisons": comparisons,
+        "headline": tuple(headline),
     }
     markdown = prepare_run(args, name)
     if args.report_only:

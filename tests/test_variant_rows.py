@@ -157,3 +157,12 @@ def test_sampler_variants_change_the_generate_options_not_the_model():
     assert quality.generate_options("branched:ode") == {"solver": "heun"}
     assert quality.generate_options("branched:unshared") == {}
     assert quality.model_options("branched:sde") == quality.model_options("branched")
+
+
+def test_anchored_rows_are_sampler_variants_of_the_default_model():
+    assert quality.model_spec("branched:anchored20") == "branched"
+    assert quality.generate_options("branched:anchored20") == {"anchor_time": 0.2}
+    assert quality.generate_options("branched:anchored") == {"anchor_time": 0.25}
+    options = quality.generate_options("branched:anchored50:denoised")
+    assert options == {"anchor_time": 0.5, "residual_noise": False}
+    assert quality.model_options("branched:anchored30") == {"architecture": "branched"}
