@@ -280,3 +280,28 @@ def test_scvi_model_transmutes_counts_and_records_scale(scvi_model_and_data, tmp
     with pytest.raises(ValueError, match="not counts"):
         model.generate(n_cells=3, trajectory_times=[0.5], counts=True, progress_bar=False)
     tm.write_h5ad(tmp_path / "tm.h5ad")
+
+
+def test_scvi_model_generates_anchored_counts(scvi_model_and_data):
+    # anchors are read as scVI reads cells (their counts), the new cells decoded by scVI
+    _, model, adata = scvi_model_and_data
+    anchors = adata[adata.obs[LABELS].isin(["CD14+ Monocyte", "Dendritic"])].copy()
+    gen = model.generate_anchored(anchors, 4, seed=0, n_steps=5, progress_bar=False)
+    assert gen.n_obs == 8 and _is_counts(gen.layers["counts"])
+    assert list(gen.var_names) == list(adata.var_names)
+    assert gen.obsm["X_scVI"].shape == (8, model.module.n_input)
+    assert set(gen.obs["scbranch_anchor"]) <= set(anchors.obs_names)
+    assert "scbranch_library_size" in gen.obs
+
+
+def test_expression_model_generates_anchored_cells():
+    adata = _pbmc(100)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, counts_layer="counts")
+    model = sb.BranchedDiffusion(adata, **FAST_MODEL)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    b_cells = adata[adata.obs[LABELS] == "CD19+ B"].copy()
+    gen = model.generate_anchored(b_cells, 6, counts=True, seed=0, progress_bar=False)
+    assert gen.shape == (6, 100) and gen.X.min() >= 0 and _is_counts(gen.layers["counts"])
+    other = adata[:, adata.var_names[:50]].copy()
+    with pytest.raises(ValueError, match="gene"):
+        model.generate_anchored(other, 3, progress_bar=False)
