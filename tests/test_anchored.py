@@ -177,3 +177,14 @@ def test_the_seed_draws_the_noise(exact):
     two = model.generate_anchored(adata, {"B": 50}, seed=6, progress_bar=False).obsm["X_z"]
     assert not np.allclose(one, two)
     assert torch.isfinite(torch.as_tensor(one)).all()
+
+
+@pytest.mark.parametrize("architecture", ["flat", "conditioned"])
+def test_every_architecture_generates_anchored(architecture):
+    adata = _sim(n_per_class=30)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, architecture=architecture, width=32)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    gen = model.generate_anchored(adata, {"c1": 5, "c2": 5}, seed=0, progress_bar=False)
+    assert gen.obs["cell_type"].value_counts()[["c1", "c2"]].tolist() == [5, 5]
+    assert np.isfinite(gen.obsm["X_pca"]).all()
