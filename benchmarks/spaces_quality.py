@@ -20,8 +20,8 @@ Rows:
                        PC scores, decoded with the negative binomial)
 
 Usage (from the repository root, in the project's venv; run nothing else beside it):
-  python benchmarks/spaces_quality.py --reuse benchmark_out/sharing   # the default rows of the
-                                       # sharing run (same splits and seeds): 35 min on 2 cores
+  python benchmarks/spaces_quality.py --reuse benchmark_out/anchored  # the default rows of
+                                       # any variants run (same splits and seeds): 20.4 min
   python benchmarks/spaces_quality.py  # every row trained, about 50 min
   python benchmarks/spaces_quality.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/spaces_quality.md and, under --out, the per-row CSV (machinery:
