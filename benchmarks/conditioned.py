@@ -13,9 +13,9 @@ Rows:
   probe: real cells, unseen   the known answer, must sit at the control
 
 Usage (from the repository root, in the project's venv; run nothing else beside it):
-  python benchmarks/conditioned.py --reuse benchmark_out/anchored   # the default rows of the
-                                       # anchored run (same splits and seeds): only
-                                       # conditioned trains
+  python benchmarks/conditioned.py     # both rows trained in one run (fit times comparable):
+                                       # 11.0 min on 2 cores
+  python benchmarks/conditioned.py --reuse benchmark_out/anchored   # only conditioned trains
   python benchmarks/conditioned.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/conditioned.md and, under --out, the per-row CSV (machinery:
 variants.py).
