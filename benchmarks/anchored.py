@@ -58,7 +58,9 @@ BANDWIDTH = 1.0
 
 
 class SmoothedBootstrap:
-    """A kernel density estimate of each type in the models' latent, decoded like their cells.
+    """A kernel density estimate of each type in the models' latent, decoded like their cells
+    (the estimator of ``sb.baselines.SmoothedBootstrap``, decoded by the models' space with the
+    negative binomial instead of the PCA map; its own draws, so this page's numbers stand).
 
     Draws a training cell ``x`` of the type and returns ``m + (x - m + h e) / sqrt(1 + h^2)``
     with ``e ~ N(0, C)`` (``m``, ``C``: the type's mean and Ledoit-Wolf covariance): the

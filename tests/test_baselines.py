@@ -98,3 +98,48 @@ def test_gaussian_residual_noise(pbmc):
     added = noisy.X - plain.X
     np.testing.assert_allclose(added.std(0), gauss.decoder_["residual_sd"], rtol=0.2, atol=1e-3)
     assert noisy.uns["scbranch"]["params"]["residual_noise"] is True
+
+
+def _two_types(n: int = 400, seed: int = 0) -> tuple[ad.AnnData, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cov = np.array([[2.0, 0.8], [0.8, 1.0]])
+    z = np.r_[rng.multivariate_normal([0, 0], cov, n), rng.multivariate_normal([6, 2], cov, n)]
+    names = [f"c{i}" for i in range(2 * n)]
+    obs = pd.DataFrame({"cell_type": np.repeat(["a", "b"], n)}, index=names)
+    return ad.AnnData(obs=obs, obsm={"X_lat": z}), z
+
+
+def test_smoothed_bootstrap_keeps_moments_and_interpolates_copies_and_gaussian():
+    adata, z = _two_types()
+    cells_a = z[:400]
+    for h in (0.0, 0.5, 1.0, 3.0):
+        kde = sb.baselines.SmoothedBootstrap(adata, "cell_type", obsm_key="X_lat", bandwidth=h)
+        sample = kde.generate(n_cells={"a": 20000}, seed=1).obsm["X_lat"].astype(np.float64)
+        # the type's mean and covariance are kept at every bandwidth
+        np.testing.assert_allclose(sample.mean(0), cells_a.mean(0), atol=0.05)
+        np.testing.assert_allclose(np.cov(sample.T), np.cov(cells_a.T), atol=0.12)
+    # h = 0: every cell is a training cell of its type
+    copies = sb.baselines.SmoothedBootstrap(adata, "cell_type", obsm_key="X_lat", bandwidth=0)
+    drawn = copies.generate(n_cells={"b": 50}, seed=0).obsm["X_lat"]
+    nearest = np.abs(drawn[:, None, :] - z[None, 400:, :].astype(np.float32)).sum(-1).min(1)
+    assert nearest.max() < 1e-5
+
+    # larger bandwidth: cells farther from the nearest training cell
+    def spread(h):
+        kde = sb.baselines.SmoothedBootstrap(adata, "cell_type", obsm_key="X_lat", bandwidth=h)
+        x = kde.generate(n_cells={"a": 500}, seed=2).obsm["X_lat"]
+        return np.median(np.linalg.norm(x[:, None, :] - cells_a[None], axis=-1).min(1))
+
+    assert spread(0.0) < 1e-5 < spread(0.3) < spread(1.0)
+
+
+def test_smoothed_bootstrap_bad_bandwidth_and_decoding(pbmc):
+    with pytest.raises(ValueError, match="bandwidth"):
+        sb.baselines.SmoothedBootstrap(pbmc, "cell_type", bandwidth=-1)
+    with pytest.raises(ValueError, match="bandwidth"):
+        sb.baselines.SmoothedBootstrap(pbmc, "cell_type", bandwidth=float("nan"))
+    kde = sb.baselines.SmoothedBootstrap(pbmc, "cell_type")
+    gen = kde.generate(n_cells=10, labels=["Dendritic"], seed=0)
+    assert gen.shape == (10, pbmc.n_vars) and gen.uns["scbranch"]["model"]["architecture"] == (
+        "smoothed bootstrap"
+    )

@@ -7,7 +7,8 @@ baseline is ``BranchedDiffusion(adata, architecture="flat")``.
 """
 
 from ._base import Baseline
+from ._bootstrap import SmoothedBootstrap
 from ._gaussian import PerClassGaussian
 from ._scvi_resampling import ScviResampling
 
-__all__ = ["Baseline", "PerClassGaussian", "ScviResampling"]
+__all__ = ["Baseline", "PerClassGaussian", "ScviResampling", "SmoothedBootstrap"]

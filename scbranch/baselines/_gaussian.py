@@ -63,14 +63,18 @@ class PerClassGaussian(Baseline):
             self.covariances_[c] = LedoitWolf().fit(zc).covariance_
         self.decoder_ = fit_pca_decoder(adata, obsm_key, layer)
 
-    def _sample(self, counts, rng, seed, residual_noise: bool = False):
-        """Latents per class; decoded (optionally with the PCA residual) when loadings exist."""
-        z = np.vstack(
+    def _latents(self, counts, rng) -> np.ndarray:
+        """``counts[c]`` latents of every class ``c``, in class order."""
+        return np.vstack(
             [
                 rng.multivariate_normal(self.means_[c], self.covariances_[c], size=n)
                 for c, n in counts.items()
             ]
-        ).astype(np.float32)
+        )
+
+    def _sample(self, counts, rng, seed, residual_noise: bool = False):
+        """Latents per class; decoded (optionally with the PCA residual) when loadings exist."""
+        z = self._latents(counts, rng).astype(np.float32)
         if self.decoder_ is None:
             if residual_noise:
                 raise ValueError("residual_noise needs PCA loadings to decode to genes.")
