@@ -181,7 +181,8 @@ def generate_anchored(
         raise ValueError(f"n_steps must be a positive integer, got {n_steps}.")
     check_obs_key(adata, model.labels_key)
     names = adata.obs[model.labels_key].astype(str).to_numpy()
-    model.tree.class_index(list(dict.fromkeys(names)))  # unknown types: a clear error
+    types, inverse = np.unique(names, return_inverse=True)
+    codes_all = model.tree.class_index(types)[inverse]  # unknown types: a clear error
     requested = _requested(model, names, n_cells)
     residual_noise = auto_noise(model.space, residual_noise, False)
     options = model.space.resolve_options(counts=counts, batch=batch, residual_noise=residual_noise)
@@ -190,7 +191,6 @@ def generate_anchored(
         out = check_output(out, overwrite)
     seed = resolve_seed(seed)
 
-    codes_all = np.array([model.classes.index(c) for c in names])
     rows = anchor_rows(codes_all, requested, seed)
     codes = codes_all[rows]
     module = model.module
