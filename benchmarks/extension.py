@@ -28,8 +28,14 @@ Old-type quality is reported before and after extension / fine-tuning; for the t
 old types' cells after extension are also checked to be bit-identical to those before (their
 coordinates and their decoded counts).
 
+With ``--seeds 0,1,2`` every model is trained and generates once per seed (the same seed for
+training and generation) and the tables give the mean over seeds, with the sd of the new types'
+label fidelity and the paired differences between the architectures; ``--no-flat`` leaves the
+flat rows out (they do not depend on the tree architecture).
+
 Usage (from the repository root, in the project's venv):
-  python benchmarks/extension.py          # CPU settings (about 12 min on 2 cores)
+  python benchmarks/extension.py          # CPU settings, seed 0 (about 12 min on 2 cores)
+  python benchmarks/extension.py --seeds 0,1,2 --no-flat   # the architectures, 3 seeds
   python benchmarks/extension.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/extension.md and CSVs under --out.
 """
@@ -41,6 +47,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -144,7 +151,8 @@ def _summary(scores: dict, old: list[str], new: list[str]) -> dict:
     return out
 
 
-def run_dataset(name: str, train, held, unseen, cfg) -> dict:
+def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
+    """Every row of one dataset, each model trained and generating with ``seed``."""
     import scvi
 
     import scbranch as sb
@@ -153,10 +161,11 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
         # every model starts from the same random state, whatever ran before it: without
         # this, a change in one row's number of random draws (e.g. the flat fine-tunes'
         # steps) moved every later row, those of the next dataset included
-        scvi.settings.seed = 0
+        scvi.settings.seed = seed
 
     # out-of-fold scores of every train cell (new types included) on the shared PCA
-    sb.tl.pca_out_of_fold(train, groupby=LABELS, key_added=LATENT)
+    if LATENT not in train.obsm:
+        sb.tl.pca_out_of_fold(train, groupby=LABELS, key_added=LATENT)
     new_types = NEW_TYPES[name]
     old_data, new_data = split_types(train, new_types)
     old_types = list(old_data.obs[LABELS].cat.categories)
@@ -171,7 +180,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
     )
     rows, timing = [], {}
     # the known answer: real cells no model saw, judged like every generator's cells
-    probe = TrainCellsProbe(unseen).generate(n, 0)
+    probe = TrainCellsProbe(unseen).generate(n, seed)
     rows.append(
         {
             "method": KNOWN_ANSWER,
@@ -181,7 +190,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
     )
 
     def gen(model, labels=None):
-        return model.generate(n_cells=n, labels=labels, seed=0, progress_bar=False)
+        return model.generate(n_cells=n, labels=labels, seed=seed, progress_bar=False)
 
     def extend(model, fine_tune_shared: bool) -> float:
         t = time.perf_counter()
@@ -256,6 +265,42 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
             }
         )
 
+    result = {
+        "rows": pd.DataFrame(rows).assign(seed=seed),
+        "timing": timing,
+        "identical": identical,
+        "extensions": extensions,
+        "ext_steps": ext_steps,
+        "new_types": new_types,
+    }
+    if cfg["flat"]:
+        result["rows"] = pd.concat(
+            [
+                result["rows"],
+                _flat_rows(
+                    retrained, train, held, old_types, new_types, cfg, seed, ext_steps, timing
+                ),
+            ],
+            ignore_index=True,
+        )
+    return result
+
+
+def _flat_rows(retrained, train, held, old_types, new_types, cfg, seed, ext_steps, timing):
+    """A flat label-guided model pretrained on the old types, fine-tuned two ways."""
+    import scvi
+
+    import scbranch as sb
+
+    bs, n = cfg["batch_size"], cfg["n_cells"]
+    rows = []
+
+    def reseed() -> None:
+        scvi.settings.seed = seed
+
+    def gen(model, labels=None):
+        return model.generate(n_cells=n, labels=labels, seed=seed, progress_bar=False)
+
     # flat: label slots for every type, pretrained on the old types' cells only
     flat_data = train.copy()
     setup(flat_data)
@@ -296,14 +341,7 @@ def run_dataset(name: str, train, held, unseen, cfg) -> dict:
                 **_both(gen(flat), held, train, old_types, new_types),
             }
         )
-    return {
-        "rows": pd.DataFrame(rows),
-        "timing": timing,
-        "identical": identical,
-        "extensions": extensions,
-        "ext_steps": ext_steps,
-        "new_types": new_types,
-    }
+    return pd.DataFrame(rows).assign(seed=seed)
 
 
 def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
@@ -312,12 +350,14 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         if cfg["steps"] is None
         else f"{cfg['steps']} optimiser steps"
     )
+    seeds = cfg["seeds"]
     lines = [
         "# Extension benchmark: new cell types without retraining",
         "",
-        f"Generated by `python benchmarks/extension.py` ({cfg_name} settings: {budget} "
-        f"at batch {cfg['batch_size']} for full training, {cfg['n_cells']} cells "
-        f"per type, seed 0); total {wall_s / 60:.1f} min on 2 CPU cores.",
+        f"Generated by `python benchmarks/extension.py{cfg.get('command', '')}` ({cfg_name} "
+        f"settings: {budget} at batch {cfg['batch_size']} for full training, "
+        f"{cfg['n_cells']} cells per type, seeds {seeds}: each model trained and generating "
+        f"with the seed); total {wall_s / 60:.1f} min on 2 CPU cores.",
         "",
         "Configuration: the package's default. Every model works on the train cells' "
         "out-of-fold scores (`sb.tl.pca_out_of_fold`) on the PCA of all train cells, set up with "
@@ -326,13 +366,16 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         "",
         "Means over the old and over the new types of `sb.tl.evaluate` (reference PCA fitted "
         "on the train cells only; held-out, generated and unseen cells are out-of-sample for "
-        "it); the control is real held-out half A vs half B. Label fidelity: a kNN classifier "
-        f"trained on all train cells. Read every row against the known answer `{KNOWN_ANSWER}` "
-        "(real cells no model saw, scored like generated cells): it must sit at the control.",
+        "it), then over seeds; the control is real held-out half A vs half B. Label fidelity: "
+        "a kNN classifier trained on all train cells. Read every row against the known answer "
+        f"`{KNOWN_ANSWER}` (real cells no model saw, scored like generated cells): it must sit "
+        "at the control.",
     ]
     for name, res in results.items():
-        table = res["rows"].set_index(["method", "stage"])
-        t = res["timing"]
+        runs = res["rows"]
+        table = runs.drop(columns="seed").groupby(["method", "stage"], sort=False).mean()
+        per_seed = runs.set_index(["method", "stage", "seed"])["new label_fidelity"]
+        timing = pd.DataFrame(res["timing"]).mean()  # seconds, mean over seeds
         lines += ["", f"## {name}: new types {', '.join(res['new_types'])}", "", _md(table), ""]
         known = table.loc[(KNOWN_ANSWER, "after")]
         lines.append(
@@ -346,29 +389,58 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
             + "."
         )
         for arch in cfg["architectures"]:
-            new_fid = table.loc[(f"{arch} + add_classes", "after"), "new label_fidelity"]
-            ret_fid = table.loc[(f"{arch}, retrained", "after"), "new label_fidelity"]
-            add_s, retrain_s = t[f"add_classes ({arch})"], t[f"retrain all ({arch})"]
+            added = per_seed.loc[(f"{arch} + add_classes", "after")]
+            retrained = per_seed.loc[(f"{arch}, retrained", "after")]
+            add_s, retrain_s = timing[f"add_classes ({arch})"], timing[f"retrain all ({arch})"]
             lines += [
                 f"- **{arch}**: old types' cells after `add_classes`, same seed, sampled alone: "
-                f"bit-identical to before: **{res['identical'][arch]}**. New types' label "
-                f"fidelity {new_fid:.3f} with `add_classes` vs {ret_fid:.3f} retrained (ratio "
-                f"{new_fid / ret_fid:.2f}); time {add_s:.1f} s vs {retrain_s:.1f} s (ratio "
-                f"{add_s / retrain_s:.2f}). Placement: "
+                f"bit-identical to before in {sum(i[arch] for i in res['identical'])} of "
+                f"{len(seeds)} seeds. New types' label fidelity {_spread(added)} with "
+                f"`add_classes` vs {_spread(retrained)} retrained (ratio "
+                f"{added.mean() / retrained.mean():.2f}); time {add_s:.1f} s vs "
+                f"{retrain_s:.1f} s (ratio {add_s / retrain_s:.2f}). Placement: "
                 + "; ".join(
                     f"{e['label']} joins {e['joins']} at t = {e['t']:.3f}"
-                    for e in res["extensions"][arch]
+                    for e in res["extensions"][0][arch]
                 )
                 + ".",
             ]
+        archs = list(cfg["architectures"])
+        for a, b in zip(archs, archs[1:], strict=False):
+            for kind, method in (
+                ("add_classes", "{} + add_classes"),
+                ("retrained", "{}, retrained"),
+            ):
+                diff = (
+                    per_seed.loc[(method.format(a), "after")]
+                    - per_seed.loc[(method.format(b), "after")]
+                )
+                lines.append(
+                    f"- New types' label fidelity, {a} minus {b} ({kind}), paired by seed: "
+                    f"{_spread(diff, signed=True)}."
+                )
         lines += [
             "- The 'after' rows sample all types together, so the new branch points enter the "
             "time grid and old types' cells differ from 'before' by sampling noise only.",
-            f"- The flat fine-tunes run as many steps as the first architecture's `add_classes` "
-            f"({res['ext_steps']}).",
-            "- Wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
         ]
+        if cfg["flat"]:
+            lines.append(
+                "- The flat fine-tunes run as many steps as the first architecture's "
+                f"`add_classes` ({res['ext_steps']})."
+            )
+        lines.append(
+            "- Wall times (s, mean over seeds): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in timing.items())
+        )
     return write_lines(path, lines)
+
+
+def _spread(values: pd.Series, signed: bool = False) -> str:
+    """``mean ± sd`` over seeds (the mean alone for one seed)."""
+    fmt = "+.3f" if signed else ".3f"
+    if len(values) < 2:
+        return f"{values.mean():{fmt}}"
+    return f"{values.mean():{fmt}} ± {values.std(ddof=1):.3f}"
 
 
 def main(argv=None) -> int:
@@ -383,16 +455,34 @@ def main(argv=None) -> int:
         default="conditioned,branched",
         help="tree architectures extended and retrained, comma-separated (default: %(default)s)",
     )
+    parser.add_argument(
+        "--seeds", default="0", help="training and generation seeds (default: %(default)s)"
+    )
+    parser.add_argument("--no-flat", action="store_true", help="leave out the flat model's rows")
     args = parser.parse_args(argv)
     cfg_name = "fast" if args.fast else "cpu"
-    cfg = {**SETTINGS[cfg_name], "architectures": tuple(args.architectures.split(","))}
+    cfg = {
+        **SETTINGS[cfg_name],
+        "architectures": tuple(args.architectures.split(",")),
+        "seeds": [int(s) for s in args.seeds.split(",")],
+        "flat": not args.no_flat,
+        "command": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+    }
     markdown = prepare_run(args, "extension")
     loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
     results = {}
     t0 = time.perf_counter()
     for name in args.datasets.split(","):
         train, held, unseen = loaders[name](seed=0, fractions=SPLIT)
-        res = run_dataset(name, train, held, unseen, cfg)
+        runs = [run_dataset(name, train, held, unseen, cfg, seed) for seed in cfg["seeds"]]
+        res = {
+            "rows": pd.concat([r["rows"] for r in runs], ignore_index=True),
+            "timing": [r["timing"] for r in runs],
+            "identical": [r["identical"] for r in runs],
+            "extensions": [r["extensions"] for r in runs],
+            "ext_steps": runs[0]["ext_steps"],
+            "new_types": runs[0]["new_types"],
+        }
         res["rows"].to_csv(f"rows_{name}.csv", index=False)
         Path(f"meta_{name}.json").write_text(
             json.dumps({k: v for k, v in res.items() if k != "rows"}, default=float)
