@@ -109,14 +109,19 @@ def test_fit_output_names_tree_and_dir(tmp_path, capsys):
     assert "Saved model to m" in out
 
 
-def test_fit_branch_conditioned_architecture(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "architecture"),
+    [([], "conditioned"), (["--architecture", "branched"], "branched")],
+    ids=["default", "branched"],
+)
+def test_fit_architecture(tmp_path, option, architecture):
     adata = scbranch.datasets.simulate_tree(depth=1, n_per_class=20, dim=4, seed=1).to_anndata()
     adata.write_h5ad(tmp_path / "d.h5ad")
     args = ["fit", "d.h5ad", "--labels", "cell_type", "--rep", "X_latent", "--out", "m"]
-    rc = main([*args, "--max-epochs", "1", "--architecture", "conditioned", "--quiet"])
+    rc = main([*args, "--max-epochs", "1", *option, "--quiet"])
     assert rc == 0
     loaded = scbranch.BranchedDiffusion.load(tmp_path / "m")
-    assert loaded.module.architecture == "conditioned"
+    assert loaded.module.architecture == architecture
 
 
 def test_generate_round_trip(fitted, tmp_path, capsys):

@@ -160,3 +160,25 @@ def test_conditioned_model_extension_save_load_and_hybrids(tmp_path):
     # the tree's interpretations work on it
     hy = loaded.hybrids("c0", "c1", n_cells=10, progress_bar=False)
     assert hy.n_obs == 20
+
+
+def test_conditioned_is_the_default_and_models_saved_before_load_as_heads(tmp_path):
+    from scbranch.model._persistence import PLAIN, read_plain, write_plain
+
+    sim = sb.datasets.simulate_tree(depth=1, n_per_class=20, dim=4, seed=0).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+    assert sb.BranchedDiffusion(sim, width=16, n_head_blocks=1).module.architecture == (
+        "conditioned"
+    )
+    heads = sb.BranchedDiffusion(sim, width=16, n_head_blocks=1, architecture="branched")
+    heads.save(tmp_path / "old")
+    # a model saved when one head per branch was the only network: no architecture recorded
+    json_path, npz_path = (tmp_path / "old" / name for name in PLAIN)
+    content = read_plain(json_path, npz_path, kind="model")
+    del content["attributes"]["init_params_"]["non_kwargs"]["architecture"]
+    write_plain(content, json_path, npz_path, kind="model")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "old")
+    assert loaded.module.architecture == "branched"
+    before = heads.generate(n_cells=3, seed=0, progress_bar=False)
+    after = loaded.generate(n_cells=3, seed=0, progress_bar=False)
+    np.testing.assert_array_equal(before.obsm["X_latent"], after.obsm["X_latent"])

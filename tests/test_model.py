@@ -263,7 +263,7 @@ def test_expression_space_on_many_genes_points_to_the_pca_space(caplog):
 def test_flat_architecture():
     adata = _sim_adata()
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
-    branched = sb.BranchedDiffusion(adata, width=32, n_head_blocks=1)
+    branched = sb.BranchedDiffusion(adata, width=32, n_head_blocks=1, architecture="branched")
     flat = sb.BranchedDiffusion(adata, width=32, n_head_blocks=1, architecture="flat")
     n_b = sum(p.numel() for p in branched.module.parameters())
     n_f = sum(p.numel() for p in flat.module.parameters())

@@ -203,7 +203,20 @@ def test_generate_records_trajectories(trained, tmp_path):
     assert ad.read_h5ad(tmp_path / "tr.h5ad").obs["t"].tolist() == tr.obs["t"].tolist()
     final = tr[tr.obs["t"] == 0.0]
     assert np.isfinite(final.X).all() and final.obsm["X_pca"].shape == (12, 6)
-    # the estimate at t = 1 is near the data mean, far less spread than the noise itself
+    assert np.isfinite(tr[tr.obs["t"] == 1.0].obsm["X_pca"]).all()
+
+
+def test_the_heads_estimate_at_t1_is_less_spread_than_the_noise():
+    """With one head per branch the clean-cell estimate at t = 1 is near the data mean, less
+    spread than the noise itself. (The estimate divides the network's error by alpha(1), about
+    0.006; the branch-conditioned default's estimate at t >= 0.9 is spread wider, measured in
+    docs/method.md, while its final cells are as good.)"""
+    adata = _sim()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, architecture="branched", **FAST)
+    model.train(max_epochs=60, enable_progress_bar=False)
+    tr = model.generate(n_cells=6, labels=["c0", "c1"], trajectory_times=[1.0, 0.0], seed=0,
+                        progress_bar=False)  # fmt: skip
     start = tr[tr.obs["t"] == 1.0]
     assert start.obsm["X_pca"].std() < start.obsm["scbranch_state"].std()
 

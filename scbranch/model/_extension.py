@@ -119,8 +119,8 @@ def add_classes(
     if not model.module.follows_tree:
         raise ValueError(
             "A flat model has no branches to extend: every weight is shared by all types. "
-            "Retrain it on all types, or use architecture='branched' (the default) or "
-            "'conditioned'."
+            "Retrain it on all types, or use architecture='conditioned' (the default) or "
+            "'branched'."
         )
     lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
     if not np.isfinite(lr) or lr <= 0:

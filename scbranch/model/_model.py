@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     """Hierarchically branched diffusion model of cell types :cite:p:`Tseng2024`.
 
-    A score network with a shared trunk and one head per branch of a cell-type tree is trained
-    on a representation of the cells: a latent (``obsm_key``, e.g. PCA), an scVI model's latent
+    A score network with one function per branch of a cell-type tree is trained on a
+    representation of the cells: a latent (``obsm_key``, e.g. PCA), an scVI model's latent
     (:meth:`from_scvi_model`) or expression (``layer``/``.X``), each a
     :class:`~scbranch.model.Space`. Sampling follows the tree from t = 1 down, sharing the upper
     part of the reverse process between related types.
@@ -74,10 +74,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         and the forward process, otherwise discovers one; a :class:`~scbranch.module.BranchTree`,
         a dict from :meth:`~scbranch.module.BranchTree.to_dict`, or a key of ``adata.uns``.
     architecture
-        ``"branched"`` (one head per branch), ``"conditioned"`` (one network conditioned on a
-        branch embedding, whose size does not grow with the number of types: for atlases; types
-        added by :meth:`add_classes` keep their type less well, ``docs/method.md``) or
-        ``"flat"`` (label-guided baseline, about the parameter count of ``"branched"``).
+        ``"conditioned"`` (the default: one network conditioned on a branch embedding and
+        adapter; its size does not grow with the number of types), ``"branched"`` (a trunk
+        and one head per branch: the same quality at 10x the parameters and 4-5x the training
+        time, ``docs/method.md``) or ``"flat"`` (label-guided baseline without the tree).
     width
         Hidden width of the network.
     n_trunk_blocks
@@ -123,7 +123,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         registry: dict | None = None,
         hierarchy: BranchTree | Mapping | str | None = None,
-        architecture: str = "branched",
+        architecture: str = "conditioned",
         width: int = 256,
         n_trunk_blocks: int = 1,
         n_head_blocks: int = 3,

@@ -201,8 +201,13 @@ def _rebuild(cls, attributes: dict, space, state: dict, directory: Path):
     try:
         registry = attributes.pop("registry_")
         init = attributes.pop("init_params_")
-        # models saved before the option corrected one global Gaussian
-        non_kwargs = {"gaussian_skip": "global", **init["non_kwargs"], "space": space}
+        # models saved before an option existed had what was then its only behaviour
+        non_kwargs = {
+            "gaussian_skip": "global",  # one global Gaussian
+            "architecture": "branched",  # one head per branch, the default of scbranch 0.1
+            **init["non_kwargs"],
+            "space": space,
+        }
         kwargs = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
         model = cls(None, registry=registry, **non_kwargs, **kwargs)
         for key, value in attributes.items():

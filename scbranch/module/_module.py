@@ -43,8 +43,9 @@ class BranchedDiffusionModule(BaseModuleClass):
     hierarchy
         Tree as written by :meth:`~scbranch.module.BranchTree.to_dict`.
     architecture
-        ``"branched"`` (one head per branch), ``"conditioned"`` (one network conditioned on a
-        branch embedding: its size does not grow with the number of types) or ``"flat"``
+        ``"conditioned"`` (the default: one network conditioned on a branch embedding, whose
+        size does not grow with the number of types), ``"branched"`` (one head per branch) or
+        ``"flat"``
         (class embedding, one head, width chosen so that the parameter count matches the
         branched network).
     width, n_trunk_blocks, n_head_blocks, time_dim
@@ -75,7 +76,7 @@ class BranchedDiffusionModule(BaseModuleClass):
         n_input: int,
         hierarchy: Mapping,
         *,
-        architecture: str = "branched",
+        architecture: str = "conditioned",
         width: int = 256,
         n_trunk_blocks: int = 1,
         n_head_blocks: int = 3,

@@ -1,10 +1,10 @@
-"""Score networks: a shared residual trunk and one head per branch (docs/method.md).
+"""Score networks: one function per branch of the tree, or one per class (docs/method.md).
 
 All variants predict the noise ``eps`` of ``x_t = alpha x_0 + sigma eps``:
 
 * branched: no label input; the head is chosen by the branch of (class, t). Only the heads the
   batch needs are evaluated, each on a contiguous slice of the rows sorted by head.
-* conditioned: one network for all branches; the branch of (class, t) picks an embedding that is
+* conditioned (the model's default): one network for all branches; the branch of (class, t) picks an embedding that is
   added to the time embedding, so every block is conditioned on it. Same branch, same function
   (fan-out sampling holds), with parameters that do not grow with the number of types.
 * flat ("label-guided" baseline): a class embedding is added to the input and one head serves all.

@@ -35,7 +35,7 @@ import scbranch as sb  # noqa: E402
 
 HASHES = Path(__file__).parent / "hashes.json"
 FAST = {"width": 32, "n_head_blocks": 1}
-#: one head per branch (the default), named so the pins do not depend on the default
+#: one head per branch (the default of scbranch 0.1), named so the pins do not depend on the default
 BRANCHED = {"architecture": "branched", **FAST}
 #: the probability-flow ODE, named so the pins do not depend on generate()'s default solver
 ODE = "heun"
