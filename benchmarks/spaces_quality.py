@@ -1,17 +1,20 @@
 """Spaces on the corrected instrument: the default model in PCA, scVI-latent and expression space.
 
-The same branched model and budget in each of the package's three spaces, judged by the quality
+The same default model (the branch-conditioned network) and budget in each of the package's
+three spaces, judged by the quality
 benchmark's protocol (``benchmarks/quality.py``: train / held-out / unseen split per class,
 ``tl.evaluate`` in a reference PCA fitted on the train cells only, 3 training x 3 generation
 seeds) next to the known answer: unseen real cells, judged like a generator, must sit at the
 control. (benchmarks/spaces.py measures counts per class; its AUROC is of the older instrument.)
 
 Rows:
-  branched             the default: out-of-fold PC scores (30), negative-binomial decoding
-  branched:scvi        scVI's latent means (scVI trained on the train cells' counts with the
+  conditioned          the default: out-of-fold PC scores (30), negative-binomial decoding
+  conditioned:scvi     scVI's latent means (scVI trained on the train cells' counts with the
                        same seed, ``scvi_epochs``), decoded by scVI: counts from its likelihood
-  branched:expression  the 2,000 (pbmc3k) / 765 (pbmc68k) log-normalised genes, no encoder;
-                       negative values set to 0
+  conditioned:expression   the 2,000 (pbmc3k) / 765 (pbmc68k) log-normalised genes, no
+                       encoder; negative values set to 0
+(``--rows branched,branched:scvi,branched:expression`` gives the same with one head per branch,
+the spaces page of scbranch 0.1.)
   probe: real cells, unseen   the known answer
   probe: per-class Gaussian, genes   each type's log-normalised genes drawn from a Gaussian
                        with the type's mean, its top-30 covariance and a per-gene remainder,
@@ -20,8 +23,8 @@ Rows:
                        PC scores, decoded with the negative binomial)
 
 Usage (from the repository root, in the project's venv; run nothing else beside it):
-  python benchmarks/spaces_quality.py --reuse benchmark_out/anchored  # the default rows of
-                                       # any variants run (same splits and seeds): 20.4 min
+  python benchmarks/spaces_quality.py --reuse benchmark_out/quality  # the default rows of
+                                       # a quality or variants run (same splits and seeds)
   python benchmarks/spaces_quality.py  # every row trained, about 50 min
   python benchmarks/spaces_quality.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/spaces_quality.md and, under --out, the per-row CSV (machinery:
@@ -39,13 +42,14 @@ import pandas as pd
 import variants
 from quality import LABELS
 
-ROWS = ("branched", "branched:scvi", "branched:expression")
+ROWS = ("conditioned", "conditioned:scvi", "conditioned:expression")
 TITLE = "The three spaces on the corrected instrument"
 INTRO = (
-    "One branched model per space, the same budget (default steps, batch 64): `branched` "
+    "One model per space, the package's default network (branch-conditioned) and budget "
+    "(default steps, batch 64): `conditioned` "
     "diffuses the out-of-fold PC scores and decodes with the negative binomial, "
-    "`branched:scvi` scVI's latent means (scVI fitted on the train cells with the training "
-    "seed) decoded by scVI, `branched:expression` the log-normalised genes themselves. "
+    "`conditioned:scvi` scVI's latent means (scVI fitted on the train cells with the training "
+    "seed) decoded by scVI, `conditioned:expression` the log-normalised genes themselves. "
     "Fit (s) includes scVI's training for the scVI row."
 )
 

@@ -40,7 +40,8 @@ from quality import (
 )
 
 logger = logging.getLogger("variants")
-DEFAULT = "branched"
+#: the package's default model, the row every variant is read against
+DEFAULT = "conditioned"
 UNSEEN = "probe: real cells, unseen"
 HEADLINE = ("auroc", "mmd_median", "dispersion", "label_fidelity", "de_lfc_spearman")
 LOADERS = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
