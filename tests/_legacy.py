@@ -53,3 +53,14 @@ def save_legacy(model, directory: Path) -> None:
     )
     if space.nested_model is not None:
         space.nested_model.save(str(directory / "scvi"), overwrite=True, save_anndata=False)
+
+
+def save_without_option(model, directory: Path, option: str) -> None:
+    """``model`` saved as before ``option`` existed: its init parameter left out of the file."""
+    from scbranch.model._persistence import PLAIN, read_plain, write_plain
+
+    model.save(directory)
+    json_path, npz_path = (Path(directory) / name for name in PLAIN)
+    content = read_plain(json_path, npz_path, kind="model")
+    del content["attributes"]["init_params_"]["non_kwargs"][option]
+    write_plain(content, json_path, npz_path, kind="model")

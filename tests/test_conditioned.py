@@ -163,7 +163,7 @@ def test_conditioned_model_extension_save_load_and_hybrids(tmp_path):
 
 
 def test_conditioned_is_the_default_and_models_saved_before_load_as_heads(tmp_path):
-    from scbranch.model._persistence import PLAIN, read_plain, write_plain
+    from _legacy import save_without_option
 
     sim = sb.datasets.simulate_tree(depth=1, n_per_class=20, dim=4, seed=0).to_anndata()
     sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
@@ -171,12 +171,8 @@ def test_conditioned_is_the_default_and_models_saved_before_load_as_heads(tmp_pa
         "conditioned"
     )
     heads = sb.BranchedDiffusion(sim, width=16, n_head_blocks=1, architecture="branched")
-    heads.save(tmp_path / "old")
     # a model saved when one head per branch was the only network: no architecture recorded
-    json_path, npz_path = (tmp_path / "old" / name for name in PLAIN)
-    content = read_plain(json_path, npz_path, kind="model")
-    del content["attributes"]["init_params_"]["non_kwargs"]["architecture"]
-    write_plain(content, json_path, npz_path, kind="model")
+    save_without_option(heads, tmp_path / "old", "architecture")
     loaded = sb.BranchedDiffusion.load(tmp_path / "old")
     assert loaded.module.architecture == "branched"
     before = heads.generate(n_cells=3, seed=0, progress_bar=False)
