@@ -4,9 +4,10 @@ All variants predict the noise ``eps`` of ``x_t = alpha x_0 + sigma eps``:
 
 * branched: no label input; the head is chosen by the branch of (class, t). Only the heads the
   batch needs are evaluated, each on a contiguous slice of the rows sorted by head.
-* conditioned (the model's default): one network for all branches; the branch of (class, t) picks an embedding that is
-  added to the time embedding, so every block is conditioned on it. Same branch, same function
-  (fan-out sampling holds), with parameters that do not grow with the number of types.
+* conditioned (the model's default): one network for all branches; the branch of (class, t)
+  picks an embedding that is added to the time embedding, so every block is conditioned on it.
+  Same branch, same function (fan-out sampling holds), with parameters that do not grow with
+  the number of types.
 * flat ("label-guided" baseline): a class embedding is added to the input and one head serves all.
 
 LayerNorm, not BatchNorm: running statistics drift, break train/eval agreement and would break
