@@ -77,20 +77,21 @@ def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_the
     import pandas as pd
 
     variants = pytest.importorskip("variants")
-    methods = ["branched", "branched:unshared", variants.UNSEEN]
+    default = variants.DEFAULT  # the package's default model, the row every variant is read against
+    methods = [default, f"{default}:unshared", variants.UNSEEN]
     pd.DataFrame({"method": methods, "generated": [0.6, 0.7, 0.5]}).to_csv(
         tmp_path / "rows_pbmc68k.csv", index=False
     )
     pd.DataFrame(
         {"method": methods[:2], "fit_s": [1.0, 2.0], "network_calls": [25, 25], "solver": "em"}
     ).to_csv(tmp_path / "timing_pbmc68k.csv", index=False)
-    rows, timing = variants.reused_rows(tmp_path, "pbmc68k", ["branched"])
+    rows, timing = variants.reused_rows(tmp_path, "pbmc68k", [default])
     assert sorted(rows["method"]) == sorted([variants.DEFAULT, variants.UNSEEN])
     assert list(timing["method"]) == [variants.DEFAULT]
-    rows, timing = variants.reused_rows(tmp_path, "pbmc68k", ["branched:unshared"])
+    rows, timing = variants.reused_rows(tmp_path, "pbmc68k", [f"{default}:unshared"])
     assert len(rows) == 3 and len(timing) == 2  # asked for, with the default and the probe
     with pytest.raises(FileNotFoundError):
-        variants.reused_rows(tmp_path, "pbmc3k", ["branched"])
+        variants.reused_rows(tmp_path, "pbmc3k", [default])
     pd.DataFrame({"method": ["flat"], "generated": [0.6]}).to_csv(
         tmp_path / "rows_pbmc3k.csv", index=False
     )
@@ -98,7 +99,7 @@ def test_reused_rows_take_the_default_and_the_probe_and_refuse_a_run_without_the
         tmp_path / "timing_pbmc3k.csv", index=False
     )
     with pytest.raises(ValueError, match="no rows of"):
-        variants.reused_rows(tmp_path, "pbmc3k", ["branched"])
+        variants.reused_rows(tmp_path, "pbmc3k", [default])
 
 
 def test_rows_generated_with_another_solver_than_their_name_means_are_not_reused(tmp_path):
