@@ -19,7 +19,8 @@ new real cells) says how far they moved. Two references with no network read it:
                        known answer, must sit at the control
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/anchored.py            # 15.4 min on 2 cores; run nothing else
+  python benchmarks/anchored.py --reuse benchmark_out/quality   # the default rows of a
+                                           # quality run; run nothing else beside it
   python benchmarks/anchored.py --fast     # smoke test (numbers meaningless)
 Writes docs/benchmarks/anchored.md and, under --out, the per-row CSV (machinery: variants.py).
 """
@@ -34,16 +35,16 @@ import variants
 from quality import LATENT, DecodedProbe, _labels, decode_in_space, default_setup
 
 ROWS = (
-    "branched",
-    "branched:anchored10",
-    "branched:anchored20",
-    "branched:anchored25",
-    "branched:anchored30",
-    "branched:anchored50",
+    "conditioned",
+    "conditioned:anchored10",
+    "conditioned:anchored20",
+    "conditioned:anchored25",
+    "conditioned:anchored30",
+    "conditioned:anchored50",
 )
 TITLE = "Anchored generation"
 INTRO = (
-    "The same trained models (the default configuration) generating from noise (`branched`, "
+    "The same trained models (the default configuration) generating from noise (`conditioned`, "
     "the default `generate()`) and from their training cells with `generate_anchored` "
     "(`:anchored<T>`: each training cell noised to t = T/100 and brought back down its "
     "type's reverse SDE, 25 steps; anchors used in turn). `train_distance` below 1 x the "
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         intro=INTRO,
         rows=ROWS,
         probes=PROBES,
-        comparisons=(("branched:anchored25", "probe: smoothed bootstrap"),),
+        comparisons=(("conditioned:anchored25", "probe: smoothed bootstrap"),),
         headline=(*variants.HEADLINE, "train_distance"),
     )
 

@@ -7,7 +7,7 @@ into another type, here into its own. What the process keeps at ``anchor_time`` 
 coarse position) survives, the rest is drawn anew by the model. Made from the training cells
 at the default time, the cells are as far from their nearest training cell as new real cells
 are, and on pbmc68k_reduced (34-120 cells per type) a classifier tells them from real cells
-less well than cells generated from noise (AUROC 0.553 vs 0.629, within the seed sd; pbmc3k
+less well than cells generated from noise (AUROC 0.558 vs 0.614, within the seed sd; pbmc3k
 unchanged; docs/benchmarks/anchored.md).
 
 At ``anchor_time=1`` the anchors are forgotten and this is generation from noise without

@@ -31,7 +31,7 @@ from ._sde import VPSDE
 DEFAULT_N_STEPS = 25
 #: how far up the process ``generate_anchored`` noises its anchors: on pbmc3k and
 #: pbmc68k_reduced the cells made from the training cells at 0.25 are as far from their nearest
-#: training cell as new real cells are (0.99 x, 1.03 x; docs/benchmarks/anchored.md)
+#: training cell as new real cells are (0.99 x, 1.04 x; docs/benchmarks/anchored.md)
 DEFAULT_ANCHOR_TIME = 0.25
 #: the solver ``generate`` uses when none is given: the reverse SDE at 25 steps made cells
 #: closer to real ones than the probability-flow ODE (pbmc3k AUROC 0.536 vs 0.581, 3 x 3
