@@ -121,6 +121,20 @@ def setup(adata) -> None:
     )
 
 
+def _reseed(seed: int) -> None:
+    """Every model starts from the same random state, whatever ran before it: without this, a
+    change in one row's number of random draws (e.g. the flat fine-tunes' steps) moved every
+    later row, those of the next dataset included."""
+    import scvi
+
+    scvi.settings.seed = seed
+
+
+def _generate(model, n_cells: int, seed: int, labels=None):
+    """``n_cells`` of every type (or of ``labels``), generated with ``seed``."""
+    return model.generate(n_cells=n_cells, labels=labels, seed=seed, progress_bar=False)
+
+
 def _score(gen, held, train, groups, seed=0) -> dict:
     import scbranch as sb
 
@@ -153,15 +167,7 @@ def _summary(scores: dict, old: list[str], new: list[str]) -> dict:
 
 def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
     """Every row of one dataset, each model trained and generating with ``seed``."""
-    import scvi
-
     import scbranch as sb
-
-    def reseed() -> None:
-        # every model starts from the same random state, whatever ran before it: without
-        # this, a change in one row's number of random draws (e.g. the flat fine-tunes'
-        # steps) moved every later row, those of the next dataset included
-        scvi.settings.seed = seed
 
     # out-of-fold scores of every train cell (new types included) on the shared PCA
     if LATENT not in train.obsm:
@@ -190,7 +196,7 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
     )
 
     def gen(model, labels=None):
-        return model.generate(n_cells=n, labels=labels, seed=seed, progress_bar=False)
+        return _generate(model, n, seed, labels)
 
     def extend(model, fine_tune_shared: bool) -> float:
         t = time.perf_counter()
@@ -217,7 +223,7 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
     for arch in cfg["architectures"]:
         # the tree model: old types, then add_classes (and the shared fine-tune variant)
         setup(old_data)
-        reseed()
+        _reseed(seed)
         model = sb.BranchedDiffusion(old_data, architecture=arch)
         timing[f"train old ({arch})"] = fit_all(model)
         model.save("old_model", overwrite=True)  # the start of the shared fine-tuning variant
@@ -254,7 +260,7 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
         # retrained from scratch on everything
         full = train.copy()
         setup(full)
-        reseed()
+        _reseed(seed)
         retrained = sb.BranchedDiffusion(full, architecture=arch)
         timing[f"retrain all ({arch})"] = fit_all(retrained)
         rows.append(
@@ -288,23 +294,18 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
 
 def _flat_rows(retrained, train, held, old_types, new_types, cfg, seed, ext_steps, timing):
     """A flat label-guided model pretrained on the old types, fine-tuned two ways."""
-    import scvi
-
     import scbranch as sb
 
     bs, n = cfg["batch_size"], cfg["n_cells"]
     rows = []
 
-    def reseed() -> None:
-        scvi.settings.seed = seed
-
     def gen(model, labels=None):
-        return model.generate(n_cells=n, labels=labels, seed=seed, progress_bar=False)
+        return _generate(model, n, seed, labels)
 
     # flat: label slots for every type, pretrained on the old types' cells only
     flat_data = train.copy()
     setup(flat_data)
-    reseed()
+    _reseed(seed)
     flat = sb.BranchedDiffusion(flat_data, architecture="flat", hierarchy=retrained.tree.to_dict())
     is_new = flat_data.obs[LABELS].isin(new_types).to_numpy()
     empty = np.array([], dtype=int)
@@ -332,7 +333,7 @@ def _flat_rows(retrained, train, held, old_types, new_types, cfg, seed, ext_step
     pretrained = copy.deepcopy(flat.module.state_dict())
     for label, idx in (("new", np.flatnonzero(is_new)), ("all", everything)):
         flat.module.load_state_dict(pretrained)
-        reseed()
+        _reseed(seed)
         timing[f"fine-tune flat on {label}"] = fit(flat, idx, ext_steps)
         rows.append(
             {

@@ -45,9 +45,8 @@ class BranchedDiffusionModule(BaseModuleClass):
     architecture
         ``"conditioned"`` (the default: one network conditioned on a branch embedding, whose
         size does not grow with the number of types), ``"branched"`` (one head per branch) or
-        ``"flat"``
-        (class embedding, one head, width chosen so that the parameter count matches the
-        branched network).
+        ``"flat"`` (class embedding, one head, width chosen so that the parameter count matches
+        the branched network).
     width, n_trunk_blocks, n_head_blocks, time_dim
         Network size (see :class:`~scbranch.module.ScoreNetwork`).
     beta0, beta1, t_min
