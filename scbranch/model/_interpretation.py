@@ -23,6 +23,7 @@ from anndata.utils import make_index_unique
 from .._keys import Key
 from .._utils import progress, resolve_seed
 from .._validation import check_obs_key
+from ..module._denoiser import CalibratedDenoiser
 from ..module._sampling import SampleResult
 from ..module._solvers import DEFAULT_N_STEPS, resolve_solver
 from ..module._transport import denoise, transport
@@ -43,6 +44,38 @@ def checkpoint_times(t_min: float, t_branch: float, n: int, sde) -> np.ndarray:
     times = np.asarray(sde.t_from_log_snr(lam), dtype=np.float64)
     times[0], times[-1] = t_min, t_branch
     return times
+
+
+def clean_estimator(model: BranchedDiffusion) -> CalibratedDenoiser | None:
+    """The clean-cell estimate recorded at checkpoints, calibrated on the model's reference cells.
+
+    Tweedie's estimate alone divides the network's error by alpha(t) (0.006 at t = 1) and lands
+    far outside the data at high noise (docs/method.md); None for a model saved without
+    reference cells (scbranch < 0.2), whose checkpoints then carry that estimate.
+    """
+    ref = model.reference_samples_
+    if ref is None:
+        logger.info("No reference cells stored: clean-cell estimates are Tweedie's, uncalibrated.")
+        return None
+    module = model.module
+    device = module.shift.device
+    return CalibratedDenoiser.fit(
+        module.eps_fn(),
+        model.tree,
+        module.sde,
+        torch.as_tensor(ref["x"], dtype=torch.float32, device=device),
+        torch.as_tensor(ref["labels"], dtype=torch.int64, device=device),
+        class_sizes=model.class_counts_,
+    )
+
+
+def estimate_clean(
+    denoiser: CalibratedDenoiser | None, eps_fn, tree, sde, z, labels, t: float
+) -> torch.Tensor:
+    """The clean-cell estimate of standardised states ``z`` at time ``t`` (standardised)."""
+    if denoiser is None:
+        return denoise(eps_fn, tree, sde, z, labels, t)
+    return denoiser(eps_fn, z, labels, t)
 
 
 def _unstandardized(module, z: torch.Tensor) -> np.ndarray:
@@ -141,6 +174,7 @@ def transmute(
     module, tree, sde = model.module, model.tree, model.module.sde
     device = module.shift.device
     eps_fn = module.eps_fn()
+    denoiser = clean_estimator(model)
     k = int(n_checkpoints)
     n_rows = 2 * k - 1
     z_all = module.standardize(torch.as_tensor(x, dtype=torch.float32, device=device))
@@ -193,7 +227,7 @@ def transmute(
                 # (denoising it would break the exact inverse)
                 estimate = state
             else:
-                estimate = denoise(eps_fn, tree, sde, state, labels, float(t))
+                estimate = estimate_clean(denoiser, eps_fn, tree, sde, state, labels, float(t))
                 n_calls += 1
             states[rows, j] = state
             estimates[rows, j] = estimate
@@ -446,6 +480,7 @@ def generation_trajectories(
     """One row per (generated cell, recorded time) from a sampler run."""
     module, tree = model.module, model.tree
     eps_fn = module.eps_fn()
+    denoiser = clean_estimator(model)
     labels = res.labels
     n, n_rows = len(labels), len(times)
     states, estimates, branches = [], [], []
@@ -456,7 +491,9 @@ def generation_trajectories(
             else:
                 state = res.trajectory[t]
                 z = module.standardize(state)
-                estimate = module.unstandardize(denoise(eps_fn, tree, module.sde, z, labels, t))
+                estimate = module.unstandardize(
+                    estimate_clean(denoiser, eps_fn, tree, module.sde, z, labels, t)
+                )
             states.append(state)
             estimates.append(estimate)
             branches.append(tree.lookup(labels.cpu().numpy(), t))
