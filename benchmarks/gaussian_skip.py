@@ -10,8 +10,9 @@ protocol of ``benchmarks/quality.py`` (same splits and seeds, ``tl.evaluate`` in
 PCA of the train cells, the default budget that grows with the cells):
 
 Rows:
-  branched               the default model (global skip)
-  branched:per_branch    the same model with the per-branch Gaussian skip
+  conditioned              the default model (branch-conditioned network, global skip)
+  conditioned:per_branch   the same model with the per-branch Gaussian skip
+  (``--rows branched,branched:per_branch``: the same with one head per branch)
   probe: real cells, unseen   the known answer, must sit at the control
 
 Usage (from the repository root, in the project's venv; run nothing else beside it):
@@ -29,7 +30,7 @@ import sys
 
 import variants
 
-ROWS = ("branched", "branched:per_branch")
+ROWS = (variants.DEFAULT, f"{variants.DEFAULT}:per_branch")
 TITLE = "The per-branch Gaussian skip"
 INTRO = (
     "The default model (one Gaussian of all cells as the analytic part of the noise "
