@@ -8,15 +8,15 @@ trained models generating with 25, 50 and 100 steps, with the protocol and instr
 cells only, 3 training x 3 generation seeds).
 
 Rows (one trained model per training seed, shared by all rows):
-  branched             the default: the SDE at 25 steps
-  branched:sde50       the same models, 50 steps
-  branched:sde100      the same models, 100 steps
+  conditioned          the default model: the SDE at 25 steps
+  conditioned:sde50    the same models, 50 steps
+  conditioned:sde100   the same models, 100 steps
   probe: real cells, unseen   real cells no model or space saw, judged like a generator: the
                        known answer, must sit at the control
 
 Usage (from the repository root, in the project's venv):
   python benchmarks/sde_steps.py --reuse benchmark_out/quality --datasets pbmc68k,pbmc3k
-                        # 10.3 min on 2 cores (pbmc68k_reduced alone: 3 min); run nothing else
+                        # 4.5 min on 2 cores (10.3 with one head per branch); run nothing else
   python benchmarks/sde_steps.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/sde_steps.md and, under --out, the per-row CSV (machinery: variants.py).
 """
@@ -28,7 +28,7 @@ import sys
 
 import variants
 
-ROWS = ("branched", "branched:sde50", "branched:sde100")
+ROWS = (variants.DEFAULT, f"{variants.DEFAULT}:sde50", f"{variants.DEFAULT}:sde100")
 TITLE = "How many steps the reverse SDE needs"
 INTRO = (
     "The same trained models (the default configuration) generating with the reverse SDE "
