@@ -30,9 +30,8 @@ from __future__ import annotations
 import logging
 import sys
 
-import numpy as np
 import variants
-from quality import LATENT, DecodedProbe, _labels, decode_in_space, default_setup
+from quality import LATENT, DecodedProbe, SpaceDecodedGaussian, default_setup
 
 ROWS = (
     "conditioned",
@@ -58,41 +57,15 @@ INTRO = (
 BANDWIDTH = 1.0
 
 
-class SmoothedBootstrap:
-    """A kernel density estimate of each type in the models' latent, decoded like their cells
-    (the estimator of ``sb.baselines.SmoothedBootstrap``, decoded by the models' space with the
-    negative binomial instead of the PCA map; its own draws, so this page's numbers stand).
+def _smoothed_bootstrap(train):
+    """``sb.baselines.SmoothedBootstrap`` at :data:`BANDWIDTH` in the models' latent, decoded by
+    their space (negative binomial): the same estimator and draws as quality.py's baseline row
+    (``quality.SpaceDecodedGaussian``), so the two pages' numbers agree."""
+    import scbranch as sb
 
-    Draws a training cell ``x`` of the type and returns ``m + (x - m + h e) / sqrt(1 + h^2)``
-    with ``e ~ N(0, C)`` (``m``, ``C``: the type's mean and Ledoit-Wolf covariance): the
-    type's mean and covariance are kept, ``h = 0`` copies the cells, large ``h`` is the
-    per-class Gaussian.
-    """
-
-    def __init__(self, train, bandwidth: float = BANDWIDTH):
-        from sklearn.covariance import LedoitWolf
-
-        import scbranch as sb
-
-        adata = default_setup(train)
-        self.space = sb.BranchedDiffusion(adata)  # untrained: its decoder is all we use
-        self.z = np.asarray(adata.obsm[LATENT], dtype=np.float64)
-        self.labels = _labels(adata)
-        self.h = float(bandwidth)
-        self.stats = {}
-        for c in np.unique(self.labels):
-            zc = self.z[self.labels == c]
-            self.stats[c] = (zc.mean(0), LedoitWolf().fit(zc).covariance_)
-
-    def generate(self, n_cells, seed):
-        rng = np.random.default_rng(seed)
-        z, labels = [], []
-        for c, (mean, cov) in self.stats.items():
-            rows = rng.choice(np.flatnonzero(self.labels == c), n_cells)
-            noise = rng.multivariate_normal(np.zeros(len(mean)), cov, size=n_cells)
-            z.append(mean + (self.z[rows] - mean + self.h * noise) / np.sqrt(1 + self.h**2))
-            labels += [c] * n_cells
-        return decode_in_space(self.space, np.vstack(z), np.array(labels), "auto", seed)
+    adata = default_setup(train)
+    # an untrained model: its space's decoder is all the probe uses
+    return SpaceDecodedGaussian(adata, sb.BranchedDiffusion(adata), bandwidth=BANDWIDTH)
 
 
 def _train_copies(train):
@@ -103,7 +76,7 @@ def _train_copies(train):
 
 
 PROBES = {
-    "probe: smoothed bootstrap": SmoothedBootstrap,
+    "probe: smoothed bootstrap": _smoothed_bootstrap,
     "probe: train cells' out-of-fold scores": _train_copies,
 }
 
