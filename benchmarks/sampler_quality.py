@@ -6,23 +6,24 @@ steps with fan-out sharing. The sampling benchmark (``benchmarks/sampling.py``) 
 against a 1,000-step reference on one model; this study judges them as generators, with the
 protocol and instrument of ``benchmarks/quality.py`` (same splits, same ``tl.evaluate``,
 reference PCA fitted on the train cells only, 3 training x 3 generation seeds), for both the
-branched model and the flat one, so that the comparison of the two architectures can be read
-on either sampler.
+default (branch-conditioned) model and the flat one, so that the comparison of the tree
+against flat can be read on either sampler.
 
 This study is why ``generate()``'s default solver is the SDE (it was the ODE before).
 
 Rows (every pair of rows with the same model shares one trained model per training seed):
-  branched             the default model, generated with the default solver (rows reused from
-                       earlier runs say which in the page's ``solver`` column)
-  branched:sde         the same trained models, reverse SDE (Euler-Maruyama, 25 steps)
-  branched:ode         the same trained models, probability-flow ODE (Heun, 25 steps)
-  flat, flat:sde       the flat label-guided model with the default solver, and with the SDE
+  conditioned          the default model, generated with the default solver (rows reused from
+                       earlier runs say which in the page's ``solver`` column; the SDE since
+                       this study)
+  conditioned:ode      the same trained models, probability-flow ODE (Heun, 25 steps)
+  flat, flat:ode       the flat label-guided model with the default solver, and with the ODE
+  (``:sde`` rows, e.g. ``--rows branched,branched:sde,branched:ode``, name the SDE explicitly)
   probe: real cells, unseen   real cells no model or space saw, judged like a generator: the
                        known answer, must sit at the control
 
 Usage (from the repository root, in the project's venv):
   python benchmarks/sampler_quality.py --reuse benchmark_out/quality
-                        # about 45 min on 2 cores; run nothing else (two torch processes on
+                        # about 20 min on 2 cores; run nothing else (two torch processes on
                         # 2 cores are ~10x slower)
   python benchmarks/sampler_quality.py --fast   # smoke test (numbers meaningless)
 Writes docs/benchmarks/sampler_quality.md and, under --out, the per-row CSV (machinery:
@@ -36,16 +37,21 @@ import sys
 
 import variants
 
-ROWS = ("branched", "branched:sde", "branched:ode", "flat", "flat:sde")
+ROWS = (variants.DEFAULT, f"{variants.DEFAULT}:ode", "flat", "flat:ode")
 TITLE = "Which sampler: probability-flow ODE or reverse SDE"
 INTRO = (
     "The same trained models generating with the probability-flow ODE (`:ode`, Heun, 2 network "
     "calls per step) and the reverse SDE (`:sde`, Euler-Maruyama, 1 call per step), both at "
-    "the default 25 steps with fan-out sharing; `branched` and `flat` use `generate()`'s "
+    "the default 25 steps with fan-out sharing; `conditioned` and `flat` use `generate()`'s "
     "default solver of the run that made them (column `solver`: `heun` for rows reused from "
     "runs before the default became the SDE, `em` after)."
 )
-COMPARISONS = (("flat", "branched:sde"), ("flat:sde", "branched:sde"), ("flat", "flat:sde"))
+COMPARISONS = (
+    ("flat", variants.DEFAULT),
+    ("flat:ode", f"{variants.DEFAULT}:ode"),
+    (variants.DEFAULT, f"{variants.DEFAULT}:ode"),
+    ("flat", "flat:ode"),
+)
 
 
 def main(argv=None) -> int:

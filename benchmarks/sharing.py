@@ -19,7 +19,7 @@ Rows:
 Cost: network row evaluations per generated cell (200 cells of every type, fan-out sampling).
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/sharing.py              # about 12 min on 2 cores (run nothing else:
+  python benchmarks/sharing.py              # about 6 min on 2 cores (run nothing else:
                                             # two torch processes on 2 cores are ~10x slower)
   python benchmarks/sharing.py --fast       # smoke test (numbers meaningless)
   python benchmarks/sharing.py --rows conditioned:late --reuse benchmark_out/sharing
