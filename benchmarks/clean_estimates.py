@@ -88,7 +88,7 @@ def squared_errors(model, cells, draws: int, seed: int) -> pd.DataFrame:
             z = z0.repeat(draws, 1)
             lab = labels.repeat(draws)
             zt = sde.alpha(tt) * z + sde.sigma(tt) * torch.randn(z.shape, generator=gen)
-            net, gauss = den._parts(eps_fn, zt, lab, t)
+            net, gauss = den.parts(eps_fn, zt, lab, t)
             est = {
                 "mean of the cells": mean.expand_as(z),
                 "Tweedie (network)": denoise(eps_fn, tree, sde, zt, lab, t),

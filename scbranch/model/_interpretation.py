@@ -480,7 +480,8 @@ def generation_trajectories(
     """One row per (generated cell, recorded time) from a sampler run."""
     module, tree = model.module, model.tree
     eps_fn = module.eps_fn()
-    denoiser = clean_estimator(model)
+    # only checkpoints above t = 0 are estimated (t = 0 rows are the final cells)
+    denoiser = clean_estimator(model) if any(t > 0 for t in times) else None
     labels = res.labels
     n, n_rows = len(labels), len(times)
     states, estimates, branches = [], [], []

@@ -31,6 +31,7 @@ import torch
 from ._gaussian_skip import class_statistics, group_moments, uses_full_covariance
 from ._random import normal, seeded_generator
 from ._sde import VPSDE
+from ._transport import denoise
 from ._tree import BranchTree
 
 #: calibration times: uniform in t over [t_min, 1] (the weight changes over t = 0.2-0.8)
@@ -142,27 +143,23 @@ class CalibratedDenoiser:
         basis = moments.get("basis")
         basis = None if basis is None else torch.as_tensor(basis, dtype=dtype, device=device)
         times = np.linspace(sde.t_min, 1.0, N_CALIBRATION_TIMES)
-        den = cls(tree, sde, times, np.ones_like(times), mean, var, basis)
+        estimator = cls(tree, sde, times, np.ones_like(times), mean, var, basis)
         keep = np.arange(len(lab))
         if len(keep) > N_CALIBRATION_CELLS:
             keep = np.sort(np.random.default_rng(seed).permutation(len(keep))[:N_CALIBRATION_CELLS])
-        w = np.tile(cell_w[keep], N_CALIBRATION_DRAWS)
-        w = torch.as_tensor(w, dtype=dtype, device=device)
         rows = torch.as_tensor(keep, device=device)
         x0s = x0[rows].repeat(N_CALIBRATION_DRAWS, 1)
         labs = labels[rows].repeat(N_CALIBRATION_DRAWS)
+        w = torch.as_tensor(np.tile(cell_w[keep], N_CALIBRATION_DRAWS), dtype=dtype, device=device)
         weights = []
         for k, t in enumerate(times):
             noise = normal(x0s.shape, seeded_generator(seed, _STREAM, k), device, dtype)
             tt = torch.tensor(float(t))
             xt = sde.alpha(tt).item() * x0s + sde.sigma(tt).item() * noise
-            net, gauss = den._parts(eps_fn, xt, labs, float(t))
-            dev = net - gauss
-            num = (w * ((x0s - gauss) * dev).sum(1)).sum()
-            den_ = (w * (dev * dev).sum(1)).sum()
-            weights.append(float((num / den_).clamp(0.0, 1.0)) if den_ > 0 else 1.0)
-        den.weights = np.asarray(weights)
-        return den
+            net, gauss = estimator.parts(eps_fn, xt, labs, float(t))
+            weights.append(_least_squares_weight(x0s, net, gauss, w))
+        estimator.weights = np.asarray(weights)
+        return estimator
 
     def weight(self, t: float) -> float:
         """The network's weight ``w(t)`` (linear between calibration times)."""
@@ -172,13 +169,13 @@ class CalibratedDenoiser:
         self, eps_fn: EpsFn, x: torch.Tensor, labels: torch.Tensor, t: float
     ) -> torch.Tensor:
         """The estimate of the clean states ``x`` (standardised units) at time ``t``."""
-        net, gauss = self._parts(eps_fn, x, labels, t)
+        net, gauss = self.parts(eps_fn, x, labels, t)
         return gauss + self.weight(t) * (net - gauss)
 
-    def _parts(self, eps_fn: EpsFn, x, labels, t: float):
-        """The network's Tweedie estimate and the branch Gaussians' posterior means."""
-        from ._transport import denoise
-
+    def parts(
+        self, eps_fn: EpsFn, x: torch.Tensor, labels: torch.Tensor, t: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two estimates it weighs: the network's (Tweedie) and the branch Gaussians'."""
         net = denoise(eps_fn, self.tree, self.sde, x, labels, t)
         tt = torch.tensor(float(t))
         alpha, sigma = self.sde.alpha(tt).item(), self.sde.sigma(tt).item()
@@ -191,6 +188,20 @@ class CalibratedDenoiser:
                 x[rows], alpha, sigma, self.mean[b], self.var[b], basis
             )
         return net, gauss
+
+
+def _least_squares_weight(x0, net, gauss, w) -> float:
+    """The least-squares weight of the network's deviation from the Gaussian, in [0, 1].
+
+    The ``w`` that brings ``gauss + w (net - gauss)`` closest to ``x0`` in squared distance
+    (cells weighted by ``w``); 1 where the two estimates agree.
+    """
+    deviation = net - gauss
+    numerator = (w * ((x0 - gauss) * deviation).sum(1)).sum()
+    denominator = (w * (deviation * deviation).sum(1)).sum()
+    if denominator <= 0:
+        return 1.0
+    return float((numerator / denominator).clamp(0.0, 1.0))
 
 
 def _branch_moments(
