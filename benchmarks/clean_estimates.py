@@ -24,8 +24,13 @@ mixture whose posterior mean is exact, is ``tests/test_denoiser.py``. The spread
 estimates a user sees (RMS distance to their mean, data units) comes from
 ``generate(trajectory_times=...)``, 50 cells per type, next to that of the noisy states.
 
+Budget sweep (``--budgets``, first split, conditioned network): the network's distance on
+held-out and on training cells at low noise (t <= 0.3) for several training budgets next to
+the default's. Where the two part, the network has learned its training cells rather than
+their law; the branch Gaussian (no training) is the reference it should beat on held-out cells.
+
 Usage (from the repository root, in the project's venv):
-  python benchmarks/clean_estimates.py          # about 3 min on 2 cores
+  python benchmarks/clean_estimates.py          # about 5 min on 2 cores
   python benchmarks/clean_estimates.py --fast   # smoke test; numbers meaningless
 Writes docs/benchmarks/clean_estimates.md and CSVs under --out.
 """
@@ -42,7 +47,9 @@ import pandas as pd
 from interpretability import LATENT, project_heldout
 from quality import LABELS, _md, load_pbmc68k, prepare_run, write_lines
 
-SETTINGS = {"cpu": {"steps": 2000, "draws": 4}, "fast": {"steps": 20, "draws": 1}}
+SETTINGS = {"cpu": {"steps": None, "draws": 4}, "fast": {"steps": 20, "draws": 1}}
+#: the budget sweep's low-noise times (where a network that learned its training cells shows)
+SWEEP_TIMES = [0.3, 0.2, 0.1, 0.05]
 TIMES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
 SPREAD_TIMES = [1.0, 0.9, 0.7, 0.5, 0.0]
 ESTIMATES = ["mean of the cells", "Tweedie (network)", "branch Gaussian", "calibrated (package)"]
@@ -50,18 +57,40 @@ ESTIMATES = ["mean of the cells", "Tweedie (network)", "branch Gaussian", "calib
 logger = logging.getLogger("clean_estimates")
 
 
-def train_model(train, architecture: str, steps: int):
+def train_model(train, architecture: str, steps: int | None):
+    """The model in the default configuration; ``steps=None``: the default budget."""
     import scbranch as sb
 
     sb.BranchedDiffusion.setup_anndata(train, labels_key=LABELS, obsm_key=LATENT)
     model = sb.BranchedDiffusion(train, architecture=architecture)
-    model.train(
-        max_epochs=max(1, math.ceil(steps / math.ceil(train.n_obs / 64))),
-        batch_size=64,
-        accelerator="cpu",
-        enable_progress_bar=False,
-    )
+    epochs = None if steps is None else max(1, math.ceil(steps / math.ceil(train.n_obs / 64)))
+    model.train(max_epochs=epochs, batch_size=64, accelerator="cpu", enable_progress_bar=False)
     return model
+
+
+def budget_sweep(train, held, budgets: list[int], draws: int) -> pd.DataFrame:
+    """The network's squared distance on held-out and on training cells at low noise, per
+    training budget (conditioned network, first split): where the two part, the network has
+    learned its training cells rather than their law."""
+    rows = []
+    for steps in budgets:
+        import scvi
+
+        scvi.settings.seed = 0
+        model = train_model(train, "conditioned", steps)
+        for cells, name in ((held, "held-out"), (train, "train")):
+            err = squared_errors(model, cells, draws, 0).set_index("t")
+            for t in SWEEP_TIMES:
+                rows.append(
+                    {
+                        "steps": steps,
+                        "cells": name,
+                        "t": t,
+                        "Tweedie (network)": err.loc[t, "Tweedie (network)"],
+                        "branch Gaussian": err.loc[t, "branch Gaussian"],
+                    }
+                )
+    return pd.DataFrame(rows)
 
 
 def squared_errors(model, cells, draws: int, seed: int) -> pd.DataFrame:
@@ -120,6 +149,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fast", action="store_true", help="smoke-test settings")
     parser.add_argument("--seeds", default="0,1,2", help="split and training seeds")
     parser.add_argument("--architectures", default="conditioned,branched")
+    parser.add_argument(
+        "--budgets",
+        default="250,1100,2200,4400",
+        help="training steps of the budget sweep (first split; '' skips it)",
+    )
     parser.add_argument("--out", default="benchmark_out/clean_estimates")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -133,7 +167,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
     archs = args.architectures.split(",")
-    errors, spread = [], []
+    errors, spread, sweep = [], [], None
     for seed in seeds:
         scvi.settings.seed = seed
         train, held = load_pbmc68k(seed=seed)
@@ -147,6 +181,11 @@ def main(argv=None) -> int:
                 errors.append(part.assign(architecture=arch, cells=name, seed=seed))
             spread.append(spreads(model, seed).assign(architecture=arch, seed=seed))
             logger.info("seed %d %s done", seed, arch)
+        if seed == seeds[0] and args.budgets:
+            budgets = [20] if args.fast else [int(b) for b in args.budgets.split(",")]
+            sweep = budget_sweep(train, held, budgets, cfg["draws"])
+            n_first = train.n_obs
+            logger.info("budget sweep done")
     errors, spread = pd.concat(errors), pd.concat(spread)
     errors.to_csv("errors.csv", index=False)
     spread.to_csv("spreads.csv", index=False)
@@ -182,9 +221,56 @@ def main(argv=None) -> int:
             _md(mean.reset_index(), index=False),
             "",
         ]
+    if sweep is not None:
+        lines += budget_lines(sweep, errors, seeds[0], n_first, cfg["steps"])
     write_lines(markdown, lines)
     print("\n".join(lines))
     return 0
+
+
+def budget_lines(
+    sweep: pd.DataFrame, errors: pd.DataFrame, seed: int, n_train: int, steps: int | None
+) -> list[str]:
+    """The budget sweep's table, with the default budget's row from the main run."""
+    from scbranch.module._recipe import default_max_epochs
+
+    per_epoch = math.ceil(n_train / 64)
+    main_steps = (
+        f"{default_max_epochs(n_train, 64) * per_epoch} (default)" if steps is None else steps
+    )
+    first = errors[(errors["architecture"] == "conditioned") & (errors["seed"] == seed)]
+    rows = []
+    for cells in ("held-out", "train"):
+        part = first[(first["cells"] == cells) & first["t"].isin(SWEEP_TIMES)]
+        for _, r in part.iterrows():
+            rows.append({"steps": main_steps, "cells": cells, "t": r["t"],
+                         "Tweedie (network)": r["Tweedie (network)"],
+                         "branch Gaussian": r["branch Gaussian"]})  # fmt: skip
+    table = pd.concat([sweep, pd.DataFrame(rows)], ignore_index=True)
+    table.to_csv("budget_sweep.csv", index=False)
+    net = table.pivot_table(
+        index="steps", columns=["t", "cells"], values="Tweedie (network)", sort=False
+    )
+    shown = pd.DataFrame(index=net.index)
+    for t in SWEEP_TIMES:
+        shown[f"t = {t}: held-out / train"] = [
+            f"{h:.2f} / {tr:.2f}"
+            for h, tr in zip(net[(t, "held-out")], net[(t, "train")], strict=True)
+        ]
+    gauss = table[table["cells"] == "held-out"].groupby("t")["branch Gaussian"].first()
+    return [
+        "## Training budget: the network on held-out and on training cells at low noise "
+        f"(conditioned, split seed {seed})",
+        "",
+        "Squared distance of the network's estimate (Tweedie) to the clean cells, held-out / "
+        "train; where the two part, the network has learned its training cells rather than "
+        "their law. The branch Gaussian on held-out cells (no training): "
+        + ", ".join(f"t = {t}: {gauss[t]:.2f}" for t in SWEEP_TIMES)
+        + f". `(default)`: `train()`'s budget for the {n_train} training cells.",
+        "",
+        _md(shown.reset_index(), index=False),
+        "",
+    ]
 
 
 if __name__ == "__main__":
