@@ -141,27 +141,13 @@ class CalibratedDenoiser:
         z = x0.detach().cpu().numpy().astype(np.float64)
         full = _class_stats(z, lab, n_classes)
         times = np.linspace(sde.t_min, 1.0, N_CALIBRATION_TIMES)
-
-        def estimator(stats) -> CalibratedDenoiser:
-            moments = _branch_moments(tree, stats, sizes)
-            as_tensor = lambda a: torch.as_tensor(a, dtype=x0.dtype, device=x0.device)  # noqa: E731
-            basis = moments.get("basis")
-            return cls(
-                tree, sde, times, np.ones_like(times), as_tensor(moments["mean"]),
-                as_tensor(moments["var"]), None if basis is None else as_tensor(basis),
-            )  # fmt: skip
-
         # cross-fitted: the weight is fitted on cells the Gaussians did not see (each half of
         # every class against the Gaussians of the other half), as the cells it will estimate
         # are; Gaussians fitted on the same cells would look better than they are
         rng = np.random.default_rng(seed)
-        fold = np.zeros(len(lab), dtype=np.int64)
-        for c in np.unique(lab):
-            members = rng.permutation(np.flatnonzero(lab == c))
-            fold[members] = np.arange(len(members)) % 2
-        halves = [
-            estimator(_class_stats(z[fold != f], lab[fold != f], n_classes, full)) for f in (0, 1)
-        ]
+        fold = _two_folds(lab, rng)
+        half_stats = [_class_stats(z[fold != f], lab[fold != f], n_classes, full) for f in (0, 1)]
+        halves = [cls._from_stats(tree, sde, times, sizes, x0, st) for st in half_stats]
         keep = np.arange(len(lab))
         if len(keep) > N_CALIBRATION_CELLS:
             keep = np.sort(rng.permutation(len(keep))[:N_CALIBRATION_CELLS])
@@ -184,9 +170,19 @@ class CalibratedDenoiser:
                 halves[1].gaussian(xt, labs, float(t)),
             )
             weights.append(_least_squares_weight(x0s, net, gauss, w))
-        result = estimator(full)
+        result = cls._from_stats(tree, sde, times, sizes, x0, full)
         result.weights = np.asarray(weights)
         return result
+
+    @classmethod
+    def _from_stats(cls, tree, sde, times, sizes, like: torch.Tensor, stats) -> CalibratedDenoiser:
+        """An estimator with the branch Gaussians of per-class ``stats`` (weights all 1)."""
+        moments = _branch_moments(tree, stats, sizes)
+        tensors = {
+            k: torch.as_tensor(v, dtype=like.dtype, device=like.device) for k, v in moments.items()
+        }
+        ones = np.ones_like(times)
+        return cls(tree, sde, times, ones, tensors["mean"], tensors["var"], tensors.get("basis"))
 
     def weight(self, t: float) -> float:
         """The network's weight ``w(t)`` (linear between calibration times)."""
@@ -232,6 +228,15 @@ def _least_squares_weight(x0, net, gauss, w) -> float:
     if denominator <= 0:
         return 1.0
     return float((numerator / denominator).clamp(0.0, 1.0))
+
+
+def _two_folds(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fold 0 or 1 for every cell, each class split in halves at random."""
+    fold = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = np.arange(len(members)) % 2
+    return fold
 
 
 def _class_stats(z: np.ndarray, labels: np.ndarray, n_classes: int, fallback=None) -> dict:
