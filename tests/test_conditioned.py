@@ -116,6 +116,52 @@ def test_extension_adds_an_embedding_row_and_changes_nothing_old():
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+def test_a_branch_with_its_own_head_blocks_routes_only_its_rows_there():
+    """Class extension's ``own_head``: the new branch's rows go through head blocks of its
+    own; every old branch keeps its function bit for bit, in mixed batches too, and the
+    blocks survive a state-dict round trip into a network built from the tree alone."""
+    module = _random(
+        BranchedDiffusionModule(4, FOUR.to_dict(), architecture="conditioned", width=16)
+    )
+    counts = {0: 5, 1: 4, 3: 6}
+    options = {"solver": "heun", "n_steps": 30, "seed": 3}
+    before = module.sample_cells(counts, **options).x
+    n_params = count_parameters(module.net)
+    placement = Placement(sibling=0, t=0.5, crossover=np.zeros(4))
+    leaf, head = extend_module(module, "N1", placement, own_head=True)
+    net = module.net
+    assert list(net.branch_heads) == [str(head)]
+    per_branch = net.branch_embed.embedding_dim + net.branch_adapter.embedding_dim
+    assert count_parameters(net) == n_params + per_branch + count_parameters(net.heads[0])
+    torch.testing.assert_close(module.sample_cells(counts, **options).x, before, rtol=0, atol=0)
+    # a mixed batch (old branches, the new one, in any order) gives each row what it gives alone
+    x, t = torch.randn(12, 4), torch.full((12,), 0.2)
+    labels = torch.tensor([4, 0, 4, 1, 3, 4, 2, 0, 4, 3, 1, 4])
+    branch = module.branch_of(labels, t)
+    assert (branch == leaf).sum() == 5  # branch ids; the network maps them to functions
+    with torch.no_grad():
+        mixed = module.predict_eps(x, t, branch, labels)
+        alone = torch.cat([module.predict_eps(x[i : i + 1], t[i : i + 1], branch[i : i + 1],
+                                              labels[i : i + 1]) for i in range(12)])  # fmt: skip
+        torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+        # the own blocks are what the new rows use, and only they
+        for p in net.branch_heads[str(head)].parameters():
+            p.add_(0.05)
+        moved = module.predict_eps(x, t, branch, labels)
+    new = branch == leaf
+    torch.testing.assert_close(moved[~new], mixed[~new], rtol=0, atol=0)
+    assert (moved[new] - mixed[new]).abs().amax(1).min() > 1e-4
+    # saved weights load into a network built from the extended tree (as BranchedDiffusion.load)
+    fresh = BranchedDiffusionModule(4, module.tree.to_dict(), architecture="conditioned", width=16)
+    fresh.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.predict_eps(x, t, branch, labels), moved, rtol=0, atol=0)
+    # a second type joining the first new one starts from ITS blocks, not the shared ones
+    _, second = extend_module(module, "N2", Placement(4, 0.1, np.zeros(5)), own_head=True)
+    for a, b in zip(net.head_of(second).parameters(), net.head_of(head).parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _tree_data():
     return sb.datasets.simulate_tree(depth=2, n_per_class=80, dim=8, seed=0).to_anndata()
 

@@ -120,6 +120,23 @@ def test_new_class_cells_look_like_the_new_class(extended):
     expected = {"branched": 1e-3, "conditioned": 3e-2}[model.module.architecture]
     assert model.extensions_[-1]["lr"] == expected
     assert list(ext["lr"]) == [expected]  # in the cells' record too
+    # by default a conditioned network's new type has head blocks of its own
+    conditioned = model.module.architecture == "conditioned"
+    assert model.extensions_[-1]["own_head"] == conditioned
+    if conditioned:
+        assert list(model.module.net.branch_heads) == [str(model.tree.n_heads - 1)]
+
+
+def test_own_head_false_keeps_a_conditioned_network_from_growing_and_is_refused_elsewhere():
+    sim = _sim()
+    old = _without(sim, ["c3"])
+    model = _model(old, max_epochs=5, architecture="conditioned")
+    model.add_classes(sim, labels=["c3"], max_epochs=2, own_head=False, progress_bar=False)
+    assert len(model.module.net.branch_heads) == 0 and not model.extensions_[-1]["own_head"]
+    branched = _model(old, max_epochs=1)
+    with pytest.raises(ValueError, match="own_head=False applies to the conditioned network"):
+        branched.add_classes(sim, labels=["c3"], own_head=False, progress_bar=False)
+    assert branched.classes == model.classes[:-1]  # refused before anything changed
 
 
 @pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), float("inf")])

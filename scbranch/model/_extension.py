@@ -57,6 +57,7 @@ def add_classes(
     ema_decay: float = TrainingRecipe.ema_decay,
     min_cells: int = 10,
     fine_tune_shared: bool = False,
+    own_head: bool | None = None,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> BranchedDiffusion:
@@ -66,12 +67,13 @@ def add_classes(
     cells of every known type place it on the tree (it joins the type it becomes
     indistinguishable from first, at that time, by the crossover rule and the options the
     tree was discovered with); the branch it joins is split there, keeping its head on both
-    halves; a new head, warm-started from that branch's head, is trained on the new cells
-    only, with t below the branch point, by the training recipe of :meth:`train` (the same
-    time distribution, loss, optimiser, schedule and EMA); every other parameter stays
-    frozen. Old types therefore use exactly the same parameters at every time: with the
-    same seed and the same requested types, :meth:`generate` returns bit-identical cells
-    before and after (with the default ``share=True``).
+    halves; a new head (for the conditioned network: a new embedding and adapter row and,
+    with ``own_head``, head blocks of its own), warm-started from that branch's, is trained
+    on the new cells only, with t below the branch point, by the training recipe of
+    :meth:`train` (the same time distribution, loss, optimiser, schedule and EMA); every
+    other parameter stays frozen. Old types therefore use exactly the same parameters at
+    every time: with the same seed and the same requested types, :meth:`generate` returns
+    bit-identical cells before and after (with the default ``share=True``).
 
     Parameters
     ----------
@@ -93,7 +95,16 @@ def add_classes(
         Learning rate of the new branch's weights; `None` takes the architecture's default
         (1e-3 for a new head, 3e-2 for a new embedding and adapter row of the conditioned
         network, which starts as a copy of its sibling's and must move further:
-        ``docs/benchmarks/extension.md``).
+        ``docs/benchmarks/extension.md``); head blocks of a conditioned branch's own train at
+        1e-3, as a new head does.
+    own_head
+        Conditioned network only: give each new type head blocks of its own (a copy of the
+        shared head blocks, trained with its rows) instead of its embedding and adapter rows
+        alone. `None` (the default) gives them: a new type unlike every known one, outside
+        the latent the model was fitted in, kept its type in 0.51 of its cells with them
+        and 0.35 without (decoder's ceiling 0.59; docs/benchmarks/extension_outside.md).
+        `False` keeps the network's size independent of the number of types. A branched
+        model's new type always has its own head.
     min_cells
         Types with fewer cells raise an error.
     fine_tune_shared
@@ -121,6 +132,13 @@ def add_classes(
             "A flat model has no branches to extend: every weight is shared by all types. "
             "Retrain it on all types, or use architecture='conditioned' (the default) or "
             "'branched'."
+        )
+    if own_head is None:
+        own_head = model.module.architecture == "conditioned"
+    elif model.module.architecture != "conditioned" and not own_head:
+        raise ValueError(
+            "own_head=False applies to the conditioned network only: a branched model's new "
+            "type always gets a head of its own. Leave own_head=None."
         )
     lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
     if not np.isfinite(lr) or lr <= 0:
@@ -154,6 +172,7 @@ def add_classes(
             batch_size=batch_size,
             recipe=recipe,
             fine_tune_shared=fine_tune_shared,
+            own_head=bool(own_head) and model.module.architecture == "conditioned",
             seed=seed,
             progress=progress(f"Training {name}", progress_bar),
         )

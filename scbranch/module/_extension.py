@@ -89,8 +89,13 @@ def place_class(
     return Placement(sibling, float(max(cross[sibling], o.min_branch_length)), cross)
 
 
-def extend_module(module, name: str, placement: Placement) -> tuple[int, int]:
+def extend_module(
+    module, name: str, placement: Placement, own_head: bool = False
+) -> tuple[int, int]:
     """Split the tree of ``module`` for a new class and add its head, warm-started.
+
+    ``own_head``: a conditioned network's new branch also gets head blocks of its own (see
+    :meth:`~scbranch.module.ScoreNetwork.add_branch`).
 
     Returns ``(leaf_branch_id, head_index)`` of the new class.
     """
@@ -100,7 +105,8 @@ def extend_module(module, name: str, placement: Placement) -> tuple[int, int]:
     tree = old_tree.add_class(name, placement.sibling, placement.t)
     leaf = tree.leaf(tree.n_classes - 1)
     split = tree.branches[tree.branches[leaf].parent]
-    index = module.net.add_branch(split.head)  # the branch it leaves: a close start
+    # the branch it leaves: a close start
+    index = module.net.add_branch(split.head, own_head=own_head)
     module.copy_gaussian_skip(split.head)
     if index != tree.branches[leaf].head:
         raise RuntimeError(f"branch function {index} != the tree's {tree.branches[leaf].head}")
@@ -136,11 +142,12 @@ def train_heads(
     The loss of every step.
     """
     recipe = TrainingRecipe() if recipe is None else recipe
-    params, trained = module.net.branch_parameters(heads)
+    matrices, trained, own = module.net.branch_parameters(heads)
     if trained is not None:  # conditioned: per-branch matrices of which only `trained` rows
-        frozen = [p.detach().clone() for p in params]  # may change
+        frozen = [p.detach().clone() for p in matrices]  # may change
         keep = trained.unsqueeze(1)
-        hooks = [p.register_hook(lambda g: g * keep.to(g.dtype)) for p in params]
+        hooks = [p.register_hook(lambda g: g * keep.to(g.dtype)) for p in matrices]
+    params = matrices + own
     flags = [p.requires_grad for p in module.parameters()]
     for p in module.parameters():
         p.requires_grad_(False)
@@ -148,7 +155,11 @@ def train_heads(
         p.requires_grad_(True)
     device = module.shift.device
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    optimizer = recipe.optimizer(params)
+    # head blocks (a head, or a conditioned branch's own) at the full recipe's rate, whatever
+    # rate the embedding and adapter rows train at (EXTENSION_LR)
+    groups = [{"params": matrices}] if matrices else []
+    groups += [{"params": own, "lr": TrainingRecipe.lr if matrices else recipe.lr}] if own else []
+    optimizer = recipe.optimizer(groups)
     scheduler = recipe.scheduler(optimizer, n_steps)
     ema = recipe.ema(params)
     n = x.shape[0]
@@ -193,7 +204,7 @@ def train_heads(
     finally:
         if trained is not None:
             with torch.no_grad():  # bit-identical old branches, whatever the optimiser did
-                for p, f, hook in zip(params, frozen, hooks, strict=True):
+                for p, f, hook in zip(matrices, frozen, hooks, strict=True):
                     hook.remove()
                     p[~trained] = f[~trained]
         for p, flag in zip(module.parameters(), flags, strict=True):
@@ -224,6 +235,7 @@ def add_class_head(
     batch_size: int,
     recipe: TrainingRecipe,
     fine_tune_shared: bool = False,
+    own_head: bool = False,
     seed: int = 0,
     progress: Callable | None = None,
 ) -> dict:
@@ -248,17 +260,20 @@ def add_class_head(
     fine_tune_shared
         Then also train the heads above the new branch point, with replay of the reference
         cells of every type (old types on those branches change).
+    own_head
+        A conditioned network's new branch gets head blocks of its own (see
+        :func:`extend_module`).
 
     Returns
     -------
     ``{"label", "joins" (class index), "t", "n_cells", "n_steps", "final_loss", "lr",
-    "fine_tune_shared"}``.
+    "fine_tune_shared", "own_head"}``.
     """
     code = module.tree.n_classes
     placement = place_class(
         reference["x"], reference["labels"], code, z, module.sde, options, class_names=class_names
     )
-    _, head = extend_module(module, name, placement)
+    _, head = extend_module(module, name, placement, own_head=own_head)
     # the new leaf's Gaussian from the new cells; every old branch keeps its own bit for bit
     module.fit_gaussian_skip([(0, len(z), z)], np.full(len(z), code), 0.0, 1.0, first=head)
     device = module.shift.device
@@ -285,6 +300,7 @@ def add_class_head(
         "final_loss": float(np.mean(losses[-50:])),
         "lr": float(recipe.lr),
         "fine_tune_shared": bool(fine_tune_shared),
+        "own_head": bool(own_head),
     }
 
 

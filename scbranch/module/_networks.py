@@ -152,6 +152,10 @@ class ScoreNetwork(nn.Module):
         if n_branches > 0:
             self.branch_adapter = nn.Embedding(n_branches, 2 * width * self.n_blocks + n_input)
             nn.init.zeros_(self.branch_adapter.weight)
+        # Head blocks of a branch's own, keyed by branch id: added by class extension only (a
+        # type the shared head cannot describe through its embedding and adapter rows, as
+        # one outside the fitted latent); empty for a trained network, so nothing changes there.
+        self.branch_heads = nn.ModuleDict() if n_branches > 0 else None
 
     def forward(
         self,
@@ -190,18 +194,41 @@ class ScoreNetwork(nn.Module):
         films = list(adapter[:, : 2 * width * self.n_blocks].split(2 * width, dim=1))
         for k, block in enumerate(self.trunk):
             h = block(h, temb, films[k])
-        out = self.heads[0](h, temb, films[len(self.trunk) :])
+        films = films[len(self.trunk) :]
+        out = self._branch_routed_head(h, temb, films, branch) if self.branch_heads else None
+        if out is None:
+            out = self.heads[0](h, temb, films)
         return out + adapter[:, 2 * width * self.n_blocks :]
+
+    def _branch_routed_head(self, h, temb, films, branch) -> torch.Tensor | None:
+        """Each row through the head blocks of its branch (its own, or the shared ones).
+
+        `None` when no row's branch has blocks of its own: then the shared head takes all.
+        """
+        present = (str(b) for b in branch.unique().tolist())
+        own = {int(b): self.branch_heads[b] for b in present if b in self.branch_heads}
+        if not own:
+            return None
+        out = torch.empty(len(h), self.n_input, dtype=h.dtype, device=h.device)
+        shared = torch.ones(len(h), dtype=torch.bool, device=h.device)
+        for b, head in own.items():
+            rows = branch == b
+            shared &= ~rows
+            out[rows] = head(h[rows], temb[rows], [f[rows] for f in films])
+        if shared.any():
+            out[shared] = self.heads[0](h[shared], temb[shared], [f[shared] for f in films])
+        return out
 
     @property
     def n_branch_functions(self) -> int:
         """How many branch functions there are (heads, or branch embeddings when conditioned)."""
         return len(self.heads) if self.branch_embed is None else self.branch_embed.num_embeddings
 
-    def add_branch(self, source: int) -> int:
+    def add_branch(self, source: int, own_head: bool = False) -> int:
         """A new branch function, starting as a copy of ``source``'s; its index.
 
-        A new head (branched) or a new row of the branch embedding and adapter (conditioned);
+        A new head (branched) or a new row of the branch embedding and adapter (conditioned),
+        with ``own_head`` also head blocks of its own, a copy of those ``source`` uses;
         nothing else changes.
         """
         if self.branch_embed is None:
@@ -209,23 +236,47 @@ class ScoreNetwork(nn.Module):
             return len(self.heads) - 1
         self.branch_embed = _with_row_copied(self.branch_embed, source)
         self.branch_adapter = _with_row_copied(self.branch_adapter, source)
-        return self.branch_embed.num_embeddings - 1
+        index = self.branch_embed.num_embeddings - 1
+        if own_head:
+            self.branch_heads[str(index)] = copy.deepcopy(self.head_of(source))
+        return index
 
-    def branch_parameters(self, branches: list[int]) -> tuple[list[nn.Parameter], torch.Tensor]:
-        """Parameters to train for ``branches`` alone, and the rows of them that may change.
+    def head_of(self, branch: int) -> Head:
+        """The head blocks branch function ``branch`` uses."""
+        if self.branch_embed is None:
+            return self.heads[branch]
+        return self.branch_heads[str(branch)] if str(branch) in self.branch_heads else self.heads[0]
 
-        Branched: the heads' parameters (`None`: all of them may change). Conditioned: the
-        branch embedding and adapter matrices, and a mask of the rows of ``branches``: only
-        those may change (the caller masks the gradient and restores the other rows, see
-        ``module/_extension.py``).
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a conditioned network saved after extension holds head blocks of some branches: make
+        # them before the children load (torch loads this module first, then its children)
+        if self.branch_heads is not None:
+            mark = prefix + "branch_heads."
+            ids = {k[len(mark) :].split(".", 1)[0] for k in state_dict if k.startswith(mark)}
+            device = self.heads[0].out.weight.device
+            for key in sorted(ids - set(self.branch_heads), key=int):
+                self.branch_heads[key] = copy.deepcopy(self.heads[0]).to(device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def branch_parameters(
+        self, branches: list[int]
+    ) -> tuple[list[nn.Parameter], torch.Tensor | None, list[nn.Parameter]]:
+        """Parameters to train for ``branches`` alone: ``(rows, mask, own)``.
+
+        Branched: no row matrices; ``own`` the heads' parameters. Conditioned: ``rows`` the
+        branch embedding and adapter matrices, ``mask`` the rows of ``branches`` (only those
+        may change: the caller masks the gradient and restores the other rows, see
+        ``module/_extension.py``) and ``own`` the parameters of the head blocks of their own
+        that some of ``branches`` have.
         """
         ids = sorted(set(int(b) for b in branches))
         if self.branch_embed is None:
-            return [p for h in ids for p in self.heads[h].parameters()], None
+            return [], None, [p for h in ids for p in self.heads[h].parameters()]
         mask = torch.zeros(self.branch_embed.num_embeddings, dtype=torch.bool)
         mask[ids] = True
-        params = [self.branch_embed.weight, self.branch_adapter.weight]
-        return params, mask.to(params[0].device)
+        rows = [self.branch_embed.weight, self.branch_adapter.weight]
+        own = [p for b in ids if str(b) in self.branch_heads for p in self.head_of(b).parameters()]
+        return rows, mask.to(rows[0].device), own
 
     def _looped_heads(
         self, h: torch.Tensor, temb: torch.Tensor, head: torch.Tensor, shared_time: bool
