@@ -14,6 +14,9 @@ the known answer: real cells no model saw, scored exactly like generated cells):
                            old types, then ``add_classes`` with the new types' train cells (only
                            the new branches' weights train; train()'s rule for the new
                            cells: about 100 passes, at least 500 steps)
+  conditioned + add_classes, rows only   the conditioned network extended with
+                           ``own_head=False``: each new type's embedding and adapter rows
+                           alone, without head blocks of its own (the default gives them)
   ... + shared fine-tune   the same, with add_classes(fine_tune_shared=True): the branches above
                            the new branch points also train, with replay of the reference cells
   ARCH, retrained          trained from scratch on all types (the same budget as the old model:
@@ -198,7 +201,7 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
     def gen(model, labels=None):
         return _generate(model, n, seed, labels)
 
-    def extend(model, fine_tune_shared: bool) -> float:
+    def extend(model, fine_tune_shared: bool, **options) -> float:
         t = time.perf_counter()
         model.add_classes(
             new_data,
@@ -207,6 +210,7 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
             batch_size=bs,
             fine_tune_shared=fine_tune_shared,
             progress_bar=False,
+            **options,
         )
         return time.perf_counter() - t
 
@@ -257,6 +261,17 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
                 **_both(gen(variant), held, train, old_types, new_types),
             }
         )
+        if arch == "conditioned":  # the same start; new types without head blocks of their own
+            rows_only = sb.BranchedDiffusion.load("old_model")
+            timing[f"add_classes, rows only ({arch})"] = extend(rows_only, False, own_head=False)
+            identical[f"{arch}, rows only"] = _same(before, gen(rows_only, old_types))
+            rows.append(
+                {
+                    "method": f"{method}, rows only",
+                    "stage": "after",
+                    **_both(gen(rows_only), held, train, old_types, new_types),
+                }
+            )
         # retrained from scratch on everything
         full = train.copy()
         setup(full)
@@ -406,6 +421,16 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
                 )
                 + ".",
             ]
+        if "conditioned" in cfg["architectures"]:
+            own = per_seed.loc[("conditioned + add_classes", "after")]
+            alone = per_seed.loc[("conditioned + add_classes, rows only", "after")]
+            lines.append(
+                "- **conditioned, rows only** (`own_head=False`: the new types' embedding and "
+                "adapter rows alone, no head blocks of their own): old types bit-identical in "
+                f"{sum(i['conditioned, rows only'] for i in res['identical'])} of "
+                f"{len(seeds)} seeds; new types' label fidelity {_spread(alone)}; own head "
+                f"(the default) minus rows only, paired by seed: {_spread(own - alone, True)}."
+            )
         archs = list(cfg["architectures"])
         for a, b in zip(archs, archs[1:], strict=False):
             for kind, method in (

@@ -8,7 +8,11 @@ that PCA. Rows (each judged by ``tl.evaluate`` against the held-out cells with a
 all training cells, 200 cells per type, generation seeds 0-2):
 
   <architecture>, add_classes            the default extension budget (``train()``'s rule)
-  <architecture>, add_classes, 4x steps  ``max_epochs`` four times that
+                                         and options (the conditioned network's new branch
+                                         with head blocks of its own)
+  conditioned, add_classes, rows only    ``own_head=False``: the new branch's embedding and
+                                         adapter rows alone
+  ..., 4x steps                          ``max_epochs`` four times the default budget
   ceiling: held-out real scores, decoded   held-out real dendritic cells' own scores in the
                                          PCA, decoded like generated cells: the best any
                                          generator of PC scores can do with this PCA (the
@@ -94,7 +98,8 @@ def main(argv=None) -> int:
     per_epoch = math.ceil(new.n_obs / 64)  # extension batches of 64
     default_steps = 0  # set by each architecture's first (factor 1) run
     results = []
-    for arch in ("conditioned", "branched"):
+    variants = [("conditioned", None), ("conditioned", False), ("branched", None)]
+    for arch, own_head in variants:
         for factor in (1, 4):
             scvi.settings.seed = 0
             sb.BranchedDiffusion.setup_anndata(old, labels_key=LABELS, obsm_key="X_pca_oof")
@@ -109,16 +114,23 @@ def main(argv=None) -> int:
             # times the steps that rule gave
             epochs = None if factor == 1 else factor * math.ceil(default_steps / per_epoch)
             model.add_classes(
-                new, labels=[NEW], max_epochs=1 if args.fast else epochs, progress_bar=False
+                new,
+                labels=[NEW],
+                max_epochs=1 if args.fast else epochs,
+                own_head=own_head,
+                progress_bar=False,
             )
             if factor == 1:
                 default_steps = model.extensions_[-1]["n_steps"]
-            name = f"{arch}, add_classes" + ("" if factor == 1 else f", {factor}x steps")
+            name = f"{arch}, add_classes" + (", rows only" if own_head is False else "")
+            name += "" if factor == 1 else f", {factor}x steps"
             for seed in seeds:
                 gen = model.generate(n_cells=n_cells, labels=[NEW], seed=seed, progress_bar=False)
                 results.append(judge(gen, train, held, seed).rename((name, seed)))
             logger.info("%s: %d extension steps", name, model.extensions_[-1]["n_steps"])
-        if arch == "conditioned":  # the probes need a model of the known types and the new one
+        if (arch, own_head) == variants[
+            0
+        ]:  # the probes need a model of the known types and the new one
             probes = {
                 "ceiling: held-out real scores, decoded": held[held.obs[LABELS] == NEW].obsm[
                     "X_pca"
