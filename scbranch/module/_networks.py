@@ -7,7 +7,8 @@ All variants predict the noise ``eps`` of ``x_t = alpha x_0 + sigma eps``:
 * conditioned (the model's default): one network for all branches; the branch of (class, t)
   picks an embedding that is added to the time embedding, so every block is conditioned on it.
   Same branch, same function (fan-out sampling holds), with parameters that do not grow with
-  the number of types.
+  the number of types trained on (a type added by class extension may bring head blocks of
+  its own).
 * flat ("label-guided" baseline): a class embedding is added to the input and one head serves all.
 
 LayerNorm, not BatchNorm: running statistics drift, break train/eval agreement and would break
@@ -110,6 +111,7 @@ class ScoreNetwork(nn.Module):
         If > 0 (with ``n_heads=1``), ``head`` indexes one of ``n_branches`` branches, each with
         an embedding added to the time embedding and a small adapter: a scale and shift of
         every block's hidden units (FiLM) and an output bias (branch-conditioned network).
+        :meth:`add_branch` may give a new branch head blocks of its own (``branch_heads``).
 
     Examples
     --------
