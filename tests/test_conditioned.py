@@ -100,19 +100,32 @@ def test_trained_network_learns_each_types_true_noise(architecture):
     assert max(errors) < 0.02
 
 
-def test_extension_adds_an_embedding_row_and_changes_nothing_old():
+SAMPLING = {"solver": "heun", "n_steps": 30, "seed": 3}
+OLD_COUNTS = {0: 5, 1: 4, 3: 6}
+
+
+def _extended(own_head: bool):
+    """A random conditioned module, its old types' samples, extended by a type joining A."""
     module = _random(
         BranchedDiffusionModule(4, FOUR.to_dict(), architecture="conditioned", width=16)
     )
-    counts = {0: 5, 1: 4, 3: 6}
-    options = {"solver": "heun", "n_steps": 30, "seed": 3}
-    before = module.sample_cells(counts, **options).x
+    before = module.sample_cells(OLD_COUNTS, **SAMPLING).x
     n_params = count_parameters(module.net)
-    leaf, head = extend_module(module, "N1", Placement(sibling=0, t=0.5, crossover=np.zeros(4)))
-    assert module.net.n_branch_functions == 8 and head == 7
-    per_branch = module.net.branch_embed.embedding_dim + module.net.branch_adapter.embedding_dim
-    assert count_parameters(module.net) == n_params + per_branch
-    after = module.sample_cells(counts, **options).x
+    placement = Placement(sibling=0, t=0.5, crossover=np.zeros(4))
+    leaf, head = extend_module(module, "N1", placement, own_head=own_head)
+    return module, before, n_params, leaf, head
+
+
+@pytest.mark.parametrize("own_head", [False, True])
+def test_extension_adds_an_embedding_row_and_changes_nothing_old(own_head):
+    module, before, n_params, _, head = _extended(own_head)
+    net = module.net
+    assert net.n_branch_functions == 8 and head == 7
+    assert list(net.branch_heads) == ([str(head)] if own_head else [])
+    per_branch = net.branch_embed.embedding_dim + net.branch_adapter.embedding_dim
+    own = count_parameters(net.heads[0]) if own_head else 0
+    assert count_parameters(net) == n_params + per_branch + own
+    after = module.sample_cells(OLD_COUNTS, **SAMPLING).x
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
@@ -120,20 +133,8 @@ def test_a_branch_with_its_own_head_blocks_routes_only_its_rows_there():
     """Class extension's ``own_head``: the new branch's rows go through head blocks of its
     own; every old branch keeps its function bit for bit, in mixed batches too, and the
     blocks survive a state-dict round trip into a network built from the tree alone."""
-    module = _random(
-        BranchedDiffusionModule(4, FOUR.to_dict(), architecture="conditioned", width=16)
-    )
-    counts = {0: 5, 1: 4, 3: 6}
-    options = {"solver": "heun", "n_steps": 30, "seed": 3}
-    before = module.sample_cells(counts, **options).x
-    n_params = count_parameters(module.net)
-    placement = Placement(sibling=0, t=0.5, crossover=np.zeros(4))
-    leaf, head = extend_module(module, "N1", placement, own_head=True)
+    module, _, _, leaf, head = _extended(own_head=True)
     net = module.net
-    assert list(net.branch_heads) == [str(head)]
-    per_branch = net.branch_embed.embedding_dim + net.branch_adapter.embedding_dim
-    assert count_parameters(net) == n_params + per_branch + count_parameters(net.heads[0])
-    torch.testing.assert_close(module.sample_cells(counts, **options).x, before, rtol=0, atol=0)
     # a mixed batch (old branches, the new one, in any order) gives each row what it gives alone
     x, t = torch.randn(12, 4), torch.full((12,), 0.2)
     labels = torch.tensor([4, 0, 4, 1, 3, 4, 2, 0, 4, 3, 1, 4])
