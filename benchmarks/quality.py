@@ -443,6 +443,7 @@ TRAIN_VARIANTS = {
     "ema": ("ema_decay", float),  # ema0: no weight EMA
     "balance": ("class_balance", float),  # balance0: natural frequencies, balance1: equal
     "batch": ("batch_size", int),  # batch256: 256 cells per optimiser step
+    "budget": ("budget_factor", float),  # budget2: twice train()'s default epochs
 }
 
 
@@ -457,7 +458,7 @@ def _train_variant(part: str) -> dict | None:
 
 def train_options(spec: str) -> dict:
     """``model.train()`` options of a row name's training variants (``ema0``, ``balance1``,
-    ``batch256``, see :data:`TRAIN_VARIANTS`)."""
+    ``batch256``, ``budget2``, see :data:`TRAIN_VARIANTS`)."""
     options = {}
     for part in model_spec(spec).split(":")[1:]:
         options.update(_train_variant(part) or {})
@@ -539,7 +540,13 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
         adata = default_setup(train, None if space == "expression" else obsm_key)
         model = sb.BranchedDiffusion(adata, **options)
     training = {"batch_size": cfg["batch_size"], **train_options(architecture)}
-    if cfg["steps"] is not None:
+    factor = training.pop("budget_factor", None)
+    if factor is not None:  # a multiple of the default budget, whatever the data size
+        from scbranch.module._recipe import default_max_epochs
+
+        default = default_max_epochs(train.n_obs, training["batch_size"])
+        training["max_epochs"] = max(1, round(factor * default))
+    elif cfg["steps"] is not None:
         steps_per_epoch = max(1, math.ceil(train.n_obs / training["batch_size"]))
         training["max_epochs"] = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
     model.train(**training, accelerator=cfg["accelerator"], enable_progress_bar=False)
