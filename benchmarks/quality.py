@@ -465,6 +465,23 @@ def train_options(spec: str) -> dict:
     return options
 
 
+def train_kwargs(spec: str, n_cells: int, cfg: dict) -> dict:
+    """``model.train()`` arguments of a row on ``n_cells`` cells: the batch size, the row's
+    training variants and the budget (``budget<k>``: k x the default epochs; else
+    ``cfg['steps']`` optimiser steps, or `None`: the package's default)."""
+    from scbranch.module._recipe import default_max_epochs
+
+    training = {"batch_size": cfg["batch_size"], **train_options(spec)}
+    factor = training.pop("budget_factor", None)
+    if factor is not None:  # a multiple of the default budget, whatever the data size
+        default = default_max_epochs(n_cells, training["batch_size"])
+        training["max_epochs"] = max(1, round(factor * default))
+    elif cfg["steps"] is not None:
+        steps_per_epoch = max(1, math.ceil(n_cells / training["batch_size"]))
+        training["max_epochs"] = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
+    return training
+
+
 def model_options(spec: str, classes=None) -> dict:
     """Model keyword arguments of a row name: ``"<architecture>[:<variant>...]"``.
 
@@ -539,16 +556,7 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     else:
         adata = default_setup(train, None if space == "expression" else obsm_key)
         model = sb.BranchedDiffusion(adata, **options)
-    training = {"batch_size": cfg["batch_size"], **train_options(architecture)}
-    factor = training.pop("budget_factor", None)
-    if factor is not None:  # a multiple of the default budget, whatever the data size
-        from scbranch.module._recipe import default_max_epochs
-
-        default = default_max_epochs(train.n_obs, training["batch_size"])
-        training["max_epochs"] = max(1, round(factor * default))
-    elif cfg["steps"] is not None:
-        steps_per_epoch = max(1, math.ceil(train.n_obs / training["batch_size"]))
-        training["max_epochs"] = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
+    training = train_kwargs(architecture, train.n_obs, cfg)
     model.train(**training, accelerator=cfg["accelerator"], enable_progress_bar=False)
     logger.info("%s (training seed %d)", model, seed)
     return model
