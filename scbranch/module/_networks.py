@@ -243,7 +243,7 @@ class ScoreNetwork(nn.Module):
             self.branch_heads[str(index)] = copy.deepcopy(self.head_of(source))
         return index
 
-    def head_of(self, branch: int) -> Head:
+    def head_of(self, branch: int) -> nn.Module:
         """The head blocks branch function ``branch`` uses."""
         if self.branch_embed is None:
             return self.heads[branch]
