@@ -37,7 +37,7 @@ from ..module._recipe import TrainingRecipe, default_max_epochs
 from ..module._sampling import steps_for
 from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
-from . import _anchored, _extension, _interpretation, _persistence
+from . import _anchored, _diagnostics, _extension, _interpretation, _persistence
 from ._blocks import (
     check_block_size,
     check_output,
@@ -695,11 +695,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             progress_bar=progress_bar,
         )  # fmt: skip
 
-    # interpretation and extension: the functions are the methods (signatures and docs there)
+    # interpretation, extension, diagnostics: the functions are the methods (docs there)
     transmute = _interpretation.transmute
     generate_anchored = _anchored.generate_anchored
     hybrids = _interpretation.hybrids
     add_classes = _extension.add_classes
+    get_denoising_error = _diagnostics.get_denoising_error
 
     # ------------------------------------------------------------------ persistence
     def save(

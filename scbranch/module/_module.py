@@ -325,21 +325,30 @@ class BranchedDiffusionModule(BaseModuleClass):
         N(0, I) prior are not contracted, and a few generated cells land far outside every real
         cell.
         """
+        skip = self.skip_eps(x, t, branch, labels)
+        if self.follows_tree:
+            return skip + self.net(x, t, self._heads[branch])
+        return skip + self.net(x, t, torch.zeros_like(branch), labels)
+
+    def skip_eps(
+        self, x: torch.Tensor, t: torch.Tensor, branch: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The analytic Gaussian part of :meth:`predict_eps`.
+
+        An untrained network's whole prediction: its output layers start at zero.
+        """
         tt = t.to(x.dtype)
         sigma, alpha = self.sde.sigma(tt), self.sde.alpha(tt)
         if sigma.dim():
             sigma, alpha = sigma.unsqueeze(-1), alpha.unsqueeze(-1)
-        function = self._heads[branch] if self.follows_tree else labels
         if self.gaussian_skip == "per_branch":
             # E[eps | x_t] for the Gaussian of the cells this branch function serves
-            skip = gaussian_eps(
+            function = self._heads[branch] if self.follows_tree else labels
+            return gaussian_eps(
                 x, alpha, sigma, function, self.skip_mean, self.skip_var, self.skip_basis
             )
-        else:  # one centred Gaussian with the standardised data's per-dimension variance
-            skip = sigma * x / (alpha**2 * self.data_var + sigma**2)
-        if self.follows_tree:
-            return skip + self.net(x, t, function)
-        return skip + self.net(x, t, torch.zeros_like(branch), labels)
+        # one centred Gaussian with the standardised data's per-dimension variance
+        return sigma * x / (alpha**2 * self.data_var + sigma**2)
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
         """Mean squared error of the noise prediction."""

@@ -201,7 +201,7 @@ class BranchTree:
                 f"{groups[0]!r} is a group of the hierarchy ({', '.join(inside)}), not a cell "
                 "type; name one of its cell types here (generate also accepts groups)."
             )
-        unknown = [lab for lab in labels if str(lab) not in pos]
+        unknown = list(dict.fromkeys(str(lab) for lab in labels if str(lab) not in pos))
         if unknown:
             raise KeyError(
                 f"Unknown label(s) {unknown}; the model knows {self.classes}. "

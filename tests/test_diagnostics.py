@@ -1,0 +1,84 @@
+"""get_denoising_error: the training loss at fixed noise levels, against known answers."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scbranch as sb
+
+FAST = {"width": 32, "n_head_blocks": 1}
+
+
+def _gaussian_cells(n: int = 3000, seed: int = 0) -> ad.AnnData:
+    """Two labels drawn from ONE Gaussian with unequal per-dimension variances."""
+    rng = np.random.default_rng(seed)
+    sd = np.array([0.5, 1.0, 2.0, 3.0, 1.5, 0.8])
+    x = (rng.normal(size=(n, 6)) * sd + 4.0).astype(np.float32)
+    adata = ad.AnnData(np.zeros((n, 1), np.float32))
+    adata.obsm["X_latent"] = x
+    adata.obs["cell_type"] = pd.Categorical(np.where(np.arange(n) % 2, "A", "B"))
+    return adata
+
+
+def test_an_untrained_model_on_gaussian_cells_has_the_exact_posterior_error():
+    """Known answer: an untrained network predicts the analytic Gaussian part alone, which for
+    centred Gaussian data of per-dimension variance w is E[eps | x_t]; its error is then
+    Var(eps | x_t) = alpha^2 w / (alpha^2 w + sigma^2), averaged over the dimensions."""
+    adata = _gaussian_cells()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, **FAST)
+    times = [0.05, 0.2, 0.5, 0.9]
+    report = model.get_denoising_error(times=times, n_draws=2)
+    pooled = report[report["group"] == "all"].set_index("t")
+    module = model.module
+    w = module.data_var.cpu().numpy()
+    for t in times:
+        a, s = float(module.sde.alpha(torch.tensor(t))), float(module.sde.sigma(torch.tensor(t)))
+        expected = float(np.mean(a**2 * w / (a**2 * w + s**2)))
+        assert pooled.loc[t, "error"] == pytest.approx(expected, rel=0.03)
+        assert pooled.loc[t, "error"] == pytest.approx(pooled.loc[t, "gaussian_error"], rel=1e-6)
+    # tidy: one row per (group, t), the groups every type present and "all"
+    assert set(report["group"]) == {"all", "A", "B"} and len(report) == 3 * len(times)
+    assert (report[report["group"] == "A"]["n_cells"] == 1500).all()
+
+
+def test_training_lowers_the_error_below_the_gaussian_part_and_draws_are_seeded():
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=80, dim=8, seed=0).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(sim, **FAST)
+    model.train(max_epochs=60, enable_progress_bar=False)
+    report = model.get_denoising_error(times=[0.1, 0.3], seed=1)
+    pooled = report[report["group"] == "all"]
+    # four separated types: one Gaussian of all cells predicts the noise far worse at low t
+    assert (pooled["error"] < 0.8 * pooled["gaussian_error"]).all(), pooled
+    again = model.get_denoising_error(times=[0.1, 0.3], seed=1)
+    pd.testing.assert_frame_equal(report, again)
+    other = model.get_denoising_error(times=[0.1, 0.3], seed=2)
+    assert not np.allclose(other["error"], report["error"])
+    # given cells: a subset of one type gives that type's rows only, and "all"
+    part = sim[sim.obs["cell_type"] == "c1"].copy()
+    sub = model.get_denoising_error(part, times=[0.1], seed=1)
+    assert set(sub["group"]) == {"all", "c1"}
+
+
+def test_bad_input_gets_a_clear_error():
+    adata = _gaussian_cells(200)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, **FAST)
+    with pytest.raises(ValueError, match=r"times must lie in \(t_min"):
+        model.get_denoising_error(times=[0.0, 0.5])
+    with pytest.raises(ValueError, match="times must lie"):
+        model.get_denoising_error(times=[1.5])
+    with pytest.raises(ValueError, match="n_draws must be a positive integer"):
+        model.get_denoising_error(n_draws=0)
+    other = adata.copy()
+    other.obs["cell_type"] = pd.Categorical(["C"] * other.n_obs)
+    with pytest.raises(KeyError, match=r"Unknown label\(s\) \['C'\]"):
+        model.get_denoising_error(other)
+    del other.obs["cell_type"]
+    with pytest.raises(KeyError, match="labels_key='cell_type' is not a column"):
+        model.get_denoising_error(other)
+    with pytest.raises(ValueError, match="no cells"):
+        model.get_denoising_error(adata[:0])
