@@ -333,7 +333,7 @@ class BranchedDiffusionModule(BaseModuleClass):
     def skip_eps(
         self, x: torch.Tensor, t: torch.Tensor, branch: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        """The analytic Gaussian part of :meth:`predict_eps`.
+        """The analytic Gaussian part of the noise prediction (``predict_eps``).
 
         An untrained network's whole prediction: its output layers start at zero.
         """
