@@ -63,7 +63,7 @@ def test_training_lowers_the_error_below_the_gaussian_part_and_draws_are_seeded(
     assert set(sub["group"]) == {"all", "c1"}
 
 
-def test_bad_input_gets_a_clear_error():
+def test_bad_input_gets_a_clear_error(tmp_path):
     adata = _gaussian_cells(200)
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
     model = sb.BranchedDiffusion(adata, **FAST)
@@ -82,3 +82,9 @@ def test_bad_input_gets_a_clear_error():
         model.get_denoising_error(other)
     with pytest.raises(ValueError, match="no cells"):
         model.get_denoising_error(adata[:0])
+    model.save(tmp_path / "m")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m")  # without its training cells
+    with pytest.raises(ValueError, match="loaded without adata.*pass adata"):
+        loaded.get_denoising_error()
+    report = loaded.get_denoising_error(adata, times=[0.5])
+    pd.testing.assert_frame_equal(report, model.get_denoising_error(adata, times=[0.5]))
