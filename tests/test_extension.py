@@ -123,6 +123,7 @@ def test_new_class_cells_look_like_the_new_class(extended):
     # by default a conditioned network's new type has head blocks of its own
     conditioned = model.module.architecture == "conditioned"
     assert model.extensions_[-1]["own_head"] == conditioned
+    assert list(ext["own_head"]) == [conditioned]  # in the cells' record too
     if conditioned:
         assert list(model.module.net.branch_heads) == [str(model.tree.n_heads - 1)]
 

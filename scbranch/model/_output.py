@@ -21,9 +21,17 @@ from .._keys import Key
 if TYPE_CHECKING:
     from ._model import BranchedDiffusion
 
-#: keys of an extension record kept in ``uns['scbranch']['model']['extensions']`` (models saved
-#: before the learning rate was recorded write NaN for "lr")
-_EXTENSION_FIELDS = ("label", "joins", "t", "n_cells", "n_steps", "lr")
+#: keys of an extension record kept in ``uns['scbranch']['model']['extensions']``, with what
+#: models saved before a key was recorded write for it (NaN: unknown; no own head blocks then)
+_EXTENSION_FIELDS = {
+    "label": np.nan,
+    "joins": np.nan,
+    "t": np.nan,
+    "n_cells": np.nan,
+    "n_steps": np.nan,
+    "lr": np.nan,
+    "own_head": False,
+}
 
 
 def requested_cells(
@@ -177,8 +185,8 @@ def uns_record(model: BranchedDiffusion, params: dict, decoded: bool) -> dict:
             **(
                 {
                     "extensions": {
-                        k: np.asarray([e.get(k, np.nan) for e in extensions])
-                        for k in _EXTENSION_FIELDS
+                        k: np.asarray([e.get(k, missing) for e in extensions])
+                        for k, missing in _EXTENSION_FIELDS.items()
                     }
                 }
                 if extensions
