@@ -82,6 +82,13 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         model.get_denoising_error(other)
     with pytest.raises(ValueError, match="no cells"):
         model.get_denoising_error(adata[:0])
+    nan = adata.copy()
+    nan.obsm["X_latent"][3, 2] = np.nan
+    with pytest.raises(ValueError, match="cells to denoise contains 1 NaN or infinite"):
+        model.get_denoising_error(nan)
+    del nan.obsm["X_latent"]
+    with pytest.raises(KeyError, match="obsm_key='X_latent' is not in adata.obsm"):
+        model.get_denoising_error(nan)
     model.save(tmp_path / "m")
     loaded = sb.BranchedDiffusion.load(tmp_path / "m")  # without its training cells
     with pytest.raises(ValueError, match="loaded without adata.*pass adata"):
