@@ -91,9 +91,10 @@ def get_denoising_error(
     if adata.n_obs == 0:
         raise ValueError("adata holds no cells.")
     times = _checked_times(times, module.sde.t_min)
-    if int(n_draws) < 1:
+    n_draws, batch_size = int(n_draws), int(batch_size)
+    if n_draws < 1:
         raise ValueError(f"n_draws must be a positive integer, got {n_draws}.")
-    if int(batch_size) < 1:
+    if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     check_obs_key(adata, model.labels_key)
     codes = model.tree.class_index(adata.obs[model.labels_key].astype(str).to_numpy())
@@ -107,18 +108,18 @@ def get_denoising_error(
     module.eval()
     try:
         for i, t in steps:
-            for start in range(0, len(x), int(batch_size)):
-                rows = slice(start, start + int(batch_size))
+            for start in range(0, len(x), batch_size):
+                rows = slice(start, start + batch_size)
                 z = module.standardize(torch.as_tensor(x[rows], dtype=torch.float32, device=device))
                 labels = torch.as_tensor(codes[rows], device=device)
                 tt = torch.full((len(z),), t, device=device)
                 branch = module.branch_of(labels, tt)
-                for _ in range(int(n_draws)):
+                for _ in range(n_draws):
                     noise = torch.randn(z.shape, generator=gen).to(device)
                     xt, _ = module.sde.marginal(z, tt, noise)
                     for k, predict in enumerate((module.predict_eps, module.skip_eps)):
                         err = noise_prediction_error(predict(xt, tt, branch, labels), noise)
-                        errors[i, rows, k] += err.cpu().numpy() / int(n_draws)
+                        errors[i, rows, k] += err.cpu().numpy() / n_draws
     finally:
         module.train(was_training)
     return _tidy(errors, times, codes, model.classes)

@@ -133,13 +133,13 @@ def add_classes(
             "Retrain it on all types, or use architecture='conditioned' (the default) or "
             "'branched'."
         )
-    if own_head is None:
-        own_head = model.module.architecture == "conditioned"
-    elif model.module.architecture != "conditioned" and not own_head:
+    conditioned = model.module.architecture == "conditioned"
+    if own_head is False and not conditioned:
         raise ValueError(
             "own_head=False applies to the conditioned network only: a branched model's new "
             "type always gets a head of its own. Leave own_head=None."
         )
+    own_head = conditioned and own_head is not False  # a branched model's head is its own
     lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
     if not np.isfinite(lr) or lr <= 0:
         raise ValueError(
@@ -172,7 +172,7 @@ def add_classes(
             batch_size=batch_size,
             recipe=recipe,
             fine_tune_shared=fine_tune_shared,
-            own_head=bool(own_head) and model.module.architecture == "conditioned",
+            own_head=own_head,
             seed=seed,
             progress=progress(f"Training {name}", progress_bar),
         )

@@ -196,21 +196,17 @@ class ScoreNetwork(nn.Module):
         films = list(adapter[:, : 2 * width * self.n_blocks].split(2 * width, dim=1))
         for k, block in enumerate(self.trunk):
             h = block(h, temb, films[k])
-        films = films[len(self.trunk) :]
-        out = self._branch_routed_head(h, temb, films, branch) if self.branch_heads else None
-        if out is None:
-            out = self.heads[0](h, temb, films)
+        out = self._routed_head(h, temb, films[len(self.trunk) :], branch)
         return out + adapter[:, 2 * width * self.n_blocks :]
 
-    def _branch_routed_head(self, h, temb, films, branch) -> torch.Tensor | None:
-        """Each row through the head blocks of its branch (its own, or the shared ones).
-
-        `None` when no row's branch has blocks of its own: then the shared head takes all.
-        """
-        present = (str(b) for b in branch.unique().tolist())
-        own = {int(b): self.branch_heads[b] for b in present if b in self.branch_heads}
+    def _routed_head(self, h, temb, films, branch) -> torch.Tensor:
+        """Each row through the head blocks of its branch (its own, or the shared ones)."""
+        own = {}
+        if self.branch_heads:  # only extended networks pay for the lookup
+            present = (str(b) for b in branch.unique().tolist())
+            own = {int(b): self.branch_heads[b] for b in present if b in self.branch_heads}
         if not own:
-            return None
+            return self.heads[0](h, temb, films)
         out = torch.empty(len(h), self.n_input, dtype=h.dtype, device=h.device)
         shared = torch.ones(len(h), dtype=torch.bool, device=h.device)
         for b, head in own.items():
