@@ -4,6 +4,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scvi
 import torch
 
 import scbranch as sb
@@ -95,3 +96,116 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         loaded.get_denoising_error()
     report = loaded.get_denoising_error(adata, times=[0.5])
     pd.testing.assert_frame_equal(report, model.get_denoising_error(adata, times=[0.5]))
+
+
+# ------------------------------------------------------------------ validation during training
+def _validation_errors(model, cells: np.ndarray, codes: np.ndarray, batch_size: int) -> float:
+    """The validation loss recomputed by hand: the plan's batches, times and seeded draws."""
+    from scbranch.model._diagnostics import DEFAULT_TIMES, noise_errors
+    from scbranch.model._training_plan import VALIDATION_SEED
+
+    module = model.module.eval()
+    gen = torch.Generator().manual_seed(VALIDATION_SEED)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(cells), batch_size):
+            z = module.standardize(torch.as_tensor(cells[start : start + batch_size]))
+            labels = torch.as_tensor(codes[start : start + batch_size])
+            for t in DEFAULT_TIMES:
+                noise = torch.randn(z.shape, generator=gen)
+                err = noise_errors(module, z, labels, t, noise, gaussian=False)[0]
+                total += float(err.sum())
+    return total / (len(cells) * len(DEFAULT_TIMES))
+
+
+def test_validation_loss_is_the_denoising_error_of_the_ema_weights_at_fixed_draws():
+    # known answer: with lr = 0 the network stays at its start, the Gaussian part alone,
+    # whose error on Gaussian cells is exact (as in the first test), averaged over the times
+    from scbranch.model._diagnostics import DEFAULT_TIMES
+
+    adata = _gaussian_cells(2000)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, **FAST)
+    model.train(max_epochs=1, lr=0.0, train_size=0.5, check_val_every_n_epoch=1)
+    w = model.module.data_var.cpu().numpy()
+    expected = np.mean(
+        [
+            np.mean(a**2 * w / (a**2 * w + s**2))
+            for a, s in (
+                (
+                    float(model.module.sde.alpha(torch.tensor(t))),
+                    float(model.module.sde.sigma(torch.tensor(t))),
+                )
+                for t in DEFAULT_TIMES
+            )
+        ]
+    )
+    first = float(model.history["validation_loss"].iloc[0, 0])
+    assert first == pytest.approx(expected, rel=0.03)
+    # only the diffusion's own losses are logged (no VAE terms with zeros)
+    assert set(model.history) == {"train_loss", "validation_loss"}
+
+    # trained: the last epoch's value is the error of the weights the model keeps (the EMA,
+    # copied in at the end), on the held-out cells, with the plan's seeded draws
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=80, dim=8, seed=0).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(sim, **FAST)
+    model.train(max_epochs=20, train_size=0.8, check_val_every_n_epoch=1, batch_size=32)
+    curve = model.history["validation_loss"].iloc[:, 0].astype(float).to_numpy()
+    held = np.asarray(model.validation_indices)
+    codes = model.tree.class_index(sim.obs["cell_type"].astype(str).to_numpy()[held])
+    cells = sim.obsm["X_latent"][held].astype(np.float32)
+    assert curve[-1] == pytest.approx(_validation_errors(model, cells, codes, 32), rel=1e-5)
+    assert curve[-1] < 0.9 * curve[0]  # training lowered it
+
+
+@pytest.mark.parametrize("loader", ["scvi", "blocks"])
+def test_validating_does_not_change_the_training(loader):
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=60, dim=8, seed=1).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+    weights = []
+    for check in (None, 1):
+        scvi.settings.seed = 0  # the same start and split for both
+        model = sb.BranchedDiffusion(sim, **FAST)
+        extra = {} if check is None else {"check_val_every_n_epoch": check}
+        model.train(max_epochs=4, train_size=0.8, loader=loader, **extra)
+        weights.append(torch.cat([p.detach().flatten() for p in model.module.parameters()]))
+    assert len(model.history["validation_loss"]) == 4
+    # validation noise comes from the plan's own generator and the validation loader has its
+    # own: nothing is drawn from the global stream the training noise comes from
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_early_stopping_watches_the_validation_loss_and_needs_held_out_cells():
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=60, dim=8, seed=1).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(sim, **FAST)
+    with pytest.raises(ValueError, match=r"train_size=1 holds none out: pass train_size < 1"):
+        model.train(max_epochs=2, early_stopping=True)
+    model.train(max_epochs=200, train_size=0.8, early_stopping=True, early_stopping_patience=3)
+    assert len(model.history["validation_loss"]) < 200  # stopped on the validation loss
+
+
+def test_a_second_train_call_trains_in_training_mode():
+    """scvi-tools leaves the module in eval mode after training; the plan switches it back."""
+    import warnings
+
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=30, dim=8, seed=2).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(sim, **FAST)
+    model.train(max_epochs=1)
+    assert not model.module.training
+    seen = []
+    plan = sb.model.DiffusionTrainingPlan
+    original = plan.on_train_start
+
+    def spy(self):
+        seen.append(self.module.training)
+        original(self)
+
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as mp:
+        warnings.simplefilter("always")
+        mp.setattr(plan, "on_train_start", spy)
+        model.train(max_epochs=1)
+    assert seen == [True]
+    assert not [w for w in caught if "in eval mode" in str(w.message)]

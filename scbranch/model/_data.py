@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
 from .._constants import REGISTRY_KEYS
@@ -75,3 +76,11 @@ class ResamplingDataSplitter(DataSplitter):
             pin_memory=self.pin_memory,
             **self.data_loader_kwargs,
         )
+
+    def val_dataloader(self):  # noqa: D102
+        loader = super().val_dataloader()
+        if loader is not None:
+            # a loader draws a seed from its generator at every pass; from torch's global one,
+            # which the training noise comes from, validating would change the training
+            loader.generator = torch.Generator()
+        return loader

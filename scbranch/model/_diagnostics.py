@@ -112,17 +112,30 @@ def get_denoising_error(
                 rows = slice(start, start + batch_size)
                 z = module.standardize(torch.as_tensor(x[rows], dtype=torch.float32, device=device))
                 labels = torch.as_tensor(codes[rows], device=device)
-                tt = torch.full((len(z),), t, device=device)
-                branch = module.branch_of(labels, tt)
                 for _ in range(n_draws):
                     noise = torch.randn(z.shape, generator=gen).to(device)
-                    xt, _ = module.sde.marginal(z, tt, noise)
-                    for k, predict in enumerate((module.predict_eps, module.skip_eps)):
-                        err = noise_prediction_error(predict(xt, tt, branch, labels), noise)
+                    for k, err in enumerate(noise_errors(module, z, labels, t, noise)):
                         errors[i, rows, k] += err.cpu().numpy() / n_draws
     finally:
         module.train(was_training)
     return _tidy(errors, times, codes, model.classes)
+
+
+def noise_errors(
+    module, z: torch.Tensor, labels: torch.Tensor, t: float, noise: torch.Tensor, *, gaussian=True
+) -> list[torch.Tensor]:
+    """Per-row noise-prediction error at time ``t`` of the network (and of its Gaussian part).
+
+    ``z`` holds standardised cells, ``noise`` the draws that noise them; the training loss is
+    the mean of the first error over random times. Validation during training
+    (:class:`~scbranch.model.DiffusionTrainingPlan`) and :func:`get_denoising_error` both
+    score with it, so the two report the same quantity.
+    """
+    tt = torch.full((len(z),), float(t), device=z.device)
+    branch = module.branch_of(labels, tt)
+    xt, _ = module.sde.marginal(z, tt, noise)
+    predictors = (module.predict_eps, module.skip_eps) if gaussian else (module.predict_eps,)
+    return [noise_prediction_error(p(xt, tt, branch, labels), noise) for p in predictors]
 
 
 def _checked_times(times: Sequence[float], t_min: float) -> list[float]:

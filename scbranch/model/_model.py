@@ -49,7 +49,7 @@ from ._extension import reference_sample
 from ._output import check_memory, keep_layers, requested_cells
 from ._spaces import SPACES, ScviSpace, Space, auto_noise, space_name
 from ._streaming import model_datamodule, use_block_loader
-from ._training_plan import DiffusionTrainingPlan
+from ._training_plan import DiffusionTrainingPlan, trainer_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +423,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             CUDA GPU the heads of a batch run as batched matmuls (docs/benchmarks/gpu.md).
         train_size
             Fraction of cells to train on; the default uses every cell (a generator should see
-            all of them; set < 1 with ``check_val_every_n_epoch`` to monitor validation loss).
+            all of them). Set < 1 with ``check_val_every_n_epoch=k`` to follow
+            ``model.history["validation_loss"]``: the EMA weights' denoising error on the
+            held-out cells at fixed times and draws (``get_denoising_error``'s), which
+            ``early_stopping=True`` watches.
         validation_size
             Fraction of cells for validation (default ``1 - train_size``).
         loader
@@ -452,8 +455,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
         if max_epochs is None:
             max_epochs = default_max_epochs(round(self.adata.n_obs * train_size), batch_size)
-        # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
-        trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
+        trainer_defaults(trainer_kwargs, steps_per_epoch, train_size, validation_size)
         plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **(plan_kwargs or {})}
         loader_kwargs = dict(datasplitter_kwargs or {})  # block_rows, blocks_per_buffer
         datasplitter_kwargs = {
@@ -461,7 +463,6 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             "class_balance": class_balance,
             **(datasplitter_kwargs or {}),
         }
-        trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
         if use_block_loader(self, loader, devices, trainer_kwargs):
             data = {
                 "datamodule": model_datamodule(

@@ -333,7 +333,8 @@ class BlockDataModule(LightningDataModule):
             block_rows=self.block_rows,
             blocks_per_buffer=self.blocks_per_buffer,
         )
-        return DataLoader(data, batch_size=None)
+        # its own generator: a pass draws a seed from it, not from torch's global stream
+        return DataLoader(data, batch_size=None, generator=torch.Generator())
 
 
 def steps_per_epoch(n_cells: int, batch_size: int, world_size: int = 1) -> int:

@@ -4,14 +4,45 @@ The EMA weights are what the model samples with; at the end of training they are
 module, so ``model.save`` stores them (a plan-only EMA would be lost on save). The optimiser,
 schedule and EMA come from :class:`~scbranch.module.TrainingRecipe`, which class extension uses
 too.
+
+Validation (``train(train_size < 1, check_val_every_n_epoch=k)`` or ``early_stopping=True``)
+scores the EMA weights, the ones the model will sample with, on the held-out cells at fixed
+noise levels and fixed draws (``get_denoising_error``'s quantity): the curve in
+``model.history["validation_loss"]`` then moves only when the model does, where scvi-tools'
+default (the live weights at random times and noise, drawn from the training's own random
+stream) adds the loss's sampling noise and changes the training draws.
 """
 
 from __future__ import annotations
 
 import torch
+from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
 from ..module._recipe import TrainingRecipe, WeightEMA
+from ._diagnostics import DEFAULT_TIMES, noise_errors
+
+#: seed of the validation noise: every validation epoch scores the same draws
+VALIDATION_SEED = 0
+
+
+def trainer_defaults(
+    trainer_kwargs: dict, steps_per_epoch: int, train_size: float, validation_size: float | None
+) -> None:
+    """Fill in the Lightning trainer's options that ``model.train`` defaults (in place)."""
+    # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
+    trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
+    trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
+    if trainer_kwargs.get("early_stopping"):
+        held_out = (1.0 - train_size) if validation_size is None else validation_size
+        if held_out <= 0:
+            raise ValueError(
+                "early_stopping watches the error on held-out cells, and train_size="
+                f"{train_size:g} holds none out: pass train_size < 1 (e.g. 0.9), or leave "
+                "early_stopping off (the default budget was chosen on held-out cells, "
+                "docs/benchmarks/denoising_gap.md)."
+            )
+        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
 
 
 class DiffusionTrainingPlan(TrainingPlan):
@@ -73,6 +104,12 @@ class DiffusionTrainingPlan(TrainingPlan):
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def on_fit_start(self) -> None:  # noqa: D102
+        # scvi-tools leaves the module in eval mode after training, and Lightning keeps the
+        # mode it finds; a second ``train`` call must train in training mode (GPU head batching)
+        self.module.train()
+        super().on_fit_start()
+
     def on_train_start(self) -> None:  # noqa: D102
         super().on_train_start()
         self._ema = self.recipe.ema(self._trainable())
@@ -80,6 +117,38 @@ class DiffusionTrainingPlan(TrainingPlan):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: D102
         if self._ema is not None:
             self._ema.update(self._trainable())
+
+    def compute_and_log_metrics(self, loss_output, metrics, mode) -> None:
+        """Log nothing beyond ``train_loss``: scvi-tools' ELBO and KL terms are a VAE's."""
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        super().on_validation_epoch_start()
+        self._validation_draws = torch.Generator().manual_seed(VALIDATION_SEED)
+        if self._ema is not None:
+            self._ema.swap(self._trainable())
+
+    def validation_step(self, batch, batch_idx) -> None:
+        """Denoising error of the EMA weights on held-out cells at fixed times and draws."""
+        module = self.module
+        z = module.standardize(batch[module.data_key].to(module.shift.dtype))
+        labels = batch[REGISTRY_KEYS.LABELS_KEY].long().view(-1)
+        errors = []
+        for t in DEFAULT_TIMES:  # noise drawn on the CPU: the same draws on any device
+            noise = torch.randn(z.shape, generator=self._validation_draws, dtype=z.dtype)
+            errors += noise_errors(module, z, labels, t, noise.to(z.device), gaussian=False)
+        self.log(
+            "validation_loss",
+            torch.stack(errors).mean(),
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(z),
+            sync_dist=self.use_sync_dist,
+        )
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        if self._ema is not None:
+            self._ema.swap(self._trainable())
+        super().on_validation_epoch_end()
 
     def on_train_end(self) -> None:  # noqa: D102
         if self._ema is not None:

@@ -140,6 +140,14 @@ class WeightEMA:
         with torch.no_grad():
             torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1 - decay)
 
+    def swap(self, params: list[torch.Tensor]) -> None:
+        """Exchange the average and ``params`` in place (twice restores both)."""
+        with torch.no_grad():
+            for p, e in zip(params, self.shadow, strict=True):
+                live = p.detach().clone()
+                p.copy_(e)
+                e.copy_(live)
+
     def copy_to(self, params: list[torch.Tensor]) -> None:
         """Write the average into ``params`` (what the model then samples and saves with)."""
         with torch.no_grad():
