@@ -104,7 +104,7 @@ SAMPLING = {"solver": "heun", "n_steps": 30, "seed": 3}
 OLD_COUNTS = {0: 5, 1: 4, 3: 6}
 
 
-def _extended(own_head: bool):
+def _extended(own_head: bool | str):
     """A random conditioned module, its old types' samples, extended by a type joining A."""
     module = _random(
         BranchedDiffusionModule(4, FOUR.to_dict(), architecture="conditioned", width=16)
@@ -116,25 +116,30 @@ def _extended(own_head: bool):
     return module, before, n_params, leaf, head
 
 
-@pytest.mark.parametrize("own_head", [False, True])
+@pytest.mark.parametrize("own_head", [False, True, "readout"])
 def test_extension_adds_an_embedding_row_and_changes_nothing_old(own_head):
     module, before, n_params, _, head = _extended(own_head)
     net = module.net
     assert net.n_branch_functions == 8 and head == 7
-    assert list(net.branch_heads) == ([str(head)] if own_head else [])
+    assert list(net.branch_heads) == ([str(head)] if own_head is True else [])
+    assert list(net.branch_readouts) == ([str(head)] if own_head == "readout" else [])
     per_branch = net.branch_embed.embedding_dim + net.branch_adapter.embedding_dim
-    own = count_parameters(net.heads[0]) if own_head else 0
+    own = {False: 0, True: net.heads[0], "readout": net.heads[0].out}[own_head]
+    own = count_parameters(own) if own else 0
     assert count_parameters(net) == n_params + per_branch + own
     after = module.sample_cells(OLD_COUNTS, **SAMPLING).x
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-def test_a_branch_with_its_own_head_blocks_routes_only_its_rows_there():
-    """Class extension's ``own_head``: the new branch's rows go through head blocks of its
-    own; every old branch keeps its function bit for bit, in mixed batches too, and the
-    blocks survive a state-dict round trip into a network built from the tree alone."""
-    module, _, _, leaf, head = _extended(own_head=True)
+@pytest.mark.parametrize("own_head", ["blocks", "readout"])
+def test_a_branch_with_its_own_head_parts_routes_only_its_rows_there(own_head):
+    """Class extension's ``own_head``: the new branch's rows go through head blocks (or an
+    output layer) of its own; every old branch keeps its function bit for bit, in mixed
+    batches too, and the parts survive a state-dict round trip into a network built from the
+    tree alone."""
+    module, _, _, leaf, head = _extended(own_head=own_head)
     net = module.net
+    parts = net.branch_heads if own_head == "blocks" else net.branch_readouts
     # a mixed batch (old branches, the new one, in any order) gives each row what it gives alone
     x, t = torch.randn(12, 4), torch.full((12,), 0.2)
     labels = torch.tensor([4, 0, 4, 1, 3, 4, 2, 0, 4, 3, 1, 4])
@@ -146,7 +151,7 @@ def test_a_branch_with_its_own_head_blocks_routes_only_its_rows_there():
                                               labels[i : i + 1]) for i in range(12)])  # fmt: skip
         torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
         # the own blocks are what the new rows use, and only they
-        for p in net.branch_heads[str(head)].parameters():
+        for p in parts[str(head)].parameters():
             p.add_(0.05)
         moved = module.predict_eps(x, t, branch, labels)
     new = branch == leaf
@@ -157,10 +162,18 @@ def test_a_branch_with_its_own_head_blocks_routes_only_its_rows_there():
     fresh.load_state_dict(module.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh.predict_eps(x, t, branch, labels), moved, rtol=0, atol=0)
-    # a second type joining the first new one starts from ITS blocks, not the shared ones
-    _, second = extend_module(module, "N2", Placement(4, 0.1, np.zeros(5)), own_head=True)
+    # a second type joining the first new one starts from ITS parts, not the shared ones
+    _, second = extend_module(module, "N2", Placement(4, 0.1, np.zeros(5)), own_head=own_head)
     for a, b in zip(net.head_of(second).parameters(), net.head_of(head).parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(net.readout_of(second).weight, net.readout_of(head).weight)
+    # asked for the other kind, a third type still starts as its source's function
+    other = "readout" if own_head == "blocks" else "blocks"
+    _, third = extend_module(module, "N3", Placement(4, 0.05, np.zeros(6)), own_head=other)
+    with torch.no_grad():
+        source = module.net(x, t, torch.full((12,), head), labels)
+        start = module.net(x, t, torch.full((12,), third), labels)
+    torch.testing.assert_close(start, source, rtol=0, atol=0)
 
 
 def _tree_data():

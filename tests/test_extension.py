@@ -124,19 +124,37 @@ def test_new_class_cells_look_like_the_new_class(extended):
     conditioned = model.module.architecture == "conditioned"
     assert model.extensions_[-1]["own_head"] == conditioned
     assert list(ext["own_head"]) == [conditioned]  # in the cells' record too
+    assert list(ext["own_readout"]) == [False]
     if conditioned:
         assert list(model.module.net.branch_heads) == [str(model.tree.n_heads - 1)]
 
 
-def test_own_head_false_keeps_a_conditioned_network_from_growing_and_is_refused_elsewhere():
+def test_own_head_false_or_readout_on_a_conditioned_network_and_refused_elsewhere(tmp_path):
     sim = _sim()
     old = _without(sim, ["c3"])
     model = _model(old, max_epochs=5, architecture="conditioned")
     model.add_classes(sim, labels=["c3"], max_epochs=2, own_head=False, progress_bar=False)
     assert len(model.module.net.branch_heads) == 0 and not model.extensions_[-1]["own_head"]
+    reading = _model(old, max_epochs=5, architecture="conditioned")
+    reading.add_classes(sim, labels=["c3"], max_epochs=2, own_head="readout", progress_bar=False)
+    net, record = reading.module.net, reading.extensions_[-1]
+    assert len(net.branch_heads) == 0 and list(net.branch_readouts) == [
+        str(net.n_branch_functions - 1)
+    ]
+    assert record["own_readout"] and not record["own_head"]
+    gen = reading.generate(n_cells=3, seed=0, progress_bar=False)
+    assert list(gen.uns["scbranch"]["model"]["extensions"]["own_readout"]) == [True]
+    reading.save(tmp_path / "m")  # the output layer comes back with the weights
+    again = sb.BranchedDiffusion.load(tmp_path / "m", adata=old)
+    np.testing.assert_array_equal(
+        again.generate(n_cells=3, seed=0, progress_bar=False).obsm[REP], gen.obsm[REP]
+    )
     branched = _model(old, max_epochs=1)
-    with pytest.raises(ValueError, match="own_head=False applies to the conditioned network"):
-        branched.add_classes(sim, labels=["c3"], own_head=False, progress_bar=False)
+    for value in (False, "readout"):
+        with pytest.raises(ValueError, match=f"own_head={value!r} applies to the conditioned"):
+            branched.add_classes(sim, labels=["c3"], own_head=value, progress_bar=False)
+    with pytest.raises(ValueError, match="own_head must be one of None, True, False, 'blocks'"):
+        model.add_classes(sim, labels=["c3"], own_head="head", progress_bar=False)
     assert branched.classes == model.classes[:-1]  # refused before anything changed
 
 

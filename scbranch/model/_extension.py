@@ -57,7 +57,7 @@ def add_classes(
     ema_decay: float = TrainingRecipe.ema_decay,
     min_cells: int = 10,
     fine_tune_shared: bool = False,
-    own_head: bool | None = None,
+    own_head: bool | str | None = None,
     seed: int = 0,
     progress_bar: bool = True,
 ) -> BranchedDiffusion:
@@ -68,7 +68,8 @@ def add_classes(
     indistinguishable from first, at that time, by the crossover rule and the options the
     tree was discovered with); the branch it joins is split there, keeping its head on both
     halves; a new head (for the conditioned network: a new embedding and adapter row and,
-    with ``own_head``, head blocks of its own), warm-started from that branch's, is trained
+    with ``own_head``, head blocks or an output layer of its own), warm-started from that
+    branch's, is trained
     on the new cells only, with t below the branch point, by the training recipe of
     :meth:`train` (the same time distribution, loss, optimiser, schedule and EMA); every
     other parameter stays frozen. Old types therefore use exactly the same parameters at
@@ -95,15 +96,19 @@ def add_classes(
         Learning rate of the new branch's weights; `None` takes the architecture's default
         (1e-3 for a new head, 3e-2 for a new embedding and adapter row of the conditioned
         network, which starts as a copy of its sibling's and must move further:
-        ``docs/benchmarks/extension.md``); head blocks of a conditioned branch's own train at
-        1e-3, as a new head does.
+        ``docs/benchmarks/extension.md``); head blocks or an output layer of a conditioned
+        branch's own train at 1e-3, as a new head does.
     own_head
-        Conditioned network only: give each new type head blocks of its own (a copy of the
-        shared head blocks, trained with its rows) instead of its embedding and adapter rows
-        alone. `None` (the default) gives them: a new type unlike every known one, outside
-        the latent the model was fitted in, kept its type in 0.51 of its cells with them
-        and 0.35 without (decoder's ceiling 0.59; docs/benchmarks/extension_outside.md).
-        `False` keeps the network's size independent of the number of types. A branched
+        Conditioned network only: what each new type gets of its own besides its embedding
+        and adapter rows. ``"blocks"`` (or `True`; `None`, the default, gives them): a copy
+        of the head blocks and output layer. ``"readout"``: a copy of the output layer only,
+        reading the shared blocks (width x dimensions parameters: 7,700 at 30 PCs against
+        0.50 M for the blocks). `False`: nothing, the network's size stays independent of
+        the number of types. A new type unlike every known one, outside the latent the model
+        was fitted in, kept its type in 0.51 of its cells with blocks, 0.48 with a readout
+        and 0.35 with nothing (decoder's ceiling 0.59; docs/benchmarks/extension_outside.md);
+        inside it a readout ties the blocks on MMD and trails them a little in W2
+        (docs/method.md): the choice for an atlas that will add many types. A branched
         model's new type always has its own head.
     min_cells
         Types with fewer cells raise an error.
@@ -133,13 +138,7 @@ def add_classes(
             "Retrain it on all types, or use architecture='conditioned' (the default) or "
             "'branched'."
         )
-    conditioned = model.module.architecture == "conditioned"
-    if own_head is False and not conditioned:
-        raise ValueError(
-            "own_head=False applies to the conditioned network only: a branched model's new "
-            "type always gets a head of its own. Leave own_head=None."
-        )
-    own_head = conditioned and own_head is not False  # a branched model's head is its own
+    own_head = resolve_own_head(own_head, model.module.architecture == "conditioned")
     lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
     if not np.isfinite(lr) or lr <= 0:
         raise ValueError(
@@ -190,6 +189,23 @@ def add_classes(
         )
     model.module.eval()
     return model
+
+
+def resolve_own_head(own_head: bool | str | None, conditioned: bool) -> bool | str:
+    """What a new type gets of its own: ``"blocks"``, ``"readout"`` or `False` (none)."""
+    choices = (None, True, False, "blocks", "readout")
+    if not any(own_head is c or (isinstance(c, str) and own_head == c) for c in choices):
+        raise ValueError(
+            f"own_head must be one of None, True, False, 'blocks' or 'readout', got {own_head!r}."
+        )
+    if own_head in (False, "readout") and not conditioned:
+        raise ValueError(
+            f"own_head={own_head!r} applies to the conditioned network only: a branched model's "
+            "new type always gets a head of its own. Leave own_head=None."
+        )
+    if not conditioned or own_head is False:
+        return False  # (a branched model's head is its own already)
+    return "readout" if own_head == "readout" else "blocks"
 
 
 def new_labels(model: BranchedDiffusion, adata: AnnData, labels, labels_key: str) -> list[str]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ._model import BranchedDiffusion
 
 #: keys of an extension record kept in ``uns['scbranch']['model']['extensions']``, with what
-#: models saved before a key was recorded write for it (NaN: unknown; no own head blocks then)
+#: models saved before a key was recorded write for it (NaN: unknown; no own head parts then)
 _EXTENSION_FIELDS = {
     "label": np.nan,
     "joins": np.nan,
@@ -31,6 +31,7 @@ _EXTENSION_FIELDS = {
     "n_steps": np.nan,
     "lr": np.nan,
     "own_head": False,
+    "own_readout": False,
 }
 
 

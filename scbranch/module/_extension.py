@@ -90,11 +90,12 @@ def place_class(
 
 
 def extend_module(
-    module, name: str, placement: Placement, own_head: bool = False
+    module, name: str, placement: Placement, own_head: bool | str = False
 ) -> tuple[int, int]:
     """Split the tree of ``module`` for a new class and add its head, warm-started.
 
-    ``own_head``: a conditioned network's new branch also gets head blocks of its own (see
+    ``own_head``: a conditioned network's new branch also gets head blocks (``True``,
+    ``"blocks"``) or an output layer (``"readout"``) of its own (see
     :meth:`~scbranch.module.ScoreNetwork.add_branch`).
 
     Returns ``(leaf_branch_id, head_index)`` of the new class.
@@ -235,7 +236,7 @@ def add_class_head(
     batch_size: int,
     recipe: TrainingRecipe,
     fine_tune_shared: bool = False,
-    own_head: bool = False,
+    own_head: bool | str = False,
     seed: int = 0,
     progress: Callable | None = None,
 ) -> dict:
@@ -261,13 +262,14 @@ def add_class_head(
         Then also train the heads above the new branch point, with replay of the reference
         cells of every type (old types on those branches change).
     own_head
-        A conditioned network's new branch gets head blocks of its own (see
-        :func:`extend_module`).
+        A conditioned network's new branch gets head blocks or an output layer of its own
+        (see :func:`extend_module`).
 
     Returns
     -------
     ``{"label", "joins" (class index), "t", "n_cells", "n_steps", "final_loss", "lr",
-    "fine_tune_shared", "own_head"}``.
+    "fine_tune_shared", "own_head", "own_readout"}`` (``own_head``: head blocks of its own;
+    ``own_readout``: an output layer of its own on the shared blocks).
     """
     code = module.tree.n_classes
     placement = place_class(
@@ -300,7 +302,9 @@ def add_class_head(
         "final_loss": float(np.mean(losses[-50:])),
         "lr": float(recipe.lr),
         "fine_tune_shared": bool(fine_tune_shared),
-        "own_head": bool(own_head),
+        "own_head": module.net.branch_heads is not None and str(head) in module.net.branch_heads,
+        "own_readout": module.net.branch_readouts is not None
+        and str(head) in module.net.branch_readouts,
     }
 
 

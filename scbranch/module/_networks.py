@@ -83,9 +83,15 @@ class Head(nn.Module):
         self, h: torch.Tensor, temb: torch.Tensor, films: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
         """The blocks (each with its FiLM of ``films``, if given) and the output layer."""
+        return self.out(self.features(h, temb, films))
+
+    def features(
+        self, h: torch.Tensor, temb: torch.Tensor, films: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """What the output layer reads: the blocks' activated hidden units."""
         for k, block in enumerate(self.blocks):
             h = block(h, temb, None if films is None else films[k])
-        return self.out(nn.functional.silu(h))
+        return nn.functional.silu(h)
 
 
 class ScoreNetwork(nn.Module):
@@ -111,7 +117,8 @@ class ScoreNetwork(nn.Module):
         If > 0 (with ``n_heads=1``), ``head`` indexes one of ``n_branches`` branches, each with
         an embedding added to the time embedding and a small adapter: a scale and shift of
         every block's hidden units (FiLM) and an output bias (branch-conditioned network).
-        :meth:`add_branch` may give a new branch head blocks of its own (``branch_heads``).
+        :meth:`add_branch` may give a new branch head blocks of its own (``branch_heads``) or
+        an output layer of its own on the shared blocks (``branch_readouts``).
 
     Examples
     --------
@@ -158,6 +165,10 @@ class ScoreNetwork(nn.Module):
         # type the shared head cannot describe through its embedding and adapter rows, as
         # one outside the fitted latent); empty for a trained network, so nothing changes there.
         self.branch_heads = nn.ModuleDict() if n_branches > 0 else None
+        # Or only an output layer of a branch's own, reading the shared blocks: most of what
+        # own blocks give a type outside the latent, at width x n_input parameters
+        # (docs/benchmarks/extension_outside.md).
+        self.branch_readouts = nn.ModuleDict() if n_branches > 0 else None
 
     def forward(
         self,
@@ -200,12 +211,18 @@ class ScoreNetwork(nn.Module):
         return out + adapter[:, 2 * width * self.n_blocks :]
 
     def _routed_head(self, h, temb, films, branch) -> torch.Tensor:
-        """Each row through the head blocks of its branch (its own, or the shared ones)."""
-        own = {}
-        if self.branch_heads:  # only extended networks pay for the lookup
-            present = (str(b) for b in branch.unique().tolist())
+        """Each row through the head of its branch.
+
+        Its own head blocks, or the shared blocks read by its own output layer or the shared one.
+        """
+        own, readouts = {}, {}
+        if self.branch_heads or self.branch_readouts:  # only extended networks pay the lookup
+            present = [str(b) for b in branch.unique().tolist()]
             own = {int(b): self.branch_heads[b] for b in present if b in self.branch_heads}
-        if not own:
+            readouts = {
+                int(b): self.branch_readouts[b] for b in present if b in self.branch_readouts
+            }
+        if not own and not readouts:
             return self.heads[0](h, temb, films)
         out = torch.empty(len(h), self.n_input, dtype=h.dtype, device=h.device)
         shared = torch.ones(len(h), dtype=torch.bool, device=h.device)
@@ -214,7 +231,12 @@ class ScoreNetwork(nn.Module):
             shared &= ~rows
             out[rows] = head(h[rows], temb[rows], [f[rows] for f in films])
         if shared.any():
-            out[shared] = self.heads[0](h[shared], temb[shared], [f[shared] for f in films])
+            feats = self.heads[0].features(h[shared], temb[shared], [f[shared] for f in films])
+            y = self.heads[0].out(feats)
+            for b, readout in readouts.items():
+                rows = branch[shared] == b
+                y[rows] = readout(feats[rows])
+            out[shared] = y
         return out
 
     @property
@@ -222,12 +244,15 @@ class ScoreNetwork(nn.Module):
         """How many branch functions there are (heads, or branch embeddings when conditioned)."""
         return len(self.heads) if self.branch_embed is None else self.branch_embed.num_embeddings
 
-    def add_branch(self, source: int, own_head: bool = False) -> int:
+    def add_branch(self, source: int, own_head: bool | str = False) -> int:
         """A new branch function, starting as a copy of ``source``'s; its index.
 
-        A new head (branched) or a new row of the branch embedding and adapter (conditioned),
-        with ``own_head`` also head blocks of its own, a copy of those ``source`` uses;
-        nothing else changes.
+        A new head (branched) or a new row of the branch embedding and adapter (conditioned).
+        ``own_head`` (conditioned): ``True`` or ``"blocks"`` also gives it head blocks of its
+        own, a copy of those ``source`` uses (with ``source``'s output layer);
+        ``"readout"`` an output layer of its own on the shared blocks, a copy of
+        ``source``'s (head blocks, if ``source`` has its own: the new function must start
+        as ``source``'s). Nothing else changes.
         """
         if self.branch_embed is None:
             self.heads.append(copy.deepcopy(self.heads[source]))
@@ -235,8 +260,12 @@ class ScoreNetwork(nn.Module):
         self.branch_embed = _with_row_copied(self.branch_embed, source)
         self.branch_adapter = _with_row_copied(self.branch_adapter, source)
         index = self.branch_embed.num_embeddings - 1
-        if own_head:
-            self.branch_heads[str(index)] = copy.deepcopy(self.head_of(source))
+        if own_head == "readout" and str(source) not in self.branch_heads:
+            self.branch_readouts[str(index)] = copy.deepcopy(self.readout_of(source))
+        elif own_head:
+            head = copy.deepcopy(self.head_of(source))
+            head.out = copy.deepcopy(self.readout_of(source))
+            self.branch_heads[str(index)] = head
         return index
 
     def head_of(self, branch: int) -> nn.Module:
@@ -245,15 +274,22 @@ class ScoreNetwork(nn.Module):
             return self.heads[branch]
         return self.branch_heads[str(branch)] if str(branch) in self.branch_heads else self.heads[0]
 
+    def readout_of(self, branch: int) -> nn.Linear:
+        """The output layer branch function ``branch`` uses."""
+        if self.branch_embed is not None and str(branch) in self.branch_readouts:
+            return self.branch_readouts[str(branch)]
+        return self.head_of(branch).out
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a conditioned network saved after extension holds head blocks of some branches: make
         # them before the children load (torch loads this module first, then its children)
         if self.branch_heads is not None:
-            mark = prefix + "branch_heads."
-            ids = {k[len(mark) :].split(".", 1)[0] for k in state_dict if k.startswith(mark)}
-            device = self.heads[0].out.weight.device
-            for key in sorted(ids - set(self.branch_heads), key=int):
-                self.branch_heads[key] = copy.deepcopy(self.heads[0]).to(device)
+            for kind, template in (("heads", self.heads[0]), ("readouts", self.heads[0].out)):
+                made = getattr(self, f"branch_{kind}")
+                mark = f"{prefix}branch_{kind}."
+                ids = {k[len(mark) :].split(".", 1)[0] for k in state_dict if k.startswith(mark)}
+                for key in sorted(ids - set(made), key=int):
+                    made[key] = copy.deepcopy(template)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def branch_parameters(
@@ -264,8 +300,8 @@ class ScoreNetwork(nn.Module):
         Branched: no row matrices; ``own`` the heads' parameters. Conditioned: ``rows`` the
         branch embedding and adapter matrices, ``mask`` the rows of ``branches`` (only those
         may change: the caller masks the gradient and restores the other rows, see
-        ``module/_extension.py``) and ``own`` the parameters of the head blocks of their own
-        that some of ``branches`` have.
+        ``module/_extension.py``) and ``own`` the parameters of the head blocks and output
+        layers of their own that some of ``branches`` have.
         """
         ids = sorted(set(int(b) for b in branches))
         if self.branch_embed is None:
@@ -273,7 +309,13 @@ class ScoreNetwork(nn.Module):
         mask = torch.zeros(self.branch_embed.num_embeddings, dtype=torch.bool)
         mask[ids] = True
         rows = [self.branch_embed.weight, self.branch_adapter.weight]
-        own = [p for b in ids if str(b) in self.branch_heads for p in self.head_of(b).parameters()]
+        own = [
+            p
+            for b in ids
+            for parts in (self.branch_heads, self.branch_readouts)
+            if str(b) in parts
+            for p in parts[str(b)].parameters()
+        ]
         return rows, mask.to(rows[0].device), own
 
     def _looped_heads(
