@@ -17,6 +17,8 @@ the known answer: real cells no model saw, scored exactly like generated cells):
   conditioned + add_classes, rows only   the conditioned network extended with
                            ``own_head=False``: each new type's embedding and adapter rows
                            alone, without head blocks of its own (the default gives them)
+  conditioned + add_classes, readout     ``own_head="readout"``: the rows and an output layer
+                           of its own, reading the shared head blocks
   ... + shared fine-tune   the same, with add_classes(fine_tune_shared=True): the branches above
                            the new branch points also train, with replay of the reference cells
   ARCH, retrained          trained from scratch on all types (the same budget as the old model:
@@ -76,6 +78,12 @@ SETTINGS = {
 KNOWN_ANSWER = "probe: real cells, unseen"
 NEW_TYPES = {"pbmc3k": ["FCGR3A Mono", "NK"], "pbmc68k": ["Dendritic", "CD56+ NK"]}
 METRICS = ["label_fidelity", "mmd_median", "w2"]
+#: the conditioned network's lighter extensions: ``own_head`` value -> row name
+OWN_PARTS = {False: "rows only", "readout": "readout"}
+OWN_PARTS_SAY = {
+    "rows only": "the new types' embedding and adapter rows alone, no head parts of their own",
+    "readout": "the rows and an output layer of their own on the shared head blocks",
+}
 SPACE = "reference_pca"
 
 logger = logging.getLogger("extension")
@@ -261,15 +269,16 @@ def run_dataset(name: str, train, held, unseen, cfg, seed: int = 0) -> dict:
                 **_both(gen(variant), held, train, old_types, new_types),
             }
         )
-        if arch == "conditioned":  # the same start; new types without head blocks of their own
-            rows_only = sb.BranchedDiffusion.load("old_model")
-            timing[f"add_classes, rows only ({arch})"] = extend(rows_only, False, own_head=False)
-            identical[f"{arch}, rows only"] = _same(before, gen(rows_only, old_types))
+        for own_head, kind in OWN_PARTS.items() if arch == "conditioned" else ():
+            # the same start; new types without head blocks of their own
+            lighter = sb.BranchedDiffusion.load("old_model")
+            timing[f"add_classes, {kind} ({arch})"] = extend(lighter, False, own_head=own_head)
+            identical[f"{arch}, {kind}"] = _same(before, gen(lighter, old_types))
             rows.append(
                 {
-                    "method": f"{method}, rows only",
+                    "method": f"{method}, {kind}",
                     "stage": "after",
-                    **_both(gen(rows_only), held, train, old_types, new_types),
+                    **_both(gen(lighter), held, train, old_types, new_types),
                 }
             )
         # retrained from scratch on everything
@@ -421,15 +430,16 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
                 )
                 + ".",
             ]
-        if "conditioned" in cfg["architectures"]:
+        for own_head, kind in OWN_PARTS.items() if "conditioned" in cfg["architectures"] else ():
             own = per_seed.loc[("conditioned + add_classes", "after")]
-            alone = per_seed.loc[("conditioned + add_classes, rows only", "after")]
+            alone = per_seed.loc[(f"conditioned + add_classes, {kind}", "after")]
             lines.append(
-                "- **conditioned, rows only** (`own_head=False`: the new types' embedding and "
-                "adapter rows alone, no head blocks of their own): old types bit-identical in "
-                f"{sum(i['conditioned, rows only'] for i in res['identical'])} of "
+                f"- **conditioned, {kind}** (`own_head={own_head!r}`: {OWN_PARTS_SAY[kind]}): "
+                "old types bit-identical in "
+                f"{sum(i[f'conditioned, {kind}'] for i in res['identical'])} of "
                 f"{len(seeds)} seeds; new types' label fidelity {_spread(alone)}; own head "
-                f"(the default) minus rows only, paired by seed: {_spread(own - alone, True)}."
+                f"blocks (the default) minus {kind}, paired by seed: "
+                f"{_spread(own - alone, True)}."
             )
         archs = list(cfg["architectures"])
         for a, b in zip(archs, archs[1:], strict=False):

@@ -12,6 +12,8 @@ all training cells, 200 cells per type, generation seeds 0-2):
                                          with head blocks of its own)
   conditioned, add_classes, rows only    ``own_head=False``: the new branch's embedding and
                                          adapter rows alone
+  conditioned, add_classes, readout      ``own_head="readout"``: the rows and an output layer
+                                         of its own, reading the shared head blocks
   ..., 4x steps                          ``max_epochs`` four times the default budget
   ceiling: held-out real scores, decoded   held-out real dendritic cells' own scores in the
                                          PCA, decoded like generated cells: the best any
@@ -98,7 +100,12 @@ def main(argv=None) -> int:
     per_epoch = math.ceil(new.n_obs / 64)  # extension batches of 64
     default_steps = 0  # set by each architecture's first (factor 1) run
     results = []
-    variants = [("conditioned", None), ("conditioned", False), ("branched", None)]
+    variants = [
+        ("conditioned", None),
+        ("conditioned", False),
+        ("conditioned", "readout"),
+        ("branched", None),
+    ]
     for arch, own_head in variants:
         for factor in (1, 4):
             scvi.settings.seed = 0
@@ -122,7 +129,9 @@ def main(argv=None) -> int:
             )
             if factor == 1:
                 default_steps = model.extensions_[-1]["n_steps"]
-            name = f"{arch}, add_classes" + (", rows only" if own_head is False else "")
+            name = f"{arch}, add_classes" + {False: ", rows only", "readout": ", readout"}.get(
+                own_head, ""
+            )
             name += "" if factor == 1 else f", {factor}x steps"
             for seed in seeds:
                 gen = model.generate(n_cells=n_cells, labels=[NEW], seed=seed, progress_bar=False)
