@@ -124,6 +124,29 @@ def test_fit_architecture(tmp_path, option, architecture):
     assert loaded.module.architecture == architecture
 
 
+@pytest.mark.parametrize("given", [None, 32])
+def test_fit_trains_with_the_models_batch_size_unless_told(tmp_path, monkeypatch, given):
+    """The command line trains as model.train() does (batch 64: larger batches under-disperse
+    the cells at the same steps), not with a batch size of its own."""
+    import inspect
+
+    adata = scbranch.datasets.simulate_tree(depth=1, n_per_class=20, dim=4, seed=1).to_anndata()
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    seen = {}
+    original = scbranch.BranchedDiffusion.train
+    default = inspect.signature(original).parameters["batch_size"].default
+
+    def spy(self, *args, **kwargs):
+        seen["batch_size"] = kwargs.get("batch_size", default)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(scbranch.BranchedDiffusion, "train", spy)
+    args = ["fit", "d.h5ad", "--labels", "cell_type", "--rep", "X_latent", "--out", "m"]
+    told = [] if given is None else ["--batch-size", str(given)]
+    assert main([*args, "--max-epochs", "1", "--quiet", *told]) == 0
+    assert seen["batch_size"] == (64 if given is None else given)
+
+
 def test_generate_round_trip(fitted, tmp_path, capsys):
     out = tmp_path / "gen.h5ad"
     rc = main(
