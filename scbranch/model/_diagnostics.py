@@ -55,7 +55,9 @@ def get_denoising_error(
     ones (docs/benchmarks/denoising_gap.md: on pbmc68k_reduced and pbmc3k the held-out error
     at ``t = 0.1`` is lowest at 0.5-1 x the default budget, and at 4 x above the Gaussian
     part's). Two different sets of new cells differ in level by the noise of finite sets
-    (there 0.003-0.03): compare changes, not one set's level with another's.
+    (there 0.003-0.03): compare changes, not one set's level with another's. During training,
+    ``model.train(train_size=0.9, check_val_every_n_epoch=k)`` logs the same error on the
+    held-out cells, averaged over the default times, as ``model.history["validation_loss"]``.
 
     Parameters
     ----------
