@@ -40,7 +40,7 @@ types); within-type noise is N(0, I). The true topology is known.
     the grid bound had the same steps been spaced the other way (computed, not timed).
 
 Usage (repository root, project venv):
-  python benchmarks/many_types.py             # about 8 min on 2 cores
+  python benchmarks/many_types.py             # about 2 min on 2 cores
   python benchmarks/many_types.py --fast      # smoke test (numbers meaningless)
 Writes docs/benchmarks/many_types.md (--fast: under --out).
 """
