@@ -281,8 +281,8 @@ class ScoreNetwork(nn.Module):
         return self.head_of(branch).out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a conditioned network saved after extension holds head blocks of some branches: make
-        # them before the children load (torch loads this module first, then its children)
+        # a conditioned network saved after extension holds head blocks or output layers of
+        # some branches: make them before the children load (torch loads this module first)
         if self.branch_heads is not None:
             for kind, template in (("heads", self.heads[0]), ("readouts", self.heads[0].out)):
                 made = getattr(self, f"branch_{kind}")
