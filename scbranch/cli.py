@@ -161,6 +161,17 @@ def _device(text: str) -> int | str:
     return value
 
 
+def _fraction(text: str) -> float:
+    """A share of the cells, in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
 def _anchor_time(text: str) -> float:
     """A time in (0, 1] (the model checks it against its own ``t_min``)."""
     try:
@@ -241,6 +252,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     _check_output_dir(out, args.overwrite)
     _check_creatable(out)
     _check_accelerator(args.accelerator)
+    validation = _validation_kwargs(args)
 
     import scvi
 
@@ -295,6 +307,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         model = BranchedDiffusion(adata, **model_kwargs)
     logger.info("Training on %d cells of %d types.", adata.n_obs, len(model.classes))
     train_kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    train_kwargs.update(validation)
     if _is_multi_device(args.devices):
         # Each batch uses only some branch heads, so DDP must tolerate unused parameters.
         train_kwargs["strategy"] = "ddp_find_unused_parameters_true"
@@ -314,8 +327,32 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return 0  # DDP: Lightning re-ran this command in every process; only rank 0 saves.
     model.save(str(out), overwrite=True, save_anndata=False)
     _say(args, f"Hierarchy of {len(model.classes)} cell types: {model.tree.to_newick()}")
+    if "validation_loss" in model.history:
+        curve = model.history["validation_loss"].iloc[:, 0].astype(float)
+        _say(
+            args,
+            f"Validation loss (held-out cells' denoising error): first {curve.iloc[0]:.4f}, "
+            f"lowest {curve.min():.4f} after epoch {int(curve.idxmin()) + 1}, last "
+            f"{curve.iloc[-1]:.4f} after epoch {int(curve.index[-1]) + 1}",
+        )
     _say(args, f"Saved model to {out}")
     return 0
+
+
+def _validation_kwargs(args) -> dict:
+    """``model.train`` options of --validation-size / --early-stopping."""
+    if args.validation_size is None:
+        if args.early_stopping:
+            raise CLIError(
+                "--early-stopping watches the error on held-out cells: add --validation-size "
+                "(e.g. 0.1)."
+            )
+        return {}
+    return {
+        "train_size": 1.0 - args.validation_size,
+        "check_val_every_n_epoch": 1,
+        "early_stopping": args.early_stopping,
+    }
 
 
 def _out_of_fold_rep(adata, args: argparse.Namespace) -> str:
@@ -651,6 +688,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="Cells per optimiser step (default: the model's, 64; larger batches gave "
         "under-dispersed cells at the same number of steps, docs/method.md).",
+    )
+    fit.add_argument(
+        "--validation-size",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="Hold out this share of the cells and report their denoising error every epoch "
+        "(the model's history 'validation_loss'; docs/evaluation.md). Off by default: a "
+        "generator should learn from every cell.",
+    )
+    fit.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="With --validation-size: stop when the held-out error stops falling "
+        "(scvi-tools' early stopping, patience 45 epochs).",
     )
     fit.add_argument(
         "--accelerator",

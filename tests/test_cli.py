@@ -124,6 +124,27 @@ def test_fit_architecture(tmp_path, option, architecture):
     assert loaded.module.architecture == architecture
 
 
+def test_fit_with_a_validation_share_reports_and_keeps_the_held_out_error(tmp_path, capsys):
+    adata = scbranch.datasets.simulate_tree(depth=1, n_per_class=40, dim=4, seed=1).to_anndata()
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    args = ["fit", "d.h5ad", "--labels", "cell_type", "--rep", "X_latent", "--out", "m"]
+    assert main([*args, "--max-epochs", "3", "--validation-size", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "Validation loss (held-out cells' denoising error): first" in out
+    assert "last" in out and "after epoch 3" in out
+    loaded = scbranch.BranchedDiffusion.load(tmp_path / "m")
+    assert len(loaded.history["validation_loss"]) == 3
+    # early stopping needs held-out cells: refused before any data is read
+    rc = main([*args, "--overwrite", "--early-stopping"])
+    assert rc == 2
+    assert "--early-stopping watches the error on held-out cells: add --validation-size" in (
+        _error_line(capsys)
+    )
+    with pytest.raises(SystemExit):
+        main([*args, "--overwrite", "--validation-size", "1.5"])
+    assert "expected a fraction in (0, 1), got '1.5'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("given", [None, 32])
 def test_fit_trains_with_the_models_batch_size_unless_told(tmp_path, monkeypatch, given):
     """The command line trains as model.train() does (batch 64: larger batches under-disperse
