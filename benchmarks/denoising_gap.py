@@ -31,11 +31,10 @@ import time
 
 import pandas as pd
 from quality import (
+    LOADERS,
     SETTINGS,
     SPLIT,
     _md,
-    load_pbmc3k,
-    load_pbmc68k,
     prepare_run,
     train_model,
     write_lines,
@@ -43,7 +42,6 @@ from quality import (
 
 TIMES = (0.05, 0.1, 0.3)
 FACTORS = (0.5, 1, 2, 4)
-LOADERS = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
 logger = logging.getLogger("denoising_gap")
 
 

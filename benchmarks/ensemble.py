@@ -35,18 +35,16 @@ import numpy as np
 import pandas as pd
 from quality import (
     LABELS,
+    LOADERS,
     SETTINGS,
     SPLIT,
     _fixed_rows,
     _md,
-    load_pbmc3k,
-    load_pbmc68k,
     prepare_run,
     train_model,
     write_lines,
 )
 
-LOADERS = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
 METRICS = {  # metric -> space of tl.evaluate's report
     "auroc": "reference_pca",
     "mmd": "reference_pca",

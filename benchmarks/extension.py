@@ -61,11 +61,10 @@ import pandas as pd
 from quality import (
     LABELS,
     LATENT,
+    LOADERS,
     SPLIT,
     TrainCellsProbe,
     _md,
-    load_pbmc3k,
-    load_pbmc68k,
     prepare_run,
     write_lines,
 )
@@ -505,7 +504,7 @@ def main(argv=None) -> int:
         "command": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
     }
     markdown = prepare_run(args, "extension")
-    loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
+    loaders = LOADERS
     results = {}
     t0 = time.perf_counter()
     for name in args.datasets.split(","):

@@ -214,6 +214,10 @@ def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat", fracti
 
 
 # ----------------------------------------------------------------------------- methods
+#: the datasets of the quality benchmark and every benchmark on its splits, by name
+LOADERS = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
+
+
 def _labels(adata) -> np.ndarray:
     return adata.obs[LABELS].astype(str).to_numpy()
 
@@ -1111,7 +1115,7 @@ def main(argv=None) -> int:
     import scbranch as sb
 
     markdown = prepare_run(args, name)
-    loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
+    loaders = LOADERS
     results = {}
     t_all = time.perf_counter()
     if args.report_only:

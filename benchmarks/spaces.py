@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from quality import LABELS, _md, load_pbmc3k, load_pbmc68k, prepare_run, write_lines
+from quality import LABELS, LOADERS, _md, prepare_run, write_lines
 
 SETTINGS = {
     "cpu": {
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
         cfg["n_cells"] = args.n_cells
 
     markdown = prepare_run(args, "spaces")
-    loaders = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
+    loaders = LOADERS
     unknown = set(args.datasets.split(",")) - set(DATASETS)
     if unknown:
         parser.error(f"unknown dataset(s) {sorted(unknown)}; choose from {list(DATASETS)}")

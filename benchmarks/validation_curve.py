@@ -33,12 +33,11 @@ import numpy as np
 import pandas as pd
 from quality import (
     LATENT,
+    LOADERS,
     SETTINGS,
     SPLIT,
     _md,
     default_setup,
-    load_pbmc3k,
-    load_pbmc68k,
     prepare_run,
     write_lines,
 )
@@ -47,7 +46,6 @@ FACTORS = (1, 4)
 CHECKS_PER_BUDGET = 20  # validation points per default budget
 PATIENCE = 5  # checks without a new minimum before early stopping would stop
 TRAIN_SIZE = 0.9
-LOADERS = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
 logger = logging.getLogger("validation_curve")
 
 

@@ -24,13 +24,12 @@ from pathlib import Path
 import pandas as pd
 from quality import (
     LABELS,
+    LOADERS,
     SETTINGS,
     SPLIT,
     TrainCellsProbe,
     _md,
     generate_options,
-    load_pbmc3k,
-    load_pbmc68k,
     model_options,
     per_class_comparison,
     prepare_run,
@@ -44,7 +43,6 @@ logger = logging.getLogger("variants")
 DEFAULT = "conditioned"
 UNSEEN = "probe: real cells, unseen"
 HEADLINE = ("auroc", "mmd_median", "dispersion", "label_fidelity", "de_lfc_spearman")
-LOADERS = {"pbmc68k": load_pbmc68k, "pbmc3k": load_pbmc3k}
 
 
 def probe_rows(name: str, probes: dict, train, held, cfg) -> pd.DataFrame:
