@@ -702,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--early-stopping",
         action="store_true",
         help="With --validation-size: stop when the held-out error stops falling "
-        "(scvi-tools' early stopping, patience 45 epochs).",
+        "(scvi-tools' early stopping, patience 45 epochs) and keep the weights of its lowest "
+        "point.",
     )
     fit.add_argument(
         "--accelerator",

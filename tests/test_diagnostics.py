@@ -182,8 +182,19 @@ def test_early_stopping_watches_the_validation_loss_and_needs_held_out_cells():
     model = sb.BranchedDiffusion(sim, **FAST)
     with pytest.raises(ValueError, match=r"train_size=1 holds none out: pass train_size < 1"):
         model.train(max_epochs=2, early_stopping=True)
-    model.train(max_epochs=200, train_size=0.8, early_stopping=True, early_stopping_patience=3)
-    assert len(model.history["validation_loss"]) < 200  # stopped on the validation loss
+    model.train(
+        max_epochs=200, train_size=0.8, early_stopping=True, early_stopping_patience=3, lr=3e-3
+    )
+    curve = model.history["validation_loss"].iloc[:, 0].astype(float).to_numpy()
+    assert len(curve) < 200  # stopped on the validation loss
+    # and kept the weights of the lowest point, not those a patience later
+    assert curve.argmin() < len(curve) - 1
+    held = np.asarray(model.validation_indices)
+    codes = model.tree.class_index(sim.obs["cell_type"].astype(str).to_numpy()[held])
+    cells = sim.obsm["X_latent"][held].astype(np.float32)
+    kept = _validation_errors(model, cells, codes, 64)
+    assert kept == pytest.approx(curve.min(), rel=1e-5)
+    assert kept < curve[-1]
 
 
 def test_a_second_train_call_trains_in_training_mode():

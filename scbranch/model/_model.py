@@ -424,9 +424,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         train_size
             Fraction of cells to train on; the default uses every cell (a generator should see
             all of them). Set < 1 with ``check_val_every_n_epoch=k`` to follow
-            ``model.history["validation_loss"]``: the EMA weights' denoising error on the
-            held-out cells at fixed times and draws (``get_denoising_error``'s), which
-            ``early_stopping=True`` watches.
+            ``model.history["validation_loss"]``: the EMA weights' denoising error on the held-out
+            cells at fixed times and draws (``get_denoising_error``'s); ``early_stopping=True``
+            watches it and keeps the weights of its lowest point.
         validation_size
             Fraction of cells for validation (default ``1 - train_size``).
         loader
@@ -455,8 +455,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
         if max_epochs is None:
             max_epochs = default_max_epochs(round(self.adata.n_obs * train_size), batch_size)
-        trainer_defaults(trainer_kwargs, steps_per_epoch, train_size, validation_size)
-        plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **(plan_kwargs or {})}
+        restore = trainer_defaults(trainer_kwargs, steps_per_epoch, train_size, validation_size)
+        plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **restore, **(plan_kwargs or {})}
         loader_kwargs = dict(datasplitter_kwargs or {})  # block_rows, blocks_per_buffer
         datasplitter_kwargs = {
             "data_and_attributes": [self.module.data_key, REGISTRY_KEYS.LABELS_KEY],

@@ -15,6 +15,8 @@ stream) adds the loss's sampling noise and changes the training draws.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
@@ -24,12 +26,16 @@ from ._diagnostics import DEFAULT_TIMES, noise_errors
 
 #: seed of the validation noise: every validation epoch scores the same draws
 VALIDATION_SEED = 0
+logger = logging.getLogger(__name__)
 
 
 def trainer_defaults(
     trainer_kwargs: dict, steps_per_epoch: int, train_size: float, validation_size: float | None
-) -> None:
-    """Fill in the Lightning trainer's options that ``model.train`` defaults (in place)."""
+) -> dict:
+    """Fill in the Lightning trainer's options that ``model.train`` defaults (in place).
+
+    Returns the plan's options that follow from them (``restore_best`` with early stopping).
+    """
     # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
     trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
     trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
@@ -43,6 +49,7 @@ def trainer_defaults(
                 "docs/benchmarks/denoising_gap.md)."
             )
         trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+    return {"restore_best": bool(trainer_kwargs.get("early_stopping"))}
 
 
 class DiffusionTrainingPlan(TrainingPlan):
@@ -57,6 +64,10 @@ class DiffusionTrainingPlan(TrainingPlan):
         in :class:`~scbranch.module.WeightEMA`.
     cosine
         Decay the learning rate to zero with a per-step cosine schedule.
+    restore_best
+        End with the weights (the EMA) of the validation check with the lowest
+        ``validation_loss`` instead of the last ones (``model.train`` sets it with
+        ``early_stopping``, which otherwise ends a patience past the best).
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan` (``lr``, ``weight_decay``, ``optimizer``, ...).
 
@@ -67,7 +78,15 @@ class DiffusionTrainingPlan(TrainingPlan):
     >>> model.train(plan_kwargs={"weight_decay": 1e-6})  # doctest: +SKIP
     """
 
-    def __init__(self, module, *, ema_decay: float = 0.999, cosine: bool = True, **kwargs):
+    def __init__(
+        self,
+        module,
+        *,
+        ema_decay: float = 0.999,
+        cosine: bool = True,
+        restore_best: bool = False,
+        **kwargs,
+    ):
         defaults = TrainingRecipe()
         kwargs.setdefault("lr", defaults.lr)
         kwargs.setdefault("weight_decay", defaults.weight_decay)
@@ -81,6 +100,8 @@ class DiffusionTrainingPlan(TrainingPlan):
             cosine=cosine,
         )
         self._ema: WeightEMA | None = None
+        self.restore_best = bool(restore_best)
+        self._best: tuple[float, int, list[torch.Tensor]] | None = None  # loss, epoch, weights
 
     @property
     def ema_decay(self) -> float:
@@ -124,6 +145,7 @@ class DiffusionTrainingPlan(TrainingPlan):
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         super().on_validation_epoch_start()
         self._validation_draws = torch.Generator().manual_seed(VALIDATION_SEED)
+        self._validation_sum = [0.0, 0]  # error summed over cells and times, cells
         if self._ema is not None:
             self._ema.swap(self._trainable())
 
@@ -136,9 +158,12 @@ class DiffusionTrainingPlan(TrainingPlan):
         for t in DEFAULT_TIMES:  # noise drawn on the CPU: the same draws on any device
             noise = torch.randn(z.shape, generator=self._validation_draws, dtype=z.dtype)
             errors += noise_errors(module, z, labels, t, noise.to(z.device), gaussian=False)
+        loss = torch.stack(errors).mean()
+        self._validation_sum[0] += float(loss) * len(z)
+        self._validation_sum[1] += len(z)
         self.log(
             "validation_loss",
-            torch.stack(errors).mean(),
+            loss,
             on_step=False,
             on_epoch=True,
             batch_size=len(z),
@@ -146,11 +171,25 @@ class DiffusionTrainingPlan(TrainingPlan):
         )
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
+        total, n = self._validation_sum
+        if self.restore_best and n and (self._best is None or total / n < self._best[0]):
+            # the weights just scored (the EMA, swapped in) are the best so far
+            weights = [p.detach().clone() for p in self._trainable()]
+            self._best = (total / n, self.current_epoch, weights)
         if self._ema is not None:
             self._ema.swap(self._trainable())
         super().on_validation_epoch_end()
 
     def on_train_end(self) -> None:  # noqa: D102
+        if self._best is not None:
+            loss, epoch, weights = self._best
+            with torch.no_grad():
+                for p, best in zip(self._trainable(), weights, strict=True):
+                    p.copy_(best)
+            logger.info(
+                "Kept the weights of epoch %d, the lowest validation loss (%.4f).", epoch + 1, loss
+            )
+            self._ema = self._best = None
         if self._ema is not None:
             self._ema.copy_to(self._trainable())
             self._ema = None
