@@ -193,8 +193,7 @@ def add_classes(
 
 def resolve_own_head(own_head: bool | str | None, conditioned: bool) -> bool | str:
     """What a new type gets of its own: ``"blocks"``, ``"readout"`` or `False` (none)."""
-    choices = (None, True, False, "blocks", "readout")
-    if not any(own_head is c or (isinstance(c, str) and own_head == c) for c in choices):
+    if not (own_head is None or isinstance(own_head, bool) or own_head in ("blocks", "readout")):
         raise ValueError(
             f"own_head must be one of None, True, False, 'blocks' or 'readout', got {own_head!r}."
         )

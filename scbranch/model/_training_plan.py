@@ -145,7 +145,7 @@ class DiffusionTrainingPlan(TrainingPlan):
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         super().on_validation_epoch_start()
         self._validation_draws = torch.Generator().manual_seed(VALIDATION_SEED)
-        self._validation_sum = [0.0, 0]  # error summed over cells and times, cells
+        self._validation_sum = [0.0, 0]  # error summed over cells (a tensor once added), cells
         if self._ema is not None:
             self._ema.swap(self._trainable())
 
@@ -159,7 +159,7 @@ class DiffusionTrainingPlan(TrainingPlan):
             noise = torch.randn(z.shape, generator=self._validation_draws, dtype=z.dtype)
             errors += noise_errors(module, z, labels, t, noise.to(z.device), gaussian=False)
         loss = torch.stack(errors).mean()
-        self._validation_sum[0] += float(loss) * len(z)
+        self._validation_sum[0] += loss.detach() * len(z)  # no host sync per batch
         self._validation_sum[1] += len(z)
         self.log(
             "validation_loss",
@@ -171,7 +171,7 @@ class DiffusionTrainingPlan(TrainingPlan):
         )
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
-        total, n = self._validation_sum
+        total, n = float(self._validation_sum[0]), self._validation_sum[1]
         if self.restore_best and n and (self._best is None or total / n < self._best[0]):
             # the weights just scored (the EMA, swapped in) are the best so far
             weights = [p.detach().clone() for p in self._trainable()]
