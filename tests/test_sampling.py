@@ -10,11 +10,11 @@ from scbranch.module import VPSDE, BranchTree, sample, solver_names, time_grid
 SOLVERS = solver_names("down")
 
 SDE = VPSDE()
-CALLS = {"em": 1, "pc": 2, "heun": 2, "dpm2m": 1}
+CALLS = {"em": 1, "pc": 2, "heun": 2, "dpm2m": 1, "ddim": 1}
 
 
 # ---------------------------------------------------------------------------- time grid
-@pytest.mark.parametrize("spacing", ["logsnr", "t"])
+@pytest.mark.parametrize("spacing", ["logsnr", "t", "interpolant"])
 @pytest.mark.parametrize(
     "breakpoints,n_steps",
     [([], 1), ([], 17), ([0.5], 10), ([0.2, 0.25, 0.35, 0.5, 0.75], 30), ([0.98, 0.99], 5)],
@@ -223,7 +223,9 @@ TREE_A = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.98), ((0, 1), (
 
 
 @pytest.mark.parametrize("share", [True, False])
-@pytest.mark.parametrize("solver,n_steps", [("em", 200), ("pc", 100), ("heun", 30), ("dpm2m", 30)])
+@pytest.mark.parametrize(
+    "solver,n_steps", [("em", 200), ("pc", 100), ("heun", 30), ("dpm2m", 30), ("ddim", 30)]
+)
 def test_gaussian_exact_scores(solver, n_steps, share):
     eps = GaussianMixtureEps(MEANS_A, COVS_A, TREE_A, SDE)
     n = 3000
@@ -263,7 +265,9 @@ COVS_B = np.array([[[0.5, 0.1], [0.1, 0.4]], [[0.4, 0.0], [0.0, 0.6]], [[0.7, -0
 TREE_B = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.75), ((0, 1), (2,), 0.9)])
 
 
-@pytest.mark.parametrize("solver,n_steps", [("em", 100), ("pc", 100), ("heun", 30), ("dpm2m", 30)])
+@pytest.mark.parametrize(
+    "solver,n_steps", [("em", 100), ("pc", 100), ("heun", 30), ("dpm2m", 30), ("ddim", 30)]
+)
 def test_gaussian_branched_path(solver, n_steps):
     assert float(SDE.alpha(0.75)) * 0.8 < 0.05
     eps = GaussianMixtureEps(MEANS_B, COVS_B, TREE_B, SDE)
@@ -283,7 +287,52 @@ def test_gaussian_branched_path(solver, n_steps):
     predicted = 3 * n_steps / (3 * n_steps - 2 * steps_root - steps_ab)
     assert steps_root >= 1 and steps_ab >= 1
     assert flat / (res.n_row_evaluations - 3 * n) == pytest.approx(predicted, rel=1e-12)
-    assert predicted > 1.1
+    # the interpolant's grid (ddim's) puts few steps above the branch points near t = 1
+    assert predicted > (1.03 if solver == "ddim" else 1.1)
+
+
+def test_ddim_is_exact_for_one_point_and_is_the_interpolants_euler_step():
+    """Known answers of the first-order solver: a point mass m is reached exactly on any grid
+    (its noise prediction is exact and x0_hat = m at every step), and one step equals Euler's
+    step on the linear interpolant x / (alpha + sigma) at time s = sigma / (alpha + sigma)."""
+    m = torch.tensor([[1.5, -0.7]])
+    tree = BranchTree.from_merges(["A"], [])
+
+    def point(x, t, branch, label):
+        t = torch.tensor(float(t))
+        return (x - SDE.alpha(t) * m) / SDE.sigma(t)
+
+    res = sample(point, tree, SDE, {0: 4}, n_input=2, solver="ddim", n_steps=3, denoise=False)
+    start = sample(
+        point,
+        tree,
+        SDE,
+        {0: 4},
+        n_input=2,
+        solver="ddim",
+        n_steps=3,
+        record_times=[1.0],
+        denoise=False,
+    ).trajectory[1.0]
+    t_end = torch.tensor(SDE.t_min)
+    exact = SDE.alpha(t_end) * m + SDE.sigma(t_end) * (start - SDE.alpha(1.0) * m) / SDE.sigma(1.0)
+    torch.testing.assert_close(res.x, exact, rtol=0, atol=1e-5)
+    heun = sample(point, tree, SDE, {0: 4}, n_input=2, solver="heun", n_steps=3, denoise=False)
+    assert (heun.x - exact).abs().max() > 1e-3  # the test can tell a solver that is not exact
+    # one step from t = 0.6 to 0.3 against the interpolant's Euler step with v = eps - x0_hat
+    from scbranch.module._solvers import get_solver
+
+    x, th, tl = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), 0.6, 0.3
+    eps = _lin(x, th, torch.zeros(5, dtype=torch.long), None)
+    got = get_solver("ddim").step(
+        _lin, SDE, x, th, tl, torch.zeros(5, dtype=torch.long), None, [], [], True
+    )
+    a_hi, s_hi, a_lo, s_lo = (f(torch.tensor(t)) for t in (th, tl) for f in (SDE.alpha, SDE.sigma))
+    x0 = (x - s_hi * eps) / a_hi
+    x_s = x / (a_hi + s_hi)
+    s_from, s_to = SDE.interpolant_time(torch.tensor(th)), SDE.interpolant_time(torch.tensor(tl))
+    euler = x_s + (s_to - s_from) * (eps - x0)
+    torch.testing.assert_close(got, euler * (a_lo + s_lo), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- reproducibility

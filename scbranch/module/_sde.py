@@ -86,6 +86,28 @@ class VPSDE:
         a = 0.5 * (self.beta1 - self.beta0)
         return (-self.beta0 + lib.sqrt(self.beta0**2 + 4 * a * b)) / (2 * a)
 
+    def interpolant_time(self, t: ArrayLike) -> ArrayLike:
+        """Time s = sigma / (alpha + sigma) of the linear interpolant at VP time ``t``.
+
+        The interpolant ``(1 - s) x_0 + s eps`` of flow matching has the log-SNR
+        ``2 log((1 - s) / s)``; it is the VP state ``x_t`` divided by ``alpha + sigma``, so one
+        process serves both (``objective="flow"`` of
+        :class:`~scbranch.module.BranchedDiffusionModule`).
+
+        Examples
+        --------
+        >>> sde = VPSDE()
+        >>> round(float(sde.t_from_interpolant(sde.interpolant_time(0.3))), 6)
+        0.3
+        """
+        a, s = self.alpha(t), self.sigma(t)
+        return s / (a + s)
+
+    def t_from_interpolant(self, s: ArrayLike) -> ArrayLike:
+        """Inverse of :meth:`~scbranch.module.VPSDE.interpolant_time`."""
+        lib = _lib(s)
+        return self.t_from_log_snr(2.0 * (lib.log1p(-s) - lib.log(s)))
+
     def marginal(
         self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ name      moves        calls  what
 ========  ===========  =====  =================================================================
 heun      down and up  2      probability-flow ODE, Heun's method (invertible; the default)
 dpm2m     down         1      probability-flow ODE, DPM-Solver++(2M) multistep in log-SNR
+ddim      down and up  1      probability-flow ODE, first order (DDIM; flow matching's Euler step)
 em        down         1      reverse SDE, Euler-Maruyama (stochastic; hundreds of steps)
 pc        down         2      Euler-Maruyama predictor + Langevin corrector (the paper's)
 noise     up           0      exact forward transitions q(x_t' | x_t) (no network call)
@@ -218,6 +219,37 @@ class DPMSolver2M(Solver):
         return (s_lo / s_hi) * x - a_lo * torch.expm1(-hh) * d
 
 
+class DDIM(Solver):
+    """Probability-flow ODE, first order: DDIM, which is flow matching's Euler step.
+
+    The noise and data predictions at ``t_from`` are held over the step:
+    ``x_to = alpha_to x0_hat + sigma_to eps_hat``. In the linear interpolant's coordinates
+    (``x / (alpha + sigma)`` at time ``s = sigma / (alpha + sigma)``) this is exactly the Euler
+    step ``x_s' = x_s + (s' - s) v_hat`` with which flow-matching generators sample, on a grid
+    uniform in ``s`` by default. Exact, on any grid, when the data are one point. Moves in
+    either direction (DDIM inversion upwards).
+    """
+
+    name = "ddim"
+    description = (
+        "probability-flow ODE, first order (DDIM = flow matching's Euler step; deterministic, "
+        "1 network call per step)"
+    )
+    directions = ("down", "up")
+
+    @property
+    def default_spacing(self) -> str:
+        """Uniform in the interpolant's time, as flow-matching generators step."""
+        return "interpolant"
+
+    def step(self, call, sde, x, t_from, t_to, branch, label, groups, sizes, first_in_segment):  # noqa: D102
+        th, tl = torch.tensor(t_from), torch.tensor(t_to)
+        eps = call(x, t_from, branch, label)
+        a_hi, s_hi = sde.alpha(th), sde.sigma(th)
+        x0 = (x - s_hi * eps) / a_hi
+        return sde.alpha(tl) * x0 + sde.sigma(tl) * eps
+
+
 class ForwardNoising(Solver):
     """Exact forward transitions x_{t'} ~ q(x_{t'} | x_t) for t' > t: no network call."""
 
@@ -238,7 +270,8 @@ class ForwardNoising(Solver):
 
 #: every solver, by name (one registry for sampling and transport)
 SOLVERS: dict[str, type[Solver]] = {
-    cls.name: cls for cls in (Heun, DPMSolver2M, EulerMaruyama, PredictorCorrector, ForwardNoising)
+    cls.name: cls
+    for cls in (Heun, DPMSolver2M, DDIM, EulerMaruyama, PredictorCorrector, ForwardNoising)
 }
 
 
@@ -248,7 +281,7 @@ def solver_names(direction: str = "down") -> list[str]:
     Examples
     --------
     >>> solver_names("up")
-    ['heun', 'noise']
+    ['heun', 'ddim', 'noise']
     """
     return [name for name, cls in SOLVERS.items() if direction in cls.directions]
 
