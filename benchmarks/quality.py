@@ -409,6 +409,7 @@ SPACE_VARIANTS = ("scvi", "expression")
 SAMPLER_VARIANTS = {
     "sde": {"solver": "em"},
     "ode": {"solver": "heun"},
+    "ddim": {"solver": "ddim"},  # first-order ODE: flow matching's Euler step
     "denoised": {"residual_noise": False},
     "anchored": {},
 }
@@ -435,7 +436,8 @@ def model_spec(spec: str) -> str:
 def generate_options(spec: str) -> dict:
     """``generate()`` options of a row name's sampler variants (``sde``: the reverse SDE,
     Euler-Maruyama, at the default 25 steps; ``ode``: the probability-flow ODE, Heun;
-    ``sde100``: the SDE with 100 steps)."""
+    ``ddim``: the ODE's first-order step on the interpolant's grid; ``sde100``: the SDE with 100
+    steps)."""
     options = {}
     for part in spec.split(":")[1:]:
         options.update(_sampler_variant(part) or {})
@@ -489,7 +491,8 @@ def train_kwargs(spec: str, n_cells: int, cfg: dict) -> dict:
 def model_options(spec: str, classes=None) -> dict:
     """Model keyword arguments of a row name: ``"<architecture>[:<variant>...]"``.
 
-    Variants: ``per_branch`` (``gaussian_skip="per_branch"``), ``late`` (discovery with
+    Variants: ``per_branch`` (``gaussian_skip="per_branch"``), ``flow`` (``objective="flow"``:
+    flow matching), ``late`` (discovery with
     ``epsilon=0``: later branch points, less sharing), ``unshared`` (the tree of
     :func:`unshared_tree` on ``classes``: no sharing where the types differ), ``width<N>``
     (the network's width, e.g. ``width512``) and the spaces
@@ -506,6 +509,8 @@ def model_options(spec: str, classes=None) -> dict:
             continue  # a train() option: train_options
         if variant == "per_branch":
             options["gaussian_skip"] = variant
+        elif variant == "flow":
+            options["objective"] = variant
         elif variant == "late":
             options["discovery_kwargs"] = {"epsilon": 0.0}
         elif variant == "unshared":

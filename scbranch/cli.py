@@ -266,7 +266,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         adata = read_backed(data)
     else:
         adata = _read_h5ad(data)
-    model_kwargs = {"architecture": args.architecture}
+    model_kwargs = {"architecture": args.architecture, "objective": args.objective}
     if args.width is not None:
         model_kwargs["width"] = args.width
     if args.scvi:
@@ -733,6 +733,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'conditioned' (default): one network conditioned on the branch, whose size does "
         "not grow with the number of types; 'branched': a shared trunk and one head per "
         "branch (the same quality at 10x the parameters).",
+    )
+    fit.add_argument(
+        "--objective",
+        choices=("eps", "flow"),
+        default="eps",
+        help="'eps' (default): the network predicts the noise; 'flow': flow matching's "
+        "velocity of the linear interpolant, on the same process (docs/benchmarks/"
+        "flow_matching.md).",
     )
     fit.add_argument(
         "--width",

@@ -110,11 +110,15 @@ def test_fit_output_names_tree_and_dir(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("option", "architecture"),
-    [([], "conditioned"), (["--architecture", "branched"], "branched")],
-    ids=["default", "branched"],
+    ("option", "architecture", "objective"),
+    [
+        ([], "conditioned", "eps"),
+        (["--architecture", "branched"], "branched", "eps"),
+        (["--objective", "flow"], "conditioned", "flow"),
+    ],
+    ids=["default", "branched", "flow"],
 )
-def test_fit_architecture(tmp_path, option, architecture):
+def test_fit_architecture_and_objective(tmp_path, option, architecture, objective):
     adata = scbranch.datasets.simulate_tree(depth=1, n_per_class=20, dim=4, seed=1).to_anndata()
     adata.write_h5ad(tmp_path / "d.h5ad")
     args = ["fit", "d.h5ad", "--labels", "cell_type", "--rep", "X_latent", "--out", "m"]
@@ -122,6 +126,8 @@ def test_fit_architecture(tmp_path, option, architecture):
     assert rc == 0
     loaded = scbranch.BranchedDiffusion.load(tmp_path / "m")
     assert loaded.module.architecture == architecture
+    assert loaded.module.objective == objective
+    assert loaded.module.t_sampling == ("interpolant" if objective == "flow" else "uniform")
 
 
 def test_fit_with_a_validation_share_reports_and_keeps_the_held_out_error(tmp_path, capsys):

@@ -38,12 +38,7 @@ from ..module._sampling import steps_for
 from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _anchored, _diagnostics, _extension, _interpretation, _persistence
-from ._blocks import (
-    check_block_size,
-    check_output,
-    default_block_rows,
-    generate_blocks,
-)
+from ._blocks import check_block_size, check_output, default_block_rows, generate_blocks
 from ._data import ResamplingDataSplitter
 from ._extension import reference_sample
 from ._output import check_memory, keep_layers, requested_cells
@@ -92,7 +87,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         Options of hierarchy discovery when one is discovered (the names of
         :class:`~scbranch.module.DiscoveryOptions`, as in :func:`scbranch.tl.branch_hierarchy`).
     t_sampling
-        Distribution of diffusion times during training, ``"uniform"`` or ``"logsnr"``.
+        Distribution of diffusion times during training, ``"uniform"``, ``"logsnr"`` or
+        ``"interpolant"``; `None`: ``"interpolant"`` for ``objective="flow"``, else ``"uniform"``.
     space
         Name of a registered :class:`~scbranch.model.Space` (``"pca"``, ``"scvi"``,
         ``"expression"``, or one of your own), or `None` to infer it from the set-up: an scVI
@@ -103,6 +99,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         expression and counts. :meth:`from_scvi_model` sets this up in one call.
     gaussian_skip
         The Gaussian the network corrects: ``"global"`` (one) or ``"per_branch"`` (docs/method.md).
+    objective
+        ``"eps"`` (noise prediction) or ``"flow"`` (flow matching's velocity of the linear
+        interpolant, on the same process; docs/benchmarks/flow_matching.md).
 
     Examples
     --------
@@ -132,10 +131,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         t_min: float = VPSDE.t_min,
         min_cells_per_class: int = 3,
         discovery_kwargs: dict | None = None,
-        t_sampling: str = "uniform",
+        t_sampling: str | None = None,
         space: str | Space | None = None,
         scvi_model=None,
         gaussian_skip: str = "global",
+        objective: str = "eps",
     ):
         super().__init__(adata, registry)
         sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
@@ -178,7 +178,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             self.space.n_input, hierarchy, architecture=architecture, width=width,
             n_trunk_blocks=n_trunk_blocks, n_head_blocks=n_head_blocks, beta0=beta0, beta1=beta1,
             t_min=t_min, data_key=self.space.data_key, t_sampling=t_sampling,
-            gaussian_skip=gaussian_skip,
+            gaussian_skip=gaussian_skip, objective=objective,
         )  # fmt: skip
         if standardization is not None:
             self.module.set_standardization(*standardization)
@@ -205,8 +205,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _summary(self) -> str:
         return (
-            f"BranchedDiffusion ({self.module.architecture}) on {self.space.describe()} "
-            f"({self.module.n_input} dims), {len(self.classes)} classes, "
+            f"BranchedDiffusion ({self.module.architecture}, {self.module.objective} objective) on "
+            f"{self.space.describe()} ({self.module.n_input} dims), {len(self.classes)} classes, "
             f"{self.module.tree.n_branches} branches, "
             f"{count_parameters(self.module.net):,} parameters; tree "
             f"{self.module.tree.to_newick(3)}"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._discovery import DiscoveryOptions, crossover_times, similarity_curves, smoothed
-from ._recipe import TrainingRecipe, default_max_epochs, draw_times, noise_prediction_error
+from ._recipe import TrainingRecipe, default_max_epochs, draw_times
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def train_heads(
             noise = torch.randn(x0.shape, generator=gen, device=device)
             xt, _ = module.sde.marginal(x0, t, noise)
             eps = module.predict_eps(xt, t, module.branch_of(lab, t), lab)
-            loss = noise_prediction_error(eps, noise).mean()
+            loss = module.training_error(eps, noise, t).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)

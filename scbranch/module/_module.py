@@ -22,7 +22,7 @@ from ._gaussian_skip import (
     within_class_variance,
 )
 from ._networks import ScoreNetwork, count_parameters, flat_width_matching
-from ._recipe import T_SAMPLINGS, draw_times, noise_prediction_error
+from ._recipe import OBJECTIVES, T_SAMPLINGS, draw_times, training_error
 from ._sampling import SampleResult, sample
 from ._sde import VPSDE
 from ._solvers import DEFAULT_SOLVER, default_spacing
@@ -54,8 +54,17 @@ class BranchedDiffusionModule(BaseModuleClass):
     data_key
         Registry key of the diffused data (``"rep"`` for an obsm representation, ``"X"`` otherwise).
     t_sampling
-        Distribution of training times: ``"uniform"`` in t or ``"logsnr"`` (uniform in log-SNR,
-        which weights low noise levels, where within-type detail is resolved, more).
+        Distribution of training times: ``"uniform"`` in t, ``"logsnr"`` (uniform in log-SNR,
+        which weights low noise levels, where within-type detail is resolved, more) or
+        ``"interpolant"`` (uniform in the linear interpolant's time, flow matching's draw);
+        `None`: ``"interpolant"`` with ``objective="flow"``, ``"uniform"`` otherwise.
+    objective
+        ``"eps"`` (the default: the network predicts the noise, trained on its squared error)
+        or ``"flow"`` (flow matching with the linear interpolant ``(1 - s) x_0 + s eps``: the
+        network sees the interpolant and predicts its velocity ``eps - x_0``, trained on the
+        velocity's squared error). Both run on the same VP process: the interpolant at time
+        ``s = sigma / (alpha + sigma)`` is ``x_t / (alpha + sigma)``, so sampling, discovery,
+        transport and extension work unchanged on either.
     gaussian_skip
         The Gaussian whose exact noise prediction the network corrects: ``"global"``, one
         centred Gaussian with the data's per-dimension variance, or ``"per_branch"``, the mean
@@ -84,10 +93,16 @@ class BranchedDiffusionModule(BaseModuleClass):
         beta1: float = VPSDE.beta1,
         t_min: float = VPSDE.t_min,
         data_key: str = REGISTRY_KEYS.X_KEY,
-        t_sampling: str = "uniform",
+        t_sampling: str | None = None,
         gaussian_skip: str = "global",
+        objective: str = "eps",
     ):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        self.objective = objective
+        if t_sampling is None:
+            t_sampling = "interpolant" if objective == "flow" else "uniform"
         if gaussian_skip not in GAUSSIAN_SKIPS:
             raise ValueError(
                 f"gaussian_skip must be one of {GAUSSIAN_SKIPS}, got {gaussian_skip!r}."
@@ -324,11 +339,24 @@ class BranchedDiffusionModule(BaseModuleClass):
         a skip term an MLP regresses towards typical norms: starting points in the tail of the
         N(0, I) prior are not contracted, and a few generated cells land far outside every real
         cell.
+
+        With ``objective="flow"`` the network sees the interpolant ``x / (alpha + sigma)`` and
+        its output is a velocity correction, which enters the noise prediction times
+        ``1 - s = alpha / (alpha + sigma)`` (from ``eps = x_s + (1 - s) v``).
         """
         skip = self.skip_eps(x, t, branch, labels)
+        scale = None
+        if self.objective == "flow":
+            tt = t.to(x.dtype)
+            alpha, sigma = self.sde.alpha(tt), self.sde.sigma(tt)
+            if alpha.dim():
+                alpha, sigma = alpha.unsqueeze(-1), sigma.unsqueeze(-1)
+            x, scale = x / (alpha + sigma), alpha / (alpha + sigma)
         if self.follows_tree:
-            return skip + self.net(x, t, self._heads[branch])
-        return skip + self.net(x, t, torch.zeros_like(branch), labels)
+            out = self.net(x, t, self._heads[branch])
+        else:
+            out = self.net(x, t, torch.zeros_like(branch), labels)
+        return skip + (out if scale is None else scale * out)
 
     def skip_eps(
         self, x: torch.Tensor, t: torch.Tensor, branch: torch.Tensor, labels: torch.Tensor
@@ -350,9 +378,17 @@ class BranchedDiffusionModule(BaseModuleClass):
         # one centred Gaussian with the standardised data's per-dimension variance
         return sigma * x / (alpha**2 * self.data_var + sigma**2)
 
+    def training_error(
+        self, eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-row error the training minimises (noise or velocity, by ``objective``)."""
+        return training_error(self.objective, eps_hat, noise, self.sde, t)
+
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Mean squared error of the noise prediction."""
-        err = noise_prediction_error(generative_outputs["eps"], inference_outputs["noise"])
+        """Mean squared error of the noise (``"eps"``) or velocity (``"flow"``) prediction."""
+        err = self.training_error(
+            generative_outputs["eps"], inference_outputs["noise"], inference_outputs["t"]
+        )
         return LossOutput(loss=err.mean(), reconstruction_loss=err)
 
     # ------------------------------------------------------------------ sampling

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 #: distributions of training times (see :func:`draw_times`)
-T_SAMPLINGS = ("uniform", "logsnr")
+T_SAMPLINGS = ("uniform", "logsnr", "interpolant")
+#: what the network is trained to predict (see :func:`training_error`)
+OBJECTIVES = ("eps", "flow")
 
 #: A default ``train()`` makes about this many passes over the cells, within
 #: [MIN_DEFAULT_STEPS, MAX_DEFAULT_STEPS] optimiser steps. Read from one grid of data size x
@@ -169,7 +171,9 @@ def draw_times(
     Stratified times (one uniform offset plus ``i / n``, shuffled) give lower-variance gradient
     estimates than i.i.d. draws. ``"uniform"`` spreads them uniformly in t over ``t_range``
     (default ``(t_min, 1)``); ``"logsnr"`` uniformly in log-SNR over the same range, which
-    weights low noise levels, where within-type detail is resolved, more.
+    weights low noise levels, where within-type detail is resolved, more; ``"interpolant"``
+    uniformly in the linear interpolant's time ``sigma / (alpha + sigma)`` (flow matching's
+    draw), which puts about half the times in the middle third of the log-SNR range.
 
     Parameters
     ----------
@@ -178,7 +182,7 @@ def draw_times(
     n
         Rows in the batch.
     t_sampling
-        ``"uniform"`` or ``"logsnr"``.
+        ``"uniform"``, ``"logsnr"`` or ``"interpolant"``.
     t_range
         ``(t_lo, t_hi)``; default ``(sde.t_min, 1)``.
     device
@@ -208,9 +212,42 @@ def draw_times(
         lam_hi = sde.log_snr(torch.tensor(t_lo, device=device))
         lam_lo = sde.log_snr(torch.tensor(t_hi, device=device))
         return sde.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * u)
+    if t_sampling == "interpolant":
+        s_lo = sde.interpolant_time(torch.tensor(t_lo, device=device))
+        s_hi = sde.interpolant_time(torch.tensor(t_hi, device=device))
+        t = sde.t_from_interpolant(s_lo + (s_hi - s_lo) * u)
+        return t.clamp(t_lo, t_hi)  # the round trip may leave the range by rounding
     return t_lo + (t_hi - t_lo) * u
 
 
 def noise_prediction_error(eps_hat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Per-row mean squared error of the noise prediction (the loss is its mean)."""
     return (eps_hat - noise).pow(2).mean(-1)
+
+
+def training_error(
+    objective: str, eps_hat: torch.Tensor, noise: torch.Tensor, sde, t: torch.Tensor
+) -> torch.Tensor:
+    """Per-row training error of a prediction at times ``t`` (the loss is its mean).
+
+    ``"eps"``: the noise prediction's squared error. ``"flow"``: flow matching's, the squared
+    error of the velocity ``eps - x_0`` of the linear interpolant ``(1 - s) x_0 + s eps``; at
+    the same state a velocity error is the noise error divided by ``1 - s``
+    (``v = (eps - x_s) / (1 - s)``), so the two losses differ only in their weight over time.
+
+    Examples
+    --------
+    >>> from scbranch.module import VPSDE
+    >>> sde, t = VPSDE(), torch.tensor([0.5])
+    >>> eps_err = training_error("eps", torch.ones(1, 2), torch.zeros(1, 2), sde, t)
+    >>> flow_err = training_error("flow", torch.ones(1, 2), torch.zeros(1, 2), sde, t)
+    >>> bool(torch.isclose(flow_err, eps_err / (1 - sde.interpolant_time(t)) ** 2))
+    True
+    """
+    err = noise_prediction_error(eps_hat, noise)
+    if objective == "eps":
+        return err
+    if objective == "flow":
+        keep = 1.0 - sde.interpolant_time(t.to(err.dtype))
+        return err / keep**2
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
