@@ -5,7 +5,7 @@ import pytest
 import torch
 from _gaussian import GaussianMixtureEps
 
-from scbranch.module import VPSDE, BranchTree, sample, solver_names, time_grid
+from scbranch.module import VPSDE, BranchTree, get_solver, sample, solver_names, time_grid
 
 SOLVERS = solver_names("down")
 
@@ -320,8 +320,6 @@ def test_ddim_is_exact_for_one_point_and_is_the_interpolants_euler_step():
     heun = sample(point, tree, SDE, {0: 4}, n_input=2, solver="heun", n_steps=3, denoise=False)
     assert (heun.x - exact).abs().max() > 1e-3  # the test can tell a solver that is not exact
     # one step from t = 0.6 to 0.3 against the interpolant's Euler step with v = eps - x0_hat
-    from scbranch.module._solvers import get_solver
-
     x, th, tl = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), 0.6, 0.3
     eps = _lin(x, th, torch.zeros(5, dtype=torch.long), None)
     got = get_solver("ddim").step(

@@ -548,8 +548,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         seed
             Random seed; `None` draws one (it is recorded in ``uns['scbranch']['params']``).
         spacing
-            Step allocation and spacing, ``"logsnr"`` or ``"t"``; `None`: ``"t"`` for the
-            stochastic solvers (as in Song et al.), ``"logsnr"`` for the ODE solvers.
+            Step spacing, ``"logsnr"``, ``"t"`` or ``"interpolant"``; `None`: ``"t"`` for the SDE
+            solvers (Song et al.), ``"interpolant"`` for ``"ddim"``, else ``"logsnr"``.
         residual_noise
             PCA-space models: what decoded cells carry beyond their PCA profile (the latent is
             unchanged). `False`: the denoised profile. `True`/``"gaussian"``: per-gene Gaussian
