@@ -146,6 +146,8 @@ def stage_scvi(a) -> dict:
         "encode_and_setup_seconds": encode_setup,
         "seconds_per_step": step,
         "cells_per_second": a.batch / step,
+        "architecture": model.module.architecture,  # the package's default network
+        "parameters": sum(p.numel() for p in model.module.net.parameters()),
     }
 
 
@@ -177,6 +179,7 @@ def stage_generate(a) -> dict:
         "cells_per_second": n / seconds,
         "bytes": Path(path).stat().st_size,
         "counts_sparse": encoding,
+        "architecture": model.module.architecture,
     }
 
 
@@ -248,9 +251,10 @@ def write_page(rows: dict, args, reference: str, page: Path) -> None:
             [
                 "",
                 f"Rerun by a second invocation: {', '.join(args.stages_run)} "
-                f"(`--stages {','.join(args.stages_run)}`, same sizes and settings, the models "
-                "of the first run); the other rows are the first run's. Ratios below compare "
-                "sizes within one invocation.",
+                f"(`--stages {','.join(args.stages_run)}`, same sizes and settings"
+                f"{'' if 'scvi' in args.stages_run else ', the models of the first run'}); "
+                "the other rows are the first run's. Ratios below compare sizes within one "
+                "invocation.",
             ]
             if set(args.stages_run) != set(STAGES)
             else []
@@ -274,9 +278,12 @@ def write_page(rows: dict, args, reference: str, page: Path) -> None:
                 f"{1000 * e['seconds_per_step']:.1f} | {e['cells_per_second']:,.0f} | "
                 f"{e['peak_rss_gb']:.2f} |"
             )
+    # runs before the result recorded it used one head per branch, the default then
+    latent_arch = rows[sizes[0]]["scvi"].get("architecture", "branched")
+    gen_arch = rows[sizes[0]]["generate"].get("architecture", "branched")
     lines += [
         "",
-        "### scVI fitted on the file, diffusion on its latent (branched)",
+        f"### scVI fitted on the file, diffusion on its latent ({latent_arch} network)",
         "",
         "| cells | scVI: ms / step | encode + set-up (s) | diffusion: ms / step | "
         "peak memory (GB) |",
@@ -297,6 +304,10 @@ def write_page(rows: dict, args, reference: str, page: Path) -> None:
         "a step does not.",
         "",
         "## Generating to disk",
+        "",
+        f"The scVI-latent model above ({gen_arch} network) generates as many cells as the atlas "
+        "holds with `generate(out=...)`'s default sampler (reverse SDE, fan-out sharing), "
+        "decodes them with scVI and writes counts only (`layers=['counts']`) block by block.",
         "",
         "| cells | seconds | cells / s | file (GB) | peak memory (GB) | counts |",
         "|---|---|---|---|---|---|",
