@@ -173,7 +173,7 @@ def draw_times(
     (default ``(t_min, 1)``); ``"logsnr"`` uniformly in log-SNR over the same range, which
     weights low noise levels, where within-type detail is resolved, more; ``"interpolant"``
     uniformly in the linear interpolant's time ``sigma / (alpha + sigma)`` (flow matching's
-    draw), which puts about half the times in the middle third of the log-SNR range.
+    draw), which puts two thirds of the times in the middle third of the log-SNR range.
 
     Parameters
     ----------
