@@ -344,13 +344,10 @@ class BranchedDiffusionModule(BaseModuleClass):
         its output is a velocity correction, which enters the noise prediction times
         ``1 - s = alpha / (alpha + sigma)`` (from ``eps = x_s + (1 - s) v``).
         """
-        skip = self.skip_eps(x, t, branch, labels)
+        alpha, sigma = self._scales(x, t)
+        skip = self._skip_eps(x, alpha, sigma, branch, labels)
         scale = None
         if self.objective == "flow":
-            tt = t.to(x.dtype)
-            alpha, sigma = self.sde.alpha(tt), self.sde.sigma(tt)
-            if alpha.dim():
-                alpha, sigma = alpha.unsqueeze(-1), sigma.unsqueeze(-1)
             x, scale = x / (alpha + sigma), alpha / (alpha + sigma)
         if self.follows_tree:
             out = self.net(x, t, self._heads[branch])
@@ -365,10 +362,17 @@ class BranchedDiffusionModule(BaseModuleClass):
 
         An untrained network's whole prediction: its output layers start at zero.
         """
+        return self._skip_eps(x, *self._scales(x, t), branch, labels)
+
+    def _scales(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha(t)`` and ``sigma(t)`` in ``x``'s dtype, shaped to broadcast over its rows."""
         tt = t.to(x.dtype)
-        sigma, alpha = self.sde.sigma(tt), self.sde.alpha(tt)
-        if sigma.dim():
-            sigma, alpha = sigma.unsqueeze(-1), alpha.unsqueeze(-1)
+        alpha, sigma = self.sde.alpha(tt), self.sde.sigma(tt)
+        if alpha.dim():
+            alpha, sigma = alpha.unsqueeze(-1), sigma.unsqueeze(-1)
+        return alpha, sigma
+
+    def _skip_eps(self, x, alpha, sigma, branch, labels) -> torch.Tensor:
         if self.gaussian_skip == "per_branch":
             # E[eps | x_t] for the Gaussian of the cells this branch function serves
             function = self._heads[branch] if self.follows_tree else labels
