@@ -326,7 +326,8 @@ def test_gpu_without_cuda_fails_early(fitted, capsys):
 
 
 def test_device_arguments():
-    from scbranch.cli import _is_multi_device, build_parser
+    from scbranch.cli import build_parser
+    from scbranch.cli._checks import _is_multi_device
 
     parse = build_parser().parse_args
     assert parse(["fit", "d", "--labels", "k", "--out", "m"]).devices == "auto"

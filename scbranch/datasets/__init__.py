@@ -1,6 +1,7 @@
 """Datasets shipped with installed packages or simulated in code (never downloaded)."""
 
-from ._atlas import AtlasParameters, fit_atlas_parameters, simulate_atlas
+from ._atlas import simulate_atlas
+from ._atlas_parameters import AtlasParameters, fit_atlas_parameters
 from ._pbmc import pbmc68k
 from ._simulate import SimulatedTree, simulate_tree
 from ._split import stratified_split

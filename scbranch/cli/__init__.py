@@ -1,0 +1,84 @@
+"""Command line of scbranch: ``scbranch demo``, ``fit``, ``generate`` and ``convert``.
+
+One job per file: ``_checks.py`` (argument types, input checks, exit statuses),
+``_commands.py`` (what each subcommand does), ``_parser.py`` (the parser, rendered by
+docs/cli.md); :func:`main` runs a command and turns bad input into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+from ._checks import _USER_ERRORS, EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError, _one_line
+from ._parser import build_parser
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+
+# ---------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``scbranch`` command line.
+
+    Errors in the user's input (a missing file or key, an unknown cell type, an output that
+    already exists, ...) are reported as one line ``scbranch: error: <message>`` on standard
+    error with exit status 2, not as a traceback (``--traceback`` shows one).
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; `None` reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    The exit status: 0 on success, 2 for bad input or any other error (one line; ``--traceback``
+    shows the traceback), 130 when interrupted with Ctrl-C. ``--help``, ``--version`` and usage
+    errors raise :class:`SystemExit` (status 0 and 2) as usual for :mod:`argparse`.
+
+    Examples
+    --------
+    Train on the cell types in ``obs['cell_type']`` of a PCA, then generate 100 cells of each type:
+
+    >>> from scbranch.cli import main
+    >>> main(["fit", "pbmc.h5ad", "--labels", "cell_type", "--rep", "X_pca",
+    ...       "--out", "pbmc_model"])  # doctest: +SKIP
+    0
+    >>> main(["generate", "pbmc_model", "--n-cells", "100", "--out", "gen.h5ad"])  # doctest: +SKIP
+    0
+
+    From a shell: ``scbranch fit pbmc.h5ad --labels cell_type --rep X_pca --out pbmc_model``.
+    """
+    args = build_parser().parse_args(argv)
+    loggers = [
+        logging.getLogger(name)
+        for name in ("scbranch", "scvi", "lightning.pytorch", "lightning.fabric")
+    ]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        if args.quiet:  # nothing but errors
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        try:
+            return args.handler(args)
+        except (CLIError, *_USER_ERRORS) as err:
+            if args.traceback:
+                raise
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as err:  # noqa: BLE001 - anything else: one line, not a traceback
+            if args.traceback:
+                raise
+            print(
+                f"{PROG}: error: {type(err).__name__}: {_one_line(err)} (run again with "
+                "--traceback for the details, and please report it)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)

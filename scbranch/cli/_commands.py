@@ -1,0 +1,278 @@
+"""What each subcommand does with its parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from ..module._solvers import (
+    DEFAULT_SOLVER,
+)
+from ._checks import (
+    NOISE_OPTIONS,
+    CLIError,
+    _check_accelerator,
+    _check_creatable,
+    _check_output_dir,
+    _check_output_file,
+    _is_multi_device,
+    _lightning_errors,
+    _one_line,
+    _parse_labels,
+    _read_h5ad,
+    _say,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- subcommands
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .._demo import run_demo
+    except ImportError as err:
+        if getattr(err, "name", None) == "scbranch._demo":
+            raise CLIError("the demo is not available in this installation of scbranch.") from err
+        raise
+    logger.info("Running the demo into %s%s.", args.out, " (fast mode)" if args.fast else "")
+    result = run_demo(
+        args.out,
+        fast=args.fast,
+        seed=args.seed,
+        max_epochs=args.max_epochs,
+        overwrite=args.overwrite,
+    )
+    _say(args, f"Demo finished; outputs in {args.out}")
+    for key, value in (result or {}).items():
+        if isinstance(value, str | os.PathLike | int | float):
+            _say(args, f"  {key}: {value}")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    out = Path(args.out)
+    # Check everything cheap before reading data and training.
+    _check_output_dir(out, args.overwrite)
+    _check_creatable(out)
+    _check_accelerator(args.accelerator)
+    validation = _validation_kwargs(args)
+
+    import scvi
+
+    from ..model import BranchedDiffusion
+
+    scvi.settings.seed = args.seed
+    logger.info("Reading %s%s.", data, " (expression left on disk)" if args.backed else "")
+    if args.backed or data.suffix == ".zarr":
+        from ..io import read_backed
+
+        adata = read_backed(data)
+    else:
+        adata = _read_h5ad(data)
+    model_kwargs = {"architecture": args.architecture, "objective": args.objective}
+    if args.width is not None:
+        model_kwargs["width"] = args.width
+    if args.scvi:
+        from ..model import fit_scvi
+
+        if args.target_sum is not None:
+            raise CLIError("--target-sum applies to expression models; scVI reads the counts.")
+
+        logger.info("Training scVI on the counts in %s.", args.counts_layer or ".X")
+        vae = fit_scvi(
+            adata,
+            counts_layer=args.counts_layer,
+            batch_key=args.batch_key,
+            max_epochs=args.scvi_epochs,
+            seed=args.seed,
+            accelerator=args.accelerator,
+            enable_progress_bar=not args.quiet,
+        )
+        model = BranchedDiffusion.from_scvi_model(
+            vae, labels_key=args.labels, adata=adata, **model_kwargs
+        )
+    else:
+        if args.batch_key is not None:
+            raise CLIError("--batch-key applies to --scvi models only.")
+        if args.target_sum is not None and args.rep is not None:
+            raise CLIError("--target-sum normalises raw counts for expression models; drop --rep.")
+        rep = args.rep
+        if args.out_of_fold:
+            rep = _out_of_fold_rep(adata, args)
+        BranchedDiffusion.setup_anndata(
+            adata,
+            labels_key=args.labels,
+            layer=args.layer,
+            obsm_key=rep,
+            counts_layer=args.counts_layer,
+            target_sum=args.target_sum,
+        )
+        model = BranchedDiffusion(adata, **model_kwargs)
+    logger.info("Training on %d cells of %d types.", adata.n_obs, len(model.classes))
+    train_kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    train_kwargs.update(validation)
+    if _is_multi_device(args.devices):
+        # Each batch uses only some branch heads, so DDP must tolerate unused parameters.
+        train_kwargs["strategy"] = "ddp_find_unused_parameters_true"
+    try:
+        model.train(
+            max_epochs=args.max_epochs,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            enable_progress_bar=not args.quiet,
+            **train_kwargs,
+        )
+    except _lightning_errors() as err:
+        raise CLIError(f"--accelerator/--devices: {_one_line(err)}") from err
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return 0  # DDP: Lightning re-ran this command in every process; only rank 0 saves.
+    model.save(str(out), overwrite=True, save_anndata=False)
+    _say(args, f"Hierarchy of {len(model.classes)} cell types: {model.tree.to_newick()}")
+    if "validation_loss" in model.history:
+        curve = model.history["validation_loss"].iloc[:, 0].astype(float)
+        _say(
+            args,
+            f"Validation loss (held-out cells' denoising error): first {curve.iloc[0]:.4f}, "
+            f"lowest {curve.min():.4f} after epoch {int(curve.idxmin()) + 1}, last "
+            f"{curve.iloc[-1]:.4f} after epoch {int(curve.index[-1]) + 1}",
+        )
+    _say(args, f"Saved model to {out}")
+    return 0
+
+
+def _validation_kwargs(args) -> dict:
+    """``model.train`` options of --validation-size / --early-stopping."""
+    if args.validation_size is None:
+        if args.early_stopping:
+            raise CLIError(
+                "--early-stopping watches the error on held-out cells: add --validation-size "
+                "(e.g. 0.1)."
+            )
+        return {}
+    return {
+        "train_size": 1.0 - args.validation_size,
+        "check_val_every_n_epoch": 1,
+        "early_stopping": args.early_stopping,
+    }
+
+
+def _out_of_fold_rep(adata, args: argparse.Namespace) -> str:
+    """``--out-of-fold``: out-of-fold scores of the PCA in ``--rep``, in memory; their key."""
+    from ..tl import pca_out_of_fold
+
+    if args.rep is None or args.scvi:
+        raise CLIError("--out-of-fold applies to a PCA given with --rep (e.g. --rep X_pca).")
+    if args.backed:
+        raise CLIError("--out-of-fold refits the PCA on folds of the cells: drop --backed.")
+    key = f"{args.rep}_oof"
+    try:
+        pca_out_of_fold(
+            adata, obsm_key=args.rep, layer=args.layer, groupby=args.labels, key_added=key
+        )
+    except (KeyError, ValueError) as err:
+        raise CLIError(f"--out-of-fold: {_one_line(err)}") from err
+    logger.info("Learning out-of-fold scores of obsm[%r] (obsm[%r]).", args.rep, key)
+    return key
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_output_file(out, args.overwrite)
+    labels = _parse_labels(args.labels, args.label)
+    _check_accelerator(args.accelerator)
+
+    from .._utils import resolve_seed
+    from ..model import BranchedDiffusion
+
+    model_dir = Path(args.model_dir)
+    logger.info("Loading the model in %s.", model_dir)
+    device = "auto" if args.accelerator == "cpu" else args.device  # CPUs have no index
+    try:
+        model = BranchedDiffusion.load(str(model_dir), accelerator=args.accelerator, device=device)
+    except _lightning_errors() as err:
+        raise CLIError(f"--accelerator/--device: {_one_line(err)}") from err
+    seed = resolve_seed(args.seed)  # drawn here to be reported (and recorded in the file)
+    if args.anchors is not None:
+        return _generate_anchored(model, args, labels, seed, out)
+    # written block by block as the cells are made: memory does not grow with --n-cells, and
+    # the file appears under its name only when complete (Ctrl-C or an error leave none)
+    model.generate(
+        args.n_cells,
+        labels=labels,
+        solver=args.solver,
+        n_steps=args.n_steps,
+        share=not args.no_share,
+        seed=seed,
+        counts=True if args.counts else None,
+        residual_noise=NOISE_OPTIONS[args.noise],
+        batch=args.batch,
+        progress_bar=not args.quiet,
+        out=out,
+        overwrite=args.overwrite,
+        block_size=args.block_size,
+        layers=None if args.layers is None else [x.strip() for x in args.layers.split(",") if x],
+    )
+    n_types = len(set(labels)) if labels is not None else len(model.classes)
+    _say(
+        args,
+        f"Wrote {args.n_cells * n_types} generated cells of {n_types} cell type(s) to {out} "
+        f"(seed {seed})",
+    )
+    return 0
+
+
+def _generate_anchored(model, args: argparse.Namespace, labels, seed: int, out: Path) -> int:
+    """``generate --anchors``: new cells made from the real cells of an .h5ad file."""
+    ignored = [
+        flag
+        for flag, given in (
+            ("--no-share", args.no_share),
+            ("--block-size", args.block_size is not None),
+            ("--layers", args.layers is not None),
+            ("--solver", args.solver != DEFAULT_SOLVER),
+        )
+        if given
+    ]
+    if ignored:
+        raise CLIError(
+            f"{', '.join(ignored)} do(es) not apply with --anchors: anchored cells follow the "
+            "reverse SDE from their own anchors, in one block. Drop them."
+        )
+    anchors = _read_h5ad(Path(args.anchors))
+    n_cells = args.n_cells if labels is None else dict.fromkeys(labels, args.n_cells)
+    try:
+        gen = model.generate_anchored(
+            anchors, n_cells,
+            anchor_time=args.anchor_time, n_steps=args.n_steps, seed=seed,
+            counts=True if args.counts else None, residual_noise=NOISE_OPTIONS[args.noise],
+            batch=args.batch, progress_bar=not args.quiet, out=out, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (KeyError, ValueError) as err:
+        raise CLIError(f"--anchors {args.anchors!r}: {_one_line(err)}") from err
+    n_types = len(labels) if labels is not None else anchors.obs[model.labels_key].nunique()
+    _say(
+        args,
+        f"Wrote {args.n_cells * n_types} cells of {n_types} cell type(s), anchored on the cells "
+        f"of {args.anchors}, to {gen} (seed {seed})",
+    )
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if not args.trust_pickle:
+        raise CLIError(
+            f"{args.old_dir!r} would be unpickled, which runs any code it contains; pass "
+            "--trust-pickle if you trust its source."
+        )
+    out = Path(args.out)
+    _check_output_dir(out, args.overwrite)
+    from ..model import convert_legacy
+
+    convert_legacy(args.old_dir, out, overwrite=args.overwrite)
+    _say(args, f"Converted {args.old_dir} to {out} (tensors and plain data; no pickle)")
+    return 0

@@ -1,0 +1,161 @@
+"""Log-normalised genes themselves (``space="expression"``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from anndata import AnnData
+
+from ..._validation import (
+    check_counts,
+    check_finite,
+    check_genes,
+    get_matrix,
+    to_dense,
+)
+from ...io._rows import RowMatrix, is_on_disk, read_block, row_sums
+from .._counts import (
+    normalize_block,
+)
+from ._base import Decoded, register_space
+from ._gene_counts import _GeneSpace
+
+logger = logging.getLogger(__name__)
+
+#: above this many genes an expression model logs where its cells stand (measured on 765 and
+#: 2,000 PBMC genes in docs/spaces.md, "How the spaces compare")
+EXPRESSION_ADVICE_GENES = 300
+
+
+@register_space
+class ExpressionSpace(_GeneSpace):
+    """Log-normalised genes (``layer`` or ``.X``), diffused as they are; no encoder.
+
+    Parameters
+    ----------
+    layer
+        Layer of log-normalised expression (`None`: ``.X``).
+    genes
+        The model's genes, in order.
+    counts
+        Size factors per class for counts, or `None`.
+
+    Examples
+    --------
+    >>> sb.BranchedDiffusion.setup_anndata(  # doctest: +SKIP
+    ...     adata, labels_key="cell_type", layer="lognorm"
+    ... )
+    >>> sb.BranchedDiffusion(adata).space  # doctest: +SKIP
+    ExpressionSpace(expression (layers['lognorm']))
+    """
+
+    name = "expression"
+
+    def __init__(self, *, genes: np.ndarray, target_sum: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.genes = np.asarray(genes).astype(str)
+        self.target_sum = None if not target_sum else float(target_sum)
+
+    @classmethod
+    def fit(cls, adata, setup, labels, n_classes, **kwargs):  # noqa: D102
+        space = cls(
+            layer=setup.get("layer"),
+            genes=np.asarray(adata.var_names).astype(str),
+            target_sum=setup.get("target_sum"),
+        )
+        space._fit_counts(adata, setup, labels, n_classes)
+        if len(space.genes) > EXPRESSION_ADVICE_GENES:
+            logger.warning(
+                "Diffusing %d genes directly: on whole transcriptomes generated cells are told "
+                "apart from real ones far more easily than in the default PCA space (measured "
+                "in docs/spaces.md, 'How the spaces compare'). For many genes, set up "
+                "out-of-fold PC scores (`sb.tl.pca_out_of_fold`, obsm_key='X_pca_oof') with "
+                "counts_layer, or an scVI latent (`from_scvi_model`).",
+                len(space.genes),
+            )
+        return space
+
+    def normalize(self, block):
+        """``log1p(counts / total * target_sum)`` of a block of raw counts (target_sum models)."""
+        return normalize_block(block, self.target_sum)
+
+    def training_matrix(self, adata: AnnData):
+        """The set-up cells' expression: read in blocks when on disk or normalised on the way."""
+        m = get_matrix(adata, layer=self.layer)
+        if self.target_sum is not None or is_on_disk(m):
+            return RowMatrix(m, transform=self.normalize if self.target_sum else None)
+        return m
+
+    def _normalized_factors(self, adata) -> np.ndarray:
+        columns = check_genes(adata, self.genes, "the model")
+        m = get_matrix(adata, layer=self.layer)
+        if not np.array_equal(columns, np.arange(adata.n_vars)):
+            m = read_block(m, 0, m.shape[0]) if is_on_disk(m) else m
+            m = m[:, columns]
+        return np.maximum(row_sums(m), 1.0) / self.target_sum
+
+    @property
+    def hierarchy_rep(self) -> tuple[str | None, str | None]:  # noqa: D102
+        if self.target_sum is None:
+            return super().hierarchy_rep
+        # a hierarchy learned on the raw counts is not one of the normalised expression
+        return None, f"log1p(CP{self.target_sum:g}) of {self.layer or 'X'}"
+
+    @property
+    def n_input(self) -> int:  # noqa: D102
+        return len(self.genes)
+
+    @property
+    def var_names(self) -> np.ndarray:  # noqa: D102
+        return self.genes
+
+    @property
+    def output_key(self) -> None:  # noqa: D102
+        return None
+
+    def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
+        # the model's genes, in its order (extra genes are left out)
+        columns = check_genes(adata, self.genes, "the model")
+        m = get_matrix(adata, layer=self.layer)
+        if is_on_disk(m):
+            m = read_block(m, 0, m.shape[0])
+        m = m[:, columns]
+        check_finite(m, f"the representation of {what}")
+        if self.target_sum is not None:
+            check_counts(m, f"the counts of {what}")
+            m = self.normalize(m)
+        return to_dense(m)
+
+    def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
+        if residual_noise:
+            raise ValueError(
+                "residual_noise applies to models that decode a PCA to genes; this model "
+                "(diffusing genes) has no PCA decoder."
+            )
+        return super().resolve_options(counts=counts, batch=batch, residual_noise=False)
+
+    def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
+        # log-normalised expression is never negative
+        return self._with_counts(np.clip(z, 0.0, None), codes, options, seed)
+
+    def decode_estimates(self, z) -> np.ndarray:  # noqa: D102
+        return np.clip(z, 0.0, None)
+
+    def describe(self) -> str:  # noqa: D102
+        where = f"layers[{self.layer!r}]" if self.layer else ".X"
+        if self.target_sum is not None:
+            return f"expression (log1p(CP{self.target_sum:g}) of the counts in {where})"
+        return f"expression ({where})"
+
+    def state(self) -> dict:  # noqa: D102
+        return {**super().state(), "genes": self.genes, "target_sum": self.target_sum or 0.0}
+
+    @classmethod
+    def from_state(cls, state, directory=None, prefix=""):  # noqa: D102
+        return cls(
+            layer=state.get("layer"),
+            genes=state["genes"],
+            target_sum=state.get("target_sum") or None,
+            counts=cls._counts_from_state(state),
+        )

@@ -1,0 +1,235 @@
+"""An scVI model's latent means (``space="scvi"``), decoded by scVI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ..._keys import Key
+from ..._validation import (
+    check_finite,
+    check_obs_key,
+    get_matrix,
+)
+from .._counts import (
+    class_pools,
+    draw_from_pools,
+    log_normalize,
+)
+from .._scvi import (
+    SCVI_DIR,
+    decode_latents,
+    default_batch,
+    latent_of,
+    library_sizes_of,
+    load_scvi_weights,
+    save_scvi_weights,
+    scvi_info,
+)
+from ._base import Decoded, Space, register_space
+
+#: library size of the normalised expression decoded from scVI latents along trajectories
+SCVI_NORMALIZED_TOTAL = 1e4
+
+
+@register_space
+class ScviSpace(Space):
+    """The latent means of a trained scVI (or LinearSCVI) model, decoded through it.
+
+    Generated latents go through scVI's decoder with a library size drawn from the requested
+    type and a batch; counts are sampled from its likelihood.
+
+    Parameters
+    ----------
+    obsm_key
+        ``obsm`` key holding the latent means.
+    vae
+        The scvi-tools model.
+    info
+        What the model records about its scVI model (genes, batches, likelihood, ...).
+    library_sizes
+        Observed library sizes per class.
+
+    Examples
+    --------
+    >>> model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key="cell_type")  # doctest: +SKIP
+    >>> model.space  # doctest: +SKIP
+    ScviSpace(SCVI latent obsm['X_scVI'])
+    """
+
+    name = "scvi"
+    #: sub-directory of a saved model with the scVI model's weights and set-up
+    DIRECTORY = SCVI_DIR
+
+    def __init__(self, *, vae, info: dict, library_sizes: list, **kwargs):
+        super().__init__(**kwargs)
+        self.vae = vae
+        self.info = info
+        self.library_sizes = list(library_sizes)
+
+    @classmethod
+    def fit(cls, adata, setup, labels, n_classes, *, scvi_model=None, **kwargs):  # noqa: D102
+        obsm_key = setup.get("obsm_key")
+        if scvi_model is None or obsm_key is None:
+            raise ValueError(
+                "The scVI space needs AnnData set up with `obsm_key` naming the latent means of "
+                "`scvi_model=`; `BranchedDiffusion.from_scvi_model(scvi_model, labels_key=...)` "
+                "does both."
+            )
+        info = scvi_info(scvi_model)
+        latent = np.asarray(get_matrix(adata, obsm_key=obsm_key))
+        if latent.shape[1] != info["n_latent"]:
+            raise ValueError(
+                f"adata.obsm[{obsm_key!r}] has {latent.shape[1]} dimensions but the scVI "
+                f"model's latent has {info['n_latent']}: it is not this model's latent."
+            )
+        # the diffusion must learn the latents the decoder expects: check a sample of cells
+        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, min(256, adata.n_obs), False))
+        expected = latent_of(scvi_model, adata, info, rows)
+        err = np.linalg.norm(latent[rows] - expected) / max(np.linalg.norm(expected), 1e-12)
+        if not err <= 1e-3:
+            raise ValueError(
+                f"adata.obsm[{obsm_key!r}] is not the scVI model's latent mean (relative "
+                f"difference {err:.3g}). Store `scvi_model.get_latent_representation()` there, "
+                "or use `BranchedDiffusion.from_scvi_model`."
+            )
+        library = library_sizes_of(adata, info)
+        info["default_batch"] = default_batch(adata, info)
+        return cls(
+            obsm_key=obsm_key,
+            vae=scvi_model,
+            info=info,
+            library_sizes=class_pools(library, labels, n_classes),
+        )
+
+    @staticmethod
+    def store_latent(vae, adata: AnnData | None, obsm_key: str, labels_key: str) -> AnnData:
+        """Write ``vae``'s latent means of ``adata`` to ``obsm[obsm_key]`` (or check them).
+
+        An existing entry is reused only if it holds the same latents: scbranch never
+        overwrites it. ``adata`` defaults to the AnnData the scVI model was set up with.
+        """
+        info = scvi_info(vae)
+        if adata is None:
+            adata = vae.adata
+            if adata is None:
+                raise ValueError("The scVI model holds no AnnData; pass `adata=`.")
+        check_obs_key(adata, labels_key)
+        latent = latent_of(vae, adata, info)
+        if obsm_key in adata.obsm:
+            stored = np.asarray(adata.obsm[obsm_key], dtype=np.float32)
+            if stored.shape != latent.shape or not np.allclose(stored, latent, atol=1e-4):
+                raise ValueError(
+                    f"adata.obsm[{obsm_key!r}] exists and is not this scVI model's latent mean; "
+                    "pass another `obsm_key=` (scbranch never overwrites it) or delete it."
+                )
+        else:
+            adata.obsm[obsm_key] = latent
+        return adata
+
+    @property
+    def n_input(self) -> int:  # noqa: D102
+        return int(self.info["n_latent"])
+
+    @property
+    def var_names(self) -> np.ndarray:  # noqa: D102
+        return np.asarray(self.info["var_names"]).astype(str)
+
+    def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
+        x = latent_of(self.vae, adata, self.info)
+        check_finite(x, f"the representation of {what}")
+        return x
+
+    def class_data(self, adata, what):  # noqa: D102
+        return self.encode(adata, what), {"library": library_sizes_of(adata, self.info)}
+
+    def add_class(self, extras) -> None:  # noqa: D102
+        new = class_pools(extras["library"], np.zeros(len(extras["library"]), int), 1)
+        self.library_sizes = [*self.library_sizes, *new]
+
+    def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
+        if residual_noise:
+            raise ValueError(
+                "residual_noise applies to models that decode a PCA to genes; this model "
+                f"(diffusing {self.describe()}) has no PCA decoder."
+            )
+        if counts is False:
+            raise ValueError("scVI models always generate counts; drop `counts=False`.")
+        batches = list(self.info["batches"])
+        if batch is not None and (not self.info["batch_key"] or batch not in batches):
+            raise ValueError(
+                f"Unknown batch {batch!r}; the scVI model's batches are {batches}."
+                if self.info["batch_key"]
+                else "The scVI model was set up without batches; drop `batch=`."
+            )
+        if self.info["batch_key"] and batch is None:
+            batch = self.info["default_batch"]
+        return {"counts": True, "batch": batch, "residual_noise": False}
+
+    def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
+        info = self.info
+        batch = options.get("batch") or info["default_batch"]  # "" without batches
+        batch_code = list(info["batches"]).index(batch)
+        library = draw_from_pools(self.library_sizes, codes, np.random.default_rng([seed, 2]))
+        scale, sampled = decode_latents(self.vae, z, library, np.full(len(z), batch_code), seed)
+        out = Decoded(
+            X=log_normalize(sampled),
+            var_names=self.var_names,
+            layers={Key.layers.COUNTS: sampled, Key.layers.SCALE: scale},
+            obs={Key.obs.LIBRARY_SIZE: library},
+        )
+        if info["batch_key"]:
+            out.obs[info["batch_key"]] = pd.Categorical(
+                [batch] * len(z), categories=list(info["batches"])
+            )
+        return out
+
+    def layers_made(self, options) -> list[str]:  # noqa: D102
+        return [Key.layers.COUNTS, Key.layers.SCALE]
+
+    def bytes_per_cell(self, options) -> int:  # noqa: D102
+        # scVI's normalised expression (float32, gathered from chunks) and the sparse counts
+        return len(self.var_names) * 16
+
+    def decode_estimates(self, z) -> np.ndarray:  # noqa: D102
+        batch_code = list(self.info["batches"]).index(self.info["default_batch"])
+        scale, _ = decode_latents(
+            self.vae,
+            z,
+            np.full(len(z), SCVI_NORMALIZED_TOTAL),
+            np.full(len(z), batch_code),
+            seed=0,
+        )
+        return np.log1p(scale * SCVI_NORMALIZED_TOTAL)
+
+    def describe(self) -> str:  # noqa: D102
+        return f"{self.info['class']} latent obsm[{self.obsm_key!r}]"
+
+    def state(self) -> dict:  # noqa: D102
+        return {**super().state(), "info": self.info, "library_sizes": self.library_sizes}
+
+    def save_files(self, directory: Path, prefix: str = "") -> None:  # noqa: D102
+        save_scvi_weights(self.vae, Path(directory) / f"{prefix}{self.DIRECTORY}")
+
+    @property
+    def nested_model(self):  # noqa: D102
+        return self.vae
+
+    def to_device(self, device) -> None:  # noqa: D102
+        self.vae.to_device(device)
+
+    @classmethod
+    def from_state(cls, state, directory=None, prefix=""):  # noqa: D102
+        if directory is None:
+            raise ValueError("An scVI space is loaded from a model directory.")
+        info = dict(state["info"])
+        vae = load_scvi_weights(Path(directory) / f"{prefix}{cls.DIRECTORY}", info)
+        return cls(
+            obsm_key=state["obsm_key"],
+            vae=vae,
+            info=info,
+            library_sizes=list(state["library_sizes"]),
+        )
