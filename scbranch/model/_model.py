@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from ._output import check_memory, keep_layers, requested_cells
 from ._spaces import SPACES, ScviSpace, Space, auto_noise, space_name
 from ._streaming import model_datamodule, use_block_loader
 from ._training_plan import DiffusionTrainingPlan, trainer_defaults
+
+if TYPE_CHECKING:
+    from scvi.model import SCVI
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         discovery_kwargs: dict | None = None,
         t_sampling: str | None = None,
         space: str | Space | None = None,
-        scvi_model=None,
+        scvi_model: SCVI | None = None,
         gaussian_skip: str = "global",
         objective: str = "eps",
     ):
@@ -290,7 +294,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     @classmethod
     def from_scvi_model(
         cls,
-        scvi_model,
+        scvi_model: SCVI,
         labels_key: str,
         *,
         adata: AnnData | None = None,
@@ -355,6 +359,18 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     def get_from_registry(self, adata: AnnData, key: str) -> np.ndarray:
         """Data registered under ``key`` for ``adata``.
 
+        Parameters
+        ----------
+        adata
+            An AnnData set up for this model (:meth:`setup_anndata`, or the training data).
+        key
+            A registry key: ``"labels"`` (the integer code of each cell's type), ``"X"`` (the
+            expression or layer), ``"rep"`` (the latent of ``obsm_key``).
+
+        Returns
+        -------
+        The registered array, one row per cell.
+
         Examples
         --------
         >>> labels = model.get_from_registry(adata, "labels")  # doctest: +SKIP
@@ -399,7 +415,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         **trainer_kwargs,
-    ):
+    ) -> None:
         """Train the score network with Lightning.
 
         Parameters
@@ -443,6 +459,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Options of the scvi-tools data splitter.
         **trainer_kwargs
             Passed to the Lightning trainer (``gradient_clip_val`` defaults to 1.0).
+
+        Returns
+        -------
+        Nothing; the model is trained in place (``model.is_trained``), with the losses in
+        ``model.history``.
 
         Examples
         --------
@@ -704,92 +725,16 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     get_denoising_error = _diagnostics.get_denoising_error
 
     # ------------------------------------------------------------------ persistence
-    def save(
-        self,
-        dir_path: str | Path,
-        prefix: str | None = None,
-        overwrite: bool = False,
-        save_anndata: bool = False,
-        **anndata_write_kwargs,
-    ) -> None:
-        """Save the model to ``dir_path`` as tensors and plain data (nothing that runs code).
-
-        ``model.safetensors`` holds the weights; ``model.json`` and ``model.npz`` everything
-        else, ``scvi/`` a nested scVI model (docs/security.md).
-
-        Parameters
-        ----------
-        dir_path
-            Directory to create.
-        prefix
-            Prefix of the saved file names.
-        overwrite
-            Replace the model files of an existing directory (otherwise an error).
-        save_anndata
-            Also save the registered AnnData (``adata.h5ad``).
-        **anndata_write_kwargs
-            Passed to :meth:`anndata.AnnData.write_h5ad`.
-
-        Examples
-        --------
-        >>> model.save("pbmc_model/")  # doctest: +SKIP
-
-        Under multi-device training (DDP) every process runs the script, but only process 0
-        writes; the others return without touching ``dir_path``.
-        """
-        _persistence.save_model(
-            self, dir_path, prefix=prefix or "", overwrite=overwrite,
-            save_anndata=save_anndata, **anndata_write_kwargs,
-        )  # fmt: skip
-
-    @classmethod
-    def load(
-        cls,
-        dir_path: str | Path,
-        adata: AnnData | None = None,
-        *,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        prefix: str | None = None,
-        trust_pickle: bool = False,
-    ) -> BranchedDiffusion:
-        """Load a saved model (:meth:`~scbranch.BranchedDiffusion.save`) without running its code.
-
-        Parameters
-        ----------
-        dir_path
-            Directory the model was saved to.
-        adata
-            Optional AnnData to attach (its genes/representation must match the model's).
-        accelerator, device
-            Where to put the model (Lightning's names: ``"cpu"``, ``"gpu"``, ``"auto"``).
-        prefix
-            Prefix of the saved file names.
-        trust_pickle
-            Models saved by scbranch < 0.2 are pickles, and loading a pickle runs whatever code
-            it contains: pass `True` only for a directory whose origin you trust (convert it
-            once with ``scbranch convert``). Without it such a directory is refused.
-
-        Returns
-        -------
-        The model.
-
-        Examples
-        --------
-        >>> model = BranchedDiffusion.load("pbmc_model/")  # doctest: +SKIP
-        """
-        return _persistence.load_model(
-            cls,
-            dir_path,
-            adata=adata,
-            accelerator=accelerator,
-            device=device,
-            prefix=prefix or "",
-            trust_pickle=trust_pickle,
-        )
+    save = _persistence.save
+    load = classmethod(_persistence.load)
 
     def to_device(self, device: str | int | torch.device) -> None:
         """Move the model (and a nested scVI model) to ``device``.
+
+        Parameters
+        ----------
+        device
+            A torch device or its name (``"cpu"``, ``"cuda:0"``) or a GPU index.
 
         Examples
         --------

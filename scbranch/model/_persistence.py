@@ -24,6 +24,7 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from anndata import AnnData
 from .._validation import check_genes_equal
 from ._plain import PlainFormatError, read_plain, write_plain
 from ._spaces import SPACES, ExpressionSpace, PcaSpace, ScviSpace, _SizeFactorCounts
+
+if TYPE_CHECKING:
+    from ._model import BranchedDiffusion
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +73,41 @@ def _attributes(model) -> dict:
     return {k: v for k, v in vars(model).items() if k.endswith("_") and not k.startswith("_")}
 
 
-def save_model(
-    model,
-    dir_path,
-    *,
-    prefix: str = "",
+def save(
+    self,
+    dir_path: str | Path,
+    prefix: str | None = None,
     overwrite: bool = False,
     save_anndata: bool = False,
     **anndata_write_kwargs,
 ) -> None:
-    """Write ``model`` to ``dir_path`` (see the module docstring for the layout)."""
+    """Save the model to ``dir_path`` as tensors and plain data (nothing that runs code).
+
+    ``model.safetensors`` holds the weights; ``model.json`` and ``model.npz`` everything
+    else, ``scvi/`` a nested scVI model (docs/security.md; the layout is in this module's
+    docstring).
+
+    Parameters
+    ----------
+    dir_path
+        Directory to create.
+    prefix
+        Prefix of the saved file names.
+    overwrite
+        Replace the model files of an existing directory (otherwise an error).
+    save_anndata
+        Also save the registered AnnData (``adata.h5ad``).
+    **anndata_write_kwargs
+        Passed to :meth:`anndata.AnnData.write_h5ad`.
+
+    Examples
+    --------
+    >>> model.save("pbmc_model/")  # doctest: +SKIP
+
+    Under multi-device training (DDP) every process runs the script, but only process 0
+    writes; the others return without touching ``dir_path``.
+    """
+    model, prefix = self, prefix or ""
     from lightning.pytorch.utilities import rank_zero_only
 
     rank = int(getattr(rank_zero_only, "rank", 0) or 0)
@@ -139,17 +168,42 @@ def _corrupt(directory: Path, err) -> ValueError:
     )
 
 
-def load_model(
+def load(
     cls,
-    dir_path,
-    *,
+    dir_path: str | Path,
     adata: AnnData | None = None,
+    *,
     accelerator: str = "auto",
-    device="auto",
-    prefix: str = "",
+    device: int | str = "auto",
+    prefix: str | None = None,
     trust_pickle: bool = False,
-):
-    """Rebuild a model saved by :func:`save_model` (legacy pickles only if trusted)."""
+) -> BranchedDiffusion:
+    """Load a saved model (:meth:`~scbranch.BranchedDiffusion.save`) without running its code.
+
+    Parameters
+    ----------
+    dir_path
+        Directory the model was saved to.
+    adata
+        Optional AnnData to attach (its genes/representation must match the model's).
+    accelerator, device
+        Where to put the model (Lightning's names: ``"cpu"``, ``"gpu"``, ``"auto"``).
+    prefix
+        Prefix of the saved file names.
+    trust_pickle
+        Models saved by scbranch < 0.2 are pickles, and loading a pickle runs whatever code
+        it contains: pass `True` only for a directory whose origin you trust (convert it
+        once with ``scbranch convert``). Without it such a directory is refused.
+
+    Returns
+    -------
+    The model.
+
+    Examples
+    --------
+    >>> model = BranchedDiffusion.load("pbmc_model/")  # doctest: +SKIP
+    """
+    prefix = prefix or ""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from scvi.model._utils import parse_device_args

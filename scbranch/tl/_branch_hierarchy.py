@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,19 @@ def hierarchy_record(result: DiscoveryResult, params: dict) -> dict:
 
 def read_hierarchy(adata: AnnData, key: str = Key.uns.HIERARCHY) -> tuple[BranchTree, dict]:
     """Tree and record stored by :func:`~scbranch.tl.branch_hierarchy` under ``adata.uns[key]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData on which :func:`~scbranch.tl.branch_hierarchy` was run.
+    key
+        Its ``key_added``.
+
+    Returns
+    -------
+    The :class:`~scbranch.module.BranchTree` and the whole record as stored (``params``,
+    ``tree``, ``newick``, the similarity curves ``times``, ``intra``, ``inter``, and
+    ``crossover``).
 
     Examples
     --------
@@ -178,7 +191,7 @@ def branch_hierarchy(
     *,
     use_rep: str | None = None,
     layer: str | None = None,
-    hierarchy=None,
+    hierarchy: str | Mapping | Sequence | None = None,
     times: str = "data",
     multifurcations: str = "keep",
     n_per_class: int = DiscoveryOptions.n_per_class,

@@ -694,6 +694,17 @@ def _uns_record(table: pd.DataFrame, params: dict) -> dict:
 def read_evaluation(adata: AnnData, key: str = Key.uns.EVALUATION) -> pd.DataFrame:
     """The table :func:`~scbranch.tl.evaluate` stored with ``key_added=key``, as a DataFrame.
 
+    Parameters
+    ----------
+    adata
+        The generated cells :func:`~scbranch.tl.evaluate` was called with.
+    key
+        Its ``key_added``.
+
+    Returns
+    -------
+    The tidy table :func:`~scbranch.tl.evaluate` returned (one row per space, group and metric).
+
     Examples
     --------
     >>> sb.tl.evaluate(gen, heldout, "cell_type", key_added="scbranch_evaluation")  # doctest: +SKIP

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anndata import AnnData
@@ -11,7 +12,9 @@ if TYPE_CHECKING:
     from ..model import BranchedDiffusion
 
 
-def generate(model: BranchedDiffusion, n_cells: int | Mapping[str, int] = 100, **kwargs) -> AnnData:
+def generate(
+    model: BranchedDiffusion, n_cells: int | Mapping[str, int] = 100, **kwargs
+) -> AnnData | Path:
     """Generate cells with a trained model, as a new AnnData (notebook-style mirror).
 
     Parameters
@@ -26,7 +29,8 @@ def generate(model: BranchedDiffusion, n_cells: int | Mapping[str, int] = 100, *
 
     Returns
     -------
-    The generated cells; the user's data are never modified.
+    The generated cells, or with ``out=`` the path of the file they were written to; the
+    user's data are never modified.
 
     Examples
     --------
@@ -37,7 +41,7 @@ def generate(model: BranchedDiffusion, n_cells: int | Mapping[str, int] = 100, *
 
 def generate_anchored(
     model: BranchedDiffusion, adata: AnnData, n_cells: int | Mapping[str, int] = 100, **kwargs
-) -> AnnData:
+) -> AnnData | Path:
     """Generate new cells of each type from real cells of that type (notebook-style mirror).
 
     Parameters
@@ -55,8 +59,8 @@ def generate_anchored(
 
     Returns
     -------
-    The new cells, each with its anchor in ``obs['scbranch_anchor']``; the user's data are
-    never modified.
+    The new cells, each with its anchor in ``obs['scbranch_anchor']`` (with ``out=``, the path
+    of the file they were written to); the user's data are never modified.
 
     Examples
     --------
