@@ -178,7 +178,9 @@ def check_setup_data(
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     check_cells(adata)
     check_obs_key(adata, labels_key)
-    check_rep_key(adata, obsm_key=obsm_key, layer=layer)
+    # a latent (obsm_key) may come with the layer its PCA was computed on, to decode into
+    check_rep_key(adata, obsm_key=obsm_key)
+    check_rep_key(adata, layer=layer)
     if counts_layer is not None and counts_layer not in adata.layers:
         raise KeyError(
             f"counts_layer={counts_layer!r} is not in adata.layers (available: "

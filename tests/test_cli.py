@@ -355,7 +355,7 @@ def test_traceback_flag_reraises(tmp_path):
         ["generate", "m", "--n-cells", "0", "--out", "g.h5ad"],
         ["generate", "m", "--n-cells", "5", "--out", "g.h5ad", "--solver", "euler"],
         ["generate", "m", "--out", "g.h5ad"],
-        ["fit", "d.h5ad", "--labels", "x", "--rep", "X_pca", "--layer", "L", "--out", "m"],
+        ["fit", "d.h5ad", "--labels", "x", "--rep", "X_pca", "--scvi", "--out", "m"],
         ["fit", "d.h5ad", "--labels", "x", "--out", "m", "--accelerator", "tpu"],
         ["fit", "d.h5ad", "--labels", "x", "--out", "m", "--devices", "two"],
         ["generate", "m", "--n-cells", "5", "--out", "g.h5ad", "--device", "-1"],
@@ -527,6 +527,23 @@ def test_fit_out_of_fold_learns_new_cells_spread_and_generates_nb(tmp_path, caps
     adata.write_h5ad(data)
     bad = [*fit[:3], "X_other", *fit[4:], "--out-of-fold", "--out", str(tmp_path / "bad2")]
     assert main(bad) == 2 and "--out-of-fold" in _error_line(capsys)
+
+
+def test_fit_a_pca_of_a_layer_decodes_into_it(tmp_path, capsys):
+    adata = scbranch.datasets.pbmc68k()
+    adata.layers["lognorm"] = adata.X.copy()  # the PCA was computed on it
+    adata.X = adata.layers["counts"].copy()
+    data = tmp_path / "pbmc.h5ad"
+    adata.write_h5ad(data)
+    common = [str(data), "--labels", "cell_type", "--max-epochs", "1", "--width", "16", "-q"]
+    fit = ["fit", *common, "--rep", "X_pca", "--layer", "lognorm", "--out", str(tmp_path / "m")]
+    assert main(fit) == 0
+    out = tmp_path / "gen.h5ad"
+    assert main(["generate", str(tmp_path / "m"), "--n-cells", "3", "--out", str(out), "-q"]) == 0
+    gen = ad.read_h5ad(out)
+    assert list(gen.var_names) == list(adata.var_names)  # decoded into the layer's genes
+    scvi = ["fit", *common, "--scvi", "--layer", "lognorm", "--out", str(tmp_path / "bad")]
+    assert main(scvi) == 2 and "--counts-layer" in _error_line(capsys)
 
 
 def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):

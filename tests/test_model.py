@@ -234,6 +234,35 @@ def test_pca_of_other_data_is_not_decoded():
     assert gen.n_vars == 0 and gen.obsm["X_pca"].shape == (8, 6)
 
 
+def test_pca_of_a_layer_decodes_into_that_layer(tmp_path):
+    # a common layout: .X holds counts and the PCA was computed on a log-normalised layer
+    adata = _pca_adata()
+    lognorm = adata.X.copy()
+    adata.layers["lognorm"] = lognorm
+    adata.X = np.round(np.expm1(lognorm) * 10).astype(np.float32)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    with pytest.warns(UserWarning, match="is not the PCA"):
+        assert sb.BranchedDiffusion(adata, width=16, n_head_blocks=1).space.decoder is None
+    sb.BranchedDiffusion.setup_anndata(
+        adata, labels_key="cell_type", obsm_key="X_pca", layer="lognorm"
+    )
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    dec = model.space.decoder
+    assert dec is not None
+    pcs, mean = adata.varm["PCs"], lognorm.mean(0)
+    recon = sb.model._decoding.decode(dec, adata.obsm["X_pca"])
+    np.testing.assert_allclose(recon, (lognorm - mean) @ pcs @ pcs.T + mean, atol=1e-4)
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    gen = model.generate(n_cells=3, seed=0, progress_bar=False)
+    assert gen.shape == (12, adata.n_vars)
+    np.testing.assert_allclose(gen.X, sb.model._decoding.decode(dec, gen.obsm["X_pca"]), atol=1e-5)
+    assert gen.uns["scbranch"]["model"]["layer"] == "lognorm"
+    model.save(tmp_path / "m")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m", adata)
+    again = loaded.generate(n_cells=3, seed=0, progress_bar=False)
+    np.testing.assert_array_equal(again.X, gen.X)
+
+
 def test_expression_space_model():
     adata = _pca_adata()
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type")

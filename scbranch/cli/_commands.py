@@ -80,6 +80,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
         if args.target_sum is not None:
             raise CLIError("--target-sum applies to expression models; scVI reads the counts.")
+        if args.layer is not None:
+            raise CLIError(
+                "--layer applies to PCA and expression models; --scvi trains on the counts "
+                "(--counts-layer)."
+            )
 
         logger.info("Training scVI on the counts in %s.", args.counts_layer or ".X")
         vae = fit_scvi(

@@ -166,17 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
         "get expression in .X too when the PCA loadings are in .varm['PCs'].",
     )
     rep.add_argument(
-        "--layer",
-        metavar="L",
-        default=None,
-        help="Layer with log-normalised expression to learn instead of a representation "
-        "(default without --rep: .X).",
-    )
-    rep.add_argument(
         "--scvi",
         action="store_true",
         help="Train an scVI model on the counts (--counts-layer) and learn its latent space; "
         "generated cells then get scVI's normalised expression and negative-binomial counts.",
+    )
+    fit.add_argument(
+        "--layer",
+        metavar="L",
+        default=None,
+        help="Layer with log-normalised expression (default: .X): what the model learns without "
+        "--rep, or, with --rep of a PCA, the expression the PCA was computed on, which generated "
+        "cells are decoded into (e.g. when .X holds counts).",
     )
     fit.add_argument(
         "--counts-layer",

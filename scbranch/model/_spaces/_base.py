@@ -121,7 +121,10 @@ class Space:
 
     def training_matrix(self, adata: AnnData):
         """The (dense or sparse) matrix of the set-up cells the diffusion learns."""
-        return get_matrix(adata, obsm_key=self.obsm_key, layer=self.layer)
+        # a latent's layer is what it decodes into, not what is diffused
+        if self.obsm_key is not None:
+            return get_matrix(adata, obsm_key=self.obsm_key)
+        return get_matrix(adata, layer=self.layer)
 
     @property
     def hierarchy_rep(self) -> tuple[str | None, str | None]:
