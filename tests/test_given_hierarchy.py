@@ -75,6 +75,19 @@ def test_a_wrong_topology_is_kept_as_given_and_the_comparison_says_so():
     assert adata.uns["scbranch_hierarchy_comparison"]["robinson_foulds"] == 0
     fig = sb.pl.compare_hierarchies(adata, "scbranch_hierarchy", "wrong", return_fig=True)
     assert len(fig.axes) == 3
+    # given an Axes of a grid, the three panels take its place in the user's figure
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2)
+    mid = sb.pl.compare_hierarchies(adata, "scbranch_hierarchy", "wrong", ax=right, show=False)
+    assert mid.figure is fig and left in fig.axes and right not in fig.axes
+    assert len(fig.axes) == 4
+    assert mid.get_position().x0 > left.get_position().x1  # inside the right half
+    with pytest.raises(ValueError, match="Axes of a grid"):
+        sb.pl.compare_hierarchies(
+            adata, "scbranch_hierarchy", "wrong", ax=fig.add_axes((0, 0, 0.1, 0.1))
+        )
+    plt.close("all")
 
 
 def test_every_form_gives_the_same_tree():

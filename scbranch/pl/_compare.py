@@ -31,6 +31,7 @@ def compare_hierarchies(
     *,
     titles: tuple[str, str] | None = None,
     show_times: bool = False,
+    ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
     **kwargs: Any,
@@ -51,6 +52,10 @@ def compare_hierarchies(
         Titles of the two panels (default: the keys).
     show_times
         Write branch times at the branch points.
+    ax
+        An Axes of a grid (e.g. from :func:`matplotlib.pyplot.subplots`) whose place the three
+        panels (left tree, links, right tree) share; it is replaced by them. `None`: a new
+        figure.
     show
         Show the figure (`None`: follow ``scanpy.settings.autoshow``).
     return_fig
@@ -74,12 +79,23 @@ def compare_hierarchies(
         titles = tuple(k if isinstance(k, str) else "tree" for k in (key_a, key_b))
     n = tree_a.n_classes
     longest = max(len(c) for c in tree_a.classes)
-    _, (ax_a, ax_mid, ax_b) = plt.subplots(
-        1,
-        3,
-        figsize=(8.0 + 0.12 * longest, max(3.0, 0.35 * n + 1.2)),
-        gridspec_kw={"width_ratios": [3, 1.2 + 0.06 * longest, 3], "wspace": 0.05},
-    )
+    grid = {"width_ratios": [3, 1.2 + 0.06 * longest, 3], "wspace": 0.05}
+    if ax is None:
+        _, (ax_a, ax_mid, ax_b) = plt.subplots(
+            1, 3, figsize=(8.0 + 0.12 * longest, max(3.0, 0.35 * n + 1.2)), gridspec_kw=grid
+        )
+    else:
+        # three panels in the place of one Axes, as a grid cell split in three
+        spec = ax.get_subplotspec()
+        if spec is None:
+            raise ValueError(
+                "`ax` must be an Axes of a grid (plt.subplots, fig.add_subplot, subfigures); "
+                "its place is split into the three panels."
+            )
+        figure = ax.figure
+        ax.remove()
+        cells = spec.subgridspec(1, 3, **grid)
+        ax_a, ax_mid, ax_b = (figure.add_subplot(cells[0, i]) for i in range(3))
     branch_tree(tree_a, orientation="left", show_times=show_times, ax=ax_a, show=False, **kwargs)
     branch_tree(tree_b, orientation="right", show_times=show_times, ax=ax_b, show=False, **kwargs)
     ax_a.set_title(titles[0])
