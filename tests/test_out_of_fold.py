@@ -53,8 +53,8 @@ def test_rescaled_scores_spread_like_new_cells_on_every_component(simulated):
     # ... and the rescaled scores spread like new cells' scores, component by component
     np.testing.assert_allclose(rescaled, 1.0, atol=0.1)
     record = train.uns["scbranch_out_of_fold"]["X_pca_oof"]
-    assert record["obsm_key"] == "X_pca" and record["n_folds"] == 5
-    assert record["method"] == "rescale"
+    assert record["params"]["obsm_key"] == "X_pca" and record["params"]["n_folds"] == 5
+    assert record["params"]["method"] == "rescale"
     np.testing.assert_allclose(
         record["inflation"], train.obsm["X_pca"].std(0) / train.obsm["X_pca_oof"].std(0), rtol=1e-4
     )

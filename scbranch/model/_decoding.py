@@ -131,7 +131,8 @@ def out_of_fold_source(adata: AnnData, obsm_key: str) -> str | None:
     record = adata.uns.get(Key.uns.OUT_OF_FOLD, {}).get(obsm_key)
     if record is None:
         return None
-    source = str(record["obsm_key"])
+    # scbranch <= 0.2 stored the parameters flat, later versions under "params"
+    source = str(record.get("params", record)["obsm_key"])
     if source not in adata.obsm or adata.obsm[source].shape != adata.obsm[obsm_key].shape:
         raise KeyError(
             f"adata.obsm[{obsm_key!r}] holds out-of-fold scores of obsm[{source!r}], which is "

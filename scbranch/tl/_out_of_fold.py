@@ -66,7 +66,8 @@ def pca_out_of_fold(
     method: str = "rescale",
     key_added: str = "X_pca_oof",
     seed: int = 0,
-) -> None:
+    copy: bool = False,
+) -> AnnData | None:
     """PC scores that spread like a new cell's, in the basis of the PCA of all cells.
 
     Cells are split into ``n_folds`` folds (stratified by ``groupby``); the cells of each fold
@@ -102,13 +103,15 @@ def pca_out_of_fold(
         ``obsm`` key of the out-of-fold scores.
     seed
         Seed of the folds and of the fold PCAs.
+    copy
+        Work on a copy of ``adata`` and return it, leaving ``adata`` as it is.
 
     Returns
     -------
-    Nothing; sets ``adata.obsm[key_added]`` (float32, same shape as ``obsm[obsm_key]``) and
-    ``adata.uns['scbranch_out_of_fold'][key_added]`` (the parameters, the PCA the scores decode
-    through, and ``inflation``: per component, the in-sample over the out-of-fold standard
-    deviation).
+    With ``copy=True`` the copy, else `None`; sets ``adata.obsm[key_added]`` (float32, same
+    shape as ``obsm[obsm_key]``) and ``adata.uns['scbranch_out_of_fold'][key_added]``:
+    ``"params"`` (the arguments; ``params["obsm_key"]`` is the PCA the scores decode through)
+    and ``"inflation"`` (per component, the in-sample over the out-of-fold standard deviation).
 
     Examples
     --------
@@ -120,6 +123,12 @@ def pca_out_of_fold(
     True
     >>> bool(adata.uns["scbranch_out_of_fold"]["X_pca_oof"]["inflation"][:5].mean() > 1)
     True
+    >>> adata.uns["scbranch_out_of_fold"]["X_pca_oof"]["params"]["obsm_key"]
+    'X_pca'
+    >>> sb.tl.pca_out_of_fold(adata, key_added="X_pca_oof3", n_folds=3, copy=True).obsm.keys()
+    KeysView(AxisArrays with keys: X_pca, X_umap, X_pca_oof, X_pca_oof3)
+    >>> "X_pca_oof3" in adata.obsm
+    False
     """
     import scanpy as sc
 
@@ -150,6 +159,8 @@ def pca_out_of_fold(
             "adata.varm['PCs']; run `sc.pp.pca(adata)` on the log-normalised expression (or "
             "pass the `layer=` it was computed on)."
         )
+    if copy:
+        adata = adata.copy()
     n_folds = int(n_folds)
     labels = None if groupby is None else adata.obs[groupby].astype(str).to_numpy()
     fold = _folds(adata.n_obs, n_folds, labels, seed)
@@ -188,12 +199,14 @@ def pca_out_of_fold(
     adata.obsm[key_added] = scores.astype(np.float32)
     records = dict(adata.uns.get(Key.uns.OUT_OF_FOLD, {}))
     records[key_added] = {
-        "obsm_key": obsm_key,
-        "layer": "" if layer is None else layer,
-        "groupby": "" if groupby is None else groupby,
-        "n_folds": n_folds,
-        "method": method,
-        "seed": int(seed),
+        "params": {
+            "obsm_key": obsm_key,
+            "layer": "" if layer is None else layer,
+            "groupby": "" if groupby is None else groupby,
+            "n_folds": int(n_folds),
+            "method": method,
+            "seed": int(seed),
+        },
         "inflation": inflation.astype(np.float32),
     }
     adata.uns[Key.uns.OUT_OF_FOLD] = records
@@ -204,3 +217,4 @@ def pca_out_of_fold(
         float(inflation.mean()),
         n_comps,
     )
+    return adata if copy else None
