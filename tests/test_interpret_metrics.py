@@ -408,6 +408,12 @@ def test_identity_retention_survives_h5ad(tmp_path):
         read_interpretation(back, "scbranch_identity_retention"), table, check_dtype=False
     )
     np.testing.assert_allclose(back.obs[RETENTION_OBS_KEY], tm.obs[RETENTION_OBS_KEY])
+    # key_added=None stores nothing: the table only
+    untouched = make_transmuted()
+    before = (set(untouched.obs.columns), set(untouched.uns))
+    alone = identity_retention(untouched, n_shuffles=10, key_added=None)
+    pd.testing.assert_frame_equal(alone, table)
+    assert (set(untouched.obs.columns), set(untouched.uns)) == before
 
 
 def test_identity_retention_bad_inputs():

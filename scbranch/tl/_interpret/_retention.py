@@ -97,8 +97,8 @@ def identity_retention(
         Random re-pairings averaged in the control.
     key_added
         Store an h5ad-safe copy of the table and the parameters in
-        ``transmuted.uns[key_added]`` (read it back with :func:`read_interpretation`);
-        `None`: do not store.
+        ``transmuted.uns[key_added]`` (read it back with :func:`read_interpretation`) and each
+        trajectory's correlation in ``obs``; `None`: store nothing, only return the table.
     seed
         Seed of the re-pairings.
 
@@ -110,7 +110,8 @@ def identity_retention(
     over shuffles) and ``rank_retention``. Sets the following fields:
 
     `transmuted.obs['scbranch_identity_retention']` : :class:`float`
-        Each trajectory's correlation, on all its rows (NaN for trajectories not scored).
+        Each trajectory's correlation, on all its rows (NaN for trajectories not scored),
+        unless ``key_added`` is `None`.
     `transmuted.uns[key_added]` : :class:`dict`
         ``'params'`` and ``'table'``, unless ``key_added`` is `None`.
 
@@ -174,8 +175,8 @@ def identity_retention(
         )
     table = pd.DataFrame(rows, columns=RETENTION_COLUMNS)
     ids = transmuted.obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
-    transmuted.obs[RETENTION_OBS_KEY] = per_trajectory.reindex(ids).to_numpy(dtype=np.float64)
     if key_added is not None:
+        transmuted.obs[RETENTION_OBS_KEY] = per_trajectory.reindex(ids).to_numpy(dtype=np.float64)
         transmuted.uns[key_added] = _record(
             table,
             params={
