@@ -66,7 +66,7 @@ def _own_members() -> dict[str, list[str]]:
     import scbranch
 
     classes = {"scbranch.BranchedDiffusion": scbranch.BranchedDiffusion}
-    for sub in ("tl", "pl", "metrics", "datasets", "baselines", "model", "module"):
+    for sub in ("tl", "pl", "metrics", "datasets", "baselines", "model", "module", "io"):
         module = getattr(scbranch, sub)
         for name in module.__all__:
             obj = getattr(module, name)
