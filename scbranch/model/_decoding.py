@@ -131,7 +131,7 @@ def out_of_fold_source(adata: AnnData, obsm_key: str) -> str | None:
     record = adata.uns.get(Key.uns.OUT_OF_FOLD, {}).get(obsm_key)
     if record is None:
         return None
-    # scbranch <= 0.2 stored the parameters flat, later versions under "params"
+    # earlier versions stored the parameters flat, today's under "params"
     source = str(record.get("params", record)["obsm_key"])
     if source not in adata.obsm or adata.obsm[source].shape != adata.obsm[obsm_key].shape:
         raise KeyError(
