@@ -36,7 +36,17 @@ logger = logging.getLogger("split_seeds")
 DEFAULT = "conditioned"
 UNSEEN = "probe: real cells, unseen"
 CONTROL = "control (real vs real)"
-ROWS = (DEFAULT, "per-class Gaussian", "smoothed bootstrap", "scVI resampling", UNSEEN)
+BASELINES = ("per-class Gaussian", "smoothed bootstrap", "scVI resampling")
+ROWS = (DEFAULT, *BASELINES, UNSEEN)
+
+
+def rows_of(table: pd.DataFrame) -> list[str]:
+    """The rows to report: the default, any other model row run (``--architectures``), the
+    baselines and the known answer, in that order."""
+    models = [m for m in table.columns if m not in (*ROWS, CONTROL) and not m.startswith("probe")]
+    return [r for r in (DEFAULT, *models, *BASELINES, UNSEEN) if r in table]
+
+
 #: metric -> (how the must-show reads it, threshold): "diff" generated - control <= threshold,
 #: "ratio" generated / control within or above the bound
 MUST = {
@@ -71,9 +81,7 @@ def across(values: pd.DataFrame, metric: str) -> pd.DataFrame:
     table = split_table(values).xs(metric, level="metric")
     n = len(table)
     out = {}
-    for row in [*ROWS, CONTROL]:
-        if row not in table:
-            continue
+    for row in [*rows_of(table), CONTROL]:
         v = table[row]
         entry = {"mean": v.mean(), "se": v.std(ddof=1) / np.sqrt(n)}
         for ref in (CONTROL, UNSEEN, "per-class Gaussian", "scVI resampling"):
@@ -90,7 +98,7 @@ def must_show(values: pd.DataFrame) -> pd.DataFrame:
     """The default and the known answer against each must-show, per split and on the means."""
     table = split_table(values)
     lines = {}
-    for row in (DEFAULT, UNSEEN):
+    for row in [r for r in rows_of(table) if r not in BASELINES]:
         for metric, (words, ok) in MUST.items():
             t = table.xs(metric, level="metric")
             per = [bool(ok(g, c)) for g, c in zip(t[row], t[CONTROL], strict=True)]
@@ -127,7 +135,7 @@ def write_markdown(path: Path, results: dict, cfg: dict, wall_s: float) -> str:
             lines += [f"### {metric}", "", _md(across(values, metric).round(4)), ""]
         lines += ["### The must-shows, default and known answer", "", _md(must_show(values)), ""]
         auroc = split_table(values).xs("auroc", level="metric")
-        lines += ["### AUROC per split", "", _md(auroc[[*ROWS, CONTROL]].round(3)), ""]
+        lines += ["### AUROC per split", "", _md(auroc[[*rows_of(auroc), CONTROL]].round(3)), ""]
     return write_lines(path, lines)
 
 
@@ -140,8 +148,23 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--architectures",
+        default=DEFAULT,
+        help="model rows (quality.py's names and variants, e.g. conditioned:anchored25)",
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="run only the --architectures rows (no baselines, no probes) and add them to the "
+        "rows of an earlier run in --out, replacing rows of the same name",
+    )
     args = parser.parse_args(argv)
-    cfg = {**SETTINGS["fast" if args.fast else "cpu"], "architectures": (DEFAULT,)}
+    cfg = {
+        **SETTINGS["fast" if args.fast else "cpu"],
+        "architectures": tuple(args.architectures.split(",")),
+        "baselines": not args.add,
+    }
     cfg["train_seeds"] = cfg["train_seeds"][:1]
     markdown = prepare_run(args, "split_seeds")
     results = {}
@@ -157,13 +180,18 @@ def main(argv=None) -> int:
                 train, held, unseen = LOADERS[name](seed=split, fractions=SPLIT)
                 rows, _ = run_dataset(name, train, held, unseen, cfg)
                 parts.append(rows.assign(split=split))
-                pd.concat(parts).to_csv(f"rows_{name}.csv", index=False)
                 logger.info("%s: split %d done", name, split)
             rows = pd.concat(parts, ignore_index=True)
-            walls[name] = time.perf_counter() - t0  # each dataset may come from its own run
+            if args.add:  # the earlier run's rows, less those run again
+                earlier = pd.read_csv(f"rows_{name}.csv")
+                earlier = earlier[~earlier["method"].isin(rows["method"].unique())]
+                rows = pd.concat([earlier, rows], ignore_index=True)
+            rows.to_csv(f"rows_{name}.csv", index=False)
+            key = f"{name} {args.architectures}" if args.add else name
+            walls[key] = time.perf_counter() - t0  # each dataset may come from its own run
             meta_path.write_text(json.dumps(walls))
         results[name] = per_split(rows)
-    wall = sum(walls.get(name, 0.0) for name in results)
+    wall = sum(w for key, w in walls.items() if key.split(" ")[0] in results)
     print(write_markdown(markdown, results, cfg, wall))
     return 0
 
