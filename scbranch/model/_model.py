@@ -218,12 +218,23 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
     @property
     def summary_string(self) -> str:
-        """One paragraph describing the model (also in ``uns['scbranch']['model']``)."""
+        """One paragraph describing the model (also in ``uns['scbranch']['model']``).
+
+        Examples
+        --------
+        >>> print(model.summary_string)  # doctest: +SKIP
+        """
         return self._model_summary_string
 
     @property
-    def scvi_model(self):
-        """The scVI model that decodes this model's latents, or `None`."""
+    def scvi_model(self) -> SCVI | None:
+        """The scVI model that decodes this model's latents, or `None`.
+
+        Examples
+        --------
+        >>> model.scvi_model is None  # a PCA or expression model  # doctest: +SKIP
+        True
+        """
         return self.space.nested_model
 
     # ------------------------------------------------------------------ setup
@@ -342,18 +353,36 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     # ------------------------------------------------------------------ registry helpers
     @property
     def classes(self) -> list[str]:
-        """Cell types the model knows, in training order."""
+        """Cell types the model knows, in training order.
+
+        Examples
+        --------
+        >>> model.classes[:2]  # doctest: +SKIP
+        ['CD14+ Monocyte', 'CD19+ B']
+        """
         mapping = self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
         return [str(c) for c in mapping]
 
     @property
     def labels_key(self) -> str:
-        """Column of ``obs`` that holds the cell types."""
+        """Column of ``obs`` that holds the cell types.
+
+        Examples
+        --------
+        >>> model.labels_key  # doctest: +SKIP
+        'cell_type'
+        """
         return self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).original_key
 
     @property
     def tree(self) -> BranchTree:
-        """The branch tree of the model."""
+        """The branch tree of the model (:class:`~scbranch.module.BranchTree`).
+
+        Examples
+        --------
+        >>> model.tree.to_newick(2)  # doctest: +SKIP
+        "(('CD14+ Monocyte':0.63,Dendritic:0.63):0.07,...);"
+        """
         return self.module.tree
 
     def get_from_registry(self, adata: AnnData, key: str) -> np.ndarray:
