@@ -201,7 +201,9 @@ def check_setup_data(
             raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
     if obsm_key is not None:
         check_finite(adata.obsm[obsm_key], f"adata.obsm[{obsm_key!r}]")
-        return
+        if layer is None:  # .X is decoded into only if the PCA reproduces it (checked there)
+            return
+        # a layer named with a latent is the expression it decodes into: checked as such
     from .io._rows import count_nonfinite, is_on_disk, read_block
 
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"

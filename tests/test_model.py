@@ -263,6 +263,21 @@ def test_pca_of_a_layer_decodes_into_that_layer(tmp_path):
     np.testing.assert_array_equal(again.X, gen.X)
 
 
+def test_pca_with_a_layer_checks_the_layer():
+    adata = _pca_adata()
+    adata.layers["lognorm"] = adata.X.copy()
+    with pytest.raises(KeyError, match="layer='nope' is not in adata.layers"):
+        sb.BranchedDiffusion.setup_anndata(
+            adata, labels_key="cell_type", obsm_key="X_pca", layer="nope"
+        )
+    adata.layers["lognorm"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"adata.layers\['lognorm'\] contains 1 NaN"):
+        sb.BranchedDiffusion.setup_anndata(
+            adata, labels_key="cell_type", obsm_key="X_pca", layer="lognorm"
+        )
+    assert "_scvi_uuid" not in adata.uns  # refused before anything is registered
+
+
 def test_expression_space_model():
     adata = _pca_adata()
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type")
