@@ -174,8 +174,8 @@ def identity_retention(
             n,
         )
     table = pd.DataFrame(rows, columns=RETENTION_COLUMNS)
-    ids = transmuted.obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
     if key_added is not None:
+        ids = transmuted.obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
         transmuted.obs[RETENTION_OBS_KEY] = per_trajectory.reindex(ids).to_numpy(dtype=np.float64)
         transmuted.uns[key_added] = _record(
             table,
