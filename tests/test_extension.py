@@ -298,7 +298,7 @@ def test_fine_tune_shared_trades_identity_for_the_shared_path(architecture):
     assert all(p.requires_grad for p in model.module.parameters())
 
 
-@pytest.mark.parametrize("solver", ["heun", "em", "dpm2m", "pc"])
+@pytest.mark.parametrize("solver", ["heun", "em", "ei", "dpm2m", "pc"])
 def test_splitting_internal_branches_keeps_old_samples(solver):
     """New classes that split an INTERNAL branch, twice on one path, change nothing old."""
     from scbranch.module import BranchedDiffusionModule

@@ -584,7 +584,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Types to generate when ``n_cells`` is an int (default: all).
         solver
             A solver of :data:`~scbranch.module.SOLVERS`: ``"em"`` (reverse SDE, Euler-Maruyama,
-            1 call per step; alias ``"sde"``; the default: closest to real cells), ``"heun"``
+            1 call per step; alias ``"sde"``; the default: closest to real cells), ``"ei"``
+            (the reverse SDE's exponential integrator in log-SNR, 1 call per step), ``"heun"``
             (probability-flow ODE, deterministic, 2 calls per step; alias ``"ode"``),
             ``"dpm2m"`` (probability-flow ODE, multistep, 1 call per step) or ``"pc"`` (EM
             + Langevin corrector, 2 calls per step: the paper's sampler).
@@ -598,8 +599,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         seed
             Random seed; `None` draws one (it is recorded in ``uns['scbranch']['params']``).
         spacing
-            Step spacing, ``"logsnr"``, ``"t"`` or ``"interpolant"``; `None`: ``"t"`` for the SDE
-            solvers (Song et al.), ``"interpolant"`` for ``"ddim"``, else ``"logsnr"``.
+            Step spacing, ``"logsnr"``, ``"t"`` or ``"interpolant"``; `None`: ``"t"`` for ``"em"``
+            and ``"pc"`` (Song et al.), ``"interpolant"`` for ``"ddim"``, else ``"logsnr"``.
         residual_noise
             PCA-space models: what decoded cells carry beyond their PCA profile (the latent is
             unchanged). `False`: the denoised profile. `True`/``"gaussian"``: per-gene Gaussian

@@ -234,8 +234,8 @@ def sample(
         Dimension of the data.
     solver
         A solver of :data:`~scbranch.module.SOLVERS` that moves down: ``"em"`` (the
-        default, :data:`~scbranch.module.DEFAULT_SOLVER`), ``"heun"``, ``"dpm2m"`` or ``"pc"``
-        (or the aliases ``"sde"``, ``"ode"``).
+        default, :data:`~scbranch.module.DEFAULT_SOLVER`), ``"ei"``, ``"heun"``, ``"dpm2m"``,
+        ``"ddim"`` or ``"pc"`` (or the aliases ``"sde"``, ``"ode"``).
     n_steps
         Number of grid steps from t = 1 to ``t_min`` (`None`: :func:`~scbranch.module.steps_for`).
     share

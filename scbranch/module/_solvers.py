@@ -12,6 +12,7 @@ heun      down and up  2      probability-flow ODE, Heun's method (invertible; t
 dpm2m     down         1      probability-flow ODE, DPM-Solver++(2M) multistep in log-SNR
 ddim      down and up  1      probability-flow ODE, first order (DDIM; flow matching's Euler step)
 em        down         1      reverse SDE, Euler-Maruyama (stochastic; hundreds of steps)
+ei        down         1      reverse SDE, exponential integrator in log-SNR (SDE-DPM-Solver-1)
 pc        down         2      Euler-Maruyama predictor + Langevin corrector (the paper's)
 noise     up           0      exact forward transitions q(x_t' | x_t) (no network call)
 ========  ===========  =====  =================================================================
@@ -170,6 +171,43 @@ class PredictorCorrector(EulerMaruyama):
         return x + step * score + torch.sqrt(2.0 * step) * z
 
 
+class ExponentialIntegrator(Solver):
+    """Reverse SDE, first-order exponential integrator in log-SNR (SDE-DPM-Solver-1).
+
+    The linear part of the reverse SDE is integrated exactly and the noise prediction is held
+    over the step (Lu et al. 2022, "DPM-Solver++", the SDE solver of order 1):
+    ``x_to = (alpha_to / alpha_from) x - 2 sigma_to (e^h - 1) eps_hat
+    + sigma_to sqrt(e^(2h) - 1) z`` with ``h = lambda_to - lambda_from`` and ``lambda = log(alpha
+    / sigma)``. Euler-Maruyama's last steps on a coarse grid add noise on the scale of
+    ``sqrt(beta h)`` whatever the data's spread, which inflates narrow directions (with exact
+    scores of a Gaussian of variance 0.02, by 84 % at 25 steps); this step's error is
+    relative, about 3 % of the variance at 25 steps on every scale
+    (``tests/test_sampling.py``).
+    """
+
+    name = "ei"
+    description = (
+        "reverse SDE, exponential integrator in log-SNR (SDE-DPM-Solver-1; stochastic, "
+        "1 network call per step)"
+    )
+    stochastic = True
+
+    @property
+    def default_spacing(self) -> str:
+        """Uniform in log-SNR, the unit in which the step is exact for the linear part."""
+        return "logsnr"
+
+    def step(self, call, sde, x, t_from, t_to, branch, label, groups, sizes, first_in_segment):  # noqa: D102
+        th, tl = torch.tensor(t_from), torch.tensor(t_to)
+        eps = call(x, t_from, branch, label)
+        a_hi, s_hi = sde.alpha(th), sde.sigma(th)
+        a_lo, s_lo = sde.alpha(tl), sde.sigma(tl)
+        h = torch.log(a_lo / s_lo) - torch.log(a_hi / s_hi)
+        noise = s_lo * torch.sqrt(torch.expm1(2.0 * h))
+        x_lo = (a_lo / a_hi) * x - 2.0 * s_lo * torch.expm1(h) * eps
+        return x_lo + noise * _noise(groups, sizes, x)
+
+
 class Heun(Solver):
     """Probability-flow ODE, Heun's method; moves in either direction (``h`` changes sign)."""
 
@@ -271,7 +309,15 @@ class ForwardNoising(Solver):
 #: every solver, by name (one registry for sampling and transport)
 SOLVERS: dict[str, type[Solver]] = {
     cls.name: cls
-    for cls in (Heun, DPMSolver2M, DDIM, EulerMaruyama, PredictorCorrector, ForwardNoising)
+    for cls in (
+        Heun,
+        DPMSolver2M,
+        DDIM,
+        EulerMaruyama,
+        ExponentialIntegrator,
+        PredictorCorrector,
+        ForwardNoising,
+    )
 }
 
 

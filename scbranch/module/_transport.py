@@ -86,7 +86,7 @@ def transport(
         Start and end times in ``[t_min, 1]``; ``t_to > t_from`` moves up (towards noise).
     solver
         Up: ``"heun"`` (probability-flow ODE) or ``"noise"`` (exact forward transitions).
-        Down: ``"heun"``, ``"dpm2m"``, ``"em"`` or ``"pc"``.
+        Down: ``"heun"``, ``"dpm2m"``, ``"ddim"``, ``"em"``, ``"ei"`` or ``"pc"``.
     n_steps
         Steps between the two times; the grid holds every time where a row's class changes
         branch, and every record time, so no step straddles a branch point.
