@@ -408,6 +408,7 @@ SPACE_VARIANTS = ("scvi", "expression")
 #: (``anchored20``: ``anchor_time=0.2``).
 SAMPLER_VARIANTS = {
     "sde": {"solver": "em"},
+    "ei": {"solver": "ei"},  # the reverse SDE's exponential integrator, log-SNR steps
     "ode": {"solver": "heun"},
     "ddim": {"solver": "ddim"},  # first-order ODE: flow matching's Euler step
     "denoised": {"residual_noise": False},
@@ -495,7 +496,8 @@ def model_options(spec: str, classes=None) -> dict:
     flow matching), ``late`` (discovery with
     ``epsilon=0``: later branch points, less sharing), ``unshared`` (the tree of
     :func:`unshared_tree` on ``classes``: no sharing where the types differ), ``width<N>``
-    (the network's width, e.g. ``width512``) and the spaces
+    (the network's width, e.g. ``width512``), ``pcs<k>`` (the out-of-fold scores of a k-component
+    PCA of the train cells instead of 30; the baselines keep 30) and the spaces
     ``scvi`` (scVI's latent, decoded by scVI) and ``expression`` (the log-normalised genes);
     without a space variant the model diffuses the out-of-fold PC scores. The space comes
     back under the key ``"space"``, for :func:`train_model`. Sampler variants
@@ -519,6 +521,8 @@ def model_options(spec: str, classes=None) -> dict:
             options["space"] = variant
         elif variant.startswith("width") and variant[5:].isdigit():
             options["width"] = int(variant[5:])
+        elif variant.startswith("pcs") and variant[3:].isdigit():
+            options["n_pcs"] = int(variant[3:])
         else:
             raise ValueError(f"Unknown variant {variant!r} in {spec!r}.")
     return options
@@ -549,6 +553,11 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     classes = train.obs[LABELS].cat.categories
     options = model_options(architecture, classes)
     space = options.pop("space", None)
+    n_pcs = options.pop("n_pcs", None)
+    if n_pcs is not None:  # the model's own latent: out-of-fold scores of a k-component PCA
+        train = train.copy()
+        train.obsm.pop(LATENT, None)
+        _model_pca(train, n_comps=n_pcs)
     if space == "scvi":
         vae = sb.model.fit_scvi(
             train,

@@ -126,7 +126,8 @@ def write_markdown(path: Path, results: dict, cfg: dict, wall_s: float) -> str:
         "Differences are paired by split. Read every row against the control (two halves of the "
         "held-out cells of the same split) and the unseen-real probe (real cells nobody saw: the "
         "known answer, which must sit at the control). `mmd` is the fixed-bandwidth RBF-MMD². "
-        f"Wall time {wall_s / 60:.1f} min on 2 CPU cores.",
+        f"Wall time {wall_s / 60:.1f} min on 2 CPU cores over every run that made these rows "
+        "(the first and each `--add`; per run in `meta.json`).",
     ]
     for name, values in results.items():
         splits = values.index.get_level_values("split").unique()

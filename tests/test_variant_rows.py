@@ -42,6 +42,9 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     assert quality.model_options("branched:width512")["width"] == 512
     with pytest.raises(ValueError, match="Unknown variant"):
         quality.model_options("branched:widthX")
+    assert quality.model_options("conditioned:pcs20")["n_pcs"] == 20
+    with pytest.raises(ValueError, match="Unknown variant"):
+        quality.model_options("conditioned:pcs")
     assert quality.model_options("branched:expression:per_branch") == {
         "architecture": "branched",
         "space": "expression",
@@ -53,6 +56,8 @@ def test_sampler_variants_set_the_solver_and_steps_and_leave_the_model_alone():
     assert quality.generate_options("branched:sde") == {"solver": "em"}
     assert quality.generate_options("branched:sde100") == {"solver": "em", "n_steps": 100}
     assert quality.generate_options("flat:ode50") == {"solver": "heun", "n_steps": 50}
+    assert quality.generate_options("conditioned:ei50") == {"solver": "ei", "n_steps": 50}
+    assert quality.model_spec("conditioned:scvi:ei50") == "conditioned:scvi"
     assert quality.model_spec("branched:per_branch:sde100") == "branched:per_branch"
     assert quality.model_spec("branched:width512") == "branched:width512"
     assert quality.generate_options("branched:denoised") == {"residual_noise": False}
