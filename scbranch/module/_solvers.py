@@ -111,6 +111,12 @@ def _noise(groups, sizes, like: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _ends(sde: VPSDE, t_from: float, t_to: float) -> tuple[torch.Tensor, ...]:
+    """``alpha`` and ``sigma`` at both ends of a step: ``(a_from, s_from, a_to, s_to)``."""
+    th, tl = torch.tensor(t_from), torch.tensor(t_to)
+    return sde.alpha(th), sde.sigma(th), sde.alpha(tl), sde.sigma(tl)
+
+
 class EulerMaruyama(Solver):
     """Reverse-time SDE, Euler-Maruyama."""
 
@@ -198,10 +204,8 @@ class ExponentialIntegrator(Solver):
         return "logsnr"
 
     def step(self, call, sde, x, t_from, t_to, branch, label, groups, sizes, first_in_segment):  # noqa: D102
-        th, tl = torch.tensor(t_from), torch.tensor(t_to)
         eps = call(x, t_from, branch, label)
-        a_hi, s_hi = sde.alpha(th), sde.sigma(th)
-        a_lo, s_lo = sde.alpha(tl), sde.sigma(tl)
+        a_hi, s_hi, a_lo, s_lo = _ends(sde, t_from, t_to)
         h = torch.log(a_lo / s_lo) - torch.log(a_hi / s_hi)
         noise = s_lo * torch.sqrt(torch.expm1(2.0 * h))
         x_lo = (a_lo / a_hi) * x - 2.0 * s_lo * torch.expm1(h) * eps
@@ -237,10 +241,8 @@ class DPMSolver2M(Solver):
     description = "probability-flow ODE, DPM-Solver++(2M) multistep (1 network call per step)"
 
     def step(self, call, sde, x, t_from, t_to, branch, label, groups, sizes, first_in_segment):  # noqa: D102
-        th, tl = torch.tensor(t_from), torch.tensor(t_to)
         eps = call(x, t_from, branch, label)
-        a_hi, s_hi = sde.alpha(th), sde.sigma(th)
-        a_lo, s_lo = sde.alpha(tl), sde.sigma(tl)
+        a_hi, s_hi, a_lo, s_lo = _ends(sde, t_from, t_to)
         x0 = (x - s_hi * eps) / a_hi
         lam_hi, lam_lo = torch.log(a_hi / s_hi), torch.log(a_lo / s_lo)
         hh = lam_lo - lam_hi
@@ -281,11 +283,10 @@ class DDIM(Solver):
         return "interpolant"
 
     def step(self, call, sde, x, t_from, t_to, branch, label, groups, sizes, first_in_segment):  # noqa: D102
-        th, tl = torch.tensor(t_from), torch.tensor(t_to)
         eps = call(x, t_from, branch, label)
-        a_hi, s_hi = sde.alpha(th), sde.sigma(th)
+        a_hi, s_hi, a_lo, s_lo = _ends(sde, t_from, t_to)
         x0 = (x - s_hi * eps) / a_hi
-        return sde.alpha(tl) * x0 + sde.sigma(tl) * eps
+        return a_lo * x0 + s_lo * eps
 
 
 class ForwardNoising(Solver):
