@@ -43,6 +43,10 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     with pytest.raises(ValueError, match="Unknown variant"):
         quality.model_options("branched:widthX")
     assert quality.model_options("conditioned:pcs20")["n_pcs"] == 20
+    assert quality.model_options("conditioned:white") == {
+        "architecture": "conditioned",
+        "precondition": True,
+    }
     with pytest.raises(ValueError, match="Unknown variant"):
         quality.model_options("conditioned:pcs")
     assert quality.model_options("branched:expression:per_branch") == {
@@ -179,3 +183,16 @@ def test_anchored_rows_are_sampler_variants_of_the_default_model():
     options = quality.generate_options("branched:anchored50:denoised")
     assert options == {"anchor_time": 0.5, "residual_noise": False}
     assert quality.model_options("branched:anchored30") == {"architecture": "branched"}
+
+
+def test_within_type_scale_gives_every_component_unit_within_type_variance():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["A", "B", "C"], [50, 80, 30])
+    means = {"A": 0.0, "B": 5.0, "C": -3.0}
+    sd = np.array([4.0, 1.0, 0.1])
+    z = np.array([means[c] for c in labels])[:, None] + sd * rng.normal(size=(len(labels), 3))
+    scaled = z * quality.within_type_scale(z, labels)
+    pooled = sum(((scaled[labels == c] - scaled[labels == c].mean(0)) ** 2).sum(0) for c in "ABC")
+    np.testing.assert_allclose(pooled / (len(labels) - 3), 1.0)
+    # the types' separation is kept (scaling, not whitening across types)
+    assert abs(scaled[labels == "B", 2].mean() - scaled[labels == "A", 2].mean()) > 10
