@@ -10,6 +10,8 @@ real cells' scores on the same PCA (the held-out cells, out-of-sample for it). R
   default              the default model and sampler (reverse SDE, Euler-Maruyama, 25 steps)
   ei50                 the same model with the exponential integrator, 50 steps: what is left
                        once the sampler follows the model closely
+  white                the model trained on the scores with every component scaled to unit
+                       within-type variance (quality.py's ``conditioned:white``), scaled back
   probe: train cells' out-of-fold scores   what the model learns from (should be 1)
   probe: unseen real cells                 the known answer: real cells nobody saw (must be 1)
 
@@ -43,7 +45,13 @@ from quality import (
 
 #: components grouped as in the report (1-based, inclusive)
 BANDS = ((1, 5), (6, 10), (11, 20), (21, 30))
-ROWS = ("default", "ei50", "probe: train cells' out-of-fold scores", "probe: unseen real cells")
+ROWS = (
+    "default",
+    "ei50",
+    "white",
+    "probe: train cells' out-of-fold scores",
+    "probe: unseen real cells",
+)
 #: types with at least this many held-out cells are read (pbmc68k_reduced: the four of the
 #: quality benchmark)
 MIN_CELLS = 20
@@ -119,8 +127,11 @@ def run_split(name: str, split: int, cfg: dict) -> pd.DataFrame:
     for row, options in (("default", {}), ("ei50", {"solver": "ei", "n_steps": 50})):
         gen = model.generate(n_cells=cfg["n_cells"], seed=0, progress_bar=False, **options)
         latents[row] = (np.asarray(gen.obsm[LATENT]), gen.obs[LABELS].to_numpy())
-    latents[ROWS[2]] = (np.asarray(train.obsm[LATENT]), train.obs[LABELS].to_numpy())
-    latents[ROWS[3]] = (scores_of(unseen, decoder), unseen.obs[LABELS].to_numpy())
+    pre = train_model(train, cfg, 0, "conditioned:white")  # quality.py's PreconditionedModel
+    gen = pre.model.generate(n_cells=cfg["n_cells"], seed=0, progress_bar=False)
+    latents["white"] = (np.asarray(gen.obsm["X_white"]) / pre.factor, gen.obs[LABELS].to_numpy())
+    latents[ROWS[3]] = (np.asarray(train.obsm[LATENT]), train.obs[LABELS].to_numpy())
+    latents[ROWS[4]] = (scores_of(unseen, decoder), unseen.obs[LABELS].to_numpy())
     return spread_rows(latents, scores_of(held, decoder), held_labels, classes).assign(split=split)
 
 
