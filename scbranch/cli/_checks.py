@@ -136,38 +136,37 @@ def _parse_labels(csv: str | None, repeated: Sequence[str] | None) -> list[str] 
     return list(dict.fromkeys(labels)) or None  # unique, in the order given
 
 
+def _parsed(text: str, kind: type):
+    """``text`` as ``kind`` (``int`` or ``float``), or `None` if it is not one."""
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
 def _device(text: str) -> int | str:
     """``auto`` or the index of one device."""
     text = text.strip()
     if text == "auto":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
+    value = _parsed(text, int)
+    if value is None or value < 0:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a device index, got {text!r}")
     return value
 
 
 def _fraction(text: str) -> float:
     """A share of the cells, in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value < 1.0:
+    value = _parsed(text, float)
+    if value is None or not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
     return value
 
 
 def _anchor_time(text: str) -> float:
     """A time in (0, 1] (the model checks it against its own ``t_min``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
+    value = _parsed(text, float)
+    if value is None or not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a time in (0, 1], got {text!r}")
     return value
 
