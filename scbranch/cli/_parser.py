@@ -398,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         "path above their branch point, which needs fewer network calls.",
     )
     gen.add_argument(
+        "--no-calibrate-spread",
+        action="store_true",
+        help="Keep the sampler's cells as they are. By default each type's cells get the spread "
+        "of its training cells around the model's centre of the type, per latent dimension "
+        "(the network makes a type of a few dozen cells wider; docs/method.md).",
+    )
+    gen.add_argument(
         "--counts",
         action="store_true",
         help="Also write counts to .layers['counts'] (models fitted with --counts-layer; scVI "

@@ -39,6 +39,7 @@ from anndata import AnnData
 
 from .._keys import Key
 from ..io import ChunkedWriter, check_writable, is_zarr_path
+from ._calibration import TypeCalibration, calibrated
 from ._output import generated_block, generation_params, requested_nodes, uns_record
 
 if TYPE_CHECKING:
@@ -389,6 +390,7 @@ def generate_blocks(
     overwrite: bool = False,
     devices: Sequence[torch.device] | None = None,
     progress_bar: bool = True,
+    calibrations: Mapping[int, TypeCalibration] | None = None,
 ) -> AnnData | Path:
     """Generate the cells of ``requested`` block by block (see the module docstring).
 
@@ -416,6 +418,9 @@ def generate_blocks(
         Devices to spread the blocks over (see :func:`sample_blocks`).
     progress_bar
         Show one progress bar over the steps of all blocks.
+    calibrations
+        Per type, the spread calibration applied to its sampled cells before they are
+        decoded (:mod:`scbranch.model._calibration`); `None`: the cells as sampled.
 
     Returns
     -------
@@ -455,6 +460,8 @@ def generate_blocks(
             codes = res.labels.cpu().numpy()
             z = res.x.float().cpu().numpy()
             del res  # the sampler's tensors (on the device) go before decoding
+            if calibrations is not None:
+                z = calibrated(z, codes, calibrations)
             block = generated_block(model, z, codes, options, seeds[k], start=start)
             if categories is not None:
                 block.obs[Key.obs.REQUESTED_NODE] = pd.Categorical(

@@ -25,6 +25,7 @@ from .._validation import check_obs_key, to_dense
 from ..module._discovery import DiscoveryOptions, subsample_per_class
 from ..module._extension import EXTENSION_LR, add_class_head
 from ..module._recipe import TrainingRecipe
+from ._calibration import forget_calibrations
 
 if TYPE_CHECKING:
     from ._model import BranchedDiffusion
@@ -273,6 +274,10 @@ def register_class(model: BranchedDiffusion, name: str, z: np.ndarray, extras: d
         "labels": np.concatenate([ref["labels"], np.full(len(keep), code, dtype=np.int64)]),
     }
     model.class_counts_ = np.append(model.class_counts_, len(z))
+    if getattr(model, "class_variances_", None) is not None:  # the spread its cells get
+        var = np.asarray(to_dense(z), dtype=np.float64).var(0, ddof=1)
+        model.class_variances_ = np.vstack([model.class_variances_, var])
+    forget_calibrations(model)  # the tree (and its step grid) changed
     model.space.add_class(extras)
     # what load() rebuilds the module from
     model.init_params_["non_kwargs"]["hierarchy"] = model.tree.to_dict()

@@ -40,6 +40,7 @@ from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _anchored, _diagnostics, _extension, _interpretation, _persistence
 from ._blocks import check_block_size, check_output, default_block_rows, generate_blocks
+from ._calibration import forget_calibrations, training_variances, type_calibrations
 from ._data import ResamplingDataSplitter
 from ._extension import reference_sample
 from ._output import check_memory, keep_layers, requested_cells
@@ -147,6 +148,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         self.reference_samples_: dict | None = None
         self.extensions_: list[dict] = []
         self.hierarchy_record_: dict = {}
+        # per type and dimension: the spread generated cells are calibrated to (_calibration.py)
+        self.class_variances_: np.ndarray | None = None
         standardization = None
         if adata is not None:
             classes = self.classes
@@ -170,6 +173,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.class_counts_ = np.bincount(labels, minlength=len(classes))
             self.reference_samples_ = reference_sample(x, labels, shift, scale, len(classes))
+            self.class_variances_ = training_variances(x, labels, len(classes), shift, scale)
         elif not isinstance(space, Space) or hierarchy is None:
             raise ValueError(
                 "A model built without AnnData needs its `hierarchy` and a fitted `space` (as "
@@ -502,6 +506,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         # Another scvi model set up on the same AnnData overwrites obs['_scvi_labels']; replay
         # our registration so we never train on wrong labels (a known scvi-tools pitfall).
         self._validate_anndata(self.adata)
+        forget_calibrations(self)  # measured on the network as it was
         steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
         if max_epochs is None:
             max_epochs = default_max_epochs(round(self.adata.n_obs * train_size), batch_size)
@@ -554,6 +559,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         counts: bool | None = None,
         batch: str | None = None,
         batch_size: int | None = None,
+        calibrate_spread: bool = True,
         trajectory_times: Sequence[float] | None = None,
         node_weights: str = "size",
         progress_bar: bool = True,
@@ -625,6 +631,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             At most this many cells per forward pass (memory on large requests); the cells
             depend on it only through float rounding. `None`: 8,192 on CPU (faster than one
             large pass), no limit on GPU.
+        calibrate_spread
+            Give each type's cells, per dimension of the diffused representation, the spread of
+            its training cells around the centre of the model's cells: the network smooths a
+            type's few dozen cells and makes them wider (measured once per type and sampler on
+            500 cells, kept until the network changes; docs/benchmarks/split_seeds.md).
+            `False`: the sampler's cells as they are. Not for trajectories.
         trajectory_times
             Return trajectories instead of cells: every cell's state at these times (in
             ``[t_min, 1]``, or 0 for the final cell), one row per (cell, time) with the columns
@@ -727,6 +739,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             "solver": solver, "n_steps": n_steps, "share": share, "seed": seed, "spacing": spacing
         }  # fmt: skip
         if times is None:
+            sampler = {"solver": solver, "n_steps": n_steps, "spacing": spacing}
+            calibrations = type_calibrations(self, requested, sampler) if calibrate_spread else None
+            settings["calibrate_spread"] = calibrations is not None
             # to disk only one block must fit (and every cell's obs row)
             check_memory(
                 self.space, n_total, options, block_rows=None if out is None else block_rows
@@ -739,6 +754,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                     "batch_size": batch_size,
                 },
                 out=out, overwrite=overwrite, devices=devices, progress_bar=progress_bar,
+                calibrations=calibrations,
             )  # fmt: skip
         # trajectories: one sampler run (their rows are (cell, time) pairs, not blocks of cells)
         return _interpretation.run_trajectories(

@@ -1,0 +1,114 @@
+"""Spread calibration: each type's generated cells get its training cells' spread per dimension."""
+
+import numpy as np
+import pytest
+
+import scbranch as sb
+from scbranch.model._calibration import CALIBRATION_CELLS, calibrate_type, class_variances
+from scbranch.module._gaussian_skip import class_statistics
+
+FAST = {"width": 32, "n_head_blocks": 1}
+REP = "X_latent"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A model trained a few epochs on a known tree: its cells are not yet the types' cells."""
+    adata = sb.datasets.simulate_tree(depth=2, n_per_class=80, dim=6, seed=0).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key=REP)
+    model = sb.BranchedDiffusion(adata, **FAST)
+    model.train(max_epochs=15, enable_progress_bar=False)
+    return model, adata
+
+
+def _by_type(gen, key=REP):
+    labels = gen.obs["cell_type"].to_numpy()
+    return {c: np.asarray(gen.obsm[key][labels == c], dtype=np.float64) for c in np.unique(labels)}
+
+
+def test_training_variances_are_the_types_own(trained):
+    model, adata = trained
+    labels = adata.obs["cell_type"].to_numpy()
+    for k, c in enumerate(model.classes):
+        expected = adata.obsm[REP][labels == c].astype(np.float64).var(0, ddof=1)
+        np.testing.assert_allclose(model.class_variances_[k], expected, rtol=1e-6)
+
+
+def test_class_variances_with_full_second_moments():
+    rng = np.random.default_rng(0)
+    x, lab = rng.normal(size=(50, 3)) * [1.0, 2.0, 3.0], np.repeat([0, 1], 25)
+    stats = class_statistics([(0, 50, x)], lab, 2, 0.0, 1.0, full=True)
+    expected = np.stack([x[lab == k].var(0, ddof=1) for k in (0, 1)])
+    np.testing.assert_allclose(class_variances(stats, 1.0), expected, rtol=1e-10)
+
+
+def test_calibrated_cells_have_the_training_spread(trained):
+    """Known answer: every type's generated variance, per dimension, is its training cells'
+    variance (up to the sampling error of two samples of a few thousand cells), while the
+    uncalibrated cells of the same under-trained network are not."""
+    model, adata = trained
+    kw = {"n_cells": 3000, "seed": 3, "progress_bar": False}
+    cal = _by_type(model.generate(**kw))
+    raw = _by_type(model.generate(calibrate_spread=False, **kw))
+    labels = adata.obs["cell_type"].to_numpy()
+    log_cal, log_raw = [], []
+    for c in model.classes:
+        target = adata.obsm[REP][labels == c].astype(np.float64).var(0, ddof=1)
+        log_cal.append(np.log(cal[c].var(0, ddof=1) / target))
+        log_raw.append(np.log(raw[c].var(0, ddof=1) / target))
+        # the centre is the model's (measured on the calibration cells, so up to their
+        # sampling error): calibration moves the cells towards it, not the centre elsewhere
+        error = raw[c].std(0, ddof=1) / np.sqrt(CALIBRATION_CELLS)
+        assert np.all(np.abs(cal[c].mean(0) - raw[c].mean(0)) < 4 * error)
+    log_cal, log_raw = np.abs(log_cal), np.abs(log_raw)
+    # the log of a variance ratio between 500 and 3,000 cells has a standard error of 0.07:
+    # on average within it, and no type and dimension beyond 3.5 of them
+    assert log_cal.mean() < 0.07 and log_cal.max() < 0.25
+    assert log_raw.mean() > 5 * log_cal.mean()  # the network alone was measurably off
+
+
+def test_calibration_is_measured_once_per_sampler_and_forgotten_by_training(trained):
+    model, _ = trained
+    model.generate(n_cells=5, seed=0, progress_bar=False)
+    model.generate(n_cells=5, seed=1, labels=["c0"], progress_bar=False, solver="ei")
+    cache = model._spread_calibrations
+    assert len(cache) == 2  # the default sampler and the exponential integrator
+    assert sorted(cache[("ei", 25, "logsnr")]) == [0]  # only the type asked for
+    factors = cache[("em", 25, "t")][0].factor.copy()
+    model.generate(n_cells=5, seed=2, progress_bar=False)
+    np.testing.assert_array_equal(cache[("em", 25, "t")][0].factor, factors)  # kept
+    model.train(max_epochs=1, enable_progress_bar=False)
+    assert not getattr(model, "_spread_calibrations", {})
+
+
+def test_calibrated_cells_survive_save_and_load(trained, tmp_path):
+    model, adata = trained
+    before = model.generate(n_cells=20, seed=5, progress_bar=False)
+    model.save(tmp_path / "m")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m", adata=adata)
+    np.testing.assert_array_equal(loaded.class_variances_, model.class_variances_)
+    after = loaded.generate(n_cells=20, seed=5, progress_bar=False)
+    np.testing.assert_array_equal(after.obsm[REP], before.obsm[REP])
+    assert after.uns["scbranch"]["params"]["calibrate_spread"]
+
+
+def test_a_model_without_training_variances_generates_uncalibrated(trained, caplog):
+    model, _ = trained
+    kept = model.class_variances_
+    try:
+        model.class_variances_ = None  # as saved before the variances were measured
+        with caplog.at_level("INFO", logger="scbranch.model._calibration"):
+            gen = model.generate(n_cells=10, seed=4, progress_bar=False)
+        raw = model.generate(n_cells=10, seed=4, progress_bar=False, calibrate_spread=False)
+    finally:
+        model.class_variances_ = kept
+    assert "not spread-calibrated" in caplog.text
+    assert not gen.uns["scbranch"]["params"]["calibrate_spread"]
+    np.testing.assert_array_equal(gen.obsm[REP], raw.obsm[REP])
+
+
+def test_a_flat_dimension_is_left_alone():
+    gen = np.column_stack([np.arange(10.0), np.full(10, 2.0)])
+    cal = calibrate_type(gen, variance=np.array([gen[:, 0].var(ddof=1), 1.0]))
+    np.testing.assert_allclose(cal.factor, [1.0, 1.0])
+    np.testing.assert_allclose(cal.apply(gen), gen)
