@@ -48,8 +48,8 @@ def test_calibrated_cells_have_the_training_spread(trained):
     uncalibrated cells of the same under-trained network are not."""
     model, adata = trained
     kw = {"n_cells": 3000, "seed": 3, "progress_bar": False}
-    cal = _by_type(model.generate(**kw))
-    raw = _by_type(model.generate(calibrate_spread=False, **kw))
+    cal = _by_type(model.generate(calibrate_spread=True, **kw))
+    raw = _by_type(model.generate(**kw))  # the default: the sampler's cells
     labels = adata.obs["cell_type"].to_numpy()
     log_cal, log_raw = [], []
     for c in model.classes:
@@ -69,13 +69,14 @@ def test_calibrated_cells_have_the_training_spread(trained):
 
 def test_calibration_is_measured_once_per_sampler_and_forgotten_by_training(trained):
     model, _ = trained
-    model.generate(n_cells=5, seed=0, progress_bar=False)
-    model.generate(n_cells=5, seed=1, labels=["c0"], progress_bar=False, solver="ei")
+    on = {"calibrate_spread": True, "progress_bar": False}
+    model.generate(n_cells=5, seed=0, **on)
+    model.generate(n_cells=5, seed=1, labels=["c0"], solver="ei", **on)
     cache = model._spread_calibrations
     assert len(cache) == 2  # the default sampler and the exponential integrator
     assert sorted(cache[("ei", 25, "logsnr")]) == [0]  # only the type asked for
     factors = cache[("em", 25, "t")][0].factor.copy()
-    model.generate(n_cells=5, seed=2, progress_bar=False)
+    model.generate(n_cells=5, seed=2, **on)
     np.testing.assert_array_equal(cache[("em", 25, "t")][0].factor, factors)  # kept
     model.train(max_epochs=1, enable_progress_bar=False)
     assert not getattr(model, "_spread_calibrations", {})
@@ -83,11 +84,12 @@ def test_calibration_is_measured_once_per_sampler_and_forgotten_by_training(trai
 
 def test_calibrated_cells_survive_save_and_load(trained, tmp_path):
     model, adata = trained
-    before = model.generate(n_cells=20, seed=5, progress_bar=False)
+    on = {"calibrate_spread": True, "progress_bar": False}
+    before = model.generate(n_cells=20, seed=5, **on)
     model.save(tmp_path / "m")
     loaded = sb.BranchedDiffusion.load(tmp_path / "m", adata=adata)
     np.testing.assert_array_equal(loaded.class_variances_, model.class_variances_)
-    after = loaded.generate(n_cells=20, seed=5, progress_bar=False)
+    after = loaded.generate(n_cells=20, seed=5, **on)
     np.testing.assert_array_equal(after.obsm[REP], before.obsm[REP])
     assert after.uns["scbranch"]["params"]["calibrate_spread"]
 
@@ -98,8 +100,8 @@ def test_a_model_without_training_variances_generates_uncalibrated(trained, capl
     try:
         model.class_variances_ = None  # as saved before the variances were measured
         with caplog.at_level("INFO", logger="scbranch.model._calibration"):
-            gen = model.generate(n_cells=10, seed=4, progress_bar=False)
-        raw = model.generate(n_cells=10, seed=4, progress_bar=False, calibrate_spread=False)
+            gen = model.generate(n_cells=10, seed=4, progress_bar=False, calibrate_spread=True)
+        raw = model.generate(n_cells=10, seed=4, progress_bar=False)
     finally:
         model.class_variances_ = kept
     assert "not spread-calibrated" in caplog.text
@@ -112,3 +114,23 @@ def test_a_flat_dimension_is_left_alone():
     cal = calibrate_type(gen, variance=np.array([gen[:, 0].var(ddof=1), 1.0]))
     np.testing.assert_allclose(cal.factor, [1.0, 1.0])
     np.testing.assert_allclose(cal.apply(gen), gen)
+
+
+def test_a_new_type_leaves_the_old_types_calibrated_cells_bit_for_bit():
+    """Each type is calibrated on its own run, on the grid of its own branch points: adding a
+    type changes the tree, not the old types' factors (nor their cells)."""
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=60, dim=6, seed=1).to_anndata()
+    old = sim[sim.obs["cell_type"] != "c3"].copy()
+    old.obs["cell_type"] = old.obs["cell_type"].cat.remove_unused_categories()
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key=REP)
+    model = sb.BranchedDiffusion(old, **FAST)
+    model.train(max_epochs=10, enable_progress_bar=False)
+    on = {"calibrate_spread": True, "progress_bar": False, "seed": 2}
+    before = model.generate(n_cells=20, **on)
+    model.add_classes(sim, labels=["c3"], max_epochs=5, progress_bar=False)
+    assert model.class_variances_.shape == (4, 6)
+    after = model.generate(n_cells=20, labels=["c0", "c1", "c2"], **on)
+    np.testing.assert_array_equal(after.obsm[REP], before.obsm[REP])
+    new = model.generate(n_cells=500, labels=["c3"], **on).obsm[REP].astype(np.float64)
+    target = sim.obsm[REP][sim.obs["cell_type"].to_numpy() == "c3"].var(0, ddof=1)
+    assert np.abs(np.log(new.var(0, ddof=1) / target)).max() < 0.35  # the new type's own spread

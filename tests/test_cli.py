@@ -186,7 +186,7 @@ def test_generate_round_trip(fitted, tmp_path, capsys):
     assert gen.obs["cell_type"].value_counts().to_dict() == dict.fromkeys(CLASSES, 5)
     assert gen.obsm["X_latent"].shape == (20, 8)
     assert gen.uns["scbranch"]["params"]["seed"] == 0
-    assert gen.uns["scbranch"]["params"]["calibrate_spread"]  # the default
+    assert not gen.uns["scbranch"]["params"]["calibrate_spread"]  # the default
     assert str(out) in capsys.readouterr().out
 
     # Same seed, same cells; a second write needs --overwrite.
@@ -233,7 +233,7 @@ def test_generate_selected_labels_and_options(fitted, tmp_path):
             "--n-steps",
             "10",
             "--no-share",
-            "--no-calibrate-spread",
+            "--calibrate-spread",
             "--out",
             str(out),
             "-q",
@@ -244,7 +244,7 @@ def test_generate_selected_labels_and_options(fitted, tmp_path):
     assert gen.obs["cell_type"].value_counts().to_dict() == {"c0": 3, "c1": 3, "c2": 0, "c3": 3}
     params = gen.uns["scbranch"]["params"]
     assert params["solver"] == "dpm2m" and params["n_steps"] == 10 and not params["share"]
-    assert not params["calibrate_spread"]
+    assert params["calibrate_spread"]
 
 
 def test_generate_unknown_label(fitted, tmp_path, capsys):

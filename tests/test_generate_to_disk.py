@@ -173,9 +173,7 @@ def test_disk_and_memory_give_the_same_cells(kind, suffix, request, tmp_path):
 
 
 def test_a_request_that_fits_in_one_block_is_the_single_sampler_run(pca_model):
-    # the sampler's cells as they are (the spread calibration is tests/test_calibration.py's)
-    raw = {"calibrate_spread": False, **FEW}
-    gen = pca_model.generate(n_cells=5, seed=4, counts=True, **raw)
+    gen = pca_model.generate(n_cells=5, seed=4, counts=True, **FEW)
     assert gen.uns["scbranch"]["params"]["n_blocks"] == 1
     requested = {c: 5 for c in range(len(pca_model.classes))}
     res = pca_model.module.sample_cells(requested, n_steps=6, seed=4)
@@ -190,7 +188,7 @@ def test_a_request_that_fits_in_one_block_is_the_single_sampler_run(pca_model):
     np.testing.assert_array_equal(gen.X, direct.X)
     np.testing.assert_array_equal(gen.layers["counts"].toarray(), direct.layers["counts"].toarray())
     # any block size that holds the request gives these cells
-    bigger = pca_model.generate(n_cells=5, seed=4, counts=True, block_size=20, **raw)
+    bigger = pca_model.generate(n_cells=5, seed=4, counts=True, block_size=20, **FEW)
     np.testing.assert_array_equal(gen.X, bigger.X)
     np.testing.assert_array_equal(gen.layers["counts"].toarray(), bigger.layers["counts"].toarray())
 

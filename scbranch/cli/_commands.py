@@ -213,7 +213,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         n_steps=args.n_steps,
         share=not args.no_share,
         seed=seed,
-        calibrate_spread=not args.no_calibrate_spread,
+        calibrate_spread=args.calibrate_spread,
         counts=True if args.counts else None,
         residual_noise=NOISE_OPTIONS[args.noise],
         batch=args.batch,

@@ -398,11 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         "path above their branch point, which needs fewer network calls.",
     )
     gen.add_argument(
-        "--no-calibrate-spread",
+        "--calibrate-spread",
         action="store_true",
-        help="Keep the sampler's cells as they are. By default each type's cells get the spread "
-        "of its training cells around the model's centre of the type, per latent dimension "
-        "(the network makes a type of a few dozen cells wider; docs/method.md).",
+        help="Give each type's cells the spread of its training cells around the model's centre "
+        "of the type, per latent dimension (a network trained on a few dozen cells of a type "
+        "makes them wider; docs/method.md). Off by default.",
     )
     gen.add_argument(
         "--counts",

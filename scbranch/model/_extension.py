@@ -275,7 +275,11 @@ def register_class(model: BranchedDiffusion, name: str, z: np.ndarray, extras: d
     }
     model.class_counts_ = np.append(model.class_counts_, len(z))
     if getattr(model, "class_variances_", None) is not None:  # the spread its cells get
-        var = np.asarray(to_dense(z), dtype=np.float64).var(0, ddof=1)
+        # z is standardised (as the reference cells are); the variances are in data units
+        var = (
+            np.asarray(to_dense(z), dtype=np.float64).var(0, ddof=1)
+            * float(model.module.scale) ** 2
+        )
         model.class_variances_ = np.vstack([model.class_variances_, var])
     forget_calibrations(model)  # the tree (and its step grid) changed
     model.space.add_class(extras)
