@@ -8,6 +8,8 @@ split, class and component, the variance of the generated cells' latents over th
 real cells' scores on the same PCA (the held-out cells, out-of-sample for it). Rows:
 
   default              the default model and sampler (reverse SDE, Euler-Maruyama, 25 steps)
+  calibrated           the same cells with each type's training spread per component
+                       (``generate(calibrate_spread=True)``)
   ei50                 the same model with the exponential integrator, 50 steps: what is left
                        once the sampler follows the model closely
   white                the model trained on the scores with every component scaled to unit
@@ -47,6 +49,7 @@ from quality import (
 BANDS = ((1, 5), (6, 10), (11, 20), (21, 30))
 ROWS = (
     "default",
+    "calibrated",
     "ei50",
     "white",
     "probe: train cells' out-of-fold scores",
@@ -124,14 +127,19 @@ def run_split(name: str, split: int, cfg: dict) -> pd.DataFrame:
     held_labels = held.obs[LABELS].to_numpy()
     classes = [c for c in model.classes if (held_labels == c).sum() >= MIN_CELLS]
     latents = {}
-    for row, options in (("default", {}), ("ei50", {"solver": "ei", "n_steps": 50})):
+    rows = (
+        ("default", {}),
+        ("calibrated", {"calibrate_spread": True}),
+        ("ei50", {"solver": "ei", "n_steps": 50}),
+    )
+    for row, options in rows:
         gen = model.generate(n_cells=cfg["n_cells"], seed=0, progress_bar=False, **options)
         latents[row] = (np.asarray(gen.obsm[LATENT]), gen.obs[LABELS].to_numpy())
     pre = train_model(train, cfg, 0, "conditioned:white")  # quality.py's PreconditionedModel
     gen = pre.model.generate(n_cells=cfg["n_cells"], seed=0, progress_bar=False)
     latents["white"] = (np.asarray(gen.obsm["X_white"]) / pre.factor, gen.obs[LABELS].to_numpy())
-    latents[ROWS[3]] = (np.asarray(train.obsm[LATENT]), train.obs[LABELS].to_numpy())
-    latents[ROWS[4]] = (scores_of(unseen, decoder), unseen.obs[LABELS].to_numpy())
+    latents[ROWS[4]] = (np.asarray(train.obsm[LATENT]), train.obs[LABELS].to_numpy())
+    latents[ROWS[5]] = (scores_of(unseen, decoder), unseen.obs[LABELS].to_numpy())
     return spread_rows(latents, scores_of(held, decoder), held_labels, classes).assign(split=split)
 
 

@@ -19,6 +19,8 @@ default budget (about 100 epochs within 500-16,000 optimiser steps; ``--steps`` 
 Methods (same training budget for the diffusion models: optimiser steps and batch size):
   conditioned          BranchedDiffusion, discovered tree, the default model: one network
                        conditioned on a branch embedding and per-branch adapters
+  <arch>:calibrated    the same model's cells with each type's training spread per latent
+                       dimension (``generate(calibrate_spread=True)``)
   branched             the same with architecture="branched": a trunk and one head per branch
                        (the default of scbranch 0.1)
   flat                 the same model with architecture="flat": one label-guided network with
@@ -439,7 +441,8 @@ SPACE_VARIANTS = ("scvi", "expression")
 #: sampler variants of a row name: generate() options; the model is the row's without them
 #: (trained once per training seed when several rows share it). A number after the name sets
 #: the steps: ``sde100`` is the reverse SDE with 100 steps. ``denoised`` decodes to the mean
-#: profile, with no noise model (``residual_noise=False``). ``anchored`` generates from the
+#: profile, with no noise model (``residual_noise=False``); ``calibrated`` gives each type's
+#: cells its training cells' spread (``calibrate_spread=True``). ``anchored`` generates from the
 #: train cells (``model.generate_anchored``); its number is the anchor time in hundredths
 #: (``anchored20``: ``anchor_time=0.2``).
 SAMPLER_VARIANTS = {
@@ -448,6 +451,7 @@ SAMPLER_VARIANTS = {
     "ode": {"solver": "heun"},
     "ddim": {"solver": "ddim"},  # first-order ODE: flow matching's Euler step
     "denoised": {"residual_noise": False},
+    "calibrated": {"calibrate_spread": True},  # each type at its training cells' spread
     "anchored": {},
 }
 

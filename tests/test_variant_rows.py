@@ -66,6 +66,8 @@ def test_sampler_variants_set_the_solver_and_steps_and_leave_the_model_alone():
     assert quality.model_spec("branched:width512") == "branched:width512"
     assert quality.generate_options("branched:denoised") == {"residual_noise": False}
     assert quality.model_spec("branched:denoised") == "branched"
+    assert quality.generate_options("conditioned:calibrated") == {"calibrate_spread": True}
+    assert quality.model_spec("conditioned:calibrated:ei50") == "conditioned"
 
 
 def test_training_variants_set_train_options_and_leave_the_model_alone():
