@@ -134,3 +134,9 @@ def test_a_new_type_leaves_the_old_types_calibrated_cells_bit_for_bit():
     new = model.generate(n_cells=500, labels=["c3"], **on).obsm[REP].astype(np.float64)
     target = sim.obsm[REP][sim.obs["cell_type"].to_numpy() == "c3"].var(0, ddof=1)
     assert np.abs(np.log(new.var(0, ddof=1) / target)).max() < 0.35  # the new type's own spread
+
+
+def test_trajectories_are_not_calibrated_and_say_so(trained):
+    model, _ = trained
+    with pytest.raises(ValueError, match="trajectories follow single cells"):
+        model.generate(n_cells=2, trajectory_times=[0.5, 0.0], calibrate_spread=True)

@@ -710,6 +710,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         options = keep_layers(self.space, options, layers)
         times = None
         if trajectory_times is not None:
+            if calibrate_spread:
+                raise ValueError(
+                    "`calibrate_spread` gives a type's cells its spread; trajectories follow "
+                    "single cells. Generate the cells and the trajectories in two calls."
+                )
             times = _interpretation.check_trajectory_times(
                 self, trajectory_times, counts, residual_noise
             )
