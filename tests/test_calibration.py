@@ -140,3 +140,34 @@ def test_trajectories_are_not_calibrated_and_say_so(trained):
     model, _ = trained
     with pytest.raises(ValueError, match="trajectories follow single cells"):
         model.generate(n_cells=2, trajectory_times=[0.5, 0.0], calibrate_spread=True)
+
+
+@pytest.mark.parametrize("space", ["expression", "scvi"])
+def test_every_space_calibrates_what_it_diffuses(space):
+    """Expression models diffuse the log-normalised genes, scVI models scVI's latent: the
+    variances are measured on that representation, and calibrated latents have them."""
+    from _counts import count_data
+
+    from scbranch.model._calibration import type_calibrations
+
+    adata = count_data(n_per_class=40, n_genes=24, seed=3)
+    if space == "scvi":
+        vae = sb.model.fit_scvi(adata, counts_layer="counts", max_epochs=2, n_latent=4)
+        model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key="cell_type", adata=adata)
+    else:
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", counts_layer="counts")
+        model = sb.BranchedDiffusion(adata, **FAST)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    x = model.space.training_matrix(model.adata)
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    labels = model.adata.obs["cell_type"].to_numpy()
+    expected = np.stack([x[labels == c].var(0, ddof=1) for c in model.classes])
+    np.testing.assert_allclose(model.class_variances_, expected, rtol=1e-5, atol=1e-8)
+    gen = model.generate(n_cells=3, seed=0, calibrate_spread=True, progress_bar=False)
+    assert gen.uns["scbranch"]["params"]["calibrate_spread"] and gen.n_obs == 12
+    # the calibration run's own cells, calibrated, have the training variances
+    kept = type_calibrations(model, [0], {"solver": "em", "n_steps": 25, "spacing": "t"})
+    res = model.module.sample_cells({0: 500}, seed=11)  # other cells than the calibration's
+    z = kept[0].apply(res.x.double().cpu().numpy())
+    ratio = z.var(0, ddof=1) / np.maximum(expected[0], 1e-12)
+    assert np.abs(np.log(ratio[expected[0] > 1e-6])).mean() < 0.15
