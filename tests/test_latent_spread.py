@@ -52,3 +52,35 @@ def test_bands_aggregate_by_geometric_mean_and_leave_empty_bands_empty():
     assert values["variance, PCs 21-30"] == pytest.approx(2.0)
     assert values["shift, PCs 21-30"] == pytest.approx(3.0)
     assert np.isnan(values["variance, PCs 6-10"])
+
+
+def test_the_examples_in_its_docstrings_hold():
+    import doctest
+
+    result = doctest.testmod(latent_spread, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_new_cells_read_one_and_cells_between_the_training_cells_read_more():
+    """Known answer of the nearest-training-cell ratio: new cells of the training cells'
+    distribution read 1; cells spread evenly over the box the training cells span (same
+    spread, no structure) lie farther from them."""
+    rng = np.random.default_rng(1)
+    # training cells on two tight lines: the type has structure a smoother fills in
+    t = rng.uniform(-2, 2, size=(120, 1))
+
+    def cells(n):
+        u = rng.uniform(-2, 2, size=(n, 1))
+        side = rng.choice([-1.0, 1.0], size=(n, 1))
+        return np.hstack([u, side + 0.05 * rng.normal(size=(n, 1))])
+
+    train = np.hstack([t, rng.choice([-1.0, 1.0], size=(120, 1))])
+    lab = lambda n: np.array(["a"] * n)  # noqa: E731
+    latents = {
+        "new": (cells(300), lab(300)),
+        "filled": (rng.uniform(-2, 2, size=(300, 2)), lab(300)),
+    }
+    out = latent_spread.nearest_rows(latents, train, lab(120), cells(300), lab(300), ["a"])
+    out = out.set_index("row")
+    assert abs(out.loc["new", "all"] - 1) < 0.15
+    assert out.loc["filled", "all"] > 1.5
