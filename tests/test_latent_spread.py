@@ -54,13 +54,6 @@ def test_bands_aggregate_by_geometric_mean_and_leave_empty_bands_empty():
     assert np.isnan(values["variance, PCs 6-10"])
 
 
-def test_the_examples_in_its_docstrings_hold():
-    import doctest
-
-    result = doctest.testmod(latent_spread, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 3 and result.failed == 0
-
-
 def test_new_cells_read_one_and_cells_between_the_training_cells_read_more():
     """Known answer of the nearest-training-cell ratio: new cells of the training cells'
     distribution read 1; cells spread evenly over the box the training cells span (same
