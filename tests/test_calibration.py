@@ -136,10 +136,12 @@ def test_a_new_type_leaves_the_old_types_calibrated_cells_bit_for_bit():
     assert np.abs(np.log(new.var(0, ddof=1) / target)).max() < 0.35  # the new type's own spread
 
 
-def test_trajectories_are_not_calibrated_and_say_so(trained):
+def test_trajectories_refuse_calibration_and_devices_and_say_why(trained):
     model, _ = trained
     with pytest.raises(ValueError, match="trajectories follow single cells"):
         model.generate(n_cells=2, trajectory_times=[0.5, 0.0], calibrate_spread=True)
+    with pytest.raises(ValueError, match="trajectories are one block"):
+        model.generate(n_cells=2, trajectory_times=[0.5, 0.0], devices=["cpu"])
 
 
 @pytest.mark.parametrize("space", ["expression", "scvi"])

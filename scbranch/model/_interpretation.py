@@ -411,9 +411,29 @@ def hybrids(
 
 
 def check_trajectory_times(
-    model: BranchedDiffusion, times: Sequence[float], counts: bool | None, residual_noise: bool
+    model: BranchedDiffusion,
+    times: Sequence[float],
+    counts: bool | None,
+    residual_noise: bool,
+    *,
+    calibrate_spread: bool = False,
+    devices: Sequence | None = None,
 ) -> list[float]:
-    """Validated recording times of :meth:`generate`, decreasing (0: the final cells)."""
+    """Validated recording times of :meth:`generate`, decreasing (0: the final cells).
+
+    Options that trajectories cannot take (counts, residual noise, spread calibration, several
+    devices) are refused with what to do instead.
+    """
+    if calibrate_spread:
+        raise ValueError(
+            "`calibrate_spread` gives a type's cells its spread; trajectories follow "
+            "single cells. Generate the cells and the trajectories in two calls."
+        )
+    if devices is not None:
+        raise ValueError(
+            "`devices` spreads blocks of cells; trajectories are one block on the "
+            "model's device (move it with `model.to_device`)."
+        )
     t_min = model.module.sde.t_min
     values = sorted({float(t) for t in np.atleast_1d(np.asarray(times, dtype=float))})
     if not values:

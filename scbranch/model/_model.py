@@ -710,19 +710,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         options = keep_layers(self.space, options, layers)
         times = None
         if trajectory_times is not None:
-            if calibrate_spread:
-                raise ValueError(
-                    "`calibrate_spread` gives a type's cells its spread; trajectories follow "
-                    "single cells. Generate the cells and the trajectories in two calls."
-                )
             times = _interpretation.check_trajectory_times(
-                self, trajectory_times, counts, residual_noise
-            )
-            if devices is not None:
-                raise ValueError(
-                    "`devices` spreads blocks of cells; trajectories are one block on the "
-                    "model's device (move it with `model.to_device`)."
-                )
+                self, trajectory_times, counts, residual_noise,
+                calibrate_spread=calibrate_spread, devices=devices,
+            )  # fmt: skip
         block_rows = check_block_size(block_size) or default_block_rows(self.space)
         if out is not None:  # before any work
             out = check_output(out, overwrite)
