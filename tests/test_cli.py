@@ -576,6 +576,7 @@ def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):
     [
         (["--no-share"], "--no-share"),
         (["--solver", "heun"], "--solver"),
+        (["--calibrate-spread"], "--calibrate-spread"),
         (["--label", "Neuron"], "Neuron"),
     ],
 )

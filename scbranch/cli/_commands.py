@@ -241,6 +241,7 @@ def _generate_anchored(model, args: argparse.Namespace, labels, seed: int, out: 
             ("--block-size", args.block_size is not None),
             ("--layers", args.layers is not None),
             ("--solver", args.solver != DEFAULT_SOLVER),
+            ("--calibrate-spread", args.calibrate_spread),
         )
         if given
     ]
