@@ -83,19 +83,6 @@ def class_variances(stats: Mapping[str, np.ndarray], scale: float) -> np.ndarray
     return np.maximum(scatter, 0.0) / np.maximum(counts - 1.0, 1.0) * scale**2
 
 
-def training_variances(x, labels: np.ndarray, n_classes: int, shift, scale: float) -> np.ndarray:
-    """Per class and dimension, the variance of the training representation ``x``, in data units.
-
-    ``x`` in memory or on disk (one pass over its rows); computed on the cells standardised with
-    ``shift`` and ``scale`` (the model's standardisation).
-    """
-    from ..io._rows import row_blocks
-    from ..module._gaussian_skip import class_statistics
-
-    stats = class_statistics(row_blocks(x), labels, n_classes, shift, scale, full=False)
-    return class_variances(stats, scale)
-
-
 def calibrate_type(generated: np.ndarray, variance: np.ndarray) -> TypeCalibration:
     """The factors that give ``generated`` cells of one type the training ``variance``.
 
@@ -135,10 +122,8 @@ def type_calibrations(
             "them); its cells are not spread-calibrated. Retrain it to calibrate them."
         )
         return None
-    cache = model.__dict__.setdefault("_spread_calibrations", {})
-    key = tuple(sample_options.get(name) for name in SAMPLER_KEYS)
-    kept = cache.setdefault(key, {})
     options = {name: sample_options.get(name) for name in SAMPLER_KEYS}
+    kept = model._spread_calibrations.setdefault(tuple(options.values()), {})
     for code in sorted(set(int(c) for c in codes) - set(kept)):
         # one type per run, on the grid of its own branch points (share=True builds the grid
         # from the types requested; share=False from every type's, which a new type changes)
@@ -152,7 +137,7 @@ def type_calibrations(
 
 def forget_calibrations(model: BranchedDiffusion) -> None:
     """Drop the measured factors (the network changed: training, new types)."""
-    model.__dict__.pop("_spread_calibrations", None)
+    model._spread_calibrations = {}
 
 
 def calibrated(z: np.ndarray, codes: np.ndarray, calibrations: Mapping[int, TypeCalibration]):

@@ -40,7 +40,7 @@ from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _anchored, _diagnostics, _extension, _interpretation, _persistence
 from ._blocks import check_block_size, check_output, default_block_rows, generate_blocks
-from ._calibration import forget_calibrations, training_variances, type_calibrations
+from ._calibration import class_variances, forget_calibrations, type_calibrations
 from ._data import ResamplingDataSplitter
 from ._extension import reference_sample
 from ._output import check_memory, keep_layers, requested_cells
@@ -150,6 +150,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         self.hierarchy_record_: dict = {}
         # per type and dimension: the spread generated cells are calibrated to (_calibration.py)
         self.class_variances_: np.ndarray | None = None
+        self._spread_calibrations: dict = {}  # sampler -> type -> factors, measured lazily
         standardization = None
         if adata is not None:
             classes = self.classes
@@ -173,7 +174,6 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.class_counts_ = np.bincount(labels, minlength=len(classes))
             self.reference_samples_ = reference_sample(x, labels, shift, scale, len(classes))
-            self.class_variances_ = training_variances(x, labels, len(classes), shift, scale)
         elif not isinstance(space, Space) or hierarchy is None:
             raise ValueError(
                 "A model built without AnnData needs its `hierarchy` and a fitted `space` (as "
@@ -190,7 +190,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         )  # fmt: skip
         if standardization is not None:
             self.module.set_standardization(*standardization)
-            self.module.fit_gaussian_skip(row_blocks(x), labels, shift, scale)
+            # one pass over the cells for the per-branch Gaussians and the training variances
+            stats = self.module.class_statistics(row_blocks(x), labels, shift, scale)
+            self.module.set_gaussian_skip(stats)
+            self.class_variances_ = class_variances(stats, scale)
         if self.module.tree.classes != self.classes:
             raise ValueError(
                 f"The hierarchy's classes {self.module.tree.classes} differ from the labels "

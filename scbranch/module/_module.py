@@ -235,9 +235,16 @@ class BranchedDiffusionModule(BaseModuleClass):
         """
         if self.gaussian_skip != "per_branch":
             return
-        full = uses_full_covariance(self.n_input)
-        stats = class_statistics(blocks, labels, self.tree.n_classes, shift, scale, full)
-        self.set_gaussian_skip(stats, first=first)
+        self.set_gaussian_skip(self.class_statistics(blocks, labels, shift, scale), first=first)
+
+    def class_statistics(self, blocks, labels: np.ndarray, shift, scale: float) -> dict:
+        """Per-class counts, sums and second moments of the standardised cells, in one pass.
+
+        Full second moments where the per-branch Gaussians need them, per dimension otherwise
+        (what :meth:`set_gaussian_skip` and the model's training variances read).
+        """
+        full = self.gaussian_skip == "per_branch" and uses_full_covariance(self.n_input)
+        return class_statistics(blocks, labels, self.tree.n_classes, shift, scale, full)
 
     def set_gaussian_skip(
         self, stats: dict[str, np.ndarray], first: int = 0, prior_var: np.ndarray | None = None
