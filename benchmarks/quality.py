@@ -348,10 +348,13 @@ class SpaceDecodedGaussian:
 
 def within_type_scale(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per component, 1 / the pooled within-type standard deviation of ``z``: ``z * scale``
-    has unit within-type variance in every component."""
-    types = np.unique(labels)
-    within = sum(((z[labels == c] - z[labels == c].mean(0)) ** 2).sum(0) for c in types)
-    return 1.0 / np.sqrt(within / (len(z) - len(types)))
+    has unit within-type variance in every component (the package's pooled within-type
+    variance, what small types' Gaussians are shrunk towards)."""
+    from scbranch.module._gaussian_skip import class_statistics, within_class_variance
+
+    types, codes = np.unique(labels, return_inverse=True)
+    stats = class_statistics([(0, len(z), z)], codes, len(types), 0.0, 1.0, full=False)
+    return 1.0 / np.sqrt(within_class_variance(stats))
 
 
 class PreconditionedModel:
