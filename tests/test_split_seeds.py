@@ -2,7 +2,9 @@
 
 Known answers on made-up reports: a row that sits a fixed amount above each split's control,
 however much the controls move between splits, has exactly that paired difference with no
-spread; the must-show checks read the thresholds as written in issue 19.
+spread; the must-show checks read the thresholds as written in issue 19; a row lower than a
+baseline by 0.02 beats it "by more than the combined seed sd" when the runs spread by 0.005,
+and not when they spread by 0.02.
 """
 
 from __future__ import annotations
@@ -73,3 +75,43 @@ def test_must_show_reads_the_thresholds_of_the_issue():
     # ratios at 1 meet the ratio must-shows
     for metric in ("mmd", "dispersion", "label_fidelity", "de_lfc_spearman"):
         assert verdict.loc[(split_seeds.DEFAULT, metric), "met on the means"]
+
+
+def _seeded_rows(spread: float) -> pd.DataFrame:
+    """Per split, the default 0.02 below the Gaussian in AUROC, 3 x 3 runs for the default and
+    3 for the Gaussian, each row's runs spread symmetrically with sample sd ``spread``."""
+    rows = []
+    offsets = np.array([-1.0, 0.0, 1.0]) * spread  # sample sd (ddof=1) of these is `spread`
+    for split, control in CONTROLS.items():
+        for method, value, train_seeds in (
+            (split_seeds.DEFAULT, control + 0.08, (0, 1, 2)),
+            ("per-class Gaussian", control + 0.10, (0,)),
+        ):
+            for train_seed in train_seeds:
+                for seed, offset in enumerate(offsets):
+                    rows.append(
+                        {
+                            "group": "mean",
+                            "metric": "auroc",
+                            "generated": value + offset,
+                            "control": control,
+                            "method": method,
+                            "split": split,
+                            "train_seed": train_seed,
+                            "seed": seed,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(("spread", "beaten"), [(0.005, "4/4"), (0.02, "0/4")])
+def test_seed_margins_read_the_combined_seed_sd_split_by_split(spread, beaten):
+    table = split_seeds.seed_margins(_seeded_rows(spread), "auroc")
+    entry = table.loc[(split_seeds.DEFAULT, "per-class Gaussian")]
+    assert entry["runs per split"] == "9 / 3"
+    assert entry["row minus baseline (mean ± SE)"] == "-0.0200 ± 0.0000"
+    # nine runs of three values each repeated: sample sd sqrt(6/8) x spread; the Gaussian's
+    # three runs: spread. A difference of 0.02 beats sqrt(0.75 + 1) x 0.005 but not x 0.02
+    combined = np.sqrt(0.75 + 1.0) * spread
+    np.testing.assert_allclose(entry["combined seed sd (mean over splits)"], combined, atol=1e-4)
+    assert entry["beaten by more than it (splits)"] == beaten
