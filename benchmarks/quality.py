@@ -14,7 +14,7 @@ Every method gets the default configuration of the package (README quickstart): 
 latent is the train cells' out-of-fold PC scores (``sb.tl.pca_out_of_fold``, key
 ``X_pca_oof``), the models are set up with the counts (``counts_layer``) so generated cells are
 decoded with the negative binomial (``generate(residual_noise="auto")``), and trained with the
-default budget (about 100 epochs within 500-16,000 optimiser steps; ``--steps`` overrides it).
+default budget (about 100 epochs within 1,000-16,000 optimiser steps; ``--steps`` overrides it).
 
 Methods (same training budget for the diffusion models: optimiser steps and batch size):
   conditioned          BranchedDiffusion, discovered tree, the default model: one network
@@ -31,6 +31,7 @@ Methods (same training budget for the diffusion models: optimiser steps and batc
   <arch>:late, <arch>:unshared   later branch points / no sharing (benchmarks/sharing.py)
   <arch>:ema0, :balance<x>, :batch<n>   trained without the weight EMA / with class_balance x /
                        with n cells per optimiser step (benchmarks/budget_curve.py --rows)
+  <arch>:budget<k>, :epochs<n>   k x train()'s default epochs / exactly n epochs
   scVI resampling      latents from the class's aggregated posterior, NB counts, log-normalised
   per-class Gaussian   Ledoit-Wolf Gaussian per class on the same out-of-fold scores, decoded
                        by the models' own space with the same negative binomial
@@ -494,6 +495,8 @@ TRAIN_VARIANTS = {
     "balance": ("class_balance", float),  # balance0: natural frequencies, balance1: equal
     "batch": ("batch_size", int),  # batch256: 256 cells per optimiser step
     "budget": ("budget_factor", float),  # budget2: twice train()'s default epochs
+    # epochs100: exactly 100 passes (train()'s default before its 1,000-step floor)
+    "epochs": ("max_epochs", int),
 }
 
 
@@ -508,7 +511,7 @@ def _train_variant(part: str) -> dict | None:
 
 def train_options(spec: str) -> dict:
     """``model.train()`` options of a row name's training variants (``ema0``, ``balance1``,
-    ``batch256``, ``budget2``, see :data:`TRAIN_VARIANTS`)."""
+    ``batch256``, ``budget2``, ``epochs100``, see :data:`TRAIN_VARIANTS`)."""
     options = {}
     for part in model_spec(spec).split(":")[1:]:
         options.update(_train_variant(part) or {})
@@ -672,7 +675,9 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
         rows[arch] = _Generator(model, anchors=train, **generate_options(arch))
     if not cfg.get("baselines", True):  # the diffusion models only
         return rows, info
-    if cfg.get("probes_only"):
+    if cfg.get("probes_only"):  # the fixed rows, no scVI: once, with the first training seed
+        if train_seed != cfg["train_seeds"][0]:
+            return rows, info
         return _fixed_rows(train, unseen, rows, info, timed)
     rows["scVI resampling"] = _Generator(
         timed(
@@ -982,7 +987,7 @@ def sampler_note(results: dict) -> str:
 
 def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
     budget = (
-        "the default training budget (about 100 epochs within 500-16,000 optimiser steps)"
+        "the default training budget (about 100 epochs within 1,000-16,000 optimiser steps)"
         if cfg["steps"] is None
         else f"{cfg['steps']} optimiser steps"
     )

@@ -199,7 +199,19 @@ def write_markdown(
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="pbmc68k")
-    parser.add_argument("--splits", type=int, default=10, help="split seeds 0..N-1")
+    parser.add_argument("--splits", type=int, default=10, help="number of split seeds")
+    parser.add_argument(
+        "--first-split",
+        type=int,
+        default=0,
+        help="the first split seed (10 with --splits 10: seeds 10-19, fresh held-out cells for "
+        "a choice made on seeds 0-9)",
+    )
+    parser.add_argument(
+        "--no-scvi",
+        action="store_true",
+        help="the baselines and probes without scVI resampling (its training dominates a run)",
+    )
     parser.add_argument(
         "--train-seeds",
         type=int,
@@ -228,6 +240,7 @@ def main(argv=None) -> int:
         **SETTINGS["fast" if args.fast else "cpu"],
         "architectures": tuple(args.architectures.split(",")),
         "baselines": not args.add,
+        "probes_only": args.no_scvi,  # quality.py: the fixed rows without scVI resampling
     }
     if not 1 <= args.train_seeds <= len(cfg["train_seeds"]):
         parser.error(f"--train-seeds must be 1-{len(cfg['train_seeds'])}, got {args.train_seeds}")
@@ -242,7 +255,7 @@ def main(argv=None) -> int:
         else:
             t0 = time.perf_counter()
             parts = []
-            for split in range(args.splits):
+            for split in range(args.first_split, args.first_split + args.splits):
                 train, held, unseen = LOADERS[name](seed=split, fractions=SPLIT)
                 rows, _ = run_dataset(name, train, held, unseen, cfg)
                 parts.append(rows.assign(split=split))
