@@ -1,6 +1,6 @@
 """The default training budget on real data, 3 x 3 seeds: half, default, twice.
 
-``train()`` makes about 100 passes over the cells (within 500-16,000 optimiser steps), read
+``train()`` makes about 100 passes over the cells (within 1,000-16,000 optimiser steps), read
 from a curve of budget against data size on a known truth with one head per branch
 (docs/benchmarks/budget_curve.md). The same curve for the branch-conditioned network, the
 default since (docs/benchmarks/budget_curve_conditioned.md), is 0.02-0.04 AUROC better at
@@ -35,7 +35,7 @@ ROWS = (variants.DEFAULT, f"{variants.DEFAULT}:budget0.5", f"{variants.DEFAULT}:
 TITLE = "The default training budget on real data"
 INTRO = (
     "The default model at half, one and two times `train()`'s default number of epochs "
-    "(about 100 passes over the train cells, within 500-16,000 optimiser steps)."
+    "(about 100 passes over the train cells, within 1,000-16,000 optimiser steps)."
 )
 
 

@@ -70,7 +70,7 @@ from quality import (
 )
 
 SETTINGS = {
-    # steps None: the package's default budget (about 100 epochs, 500-16,000 steps)
+    # steps None: the package's default budget (about 100 epochs, 1,000-16,000 steps)
     "cpu": {"steps": None, "batch_size": 64, "n_cells": 200, "ext_epochs": None},
     "fast": {"steps": 20, "batch_size": 64, "n_cells": 30, "ext_epochs": 1},
 }
@@ -370,7 +370,7 @@ def _flat_rows(retrained, train, held, old_types, new_types, cfg, seed, ext_step
 
 def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: float) -> str:
     budget = (
-        "the package's default budget (about 100 epochs within 500-16,000 optimiser steps)"
+        "the package's default budget (about 100 epochs within 1,000-16,000 optimiser steps)"
         if cfg["steps"] is None
         else f"{cfg['steps']} optimiser steps"
     )

@@ -371,10 +371,10 @@ def test_placement_uses_the_discovery_options_of_the_model(monkeypatch, tmp_path
 
 def test_extension_steps_follow_the_training_rule_for_the_new_cells():
     from scbranch.module._extension import default_head_steps
-    from scbranch.module._recipe import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS
+    from scbranch.module._recipe import MAX_DEFAULT_STEPS, MIN_HEAD_STEPS
 
-    # a rare new type gets train()'s floor, not a fixed 1,000 steps
-    assert default_head_steps(30, 64, None) == MIN_DEFAULT_STEPS
+    # a rare new type gets extension's floor of 500 steps, not train()'s 1,000
+    assert default_head_steps(30, 64, None) == MIN_HEAD_STEPS == 500
     # a large one about 100 passes (79 steps an epoch), capped like train()
     assert default_head_steps(5_000, 64, None) == 7_900
     # whole passes: the cap is rounded up to 2 epochs of 15,625 steps, as in train()

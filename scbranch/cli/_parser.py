@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="Passes over the cells (default: about 100, within 500-16,000 optimiser steps).",
+        help="Passes over the cells (default: about 100, within 1,000-16,000 optimiser steps).",
     )
     fit.add_argument(
         "--batch-size",

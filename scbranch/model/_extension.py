@@ -90,7 +90,7 @@ def add_classes(
         Column of ``adata.obs`` with the types (default: the model's).
     max_epochs
         Passes over a new type's cells (default: :meth:`train`'s rule for them, about 100
-        epochs within 500-16,000 optimiser steps).
+        epochs, with extension's own floor: within 500-16,000 optimiser steps).
     batch_size, ema_decay
         Optimiser settings of the new head (as in :meth:`train`).
     lr

@@ -457,8 +457,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the training cells. Default: about 100, kept within 500-16,000 optimiser
-            steps (docs/benchmarks/budget_curve.md).
+            Passes over the training cells. Default: about 100, kept within 1,000-16,000
+            optimiser steps (docs/benchmarks/budget_curve.md; the floor: docs/evaluation.md).
         batch_size
             Cells per optimiser step (per device under DDP). Small batches matter: larger ones
             gave under-dispersed cells at the same number of steps (see docs/method.md).

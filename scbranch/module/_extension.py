@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._discovery import DiscoveryOptions, crossover_times, similarity_curves, smoothed
-from ._recipe import TrainingRecipe, default_max_epochs, draw_times
+from ._recipe import MIN_HEAD_STEPS, TrainingRecipe, default_max_epochs, draw_times
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,8 @@ def shared_heads(tree, label: int, t: float) -> list[int]:
 def default_head_steps(n_cells: int, batch_size: int, max_epochs: int | None) -> int:
     """Optimiser steps of extension: ``max_epochs`` passes over the new cells.
 
-    By default ``train()``'s rule for them (about 100 epochs within 500-16,000 steps).
+    By default ``train()``'s rule for them (about 100 epochs within 500-16,000 steps: the
+    floor is extension's own, :data:`~scbranch.module._recipe.MIN_HEAD_STEPS`).
 
     A fixed 1,000 steps cost more than retraining a small model from scratch (the conditioned
     network on pbmc68k_reduced: 11.5 s against 7.1 s, docs/benchmarks/extension.md) and gave
@@ -331,5 +332,5 @@ def default_head_steps(n_cells: int, batch_size: int, max_epochs: int | None) ->
     """
     per_epoch = max(1, math.ceil(n_cells / batch_size))
     if max_epochs is None:
-        max_epochs = default_max_epochs(n_cells, batch_size)
+        max_epochs = default_max_epochs(n_cells, batch_size, min_steps=MIN_HEAD_STEPS)
     return max(1, int(max_epochs) * per_epoch)
