@@ -82,10 +82,13 @@ def test_training_variants_set_train_options_and_leave_the_model_alone():
     assert quality.train_options("branched:per_branch") == {}
     with pytest.raises(ValueError, match="Unknown variant"):
         quality.model_options("branched:batch")  # no number: not a training variant
-    # budget<k>: k x train()'s default epochs (351 cells at batch 64: 100), else cfg's steps
+    # budget<k>: k x train()'s default epochs (351 cells at batch 64: 167, the 1,000-step
+    # floor; 1,318 cells: 100), epochs<n>: exactly n, else cfg's steps
     cfg = {"batch_size": 64, "steps": None}
-    assert quality.train_kwargs("conditioned:budget2", 351, cfg)["max_epochs"] == 200
-    assert quality.train_kwargs("conditioned:budget0.5", 351, cfg)["max_epochs"] == 50
+    assert quality.train_kwargs("conditioned:budget2", 351, cfg)["max_epochs"] == 334
+    assert quality.train_kwargs("conditioned:budget0.5", 1318, cfg)["max_epochs"] == 50
+    assert quality.train_kwargs("conditioned:epochs100", 351, cfg)["max_epochs"] == 100
+    assert quality.model_options("conditioned:epochs100") == {"architecture": "conditioned"}
     assert "max_epochs" not in quality.train_kwargs("conditioned", 351, cfg)
     assert quality.train_kwargs("conditioned", 351, {**cfg, "steps": 600})["max_epochs"] == 100
     assert quality.model_options("conditioned:budget2") == {"architecture": "conditioned"}
