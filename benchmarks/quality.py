@@ -675,23 +675,20 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
         rows[arch] = _Generator(model, anchors=train, **generate_options(arch))
     if not cfg.get("baselines", True):  # the diffusion models only
         return rows, info
-    if cfg.get("probes_only"):  # the fixed rows, no scVI: once, with the first training seed
-        if train_seed != cfg["train_seeds"][0]:
-            return rows, info
-        return _fixed_rows(train, unseen, rows, info, timed)
-    rows["scVI resampling"] = _Generator(
-        timed(
-            "scVI resampling",
-            lambda: sb.baselines.ScviResampling(
-                train,
-                LABELS,
-                max_epochs=cfg["scvi_epochs"],
-                seed=train_seed,
-                accelerator=cfg["accelerator"],
-            ),
-            lambda m: sum(p.numel() for p in m.model_.module.parameters()),
+    if not cfg.get("probes_only"):  # probes_only: the fixed rows without scVI resampling
+        rows["scVI resampling"] = _Generator(
+            timed(
+                "scVI resampling",
+                lambda: sb.baselines.ScviResampling(
+                    train,
+                    LABELS,
+                    max_epochs=cfg["scvi_epochs"],
+                    seed=train_seed,
+                    accelerator=cfg["accelerator"],
+                ),
+                lambda m: sum(p.numel() for p in m.model_.module.parameters()),
+            )
         )
-    )
     if train_seed != cfg["train_seeds"][0]:
         return rows, info
     return _fixed_rows(train, unseen, rows, info, timed)

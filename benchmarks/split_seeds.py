@@ -175,15 +175,16 @@ def write_markdown(
     ]
     for name, values in results.items():
         splits = values.index.get_level_values("split").unique()
+        default_rows = raw[name][raw[name]["method"] == DEFAULT] if name in raw else None
         seeds = "one training seed"
-        if name in raw and DEFAULT in set(raw[name]["method"]):
-            trained = sorted(raw[name].loc[raw[name]["method"] == DEFAULT, "train_seed"].unique())
-            seeds = f"the default trained with seeds {[int(t) for t in trained]}"
+        if default_rows is not None and len(default_rows):
+            trained = sorted(int(t) for t in default_rows["train_seed"].unique())
+            seeds = f"the default trained with seeds {trained}"
         lines += ["", f"## {name}: {len(splits)} splits (seeds {list(splits)}), {seeds}", ""]
         for metric in MUST:
             lines += [f"### {metric}", "", _md(across(values, metric).round(4)), ""]
         lines += ["### The must-shows, default and known answer", "", _md(must_show(values)), ""]
-        if name in raw and DEFAULT in set(raw[name]["method"]):
+        if default_rows is not None and len(default_rows):
             for metric in ("auroc", "mmd"):
                 lines += [
                     f"### Against the baselines by the combined seed sd, {metric}",
@@ -242,6 +243,8 @@ def main(argv=None) -> int:
         "baselines": not args.add,
         "probes_only": args.no_scvi,  # quality.py: the fixed rows without scVI resampling
     }
+    if args.first_split < 0:
+        parser.error(f"--first-split must be at least 0, got {args.first_split}")
     if not 1 <= args.train_seeds <= len(cfg["train_seeds"]):
         parser.error(f"--train-seeds must be 1-{len(cfg['train_seeds'])}, got {args.train_seeds}")
     cfg["train_seeds"] = cfg["train_seeds"][: args.train_seeds]

@@ -115,3 +115,17 @@ def test_seed_margins_read_the_combined_seed_sd_split_by_split(spread, beaten):
     combined = np.sqrt(0.75 + 1.0) * spread
     np.testing.assert_allclose(entry["combined seed sd (mean over splits)"], combined, atol=1e-4)
     assert entry["beaten by more than it (splits)"] == beaten
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train-seeds", "9"], "--train-seeds must be 1-3, got 9"),
+        (["--train-seeds", "0"], "--train-seeds must be 1-3, got 0"),
+        (["--first-split", "-1"], "--first-split must be at least 0, got -1"),
+    ],
+)
+def test_bad_seed_options_get_a_clear_error_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        split_seeds.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
