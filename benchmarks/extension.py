@@ -39,7 +39,7 @@ label fidelity and the paired differences between the architectures; ``--no-flat
 flat rows out (they do not depend on the tree architecture).
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/extension.py          # CPU settings, seed 0 (about 12 min on 2 cores)
+  python benchmarks/extension.py          # CPU settings, seed 0 (about 14 min on 2 cores)
   python benchmarks/extension.py --seeds 0,1,2 --no-flat   # the architectures, 3 seeds
   python benchmarks/extension.py --seeds 0,1,2 --no-flat --architectures conditioned \
       --head-floor 1000   # add_classes with train()'s floor instead of its own 500 steps
@@ -114,6 +114,12 @@ def _epochs(n_cells: int, steps: int | None, batch_size: int) -> int:
     return max(1, math.ceil(steps / steps_per_epoch))
 
 
+def _head_floor_in_use() -> int:
+    from scbranch.module import _extension
+
+    return _extension.MIN_HEAD_STEPS
+
+
 def set_head_floor(steps: int) -> int:
     """Make ``add_classes`` use ``steps`` as its floor; returns the package's own floor.
 
@@ -124,15 +130,9 @@ def set_head_floor(steps: int) -> int:
     """
     from scbranch.module import _extension
 
-    before = _extension.MIN_HEAD_STEPS
+    before = _head_floor_in_use()
     _extension.MIN_HEAD_STEPS = steps
     return before
-
-
-def _package_head_floor() -> int:
-    from scbranch.module._recipe import MIN_HEAD_STEPS
-
-    return MIN_HEAD_STEPS
 
 
 def _same(a, b) -> bool:
@@ -399,11 +399,14 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
     )
     seeds = cfg["seeds"]
     floor = cfg.get("head_floor")
-    head_rule = (
-        f"add_classes' default rule (at least {_package_head_floor():,} steps per new type)"
-        if floor is None
-        else f"add_classes' default rule with a floor of {floor:,} steps per new type"
-    )
+    if cfg["ext_epochs"] is not None:
+        head_rule = f"add_classes at max_epochs={cfg['ext_epochs']}"
+    elif floor is None:
+        head_rule = (
+            f"add_classes' default rule (at least {_head_floor_in_use():,} steps per new type)"
+        )
+    else:
+        head_rule = f"add_classes' default rule with a floor of {floor:,} steps per new type"
     lines = [
         "# Extension benchmark: new cell types without retraining",
         "",

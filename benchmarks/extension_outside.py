@@ -26,7 +26,7 @@ all training cells, 200 cells per type, generation seeds 0-2):
 The control of every metric is two halves of the held-out cells (``tl.evaluate``).
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/extension_outside.py          # about 3 min on 2 cores
+  python benchmarks/extension_outside.py          # about 6 min on 2 cores
   python benchmarks/extension_outside.py --fast   # smoke test; numbers meaningless
 Writes docs/benchmarks/extension_outside.md and a CSV under --out.
 """
