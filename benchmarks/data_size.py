@@ -12,7 +12,8 @@ reference PCA fitted on ALL the train cells (the same instrument for every ``n``
 Rows, for every ``n``:
   per-class Gaussian          Ledoit-Wolf Gaussian per type on the cut cells' out-of-fold
                               scores, decoded with the negative binomial
-  branched                    the default model on the cut cells, default budget
+  conditioned                 the default model (branch-conditioned network) on the cut cells,
+                              default budget (1,000 optimiser steps at least)
   probe: the cut cells        the cut cells' out-of-fold scores decoded the same way: the
                               target, what a generator that learned exactly these cells reaches
 Known answer (once): real cells nothing saw (the unseen split), which must sit at the control.
@@ -21,7 +22,7 @@ seeds, so a type's curve is read where the cut applies to it (types with fewer c
 ``n`` keep all theirs).
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/data_size.py          # about 20 min on 2 cores
+  python benchmarks/data_size.py          # about 10 min on 2 cores
   python benchmarks/data_size.py --fast   # smoke test; numbers meaningless
 Writes docs/benchmarks/data_size.md.
 """
@@ -102,7 +103,7 @@ def rows_of(part, cfg) -> dict:
     space = sb.BranchedDiffusion(default_setup(part))  # untrained: its decoder only
     return {
         "per-class Gaussian": SpaceDecodedGaussian(default_setup(part), space),
-        "branched": train_model(part, cfg, cfg["train_seed"]),
+        "conditioned": train_model(part, cfg, cfg["train_seed"], architecture="conditioned"),
         "probe: the cut cells": DecodedProbe(space, part, part.obsm[LATENT]),
     }
 
