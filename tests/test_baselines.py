@@ -86,6 +86,15 @@ def test_scvi_resampling_gives_counts_deterministically(pbmc):
     assert gen.obsm["X_scVI"].shape == (50, 10)
     again = base.generate(n_cells={"CD19+ B": 30, "CD14+ Monocyte": 20}, seed=5)
     assert (again.layers["counts"] != counts).nnz == 0
+    # without the likelihood's noise: the decoder's mean of the same latents, no counts
+    mean = base.generate(
+        n_cells={"CD19+ B": 30, "CD14+ Monocyte": 20}, seed=5, residual_noise=False
+    )
+    np.testing.assert_array_equal(mean.obsm["X_scVI"], gen.obsm["X_scVI"])
+    assert "counts" not in mean.layers and mean.uns["scbranch"]["params"]["residual_noise"] is False
+    np.testing.assert_allclose(np.expm1(mean.X.toarray()).sum(1), 1e4, rtol=1e-3)
+    # the counts scatter around that mean: per cell, more spread across genes than it
+    assert np.var(gen.X.toarray(), axis=1).mean() > np.var(mean.X.toarray(), axis=1).mean()
     # the user's object is untouched (scvi-tools set up a private copy)
     assert set(small.uns) == set(before.uns) and list(small.obs.columns) == list(before.obs.columns)
 

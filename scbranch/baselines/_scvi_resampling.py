@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import scipy.sparse as sp
 from anndata import AnnData
 
 from ..model._counts import log_normalize
@@ -22,7 +23,10 @@ class ScviResampling(Baseline):
     each cell's posterior ``q(z | x)`` (their mixture is the class's aggregated posterior),
     decode it with the cell's observed library size and sample counts from the
     negative-binomial likelihood. ``.X`` holds the counts log-normalised (CP10k + log1p), like
-    real cells, and ``layers['counts']`` the counts.
+    real cells, and ``layers['counts']`` the counts. ``generate(residual_noise=False)`` gives
+    the decoder's mean instead: ``.X`` is each latent's normalised expression (``px.scale``) as
+    CP10k + log1p, no counts drawn (a denoised profile, as ``get_normalized_expression`` gives;
+    for a classifier's training set rather than for cells that look real).
 
     Parameters
     ----------
@@ -47,6 +51,7 @@ class ScviResampling(Baseline):
     >>> adata = sb.datasets.pbmc68k()
     >>> base = sb.baselines.ScviResampling(adata, "cell_type", max_epochs=5)  # doctest: +SKIP
     >>> base.generate(n_cells=100, seed=0)  # doctest: +SKIP
+    >>> base.generate(n_cells=100, seed=0, residual_noise=False)  # doctest: +SKIP
     """
 
     name = "scVI resampling"
@@ -83,7 +88,7 @@ class ScviResampling(Baseline):
         self.library_ = np.asarray(self.model_.adata.X.sum(1), dtype=np.float32).ravel()
         self.var_names_ = np.asarray(adata.var_names).astype(str)
 
-    def _sample(self, counts, rng, seed):
+    def _sample(self, counts, rng, seed, residual_noise: bool = True):
         source = np.concatenate(
             [
                 rng.choice(np.flatnonzero(self.labels_ == c), size=n, replace=True)
@@ -93,9 +98,12 @@ class ScviResampling(Baseline):
         z = self.qz_mean_[source] + self.qz_std_[source] * rng.standard_normal(
             (len(source), self.qz_mean_.shape[1]), dtype=np.float32
         )
-        _, sampled = decode_latents(
+        scale, sampled = decode_latents(
             self.model_, z, self.library_[source], np.zeros(len(source), dtype=np.int64), seed
         )
+        if not residual_noise:  # the likelihood's mean: scale sums to 1 per cell
+            mean = sp.csr_matrix(np.log1p(scale * np.float32(1e4)), dtype=np.float32)
+            return {"X": mean, "var_names": self.var_names_, "obsm": {"X_scVI": z}}
         return {
             "X": log_normalize(sampled),
             "var_names": self.var_names_,
