@@ -21,6 +21,10 @@ Rows:
   per-class Gaussian       Ledoit-Wolf Gaussian per class on the models' latent, decoded by the
                            models' space (negative binomial)
   scVI resampling          latents from the class's aggregated posterior, NB counts, log-normalised
+  ..., denoised            the two baselines without their noise model (the Gaussian's latents
+                           decoded to the mean profile; scVI's decoder mean, no counts drawn):
+                           each baseline at its best for a classifier, next to the models'
+                           ``:denoised`` rows
   flat, branched, ...      the diffusion models in the package's default configuration (as in
                            benchmarks/quality.py): out-of-fold PC scores of the reduced train
                            cells, set up with the counts (negative-binomial decoding), the
@@ -31,6 +35,8 @@ Known answers (probes, not methods):
   their PC scores, decoded the same cells' scores on the models' 30-PC space, decoded by that
                            space (negative binomial) exactly as generated cells are: the best
                            any generator of PC scores can do with this decoder (its ceiling)
+  ..., decoded, denoised   the same, decoded to the mean profile: the ceiling of the
+                           ``:denoised`` rows
   mislabelled cells        ``n_aug`` real cells of the abundant types labelled as each rare type:
                            wrong cells must not help (with a handful of real cells the rare
                            types' F1 starts near its floor, so it cannot fall much)
@@ -39,6 +45,8 @@ Usage (from the repository root, in the project's venv):
   python benchmarks/augmentation.py            # 5 splits of pbmc3k, about 35 min on 2 cores
   python benchmarks/augmentation.py --datasets pbmc3k,pbmc68k   # pbmc68k_reduced too: its
                                                # rare types have 8-31 cells, 2-9 test cells
+  python benchmarks/augmentation.py --datasets pbmc68k --splits 10   # more splits for its
+                                               # few test cells
   python benchmarks/augmentation.py --fast     # smoke test (numbers meaningless)
 More diffusion rows for an earlier run: run them alone (``--architectures branched:per_branch
 --no-baselines --out DIR``), append DIR/rows.csv to the earlier rows.csv and rebuild the page
@@ -49,6 +57,7 @@ Writes docs/benchmarks/augmentation.md and, under --out, the per-split CSV.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -86,6 +95,9 @@ TEST_SHARE = 0.3
 #: rows of the fitted methods that are added as they are (the quality
 #: benchmark's probes are left out)
 METHOD_ROWS = ("per-class Gaussian", "scVI resampling")
+#: the same baselines without their noise model: denoised cells help a classifier more
+#: (augmentation_decoders.py), so a ``:denoised`` model row is read against these
+DENOISED = ", denoised"
 REAL_ONLY = "real only"
 COPIES = "copies of rare cells"
 UNSEEN = "probe: real rare cells, unseen"
@@ -213,16 +225,17 @@ def through_space(model, cells, train, noise, seed: int):
     return _dense(gen.X), gen.obs[LABELS].astype(str).to_numpy()
 
 
-def decoded_unseen(train, pool, rare: list[str], n_aug: int, seed: int):
+def decoded_unseen(train, pool, rare: list[str], n_aug: int, seed: int, noise="nb"):
     """The cells of :func:`unseen_real`, through the models' space: their scores on its PCA,
-    decoded (negative binomial) as the generated cells are. What the space can carry of new
-    real cells, so the ceiling of any generator of its latents."""
+    decoded (negative binomial, or ``noise=False``: the mean profile) as the generated cells
+    are. What the space can carry of new real cells, so the ceiling of any generator of its
+    latents decoded that way."""
     from quality import default_setup
 
     import scbranch as sb
 
     space = sb.BranchedDiffusion(default_setup(train))  # untrained: only its space is used
-    return through_space(space, pool[unseen_index(pool, rare, n_aug, seed)], train, "nb", seed)
+    return through_space(space, pool[unseen_index(pool, rare, n_aug, seed)], train, noise, seed)
 
 
 def mislabelled(train, rare: list[str], n_aug: int, seed: int):
@@ -238,6 +251,17 @@ def generated(method, train, rare: list[str], n_aug: int, seed: int):
     gen = method.generate(n_cells={c: n_aug for c in rare}, seed=seed)
     gen = gen[:, train.var_names]
     return _dense(gen.X), gen.obs[LABELS].astype(str).to_numpy()
+
+
+def denoised(method):
+    """A fitted baseline row generating without its noise model (``residual_noise=False``)."""
+    from quality import SpaceDecodedGaussian, _Generator
+
+    if isinstance(method, SpaceDecodedGaussian):
+        quiet = copy.copy(method)
+        quiet.noise = False
+        return quiet
+    return _Generator(method.method, residual_noise=False)  # scVI resampling
 
 
 # ----------------------------------------------------------------------------- run
@@ -266,11 +290,14 @@ def run_split(name: str, adata, rare: list[str], seed: int, cfg: dict) -> list[d
         COPIES: copies(train, rare, cfg["n_aug"], seed),
         UNSEEN: unseen_real(pool, rare, cfg["n_aug"], seed),
         DECODED: decoded_unseen(train, pool, rare, cfg["n_aug"], seed),
+        DECODED + DENOISED: decoded_unseen(train, pool, rare, cfg["n_aug"], seed, noise=False),
         MISLABELLED: mislabelled(train, rare, cfg["n_aug"], seed),
     }
     baselines = METHOD_ROWS if cfg.get("baselines", True) else ()
     for row in (*cfg["architectures"], *baselines):
         added[row] = generated(fitted[row], train, rare, cfg["n_aug"], seed)
+    for row in baselines:
+        added[row + DENOISED] = generated(denoised(fitted[row]), train, rare, cfg["n_aug"], seed)
     rows = []
     for row, (x_add, y_add) in added.items():
         pred = classify(np.vstack([x_train, x_add]), np.concatenate([y_train, y_add]), x_test)
@@ -292,7 +319,7 @@ def run_split(name: str, adata, rare: list[str], seed: int, cfg: dict) -> list[d
 # ----------------------------------------------------------------------------- report
 def _order(methods) -> list[str]:
     head = [REAL_ONLY, COPIES]
-    probes = [UNSEEN, DECODED, MISLABELLED]
+    probes = [UNSEEN, DECODED, DECODED + DENOISED, MISLABELLED]
     return head + [m for m in methods if m not in head + probes] + probes
 
 
@@ -352,7 +379,10 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
         f"{cfg['n_aug']} per type) must raise the rare types' F1, and real cells of other types "
         "labelled as rare (`probe: mislabelled cells`) must not raise it. The same new real cells "
         "through the models' 30-PC space (`probe: their PC scores, decoded`) are the ceiling of "
-        "every generator of PC scores with this decoder. Gains are paired by "
+        "every generator of PC scores with this decoder, and decoded to the mean profile "
+        "(`..., denoised`) the ceiling of the rows that generate without the noise model "
+        "(`:denoised`; the baselines' `, denoised` rows are the same baselines generating that "
+        "way, their fair comparison). Gains are paired by "
         "split (same train and test cells): mean ± sd over splits.",
     ]
     for name, r in rows.groupby("dataset", sort=False):
@@ -382,6 +412,13 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--splits",
+        type=int,
+        default=None,
+        help="number of split seeds (0, 1, ...; default 5); pbmc68k_reduced's rare types have "
+        "2-9 test cells each, so it needs more splits than pbmc3k for the same spread",
+    )
+    parser.add_argument(
         "--architectures",
         default="branched,flat",
         help="diffusion models to compare (branched, flat, conditioned)",
@@ -404,6 +441,8 @@ def main(argv=None) -> int:
         "architectures": tuple(args.architectures.split(",")),
         "baselines": not args.no_baselines,
     }
+    if args.splits is not None:
+        cfg["splits"] = list(range(args.splits))
     markdown = prepare_run(args, "augmentation")
     t_all = time.perf_counter()
     run = time.strftime("%Y-%m-%dT%H:%M:%S")  # rows of several runs (--no-baselines) add up
