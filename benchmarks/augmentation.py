@@ -342,6 +342,28 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
     return table.loc[_order(table.index)]
 
 
+def against_baselines(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """Each generator's rare macro-F1 minus each baseline's, paired by split: mean ± sd over
+    splits and the splits where the generator is higher (the must-show's "improves over every
+    baseline's augmentation", read row by row)."""
+    table = rows.pivot_table(index="split", columns="method", values="rare_macro_f1")
+    baselines = [m for m in table if m.split(DENOISED)[0] in METHOD_ROWS]
+    fixed = {REAL_ONLY, COPIES, UNSEEN, DECODED, DECODED + DENOISED, MISLABELLED}
+    models = [m for m in _order(table) if m not in fixed and m not in baselines]
+    if not baselines or not models:
+        return None
+    out = {}
+    for model in models:
+        out[model] = {}
+        for base in baselines:
+            d = (table[model] - table[base]).dropna()
+            out[model][f"minus {base}"] = (
+                f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} ({int((d > 0).sum())} up, "
+                f"{int((d < 0).sum())} down)"
+            )
+    return pd.DataFrame(out).T
+
+
 def per_type(rows: pd.DataFrame) -> pd.DataFrame:
     """F1 of each rare type, mean over splits."""
     cols = [c for c in rows.columns if c.startswith("f1: ")]
@@ -396,6 +418,17 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
             f"{meta['n_test_rare']} of rare types.",
             "",
             _md(summary(r)),
+        ]
+        paired = against_baselines(r)
+        if paired is not None:
+            lines += [
+                "",
+                "Each generator against each baseline, paired by split (rare macro-F1 minus the "
+                "baseline's: mean ± sd over splits; splits up and down):",
+                "",
+                _md(paired),
+            ]
+        lines += [
             "",
             "F1 per rare type (mean over splits):",
             "",

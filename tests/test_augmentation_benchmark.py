@@ -128,3 +128,24 @@ def test_denoised_ceiling_and_baselines_drop_only_the_noise_model():
     # the counts' noise spreads the genes: without it the cells spread less (measured: the
     # summed variance 0.65 of the noisy cells')
     assert mean.X.var(0).sum() < 0.8 * noisy.X.var(0).sum()
+
+
+def test_against_baselines_pairs_each_generator_with_each_baseline_by_split():
+    rows = pd.DataFrame(
+        [
+            {"split": s, "method": m, "rare_macro_f1": f}
+            for s, fs in enumerate([(0.5, 0.6, 0.4), (0.7, 0.6, 0.6), (0.3, 0.5, 0.4)])
+            for m, f in zip(
+                ["real only", "model", "per-class Gaussian" + augmentation.DENOISED],
+                fs,
+                strict=True,
+            )
+        ]
+    )
+    table = augmentation.against_baselines(rows)
+    assert list(table.index) == ["model"]  # real only is no generator
+    # differences 0.2, 0.0, 0.1: mean 0.1, sd 0.1, one split level
+    assert (
+        table.loc["model", "minus per-class Gaussian, denoised"] == "+0.100 ± 0.100 (2 up, 0 down)"
+    )
+    assert augmentation.against_baselines(rows[rows["method"] != "model"]) is None
