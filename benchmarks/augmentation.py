@@ -452,6 +452,13 @@ def main(argv=None) -> int:
         "2-9 test cells each, so it needs more splits than pbmc3k for the same spread",
     )
     parser.add_argument(
+        "--first-split",
+        type=int,
+        default=0,
+        help="first split seed (more splits for an earlier run: its rows.csv and this run's "
+        "concatenated, then --report-only)",
+    )
+    parser.add_argument(
         "--architectures",
         default="branched,flat",
         help="diffusion models to compare (branched, flat, conditioned)",
@@ -474,8 +481,9 @@ def main(argv=None) -> int:
         "architectures": tuple(args.architectures.split(",")),
         "baselines": not args.no_baselines,
     }
-    if args.splits is not None:
-        cfg["splits"] = list(range(args.splits))
+    if args.splits is not None or args.first_split:
+        n_splits = len(cfg["splits"]) if args.splits is None else args.splits
+        cfg["splits"] = list(range(args.first_split, args.first_split + n_splits))
     markdown = prepare_run(args, "augmentation")
     t_all = time.perf_counter()
     run = time.strftime("%Y-%m-%dT%H:%M:%S")  # rows of several runs (--no-baselines) add up
@@ -483,6 +491,7 @@ def main(argv=None) -> int:
     if args.report_only:
         previous = pd.read_csv("rows.csv")
         rows = previous[previous["dataset"].isin(args.datasets.split(","))].to_dict("records")
+        cfg["splits"] = sorted({int(r["split"]) for r in rows})  # the page names what it holds
         wall_s = total_wall_s(previous)
     for name in args.datasets.split(","):
         adata = raw_counts(name)
