@@ -620,7 +620,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             log-normalisation with its PC scores set back to the generated ones (counting
             noise and what the PCs leave out, no noise added to the scores). ``"auto"``:
             ``"nb"`` for PCA models set up with ``counts_layer``, else `False` (also with
-            ``trajectory_times``); docs/benchmarks/noise_models.md, class_ratios.md.
+            ``trajectory_times``); docs/benchmarks/noise_models.md, class_ratios.md. To add
+            cells to a classifier's training set, `False` (docs/evaluation.md, useful cells).
         counts
             Also return counts in ``layers['counts']``. scVI models always do (sampled from
             scVI's likelihood with library sizes drawn from the class). Expression and PCA
