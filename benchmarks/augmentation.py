@@ -45,8 +45,8 @@ Usage (from the repository root, in the project's venv):
   python benchmarks/augmentation.py            # 5 splits of pbmc3k, about 35 min on 2 cores
   python benchmarks/augmentation.py --datasets pbmc3k,pbmc68k   # pbmc68k_reduced too: its
                                                # rare types have 8-31 cells, 2-9 test cells
-  python benchmarks/augmentation.py --datasets pbmc68k --splits 10   # more splits for its
-                                               # few test cells
+  python benchmarks/augmentation.py --datasets pbmc68k --splits 20   # more splits for its
+                                               # few test cells, about 10 min
   python benchmarks/augmentation.py --fast     # smoke test (numbers meaningless)
 More diffusion rows for an earlier run: run them alone (``--architectures branched:per_branch
 --no-baselines --out DIR``), append DIR/rows.csv to the earlier rows.csv and rebuild the page

@@ -80,12 +80,18 @@ def test_new_real_cells_help_and_mislabelled_cells_do_not():
     assert np.mean(harms) < 0.1 and np.mean(gains) - np.mean(harms) > 0.3
 
 
+def _reduced(data_seed: int):
+    """Rare types, the reduced train cells and the rare cells put aside of one split."""
+    adata = _counts(seed=data_seed)
+    rare = augmentation.rare_types(adata.obs["cell_type"])
+    train, _, pool = augmentation.split(adata, rare, seed=0, n_rare=5, n_hvg=None)
+    return rare, train, pool
+
+
 def test_decoded_unseen_cells_are_the_unseen_cells_through_the_models_space():
     # the ceiling probe: the same cells as unseen_real, in the train genes, decoded by the
     # space (new counts, so not the real profiles), each still closest to its own type's mean
-    adata = _counts(seed=4)
-    rare = augmentation.rare_types(adata.obs["cell_type"])
-    train, _, pool = augmentation.split(adata, rare, seed=0, n_rare=5, n_hvg=None)
+    rare, train, pool = _reduced(data_seed=4)
     x_real, y_real = augmentation.unseen_real(pool, rare, 10, seed=0)
     x_dec, y_dec = augmentation.decoded_unseen(train, pool, rare, 10, seed=0)
     assert x_dec.shape == (len(y_real), train.n_vars)
@@ -102,9 +108,7 @@ def test_decoded_unseen_cells_are_the_unseen_cells_through_the_models_space():
 def test_denoised_ceiling_and_baselines_drop_only_the_noise_model():
     # decoded to the mean profile, each cell lies nearer its real profile than the same
     # scores decoded with the counts' noise
-    adata = _counts(seed=5)
-    rare = augmentation.rare_types(adata.obs["cell_type"])
-    train, _, pool = augmentation.split(adata, rare, seed=0, n_rare=5, n_hvg=None)
+    rare, train, pool = _reduced(data_seed=5)
     x_real, _ = augmentation.unseen_real(pool, rare, 10, seed=0)
     x_nb, _ = augmentation.decoded_unseen(train, pool, rare, 10, seed=0)
     x_mean, _ = augmentation.decoded_unseen(train, pool, rare, 10, seed=0, noise=False)

@@ -26,7 +26,7 @@ class ScviResampling(Baseline):
     real cells, and ``layers['counts']`` the counts. ``generate(residual_noise=False)`` gives
     the decoder's mean instead: ``.X`` is each latent's normalised expression (``px.scale``) as
     CP10k + log1p, no counts drawn (a denoised profile, as ``get_normalized_expression`` gives;
-    for a classifier's training set rather than for cells that look real).
+    docs/evaluation.md, useful cells, compares the two as a classifier's training cells).
 
     Parameters
     ----------
