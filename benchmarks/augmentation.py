@@ -317,10 +317,13 @@ def run_split(name: str, adata, rare: list[str], seed: int, cfg: dict) -> list[d
 
 
 # ----------------------------------------------------------------------------- report
+#: rows that are no generator: first and last on the page, never paired with a baseline
+HEAD_ROWS = [REAL_ONLY, COPIES]
+PROBE_ROWS = [UNSEEN, DECODED, DECODED + DENOISED, MISLABELLED]
+
+
 def _order(methods) -> list[str]:
-    head = [REAL_ONLY, COPIES]
-    probes = [UNSEEN, DECODED, DECODED + DENOISED, MISLABELLED]
-    return head + [m for m in methods if m not in head + probes] + probes
+    return HEAD_ROWS + [m for m in methods if m not in HEAD_ROWS + PROBE_ROWS] + PROBE_ROWS
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
@@ -348,7 +351,7 @@ def against_baselines(rows: pd.DataFrame) -> pd.DataFrame | None:
     baseline's augmentation", read row by row)."""
     table = rows.pivot_table(index="split", columns="method", values="rare_macro_f1")
     baselines = [m for m in table if m.split(DENOISED)[0] in METHOD_ROWS]
-    fixed = {REAL_ONLY, COPIES, UNSEEN, DECODED, DECODED + DENOISED, MISLABELLED}
+    fixed = HEAD_ROWS + PROBE_ROWS
     models = [m for m in _order(table) if m not in fixed and m not in baselines]
     if not baselines or not models:
         return None

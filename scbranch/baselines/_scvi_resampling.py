@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import scipy.sparse as sp
 from anndata import AnnData
 
 from ..model._counts import log_normalize
@@ -101,9 +100,8 @@ class ScviResampling(Baseline):
         scale, sampled = decode_latents(
             self.model_, z, self.library_[source], np.zeros(len(source), dtype=np.int64), seed
         )
-        if not residual_noise:  # the likelihood's mean: scale sums to 1 per cell
-            mean = sp.csr_matrix(np.log1p(scale * np.float32(1e4)), dtype=np.float32)
-            return {"X": mean, "var_names": self.var_names_, "obsm": {"X_scVI": z}}
+        if not residual_noise:  # the likelihood's mean, normalised like the counts
+            return {"X": log_normalize(scale), "var_names": self.var_names_, "obsm": {"X_scVI": z}}
         return {
             "X": log_normalize(sampled),
             "var_names": self.var_names_,
