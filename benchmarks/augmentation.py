@@ -484,6 +484,10 @@ def main(argv=None) -> int:
         "architectures": tuple(args.architectures.split(",")),
         "baselines": not args.no_baselines,
     }
+    if args.splits is not None and args.splits < 2:
+        parser.error(f"--splits must be at least 2 (gains are read over splits), got {args.splits}")
+    if args.first_split < 0:
+        parser.error(f"--first-split must be at least 0, got {args.first_split}")
     if args.splits is not None or args.first_split:
         n_splits = len(cfg["splits"]) if args.splits is None else args.splits
         cfg["splits"] = list(range(args.first_split, args.first_split + n_splits))

@@ -153,3 +153,14 @@ def test_against_baselines_pairs_each_generator_with_each_baseline_by_split():
         table.loc["model", "minus per-class Gaussian, denoised"] == "+0.100 ± 0.100 (2 up, 0 down)"
     )
     assert augmentation.against_baselines(rows[rows["method"] != "model"]) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--splits", "1"], "--splits must be at least 2"), (["--first-split", "-1"], "at least 0")],
+)
+def test_split_options_are_checked_before_any_work(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        augmentation.main([*argv, "--out", str(tmp_path / "out")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was written
