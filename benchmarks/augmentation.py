@@ -464,7 +464,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--architectures",
         default="branched,flat",
-        help="diffusion models to compare (branched, flat, conditioned)",
+        help="diffusion models to compare (branched, flat, conditioned); empty: the baselines "
+        "and probes only (rows to replace in an earlier run's rows.csv)",
     )
     parser.add_argument(
         "--no-baselines",
@@ -481,7 +482,7 @@ def main(argv=None) -> int:
     cfg_name = "fast" if args.fast else "cpu"
     cfg = {
         **SETTINGS[cfg_name],
-        "architectures": tuple(args.architectures.split(",")),
+        "architectures": tuple(a for a in args.architectures.split(",") if a),
         "baselines": not args.no_baselines,
     }
     if args.splits is not None and args.splits < 2:
