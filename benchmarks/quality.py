@@ -445,7 +445,8 @@ SPACE_VARIANTS = ("scvi", "expression")
 #: sampler variants of a row name: generate() options; the model is the row's without them
 #: (trained once per training seed when several rows share it). A number after the name sets
 #: the steps: ``sde100`` is the reverse SDE with 100 steps. ``denoised`` decodes to the mean
-#: profile, with no noise model (``residual_noise=False``); ``calibrated`` gives each type's
+#: profile, with no noise model (``residual_noise=False``; scVI models ``counts=False``: the
+#: expected log-normalised counts); ``calibrated`` gives each type's
 #: cells its training cells' spread (``calibrate_spread=True``). ``anchored`` generates from the
 #: train cells (``model.generate_anchored``); its number is the anchor time in hundredths
 #: (``anchored20``: ``anchor_time=0.2``).
@@ -454,7 +455,8 @@ SAMPLER_VARIANTS = {
     "ei": {"solver": "ei"},  # the reverse SDE's exponential integrator, log-SNR steps
     "ode": {"solver": "heun"},
     "ddim": {"solver": "ddim"},  # first-order ODE: flow matching's Euler step
-    "denoised": {"residual_noise": False},
+    # scVI models: the expected log-normalised counts (PCA and expression models: unchanged)
+    "denoised": {"residual_noise": False, "counts": False},
     "calibrated": {"calibrate_spread": True},  # each type at its training cells' spread
     "anchored": {},
 }

@@ -64,7 +64,8 @@ def test_sampler_variants_set_the_solver_and_steps_and_leave_the_model_alone():
     assert quality.model_spec("conditioned:scvi:ei50") == "conditioned:scvi"
     assert quality.model_spec("branched:per_branch:sde100") == "branched:per_branch"
     assert quality.model_spec("branched:width512") == "branched:width512"
-    assert quality.generate_options("branched:denoised") == {"residual_noise": False}
+    denoised = {"residual_noise": False, "counts": False}
+    assert quality.generate_options("branched:denoised") == denoised
     assert quality.model_spec("branched:denoised") == "branched"
     assert quality.generate_options("conditioned:calibrated") == {"calibrate_spread": True}
     assert quality.model_spec("conditioned:calibrated:ei50") == "conditioned"
@@ -186,7 +187,7 @@ def test_anchored_rows_are_sampler_variants_of_the_default_model():
     assert quality.generate_options("branched:anchored20") == {"anchor_time": 0.2}
     assert quality.generate_options("branched:anchored") == {"anchor_time": 0.25}
     options = quality.generate_options("branched:anchored50:denoised")
-    assert options == {"anchor_time": 0.5, "residual_noise": False}
+    assert options == {"anchor_time": 0.5, "residual_noise": False, "counts": False}
     assert quality.model_options("branched:anchored30") == {"architecture": "branched"}
 
 

@@ -8,29 +8,10 @@ import numpy as np
 from anndata import AnnData
 
 from ..model._counts import log_normalize
-from ..model._scvi import decode_latents, fit_scvi
+from ..model._scvi import decode_latents, expected_log_counts, fit_scvi
 from ._base import Baseline
 
 logger = logging.getLogger(__name__)
-
-#: draws of counts averaged for ``residual_noise=False``: the Monte-Carlo error of a gene's
-#: expected log-normalised value is a cell's own spread over sqrt(20), under a quarter of it
-MEAN_DRAWS = 20
-
-
-def expected_log_counts(
-    vae, z: np.ndarray, library: np.ndarray, batch: np.ndarray, seed: int
-) -> np.ndarray:
-    """Each latent's expected log-normalised counts, averaged over ``MEAN_DRAWS`` seeded draws.
-
-    Every draw is CP10k + log1p by its own total, as real cells are; dense float32.
-    """
-    total = np.zeros((len(z), vae.adata.n_vars), dtype=np.float32)
-    for k in range(MEAN_DRAWS):
-        draw_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-        _, sampled = decode_latents(vae, z, library, batch, draw_seed)
-        total += log_normalize(sampled).toarray()
-    return total / MEAN_DRAWS
 
 
 class ScviResampling(Baseline):
@@ -43,7 +24,7 @@ class ScviResampling(Baseline):
     negative-binomial likelihood. ``.X`` holds the counts log-normalised (CP10k + log1p), like
     real cells, and ``layers['counts']`` the counts. ``generate(residual_noise=False)`` gives
     a denoised profile instead: ``.X`` is each latent's expected log-normalised counts, the
-    mean over ``MEAN_DRAWS`` draws of counts from its likelihood, each CP10k + log1p, and no
+    mean over 20 draws of counts from its likelihood, each CP10k + log1p, and no
     ``layers['counts']``. That is the mean in the units of real log-normalised cells, as a
     PCA decoder's profile is. The log of the decoder's mean (``px.scale`` as CP10k + log1p, what
     ``get_normalized_expression`` gives) is not: for a gene a cell rarely expresses it lies

@@ -623,8 +623,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             ``trajectory_times``); docs/benchmarks/noise_models.md, class_ratios.md. To add
             cells to a classifier's training set, `False` (docs/evaluation.md, useful cells).
         counts
-            Also return counts in ``layers['counts']``. scVI models always do (sampled from
-            scVI's likelihood with library sizes drawn from the class). Expression and PCA
+            Also return counts in ``layers['counts']``. scVI models do unless `False` (sampled
+            from scVI's likelihood with library sizes drawn from the class); with `False`,
+            ``.X`` is the expected log-normalised counts (mean of 20 draws). Expression and PCA
             models do with ``counts=True`` if set up with ``counts_layer``: the expression
             (negative values set to 0) is mapped back through a size factor drawn from the
             class, ``s * expm1(x)``, stochastically rounded (unbiased; exact for real cells).

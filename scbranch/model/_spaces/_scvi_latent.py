@@ -23,6 +23,7 @@ from .._scvi import (
     SCVI_DIR,
     decode_latents,
     default_batch,
+    expected_log_counts,
     latent_of,
     library_sizes_of,
     load_scvi_weights,
@@ -40,7 +41,9 @@ class ScviSpace(Space):
     """The latent means of a trained scVI (or LinearSCVI) model, decoded through it.
 
     Generated latents go through scVI's decoder with a library size drawn from the requested
-    type and a batch; counts are sampled from its likelihood.
+    type and a batch; counts are sampled from its likelihood. With ``counts=False`` no counts
+    are kept: ``.X`` is each latent's expected log-normalised counts (the mean over 20 draws,
+    each CP10k + log1p), the denoised profile in real cells' units.
 
     Parameters
     ----------
@@ -156,8 +159,6 @@ class ScviSpace(Space):
                 "residual_noise applies to models that decode a PCA to genes; this model "
                 f"(diffusing {self.describe()}) has no PCA decoder."
             )
-        if counts is False:
-            raise ValueError("scVI models always generate counts; drop `counts=False`.")
         batches = list(self.info["batches"])
         if batch is not None and (not self.info["batch_key"] or batch not in batches):
             raise ValueError(
@@ -167,18 +168,24 @@ class ScviSpace(Space):
             )
         if self.info["batch_key"] and batch is None:
             batch = self.info["default_batch"]
-        return {"counts": True, "batch": batch, "residual_noise": False}
+        # counts=False: the expected log-normalised counts, no counts drawn to keep
+        return {"counts": counts is not False, "batch": batch, "residual_noise": False}
 
     def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
         info = self.info
         batch = options.get("batch") or info["default_batch"]  # "" without batches
         batch_code = list(info["batches"]).index(batch)
         library = draw_from_pools(self.library_sizes, codes, np.random.default_rng([seed, 2]))
-        scale, sampled = decode_latents(self.vae, z, library, np.full(len(z), batch_code), seed)
+        batch_index = np.full(len(z), batch_code)
+        scale, sampled = decode_latents(self.vae, z, library, batch_index, seed)
+        if options["counts"]:
+            x, layers = log_normalize(sampled), {Key.layers.COUNTS: sampled}
+        else:
+            x, layers = expected_log_counts(self.vae, z, library, batch_index, seed), {}
         out = Decoded(
-            X=log_normalize(sampled),
+            X=x,
             var_names=self.var_names,
-            layers={Key.layers.COUNTS: sampled, Key.layers.SCALE: scale},
+            layers={**layers, Key.layers.SCALE: scale},
             obs={Key.obs.LIBRARY_SIZE: library},
         )
         if info["batch_key"]:
@@ -188,7 +195,7 @@ class ScviSpace(Space):
         return out
 
     def layers_made(self, options) -> list[str]:  # noqa: D102
-        return [Key.layers.COUNTS, Key.layers.SCALE]
+        return [Key.layers.COUNTS, Key.layers.SCALE] if options["counts"] else [Key.layers.SCALE]
 
     def bytes_per_cell(self, options) -> int:  # noqa: D102
         # scVI's normalised expression (float32, gathered from chunks) and the sparse counts
