@@ -15,7 +15,10 @@ split's own runs (``seed_margins``).
 
 Rows: the default model (``conditioned``), scVI resampling, the per-class Gaussian, the
 smoothed bootstrap, and the probes of quality.py (the known answer "real cells, unseen" among
-them: it must sit at the control).
+them: it must sit at the control). Two of the probes are reported as the space's own floors:
+new real cells' PC scores decoded as generated cells are (what the space and decoder cost a
+perfect generator) and the training cells' out-of-fold scores decoded (what a generator that
+copied its training cells would score).
 
 Usage (from the repository root):
   python benchmarks/split_seeds.py                           # pbmc68k, 10 splits, ~15 min
@@ -43,14 +46,17 @@ DEFAULT = "conditioned"
 UNSEEN = "probe: real cells, unseen"
 CONTROL = "control (real vs real)"
 BASELINES = ("per-class Gaussian", "smoothed bootstrap", "scVI resampling")
-ROWS = (DEFAULT, *BASELINES, UNSEEN)
+#: the space's floors: new real cells through the PCs and decoder, and the training cells as
+#: the models see them, decoded (a generator that copied them lands there)
+SPACE_PROBES = ("probe: unseen cells via the PCs", "probe: train cells' out-of-fold scores")
+ROWS = (DEFAULT, *BASELINES, UNSEEN, *SPACE_PROBES)
 
 
 def rows_of(table: pd.DataFrame) -> list[str]:
     """The rows to report: the default, any other model row run (``--architectures``), the
-    baselines and the known answer, in that order."""
+    baselines, the known answer and the space's floors, in that order."""
     models = [m for m in table.columns if m not in (*ROWS, CONTROL) and not m.startswith("probe")]
-    return [r for r in (DEFAULT, *models, *BASELINES, UNSEEN) if r in table]
+    return [r for r in (DEFAULT, *models, *BASELINES, UNSEEN, *SPACE_PROBES) if r in table]
 
 
 #: metric -> (how the must-show reads it, threshold): "diff" generated - control <= threshold,
@@ -62,6 +68,9 @@ MUST = {
     "label_fidelity": ("at least 0.95 x control", lambda g, c: g / c >= 0.95),
     "de_lfc_spearman": ("at least 0.95 x control", lambda g, c: g / c >= 0.95),
 }
+#: metrics of the tables: the must-shows' and the distance to the nearest training cell, over
+#: new real cells' (the only one that tells copies of the training cells from new cells)
+REPORTED = (*MUST, "train_distance")
 
 
 def per_split(rows: pd.DataFrame) -> pd.DataFrame:
@@ -70,7 +79,7 @@ def per_split(rows: pd.DataFrame) -> pd.DataFrame:
     The control of a split is the same real halves whatever the row; it is averaged over the
     rows' calls (they differ only in the forest's seed and the subsample size).
     """
-    mean = rows[(rows["group"] == "mean") & rows["metric"].isin(list(MUST))]
+    mean = rows[(rows["group"] == "mean") & rows["metric"].isin(list(REPORTED))]
     return mean.groupby(["split", "method", "metric"], sort=False)[["generated", "control"]].mean()
 
 
@@ -169,7 +178,11 @@ def write_markdown(
         "seeds); across splits: mean ± standard error. "
         "Differences are paired by split. Read every row against the control (two halves of the "
         "held-out cells of the same split) and the unseen-real probe (real cells nobody saw: the "
-        "known answer, which must sit at the control). `mmd` is the fixed-bandwidth RBF-MMD². "
+        "known answer, which must sit at the control). The space's floors: "
+        f"`{SPACE_PROBES[0]}` (new real cells' PC scores decoded as generated cells are: what "
+        "the space and its decoder cost a perfect generator) and "
+        f"`{SPACE_PROBES[1]}` (the training cells as the models see them, decoded: where a "
+        "generator that copied its training cells lands). `mmd` is the fixed-bandwidth RBF-MMD². "
         f"Wall time {wall_s / 60:.1f} min on 2 CPU cores over every run that made these rows "
         "(the first and each `--add`; per run in `meta.json`).",
     ]
@@ -181,7 +194,8 @@ def write_markdown(
             trained = sorted(int(t) for t in default_rows["train_seed"].unique())
             seeds = f"the default trained with seeds {trained}"
         lines += ["", f"## {name}: {len(splits)} splits (seeds {list(splits)}), {seeds}", ""]
-        for metric in MUST:
+        measured = set(values.index.get_level_values("metric"))
+        for metric in [m for m in REPORTED if m in measured]:
             lines += [f"### {metric}", "", _md(across(values, metric).round(4)), ""]
         lines += ["### The must-shows, default and known answer", "", _md(must_show(values)), ""]
         if default_rows is not None and len(default_rows):

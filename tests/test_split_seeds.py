@@ -129,3 +129,34 @@ def test_bad_seed_options_get_a_clear_error_before_anything_runs(argv, message, 
     with pytest.raises(SystemExit) as exit_info:
         split_seeds.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_space_floors_are_reported_after_the_known_answer_and_other_probes_are_not():
+    rows = _rows()
+    extra = []
+    for probe in (*split_seeds.SPACE_PROBES, "probe: class mean"):
+        extra.append(rows[rows["method"] == split_seeds.UNSEEN].assign(method=probe))
+    values = split_seeds.per_split(pd.concat([rows, *extra], ignore_index=True))
+    table = split_seeds.across(values, "auroc")
+    assert list(table.index) == [
+        split_seeds.DEFAULT,
+        "per-class Gaussian",
+        split_seeds.UNSEEN,
+        *split_seeds.SPACE_PROBES,
+        split_seeds.CONTROL,
+    ]
+    # a floor at the control reads so, and goes through the must-show checks as a row
+    floor = table.loc[split_seeds.SPACE_PROBES[0]]
+    assert floor["minus control (real vs real)"] == "+0.000 ± 0.000"
+    checked = split_seeds.must_show(values).index.get_level_values("row")
+    assert split_seeds.SPACE_PROBES[1] in checked
+
+
+def test_train_distance_is_tabled_but_is_no_must_show():
+    rows = _rows()
+    distance = rows[rows["metric"] == "auroc"].assign(metric="train_distance")
+    values = split_seeds.per_split(pd.concat([rows, distance], ignore_index=True))
+    assert "train_distance" in values.index.get_level_values("metric")
+    assert split_seeds.across(values, "train_distance").loc[split_seeds.DEFAULT, "mean"] > 0
+    checked = split_seeds.must_show(values).index.get_level_values("metric")
+    assert "train_distance" not in checked and set(checked) == set(split_seeds.MUST)
