@@ -393,7 +393,8 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
         f"{1 - TEST_SHARE:.0%} / {TEST_SHARE:.0%} per class, rare types (< {RARE_SHARE:.0%} of the "
         f"cells) cut to {cfg['n_rare']} train cells, {cfg['n_aug']} cells added per rare type; "
         f"diffusion models {budget} (batch {cfg['batch_size']}) on the out-of-fold scores of a "
-        f"30-PC space of the reduced train cells, negative-binomial decoding, scVI "
+        f"30-PC space of the reduced train cells, negative-binomial decoding (`:scvi` rows: "
+        "in the latent of an scVI model of the same cells, decoded by it), scVI "
         f"{cfg['scvi_epochs']} epochs. Classifier: genes "
         "scaled on the training set (clipped at 10), multinomial logistic regression (the "
         "CellTypist recipe)."
@@ -407,7 +408,8 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
         "every generator of PC scores with this decoder, and decoded to the mean profile "
         "(`..., denoised`) the ceiling of the rows that generate without the noise model "
         "(`:denoised`; the baselines' `, denoised` rows are the same baselines generating that "
-        "way, their fair comparison). Gains are paired by "
+        "way, their fair comparison; scVI's denoised profile, like the scVI-space rows', is "
+        "each latent's expected log-normalised counts, the mean of 20 draws). Gains are paired by "
         "split (same train and test cells): mean ± sd over splits.",
     ]
     for name, r in rows.groupby("dataset", sort=False):
