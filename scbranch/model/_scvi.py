@@ -460,12 +460,13 @@ def expected_log_counts(
     >>> library, batch = np.full(len(z), 2000.0), np.zeros(len(z), dtype=int)  # doctest: +SKIP
     >>> x = expected_log_counts(vae, z, library, batch, seed=0)  # doctest: +SKIP
     """
-    total = np.zeros((len(z), vae.adata.n_vars), dtype=np.float32)
+    total = None  # sized by the decoder's output, whatever AnnData the model holds
     for k in range(MEAN_DRAWS):
         draw_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
         _, sampled = decode_latents(vae, z, library, batch_index, draw_seed)
-        total += log_normalize(sampled).toarray()
-    return total / MEAN_DRAWS
+        x = log_normalize(sampled).toarray()
+        total = x if total is None else total + x
+    return total / np.float32(MEAN_DRAWS)
 
 
 def _placeholder_anndata(info: dict) -> AnnData:
