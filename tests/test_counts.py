@@ -107,6 +107,9 @@ def test_scvi_generation_without_counts_gives_the_expected_log_normalised_counts
         n_cells=5, seed=3, counts=False, out=tmp_path / "mean.h5ad", progress_bar=False
     )
     assert set(ad.read_h5ad(path).layers) == {"scale"}
+    # asking for the counts layer without counts names both
+    with pytest.raises(ValueError, match=r"makes no layer \['counts'\].*it makes \['scale'\]"):
+        model.generate(n_cells=2, counts=False, layers=["counts"], progress_bar=False)
 
 
 def test_scvi_round_trip_without_data_gives_identical_counts(scvi_model_and_data, tmp_path):
