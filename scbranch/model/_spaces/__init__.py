@@ -31,13 +31,12 @@ from ._base import SPACES, Decoded, Space, auto_noise, check_noise, register_spa
 from ._expression import EXPRESSION_ADVICE_GENES, ExpressionSpace
 from ._gene_counts import MAX_MEAN_COUNT, _GeneSpace, _SizeFactorCounts
 from ._pca import NB_FIT_CELLS, PcaSpace
-from ._scvi_latent import SCVI_NORMALIZED_TOTAL, ScviSpace
+from ._scvi_latent import ScviSpace
 
 __all__ = [
     "EXPRESSION_ADVICE_GENES",
     "MAX_MEAN_COUNT",
     "NB_FIT_CELLS",
-    "SCVI_NORMALIZED_TOTAL",
     "SPACES",
     "Decoded",
     "ExpressionSpace",

@@ -32,8 +32,8 @@ from .._scvi import (
 )
 from ._base import Decoded, Space, register_space
 
-#: library size of the normalised expression decoded from scVI latents along trajectories
-SCVI_NORMALIZED_TOTAL = 1e4
+#: seed of the draws behind a trajectory's expected log-normalised counts (deterministic rows)
+ESTIMATE_SEED = 0
 
 
 @register_space
@@ -201,16 +201,27 @@ class ScviSpace(Space):
         # scVI's normalised expression (float32, gathered from chunks) and the sparse counts
         return len(self.var_names) * 16
 
+    @property
+    def estimate_library(self) -> float:
+        """Library size of the expression decoded along trajectories.
+
+        The median over the types' library sizes, one value for every row, so that a gene's
+        trend along a trajectory is the latent's change and not the library's.
+        """
+        return float(np.median(np.concatenate(self.library_sizes)))
+
     def decode_estimates(self, z) -> np.ndarray:  # noqa: D102
+        # expected log-normalised counts, as generate(counts=False) gives: in real cells'
+        # units (the mean of logs), where log1p of the decoder's mean lies above them for
+        # rarely expressed genes (docs/api.md, 'Trajectory AnnData')
         batch_code = list(self.info["batches"]).index(self.info["default_batch"])
-        scale, _ = decode_latents(
+        return expected_log_counts(
             self.vae,
             z,
-            np.full(len(z), SCVI_NORMALIZED_TOTAL),
+            np.full(len(z), self.estimate_library, dtype=np.float32),
             np.full(len(z), batch_code),
-            seed=0,
+            seed=ESTIMATE_SEED,
         )
-        return np.log1p(scale * SCVI_NORMALIZED_TOTAL)
 
     def describe(self) -> str:  # noqa: D102
         return f"{self.info['class']} latent obsm[{self.obsm_key!r}]"
