@@ -547,7 +547,8 @@ def model_options(spec: str, classes=None) -> dict:
     (the network's width, e.g. ``width512``), ``white`` (the diffusion runs on the scores with
     every component scaled to unit within-type variance, on the default's tree, and its latents
     are scaled back and decoded by the default space: a preconditioning experiment),
-    ``pcs<k>`` (the out-of-fold scores of a k-component
+    ``logsnr`` / ``interpolant`` (training times drawn uniform in log-SNR / in the linear
+    interpolant's time instead of uniform in t), ``pcs<k>`` (the out-of-fold scores of a k-component
     PCA of the train cells instead of 30; the baselines keep 30) and the spaces
     ``scvi`` (scVI's latent, decoded by scVI) and ``expression`` (the log-normalised genes);
     without a space variant the model diffuses the out-of-fold PC scores. The space comes
@@ -576,6 +577,8 @@ def model_options(spec: str, classes=None) -> dict:
             options["n_pcs"] = int(variant[3:])
         elif variant == "white":
             options["precondition"] = True
+        elif variant in ("logsnr", "interpolant"):  # training times' distribution
+            options["t_sampling"] = variant
         else:
             raise ValueError(f"Unknown variant {variant!r} in {spec!r}.")
     return options

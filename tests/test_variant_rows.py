@@ -43,6 +43,7 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     with pytest.raises(ValueError, match="Unknown variant"):
         quality.model_options("branched:widthX")
     assert quality.model_options("conditioned:pcs20")["n_pcs"] == 20
+    assert quality.model_options("conditioned:logsnr")["t_sampling"] == "logsnr"
     assert quality.model_options("conditioned:white") == {
         "architecture": "conditioned",
         "precondition": True,
