@@ -55,6 +55,9 @@ class ScviSpace(Space):
         What the model records about its scVI model (genes, batches, likelihood, ...).
     library_sizes
         Observed library sizes per class.
+    estimate_library
+        Library size of the expression decoded along trajectories (default: the median of
+        ``library_sizes``); fixed when the space is fitted, so adding types leaves it.
 
     Examples
     --------
@@ -67,11 +70,24 @@ class ScviSpace(Space):
     #: sub-directory of a saved model with the scVI model's weights and set-up
     DIRECTORY = SCVI_DIR
 
-    def __init__(self, *, vae, info: dict, library_sizes: list, **kwargs):
+    def __init__(
+        self,
+        *,
+        vae,
+        info: dict,
+        library_sizes: list,
+        estimate_library: float | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.vae = vae
         self.info = info
         self.library_sizes = list(library_sizes)
+        if estimate_library is None:
+            estimate_library = np.median(np.concatenate(self.library_sizes))
+        #: library size of trajectories' expression: one value for every row, so that a
+        #: gene's trend along a trajectory is the latent's change and not the library's
+        self.estimate_library = float(estimate_library)
 
     @classmethod
     def fit(cls, adata, setup, labels, n_classes, *, scvi_model=None, **kwargs):  # noqa: D102
@@ -106,6 +122,7 @@ class ScviSpace(Space):
             vae=scvi_model,
             info=info,
             library_sizes=class_pools(library, labels, n_classes),
+            estimate_library=np.median(library),  # the training cells'
         )
 
     @staticmethod
@@ -201,15 +218,6 @@ class ScviSpace(Space):
         # scVI's normalised expression (float32, gathered from chunks) and the sparse counts
         return len(self.var_names) * 16
 
-    @property
-    def estimate_library(self) -> float:
-        """Library size of the expression decoded along trajectories.
-
-        The median over the types' library sizes, one value for every row, so that a gene's
-        trend along a trajectory is the latent's change and not the library's.
-        """
-        return float(np.median(np.concatenate(self.library_sizes)))
-
     def decode_estimates(self, z) -> np.ndarray:  # noqa: D102
         # expected log-normalised counts, as generate(counts=False) gives: in real cells'
         # units (the mean of logs), where log1p of the decoder's mean lies above them for
@@ -227,7 +235,12 @@ class ScviSpace(Space):
         return f"{self.info['class']} latent obsm[{self.obsm_key!r}]"
 
     def state(self) -> dict:  # noqa: D102
-        return {**super().state(), "info": self.info, "library_sizes": self.library_sizes}
+        return {
+            **super().state(),
+            "info": self.info,
+            "library_sizes": self.library_sizes,
+            "estimate_library": self.estimate_library,
+        }
 
     def save_files(self, directory: Path, prefix: str = "") -> None:  # noqa: D102
         save_scvi_weights(self.vae, Path(directory) / f"{prefix}{self.DIRECTORY}")
@@ -250,4 +263,5 @@ class ScviSpace(Space):
             vae=vae,
             info=info,
             library_sizes=list(state["library_sizes"]),
+            estimate_library=state.get("estimate_library"),  # saved before it: None
         )
