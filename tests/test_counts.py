@@ -7,7 +7,12 @@ import pytest
 import scipy.sparse as sp
 
 import scbranch as sb
-from scbranch.model._counts import counts_from_expression, log_normalize, size_factors
+from scbranch.model._counts import (
+    counts_from_expression,
+    log_normalize,
+    log_normalize_dense,
+    size_factors,
+)
 from scbranch.model._scvi import decode_latents, expected_log_counts
 
 LABELS = "cell_type"
@@ -220,6 +225,18 @@ def test_missing_scvi_directory_is_reported(scvi_model_and_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- size factors
+def test_dense_log_normalisation_is_the_sparse_one_bit_for_bit():
+    # expected_log_counts averages dense draws; its numbers must be those of the sparse path
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(0.5, 0.05, size=(300, 120)).astype(np.float32)
+    counts[:3] = 0  # cells without counts stay 0
+    counts[3, :] = 60_000  # a large total (7.2 M, still exact in float32)
+    dense = log_normalize_dense(counts)
+    assert dense.dtype == np.float32
+    np.testing.assert_array_equal(dense, log_normalize(sp.csr_matrix(counts)).toarray())
+    assert (dense[:3] == 0).all()
+
+
 def test_size_factors_known_answer_and_exact_inverse():
     adata = sb.datasets.pbmc68k()
     factors = size_factors(adata.layers["counts"], adata.X)

@@ -22,7 +22,7 @@ from anndata import AnnData
 from .._logging import quiet_training_warnings
 from .._validation import check_counts, check_finite, check_genes, check_obs_key, to_dense
 from ..io._rows import count_nonfinite, is_on_disk, iter_blocks, read_block, read_rows
-from ._counts import log_normalize
+from ._counts import log_normalize_dense
 from ._plain import read_plain, write_plain
 
 logger = logging.getLogger(__name__)
@@ -409,9 +409,32 @@ def decode_latents(
     ``(scale, counts)``: ``px.scale`` (rows sum to 1; float32, dense) and counts drawn from the
     likelihood (CSR float32 with integer values).
     """
+    parts = _per_chunk(
+        vae,
+        z,
+        library,
+        batch_index,
+        seed,
+        lambda px: (px.scale.float().cpu().numpy(), sp.csr_matrix(_draw(px))),
+    )
+    scales, counts = zip(*parts, strict=True)
+    return np.concatenate(scales), sp.vstack(counts, format="csr", dtype=np.float32)
+
+
+def _draw(px) -> np.ndarray:
+    """One draw of counts from a chunk's likelihood (dense float32 on the CPU)."""
+    return px.sample().float().cpu().numpy()
+
+
+def _per_chunk(vae, z, library, batch_index, seed: int, take) -> list:
+    """``take(px)`` of scVI's likelihood ``px`` for each chunk of latents, in order.
+
+    ``take`` runs while torch's RNG is seeded with ``seed`` (and forked: the global state is left
+    alone), so the draws it makes are the same whatever it keeps of them.
+    """
     module = vae.module
     device = next(module.parameters()).device
-    scales, counts = [], []
+    taken = []
     forked = [device] if device.type == "cuda" else []
     with torch.inference_mode(), torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)
@@ -422,10 +445,8 @@ def decode_latents(
                 library=torch.log(torch.as_tensor(library[part], device=device).float())[:, None],
                 batch_index=torch.as_tensor(batch_index[part], device=device).long()[:, None],
             )
-            px = out["px"]
-            scales.append(px.scale.float().cpu().numpy())
-            counts.append(sp.csr_matrix(px.sample().float().cpu().numpy()))
-    return np.concatenate(scales), sp.vstack(counts, format="csr", dtype=np.float32)
+            taken.append(take(out["px"]))
+    return taken
 
 
 def expected_log_counts(
@@ -463,8 +484,9 @@ def expected_log_counts(
     total = None  # sized by the decoder's output, whatever AnnData the model holds
     for k in range(MEAN_DRAWS):
         draw_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-        _, sampled = decode_latents(vae, z, library, batch_index, draw_seed)
-        x = log_normalize(sampled).toarray()
+        # the counts decode_latents draws with this seed, kept dense: no sparse round trip
+        sampled = np.concatenate(_per_chunk(vae, z, library, batch_index, draw_seed, _draw))
+        x = log_normalize_dense(sampled)
         total = x if total is None else total + x
     return total / np.float32(MEAN_DRAWS)
 
