@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from .._counts import (
     log_normalize,
 )
 from .._scvi import (
+    MEAN_DRAWS,
     SCVI_DIR,
     decode_latents,
     default_batch,
@@ -31,6 +33,8 @@ from .._scvi import (
     scvi_info,
 )
 from ._base import Decoded, Space, register_space
+
+logger = logging.getLogger(__name__)
 
 #: seed of the draws behind a trajectory's expected log-normalised counts (deterministic rows)
 ESTIMATE_SEED = 0
@@ -223,6 +227,12 @@ class ScviSpace(Space):
         # units (the mean of logs), where log1p of the decoder's mean lies above them for
         # rarely expressed genes (docs/api.md, 'Trajectory AnnData')
         batch_code = list(self.info["batches"]).index(self.info["default_batch"])
+        logger.info(
+            "Decoding %d trajectory rows through scVI: each row's expected log-normalised "
+            "counts, the mean of %d draws.",
+            len(z),
+            MEAN_DRAWS,
+        )
         return expected_log_counts(
             self.vae,
             z,
