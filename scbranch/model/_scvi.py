@@ -409,35 +409,27 @@ def decode_latents(
     ``(scale, counts)``: ``px.scale`` (rows sum to 1; float32, dense) and counts drawn from the
     likelihood (CSR float32 with integer values).
     """
-    parts = _per_chunk(
-        vae,
-        z,
-        library,
-        batch_index,
-        seed,
-        lambda px: (px.scale.float().cpu().numpy(), sp.csr_matrix(_draw(px))),
-    )
-    scales, counts = zip(*parts, strict=True)
+    likelihoods = _likelihoods(vae, z, library, batch_index)
+    scales = [px.scale.float().cpu().numpy() for px in likelihoods]
+    counts = [sp.csr_matrix(part) for part in _draws(vae, likelihoods, seed)]
     return np.concatenate(scales), sp.vstack(counts, format="csr", dtype=np.float32)
 
 
-def _draw(px) -> np.ndarray:
-    """One draw of counts from a chunk's likelihood (dense float32 on the CPU)."""
-    return px.sample().float().cpu().numpy()
+def decoder_scale(vae, z: np.ndarray, library: np.ndarray, batch_index: np.ndarray) -> np.ndarray:
+    """The normalised expression ``px.scale`` of latents ``z`` through scVI (rows sum to 1).
 
-
-def _per_chunk(vae, z, library, batch_index, seed: int, take) -> list:
-    """``take(px)`` of scVI's likelihood ``px`` for each chunk of latents, in order.
-
-    ``take`` runs while torch's RNG is seeded with ``seed`` (and forked: the global state is left
-    alone), so the draws it makes are the same whatever it keeps of them.
+    No counts are drawn: what ``counts=False`` keeps besides the expected counts.
     """
+    likelihoods = _likelihoods(vae, z, library, batch_index)
+    return np.concatenate([px.scale.float().cpu().numpy() for px in likelihoods])
+
+
+def _likelihoods(vae, z, library, batch_index) -> list:
+    """The likelihood ``px`` of each chunk of latents (scVI decoder's forward pass, once)."""
     module = vae.module
     device = next(module.parameters()).device
-    taken = []
-    forked = [device] if device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=forked):
-        torch.manual_seed(seed)
+    likelihoods = []
+    with torch.inference_mode():
         for start in range(0, len(z), DECODE_CHUNK):
             part = slice(start, start + DECODE_CHUNK)
             out = module.generative(
@@ -445,8 +437,20 @@ def _per_chunk(vae, z, library, batch_index, seed: int, take) -> list:
                 library=torch.log(torch.as_tensor(library[part], device=device).float())[:, None],
                 batch_index=torch.as_tensor(batch_index[part], device=device).long()[:, None],
             )
-            taken.append(take(out["px"]))
-    return taken
+            likelihoods.append(out["px"])
+    return likelihoods
+
+
+def _draws(vae, likelihoods: list, seed: int) -> list[np.ndarray]:
+    """One draw of counts from each chunk's likelihood, in order (dense float32 on the CPU).
+
+    Torch's RNG is seeded with ``seed`` and forked: the global state is left alone.
+    """
+    device = next(vae.module.parameters()).device
+    forked = [device] if device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        return [px.sample().float().cpu().numpy() for px in likelihoods]
 
 
 def expected_log_counts(
@@ -481,12 +485,12 @@ def expected_log_counts(
     >>> library, batch = np.full(len(z), 2000.0), np.zeros(len(z), dtype=int)  # doctest: +SKIP
     >>> x = expected_log_counts(vae, z, library, batch, seed=0)  # doctest: +SKIP
     """
+    likelihoods = _likelihoods(vae, z, library, batch_index)  # one forward pass for all draws
     total = None  # sized by the decoder's output, whatever AnnData the model holds
     for k in range(MEAN_DRAWS):
         draw_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
         # the counts decode_latents draws with this seed, kept dense: no sparse round trip
-        sampled = np.concatenate(_per_chunk(vae, z, library, batch_index, draw_seed, _draw))
-        x = log_normalize_dense(sampled)
+        x = log_normalize_dense(np.concatenate(_draws(vae, likelihoods, draw_seed)))
         total = x if total is None else total + x
     return total / np.float32(MEAN_DRAWS)
 

@@ -24,6 +24,7 @@ from .._scvi import (
     MEAN_DRAWS,
     SCVI_DIR,
     decode_latents,
+    decoder_scale,
     default_batch,
     expected_log_counts,
     latent_of,
@@ -198,10 +199,11 @@ class ScviSpace(Space):
         batch_code = list(info["batches"]).index(batch)
         library = draw_from_pools(self.library_sizes, codes, np.random.default_rng([seed, 2]))
         batch_index = np.full(len(z), batch_code)
-        scale, sampled = decode_latents(self.vae, z, library, batch_index, seed)
         if options["counts"]:
+            scale, sampled = decode_latents(self.vae, z, library, batch_index, seed)
             x, layers = log_normalize(sampled), {Key.layers.COUNTS: sampled}
-        else:
+        else:  # no counts kept: no draw of them beyond the expectation's
+            scale = decoder_scale(self.vae, z, library, batch_index)
             x, layers = expected_log_counts(self.vae, z, library, batch_index, seed), {}
         out = Decoded(
             X=x,
