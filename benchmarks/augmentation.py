@@ -409,7 +409,8 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
         "(`..., denoised`) the ceiling of the rows that generate without the noise model "
         "(`:denoised`; the baselines' `, denoised` rows are the same baselines generating that "
         "way, their fair comparison; scVI's denoised profile, like the scVI-space rows', is "
-        "each latent's expected log-normalised counts, the mean of 20 draws). Gains are paired by "
+        "each latent's expected log-normalised counts: the mean of 20 draws in runs before "
+        "2026-12-06, the exact expectation since). Gains are paired by "
         "split (same train and test cells): mean ± sd over splits.",
     ]
     for name, r in rows.groupby("dataset", sort=False):

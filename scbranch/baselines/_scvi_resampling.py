@@ -24,7 +24,7 @@ class ScviResampling(Baseline):
     negative-binomial likelihood. ``.X`` holds the counts log-normalised (CP10k + log1p), like
     real cells, and ``layers['counts']`` the counts. ``generate(residual_noise=False)`` gives
     a denoised profile instead: ``.X`` is each latent's expected log-normalised counts, the
-    mean over 20 draws of counts from its likelihood, each CP10k + log1p, and no
+    expectation over its likelihood's counts of each gene's CP10k + log1p (exact), and no
     ``layers['counts']``. That is the mean in the units of real log-normalised cells, as a
     PCA decoder's profile is. The log of the decoder's mean (``px.scale`` as CP10k + log1p, what
     ``get_normalized_expression`` gives) is not: for a gene a cell rarely expresses it lies
@@ -105,7 +105,7 @@ class ScviResampling(Baseline):
         library, batch = self.library_[source], np.zeros(len(source), dtype=np.int64)
         if not residual_noise:
             return {
-                "X": expected_log_counts(self.model_, z, library, batch, seed),
+                "X": expected_log_counts(self.model_, z, library, batch),
                 "var_names": self.var_names_,
                 "obsm": {"X_scVI": z},
             }

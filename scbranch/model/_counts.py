@@ -111,24 +111,6 @@ def log_normalize(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matr
     return x
 
 
-def log_normalize_dense(counts: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
-    """:func:`log_normalize` of dense counts, bit for bit its ``.toarray()``.
-
-    The same float32 steps (exact totals of integer counts below 2**24, one factor per cell,
-    one product per value), without building a sparse matrix: what averaging many draws of
-    counts needs.
-
-    Examples
-    --------
-    >>> log_normalize_dense(np.array([[1.0, 3.0], [0.0, 0.0]], dtype=np.float32), 4.0).tolist()
-    [[0.6931471824645996, 1.3862943649291992], [0.0, 0.0]]
-    """
-    counts = np.asarray(counts, dtype=np.float32)
-    totals = counts.sum(1)
-    factors = (target_sum / np.maximum(totals, 1.0)).astype(np.float32)
-    return np.log1p(counts * factors[:, None])
-
-
 def normalize_block(block, target_sum: float):
     """``log1p(counts / total * target_sum)`` per row of a dense or sparse block of counts.
 

@@ -625,7 +625,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         counts
             Also return counts in ``layers['counts']``. scVI models do unless `False` (sampled
             from scVI's likelihood with library sizes drawn from the class); with `False`,
-            ``.X`` is the expected log-normalised counts (mean of 20 draws). Expression and PCA
+            ``.X`` is the expected log-normalised counts (exact). Expression and PCA
             models do with ``counts=True`` if set up with ``counts_layer``: the expression
             (negative values set to 0) is mapped back through a size factor drawn from the
             class, ``s * expm1(x)``, stochastically rounded (unbiased; exact for real cells).

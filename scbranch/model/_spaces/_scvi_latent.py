@@ -21,7 +21,6 @@ from .._counts import (
     log_normalize,
 )
 from .._scvi import (
-    MEAN_DRAWS,
     SCVI_DIR,
     decode_latents,
     decoder_scale,
@@ -37,9 +36,6 @@ from ._base import Decoded, Space, register_space
 
 logger = logging.getLogger(__name__)
 
-#: seed of the draws behind a trajectory's expected log-normalised counts (deterministic rows)
-ESTIMATE_SEED = 0
-
 
 @register_space
 class ScviSpace(Space):
@@ -47,8 +43,9 @@ class ScviSpace(Space):
 
     Generated latents go through scVI's decoder with a library size drawn from the requested
     type and a batch; counts are sampled from its likelihood. With ``counts=False`` no counts
-    are kept: ``.X`` is each latent's expected log-normalised counts (the mean over 20 draws,
-    each CP10k + log1p), the denoised profile in real cells' units.
+    are kept: ``.X`` is each latent's expected log-normalised counts (each gene's
+    expectation of CP10k + log1p over the likelihood's counts, summed exactly), the denoised
+    profile in real cells' units.
 
     Parameters
     ----------
@@ -204,7 +201,7 @@ class ScviSpace(Space):
             x, layers = log_normalize(sampled), {Key.layers.COUNTS: sampled}
         else:  # no counts kept: no draw of them beyond the expectation's
             scale = decoder_scale(self.vae, z, library, batch_index)
-            x, layers = expected_log_counts(self.vae, z, library, batch_index, seed), {}
+            x, layers = expected_log_counts(self.vae, z, library, batch_index), {}
         out = Decoded(
             X=x,
             var_names=self.var_names,
@@ -229,18 +226,18 @@ class ScviSpace(Space):
         # units (the mean of logs), where log1p of the decoder's mean lies above them for
         # rarely expressed genes (docs/api.md, 'Trajectory AnnData')
         batch_code = list(self.info["batches"]).index(self.info["default_batch"])
+        # no progress bar of its own: say what a large transmutation's decode is doing
         logger.info(
             "Decoding %d trajectory rows through scVI: each row's expected log-normalised "
-            "counts, the mean of %d draws.",
+            "counts at library size %g.",
             len(z),
-            MEAN_DRAWS,
+            self.estimate_library,
         )
         return expected_log_counts(
             self.vae,
             z,
             np.full(len(z), self.estimate_library, dtype=np.float32),
             np.full(len(z), batch_code),
-            seed=ESTIMATE_SEED,
         )
 
     def describe(self) -> str:  # noqa: D102
