@@ -76,3 +76,17 @@ def test_more_mass_at_larger_counts_raises_the_expectation_and_the_log_of_the_me
     got = expected_log1p(mu, np.array(5.0), np.array(1.0))
     assert np.all(np.diff(got) > 0)
     assert np.all(np.log1p(5.0 * mu) > got)  # Jensen: log of the mean above the mean of logs
+
+
+def test_blocks_of_rows_give_the_same_values(monkeypatch):
+    # large inputs are summed a block of rows at a time (memory); the values must not depend
+    # on the blocks, including a last block shorter than the others
+    rng = np.random.default_rng(0)
+    mu = rng.lognormal(0.0, 1.5, size=(7, 5))
+    theta = rng.lognormal(0.0, 1.0, size=5)
+    c = rng.uniform(1.0, 20.0, size=(7, 1))
+    whole = expected_log1p(mu, c, theta)
+    monkeypatch.setattr(expected, "BLOCK_VALUES", 10)  # 2 rows a block, 4 blocks
+    np.testing.assert_array_equal(expected_log1p(mu, c, theta), whole)
+    one = expected_log1p(np.array(3.0), np.array(2.0), np.array(1.5))
+    assert one.shape == () and one == pytest.approx(_written_out(3.0, 2.0, 1.5), abs=1e-7)

@@ -30,6 +30,8 @@ GRID_POINTS = 2_000
 RIGHT_SDS = 20.0
 #: standard deviations below the mean where the sum of a concentrated distribution starts
 LEFT_SDS = 12.0
+#: values summed together (memory: about a dozen float64 working arrays of this size)
+BLOCK_VALUES = 1 << 21
 
 
 def expected_log1p(
@@ -75,9 +77,15 @@ def expected_log1p(
     poisson = theta is None
     arrays.append(np.ones(()) if poisson else np.asarray(theta, dtype=np.float64))
     mu_b, c_b, theta_b = np.broadcast_arrays(*arrays)
-    shape = mu_b.shape
-    out = _sum_pmf(mu_b.ravel(), c_b.ravel(), None if poisson else theta_b.ravel(), tol)
-    out = out.reshape(shape)
+    out = np.empty(mu_b.shape, dtype=np.float64)
+    flat = out.reshape(-1)  # a view: out is contiguous
+    rows = mu_b.reshape(-1, mu_b.shape[-1]) if mu_b.ndim else mu_b.reshape(1, 1)
+    per_block = max(1, BLOCK_VALUES // rows.shape[1])
+    for lo in range(0, rows.shape[0], per_block):
+        # blocks of rows: the sum's working arrays stay near BLOCK_VALUES values each
+        block = [a.reshape(rows.shape)[lo : lo + per_block].ravel() for a in (mu_b, c_b, theta_b)]
+        values = _sum_pmf(block[0], block[1], None if poisson else block[2], tol)
+        flat[lo * rows.shape[1] : lo * rows.shape[1] + values.size] = values
     if zero_probability is not None:
         out = out * (1.0 - np.asarray(zero_probability, dtype=np.float64))
     return out

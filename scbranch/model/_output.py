@@ -268,9 +268,8 @@ def trajectory_anndata(
     space's ``obsm`` key and, decoded deterministically, to ``.X``.
     """
     x = model.space.decode_estimates(estimates)
-    library = getattr(model.space, "estimate_library", None)  # scVI: one library for all rows
-    if x is not None and library is not None:
-        obs = obs.assign(**{Key.obs.LIBRARY_SIZE: np.float32(library)})
+    if x is not None:  # e.g. scVI: the one library size every row is decoded at
+        obs = obs.assign(**model.space.estimate_obs())
     obsm = {Key.obsm.STATE: states}
     key = model.space.output_key
     if key is not None:

@@ -200,6 +200,10 @@ class Space:
         """Deterministic expression of clean estimates (trajectories): no noise, no counts."""
         return None
 
+    def estimate_obs(self) -> dict:
+        """``obs`` columns, the same for every row, that ``decode_estimates`` decodes with."""
+        return {}
+
     def bytes_per_cell(self, options: Mapping) -> int:
         """Peak memory decoding needs per generated cell, in bytes (an estimate)."""
         return 0

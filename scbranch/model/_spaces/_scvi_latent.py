@@ -240,6 +240,9 @@ class ScviSpace(Space):
             np.full(len(z), batch_code),
         )
 
+    def estimate_obs(self) -> dict:  # noqa: D102
+        return {Key.obs.LIBRARY_SIZE: np.float32(self.estimate_library)}
+
     def describe(self) -> str:  # noqa: D102
         return f"{self.info['class']} latent obsm[{self.obsm_key!r}]"
 
