@@ -40,12 +40,14 @@ def expected_log1p(
     theta: np.ndarray | None = None,
     zero_probability: np.ndarray | None = None,
     tol: float = TAIL_TOLERANCE,
+    dtype: type = np.float64,
 ) -> np.ndarray:
     """``E[log1p(c * X)]`` for X negative binomial (mean ``mu``, inverse dispersion ``theta``).
 
     ``theta=None`` gives the Poisson distribution; ``zero_probability`` (the zero-inflation
     mixture weight) scales the result by ``1 - zero_probability``, since an extra zero adds
-    ``log1p(0) = 0``. Arrays broadcast against each other.
+    ``log1p(0) = 0``. Arrays broadcast against each other; the sums run in float64, a block of
+    rows at a time, so inputs may be float32 views of any size.
 
     Parameters
     ----------
@@ -59,10 +61,12 @@ def expected_log1p(
         Zero-inflation probability, or `None`.
     tol
         Tail mass at which each value's sum stops.
+    dtype
+        Of the result.
 
     Returns
     -------
-    float64 array of the broadcast shape.
+    Array of the broadcast shape.
 
     Examples
     --------
@@ -73,21 +77,22 @@ def expected_log1p(
     >>> round(float((pmf * np.log1p(k)).sum()), 6)  # the same sum written out
     0.952452
     """
-    arrays = [np.asarray(mu, dtype=np.float64), np.asarray(c, dtype=np.float64)]
     poisson = theta is None
-    arrays.append(np.ones(()) if poisson else np.asarray(theta, dtype=np.float64))
-    mu_b, c_b, theta_b = np.broadcast_arrays(*arrays)
-    out = np.empty(mu_b.shape, dtype=np.float64)
-    flat = out.reshape(-1)  # a view: out is contiguous
-    rows = mu_b.reshape(-1, mu_b.shape[-1]) if mu_b.ndim else mu_b.reshape(1, 1)
-    per_block = max(1, BLOCK_VALUES // rows.shape[1])
-    for lo in range(0, rows.shape[0], per_block):
-        # blocks of rows: the sum's working arrays stay near BLOCK_VALUES values each
-        block = [a.reshape(rows.shape)[lo : lo + per_block].ravel() for a in (mu_b, c_b, theta_b)]
-        values = _sum_pmf(block[0], block[1], None if poisson else block[2], tol)
-        flat[lo * rows.shape[1] : lo * rows.shape[1] + values.size] = values
-    if zero_probability is not None:
-        out = out * (1.0 - np.asarray(zero_probability, dtype=np.float64))
+    arrays = np.broadcast_arrays(
+        np.asarray(mu),
+        np.asarray(c),
+        np.ones(()) if poisson else np.asarray(theta),
+        np.zeros(()) if zero_probability is None else np.asarray(zero_probability),
+    )
+    out = np.empty(arrays[0].shape, dtype=dtype)
+    width = out.shape[-1] if out.ndim else 1
+    rows = [a.reshape(-1, width) for a in (out, *arrays)]  # views for 0-, 1- and 2-d inputs
+    per_block = max(1, BLOCK_VALUES // width)
+    for lo in range(0, rows[0].shape[0], per_block):
+        # blocks of rows: the sum's float64 working arrays stay near BLOCK_VALUES values each
+        m, cc, t, zero = (r[lo : lo + per_block].astype(np.float64).ravel() for r in rows[1:])
+        values = _sum_pmf(m, cc, None if poisson else t, tol) * (1.0 - zero)
+        rows[0][lo : lo + per_block] = values.reshape(-1, width)
     return out
 
 

@@ -488,7 +488,7 @@ def expected_log_counts(
     >>> x = expected_log_counts(vae, z, library, batch)  # doctest: +SKIP
     """
     likelihoods = _likelihoods(vae, z, library, batch_index)
-    return np.concatenate([_expected_log1p_of(px).astype(np.float32) for px in likelihoods])
+    return np.concatenate([_expected_log1p_of(px) for px in likelihoods])
 
 
 def _expected_log1p_of(px) -> np.ndarray:
@@ -496,24 +496,24 @@ def _expected_log1p_of(px) -> np.ndarray:
     import scvi.distributions as dist
 
     def numpy(t):
-        return t.float().cpu().numpy().astype(np.float64)
+        return t.float().cpu().numpy()  # float32; expected_log1p sums in float64 by blocks
 
-    if isinstance(px, dist.ZeroInflatedNegativeBinomial):
-        mu, theta, zero = numpy(px.mu), numpy(px.theta), numpy(px.zi_probs)
-        mean = (1.0 - zero) * mu
-    elif isinstance(px, dist.NegativeBinomial):
-        mu, theta, zero = numpy(px.mu), numpy(px.theta), None
-        mean = mu
+    zero = theta = None
+    if isinstance(px, dist.NegativeBinomial):  # and ZeroInflatedNegativeBinomial
+        mu, theta = numpy(px.mu), numpy(px.theta)
+        if isinstance(px, dist.ZeroInflatedNegativeBinomial):
+            zero = numpy(px.zi_probs)
     elif isinstance(px, dist.Poisson):
-        mu, theta, zero = numpy(px.rate), None, None
-        mean = mu
+        mu = numpy(px.rate)
     else:
         raise TypeError(
             f"scVI's likelihood {type(px).__name__} is not a count distribution scbranch can "
             f"take the expectation of; use gene_likelihood in {COUNT_LIKELIHOODS}."
         )
-    c = 1e4 / np.maximum(mean.sum(1, keepdims=True), 1.0)  # as log_normalize: totals >= 1
-    return expected_log1p(mu, c, theta, zero)
+    mean = mu if zero is None else (1.0 - zero) * mu
+    total = mean.sum(1, dtype=np.float64, keepdims=True)
+    c = 1e4 / np.maximum(total, 1.0)  # as log_normalize: totals of at least 1
+    return expected_log1p(mu, c, theta, zero, dtype=np.float32)
 
 
 def _placeholder_anndata(info: dict) -> AnnData:
