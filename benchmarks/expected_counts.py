@@ -2,9 +2,10 @@
 
 The scVI space's denoised profile (``generate(counts=False)``, trajectory and transmutation
 ``.X``, ``ScviResampling(residual_noise=False)``) is each latent's expected log-normalised
-counts. Until scbranch 0.3 it was the mean of 20 seeded draws of counts, each normalised by its
-own total; it is now summed exactly over the likelihood's probability mass function
-(``scbranch.model._expected_log1p``), each gene normalised by the draws' expected total.
+counts. Development builds before 2026-12-06 gave the mean of 20 seeded draws of counts, each
+normalised by its own total; it is now summed exactly over the likelihood's probability mass
+function (``scbranch.model._expected_log1p``), each gene normalised by the draws' expected
+total.
 
 Both are judged against a reference: the mean of 2,000 draws of counts from the same
 likelihoods, each log-normalised by its own total as real cells are. Per value (cell x gene):
@@ -16,7 +17,7 @@ Rows: scVI (100 epochs, the latents of the cells themselves) on pbmc68k_reduced 
 pbmc3k (2,000 HVGs), with negative-binomial and zero-inflated likelihoods.
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/expected_counts.py          # about 4 min on 2 cores
+  python benchmarks/expected_counts.py          # about 6 min on 2 cores
   python benchmarks/expected_counts.py --fast   # smoke test; numbers meaningless
 Writes docs/benchmarks/expected_counts.md.
 """

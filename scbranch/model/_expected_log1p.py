@@ -1,7 +1,7 @@
 """Exact expectations of ``log1p(c * X)`` for count distributions (NB, ZINB, Poisson).
 
 A latent decoded through scVI gives, per gene, a count distribution; the denoised profile in
-the units of real log-normalised cells is ``E[log1p(X * 1e4 / library)]`` (the mean of logs,
+the units of real log-normalised cells is ``E[log1p(X * 1e4 / total)]`` (the mean of logs,
 which the log of the mean overshoots for genes a cell rarely expresses). Averaging a few
 sampled draws leaves Monte-Carlo noise in every value (a quarter of a cell's own spread for 20
 draws); summing the probability mass function gives the expectation itself, deterministically
@@ -117,15 +117,10 @@ def _sum_pmf(mu: np.ndarray, c: np.ndarray, theta: np.ndarray | None, tol: float
     else:
         log_p = -theta * np.log1p(mu / theta)  # log P(0)
     later = np.flatnonzero(k > 0)
-    if later.size:  # log P(k) = log P(0) + log of the ratios' product, in closed form
-        kl = k[later]
-        if theta is None:
-            log_p[later] += kl * np.log(mu[later]) - gammaln(kl + 1)
-        else:
-            tl = theta[later]
-            log_p[later] += (
-                gammaln(kl + tl) - gammaln(tl) - gammaln(kl + 1) + kl * np.log(ratio_scale[later])
-            )
+    if later.size:
+        log_p[later] = _log_pmf(
+            k[later], mu[later], None if theta is None else theta[later], ratio_scale[later]
+        )
     p = np.exp(log_p)
     total = p * np.log1p(c * k)
     mass = p.copy()
@@ -140,7 +135,7 @@ def _sum_pmf(mu: np.ndarray, c: np.ndarray, theta: np.ndarray | None, tol: float
         total += p * np.log1p(c * k)
         mass += p
         # drop finished values often while most are still active, then every 64 terms
-        if step < 64 and step & (step - 1) == 0 or step % 64 == 0:
+        if (step < 64 and step & (step - 1) == 0) or step % 64 == 0:
             active = np.flatnonzero((1.0 - mass >= tol) | (k <= mu))
             if active.size < index.size:
                 done = np.ones(index.size, dtype=bool)
@@ -180,17 +175,24 @@ def _grid_sum(start, mu, c, theta, ratio_scale) -> np.ndarray:
         width = np.diff(edges, axis=1)  # 0 for empty blocks
         k = edges[:, :-1] + (width - 1.0) / 2.0  # block middles (the integer itself at width 1)
         k = np.maximum(k, a)
-        m = mu[part, None]
-        if theta is None:
-            log_p = -m + k * np.log(m) - gammaln(k + 1)
-        else:
-            t = theta[part, None]
-            log_p = (
-                gammaln(k + t)
-                - gammaln(t)
-                - gammaln(k + 1)
-                - t * np.log1p(m / t)
-                + k * np.log(ratio_scale[part, None])
-            )
+        log_p = _log_pmf(
+            k,
+            mu[part, None],
+            None if theta is None else theta[part, None],
+            ratio_scale[part, None],
+        )
         out[part] = (width * np.exp(log_p) * np.log1p(c[part, None] * k)).sum(1)
     return out
+
+
+def _log_pmf(k, mu, theta, ratio_scale) -> np.ndarray:
+    """Log P(X = k): Poisson (theta None), or NB with ``ratio_scale = mu / (theta + mu)``."""
+    if theta is None:
+        return -mu + k * np.log(mu) - gammaln(k + 1)
+    return (
+        gammaln(k + theta)
+        - gammaln(theta)
+        - gammaln(k + 1)
+        - theta * np.log1p(mu / theta)
+        + k * np.log(ratio_scale)
+    )
