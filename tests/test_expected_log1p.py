@@ -90,3 +90,14 @@ def test_blocks_of_rows_give_the_same_values(monkeypatch):
     np.testing.assert_array_equal(expected_log1p(mu, c, theta), whole)
     one = expected_log1p(np.array(3.0), np.array(2.0), np.array(1.5))
     assert one.shape == () and one == pytest.approx(_written_out(3.0, 2.0, 1.5), abs=1e-7)
+
+
+def test_non_finite_parameters_and_unknown_likelihoods_are_refused():
+    with pytest.raises(ValueError, match="mu holds NaN or infinite"):
+        expected_log1p(np.array([1.0, np.nan]), np.array(2.0), np.array(1.0))
+    with pytest.raises(ValueError, match="theta holds NaN or infinite"):
+        expected_log1p(np.array(1.0), np.array(2.0), np.array(np.inf))
+    from scbranch.model._scvi import _expected_log1p_of
+
+    with pytest.raises(TypeError, match="not a count distribution.*gene_likelihood"):
+        _expected_log1p_of(object())

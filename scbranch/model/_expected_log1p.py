@@ -78,6 +78,13 @@ def expected_log1p(
     0.952452
     """
     poisson = theta is None
+    for name, values in (("mu", mu), ("c", c), ("theta", theta)):
+        if values is not None and not np.all(np.isfinite(values)):
+            # a NaN mean would otherwise fail no comparison and read as zero counts
+            raise ValueError(
+                f"expected_log1p: {name} holds NaN or infinite values; a decoder that gives "
+                "them is broken (check the scVI model's training) and has no expectation."
+            )
     arrays = np.broadcast_arrays(
         np.asarray(mu),
         np.asarray(c),
