@@ -31,7 +31,7 @@ import torch
 from anndata import AnnData
 
 from .._validation import check_genes_equal
-from ._plain import PlainFormatError, read_plain, write_plain
+from ._plain import NewerFormatError, PlainFormatError, read_plain, write_plain
 from ._spaces import SPACES, ExpressionSpace, PcaSpace, ScviSpace, _SizeFactorCounts
 
 if TYPE_CHECKING:
@@ -162,9 +162,11 @@ def save(
 
 
 def _corrupt(directory: Path, err) -> ValueError:
+    if isinstance(err, NewerFormatError):  # intact: the fix is a newer scbranch, not a retrain
+        return ValueError(f"Could not load the model in {str(directory)!r}: {err}")
     return ValueError(
-        f"Could not load the model in {str(directory)!r}: {err}. The directory is corrupt, "
-        "partial, or from an incompatible version; retrain and save it again."
+        f"Could not load the model in {str(directory)!r}: {str(err).rstrip('.')}. The directory "
+        "is corrupt, partial, or from an incompatible version; retrain and save it again."
     )
 
 
@@ -208,6 +210,8 @@ def load(
     from safetensors.torch import load_file
     from scvi.model._utils import parse_device_args
 
+    from .. import __version__
+
     directory = Path(dir_path)
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -231,12 +235,19 @@ def load(
         )
     try:
         content = read_plain(paths["json"], paths["npz"], kind="model")
+        saved_format = int(content.get("format_version", 0))
+        if saved_format > FORMAT_VERSION:
+            raise NewerFormatError(
+                f"it was saved by scbranch {content.get('package_version')!r} in model format "
+                f"version {saved_format}, and this scbranch ({__version__}) reads up to version "
+                f"{FORMAT_VERSION}; upgrade scbranch to load it."
+            )
         if content.get("model_name") != cls.__name__:
             raise PlainFormatError(
                 f"it holds a {content.get('model_name')!r}, not a {cls.__name__}"
             )
         state = load_file(str(paths["weights"]), device="cpu")
-    except (PlainFormatError, SafetensorError, OSError, KeyError, TypeError) as err:
+    except (PlainFormatError, SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
         raise _corrupt(directory, err) from err
     name = content["space"]["name"]
     if name not in SPACES:
@@ -349,6 +360,22 @@ def _load_legacy(cls, directory: Path, paths: dict, adata, accelerator, device, 
 
 def convert_legacy(old_dir, new_dir, *, overwrite: bool = False) -> Path:
     """Rewrite a trusted scbranch < 0.2 model directory in today's format (no pickle).
+
+    Parameters
+    ----------
+    old_dir
+        Directory of a model saved by scbranch < 0.2. It is loaded with
+        ``trust_pickle=True`` (its pickle runs code): convert only models you trust. It is
+        left as it is.
+    new_dir
+        Directory to write the converted model to; must not be ``old_dir``.
+    overwrite
+        Delete an existing ``new_dir`` first; otherwise a non-empty ``new_dir`` raises a
+        `FileExistsError`.
+
+    Returns
+    -------
+    ``new_dir`` as a :class:`~pathlib.Path`.
 
     Examples
     --------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,10 @@ VERSION = 1
 
 class PlainFormatError(ValueError):
     """A plain-data file that is not what scbranch wrote (corrupt, partial, or foreign)."""
+
+
+class NewerFormatError(PlainFormatError):
+    """A plain-data file written by a newer scbranch than this one (intact, but unreadable)."""
 
 
 class _Packer:
@@ -143,13 +149,15 @@ def read_plain(json_path: Path, npz_path: Path, *, kind: str):
             f"{str(json_path)!r} holds a {document.get('kind')!r}, not a {kind!r}."
         )
     if int(document.get("version", -1)) > VERSION:
-        raise PlainFormatError(
-            f"{str(json_path)!r} was written by a newer scbranch (format version "
-            f"{document.get('version')}); upgrade scbranch to read it."
+        raise NewerFormatError(
+            f"{str(json_path)!r} was written by a newer scbranch (file format version "
+            f"{document.get('version')}, this scbranch reads up to {VERSION}); upgrade scbranch "
+            "to read it."
         )
     try:
         with np.load(npz_path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # a damaged .npz fails as a bad zip archive (CRC, truncation) or a bad deflate stream
         raise PlainFormatError(f"{str(npz_path)!r} is not a plain array file: {err}") from err
     return unpack(document["content"], arrays)
