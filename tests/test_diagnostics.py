@@ -220,3 +220,25 @@ def test_a_second_train_call_trains_in_training_mode():
         model.train(max_epochs=1)
     assert seen == [True]
     assert not [w for w in caught if "in eval mode" in str(w.message)]
+
+
+def test_validation_size_alone_holds_that_fraction_out_and_a_second_train_keeps_its_history():
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=30, dim=8, seed=3).to_anndata()
+    sb.BranchedDiffusion.setup_anndata(sim, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(sim, **FAST)
+    model.train(max_epochs=2, validation_size=0.25, check_val_every_n_epoch=1)
+    assert len(model.validation_indices) == pytest.approx(0.25 * sim.n_obs, abs=1)
+    assert len(model.train_indices) + len(model.validation_indices) == sim.n_obs
+    assert len(model.history["validation_loss"]) == 2
+    with pytest.raises(ValueError, match="validation_size must lie between 0 and 1"):
+        model.train(max_epochs=1, validation_size=1.5)
+
+    # scvi-tools merges a further train()'s history only into keys the first one logged:
+    # validation of a second call after one without it was dropped
+    model = sb.BranchedDiffusion(sim, **FAST)
+    model.train(max_epochs=2)
+    assert set(model.history) == {"train_loss"}
+    model.train(max_epochs=3, train_size=0.8, check_val_every_n_epoch=1)
+    assert len(model.history["train_loss"]) == 5
+    validation = model.history["validation_loss"]
+    assert len(validation) == 3 and list(validation.index) == [2, 3, 4]  # after the 2 before

@@ -394,6 +394,59 @@ def test_missing_and_corrupt_model_dir(tmp_path):
         sb.BranchedDiffusion.load(tmp_path / "corrupt")
 
 
+def test_damaged_or_newer_model_files_get_errors_naming_the_fix(trained, tmp_path):
+    import json
+    import shutil
+
+    _, model = trained
+    model.save(tmp_path / "good")
+    # bytes of the array file overwritten (a bad CRC) and the file truncated: "corrupt"
+    for name, damage in (
+        ("crc", lambda b: b[:400] + b"\0" * 200 + b[600:]),
+        ("cut", lambda b: b[:300]),
+    ):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        npz = tmp_path / name / "model.npz"
+        npz.write_bytes(damage(npz.read_bytes()))
+        with pytest.raises(ValueError, match="not a plain array file.*corrupt, partial"):
+            sb.BranchedDiffusion.load(tmp_path / name)
+    # an intact model of a newer format: the fix is to upgrade, not to retrain
+    for name, edit in (
+        ("newer_model", lambda doc: doc["content"].update(format_version=99)),
+        ("newer_file", lambda doc: doc.update(version=99)),
+    ):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        path = tmp_path / name / "model.json"
+        doc = json.loads(path.read_text())
+        edit(doc)
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match="upgrade scbranch") as info:
+            sb.BranchedDiffusion.load(tmp_path / name)
+        assert "retrain" not in str(info.value) and ".." not in str(info.value)
+
+
+def test_cell_counts_must_be_whole_numbers(trained):
+    _, model = trained
+    for bad in (2.5, True, {"c1": 2.9}, {"c1": -1}):
+        with pytest.raises(ValueError, match="must be (a whole number|non-negative)"):
+            model.generate(n_cells=bad, progress_bar=False)
+    gen = model.generate(n_cells={"c1": np.int64(2), "c2": 3.0}, seed=0, progress_bar=False)
+    assert gen.obs["cell_type"].value_counts()[["c1", "c2"]].tolist() == [2, 3]
+
+
+def test_an_untrained_model_warns_before_generating():
+    adata = _sim_adata(n_per_class=15)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    cells = adata[adata.obs["cell_type"] == "c0"]
+    with pytest.warns(UserWarning, match="Generating with an untrained model.*model.train"):
+        model.generate(n_cells=2, progress_bar=False)
+    with pytest.warns(UserWarning, match="Transmuting with an untrained model"):
+        model.transmute(cells, target="c1", progress_bar=False)
+    with pytest.warns(UserWarning, match="from anchors with an untrained model"):
+        model.generate_anchored(cells, n_cells=2, progress_bar=False)
+
+
 def test_save_refuses_to_overwrite(trained, tmp_path):
     _, model = trained
     model.save(tmp_path / "m")

@@ -34,7 +34,7 @@ from .._validation import check_obs_key
 from ..module._solvers import DEFAULT_ANCHOR_TIME, DEFAULT_N_STEPS
 from ..module._transport import denoise, transport
 from ._blocks import check_output, write_anndata
-from ._output import generated_block, generation_params, uns_record
+from ._output import cell_counts, generated_block, generation_params, uns_record, warn_if_untrained
 from ._spaces import auto_noise
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def _requested(model: BranchedDiffusion, labels: np.ndarray, n_cells) -> dict[in
     """Class index -> new cells, for the types present among the anchors."""
     present = [c for c in model.classes if np.any(labels == c)]
     if isinstance(n_cells, Mapping):
-        wanted = {str(k): int(v) for k, v in n_cells.items()}
+        wanted = cell_counts(n_cells, ())
         unknown = sorted(set(wanted) - set(model.classes))
         if unknown:
             raise ValueError(
@@ -82,9 +82,7 @@ def _requested(model: BranchedDiffusion, labels: np.ndarray, n_cells) -> dict[in
                 "noise with model.generate()."
             )
     else:
-        wanted = dict.fromkeys(present, int(n_cells))
-    if any(n < 0 for n in wanted.values()):
-        raise ValueError(f"Cell counts must be non-negative, got {wanted}.")
+        wanted = cell_counts(n_cells, present)
     requested = {model.classes.index(c): n for c, n in wanted.items() if n > 0}
     if not requested:
         raise ValueError("Nothing to generate: every requested count is 0.")
@@ -166,6 +164,7 @@ def generate_anchored(
     >>> gen.obs["scbranch_anchor"].value_counts().max()  # doctest: +SKIP
     4
     """
+    warn_if_untrained(model, "Generating from anchors")
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:

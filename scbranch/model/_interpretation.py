@@ -27,7 +27,7 @@ from ..module._denoiser import CalibratedDenoiser
 from ..module._sampling import SampleResult
 from ..module._solvers import DEFAULT_N_STEPS, resolve_solver
 from ..module._transport import denoise, transport
-from ._output import generated_anndata, trajectory_anndata
+from ._output import generated_anndata, trajectory_anndata, warn_if_untrained
 
 if TYPE_CHECKING:
     from ._model import BranchedDiffusion
@@ -154,6 +154,7 @@ def transmute(
     >>> tm = model.transmute(mono, target="Dendritic", mode="ode")  # doctest: +SKIP
     >>> dc_like = tm[tm.obs["phase"] == "endpoint"]  # doctest: +SKIP
     """
+    warn_if_untrained(model, "Transmuting")
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:
@@ -359,6 +360,7 @@ def hybrids(
     >>> hy = model.hybrids("CD4+/CD25 T Reg", "CD8+ Cytotoxic T", n_cells=200)  # doctest: +SKIP
     >>> hy.obs.groupby("side").size()  # doctest: +SKIP
     """
+    warn_if_untrained(model, "Generating hybrids")
     if not model.module.follows_tree:
         raise ValueError(
             "Hybrids need a branched model: a label-guided (flat) model has no reverse "

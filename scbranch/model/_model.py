@@ -43,10 +43,10 @@ from ._blocks import check_block_size, check_output, default_block_rows, generat
 from ._calibration import class_variances, forget_calibrations, type_calibrations
 from ._data import ResamplingDataSplitter
 from ._extension import reference_sample
-from ._output import check_memory, keep_layers, requested_cells
+from ._output import check_memory, keep_layers, requested_cells, warn_if_untrained
 from ._spaces import SPACES, ScviSpace, Space, auto_noise, space_name
 from ._streaming import model_datamodule, use_block_loader
-from ._training_plan import DiffusionTrainingPlan, trainer_defaults
+from ._training_plan import DiffusionTrainingPlan, keep_new_history, split_sizes, trainer_defaults
 
 if TYPE_CHECKING:
     from scvi.model import SCVI
@@ -480,7 +480,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             cells at fixed times and draws (``get_denoising_error``'s); ``early_stopping=True``
             watches it and keeps the weights of its lowest point.
         validation_size
-            Fraction of cells for validation (default ``1 - train_size``).
+            Fraction of cells for validation (default ``1 - train_size``); given alone, the
+            model trains on the other ``1 - validation_size``.
         loader
             How training batches are read. ``"blocks"``: blocks of contiguous cells into a
             shuffled buffer (an atlas on disk streams at disk speed, the matrix is never
@@ -510,6 +511,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         # our registration so we never train on wrong labels (a known scvi-tools pitfall).
         self._validate_anndata(self.adata)
         forget_calibrations(self)  # measured on the network as it was
+        train_size, validation_size = split_sizes(train_size, validation_size)
         steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
         if max_epochs is None:
             max_epochs = default_max_epochs(round(self.adata.n_obs * train_size), batch_size)
@@ -536,7 +538,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         else:  # scvi-tools' own splitter and loader
             data = dict(train_size=train_size, batch_size=batch_size)
             data.update(validation_size=validation_size, datasplitter_kwargs=datasplitter_kwargs)
-        with quiet_training_warnings():
+        with quiet_training_warnings(), keep_new_history(self):
             return super().train(
                 max_epochs=max_epochs,
                 accelerator=accelerator,
@@ -706,6 +708,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ... )
         PosixPath('cells.h5ad')
         """
+        warn_if_untrained(self, "Generating")
         solver = resolve_solver(solver)
         spacing = default_spacing(solver) if spacing is None else spacing
         residual_noise = auto_noise(self.space, residual_noise, trajectory_times is not None)

@@ -9,6 +9,8 @@ Everything here reads only the model's public attributes and its space.
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,42 @@ _EXTENSION_FIELDS = {
 }
 
 
+def cell_count(value, name: str) -> int:
+    """``value`` as a number of cells: a whole, non-negative number (``2.5`` or `True` refused).
+
+    ``int()`` alone would read ``2.9`` as 2 and `True` as 1 without a word.
+    """
+    whole = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and float(value).is_integer()
+    )
+    if isinstance(value, bool | np.bool_) or not whole:
+        raise ValueError(
+            f"Number of cells for {name} must be a whole number, got {value!r}; round it "
+            "first (e.g. `round(fraction * n)`)."
+        )
+    if value < 0:
+        raise ValueError(f"Number of cells for {name} must be non-negative, got {value!r}.")
+    return int(value)
+
+
+def cell_counts(n_cells, names: Sequence[str]) -> dict[str, int]:
+    """``{name: cells}`` from ``generate``'s ``n_cells``: a dict, or one count for every name."""
+    if isinstance(n_cells, Mapping):
+        return {str(k): cell_count(v, repr(str(k))) for k, v in n_cells.items()}
+    return {str(c): cell_count(n_cells, "every type") for c in names}
+
+
+def warn_if_untrained(model: BranchedDiffusion, action: str) -> None:
+    """Warn (as scvi-tools does) when ``action`` runs on a network that was never trained."""
+    if not model.is_trained:
+        warnings.warn(
+            f"{action} with an untrained model: the cells come from random weights. Call "
+            "`model.train()` first (or load a trained model with `BranchedDiffusion.load`).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def requested_cells(
     tree,
     n_cells: int | Mapping[str, int],
@@ -53,15 +91,9 @@ def requested_cells(
     """
     if node_weights not in ("size", "uniform"):
         raise ValueError(f"node_weights must be 'size' or 'uniform', got {node_weights!r}.")
-    if isinstance(n_cells, Mapping):
-        if labels is not None:
-            raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
-        asked = {str(k): int(v) for k, v in n_cells.items()}
-    else:
-        chosen = tree.classes if labels is None else labels
-        asked = {str(c): int(n_cells) for c in chosen}
-    if any(n < 0 for n in asked.values()):
-        raise ValueError("Cell counts must be non-negative.")
+    if isinstance(n_cells, Mapping) and labels is not None:
+        raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
+    asked = cell_counts(n_cells, tree.classes if labels is None else labels)
     if sum(asked.values()) == 0:
         raise ValueError("Nothing to generate: ask for at least one cell.")
     requested: dict[int, int] = {}

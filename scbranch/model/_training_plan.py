@@ -15,8 +15,10 @@ stream) adds the loss's sampling noise and changes the training draws.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
@@ -27,6 +29,46 @@ from ._diagnostics import DEFAULT_TIMES, noise_errors
 #: seed of the validation noise: every validation epoch scores the same draws
 VALIDATION_SEED = 0
 logger = logging.getLogger(__name__)
+
+
+def split_sizes(train_size: float, validation_size: float | None) -> tuple[float, float | None]:
+    """``train``'s ``train_size`` and ``validation_size``, the first following the second.
+
+    ``train(validation_size=0.1)`` alone means "hold out 10 %, train on the rest": the default
+    ``train_size=1.0`` would leave no room for it (scvi-tools refuses sizes adding up past 1).
+    """
+    if validation_size is None:
+        return train_size, None
+    if not 0.0 < validation_size < 1.0:
+        raise ValueError(
+            f"validation_size must lie between 0 and 1 (a fraction of the cells), got "
+            f"{validation_size!r}."
+        )
+    if train_size == 1.0:
+        train_size = 1.0 - validation_size
+    return train_size, validation_size
+
+
+@contextlib.contextmanager
+def keep_new_history(model):
+    """Around a further ``train()``: keep the keys its history adds.
+
+    scvi-tools merges the history of a model trained before only into the keys the first
+    training logged, so ``validation_loss`` of a second ``train(train_size=0.9, ...)`` after a
+    first one without validation was dropped. Its rows are numbered on after the epochs before.
+    """
+    history = model.history_
+    before = dict(history) if model.is_trained_ and isinstance(history, dict) else None
+    yield
+    logged = getattr(getattr(getattr(model, "trainer", None), "logger", None), "history", None)
+    if not before or not logged or not isinstance(model.history_, dict):
+        return
+    offset = max((len(frame) for frame in before.values()), default=0)
+    for key, frame in logged.items():
+        if key not in before:
+            frame = frame.copy()
+            frame.index = np.arange(offset, offset + len(frame))
+            model.history_[key] = frame
 
 
 def trainer_defaults(
