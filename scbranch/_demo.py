@@ -43,6 +43,7 @@ def run_demo(
     seed: int = 0,
     max_epochs: int | None = None,
     overwrite: bool = False,
+    progress_bar: bool = True,
 ) -> dict:
     """Run the whole scbranch pipeline on the shipped PBMC data and write the results.
 
@@ -59,6 +60,8 @@ def run_demo(
         3 with ``fast``).
     overwrite
         Allow writing into a non-empty ``out``.
+    progress_bar
+        Show the training and sampling progress bars (`False`: ``scbranch demo -q``).
 
     Returns
     -------
@@ -125,12 +128,12 @@ def run_demo(
         max_epochs=cfg["max_epochs"],
         batch_size=cfg["batch_size"],
         accelerator="cpu",
-        enable_progress_bar=True,
+        enable_progress_bar=progress_bar,
     )
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gen = model.generate(n_cells=cfg["n_cells"], seed=seed, counts=True)
+    gen = model.generate(n_cells=cfg["n_cells"], seed=seed, counts=True, progress_bar=progress_bar)
     timings["generate_s"] = time.perf_counter() - t0
 
     # quality against the held-out cells, in a PCA of genes fitted on the training cells only

@@ -245,6 +245,11 @@ def test_generate_selected_labels_and_options(fitted, tmp_path):
     params = gen.uns["scbranch"]["params"]
     assert params["solver"] == "dpm2m" and params["n_steps"] == 10 and not params["share"]
     assert params["calibrate_spread"]
+    # the solver aliases generate(solver=) takes, on the command line too
+    alias = tmp_path / "alias.h5ad"
+    argv = ["generate", str(fitted["model_dir"]), "--n-cells", "2", "--solver", "ode"]
+    assert main([*argv, "--out", str(alias), "-q"]) == 0
+    assert ad.read_h5ad(alias).uns["scbranch"]["params"]["solver"] == "heun"
 
 
 def test_generate_unknown_label(fitted, tmp_path, capsys):
@@ -424,7 +429,9 @@ def test_module_entry_point():
 def test_demo_wiring(monkeypatch, tmp_path, capsys):
     calls = []
 
-    def fake_run_demo(out, *, fast=False, seed=0, max_epochs=None, overwrite=False):
+    def fake_run_demo(
+        out, *, fast=False, seed=0, max_epochs=None, overwrite=False, progress_bar=True
+    ):
         calls.append(
             {
                 "out": out,
@@ -432,13 +439,23 @@ def test_demo_wiring(monkeypatch, tmp_path, capsys):
                 "seed": seed,
                 "max_epochs": max_epochs,
                 "overwrite": overwrite,
+                "progress_bar": progress_bar,
             }
         )
         return {"generated": str(Path(out) / "generated.h5ad"), "w2": 1.5, "table": object()}
 
     monkeypatch.setitem(sys.modules, "scbranch._demo", _fake_module(fake_run_demo))
     assert main(["demo", "--out", "d", "--fast", "--seed", "3", "--max-epochs", "7"]) == 0
-    assert calls == [{"out": "d", "fast": True, "seed": 3, "max_epochs": 7, "overwrite": False}]
+    assert calls == [
+        {
+            "out": "d",
+            "fast": True,
+            "seed": 3,
+            "max_epochs": 7,
+            "overwrite": False,
+            "progress_bar": True,
+        }
+    ]
     out = capsys.readouterr().out
     assert "generated.h5ad" in out and "w2: 1.5" in out and "table" not in out
 
@@ -449,7 +466,10 @@ def test_demo_wiring(monkeypatch, tmp_path, capsys):
         "seed": 0,
         "max_epochs": None,
         "overwrite": True,
+        "progress_bar": True,
     }
+    assert main(["demo", "--out", "d", "-q"]) == 0
+    assert calls[-1]["progress_bar"] is False  # -q: no bars either
 
 
 def test_demo_user_error_is_one_line(monkeypatch, capsys):

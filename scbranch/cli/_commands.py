@@ -43,6 +43,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_epochs=args.max_epochs,
         overwrite=args.overwrite,
+        progress_bar=not args.quiet,
     )
     _say(args, f"Demo finished; outputs in {args.out}")
     for key, value in (result or {}).items():

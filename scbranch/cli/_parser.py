@@ -6,6 +6,7 @@ import argparse
 import textwrap
 
 from ..module._solvers import (
+    ALIASES,
     DEFAULT_ANCHOR_TIME,
     DEFAULT_N_STEPS,
     DEFAULT_SOLVER,
@@ -353,10 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--solver",
-        choices=solver_names("down"),
+        choices=solver_names("down") + list(ALIASES),  # the names generate(solver=) takes
         default=DEFAULT_SOLVER,
         help="Sampler: "
         + "; ".join(f"{name}: {SOLVERS[name].description}" for name in solver_names("down"))
+        + "; "
+        + ", ".join(f"{alias}: {name}" for alias, name in ALIASES.items())
         + ".",
     )
     gen.add_argument(
