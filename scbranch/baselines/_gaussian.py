@@ -30,6 +30,9 @@ class PerClassGaussian(Baseline):
         Representation to fit in.
     layer
         Layer of log-normalised expression behind the PCA (default ``.X``).
+    min_cells_per_class
+        Fewest training cells a type may have (default 3): a type of ``labels_key`` with fewer
+        raises a `ValueError`.
 
     Examples
     --------

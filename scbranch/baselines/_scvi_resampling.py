@@ -46,6 +46,9 @@ class ScviResampling(Baseline):
         Training epochs (`None`: scvi-tools' heuristic).
     seed
         Seed of scvi-tools (initialisation and minibatches).
+    min_cells_per_class
+        Fewest training cells a type may have (default 3): a type of ``labels_key`` with fewer
+        raises a `ValueError`, before scVI is trained.
     **train_kwargs
         Passed to :meth:`scvi.model.SCVI.train` (e.g. ``accelerator``).
 

@@ -61,6 +61,19 @@ def read_block(m, start: int, stop: int, dtype=np.float64):
 def read_rows(m, rows: np.ndarray, dtype=np.float64):
     """Rows ``rows`` of ``m`` (any order, repeats allowed) in memory, read in sorted order.
 
+    Parameters
+    ----------
+    m
+        Matrix in memory or on disk (see :func:`is_on_disk`).
+    rows
+        Integer positions of the rows, in the order wanted; repeats allowed.
+    dtype
+        Data type of the result.
+
+    Returns
+    -------
+    The rows, in the order of ``rows``: a dense array, or a CSR matrix when ``m`` is sparse.
+
     Examples
     --------
     >>> read_rows(np.arange(6).reshape(3, 2), np.array([2, 0])).tolist()
@@ -81,6 +94,22 @@ def iter_blocks(
 
     ``transform`` (e.g. log-normalisation of counts) is applied to every block.
 
+    Parameters
+    ----------
+    m
+        Matrix in memory or on disk (see :func:`is_on_disk`).
+    block_rows
+        Rows per block (the last block may have fewer).
+    dtype
+        Data type of the blocks read.
+    transform
+        Function applied to every block (rows in, rows out), or `None`.
+
+    Yields
+    ------
+    ``(start, stop, block)``: the block's first row, the row after its last, and its rows (a
+    dense array, or a CSR matrix when ``m`` is sparse), transformed.
+
     Examples
     --------
     >>> [(a, b) for a, b, _ in iter_blocks(np.zeros((5, 2)), block_rows=2)]
@@ -100,6 +129,20 @@ def column_moments(
 
     Blocks are combined with Chan et al.'s pairwise update, which stays accurate where the
     textbook ``E[x^2] - E[x]^2`` loses digits (large means, small variances).
+
+    Parameters
+    ----------
+    m
+        Matrix in memory or on disk (see :func:`is_on_disk`), with at least one row.
+    block_rows
+        Rows read per block.
+    transform
+        Function applied to every block before the moments are taken (e.g. log-normalisation
+        of counts), or `None`.
+
+    Returns
+    -------
+    ``(mean, variance)``, each an array with one value per column.
 
     Examples
     --------

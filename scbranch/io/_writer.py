@@ -34,6 +34,15 @@ _DENSE_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 def is_zarr_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a zarr store (by its suffix).
 
+    Parameters
+    ----------
+    path
+        File or store name; it need not exist.
+
+    Returns
+    -------
+    `True` when the suffix is ``.zarr``, else `False` (written as ``.h5ad``).
+
     Examples
     --------
     >>> is_zarr_path("cells.zarr"), is_zarr_path("cells.h5ad")
@@ -44,6 +53,26 @@ def is_zarr_path(path: str | os.PathLike) -> bool:
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing ``path`` unless ``overwrite``, and a destination that cannot be made.
+
+    Nothing is written or removed.
+
+    Parameters
+    ----------
+    path
+        Destination file or store.
+    overwrite
+        Accept an existing ``path`` (otherwise a `FileExistsError`).
+
+    Returns
+    -------
+    ``path`` as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is `False`.
+    NotADirectoryError
+        The parent of ``path`` is a file.
 
     Examples
     --------

@@ -160,6 +160,17 @@ def top_markers(
 def lfc_spearman(a: pd.DataFrame, b: pd.DataFrame) -> pd.Series:
     """Spearman correlation across genes of matching columns of two fold-change tables.
 
+    Parameters
+    ----------
+    a, b
+        Fold-change tables (genes x comparisons, as :func:`log_fold_changes` returns) over the
+        same genes in the same order; every column of ``a`` must be in ``b``.
+
+    Returns
+    -------
+    Series indexed by the columns of ``a``: the correlation of each, NaN where either column is
+    constant across genes.
+
     Examples
     --------
     >>> a = pd.DataFrame({"B": [1.0, 2.0, 3.0]})
@@ -177,6 +188,17 @@ def lfc_spearman(a: pd.DataFrame, b: pd.DataFrame) -> pd.Series:
 
 def marker_overlap(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> pd.Series:
     """Fraction of each group's top markers that two rankings share.
+
+    Parameters
+    ----------
+    a, b
+        Group -> array of top marker genes (as :func:`top_markers` returns). Only groups in
+        both are compared.
+
+    Returns
+    -------
+    Series indexed by group: the number of genes ``a[group]`` and ``b[group]`` share over the
+    number in ``a[group]``.
 
     Examples
     --------

@@ -73,6 +73,16 @@ def wasserstein2(x, y, *, num_itermax: int = 1_000_000) -> float:
 def median_bandwidth(x, y) -> float:
     """Median pairwise Euclidean distance among the pooled cells (the median heuristic).
 
+    Parameters
+    ----------
+    x, y
+        Arrays (n, d) and (m, d), pooled into one set of cells.
+
+    Returns
+    -------
+    The median of the non-zero distances between pairs of pooled cells (1.0 when all cells
+    coincide).
+
     Examples
     --------
     >>> median_bandwidth([[0.0], [1.0]], [[3.0]])

@@ -55,6 +55,15 @@ def gene_moment_spearman(x, y) -> tuple[float, float]:
 def zero_fraction(m) -> np.ndarray:
     """Fraction of cells in which each gene is zero.
 
+    Parameters
+    ----------
+    m
+        Counts (cells x genes, dense or sparse; explicitly stored zeros count as zeros).
+
+    Returns
+    -------
+    Array (genes,) of fractions in [0, 1].
+
     Examples
     --------
     >>> zero_fraction(np.array([[0, 1], [0, 0]])).tolist()
@@ -70,6 +79,16 @@ def zero_fraction(m) -> np.ndarray:
 
 def zero_fraction_error(x, y) -> float:
     """Mean over genes of the absolute difference in zero fraction between two count sets.
+
+    Parameters
+    ----------
+    x, y
+        Count matrices (cells x genes, dense or sparse) over the same genes; the numbers of
+        cells may differ.
+
+    Returns
+    -------
+    The mean absolute difference of :func:`zero_fraction` of ``x`` and ``y``, in [0, 1].
 
     Examples
     --------

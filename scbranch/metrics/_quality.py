@@ -98,6 +98,15 @@ def centroid_spread(
 ) -> pd.DataFrame:
     """Per-class mean distance to the class centroid, generated vs reference cells.
 
+    Parameters
+    ----------
+    generated, generated_labels
+        Generated cells (n, d) and their (requested) classes.
+    reference, reference_labels
+        Real cells (m, d) in the same coordinates, and their classes. The classes compared are
+        those of ``reference_labels``; one without generated cells or with fewer than two
+        reference cells is left out.
+
     Returns
     -------
     DataFrame indexed by class with ``generated``, ``reference`` (mean Euclidean distance of

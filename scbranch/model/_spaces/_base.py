@@ -55,6 +55,18 @@ def auto_noise(space: Space, residual_noise, trajectories: bool) -> bool | str:
 class Decoded:
     """What generated coordinates become in an AnnData.
 
+    Parameters
+    ----------
+    X
+        Decoded expression (cells x genes, dense or sparse), or `None` when the space has no
+        map to genes.
+    var_names
+        Names of the genes of ``X`` and of the layers, or `None`.
+    layers
+        Further per-cell matrices by layer name (e.g. ``"counts"``).
+    obs
+        Per-cell ``obs`` columns by name (e.g. size factors or library sizes).
+
     Examples
     --------
     >>> out = Decoded(X=np.zeros((2, 3)), var_names=np.array(["a", "b", "c"]))

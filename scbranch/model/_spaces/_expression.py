@@ -32,14 +32,21 @@ EXPRESSION_ADVICE_GENES = 300
 class ExpressionSpace(_GeneSpace):
     """Log-normalised genes (``layer`` or ``.X``), diffused as they are; no encoder.
 
+    The space is built by :meth:`fit` from the set-up data: ``layer``, ``target_sum`` and
+    ``counts_layer`` are those given to :meth:`~scbranch.BranchedDiffusion.setup_anndata`.
+
     Parameters
     ----------
-    layer
-        Layer of log-normalised expression (`None`: ``.X``).
     genes
         The model's genes, in order.
-    counts
-        Size factors per class for counts, or `None`.
+    target_sum
+        When set, ``layer`` (or ``.X``) holds raw counts that the space log-normalises itself,
+        ``log1p(counts / total * target_sum)``, block by block as cells are read, and counts
+        are generated with size factors ``total / target_sum``. `None` (or 0): the layer is
+        log-normalised expression already.
+    **kwargs
+        Passed on to the base space: ``layer`` (the layer of expression, `None`: ``.X``) and
+        ``counts`` (size factors per class for generating counts, or `None`).
 
     Examples
     --------

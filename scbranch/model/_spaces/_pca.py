@@ -36,20 +36,28 @@ class PcaSpace(_GeneSpace):
 
     scanpy's ``sc.pp.pca`` stores the loadings but not the centring mean; the decoder recovers
     it (``fit_pca_decoder``) and is kept only if it reproduces
-    the stored coordinates. Without a decoder, generated cells carry the latent only.
+    the stored coordinates. Without a decoder, generated cells carry the latent only. The
+    space is built by :meth:`fit` from the set-up data: ``obsm_key``, ``layer`` and
+    ``counts_layer`` are those given to
+    :meth:`~scbranch.BranchedDiffusion.setup_anndata`.
 
     Parameters
     ----------
-    obsm_key
-        ``obsm`` key of the latent.
-    layer
-        The expression the PCA was computed on (`None`: ``.X``).
     n_dims
-        Dimension of the latent.
+        Dimension of the latent (the number of columns of ``obsm[obsm_key]``).
     decoder
-        The PCA map (loadings, mean, genes, residual sd), or `None`.
-    counts
-        Size factors per class for counts, or `None`.
+        The PCA map back to genes, ``{"kind", "loadings", "mean", "var_names",
+        "residual_sd"}`` (loadings ``(n_dims, genes)``), or `None`: generated cells then carry
+        the latent only.
+    scores_of
+        ``obsm`` key of the in-sample PCA when ``obsm[obsm_key]`` holds its out-of-fold scores
+        (:func:`~scbranch.tl.pca_out_of_fold`), else `None`. Cells without
+        ``obsm[obsm_key]`` are then encoded from ``obsm[scores_of]`` (e.g. new cells projected
+        on the PCA), and the decoder is that PCA's.
+    **kwargs
+        Passed on to the base space: ``obsm_key`` (the ``obsm`` key of the latent), ``layer``
+        (the expression the PCA was computed on; `None`: ``.X``) and ``counts`` (size factors
+        per class for generating counts, or `None`).
 
     Examples
     --------

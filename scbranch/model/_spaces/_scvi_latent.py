@@ -49,8 +49,6 @@ class ScviSpace(Space):
 
     Parameters
     ----------
-    obsm_key
-        ``obsm`` key holding the latent means.
     vae
         The scvi-tools model.
     info
@@ -60,6 +58,8 @@ class ScviSpace(Space):
     estimate_library
         Library size of the expression decoded along trajectories (default: the median of
         ``library_sizes``); fixed when the space is fitted, so adding types leaves it.
+    **kwargs
+        Passed on to the base space: ``obsm_key``, the ``obsm`` key holding the latent means.
 
     Examples
     --------
