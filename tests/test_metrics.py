@@ -109,6 +109,11 @@ def test_gene_level_metrics():
     counts = np.array([[0, 1, 2], [0, 0, 3]])
     np.testing.assert_allclose(zero_fraction(counts), [1.0, 0.5, 0.0])
     np.testing.assert_allclose(zero_fraction(sp.csr_matrix(counts)), [1.0, 0.5, 0.0])
+    # explicitly stored zeros count as zeros, and the caller's matrix is left as it was
+    stored = sp.csc_matrix((np.array([0.0, 1.0, 0.0, 2.0]), ([0, 0, 1, 1], [0, 1, 1, 2])), (2, 3))
+    nnz, data = stored.nnz, stored.data.copy()
+    np.testing.assert_allclose(zero_fraction(stored), [1.0, 0.5, 0.5])
+    assert stored.nnz == nnz and np.array_equal(stored.data, data)
     assert zero_fraction_error(counts, np.array([[1, 1, 0], [0, 1, 3]])) == pytest.approx(
         (0.5 + 0.5 + 0.5) / 3
     )

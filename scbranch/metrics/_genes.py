@@ -71,7 +71,8 @@ def zero_fraction(m) -> np.ndarray:
     """
     n = m.shape[0]
     if sp.issparse(m):
-        m = sp.csc_matrix(m)
+        m = sp.csc_matrix(m, copy=True)  # never the caller's matrix: the next lines edit it
+        m.sum_duplicates()
         m.eliminate_zeros()
         return 1.0 - np.diff(m.indptr) / n
     return (np.asarray(m) == 0).mean(0).astype(np.float64)
