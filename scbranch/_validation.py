@@ -186,6 +186,15 @@ def check_setup_data(
             f"counts_layer={counts_layer!r} is not in adata.layers (available: "
             f"{list(adata.layers.keys())})."
         )
+    if counts_layer is not None:  # at set-up, not only when the model is built on it
+        from .io._rows import read_block
+
+        counts = adata.layers[counts_layer]
+        rows = min(counts.shape[0], max(100, 1_000_000 // max(counts.shape[1], 1)))
+        check_counts(
+            read_block(counts, 0, rows),  # a few rows: log-normalised data show at once
+            f"counts_layer={counts_layer!r} (adata.layers[{counts_layer!r}])",
+        )
     if target_sum is not None:
         if obsm_key is not None:
             raise ValueError(

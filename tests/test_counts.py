@@ -285,9 +285,13 @@ def test_counts_bad_input():
         sb.BranchedDiffusion(adata, scvi_model=object())
     lognorm = adata.copy()
     lognorm.layers["counts"] = lognorm.X.copy()
-    sb.BranchedDiffusion.setup_anndata(lognorm, labels_key=LABELS, counts_layer="counts")
-    with pytest.raises(ValueError, match="must hold raw counts"):
-        sb.BranchedDiffusion(lognorm, **FAST_MODEL)
+    # at set-up already (a user audit found it only at the model), naming the layer
+    with pytest.raises(ValueError, match=r"counts_layer='counts'.*must hold raw counts"):
+        sb.BranchedDiffusion.setup_anndata(lognorm, labels_key=LABELS, counts_layer="counts")
+    shifted = adata.copy()
+    shifted.layers["counts"] = shifted.layers["counts"] * 1.5  # odd counts become halves
+    with pytest.raises(ValueError, match="non-integer values"):
+        sb.BranchedDiffusion.setup_anndata(shifted, labels_key=LABELS, counts_layer="counts")
 
 
 def test_scvi_entry_points_wrong_keys_and_nan(scvi_model_and_data):

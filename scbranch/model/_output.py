@@ -69,7 +69,7 @@ def warn_if_untrained(model: BranchedDiffusion, action: str) -> None:
             f"{action} with an untrained model: the cells come from random weights. Call "
             "`model.train()` first (or load a trained model with `BranchedDiffusion.load`).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the user's line: above the method and torch.inference_mode's wrapper
         )
 
 
