@@ -120,6 +120,9 @@ def test_new_cells_projected_on_the_pca_are_read_by_an_out_of_fold_model(simulat
     model.save(tmp_path / "m")
     loaded = sb.BranchedDiffusion.load(tmp_path / "m", adata=train)
     assert loaded.space.scores_of == "X_pca"
+    # attaching new cells, which have no out-of-fold scores, names the fix (not sc.pp.pca)
+    with pytest.raises(KeyError, match=r"only training cells have them.*load without `adata`"):
+        sb.BranchedDiffusion.load(tmp_path / "m", adata=held)
     # a model on in-sample scores has no such fallback: the missing key is named
     sb.BranchedDiffusion.setup_anndata(train, labels_key="group", obsm_key="X_pca")
     plain = sb.BranchedDiffusion(train, width=16, n_head_blocks=1)

@@ -292,6 +292,16 @@ def _finish(model, adata, accelerator, device, parse_device_args):
     model.to_device(torch_device)
     model.module.eval()
     if adata is not None:
+        source = getattr(model.space, "scores_of", None)
+        if source is not None and model.space.obsm_key not in adata.obsm:
+            key = model.space.obsm_key  # out-of-fold scores: the training cells' only
+            raise KeyError(
+                f"The model learned out-of-fold scores obsm[{key!r}] (sb.tl.pca_out_of_fold), "
+                f"which adata lacks: only training cells have them. New cells need not be "
+                "attached: load without `adata` and pass them to `transmute` or "
+                f"`generate_anchored`, which read their obsm[{source!r}] (the PCA projection). "
+                f"To attach them anyway, give them adata.obsm[{key!r}] = adata.obsm[{source!r}]."
+            )
         check_genes_equal(adata, np.asarray(model.get_var_names()).astype(str), "the saved model")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*already.*", category=UserWarning)
