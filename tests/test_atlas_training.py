@@ -118,6 +118,13 @@ def test_a_zarr_store_trains_like_the_h5ad_file(tmp_path):
         model = sb.BranchedDiffusion(data, width=16, n_head_blocks=1)
         _train(model)
         models.append(model.module.state_dict())
+        # the cells the model reads are never written over, overwrite=True or not
+        for out in (tmp_path / name, tmp_path / "." / name):
+            with pytest.raises(ValueError, match="holds the cells the model is reading"):
+                model.generate(n_cells=2, out=out, overwrite=True, progress_bar=False)
+            with pytest.raises(ValueError, match="holds the cells the model is reading"):
+                model.generate_anchored(data, n_cells=2, out=out, overwrite=True)
+        assert sb.io.read_backed(tmp_path / name).n_obs == adata.n_obs
     for k, v in models[0].items():
         np.testing.assert_array_equal(models[1][k], v, err_msg=k)
 

@@ -95,8 +95,7 @@ def _check_output_file(path: Path, overwrite: bool) -> None:
             f"--out {str(path)!r} already exists; choose another file or pass --overwrite to "
             "replace it."
         )
-    if path.suffix not in (".h5ad", ".zarr"):
-        logger.warning("Writing an .h5ad file to %s, whose name does not end in .h5ad.", path)
+    # a name ending in neither .h5ad nor .zarr: generate(out=) warns (written as .h5ad)
 
 
 def _read_h5ad(path: Path):

@@ -69,3 +69,38 @@ def read_backed(path: str | os.PathLike) -> AnnData:
         uns=read("uns"),
         layers={k: on_disk(layers[k]) for k in layers},
     )
+
+
+def backing_paths(*datasets: AnnData | None) -> set[Path]:
+    """The files and stores that the expression of ``datasets`` is read from (resolved).
+
+    A backed ``.h5ad`` file (``adata.filename``) and the ``.zarr`` stores behind on-disk
+    matrices (:func:`read_backed`). Writing generated cells over one of them would destroy the
+    cells a model is reading, so the writers refuse them even with ``overwrite=True``.
+
+    Parameters
+    ----------
+    *datasets
+        AnnData objects (`None` is skipped).
+
+    Returns
+    -------
+    The resolved paths; empty for data held in memory.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np
+    >>> backing_paths(anndata.AnnData(np.zeros((2, 2))), None)
+    set()
+    """
+    paths: set[Path] = set()
+    for adata in datasets:
+        if adata is None:
+            continue
+        if adata.isbacked and adata.filename is not None:
+            paths.add(Path(adata.filename).resolve())
+        for matrix in (adata.X, *adata.layers.values()):
+            root = getattr(getattr(getattr(matrix, "group", None), "store", None), "root", None)
+            if root is not None:  # a zarr store's local directory
+                paths.add(Path(root).resolve())
+    return paths

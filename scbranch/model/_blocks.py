@@ -39,6 +39,7 @@ from anndata import AnnData
 
 from .._keys import Key
 from ..io import ChunkedWriter, check_writable, is_zarr_path
+from ..io._backed import backing_paths
 from ._calibration import TypeCalibration, calibrated
 from ._output import generated_block, generation_params, requested_nodes, uns_record
 
@@ -89,11 +90,16 @@ def check_block_size(block_size: int | None) -> int | None:
     return int(block_size)
 
 
-def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
+def check_output(
+    out: str | os.PathLike, overwrite: bool, *, reading: Iterable[AnnData | None] = ()
+) -> Path:
     """``out`` as a path that may be written (before any work), or the error saying why not.
 
     An existing ``out`` needs ``overwrite``; a directory is replaced only by a zarr store
-    (never a folder of other files by an ``.h5ad`` file).
+    (never a folder of other files by an ``.h5ad`` file); the file or store that the data in
+    ``reading`` (the model's cells, anchors) are read from is never replaced, ``overwrite``
+    or not; a name that ends in neither ``.h5ad`` nor ``.zarr`` is written as ``.h5ad`` with
+    a warning.
 
     Examples
     --------
@@ -106,6 +112,14 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
             f"{str(path)!r} is a directory; give a file name ending in .h5ad, or a zarr store "
             "ending in .zarr."
         )
+    if path.resolve() in backing_paths(*reading):
+        raise ValueError(
+            f"{str(path)!r} holds the cells the model is reading (opened with "
+            "sb.io.read_backed or backed='r'); writing generated cells there would destroy "
+            "them, even with overwrite=True. Choose another name."
+        )
+    if path.suffix not in (".h5ad", ".zarr"):
+        logger.warning("Writing an .h5ad file to %s, whose name does not end in .h5ad.", path)
     return path
 
 
