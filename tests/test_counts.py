@@ -329,8 +329,31 @@ def test_scvi_model_transmutes_counts_and_records_scale(scvi_model_and_data, tmp
         vae, tm.obsm["X_scVI"], np.full(tm.n_obs, library, np.float32), batch
     )
     np.testing.assert_array_equal(tm.X, expected)
+    assert (tm.obs["batch"] == "b0").all()
     tr = model.generate(n_cells=3, trajectory_times=[0.5, 0.0], seed=0, progress_bar=False)
     np.testing.assert_array_equal(tr.X, model.space.decode_estimates(tr.obsm["X_scVI"]))
+    # another batch: decoded into it and recorded (an audit found trajectories ignored it and
+    # transmute without the option)
+    in_b1 = model.transmute(
+        mono, "Dendritic", n_checkpoints=3, n_steps=5, progress_bar=False, batch="b1"
+    )
+    b1 = np.full(tm.n_obs, list(model.space.info["batches"]).index("b1"))
+    np.testing.assert_array_equal(in_b1.obsm["X_scVI"], tm.obsm["X_scVI"])
+    np.testing.assert_array_equal(
+        in_b1.X,
+        expected_log_counts(vae, tm.obsm["X_scVI"], np.full(tm.n_obs, library, np.float32), b1),
+    )
+    assert np.abs(in_b1.X - tm.X).max() > 0.01 and (in_b1.obs["batch"] == "b1").all()
+    tr1 = model.generate(
+        n_cells=3, trajectory_times=[0.5, 0.0], seed=0, progress_bar=False, batch="b1"
+    )
+    np.testing.assert_array_equal(tr1.obsm["X_scVI"], tr.obsm["X_scVI"])
+    np.testing.assert_array_equal(
+        tr1.X, model.space.decode_estimates(tr.obsm["X_scVI"], batch="b1")
+    )
+    assert np.abs(tr1.X - tr.X).max() > 0.01 and (tr1.obs["batch"] == "b1").all()
+    with pytest.raises(ValueError, match="Unknown batch 'b9'"):
+        model.transmute(mono, "Dendritic", progress_bar=False, batch="b9")
     with pytest.raises(ValueError, match="not counts"):
         model.generate(n_cells=3, trajectory_times=[0.5], counts=True, progress_bar=False)
     tm.write_h5ad(tmp_path / "tm.h5ad")

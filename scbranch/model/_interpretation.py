@@ -97,6 +97,7 @@ def transmute(
     seed: int | None = None,
     batch_size: int | None = None,
     progress_bar: bool = True,
+    batch: str | None = None,
 ) -> AnnData:
     """Carry real cells of one type to another type through their branch point.
 
@@ -136,6 +137,9 @@ def transmute(
         At most this many cells per forward pass.
     progress_bar
         Show progress bars over the steps.
+    batch
+        scVI models set up with a batch: the batch every row's ``.X`` is decoded into
+        (recorded in ``obs[batch_key]``; default: the most common one in the training data).
 
     Returns
     -------
@@ -155,6 +159,8 @@ def transmute(
     >>> dc_like = tm[tm.obs["phase"] == "endpoint"]  # doctest: +SKIP
     """
     warn_if_untrained(model, "Transmuting")
+    # the batch .X is decoded into (scVI with batches); refused with a reason elsewhere
+    batch = model.space.resolve_options(counts=False, batch=batch, residual_noise=False)["batch"]
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:
@@ -271,6 +277,7 @@ def transmute(
         "seed": seed,
         "n_cells": len(x),
         "n_network_calls": n_calls,
+        **({"batch": batch} if batch else {}),
     }
     out = trajectory_anndata(
         model, _unstandardized(module, states), _unstandardized(module, estimates), obs, params

@@ -299,9 +299,13 @@ def trajectory_anndata(
     ``obsm['scbranch_state']`` holds the noisy states; the model's clean estimates go to the
     space's ``obsm`` key and, decoded deterministically, to ``.X``.
     """
-    x = model.space.decode_estimates(estimates)
-    if x is not None:  # e.g. scVI: the one library size every row is decoded at
-        obs = obs.assign(**model.space.estimate_obs())
+    # the batch generate(batch=) or transmute(batch=) resolved (scVI spaces with batches)
+    batch = {"batch": params["batch"]} if params.get("batch") else {}
+    x = model.space.decode_estimates(estimates, **batch)
+    if x is not None:  # e.g. scVI: the one library size (and batch) every row is decoded at
+        obs = obs.copy()
+        for column, value in model.space.estimate_obs(**batch).items():
+            obs[column] = value.repeat(len(obs)) if isinstance(value, pd.Categorical) else value
     obsm = {Key.obsm.STATE: states}
     key = model.space.output_key
     if key is not None:

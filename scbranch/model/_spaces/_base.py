@@ -209,11 +209,19 @@ class Space:
         return Decoded()
 
     def decode_estimates(self, z: np.ndarray) -> np.ndarray | None:
-        """Deterministic expression of clean estimates (trajectories): no noise, no counts."""
+        """Deterministic expression of clean estimates (trajectories): no noise, no counts.
+
+        Spaces with batches (scVI) also take ``batch=``, the batch to decode into; it is
+        passed only when the user asked for one (``resolve_options`` resolved it).
+        """
         return None
 
     def estimate_obs(self) -> dict:
-        """``obs`` columns, the same for every row, that ``decode_estimates`` decodes with."""
+        """``obs`` columns, the same for every row, that ``decode_estimates`` decodes with.
+
+        Each value is a scalar or a one-element categorical (repeated for every row); spaces
+        with batches take ``batch=`` as ``decode_estimates`` does.
+        """
         return {}
 
     def bytes_per_cell(self, options: Mapping) -> int:

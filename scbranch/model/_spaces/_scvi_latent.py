@@ -221,11 +221,12 @@ class ScviSpace(Space):
         # scVI's normalised expression (float32, gathered from chunks) and the sparse counts
         return len(self.var_names) * 16
 
-    def decode_estimates(self, z) -> np.ndarray:  # noqa: D102
+    def decode_estimates(self, z, batch: str | None = None) -> np.ndarray:  # noqa: D102
         # expected log-normalised counts, as generate(counts=False) gives: in real cells'
         # units (the mean of logs), where log1p of the decoder's mean lies above them for
-        # rarely expressed genes (docs/api.md, 'Trajectory AnnData')
-        batch_code = list(self.info["batches"]).index(self.info["default_batch"])
+        # rarely expressed genes (docs/api.md, 'Trajectory AnnData'); in `batch` (default:
+        # the most common one)
+        batch_code = list(self.info["batches"]).index(batch or self.info["default_batch"])
         # no progress bar of its own: say what a large transmutation's decode is doing
         logger.info(
             "Decoding %d trajectory rows through scVI: each row's expected log-normalised "
@@ -240,8 +241,14 @@ class ScviSpace(Space):
             np.full(len(z), batch_code),
         )
 
-    def estimate_obs(self) -> dict:  # noqa: D102
-        return {Key.obs.LIBRARY_SIZE: np.float32(self.estimate_library)}
+    def estimate_obs(self, batch: str | None = None) -> dict:  # noqa: D102
+        obs = {Key.obs.LIBRARY_SIZE: np.float32(self.estimate_library)}
+        if self.info["batch_key"]:  # one row's value: trajectory_anndata repeats it
+            batches = list(self.info["batches"])
+            obs[self.info["batch_key"]] = pd.Categorical(
+                [batch or self.info["default_batch"]], categories=batches
+            )
+        return obs
 
     def describe(self) -> str:  # noqa: D102
         return f"{self.info['class']} latent obsm[{self.obsm_key!r}]"
