@@ -103,11 +103,23 @@ def check_class_sizes(
         )
 
 
-def check_counts(m, where: str, *, n_check: int = 100_000) -> None:
+#: what to do about non-count data where ``counts_layer=`` is the argument that names counts
+COUNTS_LAYER_FIX = (
+    "Pass the layer with the raw counts, e.g. `counts_layer='counts'` (keep a copy before "
+    "normalising: `adata.layers['counts'] = adata.X.copy()`)."
+)
+#: ... where the diffused matrix itself must hold counts (``setup_anndata(target_sum=...)``)
+TARGET_SUM_FIX = (
+    "With target_sum the diffused matrix must hold raw counts: name them with `layer=` (e.g. "
+    "`layer='counts'`), or drop `target_sum` for log-normalised expression."
+)
+
+
+def check_counts(m, where: str, *, n_check: int = 100_000, fix: str = COUNTS_LAYER_FIX) -> None:
     """Raise if ``m`` does not hold raw counts (non-negative integers).
 
     Checks the first ``n_check`` stored values (enough to catch log-normalised or scaled data
-    without scanning a large matrix).
+    without scanning a large matrix); ``fix`` says what to do, in the caller's terms.
     """
     values = m.data if sp.issparse(m) else np.asarray(m).ravel()
     values = np.asarray(values[:n_check], dtype=np.float64)
@@ -115,9 +127,7 @@ def check_counts(m, where: str, *, n_check: int = 100_000) -> None:
         kind = "negative values" if values.min() < 0 else "non-integer values"
         raise ValueError(
             f"{where} must hold raw counts (non-negative integers) but holds {kind} "
-            "(log-normalised or scaled data?). Pass the layer with the raw counts, e.g. "
-            "`counts_layer='counts'` (keep a copy before normalising: "
-            "`adata.layers['counts'] = adata.X.copy()`)."
+            f"(log-normalised or scaled data?). {fix}"
         )
 
 
@@ -231,7 +241,7 @@ def check_setup_data(
         check_finite(matrix, where)
         first = matrix
     if target_sum is not None:
-        check_counts(first, where + " (target_sum: raw counts expected)")
+        check_counts(first, where + " (target_sum: raw counts expected)", fix=TARGET_SUM_FIX)
     else:
         check_lognormalized(first, where)
 

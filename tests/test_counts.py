@@ -174,8 +174,11 @@ def test_non_count_data_is_refused_where_counts_are_needed(scvi_model_and_data):
     lognorm.layers["counts"] = lognorm.X.copy()
     with pytest.raises(ValueError, match="must hold raw counts.*non-integer"):
         sb.model.fit_scvi(lognorm, counts_layer="counts")
-    with pytest.raises(ValueError, match="must hold raw counts"):
+    with pytest.raises(ValueError, match="must hold raw counts") as info:
         sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=lognorm)
+    # from_scvi_model has no counts_layer: the message says where scVI reads its counts
+    assert "The scVI model reads raw counts from adata.layers['counts']" in str(info.value)
+    assert "counts_layer" not in str(info.value)
     with pytest.raises(ValueError, match="must hold raw counts"):
         sb.model.fit_scvi(adata, counts_layer=None)  # .X is log-normalised
     with pytest.raises(KeyError, match="counts_layer='raw'"):

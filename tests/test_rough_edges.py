@@ -140,8 +140,10 @@ def test_a_file_backed_anndata_sets_up_in_every_space_and_target_sum_needs_count
     sb.BranchedDiffusion.setup_anndata(backed, labels_key="cell_type", obsm_key="X_pca")
     # log-normalised data are not counts: target_sum refuses them, checked on disk
     lognorm = ad.read_h5ad(tmp_path / "lognorm.h5ad", backed="r")
-    with pytest.raises(ValueError, match="raw counts.*non-integer"):
+    with pytest.raises(ValueError, match="raw counts.*non-integer") as info:
         sb.BranchedDiffusion.setup_anndata(lognorm, labels_key="cell_type", target_sum=1e4)
+    # the fix in this call's terms: name the counts with layer= (counts_layer does not apply)
+    assert "name them with `layer=`" in str(info.value) and "counts_layer" not in str(info.value)
     sb.BranchedDiffusion.setup_anndata(lognorm, labels_key="cell_type")
 
 

@@ -291,13 +291,23 @@ def counts_on_disk(adata: AnnData, info: dict) -> bool:
     return is_on_disk(_counts_matrix(adata, info)[0])
 
 
+def scvi_counts_fix(info: dict) -> str:
+    """What to do when cells given to an scVI-space model hold no counts where scVI reads them."""
+    where = f"adata.layers[{info['layer']!r}]" if info["layer"] else "adata.X"
+    return (
+        f"The scVI model reads raw counts from {where}, as it was trained: pass cells that "
+        "hold their raw counts there (keep a copy before normalising: "
+        "`adata.layers['counts'] = adata.X.copy()`)."
+    )
+
+
 def counts_view(adata: AnnData, info: dict) -> AnnData:
     """A private AnnData with the counts (and batch) of ``adata`` in the scVI model's layout."""
     counts, columns, where = _counts_matrix(adata, info)
     layer = info["layer"] or None
     counts = sp.csr_matrix(counts, dtype=np.float32)[:, columns]
     check_finite(counts, where)
-    check_counts(counts, where + " (the scVI model's counts)")
+    check_counts(counts, where + " (the scVI model's counts)", fix=scvi_counts_fix(info))
     obs = pd.DataFrame(index=adata.obs_names.copy())
     batches = _batch_values(adata, info)
     if batches is not None:
@@ -346,7 +356,7 @@ def latent_of(vae, adata: AnnData, info: dict, rows: np.ndarray | None = None) -
     module.eval()
     with torch.inference_mode():
         for start, stop, block, codes in _blocks_of_counts(adata, info, rows):
-            check_counts(block, "the scVI model's counts")
+            check_counts(block, "the scVI model's counts", fix=scvi_counts_fix(info))
             x = torch.as_tensor(to_dense(block), dtype=torch.float32, device=device)
             batch = torch.as_tensor(codes, device=device)[:, None]
             qz = module.inference(x=x, batch_index=batch)["qz"]

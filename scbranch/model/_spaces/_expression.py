@@ -8,6 +8,7 @@ import numpy as np
 from anndata import AnnData
 
 from ..._validation import (
+    TARGET_SUM_FIX,
     check_counts,
     check_finite,
     check_genes,
@@ -130,7 +131,7 @@ class ExpressionSpace(_GeneSpace):
         m = m[:, columns]
         check_finite(m, f"the representation of {what}")
         if self.target_sum is not None:
-            check_counts(m, f"the counts of {what}")
+            check_counts(m, f"the counts of {what}", fix=TARGET_SUM_FIX)
             m = self.normalize(m)
         return to_dense(m)
 
