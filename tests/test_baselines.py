@@ -172,3 +172,41 @@ def test_smoothed_bootstrap_bad_bandwidth_and_decoding(pbmc):
     assert gen.shape == (10, pbmc.n_vars) and gen.uns["scbranch"]["model"]["architecture"] == (
         "smoothed bootstrap"
     )
+
+
+def test_generate_options_are_checked_and_one_label_is_a_type(pbmc):
+    gauss = sb.baselines.PerClassGaussian(pbmc, "cell_type")
+    with pytest.raises(TypeError, match=r"takes the option\(s\) \['residual_noise'\].*decode_with"):
+        gauss.generate(5, counts=True)
+    with pytest.raises(ValueError, match="residual_noise='nb'.*decode_with=model"):
+        gauss.generate(5, residual_noise="nb")
+    with pytest.raises(ValueError, match="whole number"):
+        gauss.generate(2.5)
+    gen = gauss.generate(3, labels="Dendritic", seed=0)  # not its letters
+    assert gen.obs["cell_type"].value_counts()["Dendritic"] == 3 and gen.n_obs == 3
+
+
+def test_decode_with_a_model_decodes_the_latents_as_the_model_does(pbmc):
+    # known answer: the model's own space decoding the same latents with the same seed
+    train = pbmc.copy()
+    sb.BranchedDiffusion.setup_anndata(
+        train, labels_key="cell_type", obsm_key="X_pca", counts_layer="counts"
+    )
+    model = sb.BranchedDiffusion(train, width=16, n_head_blocks=1)  # the decoder needs no training
+    gauss = sb.baselines.PerClassGaussian(pbmc, "cell_type")
+    gen = gauss.generate({"CD19+ B": 6, "Dendritic": 4}, seed=3, decode_with=model, counts=True)
+    z = gen.obsm["X_pca"]
+    np.testing.assert_array_equal(
+        z, gauss.generate({"CD19+ B": 6, "Dendritic": 4}, seed=3).obsm["X_pca"]
+    )
+    codes = np.repeat([model.classes.index("CD19+ B"), model.classes.index("Dendritic")], [6, 4])
+    options = model.space.resolve_options(counts=True, batch=None, residual_noise="nb")
+    expected = model.space.decode(z, codes, options, 3)
+    np.testing.assert_array_equal(np.asarray(gen.X), np.asarray(expected.X))
+    assert (gen.layers["counts"] != expected.layers["counts"]).nnz == 0
+    assert gen.uns["scbranch"]["params"]["residual_noise"] == "nb"
+    other = sb.baselines.PerClassGaussian(pbmc, "cell_type", obsm_key="X_umap")
+    with pytest.raises(ValueError, match="fit the baseline on the model's latent"):
+        other.generate(2, decode_with=model)
+    with pytest.raises(TypeError, match="takes residual_noise and counts"):
+        gauss.generate(2, decode_with=model, batch="b0")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -10,6 +12,10 @@ from anndata import AnnData
 
 from .._keys import Key
 from .._validation import check_obs_key
+from ..model._output import cell_counts
+
+if TYPE_CHECKING:
+    from ..model import BranchedDiffusion
 
 
 class Baseline:
@@ -57,17 +63,16 @@ class Baseline:
             )
 
     def _counts(self, n_cells: int | Mapping[str, int], labels: Sequence[str] | None) -> dict:
-        if isinstance(n_cells, Mapping):
-            if labels is not None:
-                raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
-            counts = {str(k): int(v) for k, v in n_cells.items()}
-        else:
-            counts = {c: int(n_cells) for c in (self.classes if labels is None else labels)}
+        if isinstance(n_cells, Mapping) and labels is not None:
+            raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
+        if isinstance(labels, str):  # one type, not its letters
+            labels = [labels]
+        counts = cell_counts(n_cells, self.classes if labels is None else labels)
         unknown = [c for c in counts if c not in self.classes]
         if unknown:
             raise ValueError(f"Unknown cell type(s) {unknown}; the baseline knows {self.classes}.")
-        if any(n < 0 for n in counts.values()) or sum(counts.values()) == 0:
-            raise ValueError("Cell counts must be non-negative and ask for at least one cell.")
+        if sum(counts.values()) == 0:
+            raise ValueError("Nothing to generate: ask for at least one cell.")
         return {c: n for c, n in counts.items() if n > 0}
 
     def _sample(
@@ -76,12 +81,29 @@ class Baseline:
         """Cells in class order: ``{"X", "var_names", "obsm", "layers"}``."""
         raise NotImplementedError
 
+    def _check_options(self, options: Mapping) -> None:
+        """Refuse options ``_sample`` does not take, naming those it does."""
+        taken = list(inspect.signature(self._sample).parameters)[3:]  # after counts, rng, seed
+        unknown = sorted(set(options) - set(taken))
+        if unknown:
+            hint = (
+                " Counts and the negative binomial decoder are a model's: pass `decode_with="
+                "model` to decode the sampled latents as that model decodes its cells."
+                if {"counts", "batch"} & set(unknown)
+                else ""
+            )
+            raise TypeError(
+                f"{type(self).__name__}.generate() takes the option(s) {taken}, not "
+                f"{unknown}.{hint}"
+            )
+
     def generate(
         self,
         n_cells: int | Mapping[str, int] = 100,
         *,
-        labels: Sequence[str] | None = None,
+        labels: str | Sequence[str] | None = None,
         seed: int | None = None,
+        decode_with: BranchedDiffusion | None = None,
         **options,
     ) -> AnnData:
         """Generate cells of the fitted types as a new AnnData.
@@ -89,13 +111,21 @@ class Baseline:
         Parameters
         ----------
         n_cells
-            Cells per type, or a dict ``{cell type: count}``.
+            Cells per type (a whole number), or a dict ``{cell type: count}``.
         labels
-            Types to generate when ``n_cells`` is an int (default: all).
+            Type or types to generate when ``n_cells`` is an int (default: all).
         seed
             Random seed; `None` draws one (recorded in ``uns['scbranch']['params']``).
+        decode_with
+            A :class:`~scbranch.BranchedDiffusion` trained on the same latent
+            (``obsm_key``) and types: the sampled latents are decoded by its space exactly
+            as its generated cells are (the PCA models' negative binomial with class ratios,
+            counts), so the baseline is compared with the model through the same decoder,
+            as in docs/evaluation.md. ``options`` are then those of that decode:
+            ``residual_noise`` (default ``"auto"``) and ``counts``.
         **options
-            Options of the baseline (e.g. ``residual_noise`` of :class:`PerClassGaussian`).
+            Options of the baseline (e.g. ``residual_noise`` of :class:`PerClassGaussian`);
+            unknown ones raise a `TypeError` naming those it takes.
 
         Returns
         -------
@@ -105,15 +135,24 @@ class Baseline:
         Examples
         --------
         >>> gen = baseline.generate(n_cells=200, seed=0)  # doctest: +SKIP
+        >>> gen = baseline.generate(200, seed=0, decode_with=model, counts=True)  # doctest: +SKIP
         """
         counts = self._counts(n_cells, labels)
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
-        out = self._sample(counts, np.random.default_rng(seed), seed, **options)
+        if decode_with is None:
+            self._check_options(options)
+            out = self._sample(counts, np.random.default_rng(seed), seed, **options)
+        else:  # the latents only; the model's space decodes them
+            out = _decode_with(
+                decode_with, self._sample(counts, np.random.default_rng(seed), seed), counts,
+                seed, **options,
+            )  # fmt: skip
         codes = np.repeat([self.classes.index(c) for c in counts], list(counts.values()))
         obs = pd.DataFrame(
             {
                 self.labels_key: pd.Categorical.from_codes(codes, categories=self.classes),
                 Key.obs.GENERATED: True,
+                **out.get("obs", {}),
             },
             index=[f"gen{i}" for i in range(len(codes))],
         )
@@ -126,8 +165,56 @@ class Baseline:
                 "labels": np.array(list(counts), dtype=object),
                 "n_cells": np.array(list(counts.values()), dtype=np.int64),
                 "seed": seed,
-                **options,
+                **out.get("params", options),
             },
             "model": {"architecture": self.name, "labels_key": self.labels_key},
         }
         return adata
+
+
+def _decode_with(
+    model: BranchedDiffusion,
+    sampled: dict,
+    requested: dict[str, int],
+    seed: int,
+    *,
+    residual_noise: bool | str = "auto",
+    counts: bool | None = None,
+    **unknown,
+) -> dict:
+    """Latents ``sampled["obsm"]`` decoded by ``model``'s space as its generated cells are."""
+    from ..model._spaces import auto_noise
+
+    if unknown:
+        raise TypeError(
+            f"With decode_with, generate() takes residual_noise and counts, not {sorted(unknown)}."
+        )
+    latents = sampled.get("obsm") or {}
+    if len(latents) != 1:
+        raise ValueError("This baseline samples no single latent a model could decode.")
+    (key, z), n_dims = next(iter(latents.items())), int(model.module.n_input)
+    if z.shape[1] != n_dims or key != model.space.obsm_key:
+        raise ValueError(
+            f"The baseline samples obsm[{key!r}] ({z.shape[1]} dimensions), the model diffuses "
+            f"obsm[{model.space.obsm_key!r}] ({n_dims}): fit the baseline on the model's latent "
+            f"(obsm_key={model.space.obsm_key!r})."
+        )
+    missing = [c for c in requested if c not in model.classes]
+    if missing:
+        raise ValueError(f"The model does not know the type(s) {missing}: {model.classes}.")
+    codes = np.repeat([model.classes.index(c) for c in requested], list(requested.values()))
+    noise = auto_noise(model.space, residual_noise, trajectories=False)
+    options = model.space.resolve_options(counts=counts, batch=None, residual_noise=noise)
+    decoded = model.space.decode(np.asarray(z, dtype=np.float32), codes, options, seed)
+    return {
+        "X": decoded.X,
+        "var_names": decoded.var_names,
+        "obsm": latents,
+        "layers": dict(decoded.layers or {}),
+        "obs": dict(decoded.obs or {}),
+        "params": {
+            "decoded_with": model.space.describe(),
+            "residual_noise": str(options["residual_noise"]),
+            "counts": bool(options["counts"]),
+        },
+    }

@@ -77,6 +77,12 @@ class PerClassGaussian(Baseline):
 
     def _sample(self, counts, rng, seed, residual_noise: bool = False):
         """Latents per class; decoded (optionally with the PCA residual) when loadings exist."""
+        if residual_noise not in (True, False, "gaussian"):
+            raise ValueError(
+                f"residual_noise={residual_noise!r}: this baseline decodes with Gaussian residual "
+                "noise (True or 'gaussian') or none (False). For a model's negative binomial "
+                "decoder pass `decode_with=model` (docs/evaluation.md compares them so)."
+            )
         z = self._latents(counts, rng).astype(np.float32)
         if self.decoder_ is None:
             if residual_noise:

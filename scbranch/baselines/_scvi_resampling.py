@@ -96,6 +96,11 @@ class ScviResampling(Baseline):
         self.var_names_ = np.asarray(adata.var_names).astype(str)
 
     def _sample(self, counts, rng, seed, residual_noise: bool = True):
+        if residual_noise not in (True, False):
+            raise ValueError(
+                f"residual_noise={residual_noise!r}: True draws counts from scVI's likelihood, "
+                "False gives their expected log-normalised values."
+            )
         source = np.concatenate(
             [
                 rng.choice(np.flatnonzero(self.labels_ == c), size=n, replace=True)
