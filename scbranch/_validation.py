@@ -268,10 +268,14 @@ def check_genes(adata: AnnData, var_names: np.ndarray, what: str = "the scVI mod
 
 def check_genes_equal(adata: AnnData, genes: np.ndarray, what: str) -> None:
     """Raise unless ``adata`` has exactly ``genes``, in order (missing genes named)."""
-    columns = check_genes(adata, genes, what)
-    if not np.array_equal(columns, np.arange(adata.n_vars)):
-        raise ValueError(
-            f"The genes of adata do not match {what}'s: adata has {adata.n_vars} genes, "
-            f"{what} {len(genes)} (extra genes or another order). Pass "
-            "`adata[:, genes].copy()` with the genes it was trained on."
-        )
+    index = pd.Index(adata.var_names.astype(str))
+    if index.equals(pd.Index(genes)):
+        return
+    missing = [str(g) for g in genes if g not in index]
+    if missing:
+        check_genes(adata, genes, what)  # raises, naming the missing genes
+    how = "in another order" if len(index) == len(genes) else f"and {len(index) - len(genes)} more"
+    raise ValueError(
+        f"adata holds {what}'s {len(genes)} genes {how}; it must hold exactly them, in its "
+        "order. Load without `adata` and subset: `adata[:, model.get_var_names()].copy()`."
+    )

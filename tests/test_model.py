@@ -562,3 +562,24 @@ def test_default_budget_caps_steps_for_large_data():
     # pbmc68k_reduced's 351 train cells: the floor (167 epochs of 6 steps); pbmc3k's 1,318:
     # 100 epochs, above it
     assert steps[1:] == [1002, 2100, 8800, 16100]
+
+
+def test_load_with_genes_in_another_order_names_the_subset(tmp_path):
+    adata = _pca_adata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"in another order.*model.get_var_names\(\)"):
+        sb.BranchedDiffusion.load(tmp_path / "m", adata=adata[:, ::-1].copy())
+    wider = ad.AnnData(
+        np.c_[adata.X, adata.X[:, :1]],
+        obs=adata.obs,
+        var=pd.DataFrame(index=[*adata.var_names, "extra"]),
+        obsm={"X_pca": adata.obsm["X_pca"]},
+    )
+    with pytest.raises(ValueError, match="and 1 more"):
+        sb.BranchedDiffusion.load(tmp_path / "m", adata=wider)
+    with pytest.raises(ValueError, match=r"1 of its 30 genes are missing \(e.g. \['g0'\]\)"):
+        sb.BranchedDiffusion.load(tmp_path / "m", adata=adata[:, 1:].copy())
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m")
+    assert list(loaded.get_var_names()) == list(adata.var_names)
