@@ -112,6 +112,12 @@ def requested_cells(
             weights = sizes if node_weights == "size" else np.ones(len(members))
             rng = np.random.default_rng() if rng is None else rng
             split = rng.multinomial(n, weights / weights.sum()).tolist()
+        elif tree.node_names:  # generate takes groups too: name them with the types
+            raise KeyError(
+                f"Unknown label {name!r}; the model knows the cell types {tree.classes} and "
+                f"the groups {sorted(tree.node_names)}. Check the spelling, or add new classes "
+                "with `model.add_classes`."
+            )
         else:
             tree.class_index([name])  # the error that names what the tree knows
         for c, k in zip(members, split, strict=True):
