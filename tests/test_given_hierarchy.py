@@ -191,6 +191,11 @@ def test_annotation_levels_that_do_not_nest_are_refused():
         sb.tl.branch_hierarchy(
             adata, groupby="cell_type", use_rep="X_latent", hierarchy=["compartment", "lineage"]
         )
+    # a misspelled level is named as a column, with the closest one (not as unknown labels)
+    with pytest.raises(KeyError, match=r"\['lineag'\] are not in adata.obs.*'lineage'\?"):
+        sb.tl.branch_hierarchy(
+            adata, groupby="cell_type", use_rep="X_latent", hierarchy=["compartment", "lineag"]
+        )
 
 
 def test_parse_newick_quoted_names_comments_and_internal_labels():

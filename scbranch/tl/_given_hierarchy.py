@@ -6,6 +6,7 @@ from the same similarity curves discovery uses (or from Newick lengths).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -50,7 +51,14 @@ def _from_columns(adata: AnnData, columns: Sequence[str], groupby: str, classes)
     obs = adata.obs
     missing = [c for c in columns if c not in obs.columns]
     if missing:
-        raise KeyError(f"Hierarchy column(s) {missing} are not in adata.obs.")
+        close = {
+            c: difflib.get_close_matches(c, [str(k) for k in obs.columns], n=1) for c in missing
+        }
+        hints = [f"{c!r}: did you mean {m[0]!r}?" for c, m in close.items() if m]
+        raise KeyError(
+            f"Hierarchy column(s) {missing} are not in adata.obs"
+            + (f" ({'; '.join(hints)})." if hints else ".")
+        )
     levels = [*columns, groupby]
     values = obs[levels].astype(str)
     # every group of a level lies in exactly one group of the level above it
@@ -112,7 +120,10 @@ def read_topology(adata: AnnData, hierarchy, groupby: str, classes) -> tuple[Nod
             "sc.tl.dendrogram's) or a column of adata.obs."
         )
     items = list(hierarchy)
-    if items and all(isinstance(i, str) and i in adata.obs.columns for i in items):
+    names = [i for i in items if isinstance(i, str)]
+    columns = [i for i in names if i in adata.obs.columns]
+    if items and len(names) == len(items) and columns and not set(names) & set(classes):
+        # annotation levels, one of them misspelled or missing: say so (not "unknown labels")
         return _from_columns(adata, items, groupby, classes), "obs"
     return from_nested(items), "nested"
 
