@@ -1,5 +1,7 @@
 """Hierarchies users bring: one topology from every form, data times, generation at nodes."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -134,13 +136,28 @@ def test_newick_lengths_give_the_times_when_asked():
         "(((c0:0.2,c1:0.2):0.1,(c2:0.25,c3:0.25):0.05):0.3,"
         "((c4:0.3,c5:0.3):0.1,(c6:0.3,c7:0.3):0.1):0.2);"
     )
-    sb.tl.branch_hierarchy(
-        adata, groupby="cell_type", use_rep="X_latent", hierarchy=full, times="newick"
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # ultrametric: no warning
+        sb.tl.branch_hierarchy(
+            adata, groupby="cell_type", use_rep="X_latent", hierarchy=full, times="newick"
+        )
     tree = _record_tree(adata, "scbranch_hierarchy")
     assert tree.branch_time(0, 1) == pytest.approx(0.2)
     assert tree.branch_time(0, 2) == pytest.approx(0.3)
     assert tree.branch_time(0, 4) == pytest.approx(0.6)
+    # negative lengths are refused; paths of unequal length are taken at the longest, with a
+    # warning naming the node (an ultrametric string, as above, gives none)
+    negative = full.replace("(c2:0.25,c3:0.25):0.05", "(c2:0.25,c3:0.25)T:-0.05")
+    with pytest.raises(HierarchyError, match="'T' a negative branch length"):
+        sb.tl.branch_hierarchy(
+            adata, groupby="cell_type", use_rep="X_latent", hierarchy=negative, times="newick"
+        )
+    uneven = full.replace("c3:0.25", "c3:0.15")
+    with pytest.warns(UserWarning, match=r"not ultrametric.*differ \(0.15 to 0.25\)"):
+        sb.tl.branch_hierarchy(
+            adata, groupby="cell_type", use_rep="X_latent", hierarchy=uneven, times="newick"
+        )
+    assert _record_tree(adata, "scbranch_hierarchy").branch_time(2, 3) == pytest.approx(0.25)
 
 
 def test_a_multifurcation_can_be_resolved_by_the_data():

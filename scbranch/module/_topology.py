@@ -10,6 +10,7 @@ merges by the data. Everything here is pure: class names in, a :class:`BranchTre
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -379,9 +380,13 @@ def tree_from_topology(
                 top[g] = joined
         return joined
 
+    heights_of: dict[int, float] = {}  # each node's height once (and its warning once)
+
     def height(node: Node) -> float:
         if node.is_leaf:
             return 0.0
+        if id(node) in heights_of:
+            return heights_of[id(node)]
         heights = []
         for child in node.children:
             if child.length is None:
@@ -389,8 +394,22 @@ def tree_from_topology(
                     "times='newick' needs a branch length on every node of the Newick string; "
                     "give them, or estimate the times from the data (times='data')."
                 )
+            if child.length < 0:
+                raise HierarchyError(
+                    f"The Newick string gives {child.name or 'a node'!r} a negative branch "
+                    f"length ({child.length:g}); lengths are times and must be >= 0."
+                )
             heights.append(height(child) + child.length)
-        return max(heights)
+        if max(heights) - min(heights) > 1e-6 * max(1.0, max(heights)):
+            warnings.warn(
+                f"The Newick lengths are not ultrametric: the paths from "
+                f"{node.name or 'a node'!r} down to its types differ ({min(heights):g} to "
+                f"{max(heights):g}); the node is placed at the longest one.",
+                UserWarning,
+                stacklevel=2,
+            )
+        heights_of[id(node)] = max(heights)
+        return heights_of[id(node)]
 
     def build(node: Node) -> int:
         if node.is_leaf:
