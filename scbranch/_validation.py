@@ -168,6 +168,16 @@ def check_lognormalized(m, where: str, *, n_check: int = 100_000) -> None:
             UserWarning,
             stacklevel=4,
         )
+    elif values.size and values.max() > 20 and np.all(values == np.round(values)):
+        # integers above any log-normalised value (log1p(1e4) ~ 9.2): raw counts
+        warnings.warn(
+            f"{where} looks like raw counts (integers up to {values.max():.0f}), not "
+            "log-normalised expression. Expression models: pass `target_sum=1e4` to normalise "
+            "them on the way (scanpy's normalize_total + log1p); otherwise name the "
+            "log-normalised expression with `layer=`.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def check_setup_data(

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -152,6 +153,18 @@ def test_negative_values_in_log_normalised_expression_are_flagged():
     sc.pp.scale(adata)
     with pytest.warns(UserWarning, match="negative values.*not log-normalised"):
         sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type")
+
+
+def test_raw_counts_diffused_as_expression_are_flagged_with_target_sum():
+    adata = _pbmc()
+    counts = adata.copy()
+    counts.X = counts.layers["counts"].copy()
+    with pytest.warns(UserWarning, match="looks like raw counts.*target_sum=1e4"):
+        sb.BranchedDiffusion.setup_anndata(counts, labels_key="cell_type")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # log-normalised .X and target_sum: quiet
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type")
+        sb.BranchedDiffusion.setup_anndata(counts, labels_key="cell_type", target_sum=1e4)
 
 
 @pytest.mark.parametrize("axis", ["var", "obs"])
