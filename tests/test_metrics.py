@@ -165,6 +165,14 @@ def test_metrics_reject_bad_shapes():
         mmd_rbf(np.zeros((0, 2)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="'median'"):
         mmd_rbf(np.zeros((3, 2)), np.zeros((3, 2)), bandwidths="mean")
+    # NaN is named (it gave a NaN distance), sparse cells are the dense ones
+    with pytest.raises(ValueError, match="`x` contains 1 NaN"):
+        mmd_rbf(np.array([[np.nan, 0.0], [1.0, 2.0]]), np.zeros((3, 2)))
+    import scipy.sparse as sp
+
+    x, y = np.random.default_rng(0).normal(size=(2, 20, 3))
+    assert mmd_rbf(sp.csr_matrix(x), y) == mmd_rbf(x, y)
+    assert wasserstein2(sp.csr_matrix(x), y) == wasserstein2(x, y)
 
 
 def test_auroc_catches_a_collapsed_set():

@@ -14,16 +14,19 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from .._validation import check_finite, to_dense
+
 #: the protocol's fixed bandwidth set (in the units of the coordinates, e.g. 30 PCs)
 MMD_BANDWIDTHS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def _as_2d(x, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
+    x = to_dense(x)  # sparse matrices too (np.asarray made an object array of them)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(
             f"`{name}` must be a non-empty 2-d array (cells x features), got {x.shape}."
         )
+    check_finite(x, f"`{name}`")  # a NaN gave a NaN distance without a word
     return x
 
 
