@@ -357,6 +357,13 @@ def test_scvi_model_transmutes_counts_and_records_scale(scvi_model_and_data, tmp
     assert np.abs(tr1.X - tr.X).max() > 0.01 and (tr1.obs["batch"] == "b1").all()
     with pytest.raises(ValueError, match="Unknown batch 'b9'"):
         model.transmute(mono, "Dendritic", progress_bar=False, batch="b9")
+    # two cells: scvi-tools' "category with fewer than 3 cells" set-up warning is not the user's
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.transmute(mono[:2].copy(), "Dendritic", n_steps=3, progress_bar=False)
+    assert not [w for w in caught if "fewer than 3 cells" in str(w.message)]
     with pytest.raises(ValueError, match="not counts"):
         model.generate(n_cells=3, trajectory_times=[0.5], counts=True, progress_bar=False)
     tm.write_h5ad(tmp_path / "tm.h5ad")

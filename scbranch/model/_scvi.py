@@ -384,7 +384,10 @@ def default_batch(adata: AnnData, info: dict) -> str:
 
 def latent_means(vae, view: AnnData, batch_size: int = 1024) -> np.ndarray:
     """Posterior means of scVI, ``E[z | x]`` of the cells of ``view`` (float32)."""
-    with _quiet_scvi():
+    with _quiet_scvi(), warnings.catch_warnings():
+        # scvi-tools registers the view and warns about its categories of < 3 cells, which
+        # matters for training, not for encoding a few cells (a transmutation of 2 cells)
+        warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*", category=UserWarning)
         z = vae.get_latent_representation(view, batch_size=batch_size)
     return np.asarray(z, dtype=np.float32)
 
