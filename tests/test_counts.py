@@ -362,7 +362,7 @@ def test_scvi_model_transmutes_counts_and_records_scale(scvi_model_and_data, tmp
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.transmute(mono[:2].copy(), "Dendritic", n_steps=3, progress_bar=False)
+        model.transmute(mono[:2].copy(), "Dendritic", n_steps=5, progress_bar=False)
     assert not [w for w in caught if "fewer than 3 cells" in str(w.message)]
     with pytest.raises(ValueError, match="not counts"):
         model.generate(n_cells=3, trajectory_times=[0.5], counts=True, progress_bar=False)
