@@ -64,7 +64,7 @@ def read_rows(m, rows: np.ndarray, dtype=np.float64):
     Parameters
     ----------
     m
-        Matrix in memory or on disk (see :func:`is_on_disk`).
+        Matrix in memory (numpy, scipy sparse) or on disk (h5py, zarr, backed sparse).
     rows
         Integer positions of the rows, in the order wanted; repeats allowed.
     dtype
@@ -97,7 +97,7 @@ def iter_blocks(
     Parameters
     ----------
     m
-        Matrix in memory or on disk (see :func:`is_on_disk`).
+        Matrix in memory (numpy, scipy sparse) or on disk (h5py, zarr, backed sparse).
     block_rows
         Rows per block (the last block may have fewer).
     dtype
@@ -133,7 +133,7 @@ def column_moments(
     Parameters
     ----------
     m
-        Matrix in memory or on disk (see :func:`is_on_disk`), with at least one row.
+        Matrix in memory (numpy, sparse) or on disk (h5py, zarr, backed); one row or more.
     block_rows
         Rows read per block.
     transform
@@ -203,7 +203,7 @@ class RowMatrix:
     Parameters
     ----------
     matrix
-        In-memory or on-disk matrix (see :func:`is_on_disk`).
+        Matrix in memory (numpy, scipy sparse) or on disk (h5py, zarr, backed sparse).
     transform
         Applied to every block of rows read (rows of the raw matrix in, rows out).
     block_rows
