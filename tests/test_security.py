@@ -125,4 +125,17 @@ def test_old_models_load_only_when_trusted_and_convert_once(
         expected.obsm[model.space.output_key], again.obsm[model.space.output_key]
     )
     assert not list((tmp_path / "new").rglob("*.pt"))
+    # an already converted model: nothing to convert (no claim that it would be unpickled)
+    assert main(["convert", str(tmp_path / "new"), "--out", str(tmp_path / "x")]) == 2
+    assert "already in today's format" in capsys.readouterr().err
+    # --overwrite replaces the model's files only: never the old model or other files in --out
+    (tmp_path / "readme.txt").write_text("mine")
+    argv = ["convert", str(tmp_path / "old"), "--trust-pickle", "--overwrite", "--out"]
+    assert main([*argv, str(tmp_path)]) == 2  # the directory holding the old model
+    assert "holds" in capsys.readouterr().err
+    (tmp_path / "new" / "notes.txt").write_text("mine too")
+    assert main([*argv, str(tmp_path / "new")]) == 0
+    assert (tmp_path / "readme.txt").read_text() == "mine"
+    assert (tmp_path / "new" / "notes.txt").read_text() == "mine too"
+    assert (tmp_path / "old" / "model.pt").is_file()
     shutil.rmtree(tmp_path / "old")

@@ -21,7 +21,6 @@ Models saved by scbranch < 0.2 are pickles (``model.pt``, and scvi-tools' own pi
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -393,11 +392,19 @@ def convert_legacy(old_dir, new_dir, *, overwrite: bool = False) -> Path:
     """
     from ._model import BranchedDiffusion
 
-    model = BranchedDiffusion.load(old_dir, trust_pickle=True, accelerator="cpu")
-    new_dir = Path(new_dir)
-    if new_dir.resolve() == Path(old_dir).resolve():
-        raise ValueError("Convert into another directory; the old one is left as it is.")
-    if overwrite and new_dir.is_dir():
-        shutil.rmtree(new_dir)
+    old, new_dir = Path(old_dir), Path(new_dir)
+    if (old / "model.json").is_file() and not (old / LEGACY).is_file():
+        raise ValueError(
+            f"{str(old)!r} is already in today's format (model.json, no pickle): there is "
+            "nothing to convert; load it with `BranchedDiffusion.load`."
+        )
+    if new_dir.resolve() == old.resolve() or new_dir.resolve() in old.resolve().parents:
+        # saving there would mix the two; a directory above it would hold the old one
+        raise ValueError(
+            f"Convert into a directory of its own, not {str(new_dir)!r}, which holds "
+            f"{str(old)!r}; the old model is left as it is."
+        )
+    model = BranchedDiffusion.load(old, trust_pickle=True, accelerator="cpu")
+    # overwrite replaces the model's files in new_dir (as save does), never other files
     model.save(new_dir, overwrite=overwrite)
     return new_dir
