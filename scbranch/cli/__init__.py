@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from ._checks import _USER_ERRORS, EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError, _one_line
 from ._parser import build_parser
@@ -18,6 +19,24 @@ __all__ = ["CLIError", "build_parser", "main"]
 
 
 # ---------------------------------------------------------------------------- entry point
+def _one_line_warning(quiet: bool):
+    """``warnings.showwarning`` for the command line.
+
+    scbranch's warnings print as one line each (``scbranch: warning: ...``); other packages'
+    as Python shows them, or not at all under ``-q``.
+    """
+    package = str(Path(__file__).resolve().parents[1])
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+        elif not quiet:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``scbranch`` command line.
 
@@ -55,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("scbranch", "scvi", "lightning.pytorch", "lightning.fabric")
     ]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        if args.quiet:  # nothing but errors
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # restores the filters and showwarning on the way out
+        warnings.showwarning = _one_line_warning(quiet=args.quiet)
+        if args.quiet:  # warnings (scbranch's) and errors: no progress, no library chatter
             for lg in loggers:
-                lg.setLevel(logging.ERROR)
+                lg.setLevel(logging.WARNING if lg.name == "scbranch" else logging.ERROR)
         try:
             return args.handler(args)
         except (CLIError, *_USER_ERRORS) as err:
