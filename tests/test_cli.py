@@ -424,6 +424,11 @@ def test_module_entry_point():
     )
     assert proc.returncode == 0, proc.stderr
     assert "generate" in proc.stdout and "fit" in proc.stdout and "demo" in proc.stdout
+    # python -m scbranch too, as scanpy users type it
+    proc = subprocess.run(
+        [sys.executable, "-m", "scbranch", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("scbranch "), proc.stderr
 
 
 def test_demo_wiring(monkeypatch, tmp_path, capsys):
@@ -527,6 +532,9 @@ def test_fit_scvi_and_generate_counts(tmp_path, capsys):
         ]
     )
     assert rc == 2 and "--batch-key applies to --scvi" in _error_line(capsys)
+    argv = ["fit", str(data), "--rep", "X_pca", "--scvi-epochs", "3", "--out"]
+    assert main([*argv, str(tmp_path / "bad3"), *common]) == 2
+    assert "--scvi-epochs applies to --scvi" in _error_line(capsys)
 
 
 def test_fit_out_of_fold_learns_new_cells_spread_and_generates_nb(tmp_path, capsys):
@@ -614,3 +622,6 @@ def test_generate_anchored_bad_anchor_time_and_file(fitted, tmp_path, capsys):
         main([*argv, "--anchors", str(fitted["data"]), "--anchor-time", "0"])
     assert main([*argv, "--anchors", str(tmp_path / "none.h5ad")]) == 2
     assert "none.h5ad" in _error_line(capsys)
+    # an option of anchored generation without --anchors is refused, not ignored
+    assert main([*argv, "--anchor-time", "0.3"]) == 2
+    assert "add --anchors" in _error_line(capsys)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..module._solvers import (
+    DEFAULT_ANCHOR_TIME,
     DEFAULT_SOLVER,
 )
 from ._checks import (
@@ -101,8 +102,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             vae, labels_key=args.labels, adata=adata, **model_kwargs
         )
     else:
-        if args.batch_key is not None:
-            raise CLIError("--batch-key applies to --scvi models only.")
+        for flag, value in (("--batch-key", args.batch_key), ("--scvi-epochs", args.scvi_epochs)):
+            if value is not None:
+                raise CLIError(f"{flag} applies to --scvi models only.")
         if args.target_sum is not None and args.rep is not None:
             raise CLIError("--target-sum normalises raw counts for expression models; drop --rep.")
         rep = args.rep
@@ -187,6 +189,8 @@ def _out_of_fold_rep(adata, args: argparse.Namespace) -> str:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.anchor_time is not None and args.anchors is None:
+        raise CLIError("--anchor-time applies to anchored generation: add --anchors DATA.h5ad.")
     out = Path(args.out)
     _check_output_file(out, args.overwrite)
     labels = _parse_labels(args.labels, args.label)
@@ -256,7 +260,7 @@ def _generate_anchored(model, args: argparse.Namespace, labels, seed: int, out: 
     try:
         gen = model.generate_anchored(
             anchors, n_cells,
-            anchor_time=args.anchor_time, n_steps=args.n_steps, seed=seed,
+            anchor_time=args.anchor_time or DEFAULT_ANCHOR_TIME, n_steps=args.n_steps, seed=seed,
             counts=True if args.counts else None, residual_noise=NOISE_OPTIONS[args.noise],
             batch=args.batch, progress_bar=not args.quiet, out=out, overwrite=args.overwrite,
         )  # fmt: skip

@@ -382,10 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--anchor-time",
         type=_anchor_time,
-        default=DEFAULT_ANCHOR_TIME,
+        default=None,  # None: not given (refused without --anchors), else DEFAULT_ANCHOR_TIME
         metavar="T",
         help="With --anchors: how far up the process the anchors are noised, in (0, 1]; lower "
-        "keeps more of each anchor (default: %(default)s).",
+        f"keeps more of each anchor (default: {DEFAULT_ANCHOR_TIME}).",
     )
     gen.add_argument(
         "--seed",
