@@ -139,6 +139,10 @@ def test_bad_input_is_named(simulated):
         sb.tl.pca_out_of_fold(train, method="shrink")
     with pytest.raises(ValueError, match="n_folds"):
         sb.tl.pca_out_of_fold(train, n_folds=1)
+    with pytest.raises(ValueError, match="n_folds must be a whole number"):
+        sb.tl.pca_out_of_fold(train, n_folds=2.5)  # was read as 2
+    with pytest.raises(ValueError, match="more than the .* cells"):
+        sb.tl.pca_out_of_fold(train, n_folds=train.n_obs + 1)  # ran with an empty fold
     with pytest.raises(ValueError, match="overwrite"):
         sb.tl.pca_out_of_fold(train, key_added="X_pca")
     with pytest.raises(KeyError, match="X_umap"):

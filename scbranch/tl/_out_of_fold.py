@@ -141,8 +141,14 @@ def pca_out_of_fold(
         check_obs_key(adata, groupby, "groupby")
     if method not in ("rescale", "procrustes"):
         raise ValueError(f"method must be 'rescale' or 'procrustes', got {method!r}.")
-    if int(n_folds) < 2:
-        raise ValueError(f"n_folds must be at least 2, got {n_folds}.")
+    if isinstance(n_folds, bool) or not float(n_folds).is_integer() or int(n_folds) < 2:
+        raise ValueError(f"n_folds must be a whole number of at least 2, got {n_folds!r}.")
+    if int(n_folds) > adata.n_obs:
+        raise ValueError(
+            f"n_folds={n_folds} is more than the {adata.n_obs} cells: every fold needs cells to "
+            "score (the default, 5, suits any data set)."
+        )
+    n_folds = int(n_folds)
     if key_added == obsm_key:
         raise ValueError(
             f"key_added={key_added!r} would overwrite the in-sample scores it decodes through; "
