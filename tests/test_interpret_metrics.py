@@ -408,6 +408,11 @@ def test_identity_retention_survives_h5ad(tmp_path):
         read_interpretation(back, "scbranch_identity_retention"), table, check_dtype=False
     )
     np.testing.assert_allclose(back.obs[RETENTION_OBS_KEY], tm.obs[RETENTION_OBS_KEY])
+    # another key_added keeps the first run's column: obs and uns under the same key
+    first = tm.obs[RETENTION_OBS_KEY].copy()
+    identity_retention(tm, n_shuffles=10, use_rep="X", key_added="retention_x")
+    assert tm.uns["retention_x"]["params"]["obs_key"] == "retention_x" and "retention_x" in tm.obs
+    pd.testing.assert_series_equal(tm.obs[RETENTION_OBS_KEY], first)
     # key_added=None stores nothing: the table only
     untouched = make_transmuted()
     before = (set(untouched.obs.columns), set(untouched.uns))

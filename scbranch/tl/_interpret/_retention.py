@@ -13,7 +13,6 @@ from ..._keys import Key
 from ..._validation import check_finite, to_dense
 from ._inputs import (
     RETENTION_COLUMNS,
-    RETENTION_OBS_KEY,
     _check_transmutation,
     _model_obsm_key,
     _obsm,
@@ -98,7 +97,8 @@ def identity_retention(
     key_added
         Store an h5ad-safe copy of the table and the parameters in
         ``transmuted.uns[key_added]`` (read it back with :func:`read_interpretation`) and each
-        trajectory's correlation in ``obs``; `None`: store nothing, only return the table.
+        trajectory's correlation in ``transmuted.obs[key_added]``; `None`: store nothing, only
+        return the table.
     seed
         Seed of the re-pairings.
 
@@ -109,9 +109,9 @@ def identity_retention(
     re-paired residuals, averaged over the shuffles), ``control_sd`` (its standard deviation
     over shuffles) and ``rank_retention``. Sets the following fields:
 
-    `transmuted.obs['scbranch_identity_retention']` : :class:`float`
+    `transmuted.obs[key_added]` : :class:`float`
         Each trajectory's correlation, on all its rows (NaN for trajectories not scored),
-        unless ``key_added`` is `None`.
+        unless ``key_added`` is `None` (default ``'scbranch_identity_retention'``).
     `transmuted.uns[key_added]` : :class:`dict`
         ``'params'`` and ``'table'``, unless ``key_added`` is `None`.
 
@@ -176,14 +176,15 @@ def identity_retention(
     table = pd.DataFrame(rows, columns=RETENTION_COLUMNS)
     if key_added is not None:
         ids = transmuted.obs[Key.obs.TRAJECTORY].astype(str).to_numpy()
-        transmuted.obs[RETENTION_OBS_KEY] = per_trajectory.reindex(ids).to_numpy(dtype=np.float64)
+        # obs and uns under the same key, so runs with different key_added keep both
+        transmuted.obs[key_added] = per_trajectory.reindex(ids).to_numpy(dtype=np.float64)
         transmuted.uns[key_added] = _record(
             table,
             params={
                 "use_rep": use_rep,
                 "n_shuffles": int(n_shuffles),
                 "seed": int(seed),
-                "obs_key": RETENTION_OBS_KEY,
+                "obs_key": key_added,
             },
         )
     return table
