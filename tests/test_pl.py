@@ -233,6 +233,17 @@ def test_branch_similarity_errors(adata):
         sb.pl.branch_similarity(adata, key="other_key", show=False)
     with pytest.raises(TypeError, match="AnnData"):
         sb.pl.branch_similarity(_tree(adata), show=False)
+    with pytest.raises(ValueError, match="`classes` is empty"):
+        sb.pl.branch_similarity(adata, classes=[], show=False)
+
+
+def test_branch_tree_unknown_keywords_are_named_before_any_figure(adata):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    with pytest.raises(TypeError, match=r"\['title'\].*ax.set_title"):
+        sb.pl.branch_tree(adata, title="hello", show=False)  # failed inside matplotlib
+    assert plt.get_fignums() == before
 
 
 def test_public_api():

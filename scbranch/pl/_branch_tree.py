@@ -51,6 +51,18 @@ def _leaf_layout(tree: BranchTree) -> tuple[list[int], dict[int, float]]:
     return order, pos
 
 
+def _check_line_style(kwargs: dict, where: str) -> None:
+    """Refuse keywords that are no property of the tree's lines, before any figure is made."""
+    unknown = [k for k in kwargs if not hasattr(LineCollection, f"set_{k}")]
+    if unknown:
+        raise TypeError(
+            f"{where}() got unexpected keyword argument(s) {unknown}: extra keywords style the "
+            "tree's lines (matplotlib LineCollection: colors, linewidths, linestyles, ...). "
+            "Set a title or save the figure on what it returns (show=False), e.g. "
+            "`ax.set_title(...)`, `ax.figure.savefig(...)`."
+        )
+
+
 def branch_tree(
     adata: AnnData | BranchTree,
     *,
@@ -124,6 +136,7 @@ def branch_tree(
 
     >>> sb.pl.branch_tree(model.tree)  # doctest: +SKIP
     """
+    _check_line_style(kwargs, "branch_tree")
     if orientation not in _ORIENTATIONS:
         raise ValueError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}.")
     tree, record = _get_hierarchy(adata, key)
@@ -409,6 +422,8 @@ def branch_similarity(
         chosen = list(range(n))
     else:
         classes = [classes] if isinstance(classes, str) else list(classes)
+        if not classes:
+            raise ValueError("`classes` is empty; name at least one type, or pass None for all.")
         unknown = [c for c in classes if str(c) not in tree.classes]
         if unknown:
             raise KeyError(f"Unknown class(es) {unknown}; the hierarchy has {tree.classes}.")

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from ..module import BranchTree
 from ..tl._compare import _tree, clades
-from ._branch_tree import _leaf_layout, branch_tree
+from ._branch_tree import _check_line_style, _leaf_layout, branch_tree
 from ._utils import _finish
 
 #: colour of the links of cell types whose smallest clade the other tree lacks
@@ -72,6 +72,7 @@ def compare_hierarchies(
     --------
     >>> sb.pl.compare_hierarchies(adata, "scbranch_hierarchy", "annotation")  # doctest: +SKIP
     """
+    _check_line_style(kwargs, "compare_hierarchies")
     tree_a, tree_b = _tree(adata, key_a), _tree(adata, key_b)
     if set(tree_a.classes) != set(tree_b.classes):
         raise ValueError("The two hierarchies cover different cell types; compare the same ones.")
