@@ -119,6 +119,9 @@ def test_embed_like_bad_input(pbmc):
     new = pbmc[:10].copy()
     with pytest.raises(KeyError, match="reference.obsm has no 'X_tsne'.*sc.tl.umap"):
         sb.tl.embed_like(new, pbmc, basis="tsne")
+    # writing the placement over the coordinates it was placed from (a generated latent)
+    with pytest.raises(ValueError, match="key_added='X_pca' is the representation"):
+        sb.tl.embed_like(pbmc[:5].copy(), pbmc, basis="umap", key_added="X_pca")
     with pytest.raises(KeyError, match="use_rep='X_nope' is not in reference.obsm"):
         sb.tl.embed_like(new, pbmc, use_rep="X_nope")
     other = pbmc.copy()

@@ -243,8 +243,13 @@ def embed_like(
         placed = _knn_placement(new, ref, _obsm(reference, basis_key), n_neighbors)
     check_finite(placed, "the placed coordinates")
 
-    out = adata.copy() if copy else adata
     key = key_added or basis_key
+    if key == use_rep and not direct:  # the coordinates it placed from would be lost
+        raise ValueError(
+            f"key_added={key!r} is the representation the cells were placed from "
+            f"(use_rep={use_rep!r}); choose another key, e.g. 'X_{basis}'."
+        )
+    out = adata.copy() if copy else adata
     if key in out.obsm:
         logger.info("Replacing adata.obsm[%r] with the placement in reference's %s.", key, basis)
     out.obsm[key] = np.asarray(placed, dtype=np.float32)
