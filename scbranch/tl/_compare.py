@@ -62,8 +62,9 @@ def compare_hierarchies(
         Keys of the hierarchies in ``adata.uns``, or :class:`~scbranch.module.BranchTree` objects
         (e.g. ``model.tree``).
     key_added
-        Store the result (h5ad-safe) in ``adata.uns[key_added]``, read by
-        :func:`scbranch.pl.compare_hierarchies`; `None`: do not store.
+        Store the result (h5ad-safe) in ``adata.uns[key_added]`` (a record for the file;
+        :func:`scbranch.pl.compare_hierarchies` draws from the two trees themselves);
+        `None`: do not store.
 
     Returns
     -------
