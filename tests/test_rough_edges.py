@@ -56,6 +56,18 @@ def test_fit_and_generate_with_q_print_only_warnings_one_line_each(files, tmp_pa
     assert Path("g.h5ad").is_file()
 
 
+def test_cli_warnings_name_flags_not_python_arguments(files, tmp_path, capfd):
+    capfd.readouterr()
+    rc = main(
+        ["fit", str(files / "pbmc.h5ad"), "--labels", "cell_type", "--layer", "counts",
+         "--out", str(tmp_path / "m"), "--max-epochs", "1", "--width", "16", "-q"]
+    )  # fmt: skip
+    err = capfd.readouterr().err
+    (line,) = [line for line in err.splitlines() if "raw counts" in line]
+    assert rc == 0 and "`--target-sum 1e4`" in line and "`--layer`" in line, err
+    assert "target_sum=" not in line and "`layer=`" not in line
+
+
 def test_output_a_user_reads_has_no_noise(files, tmp_path, capfd):
     capfd.readouterr()
     main(

@@ -19,6 +19,23 @@ __all__ = ["CLIError", "build_parser", "main"]
 
 
 # ---------------------------------------------------------------------------- entry point
+#: Python argument spellings in scbranch's messages and the flags that set them here
+_FLAGS = {
+    "`target_sum=1e4`": "`--target-sum 1e4`",
+    "`target_sum`": "`--target-sum`",
+    "`layer=`": "`--layer`",
+    "`counts_layer=`": "`--counts-layer`",
+    "`obsm_key=`": "`--rep`",
+}
+
+
+def _in_flags(message: str) -> str:
+    """``message`` with the Python arguments it names written as this command's flags."""
+    for argument, flag in _FLAGS.items():
+        message = message.replace(argument, flag)
+    return message
+
+
 def _one_line_warning(quiet: bool):
     """``warnings.showwarning`` for the command line.
 
@@ -30,7 +47,7 @@ def _one_line_warning(quiet: bool):
 
     def show(message, category, filename, lineno, file=None, line=None):
         if str(Path(filename).resolve()).startswith(package):
-            print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+            print(f"{PROG}: warning: {_in_flags(_one_line(message))}", file=sys.stderr)
         elif not quiet:
             default(message, category, filename, lineno, file, line)
 
@@ -84,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         except (CLIError, *_USER_ERRORS) as err:
             if args.traceback:
                 raise
-            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            print(f"{PROG}: error: {_in_flags(_one_line(err))}", file=sys.stderr)
             return EXIT_USAGE
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
