@@ -37,13 +37,18 @@ def files(tmp_path_factory):
     return root
 
 
-def test_fit_and_generate_with_q_print_only_warnings_one_line_each(files, tmp_path, capfd):
+def _fit_quietly(files, out, capfd, *options: str) -> tuple[int, str, str]:
+    """``scbranch fit ... -q`` on the small file, one epoch: exit status, stdout, stderr."""
     capfd.readouterr()
     rc = main(
-        ["fit", str(files / "pbmc.h5ad"), "--labels", "cell_type", "--rep", "X_pca",
-         "--out", str(tmp_path / "m"), "--max-epochs", "1", "--width", "32", "-q"]
+        ["fit", str(files / "pbmc.h5ad"), "--labels", "cell_type", *options,
+         "--out", str(out), "--max-epochs", "1", "-q"]
     )  # fmt: skip
-    out, err = capfd.readouterr()
+    return (rc, *capfd.readouterr())
+
+
+def test_fit_and_generate_with_q_print_only_warnings_one_line_each(files, tmp_path, capfd):
+    rc, out, err = _fit_quietly(files, tmp_path / "m", capfd, "--rep", "X_pca", "--width", "32")
     # -q: "only warnings and errors" (its help): no progress, no logs, no library chatter; this
     # small data's warning that two types are indistinguishable stays, one line
     assert rc == 0 and out == "", (out, err)
@@ -57,12 +62,7 @@ def test_fit_and_generate_with_q_print_only_warnings_one_line_each(files, tmp_pa
 
 
 def test_cli_warnings_name_flags_not_python_arguments(files, tmp_path, capfd):
-    capfd.readouterr()
-    rc = main(
-        ["fit", str(files / "pbmc.h5ad"), "--labels", "cell_type", "--layer", "counts",
-         "--out", str(tmp_path / "m"), "--max-epochs", "1", "--width", "16", "-q"]
-    )  # fmt: skip
-    err = capfd.readouterr().err
+    rc, _, err = _fit_quietly(files, tmp_path / "m", capfd, "--layer", "counts", "--width", "16")
     (line,) = [line for line in err.splitlines() if "raw counts" in line]
     assert rc == 0 and "`--target-sum 1e4`" in line and "`--layer`" in line, err
     assert "target_sum=" not in line and "`layer=`" not in line

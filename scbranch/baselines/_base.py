@@ -81,6 +81,13 @@ class Baseline:
         """Cells in class order: ``{"X", "var_names", "obsm", "layers"}``."""
         raise NotImplementedError
 
+    def _sample_latents(self, counts: dict[str, int], rng: np.random.Generator, seed: int) -> dict:
+        """``{obsm key: latents}`` of the cells ``_sample`` makes, for a model to decode.
+
+        Subclasses that can draw the latents alone override it (no decode thrown away).
+        """
+        return self._sample(counts, rng, seed).get("obsm") or {}
+
     def _check_options(self, options: Mapping) -> None:
         """Refuse options ``_sample`` does not take, naming those it does."""
         taken = list(inspect.signature(self._sample).parameters)[3:]  # after counts, rng, seed
@@ -143,10 +150,8 @@ class Baseline:
             self._check_options(options)
             out = self._sample(counts, np.random.default_rng(seed), seed, **options)
         else:  # the latents only; the model's space decodes them
-            out = _decode_with(
-                decode_with, self._sample(counts, np.random.default_rng(seed), seed), counts,
-                seed, **options,
-            )  # fmt: skip
+            latents = self._sample_latents(counts, np.random.default_rng(seed), seed)
+            out = _decode_with(decode_with, latents, counts, seed, **options)
         codes = np.repeat([self.classes.index(c) for c in counts], list(counts.values()))
         obs = pd.DataFrame(
             {
@@ -174,7 +179,7 @@ class Baseline:
 
 def _decode_with(
     model: BranchedDiffusion,
-    sampled: dict,
+    latents: dict,
     requested: dict[str, int],
     seed: int,
     *,
@@ -182,14 +187,13 @@ def _decode_with(
     counts: bool | None = None,
     **unknown,
 ) -> dict:
-    """Latents ``sampled["obsm"]`` decoded by ``model``'s space as its generated cells are."""
+    """``latents`` (``{obsm key: array}``) decoded by ``model``'s space as its cells are."""
     from ..model._spaces import auto_noise
 
     if unknown:
         raise TypeError(
             f"With decode_with, generate() takes residual_noise and counts, not {sorted(unknown)}."
         )
-    latents = sampled.get("obsm") or {}
     if len(latents) != 1:
         raise ValueError("This baseline samples no single latent a model could decode.")
     (key, z), n_dims = next(iter(latents.items())), int(model.module.n_input)

@@ -75,6 +75,10 @@ class PerClassGaussian(Baseline):
             ]
         )
 
+    def _sample_latents(self, counts, rng, seed) -> dict:
+        # the same draws as _sample's (its decode uses a stream of its own), without decoding
+        return {self.obsm_key: self._latents(counts, rng).astype(np.float32)}
+
     def _sample(self, counts, rng, seed, residual_noise: bool = False):
         """Latents per class; decoded (optionally with the PCA residual) when loadings exist."""
         if residual_noise not in (True, False, "gaussian"):

@@ -276,9 +276,9 @@ def _generate_anchored(model, args: argparse.Namespace, labels, seed: int, out: 
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    old = Path(args.old_dir)
-    if (old / "model.json").is_file() and not (old / "model.pt").is_file():
-        raise CLIError(f"{args.old_dir!r} is already in today's format; nothing to convert.")
+    from ..model._persistence import check_convertible
+
+    check_convertible(args.old_dir)  # before asking to trust a pickle it does not hold
     if not args.trust_pickle:
         raise CLIError(
             f"{args.old_dir!r} would be unpickled, which runs any code it contains; pass "

@@ -367,6 +367,16 @@ def _load_legacy(cls, directory: Path, paths: dict, adata, accelerator, device, 
     return _finish(model, adata, accelerator, device, parse_device_args)
 
 
+def check_convertible(old_dir: str | Path) -> None:
+    """Refuse a directory already in today's format: there is nothing to convert (or trust)."""
+    old = Path(old_dir)
+    if (old / "model.json").is_file() and not (old / LEGACY).is_file():
+        raise ValueError(
+            f"{str(old)!r} is already in today's format (model.json, no pickle): there is "
+            "nothing to convert; load it with `BranchedDiffusion.load`."
+        )
+
+
 def convert_legacy(old_dir, new_dir, *, overwrite: bool = False) -> Path:
     """Rewrite a trusted scbranch < 0.2 model directory in today's format (no pickle).
 
@@ -379,8 +389,9 @@ def convert_legacy(old_dir, new_dir, *, overwrite: bool = False) -> Path:
     new_dir
         Directory to write the converted model to; must not be ``old_dir``.
     overwrite
-        Delete an existing ``new_dir`` first; otherwise a non-empty ``new_dir`` raises a
-        `FileExistsError`.
+        Replace the model's files in an existing ``new_dir`` (other files there are left);
+        otherwise a non-empty ``new_dir`` raises a `FileExistsError`. A ``new_dir`` that
+        holds ``old_dir`` is refused either way.
 
     Returns
     -------
@@ -393,11 +404,7 @@ def convert_legacy(old_dir, new_dir, *, overwrite: bool = False) -> Path:
     from ._model import BranchedDiffusion
 
     old, new_dir = Path(old_dir), Path(new_dir)
-    if (old / "model.json").is_file() and not (old / LEGACY).is_file():
-        raise ValueError(
-            f"{str(old)!r} is already in today's format (model.json, no pickle): there is "
-            "nothing to convert; load it with `BranchedDiffusion.load`."
-        )
+    check_convertible(old)
     if new_dir.resolve() == old.resolve() or new_dir.resolve() in old.resolve().parents:
         # saving there would mix the two; a directory above it would hold the old one
         raise ValueError(
