@@ -65,6 +65,9 @@ class Key:
         SOURCE_LABEL = "source_label"
         TARGET_LABEL = "target_label"
         SOURCE_CELL = "source_cell"
+        #: :func:`scbranch.tl.rank_transmutation_genes`: the target on endpoint rows, "source"
+        #: on source rows, NaN in between (the groupby of scanpy's ``rank_genes_groups_*`` plots)
+        TRANSMUTATION_GROUP = "scbranch_transmutation_group"
         # hybrids
         PAIR = "pair"
         SIDE = "side"

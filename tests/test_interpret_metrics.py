@@ -484,7 +484,7 @@ def test_planted_genes_are_ranked_and_timed():
     assert df["logfoldchanges"].iloc[0] == pytest.approx(expected, rel=1e-5)
 
     record = tm.uns[key]
-    assert record["params"]["groupby"] == "target_label"
+    assert record["params"]["groupby"] == "scbranch_transmutation_group"
     assert record["params"]["method"] == "t-test_paired"
     names = np.asarray(record["names"][TGT])
     onset_t = pd.Series(np.asarray(record["onset_t"][TGT]), index=names)
@@ -538,6 +538,47 @@ def test_ranking_one_group_per_target_and_n_genes():
     assert ax is not None
     import matplotlib.pyplot as plt
 
+    plt.close("all")
+
+
+def test_scanpy_plots_of_the_ranking_compare_endpoints_with_sources(tmp_path):
+    # scanpy draws one row per category of params["groupby"]: the rows must be each target's
+    # endpoints and the sources (the ranking's reference), not every checkpoint pooled by
+    # target, which also failed on training types that are no target (KeyError in scanpy)
+    import matplotlib.pyplot as plt
+
+    a = make_planted(n_cells=20)
+    b = make_transmuted(n_cells=20, k=5, target=CLASSES[2], prefix="b")
+    b = ad.AnnData(X=a.X.copy(), obs=b.obs, var=a.var.copy(), uns=a.uns)
+    b.X[b.obs["phase"] == "endpoint", 0] -= 5.0  # UP falls towards the second target
+    tm = ad.concat([a, b], merge="same", uns_merge="first")
+    key = "scbranch_transmutation_genes"
+    rank_transmutation_genes(tm)
+    col = tm.obs["scbranch_transmutation_group"]
+    assert list(col.cat.categories) == [TGT, CLASSES[2], "source"]
+    phase = tm.obs["phase"].astype(str)
+    ends = phase == "endpoint"
+    np.testing.assert_array_equal(col[ends], tm.obs["target_label"][ends])
+    assert (col[phase == "source"] == "source").all()
+    assert col[~phase.isin(["source", "endpoint"])].isna().all()
+    assert tm.uns[key]["params"]["groupby"] == "scbranch_transmutation_group"
+    assert tm.uns[key]["params"]["reference"] == "source"
+
+    dp = sc.pl.rank_genes_groups_dotplot(tm, key=key, n_genes=2, show=False, return_fig=True)
+    x = pd.DataFrame(tm.X, columns=tm.var_names)
+    for group in (TGT, CLASSES[2], "source"):
+        expected = x.loc[(col == group).to_numpy(), "UP"].mean()
+        assert dp.dot_color_df.loc[group, "UP"] == pytest.approx(expected, rel=1e-5)
+    assert dp.dot_color_df.loc[TGT, "UP"] > dp.dot_color_df.loc["source", "UP"] + 2
+    assert dp.dot_color_df.loc[CLASSES[2], "UP"] < dp.dot_color_df.loc["source", "UP"] - 2
+    sc.pl.rank_genes_groups_matrixplot(tm, key=key, n_genes=2, show=False, dendrogram=False)
+    sc.pl.rank_genes_groups_stacked_violin(tm, key=key, n_genes=2, show=False, dendrogram=False)
+    axs = sc.pl.rank_genes_groups_violin(tm, key=key, n_genes=2, show=False)
+    assert len(axs) == 2 and axs[-1].get_title() == f"{CLASSES[2]} vs. source"
+    grouped = tm[col.notna()].copy()
+    sc.pl.rank_genes_groups_heatmap(grouped, key=key, n_genes=2, show=False, dendrogram=False)
+    back = _roundtrip(tm, tmp_path)
+    sc.pl.rank_genes_groups_dotplot(back, key=key, n_genes=2, show=False, dendrogram=False)
     plt.close("all")
 
 

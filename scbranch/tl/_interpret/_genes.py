@@ -49,6 +49,24 @@ def _onset(
 RANK_METHODS = ("mean_change", "t-test_paired")
 
 
+def _plot_groups(n_obs: int, paired: pd.DataFrame, groups: list[str]) -> tuple[pd.Categorical, str]:
+    """The rows scanpy's ``rank_genes_groups_*`` plots compare, and the reference's name.
+
+    scanpy draws one row per category of ``params['groupby']`` and compares each group with
+    ``params['reference']``. Grouping every checkpoint by its target would average the
+    source, the way up and down and the endpoint into one row; here endpoint rows are named
+    by their target and source rows ``"source"`` (the reference the ranking compared with),
+    as in ``sc.tl.rank_genes_groups(..., reference="source")``. Rows in between are NaN, which
+    the dotplot, matrixplot and violins leave out.
+    """
+    reference = "source" if "source" not in groups else "source state"
+    values = np.full(n_obs, None, dtype=object)
+    values[paired["source"].to_numpy()] = reference
+    for group in groups:
+        values[paired.loc[paired["target_label"] == group, "endpoint"].to_numpy()] = group
+    return pd.Categorical(values, categories=[*groups, reference]), reference
+
+
 def rank_transmutation_genes(
     transmuted: AnnData,
     *,
@@ -74,6 +92,15 @@ def rank_transmutation_genes(
     :func:`scanpy.get.rank_genes_groups_df` and :func:`scanpy.pl.rank_genes_groups` read the
     result (``key=key_added``).
 
+    scanpy's plots of a ranking draw one row per category of ``params['groupby']`` and compare
+    each group with ``params['reference']``: ``obs['scbranch_transmutation_group']`` holds the
+    target type on endpoint rows, ``"source"`` on source rows (pooling every target's sources)
+    and NaN in between, so :func:`scanpy.pl.rank_genes_groups_dotplot`, ``_matrixplot``,
+    ``_stacked_violin`` and ``_violin`` show each target's top genes at the endpoints next to
+    the sources. The per-cell ``_heatmap`` and ``_tracksplot`` need the rows with a group,
+    ``tm[tm.obs["scbranch_transmutation_group"].notna()]``; ``groupby="phase"`` draws every
+    phase of the way (source, up, branch point, down, endpoint).
+
     Also records when each gene changes: the *onset*, the first checkpoint on the way down
     (from the branch point to the endpoint) at which the mean change from the source state
     reaches half of its final value. Genes with the largest onset ``t`` change first.
@@ -91,12 +118,13 @@ def rank_transmutation_genes(
 
     Returns
     -------
-    `None`. Sets ``transmuted.uns[key_added]`` with the fields of
+    `None`. Sets ``transmuted.obs['scbranch_transmutation_group']`` (above) and
+    ``transmuted.uns[key_added]`` with the fields of
     :func:`scanpy.tl.rank_genes_groups` (each a record array with one field per target type,
     rows sorted by score):
 
     `'params'` : :class:`dict`
-        ``groupby='target_label'``, ``reference='source'``, ``method``, ...
+        ``groupby='scbranch_transmutation_group'``, ``reference='source'``, ``method``, ...
     `'names'`, `'scores'`, `'logfoldchanges'`, `'pvals'`, `'pvals_adj'`
         As in scanpy.
     `'onset_t'` : record array of float
@@ -115,6 +143,9 @@ def rank_transmutation_genes(
     ...     tm, group="Dendritic", key="scbranch_transmutation_genes"
     ... ).head()  # doctest: +SKIP
     >>> sc.pl.rank_genes_groups(tm, key="scbranch_transmutation_genes")  # doctest: +SKIP
+    >>> sc.pl.rank_genes_groups_dotplot(
+    ...     tm, key="scbranch_transmutation_genes", n_genes=5
+    ... )  # doctest: +SKIP
     """
     _check_transmutation(transmuted)
     if transmuted.n_vars == 0 or transmuted.X is None:
@@ -215,10 +246,12 @@ def rank_transmutation_genes(
         "onset_t": "float64",
         "onset_checkpoint": "int64",
     }
+    plot_groups, reference = _plot_groups(transmuted.n_obs, paired, groups)
+    transmuted.obs[Key.obs.TRANSMUTATION_GROUP] = plot_groups
     record: dict = {
         "params": {
-            "groupby": Key.obs.TARGET_LABEL,
-            "reference": "source",
+            "groupby": Key.obs.TRANSMUTATION_GROUP,
+            "reference": reference,
             "method": method,
             "use_raw": False,
             "layer": None,
