@@ -4,6 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import anndata as ad  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -113,6 +114,35 @@ def test_generated_cells_are_embedded_and_plotted(pbmc):
     sc.pl.umap(out, color="cell_type", show=False)
     plt.close("all")
     out.write_h5ad("embedded.h5ad")  # params are h5ad-safe
+
+
+def test_cells_in_another_pca_than_the_references_are_refused(pbmc, tmp_path):
+    # a model trained on the full data's PCA, cells placed in the UMAP of half the cells with a
+    # PCA of their own: the same scores mean other cells there (the loadings of PC1 differ by
+    # 0.007 on the top genes; a refit on the same cells by 2e-7)
+    adata = pbmc.copy()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(adata, width=32, n_head_blocks=1)
+    model.train(max_steps=5, batch_size=128, accelerator="cpu", enable_progress_bar=False)
+    gen = model.generate(n_cells=5, seed=0, progress_bar=False)
+    gen.write_h5ad(tmp_path / "gen.h5ad")
+    gen = ad.read_h5ad(tmp_path / "gen.h5ad")  # the record survives a file
+    half = pbmc[::2].copy()
+    sc.pp.pca(half, n_comps=pbmc.obsm["X_pca"].shape[1])
+    with pytest.raises(ValueError, match=r"another PCA.*del adata.obsm\['X_pca'\]"):
+        sb.tl.embed_like(gen, half)
+    assert "X_umap" not in gen.obsm
+    refit = pbmc.copy()
+    sc.pp.pca(refit, n_comps=pbmc.obsm["X_pca"].shape[1])
+    sb.tl.embed_like(gen, refit)  # the same cells' PCA, refitted: the same space
+    placed = gen.obsm["X_umap"].copy()
+    sb.tl.embed_like(gen, pbmc)
+    np.testing.assert_allclose(gen.obsm["X_umap"], placed, atol=1e-4)
+    del gen.obsm["X_pca"]  # the fix the error names: project the genes on half's PCA
+    sb.tl.embed_like(gen, half)
+    assert gen.uns["scbranch_embed_like"]["params"]["coordinates_from"] == (
+        "genes projected on the PCA"
+    )
 
 
 def test_embed_like_bad_input(pbmc):

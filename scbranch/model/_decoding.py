@@ -6,6 +6,7 @@ import logging
 import warnings
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -124,6 +125,44 @@ def decode(
         rng = np.random.default_rng() if rng is None else rng
         x += rng.standard_normal(x.shape, dtype=np.float32) * sd
     return x
+
+
+#: genes and components a PCA fingerprint keeps
+FINGERPRINT_GENES, FINGERPRINT_COMPONENTS = 8, 3
+
+
+def pca_fingerprint(decoder: dict) -> dict:
+    """A few loadings that tell this PCA from another one fitted on other cells.
+
+    The genes with the largest loadings on the first components, and those loadings: plain
+    arrays for ``uns`` (h5ad-safe), compared by :func:`same_pca` with the loadings
+    (``varm['PCs']``) of an AnnData whose PCA the cells are read in.
+    """
+    loadings = np.asarray(decoder["loadings"], dtype=np.float64)
+    k = min(FINGERPRINT_COMPONENTS, loadings.shape[0])
+    top = np.argsort(-np.abs(loadings[:k]).max(0), kind="stable")[:FINGERPRINT_GENES]
+    return {
+        "genes": np.asarray(decoder["var_names"])[top].astype(str),
+        "loadings": loadings[:k, top].T.copy(),
+    }
+
+
+def same_pca(fingerprint, var_names, loadings: np.ndarray, atol: float = 1e-3) -> bool | None:
+    """Whether ``loadings`` (genes x components, e.g. ``varm['PCs']``) is the fingerprint's PCA.
+
+    Each component is compared up to its sign (solvers may flip it); `None` when the genes or
+    components to compare are missing. Loadings are unit vectors over hundreds of genes (the
+    top ones 0.05-0.3): PCAs of other cells differ by more than 0.01, a refit of the same
+    cells by solver noise, far below ``atol``.
+    """
+    genes = np.asarray(fingerprint["genes"]).astype(str)
+    kept = np.asarray(fingerprint["loadings"], dtype=np.float64)
+    index = pd.Index(np.asarray(var_names).astype(str)).get_indexer(genes)
+    if kept.ndim != 2 or (index < 0).any() or loadings.shape[1] < kept.shape[1]:
+        return None
+    theirs = np.asarray(loadings, dtype=np.float64)[index][:, : kept.shape[1]]
+    diff = np.minimum(np.abs(theirs - kept).max(0), np.abs(theirs + kept).max(0))
+    return bool((diff <= atol).all())
 
 
 def out_of_fold_source(adata: AnnData, obsm_key: str) -> str | None:

@@ -20,7 +20,7 @@ from .._counts import (
     class_ratios,
     fit_negative_binomial,
 )
-from .._decoding import decode, fit_pca_decoder, out_of_fold_source
+from .._decoding import decode, fit_pca_decoder, out_of_fold_source, pca_fingerprint
 from ._base import Decoded, register_space
 from ._gene_counts import _GeneSpace
 
@@ -229,6 +229,13 @@ class PcaSpace(_GeneSpace):
 
     def decode_estimates(self, z) -> np.ndarray | None:  # noqa: D102
         return None if self.decoder is None else decode(self.decoder, z)
+
+    def record(self, decoded: bool) -> dict:  # noqa: D102
+        out = super().record(decoded)
+        if self.decoder is not None:
+            # lets tl.embed_like check that a reference's PCA is the one these scores are in
+            out["pca_fingerprint"] = pca_fingerprint(self.decoder)
+        return out
 
     def state(self) -> dict:  # noqa: D102
         return {
