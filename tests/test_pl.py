@@ -313,3 +313,16 @@ def test_evaluation_plot_of_runs_that_agree_to_the_last_bit(report):
     fig = sb.pl.evaluation(same, metrics="auroc", return_fig=True)
     assert isinstance(fig, Figure)
     plt.close(fig)
+
+
+def test_branch_similarity_legend_of_many_types_stays_on_the_figure():
+    # 32 types in one legend column ran off a 4-inch figure; scanpy's rule: 3 columns past 30
+    many = sb.datasets.simulate_tree(depth=5, n_per_class=6, dim=4, seed=0).to_anndata()
+    sb.tl.branch_hierarchy(many, groupby="cell_type", use_rep="X_latent")
+    fig = sb.pl.branch_similarity(many, return_fig=True)
+    legend = fig.axes[0].get_legend()
+    assert legend._ncols == 3
+    fig.canvas.draw()
+    box, page = legend.get_window_extent(), fig.bbox
+    assert box.y0 >= page.y0 - 1 and box.y1 <= page.y1 + 1
+    assert box.x0 >= page.x0 - 1 and box.x1 <= page.x1 + 1

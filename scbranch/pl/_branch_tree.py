@@ -433,9 +433,12 @@ def branch_similarity(
     chosen = [c for c in leaf_order if c in set(chosen)]
     names = [tree.classes[c] for c in chosen]
 
+    # scanpy's rule for categorical legends: a column up to 14 entries, then 2, then 3 (40
+    # types in one column ran off the figure)
+    n_columns = 1 if len(names) <= 14 else 2 if len(names) <= 30 else 3
     if ax is None:
-        width = 6.0 + (0.07 * max(len(s) for s in names) + 0.6 if legend else 0.0)
-        ax = _new_axes((width, 4.0))
+        legend_width = n_columns * (0.07 * max(len(s) for s in names) + 0.6)
+        ax = _new_axes((6.0 + (legend_width if legend else 0.0), 4.0))
 
     palette = _class_colors(adata, record, tree.classes) or [None] * n
     fallback = _default_colors(n)
@@ -495,5 +498,6 @@ def branch_similarity(
             title="within type",
             title_fontsize="small",
             alignment="left",
+            ncols=n_columns,
         )
     return _finish(ax, show, return_fig)
