@@ -167,6 +167,33 @@ def test_scvi_model_refuses_data_with_other_genes(scvi_model_and_data, tmp_path)
     sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=shuffled, **FAST_MODEL)
 
 
+def test_from_scvi_model_without_adata_names_the_fix_when_labels_are_missing(
+    scvi_model_and_data,
+):
+    vae, _, _ = scvi_model_and_data  # fit_scvi's model holds a counts-only copy
+    with pytest.raises(KeyError, match=r"the scVI model holds.*adata=adata"):
+        sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS)
+
+
+def test_loading_an_scvi_model_onto_new_cells_writes_their_latent(scvi_model_and_data, tmp_path):
+    # api.md: load(dir, adata) of an scVI-space model writes the latent it diffuses; new cells
+    # have no obsm["X_scVI"] (it failed asking for `sc.pp.pca`)
+    vae, model, adata = scvi_model_and_data
+    model.save(tmp_path / "m")
+    new = adata[::2].copy()
+    del new.obsm["X_scVI"]
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m", adata=new)
+    np.testing.assert_allclose(
+        new.obsm["X_scVI"], vae.get_latent_representation(new), rtol=1e-4, atol=1e-5
+    )
+    assert loaded.adata is new
+    # an existing entry is checked, never overwritten
+    wrong = adata[::2].copy()
+    wrong.obsm["X_scVI"] = wrong.obsm["X_scVI"] + 1.0
+    with pytest.raises(ValueError, match="not this scVI model's latent"):
+        sb.BranchedDiffusion.load(tmp_path / "m", adata=wrong)
+
+
 def test_non_count_data_is_refused_where_counts_are_needed(scvi_model_and_data):
     vae, _, adata = scvi_model_and_data
     lognorm = adata.copy()

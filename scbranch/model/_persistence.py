@@ -302,6 +302,7 @@ def _finish(model, adata, accelerator, device, parse_device_args):
                 f"To attach them anyway, give them adata.obsm[{key!r}] = adata.obsm[{source!r}]."
             )
         check_genes_equal(adata, np.asarray(model.get_var_names()).astype(str), "the saved model")
+        model.space.attach(adata, model.labels_key)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*already.*", category=UserWarning)
             model._validate_anndata(adata)

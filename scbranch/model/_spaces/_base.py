@@ -244,6 +244,13 @@ class Space:
     def save_files(self, directory: Path, prefix: str = "") -> None:
         """Write files the state does not hold (a nested model's weights), as plain data."""
 
+    def attach(self, adata: AnnData, labels_key: str) -> None:
+        """Add what this space reads to cells attached to a loaded model (default: nothing).
+
+        ``load(dir, adata)`` calls it after checking the genes, before validating ``adata``
+        against the model's set-up.
+        """
+
     @property
     def nested_model(self):
         """A model the space decodes through (the scVI model), or `None`."""

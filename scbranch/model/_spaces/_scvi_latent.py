@@ -139,6 +139,13 @@ class ScviSpace(Space):
             adata = vae.adata
             if adata is None:
                 raise ValueError("The scVI model holds no AnnData; pass `adata=`.")
+            if labels_key not in adata.obs.columns:
+                # e.g. sb.model.fit_scvi's model, set up on a counts-only copy of the data
+                raise KeyError(
+                    f"labels_key={labels_key!r} is not a column of the AnnData the scVI model "
+                    f"holds (columns: {list(adata.obs.columns)}): pass the annotated cells, "
+                    "`from_scvi_model(vae, labels_key=..., adata=adata)`."
+                )
         check_obs_key(adata, labels_key)
         latent = latent_of(vae, adata, info)
         if obsm_key in adata.obsm:
@@ -151,6 +158,11 @@ class ScviSpace(Space):
         else:
             adata.obsm[obsm_key] = latent
         return adata
+
+    def attach(self, adata, labels_key) -> None:  # noqa: D102
+        # the latent is the scVI model's function of the counts: new cells get it here, as
+        # from_scvi_model(vae, adata=...) writes it (an existing obsm entry is only checked)
+        self.store_latent(self.vae, adata, self.obsm_key, labels_key)
 
     @property
     def n_input(self) -> int:  # noqa: D102
