@@ -383,3 +383,18 @@ def test_extension_steps_follow_the_training_rule_for_the_new_cells():
     assert steps == sorted(steps)  # more cells never get fewer steps
     # an explicit max_epochs is passes over the new cells
     assert default_head_steps(130, 64, 3) == 9
+
+
+def test_a_new_type_may_not_take_the_name_of_a_group():
+    # generate({"left": n}) draws from the group; a new type named "left" took the name over
+    # silently (the group could no longer be asked for)
+    sim = _sim(n_per_class=20)
+    old = sim[sim.obs["cell_type"] != "c3"].copy()
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key=REP)
+    model = sb.BranchedDiffusion(old, hierarchy={"left": ["c0", "c1"], "right": ["c2"]}, **FAST)
+    assert "left" in model.tree.node_names
+    new = sim[sim.obs["cell_type"] == "c3"].copy()
+    new.obs["cell_type"] = new.obs["cell_type"].cat.rename_categories({"c3": "left"})
+    with pytest.raises(ValueError, match=r"\['left'\] name\(s\) a group.*rename"):
+        model.add_classes(new, labels=["left"], progress_bar=False)
+    assert model.classes == ["c0", "c1", "c2"]

@@ -226,6 +226,15 @@ def new_labels(model: BranchedDiffusion, adata: AnnData, labels, labels_key: str
             f"The model knows {known} already; add_classes adds new types only. Rename "
             "them, or retrain to change existing types."
         )
+    groups = [c for c in labels if c in model.tree.node_names]
+    if groups:
+        # generate({name: n}) asks for a group by its node's name; a type of the same name
+        # would silently take the name over
+        raise ValueError(
+            f"{groups} name(s) a group of types in the model's tree (generate({{name: n}}) "
+            "draws from the whole group); rename the new type(s), e.g. with "
+            "`adata.obs[labels_key].cat.rename_categories(...)`."
+        )
     missing = [c for c in labels if c not in present]
     if missing:
         raise KeyError(f"No cells labelled {missing} in adata.obs[{labels_key!r}].")
