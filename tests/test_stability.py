@@ -368,3 +368,32 @@ def test_nan_and_changed_labels_are_refused():
     del missing.obs["cell_type"]
     with pytest.raises(KeyError, match="cell_type"):
         sb.tl.branch_stability(missing, n_bootstrap=2, progress_bar=False)
+
+
+def test_a_given_hierarchy_is_re_timed_not_rediscovered():
+    # a user's topology stays the topology: each replicate reads only its branch times again
+    # (replicates that rediscovered a free tree gave the wrong pairing below intervals of the
+    # root's time, around nodes drawn at their own)
+    adata, sim = _hierarchy(decay=0.3, separation=10.0, seed=0)
+    wrong = {"x": ["c0", "c2"], "y": ["c1", "c3"]}  # not the simulated pairs
+    sb.tl.branch_hierarchy(
+        adata, groupby="cell_type", use_rep="X_latent", hierarchy=wrong, curves="expected"
+    )
+    tree = _tree(adata)
+    table = sb.tl.branch_stability(adata, n_bootstrap=3, fraction=1.0, progress_bar=False)
+    clades = {frozenset(c.split(", ")) for c in table["classes"]}
+    assert clades == {frozenset({"c0", "c2"}), frozenset({"c1", "c3"}), frozenset(sim.classes)}
+    np.testing.assert_array_equal(table["support"], 1.0)
+    # every cell, no noise: each replicate's times are the stored ones (the known answer)
+    np.testing.assert_allclose(table["t_mean"], table["t"], atol=1e-12)
+    resampled = sb.tl.branch_stability(adata, n_bootstrap=8, fraction=0.5, progress_bar=False)
+    assert (resampled["t_sd"] > 0).all()
+    assert ((resampled["t_lo"] <= resampled["t"]) & (resampled["t"] <= resampled["t_hi"])).all()
+    assert [b.id for b in tree.branches if b.children] == resampled["branch"].tolist()
+
+    newick = "((c0:0.3,c1:0.3):0.4,(c2:0.3,c3:0.3):0.4);"
+    sb.tl.branch_hierarchy(
+        adata, groupby="cell_type", use_rep="X_latent", hierarchy=newick, times="newick"
+    )
+    with pytest.raises(ValueError, match="given with its branch times.*times='data'"):
+        sb.tl.branch_stability(adata, n_bootstrap=3, progress_bar=False)

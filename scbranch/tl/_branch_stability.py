@@ -20,7 +20,8 @@ from .._keys import Key
 from .._utils import progress
 from .._validation import check_class_sizes, check_obs_key, to_dense
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
-from ..module._discovery import DiscoveryOptions
+from ..module._discovery import DiscoveryOptions, discovery_curves
+from ..module._topology import Node, tree_from_topology
 from ._branch_hierarchy import hierarchy_matrix, read_hierarchy
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,33 @@ def _clades(tree: BranchTree) -> dict[frozenset[int], float]:
     return {frozenset(b.classes): b.t_start for b in tree.branches if b.children}
 
 
+def _topology(tree: BranchTree) -> Node:
+    """The stored tree's topology (multifurcations kept), for re-timing a given hierarchy."""
+
+    def node(branch_id: int) -> Node:
+        branch = tree.branches[branch_id]
+        if not branch.children:
+            return Node(name=tree.classes[branch.classes[0]])
+        return Node(children=[node(c) for c in branch.children])
+
+    return node(tree.root)
+
+
+def _replicate_tree(x, labels, classes, sde, options, topology: Node | None) -> BranchTree:
+    """One replicate's tree: discovered, or a given topology re-timed on the replicate's cells."""
+    if topology is None:
+        return discover_hierarchy(x, labels, classes, sde, options).tree
+    curves = discovery_curves(x, labels, len(classes), sde, options)
+    return tree_from_topology(
+        topology,
+        classes,
+        times="data",
+        curves=curves,
+        epsilon=options.epsilon,
+        min_branch_length=options.min_branch_length,
+    )
+
+
 def branch_stability(
     adata: AnnData,
     *,
@@ -96,6 +124,13 @@ def branch_stability(
     branch time, the last merge, varies), the support is the fraction of replicates whose tree
     has a branch with exactly the same set of classes, and the branch time is summarised over
     the replicates where that clade recurs.
+
+    A hierarchy the user gave (``branch_hierarchy(hierarchy=..., times="data")``) keeps its
+    topology in every replicate, as it did on all cells: only its branch times are read again
+    from each replicate's curves, so every support is 1 and the intervals say how well the
+    data pin each given branch point down (a multifurcation that ``multifurcations="resolve"``
+    resolved stays resolved as stored). With ``times="newick"`` nothing comes from the data,
+    and there is nothing to resample: refused.
 
     Discovery uses at most ``n_per_class`` cells per class, so a class with more than
     ``n_per_class / fraction`` cells is simply subsampled to ``n_per_class`` cells
@@ -172,6 +207,15 @@ def branch_stability(
     use_rep = str(params.get("use_rep", "")) or None
     layer = str(params.get("layer", "")) or None
 
+    if params.get("given") and str(params.get("times_from", "data")) != "data":
+        raise ValueError(
+            f"The hierarchy in adata.uns[{key!r}] was given with its branch times "
+            f"(times={params.get('times_from')!r}): neither its topology nor its times come "
+            "from the cells, so resampling them cannot change it. Rerun "
+            "`sb.tl.branch_hierarchy(..., hierarchy=..., times='data')` to read the times from "
+            "the data, then bootstrap those."
+        )
+    topology = _topology(tree) if params.get("given") else None
     classes = list(tree.classes)
     labels = _labels_of(adata, groupby, classes)
     check_class_sizes(
@@ -215,15 +259,20 @@ def branch_stability(
         try:
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
-                result = discover_hierarchy(
-                    x, labels[keep], classes, sde, dataclasses.replace(options, seed=rep_seed)
+                replicate = _replicate_tree(
+                    x,
+                    labels[keep],
+                    classes,
+                    sde,
+                    dataclasses.replace(options, seed=rep_seed),
+                    topology,
                 )
         except ValueError as err:
             failures.append(f"replicate {k}: {err}")
             continue
         caught.extend(str(w.message) for w in seen)
         n_ok += 1
-        for clade, t in _clades(result.tree).items():
+        for clade, t in _clades(replicate).items():
             if clade in times:
                 times[clade].append(t)
     if failures:
