@@ -158,6 +158,22 @@ def test_newick_lengths_give_the_times_when_asked():
             adata, groupby="cell_type", use_rep="X_latent", hierarchy=uneven, times="newick"
         )
     assert _record_tree(adata, "scbranch_hierarchy").branch_time(2, 3) == pytest.approx(0.25)
+    with pytest.warns(UserWarning, match=r"from the node above 'c2', 'c3' down"):
+        sb.tl.branch_hierarchy(
+            adata, groupby="cell_type", use_rep="X_latent", hierarchy=uneven, times="newick"
+        )
+    # the package's own Newick (4 decimals) read back: its rounding is no reason to warn
+    sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", key_added="found")
+    own = str(adata.uns["found"]["newick"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sb.tl.branch_hierarchy(
+            adata, groupby="cell_type", use_rep="X_latent", hierarchy=own, times="newick",
+            key_added="back",
+        )  # fmt: skip
+    found, back = _record_tree(adata, "found"), _record_tree(adata, "back")
+    for a, b in [(0, 1), (0, 4), (2, 3)]:
+        assert back.branch_time(a, b) == pytest.approx(found.branch_time(a, b), abs=5e-4)
 
 
 def test_a_multifurcation_can_be_resolved_by_the_data():
@@ -219,6 +235,15 @@ def test_parse_newick_quoted_names_comments_and_internal_labels():
     root = parse_newick("[comment](('CD4+ T':0.1,'it''s':0.1)'T cells':0.2,B:0.3)root;")
     assert root.leaves() == ["CD4+ T", "it's", "B"] and root.name == "root"
     assert root.children[0].name == "T cells" and root.children[0].length == 0.2
+
+
+def test_parse_newick_unquoted_names_with_spaces():
+    # branch_hierarchy's docstring example: cell types have spaces, and strict Newick refused
+    root = parse_newick("((CD4 T:0.1, CD8  T:0.1)T cells:0.2,'B  x':0.3);")
+    assert root.leaves() == ["CD4 T", "CD8 T", "B  x"]  # quoted spacing is kept as written
+    assert root.children[0].name == "T cells" and root.children[0].length == 0.2
+    with pytest.raises(HierarchyError, match="a number"):
+        parse_newick("(A:0.1 B,C:0.1);")
 
 
 @pytest.fixture(scope="module")

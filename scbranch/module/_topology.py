@@ -83,14 +83,33 @@ class Node:
 _TOKEN = re.compile(r"\s*(?:(\[[^\]]*\])|('(?:[^']|'')*')|([(),:;])|([^\s(),:;\[\]']+))")
 
 
+#: how far (in diffusion time) the paths from a node to its types may differ unwarned
+ULTRAMETRIC_TOLERANCE = 1e-3
+
+
+def _describe(node: Node) -> str:
+    """A node as messages name it: its name, else the types below it."""
+    if node.name is not None:
+        return repr(str(node.name))
+    leaves = node.leaves()
+    shown = ", ".join(repr(v) for v in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
+    return f"the node above {shown}"
+
+
 def parse_newick(text: str) -> Node:
     """Parse a Newick string (names, quoted names, branch lengths, comments).
+
+    Unquoted names may hold single spaces (``(CD4 T,CD8 T)``); names with other characters
+    Newick reserves (``( ) , : ; [ ]``, quotes) or several spaces in a row are quoted
+    (``'CD4+ (naive)'``, a quote inside doubled).
 
     Examples
     --------
     >>> root = parse_newick("((A:0.2,B:0.2)AB:0.3,'C d':0.5);")
     >>> root.leaves(), root.children[0].name, root.children[0].length
     (['A', 'B', 'C d'], 'AB', 0.3)
+    >>> parse_newick("((CD4 T,CD8 T)T cells,B);").leaves()
+    ['CD4 T', 'CD8 T', 'B']
     """
     tokens, pos = [], 0
     text = str(text).strip()
@@ -107,7 +126,13 @@ def parse_newick(text: str) -> Node:
         elif punct is not None:
             tokens.append((punct, punct, m.start()))
         elif word is not None:
-            tokens.append(("name", word, m.start()))
+            if tokens and tokens[-1][0] == "word":
+                # cell types have spaces ("CD4 T"): unquoted words in a row are one name (in
+                # strict Newick a syntax error), joined by one space; quote other spacing
+                tokens[-1] = ("word", f"{tokens[-1][1]} {word}", tokens[-1][2])
+            else:
+                tokens.append(("word", word, m.start()))
+    tokens = [("name" if kind == "word" else kind, value, at) for kind, value, at in tokens]
     index = 0
 
     def fail(expected: str):
@@ -396,14 +421,16 @@ def tree_from_topology(
                 )
             if child.length < 0:
                 raise HierarchyError(
-                    f"The Newick string gives {child.name or 'a node'!r} a negative branch "
+                    f"The Newick string gives {_describe(child)} a negative branch "
                     f"length ({child.length:g}); lengths are times and must be >= 0."
                 )
             heights.append(height(child) + child.length)
-        if max(heights) - min(heights) > 1e-6 * max(1.0, max(heights)):
+        # Newick written with 4 decimals (BranchTree.to_newick) sums rounding errors of up to
+        # 5e-5 per branch along a path: below 1e-3 of diffusion time nothing moves visibly
+        if max(heights) - min(heights) > ULTRAMETRIC_TOLERANCE:
             warnings.warn(
                 f"The Newick lengths are not ultrametric: the paths from "
-                f"{node.name or 'a node'!r} down to its types differ ({min(heights):g} to "
+                f"{_describe(node)} down to its types differ ({min(heights):g} to "
                 f"{max(heights):g}); the node is placed at the longest one.",
                 UserWarning,
                 stacklevel=2,
