@@ -233,6 +233,8 @@ def test_extension_bad_input(extended):
     few.obs["cell_type"] = few.obs["cell_type"].cat.rename_categories({"c0": "tiny"})
     with pytest.raises(ValueError, match=r"'tiny' \(4 cells\).*min_cells=10"):
         model.add_classes(few, labels=["tiny"], progress_bar=False)
+    with pytest.raises(ValueError, match="min_cells must be a whole number of at least 2"):
+        model.add_classes(few, labels=["tiny"], min_cells=1, progress_bar=False)
     wrong = sim.copy()
     wrong.obs["cell_type"] = wrong.obs["cell_type"].cat.rename_categories({"c0": "new"})
     wrong.obsm[REP] = wrong.obsm[REP][:, :5]

@@ -330,3 +330,39 @@ def test_a_model_on_a_given_hierarchy_saves_loads_and_extends(node_model, tmp_pa
     assert (gen.obs["cell_type"] == "c8").sum() >= 3
     with pytest.raises(ValueError, match="not a clade"):
         model.tree.name_node("odd", ["c0", "c4"])
+
+
+def test_a_scbranch_tree_or_its_record_is_a_hierarchy_to_give():
+    # read_hierarchy's BranchTree and the key of another scbranch hierarchy in .uns (a
+    # BranchTree raised "not iterable", the key was read as sc.tl.dendrogram's)
+    adata = _sim()
+    sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", key_added="found")
+    found = _record_tree(adata, "found")
+    clades = {frozenset(b.classes) for b in found.branches}
+    sb.tl.branch_hierarchy(
+        adata, groupby="cell_type", use_rep="X_latent", hierarchy=found, times="newick",
+        key_added="tree",
+    )  # fmt: skip
+    again = _record_tree(adata, "tree")
+    assert {frozenset(b.classes) for b in again.branches} == clades
+    for b in found.branches:  # its own times, exactly (not through 4-decimal Newick)
+        match = next(a for a in again.branches if set(a.classes) == set(b.classes))
+        assert match.t_start == pytest.approx(b.t_start, abs=1e-9)
+    sb.tl.branch_hierarchy(
+        adata, groupby="cell_type", use_rep="X_latent", hierarchy="found", key_added="key"
+    )
+    assert {frozenset(b.classes) for b in _record_tree(adata, "key").branches} == clades
+    assert adata.uns["key"]["params"]["given"] == "tree"
+
+
+def test_a_stored_hierarchy_of_another_representation_is_named_with_the_fix():
+    adata = _sim()
+    adata.obsm["X_other"] = adata.obsm["X_latent"][:, :4].copy()
+    sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_other", key_added="other")
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    with pytest.raises(
+        ValueError, match=r"computed on obsm\['X_other'\], the model learns obsm\['X_latent'\]"
+    ):
+        sb.BranchedDiffusion(adata, hierarchy="other", **FAST)
+    model = sb.BranchedDiffusion(adata, hierarchy=adata.uns["other"]["tree"], **FAST)
+    assert model.tree.classes == _record_tree(adata, "other").classes

@@ -165,9 +165,15 @@ def test_transmutation_bad_input(trained):
         model.transmute(source, target="c1", n_checkpoints=1, progress_bar=False)
     unlabelled = source.copy()
     del unlabelled.obs["cell_type"]
-    with pytest.raises(KeyError, match="cell_type"):
+    with pytest.raises(KeyError, match="no 'cell_type' column.*Pass `source=`"):
         model.transmute(unlabelled, target="c1", progress_bar=False)
     assert model.transmute(unlabelled, "c1", source="c0", progress_bar=False).n_obs == 5 * 9
+    # a transmutation's endpoints carried back: their type is their target_label
+    tm = model.transmute(source, "c1", progress_bar=False)
+    ends = tm[tm.obs["phase"] == "endpoint"].copy()
+    with pytest.raises(KeyError, match=r"transmutation's rows.*target_label.*Pass `source=`"):
+        model.transmute(ends, target="c0", progress_bar=False)
+    assert model.transmute(ends, "c0", source="c1", progress_bar=False).n_obs == 5 * 9
     nan = source.copy()
     nan.obsm["X_pca"][0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):

@@ -112,7 +112,8 @@ def add_classes(
         (docs/method.md): the choice for an atlas that will add many types. A branched
         model's new type always has its own head.
     min_cells
-        Types with fewer cells raise an error.
+        Types with fewer cells raise an error (at least 2: a type is placed on the tree by
+        comparing pairs of its cells).
     fine_tune_shared
         After the new head, also fine-tune, for as many steps again, the heads of the
         branches above the new branch point (shared with old types), on the new cells plus
@@ -247,6 +248,12 @@ def new_class_data(
     model: BranchedDiffusion, adata: AnnData, labels_key: str, labels: list[str], min_cells: int
 ) -> dict:
     """Per new type: its cells in the model's data space, and what its space keeps."""
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 2:
+        # a type's similarity curve (its place on the tree) compares pairs of its cells
+        raise ValueError(
+            f"min_cells must be a whole number of at least 2, got {min_cells!r}: a new type is "
+            "placed on the tree by comparing pairs of its cells."
+        )
     names = adata.obs[labels_key].astype(str).to_numpy()
     small = {c: int((names == c).sum()) for c in labels if (names == c).sum() < min_cells}
     if small:

@@ -22,7 +22,6 @@ from anndata.utils import make_index_unique
 
 from .._keys import Key
 from .._utils import progress, resolve_seed
-from .._validation import check_obs_key
 from ..module._denoiser import CalibratedDenoiser
 from ..module._sampling import SampleResult
 from ..module._solvers import DEFAULT_N_STEPS, resolve_solver
@@ -304,7 +303,17 @@ def _transmutation_sources(
     if source is not None:
         codes = np.full(adata.n_obs, int(model.tree.class_index(str(source))[0]))
     else:
-        check_obs_key(adata, model.labels_key)
+        if model.labels_key not in adata.obs.columns:
+            raise KeyError(
+                f"adata.obs has no {model.labels_key!r} column to read the cells' type from"
+                + (
+                    " (these are a transmutation's rows: their type is in obs['target_label'])"
+                    if Key.obs.TARGET_LABEL in adata.obs.columns
+                    else ""
+                )
+                + ". Pass `source=` (the type every cell is), or label the cells in "
+                f"adata.obs[{model.labels_key!r}]."
+            )
         names = adata.obs[model.labels_key].astype(str).to_numpy()
         present = list(pd.unique(names))
         if len(present) > 1 and not per_cell_source:

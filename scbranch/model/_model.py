@@ -71,8 +71,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         Registry of a saved model (used by :meth:`load`; leave `None`).
     hierarchy
         The tree: `None` reuses ``adata.uns['scbranch_hierarchy']`` when it fits these data
-        and the forward process, otherwise discovers one; a :class:`~scbranch.module.BranchTree`,
-        a dict from :meth:`~scbranch.module.BranchTree.to_dict`, or a key of ``adata.uns``.
+        and the forward process, else discovers one; a :class:`~scbranch.module.BranchTree`
+        or its ``to_dict()`` (used as is), a key of ``adata.uns``, or any hierarchy
+        :func:`scbranch.tl.branch_hierarchy` takes (Newick, nested groups, ``obs`` columns).
     architecture
         ``"conditioned"`` (the default: one network conditioned on a branch embedding and
         adapter; its size does not grow with the number of types), ``"branched"`` (a trunk

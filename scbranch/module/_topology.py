@@ -185,6 +185,39 @@ def parse_newick(text: str) -> Node:
 
 
 # ---------------------------------------------------------------------------- other forms
+def topology_of(tree: BranchTree) -> Node:
+    """A tree's topology, with its node names and its branch lengths as Newick lengths.
+
+    Read back with ``times="newick"`` it gives the tree's own branch times; with
+    ``times="data"`` the topology is timed on other cells.
+
+    Examples
+    --------
+    >>> tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
+    >>> root = topology_of(tree)
+    >>> sorted(root.leaves()), sorted(child.length for child in root.children)
+    (['A', 'B', 'C'], [0.3, 0.6])
+    """
+    names: dict[int, list[str]] = {}
+    for name, branch_id in tree.node_names.items():
+        names.setdefault(int(branch_id), []).append(str(name))
+
+    def node(branch_id: int) -> Node:
+        branch = tree.branches[branch_id]
+        length = None if branch.parent < 0 else float(branch.length)
+        if not branch.children:
+            return Node(name=tree.classes[branch.classes[0]], length=length)
+        own = names.get(branch_id, [])
+        return Node(
+            name=own[0] if own else None,
+            children=[node(c) for c in branch.children],
+            length=length,
+            aliases=own[1:],
+        )
+
+    return node(tree.root)
+
+
 def from_nested(obj, name: str | None = None) -> Node:
     """A topology from nested dicts (named groups) and lists (unnamed groups) of labels.
 

@@ -39,6 +39,13 @@ def hierarchy_record(result: DiscoveryResult, params: dict) -> dict:
     }
 
 
+def _representation(use_rep: str | None, layer: str | None) -> str:
+    """``obsm['X_pca']``, ``layers['counts']`` or ``.X``, as messages name them."""
+    if use_rep:
+        return f"obsm[{use_rep!r}]"
+    return f"layers[{layer!r}]" if layer else ".X"
+
+
 def read_hierarchy(adata: AnnData, key: str = Key.uns.HIERARCHY) -> tuple[BranchTree, dict]:
     """Tree and record stored by :func:`~scbranch.tl.branch_hierarchy` under ``adata.uns[key]``.
 
@@ -160,8 +167,13 @@ def resolve_hierarchy(
             problems.append(f"its classes {tree.classes} differ from {classes}")
         if params.get("groupby") != groupby:
             problems.append(f"it groups by {params.get('groupby')!r}, not {groupby!r}")
-        if (params.get("use_rep") or None) != use_rep or (params.get("layer") or None) != layer:
-            problems.append("it was computed on another representation")
+        stored_rep, stored_layer = params.get("use_rep") or None, params.get("layer") or None
+        if stored_rep != use_rep or stored_layer != layer:
+            problems.append(
+                f"it was computed on {_representation(stored_rep, stored_layer)}, the model "
+                f"learns {_representation(use_rep, layer)} (rerun `sb.tl.branch_hierarchy` "
+                f"on it, or pass hierarchy=adata.uns[{key!r}]['tree'] to use that tree as is)"
+            )
         try:
             sde.check_same(params, what=f"hierarchy in adata.uns[{key!r}]")
         except (ValueError, KeyError) as err:
@@ -191,7 +203,7 @@ def branch_hierarchy(
     *,
     use_rep: str | None = None,
     layer: str | None = None,
-    hierarchy: str | Mapping | Sequence | None = None,
+    hierarchy: str | Mapping | Sequence | BranchTree | None = None,
     times: str = "data",
     multifurcations: str = "keep",
     n_per_class: int = DiscoveryOptions.n_per_class,
@@ -238,9 +250,11 @@ def branch_hierarchy(
         ``"((CD4 T,CD8 T)T cells,B);"``, quoted names allowed, internal names kept); a nested
         dict of named groups or list of lists of labels (``{"T cells": ["CD4 T", "CD8 T"],
         "B": "B"}``); a list of coarser ``obs`` columns, coarse to fine (``["compartment",
-        "lineage"]``; every label must lie in exactly one group of each); or the key of a
-        ``sc.tl.dendrogram`` result in ``adata.uns``. Named groups become named nodes that
-        :meth:`~scbranch.BranchedDiffusion.generate` accepts.
+        "lineage"]``; every label must lie in exactly one group of each); the key of a
+        ``sc.tl.dendrogram`` result or of another scbranch hierarchy in ``adata.uns``; or a
+        :class:`~scbranch.module.BranchTree` (``sb.tl.read_hierarchy(...)[0]``,
+        ``model.tree``), whose own times ``times="newick"`` keeps. Named groups become named
+        nodes that :meth:`~scbranch.BranchedDiffusion.generate` accepts.
     times
         With ``hierarchy``: ``"data"`` (branch times from the similarity curves) or
         ``"newick"`` (each node's height above the leaves in the Newick branch lengths, in

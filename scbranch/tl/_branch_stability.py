@@ -21,7 +21,7 @@ from .._utils import progress
 from .._validation import check_class_sizes, check_obs_key, to_dense
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
 from ..module._discovery import DiscoveryOptions, discovery_curves
-from ..module._topology import Node, tree_from_topology
+from ..module._topology import Node, topology_of, tree_from_topology
 from ._branch_hierarchy import hierarchy_matrix, read_hierarchy
 
 logger = logging.getLogger(__name__)
@@ -72,18 +72,6 @@ def _labels_of(adata: AnnData, groupby: str, classes: list[str]) -> np.ndarray:
 def _clades(tree: BranchTree) -> dict[frozenset[int], float]:
     """Set of classes of every internal branch -> its branch time (``t_start``)."""
     return {frozenset(b.classes): b.t_start for b in tree.branches if b.children}
-
-
-def _topology(tree: BranchTree) -> Node:
-    """The stored tree's topology (multifurcations kept), for re-timing a given hierarchy."""
-
-    def node(branch_id: int) -> Node:
-        branch = tree.branches[branch_id]
-        if not branch.children:
-            return Node(name=tree.classes[branch.classes[0]])
-        return Node(children=[node(c) for c in branch.children])
-
-    return node(tree.root)
 
 
 def _replicate_tree(x, labels, classes, sde, options, topology: Node | None) -> BranchTree:
@@ -215,7 +203,7 @@ def branch_stability(
             "`sb.tl.branch_hierarchy(..., hierarchy=..., times='data')` to read the times from "
             "the data, then bootstrap those."
         )
-    topology = _topology(tree) if params.get("given") else None
+    topology = topology_of(tree) if params.get("given") else None
     classes = list(tree.classes)
     labels = _labels_of(adata, groupby, classes)
     check_class_sizes(

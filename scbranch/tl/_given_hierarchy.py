@@ -28,6 +28,7 @@ from ..module._topology import (
     from_linkage,
     from_nested,
     parse_newick,
+    topology_of,
     tree_from_topology,
 )
 
@@ -106,11 +107,20 @@ def read_topology(adata: AnnData, hierarchy, groupby: str, classes) -> tuple[Nod
     """The topology of a given hierarchy and what kind of input it was."""
     if isinstance(hierarchy, Node):
         return hierarchy, "topology"
+    if isinstance(hierarchy, BranchTree):
+        # a scbranch tree (sb.tl.read_hierarchy, model.tree): its topology and, for
+        # times="newick", its own branch times
+        return topology_of(hierarchy), "tree"
     if isinstance(hierarchy, Mapping):
+        if "tree" in hierarchy or "membership" in hierarchy:  # a record or BranchTree.to_dict
+            return topology_of(BranchTree.from_dict(hierarchy.get("tree", hierarchy))), "tree"
         return from_nested(dict(hierarchy)), "nested"
     if isinstance(hierarchy, str):
         if hierarchy in adata.uns:
-            return _from_dendrogram(adata.uns[hierarchy], groupby, classes, hierarchy), "dendrogram"
+            entry = adata.uns[hierarchy]
+            if isinstance(entry, Mapping) and "tree" in entry:  # sb.tl.branch_hierarchy's
+                return topology_of(BranchTree.from_dict(entry["tree"])), "tree"
+            return _from_dendrogram(entry, groupby, classes, hierarchy), "dendrogram"
         if "(" in hierarchy or hierarchy.rstrip().endswith(";"):
             return parse_newick(hierarchy), "newick"
         if hierarchy in adata.obs.columns:
