@@ -1,5 +1,6 @@
 """Hierarchies users bring: one topology from every form, data times, generation at nodes."""
 
+import logging
 import warnings
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_a_correct_topology_is_kept_and_timed_as_discovery_times_it(seed):
     assert adata.uns["g"]["params"]["given"] == "nested"
 
 
-def test_a_wrong_topology_is_kept_as_given_and_the_comparison_says_so():
+def test_a_wrong_topology_is_kept_as_given_and_the_comparison_says_so(caplog):
     adata = _sim()
     sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
     sb.tl.branch_hierarchy(
@@ -75,6 +76,14 @@ def test_a_wrong_topology_is_kept_as_given_and_the_comparison_says_so():
     same = sb.tl.compare_hierarchies(adata, "scbranch_hierarchy", "scbranch_hierarchy")
     assert same["robinson_foulds"] == 0 and same["cophenetic_correlation"] == pytest.approx(1.0)
     assert adata.uns["scbranch_hierarchy_comparison"]["robinson_foulds"] == 0
+    # a star tree joins every pair at one time: the correlation is undefined, and said so
+    sb.tl.branch_hierarchy(
+        adata, groupby="cell_type", use_rep="X_latent", hierarchy=[CLASSES], key_added="star"
+    )
+    with caplog.at_level(logging.WARNING, logger="scbranch"):
+        star = sb.tl.compare_hierarchies(adata, "scbranch_hierarchy", "star")
+    assert np.isnan(star["cophenetic_correlation"])
+    assert "undefined (NaN): one tree joins every pair" in caplog.text
     fig = sb.pl.compare_hierarchies(adata, "scbranch_hierarchy", "wrong", return_fig=True)
     assert len(fig.axes) == 3
     # given an Axes of a grid, the three panels take its place in the user's figure

@@ -44,7 +44,8 @@ def pbmc68k(n_comps: int = 30) -> AnnData:
     Returns
     -------
     AnnData with ``layers['counts']`` (integers), ``.X`` (log1p CP10k), ``obs['cell_type']``
-    (10 types), ``obs['lineage']`` (T, NK, B, myeloid, progenitor), ``obs['compartment']``,
+    (10 types), ``obs['lineage']`` (``'T cell'``, ``'NK cell'``, ``'B cell'``, ``'Myeloid'``,
+    ``'Progenitor'``), ``obs['compartment']`` (``'Lymphoid'``, ``'Myeloid'``, ``'Progenitor'``),
     ``obsm['X_pca']``, ``varm['PCs']``.
 
     Examples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from itertools import combinations
 
 import numpy as np
@@ -11,6 +12,8 @@ from anndata import AnnData
 from .._keys import Key
 from ..module import BranchTree
 from ._branch_hierarchy import read_hierarchy
+
+logger = logging.getLogger(__name__)
 
 
 def _tree(adata: AnnData | None, tree_or_key) -> BranchTree:
@@ -101,6 +104,12 @@ def compare_hierarchies(
         corr = float(np.corrcoef(pa, pb)[0, 1])
     else:
         corr = float("nan")
+        # a star tree (or two types) puts every pair at one height: no correlation to compute
+        logger.warning(
+            "The cophenetic correlation is undefined (NaN): %s every pair of types at the same "
+            "branch time (a star tree, or two types), so there is nothing to correlate.",
+            "both trees join" if np.ptp(pa) == 0 and np.ptp(pb) == 0 else "one tree joins",
+        )
 
     def names(sets) -> np.ndarray:
         ordered = sorted(sets, key=lambda s: (len(s), sorted(s)))
