@@ -265,3 +265,21 @@ def test_per_branch_gaussians_streamed_from_disk_equal_those_in_memory(tmp_path)
         )
     # the types differ, so their Gaussians do (the fit is not the global one)
     assert not torch.allclose(on_disk.module.skip_mean[0], on_disk.module.skip_mean[1])
+
+
+def test_a_zarr_store_keeps_the_pca_loadings_and_graphs_a_model_decodes_with(tmp_path):
+    # read_backed of a .zarr store dropped varm: a PCA model trained on it made cells without
+    # genes, saying the data had no loadings
+    adata = sb.datasets.pbmc68k()
+    adata.obsp["connectivities"] = sp.eye(adata.n_obs, format="csr")  # as sc.pp.neighbors
+    adata.write_h5ad(tmp_path / "p.h5ad")
+    adata.write_zarr(tmp_path / "p.zarr")
+    h5, zr = sb.io.read_backed(tmp_path / "p.h5ad"), sb.io.read_backed(tmp_path / "p.zarr")
+    assert set(zr.varm) == set(h5.varm) == {"PCs"}
+    assert set(zr.obsp) == set(h5.obsp) == {"connectivities"}
+    np.testing.assert_array_equal(zr.varm["PCs"], adata.varm["PCs"])
+    sb.BranchedDiffusion.setup_anndata(zr, labels_key="cell_type", obsm_key="X_pca")
+    model = sb.BranchedDiffusion(zr, width=16, n_head_blocks=1)
+    with pytest.warns(UserWarning, match="untrained model"):
+        gen = model.generate(n_cells=2, progress_bar=False)
+    assert gen.n_vars == adata.n_vars

@@ -15,8 +15,9 @@ def read_backed(path: str | os.PathLike) -> AnnData:
 
     ``.h5ad`` files open as :func:`anndata.read_h5ad` with ``backed="r"`` (read-only: scbranch
     never writes into them). ``.zarr`` stores open with ``.X`` (and sparse layers) as
-    anndata's on-disk sparse datasets. ``obs``, ``var``, ``obsm`` and ``uns`` are read into
-    memory: a latent of a million cells is small, the expression matrix is not. Note that
+    anndata's on-disk sparse datasets. ``obs``, ``var``, ``obsm``, ``varm`` (the PCA's
+    loadings), ``obsp``, ``varp`` and ``uns`` are read into memory: a latent of a million cells
+    is small, the expression matrix is not (``raw`` is not read). Note that
     anndata reads an ``.h5ad`` file's layers into memory even in backed mode: keep an atlas's
     counts in ``.X`` (and train on them with ``setup_anndata(..., target_sum=1e4)``).
 
@@ -61,11 +62,16 @@ def read_backed(path: str | os.PathLike) -> AnnData:
         return read_elem(group[key]) if key in group else None
 
     layers = group["layers"] if "layers" in group else {}
+    # everything but the expression in memory, as read_h5ad(backed="r") does: varm holds the
+    # PCA loadings a model decodes its PCA with (left out, its cells had no genes)
     return AnnData(
         X=on_disk(group["X"]) if "X" in group else None,
         obs=read("obs"),
         var=read("var"),
         obsm=read("obsm"),
+        varm=read("varm"),
+        obsp=read("obsp"),
+        varp=read("varp"),
         uns=read("uns"),
         layers={k: on_disk(layers[k]) for k in layers},
     )
