@@ -71,12 +71,20 @@ def to_dense(m) -> np.ndarray:
 
 
 def check_finite(m, where: str) -> None:
-    """Raise if ``m`` contains NaN or infinite values, saying how many and where."""
-    values = m.data if sp.issparse(m) else np.asarray(m)
-    bad = ~np.isfinite(values)
-    if bad.any():
+    """Raise if ``m`` contains NaN or infinite values, saying how many and where.
+
+    A matrix on disk (a backed ``.h5ad`` file, a ``.zarr`` store) is streamed over in blocks.
+    """
+    from .io._rows import count_nonfinite, is_on_disk
+
+    if is_on_disk(m):
+        n_bad = count_nonfinite(m)
+    else:
+        values = m.data if sp.issparse(m) else np.asarray(m)
+        n_bad = int((~np.isfinite(values)).sum())
+    if n_bad:
         raise ValueError(
-            f"{where} contains {int(bad.sum())} NaN or infinite value(s). Remove or impute them "
+            f"{where} contains {n_bad} NaN or infinite value(s). Remove or impute them "
             "before using scbranch (e.g. recompute the representation after filtering cells)."
         )
 
@@ -121,6 +129,10 @@ def check_counts(m, where: str, *, n_check: int = 100_000, fix: str = COUNTS_LAY
     Checks the first ``n_check`` stored values (enough to catch log-normalised or scaled data
     without scanning a large matrix); ``fix`` says what to do, in the caller's terms.
     """
+    from .io._rows import is_on_disk, read_block
+
+    if is_on_disk(m):  # the first rows hold far more than n_check values of an atlas
+        m = read_block(m, 0, min(m.shape[0], 10_000))
     values = m.data if sp.issparse(m) else np.asarray(m).ravel()
     values = np.asarray(values[:n_check], dtype=np.float64)
     if values.size and (values.min() < 0 or not np.all(values == np.round(values))):

@@ -283,3 +283,42 @@ def test_a_zarr_store_keeps_the_pca_loadings_and_graphs_a_model_decodes_with(tmp
     with pytest.warns(UserWarning, match="untrained model"):
         gen = model.generate(n_cells=2, progress_bar=False)
     assert gen.n_vars == adata.n_vars
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+@pytest.mark.parametrize("rep", ["X_pca", None])
+def test_counts_layer_of_an_atlas_on_disk_gives_the_size_factors_of_memory(tmp_path, suffix, rep):
+    # log-normalised .X left on disk with a counts layer: the size factors crashed inside numpy
+    # ("setting an array element with a sequence"; zarr: "ufunc 'isfinite' not supported")
+    adata = sb.datasets.pbmc68k()
+    path = tmp_path / f"p{suffix}"
+    adata.write_h5ad(path) if suffix == ".h5ad" else adata.write_zarr(path)
+    factors = []
+    for data in (adata, sb.io.read_backed(path)):
+        sb.BranchedDiffusion.setup_anndata(
+            data, labels_key="cell_type", obsm_key=rep, counts_layer="counts"
+        )
+        model = sb.BranchedDiffusion(data, width=16, n_head_blocks=1)
+        factors.append(np.concatenate(model.space.counts.pools))
+    np.testing.assert_allclose(factors[1], factors[0], rtol=1e-6)
+    with pytest.warns(UserWarning, match="untrained model"):
+        gen = model.generate(n_cells=2, counts=True, progress_bar=False)
+    assert gen.layers["counts"].shape == (20, adata.n_vars)
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_branch_hierarchy_of_expression_on_disk_equals_memory(tmp_path, suffix):
+    # .X on disk: the NaN check crashed ("ufunc 'isfinite' not supported")
+    adata = sb.datasets.pbmc68k()
+    path = tmp_path / f"p{suffix}"
+    adata.write_h5ad(path) if suffix == ".h5ad" else adata.write_zarr(path)
+    backed = sb.io.read_backed(path)
+    sb.tl.branch_hierarchy(adata, groupby="cell_type")
+    sb.tl.branch_hierarchy(backed, groupby="cell_type")
+    key = "scbranch_hierarchy"
+    assert backed.uns[key]["newick"] == adata.uns[key]["newick"]
+    bad = adata.copy()
+    bad.X[0, 0] = np.nan
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        sb.tl.branch_hierarchy(sb.io.read_backed(tmp_path / "bad.h5ad"), groupby="cell_type")

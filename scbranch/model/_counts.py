@@ -6,6 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validation import to_dense
+from ..io._rows import is_on_disk, iter_blocks, read_rows
 
 #: stored library sizes / size factors per class (a seeded subsample beyond this)
 MAX_POOL = 10_000
@@ -23,6 +24,16 @@ def _row_sums(m) -> np.ndarray:
     return np.asarray(m.sum(1), dtype=np.float64).ravel()
 
 
+def _streamed_row_sums(m, transform=None) -> np.ndarray:
+    """Per-row sums of ``transform(m)``, over blocks of rows when ``m`` is on disk."""
+    if not is_on_disk(m):
+        return _row_sums(m if transform is None else transform(m))
+    out = np.empty(m.shape[0], dtype=np.float64)
+    for start, stop, block in iter_blocks(m, transform=transform):
+        out[start:stop] = _row_sums(block)
+    return out
+
+
 def size_factors(counts, expression, *, n_check: int = 200, rtol: float = 0.05) -> np.ndarray:
     """Per-cell factor ``s`` with ``counts = s * expm1(expression)`` (log1p-normalised data).
 
@@ -37,13 +48,15 @@ def size_factors(counts, expression, *, n_check: int = 200, rtol: float = 0.05) 
     >>> size_factors(c, x).round(2).tolist()
     [0.4, 0.2]
     """
-    expm1 = _expm1(expression)
-    total_counts, total_expr = _row_sums(counts), _row_sums(expm1)
+    # an atlas's expression (and counts) may stay on disk: sums stream over blocks of rows
+    total_counts = _streamed_row_sums(counts)
+    total_expr = _streamed_row_sums(expression, _expm1)
     s = np.divide(
         total_counts, total_expr, out=np.full_like(total_counts, np.nan), where=total_expr > 0
     )
     rows = np.random.default_rng(0).choice(len(s), min(n_check, len(s)), replace=False)
-    c_rows, e_rows = to_dense(counts[rows]), to_dense(expm1[rows])
+    c_rows = to_dense(read_rows(counts, rows))
+    e_rows = to_dense(_expm1(read_rows(expression, rows)))
     # zeros must coincide, and nonzero entries must share one factor per cell
     same_zeros = np.mean((c_rows > 0) != (e_rows > 1e-6)) <= 1e-3
     nonzero = (c_rows > 0) & np.isfinite(s[rows])[:, None]
