@@ -597,6 +597,13 @@ def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):
     assert rc == 0
     gen = ad.read_h5ad(out)
     assert gen.n_obs == 8 and gen.uns["scbranch"]["params"]["anchor_time"] == 0.5
+    # the file the anchors come from is never the output, --overwrite or not (it was replaced)
+    data = fitted["data"]
+    before = data.read_bytes()
+    same = str(data.parent / "." / data.name)
+    assert main([*argv, "--n-cells", "2", "--out", same, "--overwrite"]) == 2
+    assert "--anchors reads" in _error_line(capsys)
+    assert data.read_bytes() == before
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ what is written arrives in blocks, so memory does not grow with the number of ce
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tracemalloc
 
@@ -237,6 +238,14 @@ def test_an_existing_output_is_refused_without_overwrite(pca_model, tmp_path, su
     with pytest.raises(IsADirectoryError, match="is a directory"):
         pca_model.generate(3, seed=1, out=folder, overwrite=True, **FEW)
     folder.rmdir()
+    # a folder named like a store but holding the user's files is not a store to replace
+    notes = tmp_path / "notes.zarr"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(IsADirectoryError, match="not a zarr store"):
+        pca_model.generate(3, seed=1, out=notes, overwrite=True, **FEW)
+    assert (notes / "notes.txt").read_text() == "mine"
+    shutil.rmtree(notes)
     pca_model.generate(4, seed=1, out=path, overwrite=True, **FEW)
     after = _read(path)
     assert after.n_obs == 16 and after.uns["scbranch"]["params"]["seed"] == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,20 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
         )
 
 
-def _check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing file or store unless ``overwrite`` (or a directory)."""
+def _check_output_file(
+    path: Path, overwrite: bool, inputs: Mapping[str, str | None] | None = None
+) -> None:
+    """Refuse to replace an existing file or store unless ``overwrite`` (or a directory).
+
+    ``inputs`` (flag -> path) are files this command reads: never replaced, ``--overwrite``
+    or not (``--anchors cells.h5ad --out cells.h5ad --overwrite`` replaced the user's cells).
+    """
+    for flag, source in (inputs or {}).items():
+        if source is not None and path.resolve() == Path(source).resolve():
+            raise FileExistsError(
+                f"--out {str(path)!r} is the file {flag} reads; writing generated cells there "
+                "would destroy it, even with --overwrite. Choose another name."
+            )
     if path.is_dir() and path.suffix != ".zarr":
         raise FileExistsError(
             f"--out {str(path)!r} is a directory; give a file name ending in .h5ad or .zarr."

@@ -192,7 +192,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.anchor_time is not None and args.anchors is None:
         raise CLIError("--anchor-time applies to anchored generation: add --anchors DATA.h5ad.")
     out = Path(args.out)
-    _check_output_file(out, args.overwrite)
+    _check_output_file(out, args.overwrite, {"--anchors": args.anchors})
     labels = _parse_labels(args.labels, args.label)
     _check_accelerator(args.accelerator)
 

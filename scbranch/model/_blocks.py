@@ -112,6 +112,12 @@ def check_output(
             f"{str(path)!r} is a directory; give a file name ending in .h5ad, or a zarr store "
             "ending in .zarr."
         )
+    if path.is_dir() and not any((path / marker).exists() for marker in (".zgroup", "zarr.json")):
+        # a folder named like a store (notes.zarr/ of the user's files) is not replaced
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory but not a zarr store (no .zgroup or zarr.json); "
+            "scbranch replaces only stores it could have written. Choose another name."
+        )
     if path.resolve() in backing_paths(*reading):
         raise ValueError(
             f"{str(path)!r} holds the cells the model is reading (opened with "
