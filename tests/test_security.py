@@ -47,6 +47,10 @@ def test_a_saved_model_holds_no_pickle_and_round_trips_bit_identically(pca_model
     pca_model.save(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["model.json", "model.npz", "model.safetensors"]
+    # every file with the mode open() gives (safetensors' own was 0600: a shared model
+    # directory's weights were unreadable to colleagues who could read its JSON)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert len(set(modes.values())) == 1, modes
     with np.load(tmp_path / "m" / "model.npz", allow_pickle=False) as npz:
         assert all(npz[k].dtype != object for k in npz.files)
     loaded = sb.BranchedDiffusion.load(tmp_path / "m")
@@ -81,6 +85,8 @@ def test_the_nested_scvi_model_is_read_as_plain_data(scvi_model, tmp_path):
     scvi_model.save(tmp_path / "s")
     scvi_files = sorted(p.name for p in (tmp_path / "s" / "scvi").iterdir())
     assert scvi_files == ["config.json", "config.npz", "model.safetensors"]
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    assert len(modes) == 1, modes
     loaded = sb.BranchedDiffusion.load(tmp_path / "s")
     np.testing.assert_array_equal(
         _cells(scvi_model).layers["counts"].toarray(), _cells(loaded).layers["counts"].toarray()

@@ -30,7 +30,7 @@ import torch
 from anndata import AnnData
 
 from .._validation import check_genes_equal
-from ._plain import NewerFormatError, PlainFormatError, read_plain, write_plain
+from ._plain import NewerFormatError, PlainFormatError, read_plain, save_tensors, write_plain
 from ._spaces import SPACES, ExpressionSpace, PcaSpace, ScviSpace, _SizeFactorCounts
 
 if TYPE_CHECKING:
@@ -113,8 +113,6 @@ def save(
     if rank != 0:  # under DDP every process runs the script; one writes
         logger.info("Process %d does not save: only process 0 writes the model.", rank)
         return
-    from safetensors.torch import save_file
-
     from .. import __version__
 
     directory = Path(dir_path)
@@ -130,7 +128,7 @@ def save(
     state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
     tmp = paths["weights"].with_name(f".{paths['weights'].name}.tmp")
     try:
-        save_file(state, str(tmp))
+        save_tensors(state, tmp)
         tmp.replace(paths["weights"])
     finally:
         tmp.unlink(missing_ok=True)

@@ -119,6 +119,21 @@ def unpack(value, arrays) -> object:
     return {k: unpack(v, arrays) for k, v in value.items()}
 
 
+def save_tensors(state: dict, path: Path) -> None:
+    """Write tensors with safetensors, with the permissions of any other file written here.
+
+    ``safetensors`` writes through a private temporary file (mode 0600), so colleagues who
+    read a shared model directory could read its JSON but not its weights; the file gets the
+    mode ``open()`` would give it (0666 less the umask).
+    """
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_plain(obj, json_path: Path, npz_path: Path, *, kind: str) -> None:
     """Write ``obj`` to ``json_path`` (values) and ``npz_path`` (numeric arrays), atomically."""
     value, arrays = pack(obj)

@@ -23,7 +23,7 @@ from .._logging import quiet_training_warnings
 from .._validation import check_counts, check_finite, check_genes, check_obs_key, to_dense
 from ..io._rows import count_nonfinite, is_on_disk, iter_blocks, read_block, read_rows
 from ._expected_log1p import expected_log1p
-from ._plain import read_plain, write_plain
+from ._plain import read_plain, save_tensors, write_plain
 
 logger = logging.getLogger(__name__)
 
@@ -557,12 +557,10 @@ def save_scvi_weights(vae, directory) -> None:
     """
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in vae.module.state_dict().items()}
-    save_file(state, directory / SCVI_WEIGHTS)
+    save_tensors(state, directory / SCVI_WEIGHTS)
     config = {
         "class": type(vae).__name__,
         "init_params": vae.init_params_,
