@@ -500,16 +500,16 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
 
         Returns
         -------
-        Nothing; the model is trained in place (``model.is_trained``), with the losses in
-        ``model.history``.
+        Nothing: trained in place (``model.is_trained``, ``model.history``). As for scvi-tools
+        models, ``scvi.settings.seed = 0`` before building the model (the CLI's ``--seed``)
+        makes building and training it reproducible.
 
         Examples
         --------
         >>> model.train(max_epochs=300)  # doctest: +SKIP
         >>> model.train(accelerator="gpu", devices=1)  # doctest: +SKIP
         """
-        # Another scvi model set up on the same AnnData overwrites obs['_scvi_labels']; replay
-        # our registration so we never train on wrong labels (a known scvi-tools pitfall).
+        # another scvi model set up on this AnnData rewrites obs['_scvi_labels']: replay ours
         self._validate_anndata(self.adata)
         forget_calibrations(self)  # measured on the network as it was
         train_size, validation_size = split_sizes(train_size, validation_size)
