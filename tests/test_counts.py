@@ -477,3 +477,46 @@ def test_expression_model_generates_anchored_cells():
     other = adata[:, adata.var_names[:50]].copy()
     with pytest.raises(ValueError, match="gene"):
         model.generate_anchored(other, 3, progress_bar=False)
+
+
+def test_expression_model_counts_keep_real_library_sizes(tmp_path):
+    # counts drawn around raw generated values had twice real cells' library sizes (small
+    # values of unexpressed genes summed up) and outliers of 50x the largest real library
+    # (one gene at 14 in log1p units): they are drawn around the values capped at each gene's
+    # training maximum and rescaled to the total every training cell shares
+    adata = _pbmc(100)
+    counts = adata.layers["counts"]
+    adata.X = log_normalize(counts)  # CP10k over these genes: every cell sums to 1e4
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key=LABELS, counts_layer="counts")
+    model = sb.BranchedDiffusion(adata, **FAST_MODEL)
+    space = model.space
+    x = adata.X.toarray()
+    assert space.total == pytest.approx(1e4, rel=1e-5)
+    np.testing.assert_allclose(space.gene_max, x.max(0), rtol=1e-6)
+    # real cells are such profiles already: unchanged (the known answer)
+    np.testing.assert_allclose(space.count_profiles(x), x, atol=1e-4)
+    wild = x[:3].copy()
+    wild[:, 0] = 14.0  # far above any training value
+    wild[:, 1:] += 0.3  # the small values of every other gene
+    bounded = space.count_profiles(wild).astype(np.float64)
+    assert (bounded <= space.gene_max + 1e-6).all()
+    np.testing.assert_allclose(np.expm1(bounded).sum(1), 1e4, rtol=1e-3)
+    # generated counts: library sizes those of the class's real cells (before rounding)
+    real_lib = np.asarray(counts.sum(1)).ravel()
+    with pytest.warns(UserWarning, match="untrained model"):
+        gen = model.generate(n_cells=30, seed=0, counts=True, progress_bar=False)
+    lib = np.asarray(gen.layers["counts"].sum(1)).ravel()
+    expected = gen.obs["scbranch_size_factor"].to_numpy() * 1e4
+    assert np.abs(lib - expected).max() <= 4 * np.sqrt(adata.n_vars)  # rounding noise only
+    assert lib.max() <= real_lib.max() + 4 * np.sqrt(adata.n_vars)
+    # .X keeps the generated values themselves
+    assert gen.X.max() > 0
+    # saved and loaded with its bounds; expression not normalised to one total: no rescaling
+    model.save(tmp_path / "m")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m").space
+    assert loaded.total == space.total
+    np.testing.assert_array_equal(loaded.gene_max, space.gene_max)
+    scaled = adata.copy()
+    scaled.X = x * np.linspace(0.5, 1.5, adata.n_obs)[:, None]
+    sb.BranchedDiffusion.setup_anndata(scaled, labels_key=LABELS)
+    assert sb.BranchedDiffusion(scaled, **FAST_MODEL).space.total is None
