@@ -15,7 +15,13 @@ def resolve_seed(seed: int | None) -> int:
     >>> resolve_seed(3)
     3
     """
-    return int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
+    if seed is None:
+        return int(np.random.default_rng().integers(2**31))
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+        raise ValueError(
+            f"seed must be a whole number >= 0 (or None for a fresh one), got {seed!r}."
+        )
+    return int(seed)
 
 
 def progress(description: str, enabled: bool = True) -> Callable[[Iterable], Iterable] | None:

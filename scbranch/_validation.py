@@ -102,10 +102,16 @@ def check_class_sizes(
     counts = np.bincount(labels, minlength=len(classes))
     small = [(classes[i], int(n)) for i, n in enumerate(counts) if n < min_cells]
     if small:
-        listing = ", ".join(f"{c!r} ({n} cell{'s' if n != 1 else ''})" for c, n in small)
+        # a continuous column named as labels makes every value a class: name a few
+        shown = small[:10]
+        listing = ", ".join(f"{c!r} ({n} cell{'s' if n != 1 else ''})" for c, n in shown)
+        if len(small) > len(shown):
+            listing += f" and {len(small) - len(shown)} more"
+        many = len(small) > len(classes) / 2 and len(classes) > 20
+        hint = f" ({len(classes)} classes: is it the cell-type column?)" if many else ""
         raise ValueError(
-            f"Class(es) {listing} of adata.obs[{labels_key!r}] have fewer than {min_cells} cells, "
-            f"{why} Unused categories can be dropped with "
+            f"Class(es) {listing} of adata.obs[{labels_key!r}] have fewer than {min_cells} cells"
+            f"{hint}, {why} Unused categories can be dropped with "
             f"`adata.obs[{labels_key!r}] = "
             f"adata.obs[{labels_key!r}].cat.remove_unused_categories()`."
         )

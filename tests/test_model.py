@@ -369,6 +369,12 @@ def test_single_cell_class_raises():
         sb.BranchedDiffusion(adata, width=16)
     with pytest.raises(ValueError, match=r"'lonely' \(1 cell\)"):
         sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
+    # a continuous column named as the labels: a few classes named, not every value
+    adata.obs["n_counts"] = np.arange(adata.n_obs, dtype=float) / 7
+    many = r"and \d+ more of .*\(\d+ classes: is it the cell-type"
+    with pytest.raises(ValueError, match=many) as err:
+        sb.tl.branch_hierarchy(adata, groupby="n_counts", use_rep="X_latent")
+    assert len(str(err.value)) < 1000
 
 
 def test_unknown_label_in_generate(trained):
@@ -583,3 +589,11 @@ def test_load_with_genes_in_another_order_names_the_subset(tmp_path):
         sb.BranchedDiffusion.load(tmp_path / "m", adata=adata[:, 1:].copy())
     loaded = sb.BranchedDiffusion.load(tmp_path / "m")
     assert list(loaded.get_var_names()) == list(adata.var_names)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_a_seed_that_is_not_a_whole_number_is_named(trained, seed):
+    # numpy said only "expected non-negative integer" for -1, and 1.5 ran as 1
+    _, model = trained
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
+        model.generate(n_cells=2, seed=seed, progress_bar=False)
