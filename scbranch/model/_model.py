@@ -659,12 +659,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Show one progress bar over the steps of all blocks.
         out
             Write the cells to this ``.h5ad`` file or ``.zarr`` store (by its suffix) instead
-            of returning them: each block is written as soon as it is decoded (counts and
-            log-normalised ``.X`` sparse), so memory holds one block plus every cell's ``obs``
-            row, whatever the number of cells. The file appears under its name only when
-            complete; an error or Ctrl-C leaves no file (and no temporary one) behind, and an
-            existing file as it was. Trajectories (``trajectory_times``) are written in one
-            block.
+            of returning them: each block is written as soon as it is decoded (counts sparse,
+            ``.X`` dense in the PCA and expression spaces), so memory holds one block plus
+            every cell's ``obs`` row, whatever the number of cells. The file appears under
+            its name only when complete; an error or Ctrl-C leaves no file (and no temporary
+            one) behind, and an existing file as it was. Trajectories (``trajectory_times``)
+            are written in one block.
         overwrite
             Replace an existing ``out`` (only once the new one is complete); without it an
             existing ``out`` raises :class:`FileExistsError` before any work.
