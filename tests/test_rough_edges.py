@@ -68,6 +68,17 @@ def test_cli_warnings_name_flags_not_python_arguments(files, tmp_path, capfd):
     assert "target_sum=" not in line and "`layer=`" not in line
 
 
+def test_an_output_that_appears_while_cells_are_made_is_named_with_the_flag():
+    from scbranch.cli import _in_flags
+    from scbranch.io._writer import check_writable
+
+    Path("taken.h5ad").write_text("")  # as if another job wrote it during generation
+    with pytest.raises(FileExistsError) as err:
+        check_writable("taken.h5ad", overwrite=False)
+    message = _in_flags(str(err.value))
+    assert "--overwrite" in message and "overwrite=True" not in message
+
+
 def test_output_a_user_reads_has_no_noise(files, tmp_path, capfd):
     capfd.readouterr()
     main(

@@ -26,6 +26,8 @@ _FLAGS = {
     "`layer=`": "`--layer`",
     "`counts_layer=`": "`--counts-layer`",
     "`obsm_key=`": "`--rep`",
+    # the output appearing while cells are generated is caught by the writer, in Python terms
+    "overwrite=True": "--overwrite",
 }
 
 
