@@ -632,3 +632,19 @@ def test_generate_anchored_bad_anchor_time_and_file(fitted, tmp_path, capsys):
     # an option of anchored generation without --anchors is refused, not ignored
     assert main([*argv, "--anchor-time", "0.3"]) == 2
     assert "add --anchors" in _error_line(capsys)
+
+
+def test_a_type_name_split_at_its_comma_points_to_label(fitted, tmp_path, capsys):
+    argv = [
+        "generate",
+        str(fitted["model_dir"]),
+        "--n-cells",
+        "2",
+        "--out",
+        str(tmp_path / "g.h5ad"),
+    ]
+    assert main([*argv, "--labels", "c2, naive"]) == 2
+    line = _error_line(capsys)
+    assert "['naive']" in line and "--label" in line and "splits at commas" in line
+    assert not (tmp_path / "g.h5ad").exists()
+    assert main([*argv, "--labels", "c2,c3"]) == 0

@@ -206,6 +206,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model = BranchedDiffusion.load(str(model_dir), accelerator=args.accelerator, device=device)
     except _lightning_errors() as err:
         raise CLIError(f"--accelerator/--device: {_one_line(err)}") from err
+    _check_split_labels(model, labels, args.labels)
     seed = resolve_seed(args.seed)  # drawn here to be reported (and recorded in the file)
     if args.anchors is not None:
         return _generate_anchored(model, args, labels, seed, out)
@@ -235,6 +236,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"(seed {seed})",
     )
     return 0
+
+
+def _check_split_labels(model, labels: list[str] | None, csv: str | None) -> None:
+    """Name ``--label`` when ``--labels`` split a type's own comma into unknown names."""
+    if labels is None or not csv or "," not in csv:
+        return
+    known = set(model.classes) | set(model.tree.node_names)
+    unknown = [name for name in labels if name not in known]
+    if unknown:
+        raise CLIError(
+            f"Unknown cell type(s) {unknown}: --labels splits at commas; give a type whose name "
+            "holds a comma with --label (one per type, e.g. --label 'B cell, naive'). The "
+            f"model knows {list(model.classes)}."
+        )
 
 
 def _generate_anchored(model, args: argparse.Namespace, labels, seed: int, out: Path) -> int:
