@@ -155,15 +155,20 @@ def check_cells(adata: AnnData, what: str = "adata") -> None:
         raise ValueError(
             f"{what} holds 0 cells; pass the cells to learn from (was it filtered to nothing?)."
         )
-    for axis, names, fix in (
-        ("obs_names", adata.obs_names, "obs_names_make_unique"),
-        ("var_names", adata.var_names, "var_names_make_unique"),
+    for axis, names, fix, why in (
+        (
+            "obs_names",
+            adata.obs_names,
+            "obs_names_make_unique",
+            "cells are named in what scbranch returns (transmutation sources, anchors)",
+        ),
+        ("var_names", adata.var_names, "var_names_make_unique", "generated cells carry them on"),
     ):
         if not names.is_unique:
             dup = list(pd.unique(names[names.duplicated()])[:3])
             raise ValueError(
-                f"{what}.{axis} are not unique (e.g. {dup}), and generated cells would carry "
-                f"them on. Run `{what}.{fix}()` first."
+                f"{what}.{axis} are not unique (e.g. {dup}), and {why}. Run `{what}.{fix}()` "
+                "first (for a file: read it, run it, write it again)."
             )
 
 
