@@ -97,8 +97,13 @@ def test_training_from_counts_on_disk_equals_training_on_the_normalised_cells_in
     factors = gen.obs["scbranch_size_factor"].to_numpy()
     observed = adata.X.sum(1).A1 / 1e4
     assert observed.min() - 1e-6 <= factors.min() and factors.max() <= observed.max() + 1e-6
-    expected = factors * np.expm1(np.clip(gen.X, 0, None)).sum(1)
+    # ...around the generated values capped at each gene's training maximum and rescaled to
+    # the target sum: totals are the factors' libraries, up to rounding and the cap
+    profiles = on_disk.space.count_profiles(np.asarray(gen.X))
+    assert on_disk.space.total == pytest.approx(1e4, rel=1e-6)
+    expected = factors * np.expm1(profiles.astype(np.float64)).sum(1)
     np.testing.assert_allclose(counts.sum(1), expected, rtol=0.05)
+    assert (expected <= factors * 1e4 * (1 + 1e-5)).all()
     # save and load keep the normalisation
     on_disk.save(tmp_path / "model")
     loaded = sb.BranchedDiffusion.load(tmp_path / "model")

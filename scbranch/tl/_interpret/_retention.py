@@ -120,7 +120,7 @@ def identity_retention(
     >>> import scbranch as sb
     >>> tm = model.transmute(monocytes, target="Dendritic")  # doctest: +SKIP
     >>> sb.tl.identity_retention(tm)  # doctest: +SKIP
-    >>> ends = tm.obs["phase"] == "endpoint"  # one value per trajectory, on each of its rows
+    >>> ends = tm.obs["phase"] == "endpoint"  # one value per trajectory  # doctest: +SKIP
     >>> tm.obs.loc[ends, "scbranch_identity_retention"].describe()  # doctest: +SKIP
     """
     _check_transmutation(transmuted)
