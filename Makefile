@@ -8,8 +8,10 @@ DEMO_OUT ?= demo_out
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build
-	$(PIP) install torch==2.13.0
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. Where pip's
+	# own sources hold no CPU wheel (plain PyPI on Linux has the CUDA one), pass
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu
+	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e ".[test]"
 	touch $@
 

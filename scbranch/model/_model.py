@@ -630,8 +630,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             from scVI's likelihood with library sizes drawn from the class); with `False`,
             ``.X`` is the expected log-normalised counts (exact). Expression and PCA
             models do with ``counts=True`` if set up with ``counts_layer``: the expression
-            (negative values set to 0) is mapped back through a size factor drawn from the
-            class, ``s * expm1(x)``, stochastically rounded (unbiased; exact for real cells).
+            (negative values set to 0; expression models cap and rescale it, docs/spaces.md)
+            goes back through a class's size factor, ``s * expm1(x)``, stochastically rounded.
         batch
             scVI models set up with a batch: the batch to decode into (default: the most common
             one in the training data).

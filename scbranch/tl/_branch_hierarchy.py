@@ -182,7 +182,8 @@ def resolve_hierarchy(
             logger.info("Using the hierarchy stored in adata.uns[%r].", key)
             return tree, dict(record)
         if isinstance(hierarchy, str):
-            raise ValueError(f"adata.uns[{key!r}] does not fit this model: {'; '.join(problems)}.")
+            listing = "; ".join(p.rstrip(".") for p in problems)  # one full stop at the end
+            raise ValueError(f"adata.uns[{key!r}] does not fit this model: {listing}.")
         logger.info(
             "Not reusing adata.uns[%r] (%s); discovering the hierarchy.",
             key,
