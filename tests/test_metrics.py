@@ -72,6 +72,17 @@ def test_auroc_identical_and_same_distribution_is_one_half():
         classifier_auroc(x[:3], y)
 
 
+def test_auroc_catches_a_collapsed_set_even_when_it_copies_a_real_cell():
+    # the copies of a collapsed generator spread over the folds and are learnt; only a copy with
+    # a partner in the other set is kept with it (all copies in one fold scored 0.15)
+    r = np.random.default_rng(0).normal(size=(50, 30))
+    assert classifier_auroc(np.repeat(r[:1], 50, 0), r) > 0.95
+    assert classifier_auroc(np.repeat(r[:1] + 1e-9, 50, 0), r) > 0.95
+    assert classifier_auroc(np.repeat(r[:5], 10, 0), r) > 0.85
+    # half of the real cells, copied once: each copy still pairs with its original
+    assert abs(classifier_auroc(r[:25].copy(), r) - 0.5) < 0.1
+
+
 @pytest.fixture(scope="module")
 def pbmc_pcs():
     adata = sb.datasets.pbmc68k()

@@ -82,16 +82,29 @@ def classifier_auroc(
 
 
 def _copy_groups(data: np.ndarray, n_x: int) -> np.ndarray:
-    """Group ids: a cell present in both sets shares one id with its copies; others are alone.
+    """Group ids: copies of one cell in the two sets are paired; every other cell is alone.
 
-    Duplicates within one set (e.g. a collapsed generator) stay separate, or the whole set
-    would fall into one fold and the forest would never see it during training.
+    The k-th copy of a cell in the first set shares an id with its k-th copy in the second
+    (a forest that saw one of a pair with the other label would score the other backwards:
+    two identical sets got AUROC 0.02). Copies without a partner in the other set, e.g. the
+    duplicates of a collapsed generator, stay separate, so they spread over the folds and the
+    forest learns them: grouping all copies of a cell put a collapsed set in one fold, never
+    seen in training, and scored it 0.15 against the real cell it copied.
     """
     content = np.unique(data, axis=0, return_inverse=True)[1].ravel()
-    shared = np.intersect1d(content[:n_x], content[n_x:])
     groups = np.arange(len(data)) + content.max() + 1
-    in_both = np.isin(content, shared)
-    groups[in_both] = content[in_both]
+    sides = (np.arange(len(data)) >= n_x).astype(np.int64)
+    # rank of each row among the copies of its content on its own side
+    order = np.lexsort((np.arange(len(data)), sides, content))
+    keys = content[order] * 2 + sides[order]
+    first = np.r_[True, keys[1:] != keys[:-1]]
+    starts = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    rank = np.empty(len(data), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - starts
+    per_side = np.zeros((content.max() + 1, 2), dtype=np.int64)
+    np.add.at(per_side, (content, sides), 1)
+    paired = rank < per_side[content, 1 - sides]
+    groups[paired] = content[paired] * len(data) + rank[paired] - len(data) * (content.max() + 2)
     return groups
 
 
