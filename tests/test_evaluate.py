@@ -1,5 +1,7 @@
 """tl.evaluate: the protocol (controls, equal sizes, seeds), storage, and bad input."""
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -186,8 +188,18 @@ def test_bad_input_gives_clear_errors(data):
         sb.tl.evaluate(good, nolabel, "cell_type")
     raw = held.copy()
     raw.X = raw.layers["counts"].copy()
-    with pytest.raises(ValueError, match="real expression looks like raw counts"):
+    with pytest.raises(ValueError, match=r"real \(raw counts\).*not on one scale"):
         sb.tl.evaluate(good, raw, "cell_type")
+    # train on another scale fitted the reference PCA and the label classifier silently
+    raw_train = data["train"].copy()
+    raw_train.X = raw_train.layers["counts"].copy()
+    with pytest.raises(ValueError, match=r"train \(raw counts\).*`train` included"):
+        sb.tl.evaluate(good, held, "cell_type", train=raw_train)
+    unlogged = held.copy()
+    unlogged.X = unlogged.X.copy()
+    unlogged.X.data = np.expm1(unlogged.X.data) if sp.issparse(unlogged.X) else np.expm1(unlogged.X)
+    with pytest.raises(ValueError, match=r"real \(not log-transformed\)"):
+        sb.tl.evaluate(good, unlogged, "cell_type")
     nan = good.copy()
     nan.X = nan.X.toarray()
     nan.X[0, 0] = np.nan
@@ -200,3 +212,36 @@ def test_bad_input_gives_clear_errors(data):
     empty = good[:0].copy()
     with pytest.raises(ValueError, match="holds no cells"):
         sb.tl.evaluate(empty, held, "cell_type")
+
+
+def test_evaluate_refuses_what_it_cannot_judge_and_warns_about_what_it_judges_badly(data, caplog):
+    # from a user audit: a train set that holds the compared cells, min_cells below what the
+    # classifier needs, one metric as a string, a class absent from train, NaN in counts
+    gen, held = data["good"], data["held"]
+    with pytest.warns(UserWarning, match=r"real cells are also in `train`"):
+        sb.tl.evaluate(gen, held, "cell_type", train=held, metrics=["label_fidelity"])
+    with pytest.raises(ValueError, match="min_cells must be at least 4 with 'auroc'"):
+        sb.tl.evaluate(gen, held, "cell_type", min_cells=2)
+    sb.tl.evaluate(gen, held, "cell_type", min_cells=2, metrics=["w2"])  # no classifier
+    with pytest.raises(ValueError, match="max_cells=3 is below min_cells=10"):
+        sb.tl.evaluate(gen, held, "cell_type", max_cells=3)
+    with pytest.raises(ValueError, match="asks for nothing"):
+        sb.tl.evaluate(gen, held, "cell_type", metrics=[])
+    one = sb.tl.evaluate(gen, held, "cell_type", metrics="w2")
+    assert set(one["metric"]) == {"w2"}
+    train = data["train"]
+    missing = train[train.obs["cell_type"] != "gamma"].copy()
+    with caplog.at_level(logging.WARNING, logger="scbranch"):
+        sb.tl.evaluate(gen, held, "cell_type", train=missing, metrics=["label_fidelity"])
+    assert "'gamma' have no cells in `train`" in caplog.text
+    nan = gen.copy()
+    counts = nan.layers["counts"].toarray().astype(float)
+    counts[0, 0] = np.nan
+    nan.layers["counts"] = counts
+    with pytest.raises(ValueError, match=r"generated.layers\['counts'\] contains 1 NaN"):
+        sb.tl.evaluate(nan, held, "cell_type", metrics=["zero_fraction_error"])
+    no_counts = gen.copy()
+    del no_counts.layers["counts"]
+    with caplog.at_level(logging.WARNING, logger="scbranch"):
+        sb.tl.evaluate(no_counts, held, "cell_type", metrics=["zero_fraction_error"])
+    assert "count metrics are not evaluated" in caplog.text

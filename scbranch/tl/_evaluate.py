@@ -23,6 +23,7 @@ halves A and B of the real cells (the real-vs-real control, the floor no model c
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,13 +118,17 @@ def _expression(adata: AnnData, layer: str | None, name: str):
     return m
 
 
-def _looks_like_counts(m, n_rows: int = 500) -> bool:
-    """Integer-valued with a maximum above any log-normalised value (log1p(1e4) ~ 9.2)."""
+def _scale(m, n_rows: int = 500) -> str:
+    """``"raw counts"``, ``"not log-transformed"`` or ``"log-normalised"`` (first rows).
+
+    log1p of normalised expression stays below ~14 (log1p(1e6)); larger values are counts
+    (integers) or normalised values that were never log-transformed.
+    """
     rows = m[: min(n_rows, m.shape[0])]
     values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
-    return (
-        bool(values.size) and float(values.max()) > 20 and bool(np.all(values == np.round(values)))
-    )
+    if not values.size or float(values.max()) <= 20:
+        return "log-normalised"
+    return "raw counts" if bool(np.all(values == np.round(values))) else "not log-transformed"
 
 
 def _gene_positions(generated: AnnData, other: AnnData, name: str) -> np.ndarray:
@@ -336,12 +341,27 @@ def evaluate(
     >>> sb.pl.evaluation(report)  # doctest: +SKIP
     """
     explicit = metrics is not None
+    if isinstance(metrics, str):  # one metric, as pl.evaluation takes it
+        metrics = [metrics]
     metrics = list(METRICS) if metrics is None else list(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(METRICS)}.")
-    if min_cells < 2:
-        raise ValueError(f"min_cells must be at least 2, got {min_cells}.")
+    if not metrics:
+        raise ValueError(f"metrics=[] asks for nothing; choose from {list(METRICS)}.")
+    # the forest scores out-of-fold in 5 folds: fewer than 4 cells a side cannot be scored
+    floor = 4 if "auroc" in metrics else 2
+    if min_cells < floor:
+        raise ValueError(
+            f"min_cells must be at least {floor}"
+            + (" with 'auroc' (the classifier needs 4 cells a side)" if floor == 4 else "")
+            + f", got {min_cells}."
+        )
+    if max_cells is not None and max_cells < min_cells:
+        raise ValueError(
+            f"max_cells={max_cells} is below min_cells={min_cells}: no class could be compared "
+            "by distances. Raise max_cells (or None for every cell)."
+        )
     if "train_distance" in metrics and train is None:
         if explicit:
             raise ValueError(
@@ -365,7 +385,13 @@ def evaluate(
     )
     real_labels = real.obs[labels_key].astype(str).to_numpy()
 
-    expr = _expressions(generated, real, fitting, layer) if generated.n_vars else None
+    expr = (
+        _expressions(
+            generated, real, fitting, layer, "train" if train is not None else "real (fitting part)"
+        )
+        if generated.n_vars
+        else None
+    )
     spaces = _spaces(generated, real, fitting, expr, use_rep, reference_pca, n_comps, seed)
     halves = {
         g: _split_halves(
@@ -455,6 +481,27 @@ def _fitting_cells(real, train, labels_key, groups, fit_fraction, min_cells, see
     a stratified ``fit_fraction`` of ``real`` is held apart (never compared).
     """
     if train is not None:
+        shared = real.obs_names.intersection(train.obs_names)
+        if len(shared):
+            # the reference space would be fitted on cells it then compares: the bias the
+            # protocol exists to avoid (train_distance's control falls to 0)
+            warnings.warn(
+                f"{len(shared)} of the {real.n_obs} real cells are also in `train` (e.g. "
+                f"{list(shared[:3])}): the judging space and classifier are fitted on cells "
+                "they compare, which flatters every metric. Pass held-out cells the model and "
+                "`train` never saw.",
+                UserWarning,
+                stacklevel=3,
+            )
+        untrained = [
+            g for g in groups if g not in set(train.obs[labels_key].astype(str).to_numpy())
+        ]
+        if untrained:
+            logger.warning(
+                "Class(es) %s have no cells in `train`: the label-fidelity classifier never "
+                "sees them, so their cells cannot be called their class (fidelity 0).",
+                ", ".join(repr(g) for g in untrained),
+            )
         return train, real, f"train ({train.n_obs} cells)"
     labels = real.obs[labels_key].astype(str).to_numpy()
     fit_pos, compare_pos = split_for_fitting(labels, fit_fraction, seed)
@@ -515,22 +562,22 @@ def _resolve_groups(groups, gen_labels, real_labels, labels_key) -> list[str]:
     return groups
 
 
-def _expressions(generated, real, fitting, layer) -> dict:
+def _expressions(generated, real, fitting, layer, fitting_name: str = "train") -> dict:
     """Expression of the generated genes in every object (real ones reordered to match)."""
     expr = {"generated": _expression(generated, layer, "generated")}
     for name, data in (("real", real), ("fitting", fitting)):
         expr[name] = _expression(data, layer, name)[:, _gene_positions(generated, data, name)]
-    gen_counts, real_counts = (
-        _looks_like_counts(expr["generated"]),
-        _looks_like_counts(expr["real"]),
-    )
-    if gen_counts != real_counts:
-        which = "real" if real_counts else "generated"
+    # every object on one scale: a train set of counts fitted the reference PCA and the
+    # label-fidelity classifier on another scale than the cells it judged, silently
+    names = {"generated": "generated", "real": "real", "fitting": fitting_name}
+    scales = {names[name]: _scale(m) for name, m in expr.items()}
+    if len(set(scales.values())) > 1:
+        listing = ", ".join(f"{name} ({kind})" for name, kind in scales.items())
         raise ValueError(
-            f"The {which} expression looks like raw counts while the other does not: evaluate "
-            "compares log-normalised expression. Normalise with "
-            "`sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)` or pass the "
-            "`layer` that holds it."
+            f"The expression of {listing} is not on one scale: evaluate compares "
+            "log-normalised expression in every object (`train` included). Normalise the "
+            "others with `sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)`, "
+            "or pass the `layer` that holds it in every object."
         )
     return expr
 
@@ -648,12 +695,18 @@ def _gene_rows(
         and counts_layer in real.layers
     )
     if wants_counts and not use_counts:
-        logger.debug(
-            "No counts layer %r in both objects: count metrics are not evaluated.", counts_layer
+        # asked for nothing else, an empty report needs saying where a user will see it
+        only_counts = all(m in _COUNTS for m in metrics)
+        (logger.warning if only_counts else logger.debug)(
+            "No counts layer %r in both objects: count metrics are not evaluated (generate "
+            "with counts=True, and pass real cells with their counts).",
+            counts_layer,
         )
     if use_counts:
         gen_counts = generated.layers[counts_layer]
         real_counts = real.layers[counts_layer][:, _gene_positions(generated, real, "real")]
+        check_finite(gen_counts, f"generated.layers[{counts_layer!r}]")
+        check_finite(real_counts, f"real.layers[{counts_layer!r}]")
     rows = []
     for g in groups:
         h = halves[g]
