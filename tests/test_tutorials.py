@@ -31,3 +31,21 @@ def test_tutorial_runs(path, tmp_path, monkeypatch):
     ]
     assert not errors
     assert any(o.get("data", {}).get("text/plain") == "True" for o in nb.cells[-1]["outputs"])
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_stored_tutorials_show_their_figures(path):
+    # the site renders the stored outputs: notebooks executed with a non-interactive backend
+    # stored no figure, and the text pointed at plots nobody could see
+    nb = nbformat.read(path, as_version=4)
+    plotting = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and ("sb.pl." in cell.source or "sc.pl." in cell.source)
+    ]
+    blank = [
+        i
+        for i in plotting
+        if not any("image/png" in o.get("data", {}) for o in nb.cells[i].get("outputs", []))
+    ]
+    assert plotting and not blank, f"cells {blank} of {path.name} plot but store no figure"
