@@ -47,6 +47,10 @@ def test_mmd_known_value_and_identity():
     assert mmd_rbf(x, x) == 0.0
     assert mmd_rbf(x, x.copy(), bandwidths="median") == 0.0
     assert median_bandwidth([[0.0], [1.0]], [[3.0]]) == pytest.approx(2.0)
+    # one bandwidth as a number (it raised "'float' object is not iterable"); NaN refused
+    assert mmd_rbf([[0.0]], [[1.0]], bandwidths=1.0) == pytest.approx(2 - 2 * np.exp(-0.5))
+    with pytest.raises(ValueError, match="bandwidths must be positive"):
+        mmd_rbf([[0.0]], [[1.0]], bandwidths=[np.nan])
 
 
 def test_mmd_separates_distributions_it_should():
@@ -119,6 +123,9 @@ def test_gene_level_metrics():
     assert gene_moment_spearman(sp.csr_matrix(x), y) == pytest.approx((rho_mean, rho_var))
     counts = np.array([[0, 1, 2], [0, 0, 3]])
     np.testing.assert_allclose(zero_fraction(counts), [1.0, 0.5, 0.0])
+    assert zero_fraction([[0, 1], [0, 0]]).tolist() == [1.0, 0.5]  # a list (AttributeError)
+    with pytest.raises(ValueError, match="2-D"):
+        zero_fraction(np.zeros(3))
     np.testing.assert_allclose(zero_fraction(sp.csr_matrix(counts)), [1.0, 0.5, 0.0])
     # explicitly stored zeros count as zeros, and the caller's matrix is left as it was
     stored = sp.csc_matrix((np.array([0.0, 1.0, 0.0, 2.0]), ([0, 0, 1, 1], [0, 1, 1, 2])), (2, 3))

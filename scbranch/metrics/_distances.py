@@ -127,8 +127,11 @@ def mmd_rbf(x, y, *, bandwidths: Sequence[float] | str = MMD_BANDWIDTHS) -> floa
         raise ValueError(
             f"bandwidths must be a sequence of floats or 'median', got {bandwidths!r}."
         )
-    sigmas = [median_bandwidth(x, y)] if isinstance(bandwidths, str) else list(bandwidths)
-    if not sigmas or any(s <= 0 for s in sigmas):
+    if isinstance(bandwidths, str):
+        sigmas = [median_bandwidth(x, y)]
+    else:  # one bandwidth as a number, or several
+        sigmas = [float(s) for s in np.atleast_1d(np.asarray(bandwidths, dtype=np.float64))]
+    if not sigmas or not all(np.isfinite(s) and s > 0 for s in sigmas):
         raise ValueError(f"bandwidths must be positive, got {sigmas}.")
     dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
     total = 0.0

@@ -69,6 +69,10 @@ def zero_fraction(m) -> np.ndarray:
     >>> zero_fraction(np.array([[0, 1], [0, 0]])).tolist()
     [1.0, 0.5]
     """
+    if not sp.issparse(m):
+        m = np.asarray(m)  # lists and other array-likes too
+    if m.ndim != 2:
+        raise ValueError(f"zero_fraction needs cells x genes (2-D), got shape {m.shape}.")
     n = m.shape[0]
     if sp.issparse(m):
         m = sp.csc_matrix(m, copy=True)  # never the caller's matrix: the next lines edit it
