@@ -123,6 +123,7 @@ def test_seeded_and_stored_h5ad_safe(data, tmp_path):
     gen.write_h5ad(tmp_path / "gen.h5ad")
     back = sb.tl.read_evaluation(ad.read_h5ad(tmp_path / "gen.h5ad"))
     pd.testing.assert_frame_equal(back, first, check_dtype=False)
+    assert back.attrs["reference"] == first.attrs["reference"]  # which cells fitted the space
     params = gen.uns["scbranch_evaluation"]["params"]
     assert params["seed"] == 3 and params["with_train"] is False
 

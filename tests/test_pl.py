@@ -300,6 +300,12 @@ def test_evaluation_plot(report):
         sb.pl.evaluation(report, ax=ax)
     with pytest.raises(ValueError, match="not in the report"):
         sb.pl.evaluation(report, metrics=["mmd"])
+    # a group present only with other metrics (too few cells for distances) is said to be so
+    few = report[~((report["group"] == "b") & (report["metric"] == "w2"))]
+    with pytest.raises(ValueError, match=r"\['b'\] have no rows for.*have other metrics"):
+        sb.pl.evaluation(few, metrics=["w2"], groups=["b"])
+    with pytest.raises(ValueError, match=r"\['z'\] have no rows.*groups are"):
+        sb.pl.evaluation(report, groups=["z"])
     with pytest.raises(ValueError, match="lacks column"):
         sb.pl.evaluation(report.drop(columns="control"))
 

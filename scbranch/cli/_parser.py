@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Run the whole pipeline on the shipped PBMC data.",
         description=(
             "Run the whole pipeline on the shipped PBMC data: discover the cell-type hierarchy,\n"
-            "train, generate every cell type, evaluate and plot. Writes DIR/generated.h5ad,\n"
-            "DIR/report.csv, PNG figures and the trained model."
+            "train, generate every cell type, evaluate and plot. Writes into DIR: generated.h5ad,\n"
+            "report.csv and evaluation.csv (the evaluation), transmutation.h5ad, summary.json,\n"
+            "PNG figures and the trained model (model/)."
         ),
         epilog=_epilog(f"{PROG} demo --out demo_out --fast --seed 0"),
     )

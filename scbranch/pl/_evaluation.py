@@ -48,7 +48,15 @@ def _select(report: pd.DataFrame, metrics, space, groups) -> tuple[pd.DataFrame,
         groups = [groups] if isinstance(groups, str) else list(groups)
         unknown = [g for g in groups if g not in set(rows["group"])]
         if unknown:
-            raise ValueError(f"Group(s) {unknown} are not in the report.")
+            elsewhere = [g for g in unknown if g in set(report["group"])]
+            raise ValueError(
+                f"Group(s) {unknown} have no rows for the metric(s) {metrics}"
+                + (
+                    f" ({elsewhere} have other metrics: too few cells for distances?)."
+                    if elsewhere
+                    else f"; the report's groups are {sorted(set(report['group']))}."
+                )
+            )
         rows = rows[rows["group"].isin(groups)]
     return rows, metrics
 

@@ -769,4 +769,8 @@ def read_evaluation(adata: AnnData, key: str = Key.uns.EVALUATION) -> pd.DataFra
             f"No evaluation in adata.uns[{key!r}]; run `scbranch.tl.evaluate(..., "
             f"key_added={key!r})` first."
         )
-    return pd.DataFrame({c: np.asarray(record["table"][c]) for c in COLUMNS})
+    table = pd.DataFrame({c: np.asarray(record["table"][c]) for c in COLUMNS})
+    reference = record.get("params", {}).get("reference")
+    if reference is not None:  # as evaluate returned it
+        table.attrs["reference"] = str(reference)
+    return table
