@@ -121,3 +121,12 @@ def test_de_bad_input():
         sb.tl.evaluate(adata, _counts(20, seed=7), "cell_type", de_pairs=[("a", "q")])
     constant = lfc_spearman(pd.DataFrame({"x": np.ones(5)}), pd.DataFrame({"x": np.arange(5.0)}))
     assert np.isnan(constant["x"])  # a constant fold change has no ranking
+
+
+def test_top_markers_needs_two_groups_and_at_least_one_gene():
+    x = np.random.default_rng(0).random((20, 5))
+    labels = ["a"] * 10 + ["b"] * 10
+    with pytest.raises(ValueError, match="at least two groups"):
+        top_markers(x, labels, ["a"])
+    with pytest.raises(ValueError, match="n_top must be a whole number >= 1"):
+        top_markers(x, labels, ["a", "b"], n_top=0)

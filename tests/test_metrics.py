@@ -74,6 +74,8 @@ def test_auroc_identical_and_same_distribution_is_one_half():
     assert classifier_auroc(x, y + 3.0) > 0.99
     with pytest.raises(ValueError, match="at least 4 cells"):
         classifier_auroc(x[:3], y)
+    with pytest.raises(ValueError, match="too few to score"):  # it gave 1.0 on one cell a side
+        classifier_auroc(x[:50], y[:50], n_folds=None, test_size=0.01)
 
 
 def test_auroc_catches_a_collapsed_set_even_when_it_copies_a_real_cell():
@@ -124,6 +126,12 @@ def test_gene_level_metrics():
     counts = np.array([[0, 1, 2], [0, 0, 3]])
     np.testing.assert_allclose(zero_fraction(counts), [1.0, 0.5, 0.0])
     assert zero_fraction([[0, 1], [0, 0]]).tolist() == [1.0, 0.5]  # a list (AttributeError)
+    bad = x.copy()
+    bad[0, 0] = np.nan  # both correlations came back NaN, silently
+    with pytest.raises(ValueError, match="x contains 1 NaN"):
+        gene_moment_spearman(bad, y)
+    with pytest.raises(ValueError, match="2-D"):
+        gene_moment_spearman(x[0], y[0])
     with pytest.raises(ValueError, match="2-D"):
         zero_fraction(np.zeros(3))
     np.testing.assert_allclose(zero_fraction(sp.csr_matrix(counts)), [1.0, 0.5, 0.0])

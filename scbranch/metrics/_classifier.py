@@ -68,6 +68,15 @@ def classifier_auroc(
     if n_folds is None:
         split = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
         fit_idx, test_idx = next(split.split(data, target, copies))
+        per_side = np.bincount(target[test_idx], minlength=2)
+        if per_side.min() < 2:
+            # an AUROC of one or two cells a side is 0, 0.5 or 1 by chance (it gave 1.0 for
+            # identical distributions)
+            raise ValueError(
+                f"test_size={test_size!r} holds out {per_side[0]} and {per_side[1]} cells of "
+                "the two sets: too few to score. Raise test_size, or use n_folds (every cell "
+                "scored out-of-fold)."
+            )
         forest = _forest(n_estimators, seed).fit(data[fit_idx], target[fit_idx])
         return float(roc_auc_score(target[test_idx], _score(forest, data[test_idx])))
     n_folds = int(min(n_folds, len(x), len(y)))

@@ -135,6 +135,13 @@ def top_markers(
 
     labels = np.asarray(labels).astype(str)
     groups = [str(g) for g in groups]
+    if len(set(groups)) < 2:
+        raise ValueError(
+            "top_markers ranks each group against the others: give at least two groups, "
+            f"got {groups}."
+        )
+    if isinstance(n_top, bool) or int(n_top) != n_top or n_top < 1:
+        raise ValueError(f"n_top must be a whole number >= 1, got {n_top!r}.")
     keep = np.isin(labels, groups)
     n_genes = x.shape[1]
     names = np.asarray(var_names if var_names is not None else np.arange(n_genes)).astype(str)

@@ -46,8 +46,14 @@ def gene_moment_spearman(x, y) -> tuple[float, float]:
     >>> [round(r, 1) for r in gene_moment_spearman(x, y)]
     [1.0, 1.0]
     """
+    x = x if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    y = y if sp.issparse(y) else np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"x and y must be cells x genes (2-D), got shapes {x.shape}, {y.shape}.")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y have different numbers of genes: {x.shape[1]} vs {y.shape[1]}.")
+    for name, m in (("x", x), ("y", y)):  # a NaN made both correlations NaN, silently
+        check_finite(m, name)
     (mx, vx), (my, vy) = _moments(x), _moments(y)
     return _spearman(mx, my), _spearman(vx, vy)
 
