@@ -648,3 +648,23 @@ def test_a_type_name_split_at_its_comma_points_to_label(fitted, tmp_path, capsys
     assert "['naive']" in line and "--label" in line and "splits at commas" in line
     assert not (tmp_path / "g.h5ad").exists()
     assert main([*argv, "--labels", "c2,c3"]) == 0
+
+
+def test_a_device_index_without_a_gpu_is_refused(fitted, tmp_path, capsys):
+    # --device 3 on a machine without a GPU was ignored (rc 0, cells made on the CPU)
+    argv = [
+        "generate",
+        str(fitted["model_dir"]),
+        "--n-cells",
+        "2",
+        "--out",
+        str(tmp_path / "g.h5ad"),
+    ]
+    assert main([*argv, "--accelerator", "cpu", "--device", "1"]) == 2
+    assert "drop --device" in _error_line(capsys)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main([*argv, "--device", "3"]) == 2
+        assert "no CUDA GPU" in _error_line(capsys)
+    assert not (tmp_path / "g.h5ad").exists()

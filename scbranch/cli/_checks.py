@@ -187,10 +187,20 @@ _ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 NOISE_OPTIONS = {"auto": "auto", "none": False, "gaussian": True, "nb": "nb"}
 
 
-def _check_accelerator(name: str) -> None:
-    """Fail early (before reading data) when the requested accelerator is not available."""
+def _check_accelerator(name: str, device: int | str = "auto") -> None:
+    """Fail early (before reading data) when the requested accelerator is not available.
+
+    A device index names a GPU: on a machine without one it was ignored, silently.
+    """
     import torch
 
+    if device != "auto" and name == "cpu":
+        raise CLIError(f"--device {device} names a GPU; with --accelerator cpu drop --device.")
+    if device != "auto" and name == "auto" and not torch.cuda.is_available():
+        raise CLIError(
+            f"--device {device} names a GPU, but no CUDA GPU is available here; drop --device "
+            "(the CPU is used)."
+        )
     if name in {"gpu", "cuda"} and not torch.cuda.is_available():
         raise CLIError(
             f"--accelerator {name}: no CUDA GPU is available here; use --accelerator cpu or auto."

@@ -194,7 +194,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_output_file(out, args.overwrite, {"--anchors": args.anchors})
     labels = _parse_labels(args.labels, args.label)
-    _check_accelerator(args.accelerator)
+    _check_accelerator(args.accelerator, args.device)
 
     from .._utils import resolve_seed
     from ..model import BranchedDiffusion
