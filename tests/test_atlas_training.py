@@ -4,6 +4,7 @@ what is learned from the same cells in memory (the known answer for a streaming 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -129,6 +130,13 @@ def test_a_zarr_store_trains_like_the_h5ad_file(tmp_path):
                 model.generate(n_cells=2, out=out, overwrite=True, progress_bar=False)
             with pytest.raises(ValueError, match="holds the cells the model is reading"):
                 model.generate_anchored(data, n_cells=2, out=out, overwrite=True)
+        assert sb.io.read_backed(tmp_path / name).n_obs == adata.n_obs
+        # ...nor by the model loaded without them: it records the file it was trained from
+        model.save(tmp_path / f"model_{name}")
+        alone = sb.BranchedDiffusion.load(tmp_path / f"model_{name}")
+        assert alone.adata is None and Path(alone.data_source_) == (tmp_path / name).resolve()
+        with pytest.raises(ValueError, match="was trained from"):
+            alone.generate(n_cells=2, out=tmp_path / name, overwrite=True, progress_bar=False)
         assert sb.io.read_backed(tmp_path / name).n_obs == adata.n_obs
     for k, v in models[0].items():
         np.testing.assert_array_equal(models[1][k], v, err_msg=k)

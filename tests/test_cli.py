@@ -604,6 +604,11 @@ def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):
     assert main([*argv, "--n-cells", "2", "--out", same, "--overwrite"]) == 2
     assert "--anchors reads" in _error_line(capsys)
     assert data.read_bytes() == before
+    # nor the file the model was fitted on, though the model is loaded without it
+    plain = ["generate", str(fitted["model_dir"]), "--n-cells", "2", "--overwrite"]
+    assert main([*plain, "--out", same]) == 2
+    assert "was trained from" in _error_line(capsys)
+    assert data.read_bytes() == before
 
 
 @pytest.mark.parametrize(

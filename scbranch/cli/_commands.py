@@ -139,6 +139,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     if getattr(rank_zero_only, "rank", 0) != 0:
         return 0  # DDP: Lightning re-ran this command in every process; only rank 0 saves.
+    # the file the cells came from, read into memory here: `generate --out` will not replace it
+    model.data_source_ = str(data.resolve())
     model.save(str(out), overwrite=True, save_anndata=False)
     _say(args, f"Hierarchy of {len(model.classes)} cell types: {model.tree.to_newick()}")
     if "validation_loss" in model.history:

@@ -87,7 +87,9 @@ def backing_paths(*datasets: AnnData | None) -> set[Path]:
     Parameters
     ----------
     *datasets
-        AnnData objects (`None` is skipped).
+        AnnData objects (`None` is skipped), or models: their cells and the file they were
+        trained from, when known (``model.data_source_``, recorded when the cells were
+        backed or read from a file by the command line).
 
     Returns
     -------
@@ -101,6 +103,11 @@ def backing_paths(*datasets: AnnData | None) -> set[Path]:
     """
     paths: set[Path] = set()
     for adata in datasets:
+        if adata is not None and not isinstance(adata, AnnData):  # a model
+            source = getattr(adata, "data_source_", None)
+            if source:  # the file it was trained from (recorded when saved)
+                paths.add(Path(source).resolve())
+            adata = getattr(adata, "adata", None)
         if adata is None:
             continue
         if adata.isbacked and adata.filename is not None:

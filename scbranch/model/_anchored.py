@@ -187,7 +187,7 @@ def generate_anchored(
     options = model.space.resolve_options(counts=counts, batch=batch, residual_noise=residual_noise)
     x = model.encode(adata, "the anchor cells")
     if out is not None:  # before any work
-        out = check_output(out, overwrite, reading=[model.adata, adata])
+        out = check_output(out, overwrite, reading=[model, adata])
     seed = resolve_seed(seed)
 
     rows = anchor_rows(codes_all, requested, seed)

@@ -90,14 +90,13 @@ def check_block_size(block_size: int | None) -> int | None:
     return int(block_size)
 
 
-def check_output(
-    out: str | os.PathLike, overwrite: bool, *, reading: Iterable[AnnData | None] = ()
-) -> Path:
+def check_output(out: str | os.PathLike, overwrite: bool, *, reading: Iterable = ()) -> Path:
     """``out`` as a path that may be written (before any work), or the error saying why not.
 
     An existing ``out`` needs ``overwrite``; a directory is replaced only by a zarr store
     (never a folder of other files by an ``.h5ad`` file); the file or store that the data in
-    ``reading`` (the model's cells, anchors) are read from is never replaced, ``overwrite``
+    ``reading`` (the model's cells, anchors; a model also names the file it was trained from)
+    are read from is never replaced, ``overwrite``
     or not; a name that ends in neither ``.h5ad`` nor ``.zarr`` is written as ``.h5ad`` with
     a warning.
 
@@ -120,9 +119,9 @@ def check_output(
         )
     if path.resolve() in backing_paths(*reading):
         raise ValueError(
-            f"{str(path)!r} holds the cells the model is reading (opened with "
-            "sb.io.read_backed or backed='r'); writing generated cells there would destroy "
-            "them, even with overwrite=True. Choose another name."
+            f"{str(path)!r} holds the cells the model is reading or was trained from; writing "
+            "generated cells there would destroy them, even with overwrite=True. Choose "
+            "another name."
         )
     if path.suffix not in (".h5ad", ".zarr"):
         logger.warning("Writing an .h5ad file to %s, whose name does not end in .h5ad.", path)

@@ -728,7 +728,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             )  # fmt: skip
         block_rows = check_block_size(block_size) or default_block_rows(self.space)
         if out is not None:  # before any work
-            out = check_output(out, overwrite, reading=[self.adata])
+            out = check_output(out, overwrite, reading=[self])
         if devices is not None:
             devices = [torch.device(d) for d in devices]
             if not devices:

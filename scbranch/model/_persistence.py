@@ -30,6 +30,7 @@ import torch
 from anndata import AnnData
 
 from .._validation import check_genes_equal
+from ..io._backed import backing_paths
 from ._plain import NewerFormatError, PlainFormatError, read_plain, save_tensors, write_plain
 from ._spaces import SPACES, ExpressionSpace, PcaSpace, ScviSpace, _SizeFactorCounts
 
@@ -140,6 +141,11 @@ def save(
         "space": {"name": model.space.name, "state": model.space.state()},
         "attributes": _attributes(model),
     }
+    if not content["attributes"].get("data_source_"):
+        # the file the cells were read from, when backed: generate(out=) refuses to replace it
+        # even for the model loaded without them
+        sources = sorted(backing_paths(model.adata))
+        content["attributes"]["data_source_"] = str(sources[0]) if sources else None
     # the module is rebuilt from the init parameters' tree: save the tree as it is now (with
     # classes added and nodes named since training)
     init = content["attributes"]["init_params_"]
