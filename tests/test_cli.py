@@ -639,15 +639,13 @@ def test_generate_anchored_bad_anchor_time_and_file(fitted, tmp_path, capsys):
     assert "add --anchors" in _error_line(capsys)
 
 
+def _generate_two(fitted, out) -> list[str]:
+    """``scbranch generate`` of two cells per type from the fitted model into ``out``."""
+    return ["generate", str(fitted["model_dir"]), "--n-cells", "2", "--out", str(out)]
+
+
 def test_a_type_name_split_at_its_comma_points_to_label(fitted, tmp_path, capsys):
-    argv = [
-        "generate",
-        str(fitted["model_dir"]),
-        "--n-cells",
-        "2",
-        "--out",
-        str(tmp_path / "g.h5ad"),
-    ]
+    argv = _generate_two(fitted, tmp_path / "g.h5ad")
     assert main([*argv, "--labels", "c2, naive"]) == 2
     line = _error_line(capsys)
     assert "['naive']" in line and "--label" in line and "splits at commas" in line
@@ -657,14 +655,7 @@ def test_a_type_name_split_at_its_comma_points_to_label(fitted, tmp_path, capsys
 
 def test_a_device_index_without_a_gpu_is_refused(fitted, tmp_path, capsys):
     # --device 3 on a machine without a GPU was ignored (rc 0, cells made on the CPU)
-    argv = [
-        "generate",
-        str(fitted["model_dir"]),
-        "--n-cells",
-        "2",
-        "--out",
-        str(tmp_path / "g.h5ad"),
-    ]
+    argv = _generate_two(fitted, tmp_path / "g.h5ad")
     assert main([*argv, "--accelerator", "cpu", "--device", "1"]) == 2
     assert "drop --device" in _error_line(capsys)
     import torch
