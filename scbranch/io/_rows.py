@@ -184,10 +184,13 @@ def count_nonfinite(m, block_rows: int = BLOCK_ROWS) -> int:
     return bad
 
 
-def row_sums(m, block_rows: int = BLOCK_ROWS) -> np.ndarray:
-    """Per-row sums of ``m`` (e.g. library sizes of counts), streamed over blocks."""
+def row_sums(m, block_rows: int = BLOCK_ROWS, transform: Callable | None = None) -> np.ndarray:
+    """Per-row sums of ``m`` (e.g. library sizes of counts), streamed over blocks.
+
+    ``transform`` is applied to every block first (e.g. ``expm1`` of log-normalised rows).
+    """
     out = np.empty(n_rows(m), dtype=np.float64)
-    for start, stop, block in iter_blocks(m, block_rows):
+    for start, stop, block in iter_blocks(m, block_rows, transform=transform):
         out[start:stop] = np.asarray(block.sum(1)).ravel()
     return out
 

@@ -100,21 +100,18 @@ def _copy_groups(data: np.ndarray, n_x: int) -> np.ndarray:
     forest learns them: grouping all copies of a cell put a collapsed set in one fold, never
     seen in training, and scored it 0.15 against the real cell it copied.
     """
+    n = len(data)
     content = np.unique(data, axis=0, return_inverse=True)[1].ravel()
-    groups = np.arange(len(data)) + content.max() + 1
-    sides = (np.arange(len(data)) >= n_x).astype(np.int64)
-    # rank of each row among the copies of its content on its own side
-    order = np.lexsort((np.arange(len(data)), sides, content))
-    keys = content[order] * 2 + sides[order]
-    first = np.r_[True, keys[1:] != keys[:-1]]
-    starts = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
-    rank = np.empty(len(data), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - starts
-    per_side = np.zeros((content.max() + 1, 2), dtype=np.int64)
-    np.add.at(per_side, (content, sides), 1)
-    paired = rank < per_side[content, 1 - sides]
-    groups[paired] = content[paired] * len(data) + rank[paired] - len(data) * (content.max() + 2)
-    return groups
+    side = (np.arange(n) >= n_x).astype(np.int64)
+    key = content * 2 + side  # one cell's copies in one set
+    # rank of each row among its key's rows, in row order
+    order = np.argsort(key, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.searchsorted(key[order], key[order])
+    partners = np.bincount(key, minlength=2 * (content.max() + 1))[key ^ 1]  # the other set's
+    paired = rank < partners
+    # a pair's id from its content and rank; every other row an id of its own, above those
+    return np.where(paired, content * n + rank, n * (content.max() + 1) + np.arange(n))
 
 
 def _score(forest: RandomForestClassifier, data: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validation import to_dense
-from ..io._rows import is_on_disk, iter_blocks, read_rows
+from ..io._rows import is_on_disk, read_rows, row_sums
 
 #: stored library sizes / size factors per class (a seeded subsample beyond this)
 MAX_POOL = 10_000
@@ -24,14 +24,11 @@ def _row_sums(m) -> np.ndarray:
     return np.asarray(m.sum(1), dtype=np.float64).ravel()
 
 
-def _streamed_row_sums(m, transform=None) -> np.ndarray:
-    """Per-row sums of ``transform(m)``, over blocks of rows when ``m`` is on disk."""
-    if not is_on_disk(m):
-        return _row_sums(m if transform is None else transform(m))
-    out = np.empty(m.shape[0], dtype=np.float64)
-    for start, stop, block in iter_blocks(m, transform=transform):
-        out[start:stop] = _row_sums(block)
-    return out
+def _totals(m, transform=None) -> np.ndarray:
+    """Per-row sums of ``transform(m)``: streamed over blocks when ``m`` is on disk."""
+    if is_on_disk(m):
+        return row_sums(m, transform=transform)
+    return _row_sums(m if transform is None else transform(m))
 
 
 def size_factors(counts, expression, *, n_check: int = 200, rtol: float = 0.05) -> np.ndarray:
@@ -49,8 +46,8 @@ def size_factors(counts, expression, *, n_check: int = 200, rtol: float = 0.05) 
     [0.4, 0.2]
     """
     # an atlas's expression (and counts) may stay on disk: sums stream over blocks of rows
-    total_counts = _streamed_row_sums(counts)
-    total_expr = _streamed_row_sums(expression, _expm1)
+    total_counts = _totals(counts)
+    total_expr = _totals(expression, _expm1)
     s = np.divide(
         total_counts, total_expr, out=np.full_like(total_counts, np.nan), where=total_expr > 0
     )

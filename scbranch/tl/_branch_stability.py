@@ -20,9 +20,10 @@ from .._keys import Key
 from .._utils import progress
 from .._validation import check_class_sizes, check_obs_key, to_dense
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
-from ..module._discovery import DiscoveryOptions, discovery_curves
-from ..module._topology import Node, topology_of, tree_from_topology
+from ..module._discovery import DiscoveryOptions
+from ..module._topology import Node, topology_of
 from ._branch_hierarchy import hierarchy_matrix, read_hierarchy
+from ._given_hierarchy import timed_topology
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +79,7 @@ def _replicate_tree(x, labels, classes, sde, options, topology: Node | None) -> 
     """One replicate's tree: discovered, or a given topology re-timed on the replicate's cells."""
     if topology is None:
         return discover_hierarchy(x, labels, classes, sde, options).tree
-    curves = discovery_curves(x, labels, len(classes), sde, options)
-    return tree_from_topology(
-        topology,
-        classes,
-        times="data",
-        curves=curves,
-        epsilon=options.epsilon,
-        min_branch_length=options.min_branch_length,
-    )
+    return timed_topology(x, labels, classes, sde, options, topology)[0]
 
 
 def branch_stability(

@@ -103,24 +103,61 @@ def _from_dendrogram(entry: Mapping, groupby: str, classes, key: str) -> Node:
     return from_linkage(np.asarray(entry["linkage"]), categories)
 
 
+def _scbranch_tree(adata: AnnData, hierarchy) -> BranchTree | None:
+    """``hierarchy`` as a scbranch tree when it is one, else `None`.
+
+    A :class:`BranchTree` (``model.tree``, ``tl.read_hierarchy``), its ``to_dict()``, a stored
+    record, or the ``uns`` key of one.
+    """
+    if isinstance(hierarchy, str) and hierarchy in adata.uns:
+        hierarchy = adata.uns[hierarchy]
+    if isinstance(hierarchy, BranchTree):
+        return hierarchy
+    if isinstance(hierarchy, Mapping) and ("tree" in hierarchy or "membership" in hierarchy):
+        return BranchTree.from_dict(hierarchy.get("tree", hierarchy))
+    return None
+
+
+def timed_topology(
+    x: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    sde: VPSDE,
+    options: DiscoveryOptions,
+    topology: Node,
+    *,
+    times: str = "data",
+    multifurcations: str = "keep",
+) -> tuple[BranchTree, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A topology's tree, timed on the similarity curves of standardised cells, and the curves.
+
+    Shared by :func:`given_record` (all cells) and ``tl.branch_stability`` (each replicate).
+    """
+    curves = discovery_curves(x, labels, len(classes), sde, options)
+    tree = tree_from_topology(
+        topology,
+        classes,
+        times=times,
+        multifurcations=multifurcations,
+        curves=curves,
+        epsilon=options.epsilon,
+        min_branch_length=options.min_branch_length,
+    )
+    return tree, curves
+
+
 def read_topology(adata: AnnData, hierarchy, groupby: str, classes) -> tuple[Node, str]:
     """The topology of a given hierarchy and what kind of input it was."""
     if isinstance(hierarchy, Node):
         return hierarchy, "topology"
-    if isinstance(hierarchy, BranchTree):
-        # a scbranch tree (sb.tl.read_hierarchy, model.tree): its topology and, for
-        # times="newick", its own branch times
-        return topology_of(hierarchy), "tree"
+    tree = _scbranch_tree(adata, hierarchy)
+    if tree is not None:  # its topology and, for times="newick", its own branch times
+        return topology_of(tree), "tree"
     if isinstance(hierarchy, Mapping):
-        if "tree" in hierarchy or "membership" in hierarchy:  # a record or BranchTree.to_dict
-            return topology_of(BranchTree.from_dict(hierarchy.get("tree", hierarchy))), "tree"
         return from_nested(dict(hierarchy)), "nested"
     if isinstance(hierarchy, str):
         if hierarchy in adata.uns:
-            entry = adata.uns[hierarchy]
-            if isinstance(entry, Mapping) and "tree" in entry:  # sb.tl.branch_hierarchy's
-                return topology_of(BranchTree.from_dict(entry["tree"])), "tree"
-            return _from_dendrogram(entry, groupby, classes, hierarchy), "dendrogram"
+            return _from_dendrogram(adata.uns[hierarchy], groupby, classes, hierarchy), "dendrogram"
         if "(" in hierarchy or hierarchy.rstrip().endswith(";"):
             return parse_newick(hierarchy), "newick"
         if hierarchy in adata.obs.columns:
@@ -159,18 +196,10 @@ def given_record(
     topology, kind = read_topology(adata, hierarchy, groupby, classes)
     shift, scale = global_standardizer(matrix)  # all cells, exactly as discovery and the model
     keep = subsample_per_class(labels, len(classes), options.n_per_class, options.seed)
-    grid, intra, inter = discovery_curves(
-        (to_dense(matrix[keep]) - shift) / scale, labels[keep], len(classes), sde, options
-    )
-    tree = tree_from_topology(
-        topology,
-        classes,
-        times=times,
-        multifurcations=multifurcations,
-        curves=(grid, intra, inter),
-        epsilon=options.epsilon,
-        min_branch_length=options.min_branch_length,
-    )
+    tree, (grid, intra, inter) = timed_topology(
+        (to_dense(matrix[keep]) - shift) / scale, labels[keep], classes, sde, options, topology,
+        times=times, multifurcations=multifurcations,
+    )  # fmt: skip
     cross = crossover_times(intra, inter, grid, epsilon=options.epsilon, classes=classes)
     params = {
         "groupby": groupby,
