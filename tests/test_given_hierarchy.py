@@ -362,6 +362,9 @@ def test_a_scbranch_tree_or_its_record_is_a_hierarchy_to_give():
     )
     assert {frozenset(b.classes) for b in _record_tree(adata, "key").branches} == clades
     assert adata.uns["key"]["params"]["given"] == "tree"
+    other = BranchTree.from_merges(["x", "y"], [((0,), (1,), 0.4)])  # another data's tree
+    with pytest.raises(HierarchyError, match=r"\['x', 'y'\] that are not cell types"):
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", hierarchy=other)
 
 
 def test_a_stored_hierarchy_of_another_representation_is_named_with_the_fix():
