@@ -2,7 +2,8 @@
 
 One job per file: ``_checks.py`` (argument types, input checks, exit statuses),
 ``_commands.py`` (what each subcommand does), ``_parser.py`` (the parser, rendered by
-docs/cli.md); :func:`main` runs a command and turns bad input into one line and exit status 2.
+docs/cli.md); :func:`main` runs a command and turns bad input into one line and exit status 2
+(other failures: exit status 1).
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._checks import _USER_ERRORS, EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError, _one_line
+from ._checks import (
+    _USER_ERRORS,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    PROG,
+    CLIError,
+    _one_line,
+)
 from ._parser import build_parser
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -70,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns
     -------
-    The exit status: 0 on success, 2 for bad input or any other error (one line; ``--traceback``
-    shows the traceback), 130 when interrupted with Ctrl-C. ``--help``, ``--version`` and usage
-    errors raise :class:`SystemExit` (status 0 and 2) as usual for :mod:`argparse`.
+    The exit status: 0 on success, 2 for bad input, 1 for any other failure (both one line;
+    ``--traceback`` shows the traceback), 130 when interrupted with Ctrl-C. ``--help``,
+    ``--version`` and usage errors raise :class:`SystemExit` (status 0 and 2) as usual for
+    :mod:`argparse`.
 
     Examples
     --------
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--traceback for the details, and please report it)",
                 file=sys.stderr,
             )
-            return EXIT_USAGE
+            return EXIT_FAILURE
         finally:
             for lg, level in zip(loggers, levels, strict=True):
                 lg.setLevel(level)

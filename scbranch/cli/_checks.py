@@ -13,6 +13,9 @@ logger = logging.getLogger(__name__)
 PROG = "scbranch"
 #: Exit status of a run stopped by bad user input (same as argparse's usage errors).
 EXIT_USAGE = 2
+#: Exit status of a run stopped by anything else (a failure that is not the input's fault), so
+#: scripts can tell "fix your command" (2) from "this broke" (1).
+EXIT_FAILURE = 1
 #: Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it)
 EXIT_INTERRUPTED = 130
 
