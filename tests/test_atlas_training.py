@@ -335,3 +335,60 @@ def test_branch_hierarchy_of_expression_on_disk_equals_memory(tmp_path, suffix):
     bad.write_h5ad(tmp_path / "bad.h5ad")
     with pytest.raises(ValueError, match="1 NaN or infinite"):
         sb.tl.branch_hierarchy(sb.io.read_backed(tmp_path / "bad.h5ad"), groupby="cell_type")
+
+
+def test_branch_hierarchy_of_counts_with_target_sum_is_the_tree_the_model_reuses(tmp_path, caplog):
+    adata = _counts_adata(n_per_type=40)
+    adata.layers["counts"] = adata.X.copy()
+    adata.write_h5ad(tmp_path / "atlas.h5ad")
+    memory = adata.copy()
+    sc.pp.normalize_total(memory, target_sum=1e4)
+    sc.pp.log1p(memory)
+    sb.tl.branch_hierarchy(memory, groupby="cell_type", curves="expected")
+    expected = memory.uns["scbranch_hierarchy"]
+
+    for data in (adata, sb.io.read_backed(tmp_path / "atlas.h5ad")):  # in memory and on disk
+        sb.tl.branch_hierarchy(
+            data, groupby="cell_type", layer="counts", target_sum=1e4, curves="expected"
+        )
+        record = data.uns["scbranch_hierarchy"]
+        # the known answer: the tree of the normalised cells (scanpy normalises in float32)
+        assert record["newick"] == expected["newick"]
+        np.testing.assert_allclose(record["inter"], expected["inter"], rtol=1e-4, atol=1e-5)
+        assert record["params"]["layer"] == "counts" and record["params"]["target_sum"] == 1e4
+
+        # ...which the expression model of the same counts reuses instead of discovering
+        sb.BranchedDiffusion.setup_anndata(
+            data, labels_key="cell_type", layer="counts", target_sum=1e4
+        )
+        with caplog.at_level("INFO", logger="scbranch"):
+            model = sb.BranchedDiffusion(data, width=16, n_head_blocks=1)
+        assert "Using the hierarchy stored" in caplog.text
+        assert model.tree.to_newick(4) == sb.tl.read_hierarchy(data)[0].to_newick(4)
+        caplog.clear()
+
+    # a tree of the raw counts is not reused, and the message names the argument that fits
+    sb.tl.branch_hierarchy(adata, groupby="cell_type", layer="counts", key_added="raw")
+    with pytest.raises(ValueError, match=r"rerun `sb.tl.branch_hierarchy\(\.\.\., target_sum=1"):
+        sb.BranchedDiffusion(adata, hierarchy="raw", width=16, n_head_blocks=1)
+    # the stored record is enough for branch_stability to rebuild the same matrix: with every
+    # cell and no noise drawn, each replicate's times are the stored ones (raw counts' are not)
+    table = sb.tl.branch_stability(adata, n_bootstrap=2, fraction=1.0, progress_bar=False)
+    np.testing.assert_allclose(table["t_mean"], table["t"], atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"use_rep": "X_pca", "target_sum": 1e4}, "Drop `target_sum` or `use_rep`"),
+        ({"target_sum": -1.0}, "target_sum must be a positive number"),
+        ({"target_sum": True}, "target_sum must be a positive number"),
+        ({"layer": "lognorm", "target_sum": 1e4}, "must hold raw counts"),
+    ],
+)
+def test_branch_hierarchy_target_sum_bad_input(kwargs, match):
+    adata = _counts_adata(n_per_type=10)
+    adata.obsm["X_pca"] = np.zeros((adata.n_obs, 2))
+    adata.layers["lognorm"] = np.log1p(adata.X.toarray())
+    with pytest.raises(ValueError, match=match):
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", **kwargs)

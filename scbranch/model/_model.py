@@ -167,10 +167,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             standardization = data_standardization(x)  # one pass over the cells when on disk
             shift, scale = standardization[:2]
             options = DiscoveryOptions.from_kwargs(discovery_kwargs)
-            use_rep, layer = self.space.hierarchy_rep
+            use_rep, layer, target_sum = self.space.hierarchy_rep
             tree, self.hierarchy_record_ = resolve_hierarchy(
-                hierarchy, adata, x, labels, classes, sde, options,
-                groupby=self.labels_key, use_rep=use_rep, layer=layer,
+                hierarchy, adata, x, labels, classes, sde, options, groupby=self.labels_key,
+                use_rep=use_rep, layer=layer, target_sum=target_sum,
             )  # fmt: skip
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.class_counts_ = np.bincount(labels, minlength=len(classes))

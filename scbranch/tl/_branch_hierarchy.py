@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -14,11 +15,14 @@ from .._keys import Key
 from .._validation import (
     check_cells,
     check_class_sizes,
+    check_counts,
     check_finite,
     check_obs_key,
     get_matrix,
     to_dense,
 )
+from ..io._rows import RowMatrix
+from ..model._counts import normalize_block
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
 from ..module._discovery import DiscoveryOptions, DiscoveryResult, subsample_per_class
 from ._given_hierarchy import given_record, is_given
@@ -39,11 +43,24 @@ def hierarchy_record(result: DiscoveryResult, params: dict) -> dict:
     }
 
 
-def _representation(use_rep: str | None, layer: str | None) -> str:
-    """``obsm['X_pca']``, ``layers['counts']`` or ``.X``, as messages name them."""
+def _representation(use_rep: str | None, layer: str | None, target_sum: float | None) -> str:
+    """``obsm['X_pca']``, ``layers['counts']``, ``.X`` or ``log1p(CP10000) of .X``, for messages."""
     if use_rep:
         return f"obsm[{use_rep!r}]"
-    return f"layers[{layer!r}]" if layer else ".X"
+    where = f"layers[{layer!r}]" if layer else ".X"
+    return f"log1p(CP{target_sum:g}) of {where}" if target_sum else where
+
+
+def representation_params(use_rep: str | None, layer: str | None, target_sum: float | None) -> dict:
+    """The part of a hierarchy's ``params`` that says which matrix its times came from.
+
+    ``target_sum`` is recorded only when the counts were normalised on the way, so records of
+    every other representation read as they always did.
+    """
+    params = {"use_rep": use_rep or "", "layer": layer or ""}
+    if target_sum is not None:
+        params["target_sum"] = float(target_sum)
+    return params
 
 
 def read_hierarchy(adata: AnnData, key: str = Key.uns.HIERARCHY) -> tuple[BranchTree, dict]:
@@ -82,8 +99,27 @@ def read_hierarchy(adata: AnnData, key: str = Key.uns.HIERARCHY) -> tuple[Branch
     return BranchTree.from_dict(record["tree"]), record
 
 
-def hierarchy_matrix(adata: AnnData, use_rep: str | None, layer: str | None):
-    """The (dense or sparse) matrix discovery runs on, checked for NaN and inf."""
+def hierarchy_matrix(
+    adata: AnnData, use_rep: str | None, layer: str | None, target_sum: float | None = None
+):
+    """The (dense or sparse) matrix discovery runs on, checked for NaN and inf.
+
+    With ``target_sum`` the layer (or ``.X``) must hold raw counts, normalised per block of
+    cells on the way as ``setup_anndata(target_sum=...)`` has an expression model do, so the
+    tree is the one such a model discovers (and reuses).
+    """
+    if target_sum is not None:
+        if use_rep is not None:
+            raise ValueError(
+                "target_sum normalises raw counts in a layer or .X; a representation "
+                f"(use_rep={use_rep!r}) is used as it is. Drop `target_sum` or `use_rep`."
+            )
+        if isinstance(target_sum, bool) or not (
+            isinstance(target_sum, int | float | np.number)
+            and np.isfinite(target_sum)
+            and target_sum > 0
+        ):
+            raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
     matrix = get_matrix(adata, obsm_key=use_rep, layer=layer, obsm_arg="use_rep")
     where = (
         f"adata.obsm[{use_rep!r}]"
@@ -91,7 +127,15 @@ def hierarchy_matrix(adata: AnnData, use_rep: str | None, layer: str | None):
         else (f"adata.layers[{layer!r}]" if layer else "adata.X")
     )
     check_finite(matrix, where)
-    return matrix
+    if target_sum is None:
+        return matrix
+    check_counts(
+        matrix,
+        f"{where} (target_sum: raw counts expected)",
+        fix="Name the counts with `layer=` (e.g. `layer='counts'`), or drop `target_sum` for "
+        "log-normalised expression.",
+    )
+    return RowMatrix(matrix, transform=partial(normalize_block, target_sum=float(target_sum)))
 
 
 def discover_record(
@@ -104,6 +148,7 @@ def discover_record(
     groupby: str,
     use_rep: str | None,
     layer: str | None,
+    target_sum: float | None = None,
 ) -> tuple[BranchTree, dict]:
     """Discover the tree of a (dense or sparse) matrix and build its ``.uns`` record.
 
@@ -117,8 +162,7 @@ def discover_record(
     )
     params = {
         "groupby": groupby,
-        "use_rep": use_rep or "",
-        "layer": layer or "",
+        **representation_params(use_rep, layer, target_sum),
         **options.to_params(),
         "standardization": "global",
         **sde.to_dict(),
@@ -138,6 +182,7 @@ def resolve_hierarchy(
     groupby: str,
     use_rep: str | None,
     layer: str | None,
+    target_sum: float | None = None,
 ) -> tuple[BranchTree, dict]:
     """The tree a model uses, and its record: given, stored in ``adata.uns``, or discovered.
 
@@ -152,7 +197,7 @@ def resolve_hierarchy(
     if hierarchy is not None and is_given(hierarchy, adata):
         return given_record(
             adata, matrix, labels, classes, sde, options, hierarchy,
-            groupby=groupby, use_rep=use_rep, layer=layer,
+            groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum,
         )  # fmt: skip
     if isinstance(hierarchy, Mapping):
         tree_dict = hierarchy.get("tree", hierarchy)
@@ -167,12 +212,18 @@ def resolve_hierarchy(
             problems.append(f"its classes {tree.classes} differ from {classes}")
         if params.get("groupby") != groupby:
             problems.append(f"it groups by {params.get('groupby')!r}, not {groupby!r}")
-        stored_rep, stored_layer = params.get("use_rep") or None, params.get("layer") or None
-        if stored_rep != use_rep or stored_layer != layer:
+        stored = (
+            params.get("use_rep") or None,
+            params.get("layer") or None,
+            float(params["target_sum"]) if params.get("target_sum") else None,
+        )
+        if stored != (use_rep, layer, target_sum):
+            rerun = f", target_sum={target_sum:g}" if target_sum else ""
             problems.append(
-                f"it was computed on {_representation(stored_rep, stored_layer)}, the model "
-                f"learns {_representation(use_rep, layer)} (rerun `sb.tl.branch_hierarchy` "
-                f"on it, or pass hierarchy=adata.uns[{key!r}]['tree'] to use that tree as is)"
+                f"it was computed on {_representation(*stored)}, the model learns "
+                f"{_representation(use_rep, layer, target_sum)} (rerun "
+                f"`sb.tl.branch_hierarchy(...{rerun})` on it, or pass "
+                f"hierarchy=adata.uns[{key!r}]['tree'] to use that tree as is)"
             )
         try:
             sde.check_same(params, what=f"hierarchy in adata.uns[{key!r}]")
@@ -192,8 +243,9 @@ def resolve_hierarchy(
     elif isinstance(hierarchy, str):
         raise KeyError(f"hierarchy={hierarchy!r} is not a key of adata.uns.")
     tree, record = discover_record(
-        matrix, labels, classes, sde, options, groupby=groupby, use_rep=use_rep, layer=layer
-    )
+        matrix, labels, classes, sde, options,
+        groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum,
+    )  # fmt: skip
     logger.info("Discovered hierarchy: %s", tree.to_newick(3))
     return tree, record
 
@@ -204,6 +256,7 @@ def branch_hierarchy(
     *,
     use_rep: str | None = None,
     layer: str | None = None,
+    target_sum: float | None = None,
     hierarchy: str | Mapping | Sequence | BranchTree | None = None,
     times: str = "data",
     multifurcations: str = "keep",
@@ -246,6 +299,11 @@ def branch_hierarchy(
         Key of ``adata.obsm`` to use (e.g. ``"X_pca"``). If `None`, use ``layer`` or ``.X``.
     layer
         Layer to use when ``use_rep`` is `None`.
+    target_sum
+        With raw counts in ``layer`` (or ``.X``): learn the tree of their
+        ``log1p(counts / total * target_sum)``, normalised a block of cells at a time (memory
+        stays flat on an atlas on disk), the expression an expression model set up with the
+        same ``setup_anndata(target_sum=...)`` diffuses, and which it then reuses.
     hierarchy
         A hierarchy to use instead of discovering one: a Newick string (e.g.
         ``"((CD4 T,CD8 T)T cells,B);"``, quoted names allowed, internal names kept); a nested
@@ -332,7 +390,7 @@ def branch_hierarchy(
     adata = adata.copy() if copy else adata
     check_cells(adata)
     check_obs_key(adata, groupby, "groupby")
-    matrix = hierarchy_matrix(adata, use_rep, layer)
+    matrix = hierarchy_matrix(adata, use_rep, layer, target_sum)
     cats = pd.Categorical(adata.obs[groupby])
     cats = cats.remove_unused_categories()
     classes = [str(c) for c in cats.categories]
@@ -352,12 +410,13 @@ def branch_hierarchy(
     )
     if hierarchy is None:
         _, record = discover_record(
-            matrix, labels, classes, sde, options, groupby=groupby, use_rep=use_rep, layer=layer
-        )
+            matrix, labels, classes, sde, options,
+            groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum,
+        )  # fmt: skip
     else:
         _, record = given_record(
             adata, matrix, labels, classes, sde, options, hierarchy,
-            groupby=groupby, use_rep=use_rep, layer=layer, times=times,
+            groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum, times=times,
             multifurcations=multifurcations,
         )  # fmt: skip
     adata.uns[key_added] = record

@@ -187,6 +187,7 @@ def branch_stability(
     groupby = str(params["groupby"])
     use_rep = str(params.get("use_rep", "")) or None
     layer = str(params.get("layer", "")) or None
+    target_sum = float(params["target_sum"]) if params.get("target_sum") else None
 
     if params.get("given") and str(params.get("times_from", "data")) != "data":
         raise ValueError(
@@ -207,7 +208,7 @@ def branch_stability(
         why="too few to subsample (a replicate keeps at least 2 cells per class). Remove or "
         "merge them, then rerun `scbranch.tl.branch_hierarchy`.",
     )
-    matrix = hierarchy_matrix(adata, use_rep, layer)
+    matrix = hierarchy_matrix(adata, use_rep, layer, target_sum)
     # the standardiser of ALL cells, exactly as `discover_record`: replicates must not differ
     # from the stored tree by their scale, only by the resample and the noise
     shift, scale = global_standardizer(matrix)

@@ -187,11 +187,12 @@ def given_record(
     groupby: str,
     use_rep: str | None,
     layer: str | None,
+    target_sum: float | None = None,
     times: str = "data",
     multifurcations: str = "keep",
 ) -> tuple[BranchTree, dict]:
     """The tree of a given topology, times from the same curves as discovery, and its record."""
-    from ._branch_hierarchy import hierarchy_record
+    from ._branch_hierarchy import hierarchy_record, representation_params
 
     topology, kind = read_topology(adata, hierarchy, groupby, classes)
     shift, scale = global_standardizer(matrix)  # all cells, exactly as discovery and the model
@@ -203,8 +204,7 @@ def given_record(
     cross = crossover_times(intra, inter, grid, epsilon=options.epsilon, classes=classes)
     params = {
         "groupby": groupby,
-        "use_rep": use_rep or "",
-        "layer": layer or "",
+        **representation_params(use_rep, layer, target_sum),
         **options.to_params(),
         "standardization": "global",
         **sde.to_dict(),

@@ -139,9 +139,13 @@ class Space:
         return get_matrix(adata, layer=self.layer)
 
     @property
-    def hierarchy_rep(self) -> tuple[str | None, str | None]:
-        """``(use_rep, layer)`` a hierarchy must have been discovered on to fit this space."""
-        return self.obsm_key, None if self.obsm_key else self.layer
+    def hierarchy_rep(self) -> tuple[str | None, str | None, float | None]:
+        """``(use_rep, layer, target_sum)`` of the hierarchy this space's model can reuse.
+
+        The arguments of ``sb.tl.branch_hierarchy`` that learn a tree on the matrix this space
+        diffuses.
+        """
+        return self.obsm_key, None if self.obsm_key else self.layer, None
 
     # ------------------------------------------------------------------ cells in
     def encode(self, adata: AnnData, what: str = "the cells") -> np.ndarray:

@@ -119,11 +119,9 @@ class ExpressionSpace(_GeneSpace):
         return np.maximum(row_sums(m), 1.0) / self.target_sum
 
     @property
-    def hierarchy_rep(self) -> tuple[str | None, str | None]:  # noqa: D102
-        if self.target_sum is None:
-            return super().hierarchy_rep
+    def hierarchy_rep(self) -> tuple[str | None, str | None, float | None]:  # noqa: D102
         # a hierarchy learned on the raw counts is not one of the normalised expression
-        return None, f"log1p(CP{self.target_sum:g}) of {self.layer or 'X'}"
+        return None, self.layer, self.target_sum
 
     @property
     def n_input(self) -> int:  # noqa: D102
