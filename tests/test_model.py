@@ -332,6 +332,37 @@ def test_class_balance_oversamples_rare_types():
     assert model.is_trained
 
 
+def test_class_balance_resamples_every_epoch_so_every_cell_is_trained_on(monkeypatch):
+    # one resample drawn once left the same cells of every large type out for good
+    from scbranch.model import _data
+
+    adata = _sim_adata()
+    keep = np.ones(adata.n_obs, bool)
+    keep[np.flatnonzero(adata.obs["cell_type"].to_numpy() == "c0")[10:]] = False  # rare type
+    adata = adata[keep].copy()
+    loaders = []
+    build = _data.ResamplingDataSplitter.train_dataloader
+
+    def spy(self):
+        loader = build(self)
+        loaders.append((self.trainer.current_epoch, self.train_idx[:], loader.indices))
+        return loader
+
+    monkeypatch.setattr(_data.ResamplingDataSplitter, "train_dataloader", spy)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.train(max_epochs=6, loader="scvi", enable_progress_bar=False, class_balance=0.5)
+    assert [epoch for epoch, _, _ in loaders] == list(range(6))  # one resample per epoch
+    labels = adata.obs["_scvi_labels"].to_numpy()
+    for epoch, train_idx, indices in loaders:  # epoch k: the resample seeded [0, k]
+        expected = train_idx[_data.balanced_indices(labels[train_idx], 0.5, [0, epoch])]
+        assert np.array_equal(indices, expected)
+    large = np.bincount(labels).argmax()
+    members = set(np.flatnonzero(labels == large))
+    assert not members <= set(loaders[0][2])  # one epoch shows a subset of the large type...
+    assert members <= set(np.concatenate([i for _, _, i in loaders]))  # ...the epochs all of it
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_unknown_keys_raise():
     adata = _sim_adata()

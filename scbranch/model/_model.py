@@ -469,7 +469,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Decay of the weight EMA used for sampling (0 disables it).
         class_balance
             Oversample rare types: 0 trains on natural frequencies, 1 shows every type equally
-            often (cells repeated, none dropped); 0.5 gives a type of n cells weight ~sqrt(n).
+            often, 0.5 weighs n cells ~sqrt(n); resampled every epoch, so all cells are seen.
         accelerator, devices
             Lightning device selection, e.g. ``accelerator="gpu", devices=-1,
             strategy="ddp_find_unused_parameters_true"`` for all GPUs (from a script). On a
@@ -509,8 +509,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.train(max_epochs=300)  # doctest: +SKIP
         >>> model.train(accelerator="gpu", devices=1)  # doctest: +SKIP
         """
-        # another scvi model set up on this AnnData rewrites obs['_scvi_labels']: replay ours
-        self._validate_anndata(self.adata)
+        self._validate_anndata(self.adata)  # replays our obs['_scvi_labels'] (another model's?)
         forget_calibrations(self)  # measured on the network as it was
         train_size, validation_size = split_sizes(train_size, validation_size)
         steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
@@ -536,7 +535,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
                     **loader_kwargs,
                 )
             }
-        else:  # scvi-tools' own splitter and loader
+        else:  # scvi-tools' own splitter and loader, class-balanced afresh every epoch
+            trainer_kwargs.setdefault("reload_dataloaders_every_n_epochs", int(class_balance > 0))
             data = dict(train_size=train_size, batch_size=batch_size)
             data.update(validation_size=validation_size, datasplitter_kwargs=datasplitter_kwargs)
         with quiet_training_warnings(), keep_new_history(self):
