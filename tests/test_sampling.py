@@ -446,6 +446,19 @@ def test_share_true_with_branch_point_below_t_min():
     assert res.labels.tolist() == [0, 0, 0, 1, 1]
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_share_true_with_branch_point_exactly_at_t_min(solver):
+    # a Newick height of 0.001 is accepted; the shared run reached it as the last step's end,
+    # where no grid point waits for it, and stopped with "not on the time grid"
+    tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), SDE.t_min), ((0, 1), (2,), 0.5)])
+    kw = dict(n_input=2, n_steps=6, solver=solver, seed=1)
+    shared = sample(_lin, tree, SDE, {0: 3, 1: 2, 2: 2}, share=True, **kw)
+    assert shared.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    # ...handled like branch points below t_min: A's cells as when A is asked for alone
+    alone = sample(_lin, tree, SDE, {0: 3}, share=True, **kw)
+    assert torch.equal(shared.x[:3], alone.x)
+
+
 # ---------------------------------------------------------------------------- batches, records
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -342,7 +342,7 @@ def sample(
         if t_lo in records:
             trajectory[t_lo] = _class_states(groups, counts, tree, t_lo)
         first_in_segment = t_lo in knots
-        if share:
+        if share and t_lo > sde.t_min:  # branch points at t_min: fanned out below, as lower ones
             _pass_through(groups, tree, t_lo, need, knots)
         if share and first_in_segment:
             groups = _fan_out(groups, tree, t_lo, need, device, seed)
