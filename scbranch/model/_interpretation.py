@@ -362,7 +362,11 @@ def hybrids(
         The two types (different).
     n_cells
         Number of pairs.
-    solver, n_steps, seed, counts, batch, batch_size, progress_bar
+    solver
+        As in :meth:`~scbranch.BranchedDiffusion.generate`, but by default ``"heun"`` (the
+        probability-flow ODE), so that below the branch point the two cells of a pair differ
+        by their types' score functions only, not by fresh noise; ``"em"`` adds that noise.
+    n_steps, seed, counts, batch, batch_size, progress_bar
         As in :meth:`~scbranch.BranchedDiffusion.generate` (sharing is always on).
 
     Returns
