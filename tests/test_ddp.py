@@ -56,6 +56,8 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
         np.testing.assert_allclose(r0[k], r1[k], rtol=0, atol=1e-7, err_msg=k)
         # ...and match one process with the same global batch (float rounding apart)
         np.testing.assert_allclose(r0[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # scvi-tools' DDP history went to a shared temporary directory, not the working directory
+    assert not (tmp_path / "lightning_logs").exists()
     # only process 0 wrote the model, and it loads with the trained weights
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model1", "model2"]
     state = sb.BranchedDiffusion.load(str(tmp_path / "model2")).module.state_dict()

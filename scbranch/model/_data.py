@@ -39,6 +39,20 @@ def balanced_indices(labels: np.ndarray, class_balance: float, seed: int | list[
     return np.concatenate(out)
 
 
+def check_training_data(model) -> None:
+    """Raise unless ``model`` holds the AnnData it was set up on; replay its registry on it.
+
+    Another scvi-tools model set up on the same AnnData rewrites ``obs['_scvi_labels']``, so
+    the registry is validated (and replayed) before every training run.
+    """
+    if model.adata is None:
+        raise ValueError(
+            "This model holds no AnnData to train on (loaded without it): load it with "
+            "`BranchedDiffusion.load(dir_path, adata)`, or save it with `save_anndata=True`."
+        )
+    model._validate_anndata(model.adata)
+
+
 class ResamplingDataSplitter(DataSplitter):
     """:class:`scvi.dataloaders.DataSplitter` whose training loader can balance classes.
 

@@ -41,7 +41,7 @@ from ..tl._branch_hierarchy import resolve_hierarchy
 from . import _anchored, _diagnostics, _extension, _interpretation, _persistence
 from ._blocks import check_block_size, check_output, default_block_rows, generate_blocks
 from ._calibration import class_variances, forget_calibrations, type_calibrations
-from ._data import ResamplingDataSplitter
+from ._data import ResamplingDataSplitter, check_training_data
 from ._extension import reference_sample
 from ._output import check_memory, keep_layers, requested_cells, warn_if_untrained
 from ._spaces import SPACES, ScviSpace, Space, auto_noise, space_name
@@ -509,7 +509,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.train(max_epochs=300)  # doctest: +SKIP
         >>> model.train(accelerator="gpu", devices=1)  # doctest: +SKIP
         """
-        self._validate_anndata(self.adata)  # replays our obs['_scvi_labels'] (another model's?)
+        check_training_data(self)  # and replays our obs['_scvi_labels'] (another model's?)
         forget_calibrations(self)  # measured on the network as it was
         train_size, validation_size = split_sizes(train_size, validation_size)
         steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))

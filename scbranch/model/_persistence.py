@@ -127,6 +127,14 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     paths = _paths(directory, prefix)
     state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+    plan = getattr(getattr(model, "trainer", None), "lightning_module", None)
+    ema = getattr(plan, "_ema", None)
+    if ema is not None and not getattr(plan, "_ema_in_module", False):
+        # saved mid-training (a checkpoint callback): the EMA weights, which the model samples
+        # with after training and which validation_loss scores, not the live ones
+        names = [n for n, p in model.module.named_parameters() if p.requires_grad]
+        for name, shadow in zip(names, ema.shadow, strict=True):
+            state[name] = shadow.detach().cpu().contiguous()
     tmp = paths["weights"].with_name(f".{paths['weights'].name}.tmp")
     try:
         save_tensors(state, tmp)
@@ -158,6 +166,8 @@ def save(
     paths["legacy"].unlink(missing_ok=True)
     legacy_scvi = directory / f"{prefix}{ScviSpace.DIRECTORY}" / LEGACY
     legacy_scvi.unlink(missing_ok=True)
+    if not save_anndata:  # an overwritten directory must not keep the cells of the model before
+        paths["adata"].unlink(missing_ok=True)
     if save_anndata:
         if model.adata is None:
             raise ValueError("save_anndata=True, but the model holds no AnnData.")
@@ -252,14 +262,30 @@ def load(
         state = load_file(str(paths["weights"]), device="cpu")
     except (PlainFormatError, SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
         raise _corrupt(directory, err) from err
-    name = content["space"]["name"]
-    if name not in SPACES:
+    try:
+        name = content["space"]["name"]
+    except (KeyError, TypeError) as err:
+        raise _corrupt(directory, PlainFormatError(f"no space recorded ({err!r})")) from err
+    if not isinstance(name, str) or name not in SPACES:
         raise ValueError(
             f"The model in {str(directory)!r} diffuses a {name!r} space, which is not "
             f"registered (registered: {sorted(SPACES)}). Import the package that defines it."
         )
-    space = SPACES[name].from_state(content["space"]["state"], directory, prefix)
+    try:
+        space = SPACES[name].from_state(content["space"]["state"], directory, prefix)
+    except NewerFormatError:
+        raise
+    except (PlainFormatError, SafetensorError, OSError) as err:
+        raise _corrupt(directory, err) from err
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        damaged = PlainFormatError(f"its {name} space is damaged ({err!r})")
+        raise _corrupt(directory, damaged) from err
     model = _rebuild(cls, content["attributes"], space, state, directory)
+    if adata is None and paths["adata"].is_file():
+        # saved with save_anndata=True: attached as scvi-tools does (anndata reads plain data)
+        import anndata
+
+        adata = anndata.read_h5ad(paths["adata"])
     return _finish(model, adata, accelerator, device, parse_device_args)
 
 
@@ -306,6 +332,16 @@ def _finish(model, adata, accelerator, device, parse_device_args):
                 f"To attach them anyway, give them adata.obsm[{key!r}] = adata.obsm[{source!r}]."
             )
         check_genes_equal(adata, np.asarray(model.get_var_names()).astype(str), "the saved model")
+        if model.labels_key in adata.obs:
+            present = adata.obs[model.labels_key].dropna().astype(str).unique()
+            unknown = sorted(set(present) - set(model.classes))
+            if unknown:
+                raise ValueError(
+                    f"adata.obs[{model.labels_key!r}] holds type(s) the model does not know: "
+                    f"{unknown[:5]}. Attach only the cells of its types "
+                    f"(`adata[adata.obs[{model.labels_key!r}].isin(model.classes)].copy()`), or "
+                    "load without adata and add the new types with `model.add_classes(adata)`."
+                )
         model.space.attach(adata, model.labels_key)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*already.*", category=UserWarning)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 
 import numpy as np
 import torch
@@ -25,6 +27,9 @@ from scvi.train import TrainingPlan
 
 from ..module._recipe import TrainingRecipe, WeightEMA
 from ._diagnostics import DEFAULT_TIMES, noise_errors
+
+#: environment variable naming the DDP processes' shared history directory
+_DDP_LOG_DIR = "SCBRANCH_DDP_LOG_DIR"
 
 #: seed of the validation noise: every validation epoch scores the same draws
 VALIDATION_SEED = 0
@@ -71,6 +76,24 @@ def keep_new_history(model):
             model.history_[key] = frame
 
 
+def _shared_ddp_log_dir(trainer_kwargs: dict) -> None:
+    """Keep scvi-tools' DDP history file out of the user's working directory.
+
+    Under DDP scvi-tools' logger writes the history into ``./lightning_logs`` of the current
+    directory for the other processes to read; the processes share one temporary directory
+    instead (Lightning's launcher passes the environment on to the processes it starts).
+    """
+    if (
+        "ddp" not in str(trainer_kwargs.get("strategy", ""))
+        or trainer_kwargs.get("logger") is not None
+        or "log_save_dir" in trainer_kwargs
+    ):
+        return
+    if _DDP_LOG_DIR not in os.environ:
+        os.environ[_DDP_LOG_DIR] = tempfile.mkdtemp(prefix="scbranch_ddp_")
+    trainer_kwargs["log_save_dir"] = os.environ[_DDP_LOG_DIR]
+
+
 def trainer_defaults(
     trainer_kwargs: dict, steps_per_epoch: int, train_size: float, validation_size: float | None
 ) -> dict:
@@ -81,8 +104,30 @@ def trainer_defaults(
     # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
     trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
     trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
+    _shared_ddp_log_dir(trainer_kwargs)
+    held_out = (1.0 - train_size) if validation_size is None else validation_size
+    asks = [k for k in ("check_val_every_n_epoch", "enable_checkpointing") if trainer_kwargs.get(k)]
+    asks += [
+        type(c).__name__
+        for c in trainer_kwargs.get("callbacks") or []
+        if getattr(c, "monitor", None) == "validation_loss"
+    ]
+    if held_out <= 0 and asks and not trainer_kwargs.get("early_stopping"):
+        raise ValueError(
+            f"{', '.join(asks)} validates on held-out cells, and train_size={train_size:g} holds "
+            "none out: pass train_size < 1 (e.g. 0.9) or validation_size, or drop "
+            f"{asks[0]}."
+        )
+    for callback in trainer_kwargs.get("callbacks") or []:
+        if getattr(callback, "load_best_on_end", False):
+            # scvi-tools reloads the best checkpoint as its pickled model.pt, which scbranch
+            # does not write: training would fail once finished
+            raise ValueError(
+                "SaveCheckpoint(load_best_on_end=True) cannot reload scbranch's checkpoints; "
+                "use early_stopping=True (it keeps the weights of the lowest validation_loss), "
+                "or load the best one yourself: BranchedDiffusion.load(callback.best_model_path)."
+            )
     if trainer_kwargs.get("early_stopping"):
-        held_out = (1.0 - train_size) if validation_size is None else validation_size
         if held_out <= 0:
             raise ValueError(
                 "early_stopping watches the error on held-out cells, and train_size="
@@ -133,6 +178,8 @@ class DiffusionTrainingPlan(TrainingPlan):
         kwargs.setdefault("lr", defaults.lr)
         kwargs.setdefault("weight_decay", defaults.weight_decay)
         kwargs.setdefault("eps", defaults.eps)
+        # scvi-tools' plateau scheduler watches elbo_validation, which this plan never logs
+        kwargs.setdefault("lr_scheduler_metric", "validation_loss")
         super().__init__(module, **kwargs)
         self.recipe = TrainingRecipe(
             lr=self.lr,
@@ -190,6 +237,7 @@ class DiffusionTrainingPlan(TrainingPlan):
         self._validation_sum = [0.0, 0]  # error summed over cells (a tensor once added), cells
         if self._ema is not None:
             self._ema.swap(self._trainable())
+            self._ema_in_module = True
 
     def validation_step(self, batch, batch_idx) -> None:
         """Denoising error of the EMA weights on held-out cells at fixed times and draws."""
@@ -220,6 +268,7 @@ class DiffusionTrainingPlan(TrainingPlan):
             self._best = (total / n, self.current_epoch, weights)
         if self._ema is not None:
             self._ema.swap(self._trainable())
+            self._ema_in_module = False
         super().on_validation_epoch_end()
 
     def on_train_end(self) -> None:  # noqa: D102
