@@ -63,6 +63,24 @@ def test_gene_projection_reproduces_the_reference_pca(pbmc):
     np.testing.assert_allclose(new.obsm["X_pca"], pbmc.obsm["X_pca"][:80], atol=1e-3)
 
 
+def test_gene_projection_follows_how_sc_pp_pca_was_run(pbmc):
+    # known answer as above, for a PCA of a layer (.X holding counts) and of a boolean mask:
+    # the first was centred with .X (off by up to 18 PC units), the second crashed
+    ref = pbmc.copy()
+    ref.layers["lognorm"] = ref.X.copy()
+    ref.X = ref.layers["counts"].copy()
+    sc.pp.pca(ref, n_comps=20, layer="lognorm")
+    masked = pbmc.copy()
+    mask = np.zeros(masked.n_vars, bool)
+    mask[:300] = True
+    sc.pp.pca(masked, n_comps=20, mask_var=mask)
+    for reference in (ref, masked):
+        new = pbmc[:60].copy()  # log-normalised genes, as generated cells hold
+        del new.obsm["X_pca"]
+        sb.tl.embed_like(new, reference, basis="pca")
+        np.testing.assert_allclose(new.obsm["X_pca"], reference.obsm["X_pca"][:60], atol=1e-3)
+
+
 def test_cells_land_among_their_own_type_and_near_their_true_place():
     # the reference's 'UMAP' is a known map of X_pca; new cells come from the same clusters
     reference = make_reference(n_per_class=60, seed=1)

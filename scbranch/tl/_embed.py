@@ -53,10 +53,17 @@ def _pca_projection(adata: AnnData, reference: AnnData) -> np.ndarray:
         )
     params = reference.uns.get("pca", {}).get("params", {})
     genes = reference.var_names
-    if params.get("use_highly_variable") or params.get("mask_var") is not None:
-        mask_key = params.get("mask_var") or "highly_variable"
-        if isinstance(mask_key, str) and mask_key in reference.var.columns:
-            genes = reference.var_names[reference.var[mask_key].to_numpy(bool)]
+    mask = params.get("mask_var")
+    if isinstance(mask, np.ndarray | list):
+        # sc.pp.pca(mask_var=<boolean array>) records the array itself
+        mask = np.asarray(mask)
+        if mask.dtype == bool and mask.shape == (reference.n_vars,):
+            genes = reference.var_names[mask]
+    else:
+        if mask is None and params.get("use_highly_variable"):
+            mask = "highly_variable"
+        if isinstance(mask, str) and mask in reference.var.columns:
+            genes = reference.var_names[reference.var[mask].to_numpy(bool)]
     missing = genes.difference(adata.var_names)
     if len(missing):
         raise ValueError(
@@ -68,7 +75,11 @@ def _pca_projection(adata: AnnData, reference: AnnData) -> np.ndarray:
     x = to_dense(adata[:, genes].X).astype(np.float64)
     check_finite(x, "adata.X")
     if params.get("zero_center", True):
-        x = x - to_dense(reference[:, genes].X).astype(np.float64).mean(0)
+        # the matrix the PCA was computed on: sc.pp.pca(layer=...) records its layer
+        layer = params.get("layer")
+        fitted = reference[:, genes]
+        fitted = fitted.layers[layer] if layer else fitted.X
+        x = x - to_dense(fitted).astype(np.float64).mean(0)
     return x @ loadings
 
 
