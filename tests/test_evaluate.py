@@ -226,6 +226,10 @@ def test_evaluate_refuses_what_it_cannot_judge_and_warns_about_what_it_judges_ba
     sb.tl.evaluate(gen, held, "cell_type", min_cells=2, metrics=["w2"])  # no classifier
     with pytest.raises(ValueError, match="max_cells=3 is below min_cells=10"):
         sb.tl.evaluate(gen, held, "cell_type", max_cells=3)
+    # ...whose fix, None (every cell), is taken: the same table as a bound above every class
+    every = sb.tl.evaluate(gen, held, "cell_type", max_cells=None, metrics=["w2", "mmd"])
+    bound = sb.tl.evaluate(gen, held, "cell_type", max_cells=10**6, metrics=["w2", "mmd"])
+    pd.testing.assert_frame_equal(every, bound)
     with pytest.raises(ValueError, match="asks for nothing"):
         sb.tl.evaluate(gen, held, "cell_type", metrics=[])
     one = sb.tl.evaluate(gen, held, "cell_type", metrics="w2")

@@ -86,6 +86,12 @@ def test_a_wrong_topology_is_kept_as_given_and_the_comparison_says_so(caplog):
     assert "undefined (NaN): one tree joins every pair" in caplog.text
     fig = sb.pl.compare_hierarchies(adata, "scbranch_hierarchy", "wrong", return_fig=True)
     assert len(fig.axes) == 3
+    # trees of one type have nothing to compare: said so (numpy's zero-size error before)
+    one = adata.copy()
+    one.obs["all"] = pd.Categorical(["cells"] * one.n_obs)
+    sb.tl.branch_hierarchy(one, groupby="all", use_rep="X_latent", key_added="one")
+    with pytest.raises(ValueError, match="one cell type \\('cells'\\): there is no branch"):
+        sb.tl.compare_hierarchies(one, "one", "one")
     # given an Axes of a grid, the three panels take its place in the user's figure
     import matplotlib.pyplot as plt
 

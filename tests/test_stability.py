@@ -397,3 +397,15 @@ def test_a_given_hierarchy_is_re_timed_not_rediscovered():
     )
     with pytest.raises(ValueError, match="given with its branch times.*times='data'"):
         sb.tl.branch_stability(adata, n_bootstrap=3, progress_bar=False)
+
+
+def test_stability_of_a_view_leaves_its_parent_alone():
+    # the view shared its parent's nested record: the subset's bootstrap was written into the
+    # parent and drawn as the full data's; now the view becomes its own AnnData, as in scanpy
+    adata, _ = _hierarchy(decay=0.3, separation=10.0, seed=0)
+    before = dict(adata.uns[KEY])
+    view = adata[adata.obs_names[::2]]
+    with pytest.warns(UserWarning, match="view"):  # anndata's ImplicitModificationWarning
+        sb.tl.branch_stability(view, n_bootstrap=2, seed=0, progress_bar=False)
+    assert "stability" in view.uns[KEY] and not view.is_view
+    assert "stability" not in adata.uns[KEY] and sorted(adata.uns[KEY]) == sorted(before)

@@ -296,7 +296,10 @@ def branch_stability(
             for f, v in stats.items()
         },
     }
-    adata.uns[key]["stability"] = stability
+    # a new record, assigned at the top level: on a view this makes the view an AnnData of its
+    # own (anndata's ImplicitModificationWarning, as scanpy's tools do) instead of writing into
+    # the parent's nested dict, which a view shares
+    adata.uns[key] = {**record, "stability": stability}
     table = read_stability(adata, key)
     logger.info(
         "Bootstrap of %d branch points over %d replicates in %.2f s; lowest support %.2f.",

@@ -94,6 +94,11 @@ def compare_hierarchies(
             f"The two hierarchies cover different cell types (not in both: {only}); compare "
             "trees over the same types."
         )
+    if tree_a.n_classes < 2:
+        raise ValueError(
+            f"The hierarchies hold one cell type ({tree_a.classes[0]!r}): there is no branch "
+            "point to compare. Compare hierarchies of two or more types."
+        )
     ca, cb = clades(tree_a), clades(tree_b)
     shared = set(ca) & set(cb)
     only_a, only_b = set(ca) - shared, set(cb) - shared

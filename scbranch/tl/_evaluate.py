@@ -94,13 +94,13 @@ def _class_rng(seed: int, group: str) -> np.random.Generator:
 
 
 def _split_halves(
-    real_pos: np.ndarray, gen_pos: np.ndarray, group: str, max_cells: int, seed: int
+    real_pos: np.ndarray, gen_pos: np.ndarray, group: str, max_cells: int | None, seed: int
 ) -> _Halves:
     rng = _class_rng(seed, group)
     real_pos = rng.permutation(real_pos)
     half = len(real_pos) // 2
     a, b = real_pos[:half], real_pos[half : 2 * half]
-    m = min(half, len(gen_pos), max_cells)
+    m = min(half, len(gen_pos)) if max_cells is None else min(half, len(gen_pos), max_cells)
     return _Halves(
         a=np.sort(a[:m]), b=np.sort(b[:m]), generated=np.sort(rng.permutation(gen_pos)[:m])
     )
@@ -224,7 +224,7 @@ def evaluate(
     metrics: Sequence[str] | None = None,
     fidelity_classifier: str = "knn",
     min_cells: int = 10,
-    max_cells: int = 500,
+    max_cells: int | None = 500,
     fit_fraction: float = FIT_FRACTION,
     de_pairs: Sequence[tuple[str, str]] = (),
     n_markers: int = N_TOP_MARKERS,
@@ -311,7 +311,8 @@ def evaluate(
         Classes whose halves would hold fewer cells get only ``label_fidelity`` (a warning
         names them): distances between a handful of cells are noise.
     max_cells
-        At most this many cells per side and class (W2 and the forest grow superlinearly).
+        At most this many cells per side and class (W2 and the forest grow superlinearly);
+        `None`: every cell.
     fit_fraction
         Without ``train``: the share of each class of ``real`` held apart to fit the reference
         PCA and the classifier (a warning names classes this leaves too small for distances).
@@ -463,7 +464,7 @@ def evaluate(
                 "n_comps": int(n_comps),
                 "fidelity_classifier": fidelity_classifier,
                 "min_cells": int(min_cells),
-                "max_cells": int(max_cells),
+                "max_cells": -1 if max_cells is None else int(max_cells),
                 "fit_fraction": float(fit_fraction),
                 "n_markers": int(n_markers),
                 "seed": int(seed),
