@@ -691,8 +691,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         the latent in ``obsm[obsm_key]`` (latent models), expression in ``.X`` when the map to
         genes is known (expression models: clipped at 0; PCA models with ``"nb"`` noise,
         dense: the counts log-normalised with their PC scores set to the generated ones, so
-        values can dip below 0; ``sc.pp.normalize_total`` + ``log1p`` of ``layers['counts']``
-        gives plain log-normalised counts; scVI models: the counts
+        values can dip below 0; for scanpy's statistics, ``counts=True`` and normalize_total +
+        log1p of ``layers['counts']`` give plain log-normalised counts; scVI models: the counts
         log-normalised to 10,000 per cell, sparse, with scVI's normalised expression in
         ``layers['scale']`` and library sizes in ``obs['scbranch_library_size']``), counts in
         ``layers['counts']`` (sparse CSR; see ``counts``), and provenance in
