@@ -93,6 +93,23 @@ def standardization(x) -> tuple[np.ndarray, float, np.ndarray]:
     return shift, scale, np.maximum(variance, 1e-12) / scale**2
 
 
+def standardized_rows(matrix, rows: np.ndarray, shift, scale, block_rows: int = 4096) -> np.ndarray:
+    """``(to_dense(matrix[rows]) - shift) / scale`` as float32, densified a block of rows at a time.
+
+    The same values as standardising the whole subsample in float64 and casting (each element
+    is computed alike), without holding float64 copies of (types x n_per_class) x genes.
+    """
+    from .._validation import to_dense
+
+    sub = matrix[rows]
+    out = np.empty((len(rows), int(sub.shape[1])), dtype=np.float32)
+    for lo in range(0, len(rows), block_rows):
+        hi = min(len(rows), lo + block_rows)
+        # float64 arithmetic as on the whole subsample, rounded to float32 once, at the end
+        out[lo:hi] = (to_dense(sub[lo:hi]) - shift) / scale
+    return out
+
+
 def subsample_per_class(
     labels: np.ndarray, n_classes: int, n_per_class: int, seed: int
 ) -> np.ndarray:
@@ -643,8 +660,10 @@ def discovery_curves(
     o = options
     keep = subsample_per_class(labels, n_classes, o.n_per_class, o.seed)
     times = np.linspace(0.0, 1.0, o.n_times)
+    if not np.array_equal(keep, np.arange(len(labels))):  # already subsampled: no copy
+        x = x[keep]
     intra, inter = similarity_curves(
-        x[keep],
+        x,
         labels[keep],
         n_classes,
         sde,

@@ -19,12 +19,16 @@ from .._validation import (
     check_finite,
     check_obs_key,
     get_matrix,
-    to_dense,
 )
 from ..io._rows import RowMatrix
 from ..model._counts import normalize_block
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
-from ..module._discovery import DiscoveryOptions, DiscoveryResult, subsample_per_class
+from ..module._discovery import (
+    DiscoveryOptions,
+    DiscoveryResult,
+    standardized_rows,
+    subsample_per_class,
+)
 from ._given_hierarchy import given_record, is_given
 
 logger = logging.getLogger(__name__)
@@ -158,7 +162,7 @@ def discover_record(
     keep = subsample_per_class(labels, len(classes), options.n_per_class, options.seed)
     shift, scale = global_standardizer(matrix)  # all cells, exactly as the model does
     result = discover_hierarchy(
-        (to_dense(matrix[keep]) - shift) / scale, labels[keep], classes, sde, options
+        standardized_rows(matrix, keep, shift, scale), labels[keep], classes, sde, options
     )
     params = {
         "groupby": groupby,

@@ -18,9 +18,9 @@ from anndata import AnnData
 
 from .._keys import Key
 from .._utils import progress
-from .._validation import check_class_sizes, check_obs_key, to_dense
+from .._validation import check_class_sizes, check_obs_key
 from ..module import VPSDE, BranchTree, discover_hierarchy, global_standardizer
-from ..module._discovery import DiscoveryOptions
+from ..module._discovery import DiscoveryOptions, standardized_rows
 from ..module._topology import Node, topology_of
 from ._branch_hierarchy import hierarchy_matrix, read_hierarchy
 from ._given_hierarchy import timed_topology
@@ -237,7 +237,7 @@ def branch_stability(
                 for idx, m in zip(per_class, n_draw, strict=True)
             ]
         )
-        x = (to_dense(matrix[keep]) - shift) / scale
+        x = standardized_rows(matrix, keep, shift, scale)  # float32, a block at a time
         try:
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")

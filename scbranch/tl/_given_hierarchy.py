@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._validation import to_dense
 from ..module import VPSDE, BranchTree, global_standardizer
 from ..module._discovery import (
     DiscoveryOptions,
     DiscoveryResult,
     crossover_times,
     discovery_curves,
+    standardized_rows,
     subsample_per_class,
 )
 from ..module._topology import (
@@ -198,8 +198,8 @@ def given_record(
     shift, scale = global_standardizer(matrix)  # all cells, exactly as discovery and the model
     keep = subsample_per_class(labels, len(classes), options.n_per_class, options.seed)
     tree, (grid, intra, inter) = timed_topology(
-        (to_dense(matrix[keep]) - shift) / scale, labels[keep], classes, sde, options, topology,
-        times=times, multifurcations=multifurcations,
+        standardized_rows(matrix, keep, shift, scale), labels[keep], classes, sde, options,
+        topology, times=times, multifurcations=multifurcations,
     )  # fmt: skip
     cross = crossover_times(intra, inter, grid, epsilon=options.epsilon, classes=classes)
     params = {
