@@ -208,3 +208,36 @@ def test_auroc_catches_a_collapsed_set():
     collapsed = np.repeat(real.mean(0, keepdims=True), 100, axis=0)
     assert classifier_auroc(collapsed, real) > 0.9
     assert classifier_auroc(collapsed, real, n_folds=None) > 0.9
+
+
+def test_mmd_in_blocks_equals_the_full_kernel_matrices(monkeypatch):
+    # three n x n matrices ran 10,000 cells a side into 4 GB; blocks of rows give the same MMD
+    from scipy.spatial.distance import cdist
+
+    from scbranch.metrics import _distances
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(230, 5)), rng.normal(0.3, 1.2, size=(170, 5))
+
+    def full(sigma):
+        k = lambda a, b: np.exp(-cdist(a, b, "sqeuclidean") / (2 * sigma**2)).mean()  # noqa: E731
+        return k(x, x) + k(y, y) - 2 * k(x, y)
+
+    expected = sum(full(s) for s in (0.5, 2.0))
+    monkeypatch.setattr(_distances, "_BLOCK_ROWS", 64)  # several blocks, one partial
+    assert sb.metrics.mmd_rbf(x, y, bandwidths=[0.5, 2.0]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_median_bandwidth_of_many_cells_reads_a_sample_near_the_exact_median(monkeypatch):
+    from scipy.spatial.distance import pdist
+
+    from scbranch.metrics import _distances
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(700, 4)), rng.normal(1.0, 1.0, size=(500, 4))
+    exact = np.median(pdist(np.vstack([x, y])))
+    assert sb.metrics.median_bandwidth(x, y) == pytest.approx(exact, rel=1e-12)  # below cap
+    monkeypatch.setattr(_distances, "MEDIAN_SAMPLE", 600)
+    sampled = sb.metrics.median_bandwidth(x, y)
+    assert sampled != exact and sampled == pytest.approx(exact, rel=0.03)
+    assert sb.metrics.median_bandwidth(x, y) == sampled  # seeded
