@@ -626,3 +626,20 @@ def test_standardized_rows_equal_the_whole_subsample_standardised_at_once(kind):
     shift, scale = rng.normal(size=40), 1.7
     whole = ((to_dense(m[rows]) - shift) / scale).astype(np.float32)
     np.testing.assert_array_equal(standardized_rows(m, rows, shift, scale, block_rows=64), whole)
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense_in_blocks"])
+def test_standardiser_of_sparse_and_large_dense_matrices_equals_numpys(kind, monkeypatch):
+    # computed from the stored entries or a block of rows at a time (no float64 copies of an
+    # atlas): the same shift, scale and variances as numpy on the dense float64 matrix
+    from scbranch.module import _discovery
+
+    dense = sp.random(3000, 30, density=0.3, random_state=0, dtype=np.float32).toarray()
+    dense[:, 0] += 5.0  # a large mean against a small variance: E[x^2] - E[x]^2 must hold up
+    x = {"csr": sp.csr_matrix(dense), "csc": sp.csc_matrix(dense), "dense_in_blocks": dense}[kind]
+    monkeypatch.setattr(_discovery, "_DENSE_IN_ONE_GO", 0)
+    exact = dense.astype(np.float64)
+    shift, scale = global_standardizer(x)
+    np.testing.assert_allclose(shift, exact.mean(0), rtol=1e-12)
+    assert scale == pytest.approx(np.sqrt(np.mean((exact - exact.mean(0)) ** 2)), rel=1e-10)
+    np.testing.assert_allclose(_discovery.column_variance(x), exact.var(0), rtol=1e-9)

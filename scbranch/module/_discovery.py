@@ -44,10 +44,9 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
     if is_streamed(x):  # on disk, or transformed on the way in: one pass over blocks of rows
         shift, variance = moments(x)
         scale = float(np.sqrt(np.mean(variance)))
-    elif sp.issparse(x):  # no densification: E[x^2] - E[x]^2 per dimension
-        shift = np.asarray(x.mean(0), dtype=np.float64).ravel()
-        second = np.asarray(x.multiply(x).mean(0), dtype=np.float64).ravel()
-        scale = float(np.sqrt(np.mean(np.maximum(second - shift**2, 0.0))))
+    elif sp.issparse(x) or np.size(x) > _DENSE_IN_ONE_GO:
+        shift, variance = _column_moments(x)
+        scale = float(np.sqrt(np.mean(variance)))
     else:
         x = np.asarray(x, dtype=np.float64)
         shift = x.mean(0)
@@ -63,10 +62,42 @@ def column_variance(x) -> np.ndarray:
 
     if is_streamed(x):
         return np.maximum(moments(x)[1], 1e-12)
-    if sp.issparse(x):
-        mean = np.asarray(x.mean(0)).ravel()
-        return np.maximum(np.asarray(x.multiply(x).mean(0)).ravel() - mean**2, 1e-12)
+    if sp.issparse(x) or np.size(x) > _DENSE_IN_ONE_GO:
+        return np.maximum(_column_moments(x)[1], 1e-12)
     return np.maximum(np.asarray(x, dtype=np.float64).var(0), 1e-12)
+
+
+#: dense matrices up to this many values get their moments in one float64 copy; larger ones a
+#: block of rows at a time (an atlas's float32 expression would be copied twice in float64)
+_DENSE_IN_ONE_GO = 2**24
+
+
+def _column_moments(x, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) variance of a large dense or any sparse matrix.
+
+    In float64, without a float64 copy of the matrix: sparse values are summed per column from
+    the stored entries (``x.multiply(x).mean(0)`` made a squared copy and upcast it), dense
+    ones a block of rows at a time (two passes, the variance about the mean).
+    """
+    n, d = x.shape
+    if sp.issparse(x):
+        x = x.tocsr()  # no copy for CSR, the format cells come in
+        total, second = np.zeros(d), np.zeros(d)
+        for lo in range(0, n, block_rows):
+            stored = slice(x.indptr[lo], x.indptr[min(n, lo + block_rows)])
+            columns, values = x.indices[stored], np.asarray(x.data[stored], dtype=np.float64)
+            total += np.bincount(columns, weights=values, minlength=d)
+            second += np.bincount(columns, weights=values * values, minlength=d)
+        mean = total / n
+        return mean, np.maximum(second / n - mean**2, 0.0)
+    total = np.zeros(d)
+    for lo in range(0, n, block_rows):
+        total += np.asarray(x[lo : lo + block_rows], dtype=np.float64).sum(0)
+    mean = total / n
+    squares = np.zeros(d)
+    for lo in range(0, n, block_rows):
+        squares += ((np.asarray(x[lo : lo + block_rows], dtype=np.float64) - mean) ** 2).sum(0)
+    return mean, squares / n
 
 
 def standardization(x) -> tuple[np.ndarray, float, np.ndarray]:
