@@ -397,3 +397,31 @@ def test_cli_layers_option_names_unknown_layers_in_one_line(saved_model, tmp_pat
     assert main([*argv, "--overwrite", "--layers", "scale"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no layer ['scale']" in err[0]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_blocks_kept_in_memory_are_stacked_once_and_released(sparse):
+    # generate() without out= held every block and their concatenation at once (twice the
+    # cells); the stack copies block by block, releasing each: the same matrix, blocks emptied
+    from scbranch.model._blocks import concat_blocks
+
+    rng = np.random.default_rng(0)
+    blocks, dense = [], []
+    for k, n in enumerate((5, 1, 7)):
+        x = rng.poisson(0.5, size=(n, 6)).astype(np.float32)
+        dense.append(x)
+        matrix = sp.csr_matrix(x) if sparse else x
+        blocks.append(
+            ad.AnnData(
+                X=matrix, obs=pd.DataFrame(index=[f"b{k}c{i}" for i in range(n)]),
+                layers={"counts": matrix.copy()}, obsm={"z": x[:, :2].astype(np.float64)},
+            )
+        )  # fmt: skip
+    whole = concat_blocks(blocks)
+    expected = np.concatenate(dense)
+    got = whole.X.toarray() if sparse else whole.X
+    np.testing.assert_array_equal(got, expected)
+    assert sp.issparse(whole.layers["counts"]) == sparse and whole.X.dtype == np.float32
+    np.testing.assert_array_equal(whole.obsm["z"], expected[:, :2])
+    assert list(whole.obs_names[:2]) == ["b0c0", "b0c1"] and whole.n_obs == 13
+    assert all(b.X is None and not b.layers and not b.obsm for b in blocks)

@@ -357,19 +357,57 @@ def interrupts_noted() -> Iterator[list[int]]:
 
 
 def concat_blocks(blocks: Sequence[AnnData]) -> AnnData:
-    """One AnnData of blocks with the same fields (no ``uns``): rows in block order."""
+    """One AnnData of blocks with the same fields (no ``uns``): rows in block order.
+
+    The blocks are emptied as their matrices are copied into the result, so the cells are
+    held about once at the peak, not twice (all blocks, then their concatenation).
+    """
     if len(blocks) == 1:
         return blocks[0]
-
-    def stack(parts: list):
-        return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
-
     first = blocks[0]
-    x = None if first.X is None else stack([b.X for b in blocks])
-    layers = {key: stack([b.layers[key] for b in blocks]) for key in first.layers}
-    obsm = {key: stack([b.obsm[key] for b in blocks]) for key in first.obsm}
+    x = None
+    if first.X is not None:
+        parts = [b.X for b in blocks]
+        for b in blocks:
+            b.X = None
+        x = _stack_releasing(parts)
+    layers, obsm = {}, {}
+    for field, out in ((lambda b: b.layers, layers), (lambda b: b.obsm, obsm)):
+        for key in list(field(first)):
+            parts = [field(b).pop(key) for b in blocks]
+            out[key] = _stack_releasing(parts)
     obs = pd.concat([b.obs for b in blocks])
     return AnnData(X=x, obs=obs, var=first.var, obsm=obsm or None, layers=layers or None)
+
+
+def _stack_releasing(parts: list):
+    """Row blocks stacked into one dense or CSR matrix, each block released once copied.
+
+    The same matrix as ``np.concatenate`` / ``sp.vstack(format="csr")``; ``parts`` ends empty.
+    """
+    n = sum(p.shape[0] for p in parts)
+    if sp.issparse(parts[0]):
+        parts[:] = [sp.csr_matrix(p) for p in parts]
+        nnz = sum(p.nnz for p in parts)
+        index = np.int32 if max(nnz, n, parts[0].shape[1]) < 2**31 else np.int64
+        data = np.empty(nnz, dtype=np.result_type(*(p.dtype for p in parts)))
+        indices, indptr = np.empty(nnz, dtype=index), np.empty(n + 1, dtype=index)
+        row = pos = 0
+        while parts:
+            p = parts.pop(0)
+            m, k = p.shape[0], p.nnz
+            data[pos : pos + k], indices[pos : pos + k] = p.data, p.indices
+            indptr[row : row + m] = p.indptr[:-1] + pos
+            row, pos = row + m, pos + k
+        indptr[n] = nnz
+        return sp.csr_matrix((data, indices, indptr), shape=(n, p.shape[1]))
+    out = np.empty((n, *parts[0].shape[1:]), dtype=np.result_type(*parts))
+    row = 0
+    while parts:
+        p = np.asarray(parts.pop(0))
+        out[row : row + len(p)] = p
+        row += len(p)
+    return out
 
 
 def write_anndata(adata: AnnData, out: Path, overwrite: bool) -> Path:
