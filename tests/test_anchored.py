@@ -188,3 +188,11 @@ def test_every_architecture_generates_anchored(architecture):
     gen = model.generate_anchored(adata, {"c1": 5, "c2": 5}, seed=0, progress_bar=False)
     assert gen.obs["cell_type"].value_counts()[["c1", "c2"]].tolist() == [5, 5]
     assert np.isfinite(gen.obsm["X_pca"]).all()
+
+
+def test_a_group_of_the_hierarchy_is_named_as_one(trained):
+    # it was called an unknown cell type, where transmute and hybrids say what it is
+    adata, _ = trained
+    named = sb.BranchedDiffusion(adata, hierarchy={"AB": ["c0", "c1"], "CD": ["c2", "c3"]}, **FAST)
+    with pytest.raises(KeyError, match="'AB' is a group of the hierarchy \\(c0, c1\\)"):
+        named.generate_anchored(adata, {"AB": 3}, progress_bar=False)

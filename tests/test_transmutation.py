@@ -163,6 +163,8 @@ def test_transmutation_bad_input(trained):
         model.transmute(source, target="c1", mode="langevin", progress_bar=False)
     with pytest.raises(ValueError, match="n_checkpoints"):
         model.transmute(source, target="c1", n_checkpoints=1, progress_bar=False)
+    with pytest.raises(ValueError, match="n_checkpoints must be a whole number, got 2.5"):
+        model.transmute(source, target="c1", n_checkpoints=2.5, progress_bar=False)
     unlabelled = source.copy()
     del unlabelled.obs["cell_type"]
     with pytest.raises(KeyError, match="no 'cell_type' column.*Pass `source=`"):
@@ -184,6 +186,20 @@ def test_transmutation_bad_input(trained):
         model.transmute(wrong, target="c1", progress_bar=False)
     with pytest.raises(ValueError, match="no cells"):
         model.transmute(source[:0], target="c1", progress_bar=False)
+    # NaN or misspelt labels among the cells are named as such, not counted as a second type
+    # whose fix (per_cell_source=True) then failed on them
+    mixed = source.copy()
+    mixed.obs["cell_type"] = mixed.obs["cell_type"].cat.add_categories(["c00"])
+    mixed.obs.iloc[0, mixed.obs.columns.get_loc("cell_type")] = "c00"
+    with pytest.raises(KeyError, match="Unknown label.*'c00'"):
+        model.transmute(mixed, target="c1", progress_bar=False)
+    mixed.obs.iloc[0, mixed.obs.columns.get_loc("cell_type")] = np.nan
+    with pytest.raises(ValueError, match="NaN|missing"):
+        model.transmute(mixed, target="c1", progress_bar=False)
+    # many checkpoints with the default steps: the steps follow (it asked for n_steps=None)
+    many = model.transmute(source[:2], target="c1", n_checkpoints=52, progress_bar=False)
+    assert many.n_obs == 2 * (2 * 52 - 1)
+    assert many.uns["scbranch"]["params"]["n_steps"] >= 51
 
 
 def test_generate_records_trajectories(trained, tmp_path):
@@ -292,6 +308,8 @@ def test_hybrids_bad_input(trained):
         model.hybrids("c0", "c0", progress_bar=False)
     with pytest.raises(KeyError, match="Unknown label"):
         model.hybrids("c0", "nope", progress_bar=False)
+    with pytest.raises(ValueError, match="whole number, got 2.7"):  # 2 pairs were made
+        model.hybrids("c0", "c1", n_cells=2.7, progress_bar=False)
     flat = sb.BranchedDiffusion(adata, architecture="flat", **FAST)
     with pytest.raises(ValueError, match="branched model"):
         flat.hybrids("c0", "c1", progress_bar=False)
@@ -318,6 +336,18 @@ def test_expression_and_flat_models_transmute():
     np.testing.assert_array_equal(other.X, tm.X)
     with pytest.raises(ValueError, match="10 of its 20 genes are missing"):
         model.transmute(_cells(adata[:, :10].copy(), "c0", 4), "c1", progress_bar=False)
+    # ODE endpoints carried back return the cells: from their unclipped states, not from .X,
+    # which is clipped at 0 (from .X the round trip missed by 16 %, not by the solver's error)
+    model.train(max_epochs=30, enable_progress_bar=False)
+    source = _cells(adata, "c0", 4)
+    there = model.transmute(source, "c2", n_steps=20, progress_bar=False)
+    ends = there[there.obs["phase"] == "endpoint"].copy()
+    assert (ends.obsm["scbranch_state"] < 0).any()  # .X lost these values
+    back = model.transmute(ends, "c0", source="c2", n_steps=20, progress_bar=False)
+    returned = back[back.obs["phase"] == "endpoint"].obsm["scbranch_state"]
+    start = np.asarray(source.X, dtype=np.float64)
+    rel = np.linalg.norm(returned - start, axis=1) / np.linalg.norm(start, axis=1)
+    assert np.median(rel) < 1e-3, np.median(rel)
     sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_pca")
     flat = sb.BranchedDiffusion(adata, architecture="flat", **FAST)
     flat.train(max_epochs=2, enable_progress_bar=False)

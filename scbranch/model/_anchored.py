@@ -69,6 +69,9 @@ def _requested(model: BranchedDiffusion, labels: np.ndarray, n_cells) -> dict[in
     present = [c for c in model.classes if np.any(labels == c)]
     if isinstance(n_cells, Mapping):
         wanted = cell_counts(n_cells, ())
+        groups = [w for w in wanted if w not in model.classes and w in model.tree.node_names]
+        if groups:  # named as a group of the hierarchy (as transmute and hybrids do)
+            model.tree.class_index(groups)
         unknown = sorted(set(wanted) - set(model.classes))
         if unknown:
             raise ValueError(

@@ -22,11 +22,12 @@ from anndata.utils import make_index_unique
 
 from .._keys import Key
 from .._utils import progress, resolve_seed
+from .._validation import check_obs_key
 from ..module._denoiser import CalibratedDenoiser
 from ..module._sampling import SampleResult
 from ..module._solvers import DEFAULT_N_STEPS, resolve_solver
 from ..module._transport import denoise, transport
-from ._output import generated_anndata, trajectory_anndata, warn_if_untrained
+from ._output import cell_count, generated_anndata, trajectory_anndata, warn_if_untrained
 
 if TYPE_CHECKING:
     from ._model import BranchedDiffusion
@@ -148,8 +149,11 @@ def transmute(
     ``"endpoint"``), ``obs['branch']``, ``obs['source_label']``, ``obs['target_label']``; the
     model's estimate of the clean cell at each state (E[x_0 | x_t]) in ``obsm[obsm_key]`` and
     decoded in ``.X`` where the space allows; the noisy state in ``obsm['scbranch_state']``;
-    parameters in ``uns['scbranch']['params']``. The source rows hold the cells as given, the
-    endpoint rows the transmuted cells: select them with ``tm[tm.obs['phase'] == 'endpoint']``.
+    parameters in ``uns['scbranch']['params']``. The source rows hold the cells as given in the
+    model's representation (``obsm[obsm_key]``; their ``.X`` is that representation decoded,
+    e.g. a PCA model's reconstruction from its components, not the measured expression, so
+    that source and endpoint rows compare like with like), the endpoint rows the transmuted
+    cells: select them with ``tm[tm.obs['phase'] == 'endpoint']``.
 
     Examples
     --------
@@ -166,14 +170,18 @@ def transmute(
         raise ValueError("`adata` holds no cells to transmute.")
     if mode not in ("ode", "sde"):
         raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}.")
+    if isinstance(n_checkpoints, bool) or not float(n_checkpoints).is_integer():
+        raise ValueError(f"n_checkpoints must be a whole number, got {n_checkpoints!r}.")
     if int(n_checkpoints) < 2:
         raise ValueError(f"n_checkpoints must be at least 2, got {n_checkpoints}.")
+    adapt = n_steps is None  # the default adapts to the checkpoints and branch points
     n_steps = TRANSMUTE_STEPS[mode] if n_steps is None else int(n_steps)
     if n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer, got {n_steps}.")
     target_code = int(model.tree.class_index(str(target))[0])
     sources = _transmutation_sources(model, adata, source, per_cell_source, target_code)
     x = model.encode(adata, "the cells to transmute")
+    x = _ode_endpoint_states(model, adata, x)
     seed = resolve_seed(seed)
     solvers = ("heun", "heun") if mode == "ode" else ("noise", "em")
 
@@ -190,6 +198,7 @@ def transmute(
     branches = np.empty((len(x), n_rows), dtype=np.int64)
     n_calls = 0
     branch_times = {}
+    steps_used = n_steps
     for s in np.unique(sources):
         pos = np.flatnonzero(sources == s)
         rows = torch.as_tensor(pos, device=device)
@@ -199,6 +208,12 @@ def transmute(
         path_times = np.r_[up_times, up_times[-2::-1]]
         path_labels = np.r_[np.full(k, s), np.full(k - 1, target_code)]
         group_seed = int(np.random.SeedSequence([seed, int(s)]).generate_state(1)[0])
+        leg_steps = n_steps
+        if adapt:  # one step at least per segment between checkpoints and branch points
+            knots = set(tree.breakpoints([int(s), target_code], sde.t_min)) | set(up_times)
+            segments = len({float(t) for t in knots if sde.t_min < t < t_star}) + 1
+            leg_steps = max(n_steps, segments)
+        steps_used = max(steps_used, leg_steps)
         legs = []
         for leg, (t_from, t_to, code, solver) in enumerate(
             [
@@ -216,7 +231,7 @@ def transmute(
                 t_from,
                 t_to,
                 solver=solver,
-                n_steps=n_steps,
+                n_steps=leg_steps,
                 seed=group_seed,
                 record_times=up_times,
                 batch_size=batch_size,
@@ -272,7 +287,7 @@ def transmute(
         "solver_up": solvers[0],
         "solver_down": solvers[1],
         "n_checkpoints": k,
-        "n_steps": n_steps,
+        "n_steps": steps_used,
         "seed": seed,
         "n_cells": len(x),
         "n_network_calls": n_calls,
@@ -290,6 +305,28 @@ def transmute(
         n_calls,
     )
     return out
+
+
+def _ode_endpoint_states(model: BranchedDiffusion, adata: AnnData, x: np.ndarray) -> np.ndarray:
+    """The exact ODE states of a transmutation's endpoint rows, where ``adata`` is made of them.
+
+    ``.X`` of an expression model's rows is clipped at 0 (log-normalised expression is never
+    negative), so encoding it would lose what the inverse integration needs; the ODE endpoint's
+    state at ``t_min`` (``obsm['scbranch_state']``) is the cell itself, unclipped.
+    """
+    record = adata.uns.get(Key.uns.GENERATED, {})
+    params = record.get("params", {}) if isinstance(record, Mapping) else {}
+    if (
+        Key.obsm.STATE in adata.obsm
+        and Key.obs.PHASE in adata.obs.columns
+        and params.get("kind") == "transmutation"
+        and params.get("mode") == "ode"
+        and (adata.obs[Key.obs.PHASE].astype(str) == Key.phase.ENDPOINT).all()
+    ):
+        state = np.asarray(adata.obsm[Key.obsm.STATE], dtype=np.float64)
+        if state.shape == x.shape:
+            return state
+    return x
 
 
 def _transmutation_sources(
@@ -314,11 +351,13 @@ def _transmutation_sources(
                 + ". Pass `source=` (the type every cell is), or label the cells in "
                 f"adata.obs[{model.labels_key!r}]."
             )
+        check_obs_key(adata, model.labels_key)  # unlabelled cells: drop them or pass source=
         names = adata.obs[model.labels_key].astype(str).to_numpy()
-        present = list(pd.unique(names))
+        present = [str(p) for p in pd.unique(names)]
+        model.tree.class_index(present)  # unknown types: named as such, not as a second type
         if len(present) > 1 and not per_cell_source:
             counts = pd.Series(names).value_counts()
-            listing = ", ".join(f"{c!r} ({n})" for c, n in counts.items())
+            listing = ", ".join(f"{str(c)!r} ({n})" for c, n in counts.items())
             raise ValueError(
                 f"adata holds cells of {len(present)} types ({listing}). Transmute one type "
                 "at a time (subset adata), pass `source=` to treat every cell as one type, "
@@ -389,9 +428,9 @@ def hybrids(
     a, b = (int(c) for c in model.tree.class_index([str(label_a), str(label_b)]))
     if a == b:
         raise ValueError(f"Hybrids need two different types, got {label_a!r} twice.")
-    if int(n_cells) < 1:
+    n = cell_count(n_cells, "hybrids")  # 2.7 pairs ran as 2
+    if n < 1:
         raise ValueError(f"n_cells must be a positive integer, got {n_cells}.")
-    n = int(n_cells)
     solver = resolve_solver(solver)
     options = model.space.resolve_options(counts=counts, batch=batch, residual_noise=False)
     seed = resolve_seed(seed)
