@@ -312,6 +312,17 @@ def test_cells_of_a_type_asked_through_a_node_are_those_asked_directly(node_mode
     nodes = via_node.obs["scbranch_requested_node"].astype(str)
     assert set(nodes[via_node.obs["cell_type"] == "c6"]) == {"c6"}
     assert set(nodes[via_node.obs["cell_type"] != "c6"]) == {"left"}
+    # trajectories of the same request say the same, on every row of a cell (it was missing)
+    tr = model.generate(
+        n_cells={"left": 40, "c6": 5}, seed=3, n_steps=12, share=False, progress_bar=False,
+        trajectory_times=[0.5, 0.0],
+    )  # fmt: skip
+    ends = tr[tr.obs["t"] == 0.0]
+    ends_nodes = ends.obs["scbranch_requested_node"].astype(str)
+    assert set(ends_nodes[ends.obs["cell_type"] == "c6"]) == {"c6"}
+    assert set(ends_nodes[ends.obs["cell_type"] != "c6"]) == {"left"}
+    per_cell = tr.obs.groupby("trajectory", observed=True)["scbranch_requested_node"].nunique()
+    assert (per_cell == 1).all()
 
 
 def test_nodes_are_refused_where_a_type_is_needed_and_unknown_nodes_named(node_model):

@@ -524,14 +524,15 @@ def run_trajectories(
     out: Path | None,
     overwrite: bool,
     progress_bar: bool,
+    origins: Mapping[int, list[tuple[str, int]]] | None = None,
 ) -> AnnData | Path:
     """Run ``generate(trajectory_times=...)``: one sampler run that records states.
 
     Returned in memory or written to ``out``; trajectories are one block (their rows are
     (cell, time) pairs, not cells).
     """
-    from ._blocks import write_anndata
-    from ._output import check_memory, generation_params
+    from ._blocks import requested_node_categories, write_anndata
+    from ._output import check_memory, generation_params, requested_nodes
 
     n_total = sum(requested.values())
     if out is not None and n_total > block_rows:
@@ -552,6 +553,12 @@ def run_trajectories(
         model.classes, requested, res, options, **settings, block_rows=block_rows, n_blocks=1
     )
     trajectories = generation_trajectories(model, res, times, params)
+    categories = requested_node_categories(model.classes, origins or {})
+    if categories is not None:  # groups of the tree were asked for: which, as generate says
+        nodes = requested_nodes(res.labels.cpu().numpy(), origins)
+        trajectories.obs[Key.obs.REQUESTED_NODE] = pd.Categorical(
+            np.repeat(nodes, len(times)), categories=categories
+        )
     return trajectories if out is None else write_anndata(trajectories, out, overwrite)
 
 

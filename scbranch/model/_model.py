@@ -769,7 +769,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         return _interpretation.run_trajectories(
             self, requested, times, options, settings,
             batch_size=batch_size, block_rows=block_rows, out=out, overwrite=overwrite,
-            progress_bar=progress_bar,
+            progress_bar=progress_bar, origins=origins,
         )  # fmt: skip
 
     # interpretation, extension, diagnostics: the functions are the methods (docs there)
