@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 from sklearn.neighbors import KNeighborsClassifier
 
 import scbranch as sb
@@ -180,6 +181,12 @@ def test_transmutation_bad_input(trained):
     nan.obsm["X_pca"][0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         model.transmute(nan, target="c1", progress_bar=False)
+    sparse = source.copy()  # a sparse representation crashed inside numpy
+    sparse.obsm["X_pca"] = sp.csr_matrix(sparse.obsm["X_pca"])
+    np.testing.assert_array_equal(
+        model.transmute(sparse, "c1", seed=0, progress_bar=False).X,
+        model.transmute(source, "c1", seed=0, progress_bar=False).X,
+    )
     wrong = source.copy()
     wrong.obsm["X_pca"] = wrong.obsm["X_pca"][:, :3]
     with pytest.raises(ValueError, match="3 dimensions, the model 6"):

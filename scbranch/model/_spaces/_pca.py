@@ -188,7 +188,7 @@ class PcaSpace(_GeneSpace):
             logger.info("%s: obsm[%r] is missing; using obsm[%r].", what, key, self.scores_of)
             key = self.scores_of
         check_rep_key(adata, obsm_key=key)
-        x = np.asarray(get_matrix(adata, obsm_key=key), dtype=np.float64)
+        x = np.asarray(to_dense(get_matrix(adata, obsm_key=key)), dtype=np.float64)  # sparse too
         if x.shape[1] != self.n_dims:
             raise ValueError(
                 f"adata.obsm[{self.obsm_key!r}] has {x.shape[1]} dimensions, the model "
