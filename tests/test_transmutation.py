@@ -132,7 +132,7 @@ def test_ode_keeps_more_of_each_cell_than_sde(trained):
     assert ode > sde + 0.2, (ode, sde)
 
 
-def test_mixed_sources(trained):
+def test_mixed_sources(trained, caplog):
     adata, model = trained
     mixed = adata[adata.obs["cell_type"].isin(["c0", "c1"])][::8].copy()
     with pytest.raises(ValueError, match="cells of 2 types.*per_cell_source=True"):
@@ -145,6 +145,18 @@ def test_mixed_sources(trained):
     # source= overrides the labels: every cell goes up c0's branches
     as_c0 = model.transmute(mixed, "c3", source="c0", progress_bar=False)
     assert set(as_c0.obs["source_label"]) == {"c0"}
+    # sources of two types whose branch points differ (c0 with c1 low, c2 at the root): their
+    # checkpoints lie at different times, so no onset time is a mean of them (0.41 read as a
+    # time no trajectory passed)
+    two = adata[adata.obs["cell_type"].isin(["c0", "c2"])][::8].copy()
+    tm = model.transmute(two, "c1", per_cell_source=True, progress_bar=False)
+    with caplog.at_level("WARNING", logger="scbranch"):
+        sb.tl.rank_transmutation_genes(tm, method="t-test_paired")
+    assert "different times" in caplog.text
+    ranked = tm.uns["scbranch_transmutation_genes"]
+    onset_t = np.array(ranked["onset_t"]["c1"], dtype=np.float64)
+    changed = np.array(ranked["onset_checkpoint"]["c1"]) >= 0
+    assert changed.any() and np.isnan(onset_t[changed]).any()
 
 
 def test_transmutation_bad_input(trained):

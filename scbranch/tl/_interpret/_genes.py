@@ -129,7 +129,8 @@ def rank_transmutation_genes(
         As in scanpy.
     `'onset_t'` : record array of float
         Diffusion time of each gene's onset (aligned with ``'names'``; NaN for genes whose
-        mean does not change).
+        mean does not change, and where the trajectories pass the onset checkpoint at
+        different times: sources of several types, ``per_cell_source=True``).
     `'onset_checkpoint'` : record array of int
         Checkpoint of the onset (-1 for genes whose mean does not change).
 
@@ -224,6 +225,16 @@ def rank_transmutation_genes(
             rows_by_ckpt[int(c)] = rows
         change = _group_means(x, rows_by_ckpt) - src.mean(0)
         ckpt_t = np.array([t[r].mean() for r in rows_by_ckpt.values()])
+        # sources of several types (per_cell_source=True) reach a checkpoint at their own
+        # branch times: a mean of those is a time no trajectory passed
+        mixed = np.array([np.ptp(t[r]) > 1e-9 for r in rows_by_ckpt.values()], dtype=bool)
+        if mixed.any():
+            logger.warning(
+                "Trajectories to %r reach their checkpoints at different times (sources of "
+                "several types): onset_t is NaN there; read onset_checkpoint.",
+                group,
+            )
+            ckpt_t[mixed] = np.nan
         first, changes = _onset(change, np.arange(len(down_ckpts)))
         onset_t = np.where(changes, ckpt_t[first], np.nan)
         onset_ckpt = np.where(changes, down_ckpts[first], -1).astype(np.int64)
