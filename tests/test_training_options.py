@@ -119,6 +119,11 @@ def test_ddp_history_goes_to_a_shared_temporary_directory(tmp_path, monkeypatch)
     again = {"strategy": "ddp_spawn"}  # every process (and a second call) reads the same one
     trainer_defaults(again, steps_per_epoch=10, train_size=1.0, validation_size=None)
     assert again["log_save_dir"] == shared
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = {"strategy": DDPStrategy()}  # a strategy object, not its name
+    trainer_defaults(strategy, steps_per_epoch=10, train_size=1.0, validation_size=None)
+    assert strategy["log_save_dir"] == shared
     single = {}
     trainer_defaults(single, steps_per_epoch=10, train_size=1.0, validation_size=None)
     assert "log_save_dir" not in single  # one device: nothing is written

@@ -84,7 +84,7 @@ def _shared_ddp_log_dir(trainer_kwargs: dict) -> None:
     instead (Lightning's launcher passes the environment on to the processes it starts).
     """
     if (
-        "ddp" not in str(trainer_kwargs.get("strategy", ""))
+        "ddp" not in str(trainer_kwargs.get("strategy", "")).lower()  # a name or DDPStrategy()
         or trainer_kwargs.get("logger") is not None
         or "log_save_dir" in trainer_kwargs
     ):
