@@ -486,17 +486,6 @@ def test_demo_user_error_is_one_line(monkeypatch, capsys):
     assert "--overwrite" in _error_line(capsys)
 
 
-def test_a_failure_that_is_not_the_inputs_exits_1(monkeypatch, capsys):
-    # 2 says "fix your command" (as argparse's usage errors); a crash of ours must not read so
-    def fake_run_demo(out, **kwargs):
-        raise RuntimeError("boom")
-
-    monkeypatch.setitem(sys.modules, "scbranch._demo", _fake_module(fake_run_demo))
-    assert main(["demo", "--out", "d"]) == 1
-    line = _error_line(capsys)
-    assert "RuntimeError: boom" in line and "--traceback" in line
-
-
 def test_fit_scvi_and_generate_counts(tmp_path, capsys):
     import numpy as np
 

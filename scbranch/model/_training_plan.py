@@ -90,7 +90,7 @@ def _shared_ddp_log_dir(trainer_kwargs: dict) -> None:
     ):
         return
     if _DDP_LOG_DIR not in os.environ:
-        os.environ[_DDP_LOG_DIR] = tempfile.mkdtemp(prefix="scbranch_ddp_")
+        os.environ[_DDP_LOG_DIR] = tempfile.mkdtemp(prefix="scbranch-ddp-")
     trainer_kwargs["log_save_dir"] = os.environ[_DDP_LOG_DIR]
 
 
