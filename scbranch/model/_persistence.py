@@ -33,6 +33,7 @@ from .._validation import check_genes_equal
 from ..io._backed import backing_paths
 from ._plain import NewerFormatError, PlainFormatError, read_plain, save_tensors, write_plain
 from ._spaces import SPACES, ExpressionSpace, PcaSpace, ScviSpace, _SizeFactorCounts
+from ._training_plan import DiffusionTrainingPlan
 
 if TYPE_CHECKING:
     from ._model import BranchedDiffusion
@@ -128,13 +129,8 @@ def save(
     paths = _paths(directory, prefix)
     state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
     plan = getattr(getattr(model, "trainer", None), "lightning_module", None)
-    ema = getattr(plan, "_ema", None)
-    if ema is not None and not getattr(plan, "_ema_in_module", False):
-        # saved mid-training (a checkpoint callback): the EMA weights, which the model samples
-        # with after training and which validation_loss scores, not the live ones
-        names = [n for n, p in model.module.named_parameters() if p.requires_grad]
-        for name, shadow in zip(names, ema.shadow, strict=True):
-            state[name] = shadow.detach().cpu().contiguous()
+    if isinstance(plan, DiffusionTrainingPlan) and plan.ema_weights():  # saved mid-training
+        state.update({k: v.detach().cpu().contiguous() for k, v in plan.ema_weights().items()})
     tmp = paths["weights"].with_name(f".{paths['weights'].name}.tmp")
     try:
         save_tensors(state, tmp)

@@ -189,6 +189,7 @@ class DiffusionTrainingPlan(TrainingPlan):
             cosine=cosine,
         )
         self._ema: WeightEMA | None = None
+        self._ema_in_module = False  # swapped in while validation scores it
         self.restore_best = bool(restore_best)
         self._best: tuple[float, int, list[torch.Tensor]] | None = None  # loss, epoch, weights
 
@@ -213,6 +214,17 @@ class DiffusionTrainingPlan(TrainingPlan):
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights by parameter name while they are not in the module, else `None`.
+
+        What a model saved mid-training (a checkpoint) must hold: the weights it samples with
+        after training and that ``validation_loss`` scores, not the live ones.
+        """
+        if self._ema is None or self._ema_in_module:
+            return None
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        return dict(zip(names, self._ema.shadow, strict=True))
 
     def on_fit_start(self) -> None:  # noqa: D102
         # scvi-tools leaves the module in eval mode after training, and Lightning keeps the

@@ -39,13 +39,13 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
     >>> shift.tolist(), round(scale, 3)
     ([1.0, 2.0], 1.581)
     """
-    from ..io._rows import is_streamed, moments
+    from ..io._rows import column_moments, is_streamed, moments
 
     if is_streamed(x):  # on disk, or transformed on the way in: one pass over blocks of rows
         shift, variance = moments(x)
         scale = float(np.sqrt(np.mean(variance)))
     elif sp.issparse(x) or np.size(x) > _DENSE_IN_ONE_GO:
-        shift, variance = _column_moments(x)
+        shift, variance = column_moments(x)
         scale = float(np.sqrt(np.mean(variance)))
     else:
         x = np.asarray(x, dtype=np.float64)
@@ -58,46 +58,19 @@ def global_standardizer(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def column_variance(x) -> np.ndarray:
     """Per-column variance of a dense or sparse matrix (no densification), floored at 1e-12."""
-    from ..io._rows import is_streamed, moments
+    from ..io._rows import column_moments, is_streamed, moments
 
     if is_streamed(x):
         return np.maximum(moments(x)[1], 1e-12)
-    if sp.issparse(x) or np.size(x) > _DENSE_IN_ONE_GO:
-        return np.maximum(_column_moments(x)[1], 1e-12)
+    if sp.issparse(x) or np.size(x) > _DENSE_IN_ONE_GO:  # in blocks, no float64 copy of x
+        return np.maximum(column_moments(x)[1], 1e-12)
     return np.maximum(np.asarray(x, dtype=np.float64).var(0), 1e-12)
 
 
-#: dense matrices up to this many values get their moments in one float64 copy; larger ones a
-#: block of rows at a time (an atlas's float32 expression would be copied twice in float64)
+#: dense matrices up to this many values get their moments in one float64 copy; larger ones
+#: (and sparse ones) a block of rows at a time (an atlas's float32 expression would be copied
+#: twice in float64, a sparse one squared and upcast whole)
 _DENSE_IN_ONE_GO = 2**24
-
-
-def _column_moments(x, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and (population) variance of a large dense or any sparse matrix.
-
-    In float64, without a float64 copy of the matrix: sparse values are summed per column from
-    the stored entries (``x.multiply(x).mean(0)`` made a squared copy and upcast it), dense
-    ones a block of rows at a time (two passes, the variance about the mean).
-    """
-    n, d = x.shape
-    if sp.issparse(x):
-        x = x.tocsr()  # no copy for CSR, the format cells come in
-        total, second = np.zeros(d), np.zeros(d)
-        for lo in range(0, n, block_rows):
-            stored = slice(x.indptr[lo], x.indptr[min(n, lo + block_rows)])
-            columns, values = x.indices[stored], np.asarray(x.data[stored], dtype=np.float64)
-            total += np.bincount(columns, weights=values, minlength=d)
-            second += np.bincount(columns, weights=values * values, minlength=d)
-        mean = total / n
-        return mean, np.maximum(second / n - mean**2, 0.0)
-    total = np.zeros(d)
-    for lo in range(0, n, block_rows):
-        total += np.asarray(x[lo : lo + block_rows], dtype=np.float64).sum(0)
-    mean = total / n
-    squares = np.zeros(d)
-    for lo in range(0, n, block_rows):
-        squares += ((np.asarray(x[lo : lo + block_rows], dtype=np.float64) - mean) ** 2).sum(0)
-    return mean, squares / n
 
 
 def standardization(x) -> tuple[np.ndarray, float, np.ndarray]:

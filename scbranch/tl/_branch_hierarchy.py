@@ -13,6 +13,7 @@ from anndata import AnnData
 
 from .._keys import Key
 from .._validation import (
+    TARGET_SUM_FIX,
     check_cells,
     check_class_sizes,
     check_counts,
@@ -136,8 +137,7 @@ def hierarchy_matrix(
     check_counts(
         matrix,
         f"{where} (target_sum: raw counts expected)",
-        fix="Name the counts with `layer=` (e.g. `layer='counts'`), or drop `target_sum` for "
-        "log-normalised expression.",
+        fix=TARGET_SUM_FIX,  # the same fix as setup_anndata(target_sum=...) names
     )
     return RowMatrix(matrix, transform=partial(normalize_block, target_sum=float(target_sum)))
 
