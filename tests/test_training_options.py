@@ -33,6 +33,18 @@ def test_validation_without_held_out_cells_is_refused_naming_train_size(option):
         _model().train(max_epochs=1, **option, **FIT)
 
 
+@pytest.mark.parametrize(
+    "budget", [{"max_epochs": 0}, {"max_epochs": 2.5}, {"max_epochs": 1, "max_steps": 0}]
+)
+def test_a_budget_of_no_steps_is_refused(budget):
+    # max_epochs=0 left the random weights marked as trained: generate() then sampled noise
+    # without the untrained-model warning
+    model = _model()
+    with pytest.raises(ValueError, match=r"must be a whole number of at least 1"):
+        model.train(**budget, **FIT)
+    assert not model.is_trained
+
+
 class _Scored(Callback):
     """The weights validation scores (the plan swaps the EMA in before this hook)."""
 
@@ -113,17 +125,17 @@ def test_loading_cells_of_an_unknown_type_names_it(tmp_path):
 def test_ddp_history_goes_to_a_shared_temporary_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("SCBRANCH_DDP_LOG_DIR", raising=False)
     kwargs = {"strategy": "ddp_find_unused_parameters_true"}
-    trainer_defaults(kwargs, steps_per_epoch=10, train_size=1.0, validation_size=None)
+    trainer_defaults(kwargs, None, 640, 64, train_size=1.0, validation_size=None)
     shared = kwargs["log_save_dir"]
     assert shared and not str(shared).startswith(str(tmp_path))
     again = {"strategy": "ddp_spawn"}  # every process (and a second call) reads the same one
-    trainer_defaults(again, steps_per_epoch=10, train_size=1.0, validation_size=None)
+    trainer_defaults(again, None, 640, 64, train_size=1.0, validation_size=None)
     assert again["log_save_dir"] == shared
     from lightning.pytorch.strategies import DDPStrategy
 
     strategy = {"strategy": DDPStrategy()}  # a strategy object, not its name
-    trainer_defaults(strategy, steps_per_epoch=10, train_size=1.0, validation_size=None)
+    trainer_defaults(strategy, None, 640, 64, train_size=1.0, validation_size=None)
     assert strategy["log_save_dir"] == shared
     single = {}
-    trainer_defaults(single, steps_per_epoch=10, train_size=1.0, validation_size=None)
+    trainer_defaults(single, None, 640, 64, train_size=1.0, validation_size=None)
     assert "log_save_dir" not in single  # one device: nothing is written

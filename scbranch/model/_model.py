@@ -11,7 +11,6 @@ loading to ``_persistence.py``, and the numerics to
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from ..module import VPSDE, BranchedDiffusionModule, BranchTree
 from ..module._discovery import DiscoveryOptions
 from ..module._discovery import standardization as data_standardization
 from ..module._networks import count_parameters
-from ..module._recipe import TrainingRecipe, default_max_epochs
+from ..module._recipe import TrainingRecipe
 from ..module._sampling import steps_for
 from ..module._solvers import DEFAULT_SOLVER, default_spacing, resolve_solver
 from ..tl._branch_hierarchy import resolve_hierarchy
@@ -512,10 +511,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         check_training_data(self)  # and replays our obs['_scvi_labels'] (another model's?)
         forget_calibrations(self)  # measured on the network as it was
         train_size, validation_size = split_sizes(train_size, validation_size)
-        steps_per_epoch = max(1, math.ceil(self.adata.n_obs * train_size / batch_size))
-        if max_epochs is None:
-            max_epochs = default_max_epochs(round(self.adata.n_obs * train_size), batch_size)
-        restore = trainer_defaults(trainer_kwargs, steps_per_epoch, train_size, validation_size)
+        max_epochs, restore = trainer_defaults(
+            trainer_kwargs, max_epochs, self.adata.n_obs, batch_size, train_size, validation_size
+        )
         plan_kwargs = {"lr": lr, "ema_decay": ema_decay, **restore, **(plan_kwargs or {})}
         loader_kwargs = dict(datasplitter_kwargs or {})  # block_rows, blocks_per_buffer
         datasplitter_kwargs = {

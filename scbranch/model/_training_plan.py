@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 import os
 import tempfile
 
@@ -25,7 +27,7 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
-from ..module._recipe import TrainingRecipe, WeightEMA
+from ..module._recipe import TrainingRecipe, WeightEMA, default_max_epochs
 from ._diagnostics import DEFAULT_TIMES, noise_errors
 
 #: environment variable naming the DDP processes' shared history directory
@@ -52,6 +54,23 @@ def split_sizes(train_size: float, validation_size: float | None) -> tuple[float
     if train_size == 1.0:
         train_size = 1.0 - validation_size
     return train_size, validation_size
+
+
+def check_budget(max_epochs: int, trainer_kwargs: dict) -> None:
+    """Refuse a training budget of no steps.
+
+    It would leave the random weights marked as trained (scvi-tools sets ``is_trained`` once
+    Lightning returns), and every later ``generate`` would sample noise without a warning.
+    """
+    max_steps = trainer_kwargs.get("max_steps", -1)  # Lightning's -1: no limit
+    for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not whole or (value < 1 and not (name == "max_steps" and value == -1)):
+            raise ValueError(
+                f"{name} must be a whole number of at least 1, got {value!r}: training no "
+                "steps leaves the network's random weights (leave max_epochs out for the "
+                "default budget)."
+            )
 
 
 @contextlib.contextmanager
@@ -95,12 +114,23 @@ def _shared_ddp_log_dir(trainer_kwargs: dict) -> None:
 
 
 def trainer_defaults(
-    trainer_kwargs: dict, steps_per_epoch: int, train_size: float, validation_size: float | None
-) -> dict:
+    trainer_kwargs: dict,
+    max_epochs: int | None,
+    n_cells: int,
+    batch_size: int,
+    train_size: float,
+    validation_size: float | None,
+) -> tuple[int, dict]:
     """Fill in the Lightning trainer's options that ``model.train`` defaults (in place).
 
-    Returns the plan's options that follow from them (``restore_best`` with early stopping).
+    Returns the number of epochs (the default budget for `None`, else ``max_epochs``
+    checked) and the plan's options that follow from the trainer's (``restore_best`` with
+    early stopping).
     """
+    steps_per_epoch = max(1, math.ceil(n_cells * train_size / batch_size))
+    if max_epochs is None:
+        max_epochs = default_max_epochs(round(n_cells * train_size), batch_size)
+    check_budget(max_epochs, trainer_kwargs)
     # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
     trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
     trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
@@ -136,7 +166,7 @@ def trainer_defaults(
                 "docs/benchmarks/denoising_gap.md)."
             )
         trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-    return {"restore_best": bool(trainer_kwargs.get("early_stopping"))}
+    return max_epochs, {"restore_best": bool(trainer_kwargs.get("early_stopping"))}
 
 
 class DiffusionTrainingPlan(TrainingPlan):
