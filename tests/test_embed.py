@@ -45,7 +45,9 @@ def test_gene_projection_reproduces_the_reference_pca(pbmc):
     del new.obsm["X_pca"]
     sb.tl.embed_like(new, pbmc, basis="pca")
     np.testing.assert_allclose(new.obsm["X_pca"], pbmc.obsm["X_pca"][:80], atol=1e-3)
-    assert new.uns["scbranch_embed_like"]["params"]["coordinates_from"] == (
+    sb.tl.embed_like(new, pbmc, basis="umap")  # a second placement keeps the first's record
+    assert set(new.uns["scbranch_embed_like"]) == {"X_pca", "X_umap"}
+    assert new.uns["scbranch_embed_like"]["X_pca"]["params"]["coordinates_from"] == (
         "genes projected on the PCA"
     )
     # one type alone keeps its place (ingest would centre it on its own mean)
@@ -94,7 +96,7 @@ def test_cells_land_among_their_own_type_and_near_their_true_place():
     assert (clf.predict(placed) == new.obs["cell_type"]).mean() > 0.95
     spread = np.linalg.norm(truth - truth.mean(0), axis=1).mean()
     assert np.median(np.linalg.norm(placed - truth, axis=1)) < 0.35 * spread
-    params = new.uns["scbranch_embed_like"]["params"]
+    params = new.uns["scbranch_embed_like"]["X_umap"]["params"]
     assert params["placement"] == "nearest reference cells" and params["use_rep"] == "X_pca"
 
 
@@ -128,7 +130,9 @@ def test_generated_cells_are_embedded_and_plotted(pbmc):
     out = sb.tl.embed_like(gen, pbmc, copy=True)
     assert "X_umap" not in gen.obsm and out.obsm["X_umap"].shape == (gen.n_obs, 2)
     assert np.isfinite(out.obsm["X_umap"]).all()
-    assert out.uns["scbranch_embed_like"]["params"]["coordinates_from"] == "obsm['X_pca']"
+    assert out.uns["scbranch_embed_like"]["X_umap"]["params"]["coordinates_from"] == (
+        "obsm['X_pca']"
+    )
     sc.pl.umap(out, color="cell_type", show=False)
     plt.close("all")
     out.write_h5ad("embedded.h5ad")  # params are h5ad-safe
@@ -158,7 +162,7 @@ def test_cells_in_another_pca_than_the_references_are_refused(pbmc, tmp_path):
     np.testing.assert_allclose(gen.obsm["X_umap"], placed, atol=1e-4)
     del gen.obsm["X_pca"]  # the fix the error names: project the genes on half's PCA
     sb.tl.embed_like(gen, half)
-    assert gen.uns["scbranch_embed_like"]["params"]["coordinates_from"] == (
+    assert gen.uns["scbranch_embed_like"]["X_umap"]["params"]["coordinates_from"] == (
         "genes projected on the PCA"
     )
 

@@ -224,7 +224,8 @@ def embed_like(
     ----------
     adata
         The new cells, e.g. from :meth:`~scbranch.BranchedDiffusion.generate`. Gains
-        ``obsm[key_added]`` and ``uns['scbranch_embed_like']`` (with ``params``).
+        ``obsm[key_added]`` and ``uns['scbranch_embed_like'][key_added]['params']`` (a record
+        per placement, so placing the cells in a second basis keeps the first's).
     reference
         Real cells with ``obsm[f'X_{basis}']``; never modified.
     basis
@@ -292,7 +293,8 @@ def embed_like(
     if key in out.obsm:
         logger.info("Replacing adata.obsm[%r] with the placement in reference's %s.", key, basis)
     out.obsm[key] = np.asarray(placed, dtype=np.float32)
-    out.uns[Key.uns.EMBED_LIKE] = {
+    records = dict(out.uns.get(Key.uns.EMBED_LIKE, {}))  # a new dict: views stay untouched
+    records[key] = {
         "params": {
             "basis": basis_key,
             "placement": "direct" if direct else "nearest reference cells",
@@ -303,5 +305,6 @@ def embed_like(
             "key_added": key,
         }
     }
+    out.uns[Key.uns.EMBED_LIKE] = records
     logger.info("Placed %d cells in the reference's %s (coordinates: %s).", out.n_obs, basis, how)
     return out if copy else None
