@@ -62,7 +62,8 @@ def check_budget(max_epochs: int, trainer_kwargs: dict) -> None:
     It would leave the random weights marked as trained (scvi-tools sets ``is_trained`` once
     Lightning returns), and every later ``generate`` would sample noise without a warning.
     """
-    max_steps = trainer_kwargs.get("max_steps", -1)  # Lightning's -1: no limit
+    max_steps = trainer_kwargs.get("max_steps")
+    max_steps = -1 if max_steps is None else max_steps  # Lightning's -1: no limit
     for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
         whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         if not whole or (value < 1 and not (name == "max_steps" and value == -1)):
