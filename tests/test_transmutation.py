@@ -1,6 +1,7 @@
 """Transmutation, hybrids and recorded trajectories of a trained model (METHOD.md §9)."""
 
 import anndata as ad
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -157,6 +158,14 @@ def test_mixed_sources(trained, caplog):
     onset_t = np.array(ranked["onset_t"]["c1"], dtype=np.float64)
     changed = np.array(ranked["onset_checkpoint"]["c1"]) >= 0
     assert changed.any() and np.isnan(onset_t[changed]).any()
+    # ... and the heatmap labels such a checkpoint with the range of its times, not their mean
+    ax = sb.pl.transmutation_genes(tm, n_genes=2, show=False)
+    ticks = [label.get_text() for label in ax.get_xticklabels()]
+    times = tm.obs.groupby("checkpoint", observed=True)["t"].agg(["min", "max"])
+    spread = times["max"] - times["min"] > 1e-6
+    assert spread.any() and all("-" in ticks[i] for i in np.flatnonzero(spread.to_numpy()))
+    assert ticks[0] == f"{times['min'].iloc[0]:.2g}"  # the sources: all at t_min
+    plt.close("all")
 
 
 def test_transmutation_bad_input(trained):

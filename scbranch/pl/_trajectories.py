@@ -300,7 +300,8 @@ def transmutation_genes(
     """Heatmap of genes changing along a transmutation: mean change from the source, per step.
 
     Rows are genes, columns the checkpoints from the source (left) through the branch point
-    (dashed line) to the endpoint (right), labelled with their diffusion time ``t``; colour is
+    (dashed line) to the endpoint (right), labelled with their diffusion time ``t`` (a range
+    where sources with different branch points pass a checkpoint at different times); colour is
     the mean, over the trajectories to ``group``, of each state's expression minus its source
     cell's (decoded log-normalised genes).
 
@@ -379,13 +380,16 @@ def transmutation_genes(
 
     ckpts = np.unique(checkpoints[in_group])
     change = np.empty((len(genes), len(ckpts)))
-    ckpt_t = np.empty(len(ckpts))
+    ticks = []
     for j, c in enumerate(ckpts):
         rows = np.flatnonzero(in_group & (checkpoints == c))
         rows = rows[np.isin(ids[rows], source_rows.index)]
         src = source_rows.loc[ids[rows]].to_numpy()
         change[:, j] = (dense(rows) - dense(src)).mean(0)
-        ckpt_t[j] = t[rows].mean()
+        # sources with different branch points pass a checkpoint at different times: their
+        # mean would be a time no trajectory passed, so the tick gives the range
+        low, high = t[rows].min(), t[rows].max()
+        ticks.append(f"{low:.2g}" if np.isclose(low, high) else f"{low:.2g}-{high:.2g}")
     branch = np.unique(checkpoints[in_group & (phase == "branch point")])
 
     if ax is None:
@@ -399,7 +403,7 @@ def transmutation_genes(
         interpolation="nearest",
     )
     ax.set_yticks(range(len(genes)), genes)
-    ax.set_xticks(range(len(ckpts)), [f"{v:.2g}" for v in ckpt_t], rotation=90)
+    ax.set_xticks(range(len(ckpts)), ticks, rotation=90)
     ax.set_xlabel("diffusion time t of the checkpoint (source → branch point → endpoint)")
     for b in branch:
         pos = int(np.flatnonzero(ckpts == b)[0])
