@@ -122,6 +122,18 @@ COUNTS_LAYER_FIX = (
     "Pass the layer with the raw counts, e.g. `counts_layer='counts'` (keep a copy before "
     "normalising: `adata.layers['counts'] = adata.X.copy()`)."
 )
+
+
+def check_target_sum(target_sum) -> None:
+    """``target_sum`` of ``normalize_total``: a positive finite number (``True`` is not one)."""
+    if isinstance(target_sum, bool) or not (
+        isinstance(target_sum, int | float | np.number)
+        and np.isfinite(target_sum)
+        and target_sum > 0
+    ):
+        raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
+
+
 #: ... where the diffused matrix itself must hold counts (``setup_anndata(target_sum=...)``)
 TARGET_SUM_FIX = (
     "With target_sum the diffused matrix must hold raw counts: name them with `layer=` (e.g. "
@@ -249,8 +261,7 @@ def check_setup_data(
                 "With target_sum the diffused matrix holds the raw counts, so counts come from "
                 "it; drop `counts_layer`."
             )
-        if not np.isfinite(target_sum) or target_sum <= 0:
-            raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
+        check_target_sum(target_sum)
     if obsm_key is not None:
         check_finite(adata.obsm[obsm_key], f"adata.obsm[{obsm_key!r}]")
         if layer is None:  # .X is decoded into only if the PCA reproduces it (checked there)

@@ -392,3 +392,11 @@ def test_branch_hierarchy_target_sum_bad_input(kwargs, match):
     adata.layers["lognorm"] = np.log1p(adata.X.toarray())
     with pytest.raises(ValueError, match=match):
         sb.tl.branch_hierarchy(adata, groupby="cell_type", **kwargs)
+
+
+@pytest.mark.parametrize("target_sum", [True, 0, -1.0, float("nan"), "1e4"])
+def test_setup_anndata_target_sum_must_be_a_positive_number(target_sum):
+    # True passed setup's check (a finite number above 0), where branch_hierarchy refused it
+    adata = _counts_adata(n_per_type=10)
+    with pytest.raises(ValueError, match="target_sum must be a positive number"):
+        sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", target_sum=target_sum)

@@ -19,6 +19,7 @@ from .._validation import (
     check_counts,
     check_finite,
     check_obs_key,
+    check_target_sum,
     get_matrix,
 )
 from ..io._rows import RowMatrix
@@ -119,12 +120,7 @@ def hierarchy_matrix(
                 "target_sum normalises raw counts in a layer or .X; a representation "
                 f"(use_rep={use_rep!r}) is used as it is. Drop `target_sum` or `use_rep`."
             )
-        if isinstance(target_sum, bool) or not (
-            isinstance(target_sum, int | float | np.number)
-            and np.isfinite(target_sum)
-            and target_sum > 0
-        ):
-            raise ValueError(f"target_sum must be a positive number, got {target_sum!r}.")
+        check_target_sum(target_sum)
     matrix = get_matrix(adata, obsm_key=use_rep, layer=layer, obsm_arg="use_rep")
     where = (
         f"adata.obsm[{use_rep!r}]"
