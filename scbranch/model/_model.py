@@ -695,7 +695,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ``layers['scale']`` and library sizes in ``obs['scbranch_library_size']``), counts in
         ``layers['counts']`` (sparse CSR; see ``counts``), and provenance in
         ``uns['scbranch']`` (with ``block_rows`` and ``n_blocks``). The file written to
-        ``out`` holds exactly this AnnData (cells ``gen0``, ``gen1``, ... in block order).
+        ``out`` holds exactly this AnnData (cells ``gen0``, ``gen1``, ... in block order, in
+        every call: ``ad.concat([gen_a, gen_b], index_unique="-")`` keeps two calls' apart).
 
         Examples
         --------
