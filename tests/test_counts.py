@@ -345,7 +345,7 @@ def test_scvi_entry_points_wrong_keys_and_nan(scvi_model_and_data):
     unknown_batch = adata.copy()
     del unknown_batch.obsm["X_scVI"]
     unknown_batch.obs["batch"] = "b9"
-    with pytest.raises(ValueError, match=r"batches the scVI model was not trained on: \['b9'\]"):
+    with pytest.raises(ValueError, match=r"not trained on: \[.b9.\]\. Drop those cells"):
         sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=unknown_batch)
 
 
@@ -524,3 +524,54 @@ def test_expression_model_counts_keep_real_library_sizes(tmp_path):
     scaled.X = x * np.linspace(0.5, 1.5, adata.n_obs)[:, None]
     sb.BranchedDiffusion.setup_anndata(scaled, labels_key=LABELS)
     assert sb.BranchedDiffusion(scaled, **FAST_MODEL).space.total is None
+
+
+def test_scvi_ode_transmutation_carried_back_returns_to_the_cells(scvi_model_and_data):
+    # endpoint rows hold no counts to encode: they failed with "reads counts from
+    # layers['counts'], which adata lacks"; they start from their exact states instead
+    _, model, adata = scvi_model_and_data
+    mono = adata[adata.obs[LABELS] == "CD14+ Monocyte"][:4].copy()
+    there = model.transmute(mono, "Dendritic", n_checkpoints=2, n_steps=20, progress_bar=False)
+    ends = there[there.obs["phase"] == "endpoint"].copy()
+    back = model.transmute(
+        ends, "CD14+ Monocyte", source="Dendritic", n_checkpoints=2, n_steps=20, progress_bar=False
+    )
+    start = mono.obsm["X_scVI"]
+    returned = back[back.obs["phase"] == "endpoint"].obsm["X_scVI"]
+    moved = np.linalg.norm(ends.obsm["X_scVI"] - start)
+    assert np.linalg.norm(returned - start) < 1e-2 * moved
+
+
+def test_an_scvi_model_changed_after_the_diffusion_is_refused(scvi_model_and_data, tmp_path):
+    # retraining the scVI model (or replacing a saved model's scvi/) decoded the learned
+    # latents with another decoder, silently
+    import copy
+    import shutil
+
+    import torch
+
+    vae, model, adata = scvi_model_and_data
+    model.save(tmp_path / "m")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.scvi_model.module.parameters()).add_(0.01)  # as one more step of training
+    for action in (
+        lambda: other.generate(n_cells=2, progress_bar=False),
+        lambda: other.transmute(adata[adata.obs[LABELS] == "CD19+ B"][:2].copy(), "Dendritic"),
+        lambda: other.save(tmp_path / "other"),
+    ):
+        with pytest.raises(ValueError, match=r"not the one the diffusion was trained on"):
+            action()
+    assert not (tmp_path / "other").exists()
+    # a saved model's scvi/ replaced by another scVI model's
+    shutil.copytree(tmp_path / "m", tmp_path / "swapped")
+    other.scvi_model.module.load_state_dict(vae.module.state_dict())  # unchanged again
+    other.save(tmp_path / "again")  # ... so it saves
+    changed = copy.deepcopy(vae)
+    with torch.no_grad():
+        next(changed.module.parameters()).mul_(1.1)
+    sb.model._scvi.save_scvi_weights(changed, tmp_path / "swapped" / "scvi")
+    with pytest.raises(ValueError, match=r"in '.*scvi' is not the one the diffusion"):
+        sb.BranchedDiffusion.load(tmp_path / "swapped")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m")  # the weights it was saved with load
+    assert loaded.space.info["weights_sha256"] == model.space.info["weights_sha256"]

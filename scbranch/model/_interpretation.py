@@ -22,7 +22,7 @@ from anndata.utils import make_index_unique
 
 from .._keys import Key
 from .._utils import progress, resolve_seed
-from .._validation import check_obs_key
+from .._validation import check_finite, check_obs_key
 from ..module._denoiser import CalibratedDenoiser
 from ..module._sampling import SampleResult
 from ..module._solvers import DEFAULT_N_STEPS, resolve_solver
@@ -180,8 +180,9 @@ def transmute(
         raise ValueError(f"n_steps must be a positive integer, got {n_steps}.")
     target_code = int(model.tree.class_index(str(target))[0])
     sources = _transmutation_sources(model, adata, source, per_cell_source, target_code)
-    x = model.encode(adata, "the cells to transmute")
-    x = _ode_endpoint_states(model, adata, x)
+    x = _ode_endpoint_states(model, adata)  # an ODE transmutation's endpoints, carried back
+    if x is None:
+        x = model.encode(adata, "the cells to transmute")
     seed = resolve_seed(seed)
     solvers = ("heun", "heun") if mode == "ode" else ("noise", "em")
 
@@ -307,12 +308,13 @@ def transmute(
     return out
 
 
-def _ode_endpoint_states(model: BranchedDiffusion, adata: AnnData, x: np.ndarray) -> np.ndarray:
+def _ode_endpoint_states(model: BranchedDiffusion, adata: AnnData) -> np.ndarray | None:
     """The exact ODE states of a transmutation's endpoint rows, where ``adata`` is made of them.
 
-    ``.X`` of an expression model's rows is clipped at 0 (log-normalised expression is never
-    negative), so encoding it would lose what the inverse integration needs; the ODE endpoint's
-    state at ``t_min`` (``obsm['scbranch_state']``) is the cell itself, unclipped.
+    Their state at ``t_min`` (``obsm['scbranch_state']``) is the cell itself: encoding the
+    rows instead loses what the inverse integration needs (an expression model's ``.X`` is
+    clipped at 0) or fails (an scVI model's rows hold no counts to encode). `None` for other
+    cells.
     """
     record = adata.uns.get(Key.uns.GENERATED, {})
     params = record.get("params", {}) if isinstance(record, Mapping) else {}
@@ -324,9 +326,10 @@ def _ode_endpoint_states(model: BranchedDiffusion, adata: AnnData, x: np.ndarray
         and (adata.obs[Key.obs.PHASE].astype(str) == Key.phase.ENDPOINT).all()
     ):
         state = np.asarray(adata.obsm[Key.obsm.STATE], dtype=np.float64)
-        if state.shape == x.shape:
+        if state.shape == (adata.n_obs, model.module.n_input):
+            check_finite(state, "obsm['scbranch_state'] of the cells to transmute")
             return state
-    return x
+    return None
 
 
 def _transmutation_sources(

@@ -337,8 +337,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             Cells to learn from: the scVI model's genes and counts layer, and ``labels_key``.
             Default: the AnnData the scVI model was set up with.
         obsm_key
-            Where the latent means are stored in ``adata.obsm`` (the only key written; an
-            existing entry is reused if it holds the same latents, otherwise an error).
+            Where the latent means are stored in ``adata.obsm`` (with scvi-tools' registration
+            keys, docs/api.md; an existing entry must hold the same latents). Keep the scVI
+            model as it is: one trained further is refused (its decoder no longer fits).
         **model_kwargs
             Options of :class:`BranchedDiffusion` (``width``, ``hierarchy``, ...).
 

@@ -125,6 +125,9 @@ def save(
             f"{str(directory)!r} already exists and is not empty; pass overwrite=True to replace "
             "the model in it, or choose another directory."
         )
+    if save_anndata and model.adata is None:
+        raise ValueError("save_anndata=True, but the model holds no AnnData.")
+    model.space.check_unchanged()  # before anything is written
     directory.mkdir(parents=True, exist_ok=True)
     paths = _paths(directory, prefix)
     state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
@@ -165,8 +168,6 @@ def save(
     if not save_anndata:  # an overwritten directory must not keep the cells of the model before
         paths["adata"].unlink(missing_ok=True)
     if save_anndata:
-        if model.adata is None:
-            raise ValueError("save_anndata=True, but the model holds no AnnData.")
         model.adata.write_h5ad(paths["adata"], **anndata_write_kwargs)
 
 

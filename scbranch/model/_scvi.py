@@ -8,6 +8,7 @@ columns into whatever it is given, and the user's object must stay as it is.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -258,6 +259,33 @@ def scvi_info(vae) -> dict:
     }
 
 
+def weights_fingerprint(vae) -> str:
+    """SHA-256 of the scVI model's weights (names, shapes, dtypes and values).
+
+    A diffusion learns the latents of the scVI model as it was when the space was fitted;
+    retraining that model afterwards (or a saved model's ``scvi/`` replaced by another one)
+    would decode the learned latents with another decoder, silently.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.module.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(values.shape)}:{values.dtype};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_weights_unchanged(vae, info: dict, where: str = "") -> None:
+    """Refuse an scVI model whose weights are not those ``info`` recorded (when it did)."""
+    recorded = info.get("weights_sha256")
+    if recorded and weights_fingerprint(vae) != recorded:
+        raise ValueError(
+            f"The scVI model{where} is not the one the diffusion was trained on: its weights "
+            "changed (was it trained further?), so the learned latents would decode through "
+            "another decoder. Build the model again with `BranchedDiffusion.from_scvi_model` "
+            "and train it, or train a copy of the scVI model instead of the one in use."
+        )
+
+
 def _counts_matrix(adata: AnnData, info: dict):
     """``(counts, gene columns, where)``: the matrix the scVI model reads, possibly on disk."""
     columns = check_genes(adata, info["var_names"])
@@ -281,7 +309,8 @@ def _batch_values(adata: AnnData, info: dict) -> pd.Categorical | None:
     unknown = sorted(set(values) - set(info["batches"]))
     if unknown:
         raise ValueError(
-            f"adata.obs[{key!r}] has batches the scVI model was not trained on: {unknown[:5]}."
+            f"adata.obs[{key!r}] has batches the scVI model was not trained on: {unknown[:5]}. "
+            "Drop those cells, or train the scVI model (and the diffusion on it) with them."
         )
     return pd.Categorical(values, categories=list(info["batches"]))
 

@@ -248,6 +248,12 @@ class Space:
     def save_files(self, directory: Path, prefix: str = "") -> None:
         """Write files the state does not hold (a nested model's weights), as plain data."""
 
+    def check_unchanged(self) -> None:
+        """Raise if what the space decodes with changed since it was fitted (default: nothing).
+
+        The scVI space's decoder is the user's scVI model, which could be trained further.
+        """
+
     def attach(self, adata: AnnData, labels_key: str) -> None:
         """Add what this space reads to cells attached to a loaded model (default: nothing).
 

@@ -22,6 +22,7 @@ from .._counts import (
 )
 from .._scvi import (
     SCVI_DIR,
+    check_weights_unchanged,
     decode_latents,
     decoder_scale,
     default_batch,
@@ -31,6 +32,7 @@ from .._scvi import (
     load_scvi_weights,
     save_scvi_weights,
     scvi_info,
+    weights_fingerprint,
 )
 from ._base import Decoded, Space, register_space
 
@@ -119,6 +121,7 @@ class ScviSpace(Space):
             )
         library = library_sizes_of(adata, info)
         info["default_batch"] = default_batch(adata, info)
+        info["weights_sha256"] = weights_fingerprint(scvi_model)  # checked before every use
         return cls(
             obsm_key=obsm_key,
             vae=scvi_model,
@@ -173,6 +176,7 @@ class ScviSpace(Space):
         return np.asarray(self.info["var_names"]).astype(str)
 
     def encode(self, adata, what="the cells") -> np.ndarray:  # noqa: D102
+        self.check_unchanged()
         x = latent_of(self.vae, adata, self.info)
         check_finite(x, f"the representation of {what}")
         return x
@@ -204,6 +208,7 @@ class ScviSpace(Space):
 
     def decode(self, z, codes, options, seed) -> Decoded:  # noqa: D102
         info = self.info
+        self.check_unchanged()
         batch = options.get("batch") or info["default_batch"]  # "" without batches
         batch_code = list(info["batches"]).index(batch)
         library = draw_from_pools(self.library_sizes, codes, np.random.default_rng([seed, 2]))
@@ -238,6 +243,7 @@ class ScviSpace(Space):
         # units (the mean of logs), where log1p of the decoder's mean lies above them for
         # rarely expressed genes (docs/api.md, 'Trajectory AnnData'); in `batch` (default:
         # the most common one)
+        self.check_unchanged()
         batch_code = list(self.info["batches"]).index(batch or self.info["default_batch"])
         # no progress bar of its own: say what a large transmutation's decode is doing
         logger.info(
@@ -273,7 +279,11 @@ class ScviSpace(Space):
             "estimate_library": self.estimate_library,
         }
 
+    def check_unchanged(self) -> None:  # noqa: D102
+        check_weights_unchanged(self.vae, self.info)
+
     def save_files(self, directory: Path, prefix: str = "") -> None:  # noqa: D102
+        self.check_unchanged()  # save checks it first too: this keeps the method safe alone
         save_scvi_weights(self.vae, Path(directory) / f"{prefix}{self.DIRECTORY}")
 
     @property
@@ -288,7 +298,12 @@ class ScviSpace(Space):
         if directory is None:
             raise ValueError("An scVI space is loaded from a model directory.")
         info = dict(state["info"])
-        vae = load_scvi_weights(Path(directory) / f"{prefix}{cls.DIRECTORY}", info)
+        where = Path(directory) / f"{prefix}{cls.DIRECTORY}"
+        vae = load_scvi_weights(where, info)
+        # the weights beside the model must be those it was trained on (a replaced scvi/ is
+        # refused); models saved before the fingerprint record it now
+        check_weights_unchanged(vae, info, f" in {str(where)!r}")
+        info.setdefault("weights_sha256", weights_fingerprint(vae))
         return cls(
             obsm_key=state["obsm_key"],
             vae=vae,
