@@ -400,3 +400,80 @@ def test_a_new_type_may_not_take_the_name_of_a_group():
     with pytest.raises(ValueError, match=r"\['left'\] name\(s\) a group.*rename"):
         model.add_classes(new, labels=["left"], progress_bar=False)
     assert model.classes == ["c0", "c1", "c2"]
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        ({"labels": []}, "labels is empty: nothing to add"),
+        ({"max_epochs": 0}, "max_epochs must be a whole number of at least 1"),
+        ({"max_epochs": 2.7}, "max_epochs must be a whole number of at least 1"),
+        ({"batch_size": 0}, "batch_size must be a whole number of at least 1"),
+        ({"batch_size": -4}, "batch_size must be a whole number of at least 1"),
+        ({"ema_decay": 1.5}, r"ema_decay must lie in \[0, 1\)"),
+    ],
+)
+def test_extension_settings_that_train_nothing_are_refused(extended, option, match):
+    # each was accepted (max_epochs=0 trained a step, batch_size=-4 a slice of the cells) or
+    # failed half-way (batch_size=0: ZeroDivisionError after the tree had grown)
+    model, sim = extended["model"], extended["sim"]
+    renamed = sim[sim.obs["cell_type"] == "c0"].copy()
+    renamed.obs["cell_type"] = renamed.obs["cell_type"].cat.rename_categories({"c0": "c9"})
+    kwargs = {"labels": ["c9"], "progress_bar": False, **option}
+    with pytest.raises(ValueError, match=match):
+        model.add_classes(renamed, **kwargs)
+    assert "c9" not in model.classes and model.tree.classes == model.classes
+
+
+def test_a_failed_extension_leaves_the_model_as_it_was(monkeypatch, tmp_path):
+    # add_class_head grows the tree before it trains: an error (or Ctrl-C) in training left a
+    # tree of more types than the model knew, and the saved model could not be loaded
+    sim = _sim(n_per_class=20)
+    model = _model(_without(sim, ["c3"]), max_epochs=2)
+    before = model.generate(n_cells=5, seed=0, progress_bar=False)
+    import scbranch.module._extension as module_extension
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module_extension, "train_heads", interrupted, raising=True)
+    with pytest.raises(KeyboardInterrupt):
+        model.add_classes(sim, labels=["c3"], max_epochs=1, progress_bar=False)
+    assert model.tree.classes == model.classes == ["c0", "c1", "c2"]
+    model.save(tmp_path / "m")
+    loaded = sb.BranchedDiffusion.load(tmp_path / "m")
+    after = loaded.generate(n_cells=5, seed=0, progress_bar=False)
+    np.testing.assert_array_equal(after.obsm[REP], before.obsm[REP])
+    monkeypatch.undo()
+    model.add_classes(sim, labels=["c3"], max_epochs=1, progress_bar=False)  # a retry works
+    assert model.classes == ["c0", "c1", "c2", "c3"]
+
+
+def test_training_after_extension_is_refused_naming_the_way_to_train_every_type(tmp_path):
+    # model.adata holds the old types only: train() trained them alone and moved the weights
+    # the new type uses (its cells' mean drifted 0.8 -> 3.0 from the real one in the audit)
+    sim = _sim(n_per_class=20)
+    model = _model(_without(sim, ["c3"]), max_epochs=2)
+    model.add_classes(sim, labels=["c3"], max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match=r"holds no cells of \['c3'\].*load\(d, adata=all_cells"):
+        model.train(max_epochs=1, enable_progress_bar=False)
+    model.save(tmp_path / "m")
+    every = sb.BranchedDiffusion.load(tmp_path / "m", adata=sim.copy())
+    every.train(max_epochs=1, enable_progress_bar=False)  # the way the message names
+    assert every.is_trained and every.classes == ["c0", "c1", "c2", "c3"]
+
+
+def test_a_type_joining_inside_a_named_group_is_logged(caplog):
+    # Dendritic joined CD14+ Monocyte inside a given "Myeloid" group in the audit, and
+    # generate({"Myeloid": n}) then drew half of its cells from it, without a word
+    sim = _sim(n_per_class=20, depth=3)  # (((c0, c1), (c2, c3)), ((c4, c5), (c6, c7)))
+    old = _without(sim, ["c1"])
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key=REP)
+    groups = {"left": ["c0", "c2", "c3"], "right": ["c4", "c5", "c6", "c7"]}
+    model = sb.BranchedDiffusion(old, hierarchy=groups, **FAST)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    with caplog.at_level("INFO", logger="scbranch"):
+        model.add_classes(sim, labels=["c1"], max_epochs=1, progress_bar=False)
+    joined = {g for g, types in sb.model._extension.named_groups(model).items() if "c1" in types}
+    assert joined and all(g in caplog.text for g in joined)
+    assert "named group(s)" in caplog.text

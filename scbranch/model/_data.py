@@ -50,6 +50,15 @@ def check_training_data(model) -> None:
             "This model holds no AnnData to train on (loaded without it): load it with "
             "`BranchedDiffusion.load(dir_path, adata)`, or save it with `save_anndata=True`."
         )
+    known = model.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+    missing = [c for c in model.classes if c not in set(known["categorical_mapping"])]
+    if missing:  # add_classes' types: training on the old cells alone would move their weights
+        raise ValueError(
+            f"The model's AnnData holds no cells of {missing}, added with add_classes: train() "
+            "would move the weights they use without showing them. To train every type "
+            "together, save the model and load it with cells of every type: "
+            "`model.save(d); model = BranchedDiffusion.load(d, adata=all_cells)`."
+        )
     model._validate_anndata(model.adata)
 
 

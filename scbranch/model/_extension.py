@@ -127,7 +127,23 @@ def add_classes(
 
     Returns
     -------
-    The model itself (extended in place), for chaining.
+    The model itself (extended in place), for chaining. Each type is added whole or not at
+    all: if its placement or training fails (or is interrupted), the model is as before it.
+
+    Notes
+    -----
+    What stays exactly as it was for the old types: :meth:`generate` and :meth:`hybrids`
+    (the same parameters at every time). Clean-cell estimates of trajectories and
+    transmutations (``obsm[obsm_key]`` and the genes decoded from them) come from a
+    denoiser fitted on the stored reference cells of every type, so they move a little once
+    the new type's cells join them; the noisy states (``obsm['scbranch_state']``) do not.
+    A type that joins inside a named group of the tree (e.g. of a given ``hierarchy``)
+    becomes part of it: ``generate({group: n})`` then draws some of its cells (logged).
+
+    ``model.adata`` keeps the cells the model was trained on, without the new types, so
+    :meth:`train` afterwards is refused: it would move the weights the new types use
+    without showing them. To train every type together, save the model and load it with
+    cells of every type, ``BranchedDiffusion.load(dir, adata=all_cells)``, then train.
 
     Examples
     --------
@@ -141,6 +157,7 @@ def add_classes(
             "'branched'."
         )
     own_head = resolve_own_head(own_head, model.module.architecture == "conditioned")
+    check_extension_budget(max_epochs, batch_size, ema_decay)
     lr = EXTENSION_LR[model.module.architecture] if lr is None else float(lr)
     if not np.isfinite(lr) or lr <= 0:
         raise ValueError(
@@ -162,21 +179,29 @@ def add_classes(
         t0 = time.perf_counter()
         x, extras = data[name]
         z = (x - model.module.shift.cpu().numpy()) / float(model.module.scale)
-        record = add_class_head(
-            model.module,
-            model.reference_samples_,
-            z,
-            name,
-            options,
-            class_names=[*model.classes, name],
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            recipe=recipe,
-            fine_tune_shared=fine_tune_shared,
-            own_head=own_head,
-            seed=seed,
-            progress=progress(f"Training {name}", progress_bar),
-        )
+        # all or nothing per type: add_class_head extends the module before it trains, so a
+        # failure (or Ctrl-C) half-way left a tree of more types than the model knew, which
+        # a later save could not load
+        module_before = copy.deepcopy(model.module)
+        try:
+            record = add_class_head(
+                model.module,
+                model.reference_samples_,
+                z,
+                name,
+                options,
+                class_names=[*model.classes, name],
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                recipe=recipe,
+                fine_tune_shared=fine_tune_shared,
+                own_head=own_head,
+                seed=seed,
+                progress=progress(f"Training {name}", progress_bar),
+            )
+        except BaseException:
+            model.module = module_before
+            raise
         record["joins"] = model.classes[record["joins"]]
         register_class(model, name, z, extras)
         model.extensions_.append({**record, "seconds": time.perf_counter() - t0})
@@ -189,8 +214,33 @@ def add_classes(
             record["n_steps"],
             model.extensions_[-1]["seconds"],
         )
+        gained = sorted(g for g, types in named_groups(model).items() if name in types)
+        if gained:  # generate({group: n}) now draws some of its cells from the new type
+            logger.info(
+                "%r joined inside the named group(s) %s, which include it now.", name, gained
+            )
     model.module.eval()
     return model
+
+
+def check_extension_budget(max_epochs, batch_size, ema_decay) -> None:
+    """Refuse extension settings that would train nothing or fail half-way."""
+    for arg, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
+        if arg == "max_epochs" and value is None:  # the default budget
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{arg} must be a whole number of at least 1, got {value!r}.")
+    if isinstance(ema_decay, bool) or not 0.0 <= float(ema_decay) < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1) (0 disables the EMA), got {ema_decay!r}.")
+
+
+def named_groups(model) -> dict[str, set[str]]:
+    """The tree's named groups, each with the names of the types below it."""
+    classes = list(model.classes)
+    return {
+        name: {classes[c] for c in model.tree.branches[branch].classes}
+        for name, branch in model.tree.node_names.items()
+    }
 
 
 def resolve_own_head(own_head: bool | str | None, conditioned: bool) -> bool | str:
@@ -221,6 +271,8 @@ def new_labels(model: BranchedDiffusion, adata: AnnData, labels, labels_key: str
                 "nothing to add."
             )
     labels = [str(c) for c in ([labels] if isinstance(labels, str) else labels)]
+    if not labels:
+        raise ValueError("labels is empty: nothing to add (None adds every type the model lacks).")
     known = [c for c in labels if c in model.classes]
     if known:
         raise ValueError(
