@@ -221,6 +221,11 @@ def test_extension_with_counts():
         np.zeros(new.n_obs, int),
     )
     np.testing.assert_allclose(nb["class_ratio"][-1], expected[0], rtol=1e-4)
+    no_counts = adata[adata.obs["cell_type"] == "CD34+"].copy()
+    no_counts.obs["cell_type"] = no_counts.obs["cell_type"].cat.rename_categories({"CD34+": "new"})
+    del no_counts.layers["counts"]
+    with pytest.raises(KeyError, match=r"lacks \(layers: \[\]\): store the cells' raw counts"):
+        model.add_classes(no_counts, labels=["new"], min_cells=2, progress_bar=False)
 
 
 def test_extension_bad_input(extended):

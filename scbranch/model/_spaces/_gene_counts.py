@@ -48,7 +48,9 @@ class _SizeFactorCounts:
         if counts_layer not in adata.layers:
             raise KeyError(
                 f"The model generates counts from adata.layers[{counts_layer!r}], which adata "
-                f"lacks (layers: {list(adata.layers.keys())})."
+                f"lacks (layers: {list(adata.layers.keys())}): store the cells' raw counts "
+                "there (a copy kept before normalising: `adata.layers['counts'] = "
+                "adata.X.copy()`); each type's size factors come from them."
             )
         counts = adata.layers[counts_layer]
         expression = adata.layers[layer] if layer else adata.X
