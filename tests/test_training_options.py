@@ -5,6 +5,7 @@ files and cells of types a model does not know (each found by a user audit)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import scvi
@@ -124,6 +125,10 @@ def test_loading_cells_of_an_unknown_type_names_it(tmp_path):
 
 def test_ddp_history_goes_to_a_shared_temporary_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("SCBRANCH_DDP_LOG_DIR", raising=False)
+    cleanups = []
+    monkeypatch.setattr(
+        "scbranch.model._training_plan.atexit.register", lambda *a, **k: cleanups.append((a, k))
+    )
     kwargs = {"strategy": "ddp_find_unused_parameters_true"}
     trainer_defaults(kwargs, None, 640, 64, train_size=1.0, validation_size=None)
     shared = kwargs["log_save_dir"]
@@ -139,3 +144,8 @@ def test_ddp_history_goes_to_a_shared_temporary_directory(tmp_path, monkeypatch)
     single = {}
     trainer_defaults(single, None, 640, 64, train_size=1.0, validation_size=None)
     assert "log_save_dir" not in single  # one device: nothing is written
+    # removed when the script ends, once (the directory was left behind in /tmp)
+    assert len(cleanups) == 1 and cleanups[0][0][1] == shared
+    (remove, path), options = cleanups[0]
+    remove(path, **options)
+    assert not os.path.exists(shared)

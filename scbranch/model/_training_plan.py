@@ -15,11 +15,13 @@ stream) adds the loss's sampling noise and changes the training draws.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import numbers
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -111,6 +113,9 @@ def _shared_ddp_log_dir(trainer_kwargs: dict) -> None:
         return
     if _DDP_LOG_DIR not in os.environ:
         os.environ[_DDP_LOG_DIR] = tempfile.mkdtemp(prefix="scbranch-ddp-")
+        # the process that made it (rank 0, which the others' launcher started from) removes
+        # it when the script ends: the histories in it are read during training only
+        atexit.register(shutil.rmtree, os.environ[_DDP_LOG_DIR], ignore_errors=True)
     trainer_kwargs["log_save_dir"] = os.environ[_DDP_LOG_DIR]
 
 
