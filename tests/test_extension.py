@@ -482,3 +482,21 @@ def test_a_type_joining_inside_a_named_group_is_logged(caplog):
     joined = {g for g, types in sb.model._extension.named_groups(model).items() if "c1" in types}
     assert joined and all(g in caplog.text for g in joined)
     assert "named group(s)" in caplog.text
+
+
+@pytest.mark.parametrize("architecture", ["branched", "conditioned"])
+@pytest.mark.parametrize("gaussian_skip", ["global", "per_branch"])
+def test_extension_keeps_every_buffer_on_the_models_device(architecture, gaussian_skip):
+    # the 'meta' device stands in for a GPU: the branch-lookup tables were rebuilt on the CPU,
+    # and add_classes failed on any GPU at its first lookup
+    from scbranch.module import BranchedDiffusionModule
+    from scbranch.module._extension import Placement, extend_module
+
+    tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
+    module = BranchedDiffusionModule(
+        4, tree.to_dict(), width=16, architecture=architecture, gaussian_skip=gaussian_skip
+    )
+    module.to("meta")
+    extend_module(module, "D", Placement(sibling=2, t=0.2, crossover=np.zeros(3)))
+    tensors = dict(module.named_buffers()) | dict(module.named_parameters())
+    assert {name for name, x in tensors.items() if x.device.type != "meta"} == set()

@@ -578,3 +578,22 @@ def test_sampler_noise_comes_from_a_cpu_generator_whatever_the_device():
     b = normal((4, 2), seeded_generator(3, 0, 1), torch.device("cpu"))
     assert torch.equal(a, b)
     assert not torch.equal(a, normal((4, 2), seeded_generator(4, 0, 1), torch.device("cpu")))
+
+
+def test_noise_and_discovery_stay_on_the_cpu_whatever_torchs_default_device():
+    # torch.set_default_device("cuda") put CPU-seeded draws on the default device, where a
+    # CPU generator cannot write ('meta' stands in for a GPU)
+    from scbranch.module._discovery import similarity_curves
+    from scbranch.module._random import normal, seeded_generator
+
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    labels = np.repeat([0, 1], 20)
+    times = np.linspace(0.05, 1.0, 8)
+    expected = normal((2, 3), seeded_generator(0, 0, 0), torch.device("cpu"))
+    curves = similarity_curves(x, labels, 2, VPSDE(), times, seed=0)
+    with torch.device("meta"):
+        drawn = normal((2, 3), seeded_generator(0, 0, 0), torch.device("cpu"))
+        again = similarity_curves(x, labels, 2, VPSDE(), times, seed=0)
+    assert torch.equal(drawn, expected)
+    for a, b in zip(curves, again, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -149,3 +149,47 @@ def test_ddp_history_goes_to_a_shared_temporary_directory(tmp_path, monkeypatch)
     (remove, path), options = cleanups[0]
     remove(path, **options)
     assert not os.path.exists(shared)
+
+
+def test_a_device_index_is_an_index_not_a_number_of_devices(monkeypatch):
+    # load(dir, device=1) and `generate --device 1` gave cuda:0 (Lightning reads devices=1 as
+    # "one device"), --device 2 cuda:0 too and --device 0 an error; emulated on two GPUs
+    import lightning.fabric.accelerators.cuda as fabric_cuda
+    import lightning.pytorch.accelerators.cuda as pytorch_cuda
+    from scvi.model._utils import parse_device_args
+
+    from scbranch.model._persistence import device_request
+
+    monkeypatch.setattr(fabric_cuda, "num_cuda_devices", lambda: 2)
+    for accelerator in (fabric_cuda.CUDAAccelerator, pytorch_cuda.CUDAAccelerator):
+        monkeypatch.setattr(accelerator, "is_available", staticmethod(lambda: True))
+        monkeypatch.setattr(accelerator, "auto_device_count", staticmethod(lambda: 2))
+    _, _, as_given = parse_device_args(
+        accelerator="gpu", devices=1, return_device="torch", validate_single_device=True
+    )
+    assert as_given == torch.device("cuda:0")  # Lightning's reading: the emulation holds
+    for index in (0, 1):
+        _, _, device = parse_device_args(
+            accelerator="gpu",
+            devices=device_request("gpu", index),
+            return_device="torch",
+            validate_single_device=True,
+        )
+        assert device == torch.device(f"cuda:{index}")
+    assert device_request("cpu", 1) == "auto"  # CPUs have no index
+    assert device_request("gpu", "auto") == "auto" and device_request("gpu", [1]) == [1]
+
+
+def test_several_devices_in_every_form_lightning_takes():
+    # "0,1", "2" or a DDPStrategy object fell back to scvi-tools' loader, whose class-balanced
+    # batches have no distributed sampler: every process trained on the same batches
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from scbranch.model._streaming import several_devices
+
+    assert several_devices("0,1", "") and several_devices("2", "") and several_devices(-1, "")
+    assert several_devices(1, DDPStrategy()) and several_devices([0, 1], "auto")
+    assert not several_devices("1,", "") and not several_devices(1, "auto")
+    assert not several_devices("auto", "") and not several_devices([3], "")
+    with pytest.raises(ValueError, match="loader='scvi' cannot split batches"):
+        _model().train(max_epochs=1, loader="scvi", devices="0,1", **FIT)

@@ -130,7 +130,7 @@ def type_calibrations(
         res = model.module.sample_cells(
             {code: CALIBRATION_CELLS}, share=True, seed=calibration_seed(code), **options
         )
-        kept[code] = calibrate_type(res.x.double().cpu().numpy(), np.asarray(variances[code]))
+        kept[code] = calibrate_type(res.x.cpu().double().numpy(), np.asarray(variances[code]))
         logger.debug("spread factors of %s: %s", model.classes[code], kept[code].factor)
     return kept
 

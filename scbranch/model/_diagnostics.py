@@ -115,7 +115,7 @@ def get_denoising_error(
                 z = module.standardize(torch.as_tensor(x[rows], dtype=torch.float32, device=device))
                 labels = torch.as_tensor(codes[rows], device=device)
                 for _ in range(n_draws):
-                    noise = torch.randn(z.shape, generator=gen).to(device)
+                    noise = torch.randn(z.shape, generator=gen, device="cpu").to(device)
                     for k, err in enumerate(noise_errors(module, z, labels, t, noise)):
                         errors[i, rows, k] += err.cpu().numpy() / n_draws
     finally:

@@ -199,7 +199,8 @@ def load(
     adata
         Optional AnnData to attach (its genes/representation must match the model's).
     accelerator, device
-        Where to put the model (Lightning's names: ``"cpu"``, ``"gpu"``, ``"auto"``).
+        Where to put the model: Lightning's accelerator names (``"cpu"``, ``"gpu"``,
+        ``"auto"``) and a device index (``device=1``: ``cuda:1``) or ``"auto"``.
     prefix
         Prefix of the saved file names.
     trust_pickle
@@ -310,10 +311,28 @@ def _rebuild(cls, attributes: dict, space, state: dict, directory: Path):
     return model
 
 
+def device_request(accelerator: str, device: int | str | list) -> int | str | list:
+    """``load``'s ``device`` as Lightning's ``devices``: an int is the device's INDEX.
+
+    Lightning reads ``devices=1`` as "one device" (``cuda:0``) and ``devices=2`` as "two";
+    ``load(dir, device=1)`` and the CLI's ``--device 1`` mean ``cuda:1``. CPUs have no index.
+    """
+    if isinstance(device, bool) or not isinstance(device, int | np.integer) or device < 0:
+        return device  # "auto", a list or a string, as Lightning reads them
+    accelerator = str(accelerator).lower()
+    on_gpu = accelerator in ("gpu", "cuda", "mps") or (
+        accelerator == "auto" and (torch.cuda.is_available() or torch.backends.mps.is_available())
+    )
+    return [int(device)] if on_gpu else "auto"
+
+
 def _finish(model, adata, accelerator, device, parse_device_args):
     """Place the model on its device and attach ``adata`` (checked against the model)."""
     _, _, torch_device = parse_device_args(
-        accelerator=accelerator, devices=device, return_device="torch", validate_single_device=True
+        accelerator=accelerator,
+        devices=device_request(accelerator, device),
+        return_device="torch",
+        validate_single_device=True,
     )
     model.to_device(torch_device)
     model.module.eval()

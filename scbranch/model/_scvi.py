@@ -483,12 +483,22 @@ def _likelihoods(vae, z, library, batch_index) -> list:
 def _draws(vae, likelihoods: list, seed: int) -> list[np.ndarray]:
     """One draw of counts from each chunk's likelihood, in order (dense float32 on the CPU).
 
-    Torch's RNG is seeded with ``seed`` and forked: the global state is left alone.
+    Torch's RNG of the scVI model's device is seeded with ``seed`` and forked: the global
+    state is left alone (that device's and the CPU's; ``torch.manual_seed`` would reseed
+    every GPU). The draws are torch's on that device, so the same seed gives other counts on
+    a GPU than on the CPU (the latents and ``layers['scale']`` are the same).
     """
     device = next(vae.module.parameters()).device
-    forked = [device] if device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=forked):
-        torch.manual_seed(seed)
+    on_accelerator = device.type in ("cuda", "mps")
+    forked = [device.index or 0] if on_accelerator else []
+    kind = device.type if on_accelerator else "cuda"
+    with torch.inference_mode(), torch.random.fork_rng(devices=forked, device_type=kind):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        elif device.type == "mps":
+            torch.mps.manual_seed(seed)
         return [px.sample().float().cpu().numpy() for px in likelihoods]
 
 

@@ -358,15 +358,40 @@ def use_block_loader(model, loader: str, devices, trainer_kwargs: Mapping) -> bo
             "The training data are on disk or normalised on the way in (target_sum), which "
             "only loader='blocks' reads; drop `loader=` or use 'blocks'."
         )
+    several = several_devices(devices, trainer_kwargs.get("strategy", ""))
+    if loader == "scvi" and several:
+        # its class-balanced loader has no distributed sampler: every process would train on
+        # the same batches
+        raise ValueError(
+            "loader='scvi' cannot split batches between several devices; drop `loader=` "
+            "(several devices read blocks, each process its own share of every batch)."
+        )
     if loader != "auto":
         return loader == "blocks"
-    strategy = str(trainer_kwargs.get("strategy", ""))
-    several = (
-        "ddp" in strategy
-        or (isinstance(devices, int) and (devices > 1 or devices == -1))
-        or (isinstance(devices, list | tuple) and len(devices) > 1)
-    )
     return streamed or several
+
+
+def several_devices(devices, strategy) -> bool:
+    """Whether Lightning's ``devices`` (int, list or string) and ``strategy`` ask for several.
+
+    Examples
+    --------
+    >>> several_devices("0,1", ""), several_devices("2", ""), several_devices(1, "auto")
+    (True, True, False)
+    """
+    if "ddp" in str(strategy).lower():  # a name, or a DDPStrategy object
+        return True
+    if isinstance(devices, str) and devices.strip() not in ("", "auto"):
+        text = devices.strip()
+        if "," in text:  # device indices, as Lightning reads "0,1" (or "1," for one)
+            return len([i for i in text.split(",") if i.strip()]) > 1
+        try:
+            devices = int(text)
+        except ValueError:
+            return False
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices > 1 or devices == -1
+    return isinstance(devices, list | tuple) and len(devices) > 1
 
 
 def model_datamodule(

@@ -294,7 +294,9 @@ class DiffusionTrainingPlan(TrainingPlan):
         labels = batch[REGISTRY_KEYS.LABELS_KEY].long().view(-1)
         errors = []
         for t in DEFAULT_TIMES:  # noise drawn on the CPU: the same draws on any device
-            noise = torch.randn(z.shape, generator=self._validation_draws, dtype=z.dtype)
+            noise = torch.randn(
+                z.shape, generator=self._validation_draws, dtype=z.dtype, device="cpu"
+            )
             errors += noise_errors(module, z, labels, t, noise.to(z.device), gaussian=False)
         loss = torch.stack(errors).mean()
         self._validation_sum[0] += loss.detach() * len(z)  # no host sync per batch

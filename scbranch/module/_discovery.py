@@ -309,8 +309,9 @@ def similarity_curves(
         raise ValueError(f"curves must be one of {CURVES}, got {curves!r}.")
     if int(n_draws) < 1:
         raise ValueError(f"n_draws must be at least 1, got {n_draws}.")
-    x_t0 = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    lab = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    # on the CPU (with its generator) whatever torch's default device
+    x_t0 = torch.as_tensor(np.asarray(x), dtype=torch.float32, device="cpu")
+    lab = torch.as_tensor(np.asarray(labels), dtype=torch.long, device="cpu")
     n, d = x_t0.shape
     counts = torch.bincount(lab, minlength=n_classes).to(torch.float32)
     if (counts < 2).any():
@@ -318,7 +319,7 @@ def similarity_curves(
         raise ValueError(f"Class index {bad} has {int(counts[bad])} cell(s); need at least 2.")
     gen = torch.Generator().manual_seed(int(seed))
     squared_norms = x_t0.pow(2).sum(-1)  # (n,)
-    t_all = torch.as_tensor(np.asarray(times), dtype=torch.float32)
+    t_all = torch.as_tensor(np.asarray(times), dtype=torch.float32, device="cpu")
     # the expected curves hold (Tc, n) weights, the sampled ones (Tc, n, d) noised cells
     per_time = n if curves == "expected" else n * d
     chunk = max(1, int(max_chunk_elements // max(per_time, 1)))
@@ -327,7 +328,7 @@ def similarity_curves(
         x_sorted = x_t0[order]
         bounds = [0, *torch.cumsum(counts.long(), 0).tolist()]
     else:  # buffers reused by every chunk: fresh (Tc, n, d) tensors cost page faults each time
-        buffer, signal = torch.empty(2, min(chunk, len(t_all)) * n * d)
+        buffer, signal = torch.empty(2, min(chunk, len(t_all)) * n * d, device="cpu")
     intra_out, inter_out = [], []
     for start in range(0, len(t_all), chunk):
         t = t_all[start : start + chunk]
@@ -352,7 +353,7 @@ def similarity_curves(
             for _ in range(int(n_draws)):
                 # x_t = a x + s eps, then u = x_t / |x_t|, in place (same values, bit for bit)
                 u = buffer[: len(t) * n * d].view(len(t), n, d)
-                torch.randn((len(t), n, d), generator=gen, out=u)
+                torch.randn((len(t), n, d), generator=gen, out=u, device="cpu")
                 u.mul_(s).add_(torch.mul(a, x_t0, out=signal[: u.numel()].view_as(u)))
                 u.div_(torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min_(1e-12))
                 sums = _class_sums(u, lab, n_classes)  # (Tc, C, d)

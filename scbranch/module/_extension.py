@@ -155,7 +155,8 @@ def train_heads(
     for p in params:
         p.requires_grad_(True)
     device = module.shift.device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    # drawn on the CPU and moved: a new head trains on the same draws on every device
+    gen = torch.Generator().manual_seed(int(seed))
     # head blocks (a head, or a conditioned branch's own) at the full recipe's rate, whatever
     # rate the embedding and adapter rows train at (EXTENSION_LR)
     groups = [{"params": matrices}] if matrices else []
@@ -171,11 +172,11 @@ def train_heads(
     was_training = module.training
     module.train()
     try:
-        order = torch.randperm(n, generator=gen, device=device)
+        order = torch.randperm(n, generator=gen).to(device)
         pos = 0
         for _ in steps:
             if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=gen, device=device), 0
+                order, pos = torch.randperm(n, generator=gen).to(device), 0
             rows = order[pos : pos + batch_size]
             pos += batch_size
             x0, lab = x[rows], labels[rows]
@@ -184,10 +185,9 @@ def train_heads(
                 x0.shape[0],
                 t_sampling=module.t_sampling,
                 t_range=t_range,
-                device=device,
                 generator=gen,
-            )
-            noise = torch.randn(x0.shape, generator=gen, device=device)
+            ).to(device)
+            noise = torch.randn(x0.shape, generator=gen, device="cpu").to(device)
             xt, _ = module.sde.marginal(x0, t, noise)
             eps = module.predict_eps(xt, t, module.branch_of(lab, t), lab)
             loss = module.training_error(eps, noise, t).mean()

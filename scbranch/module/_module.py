@@ -181,11 +181,14 @@ class BranchedDiffusionModule(BaseModuleClass):
     # ------------------------------------------------------------------ tree helpers
     def _refresh_lookup(self) -> None:
         """Tensors for vectorised branch lookup (derived from the tree, not saved)."""
-        self.register_buffer(
-            "_starts", torch.as_tensor(self.tree._starts, dtype=torch.float32), persistent=False
-        )
-        self.register_buffer("_ids", torch.as_tensor(self.tree._ids), persistent=False)
-        self.register_buffer("_heads", torch.as_tensor(self.tree._heads), persistent=False)
+        # on the module's device: extension refreshes them on a model already on a GPU
+        device = self.shift.device
+        starts = torch.as_tensor(self.tree._starts, dtype=torch.float32, device=device)
+        self.register_buffer("_starts", starts, persistent=False)
+        ids = torch.as_tensor(self.tree._ids, device=device)
+        self.register_buffer("_ids", ids, persistent=False)
+        heads = torch.as_tensor(self.tree._heads, device=device)
+        self.register_buffer("_heads", heads, persistent=False)
 
     def branch_of(self, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Branch id of each (class, time) pair."""
@@ -316,7 +319,7 @@ class BranchedDiffusionModule(BaseModuleClass):
         # on the CPU whatever the device, so a step's draws do not depend on where it runs
         gen = torch.Generator().manual_seed(key)
         t = draw_times(self.sde, rows, t_sampling=self.t_sampling, generator=gen)
-        eps = torch.randn((rows, x0.shape[1]), generator=gen, dtype=x0.dtype)
+        eps = torch.randn((rows, x0.shape[1]), generator=gen, dtype=x0.dtype, device="cpu")
         t = t[offset : offset + n].to(x0.device)
         eps = eps[offset : offset + n].to(x0.device)
         xt, eps = self.sde.marginal(x0, t, eps)

@@ -30,4 +30,5 @@ def normal(shape, gen: torch.Generator, device: torch.device, dtype=None) -> tor
     >>> torch.equal(a, torch.randn((2, 3), generator=torch.Generator().manual_seed(0)))
     True
     """
-    return torch.randn(shape, generator=gen, dtype=dtype).to(device)
+    # on the CPU (the generator's device) whatever torch's default device
+    return torch.randn(shape, generator=gen, dtype=dtype, device="cpu").to(device)
