@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+
+
+def check_whole_number(name: str, value, least: int = 1, why: str = "") -> None:
+    """Refuse ``value`` unless it is a whole number (not a bool) of at least ``least``."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < least:
+        ending = f": {why}" if why else "."
+        raise ValueError(
+            f"{name} must be a whole number of at least {least}, got {value!r}{ending}"
+        )
 
 
 def check_obs_key(adata: AnnData, key: str, what: str = "labels_key") -> None:

@@ -21,7 +21,7 @@ from scvi.data import AnnDataManager
 
 from .._constants import REGISTRY_KEYS
 from .._utils import progress
-from .._validation import check_obs_key, to_dense
+from .._validation import check_obs_key, check_whole_number, to_dense
 from ..module._discovery import DiscoveryOptions, subsample_per_class
 from ..module._extension import EXTENSION_LR, add_class_head
 from ..module._recipe import TrainingRecipe
@@ -225,11 +225,9 @@ def add_classes(
 
 def check_extension_budget(max_epochs, batch_size, ema_decay) -> None:
     """Refuse extension settings that would train nothing or fail half-way."""
-    for arg, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
-        if arg == "max_epochs" and value is None:  # the default budget
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{arg} must be a whole number of at least 1, got {value!r}.")
+    if max_epochs is not None:  # None: the default budget
+        check_whole_number("max_epochs", max_epochs)
+    check_whole_number("batch_size", batch_size)
     if isinstance(ema_decay, bool) or not 0.0 <= float(ema_decay) < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1) (0 disables the EMA), got {ema_decay!r}.")
 
@@ -300,12 +298,9 @@ def new_class_data(
     model: BranchedDiffusion, adata: AnnData, labels_key: str, labels: list[str], min_cells: int
 ) -> dict:
     """Per new type: its cells in the model's data space, and what its space keeps."""
-    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 2:
-        # a type's similarity curve (its place on the tree) compares pairs of its cells
-        raise ValueError(
-            f"min_cells must be a whole number of at least 2, got {min_cells!r}: a new type is "
-            "placed on the tree by comparing pairs of its cells."
-        )
+    # a type's similarity curve (its place on the tree) compares pairs of its cells
+    why = "a new type is placed on the tree by comparing pairs of its cells."
+    check_whole_number("min_cells", min_cells, 2, why)
     names = adata.obs[labels_key].astype(str).to_numpy()
     small = {c: int((names == c).sum()) for c in labels if (names == c).sum() < min_cells}
     if small:

@@ -19,7 +19,6 @@ import atexit
 import contextlib
 import logging
 import math
-import numbers
 import os
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
+from .._validation import check_whole_number
 from ..module._recipe import TrainingRecipe, WeightEMA, default_max_epochs
 from ._diagnostics import DEFAULT_TIMES, noise_errors
 
@@ -64,16 +64,12 @@ def check_budget(max_epochs: int, trainer_kwargs: dict) -> None:
     It would leave the random weights marked as trained (scvi-tools sets ``is_trained`` once
     Lightning returns), and every later ``generate`` would sample noise without a warning.
     """
+    why = "training no steps leaves the network's random weights (leave max_epochs out for "
+    why += "the default budget)."
+    check_whole_number("max_epochs", max_epochs, 1, why)
     max_steps = trainer_kwargs.get("max_steps")
-    max_steps = -1 if max_steps is None else max_steps  # Lightning's -1: no limit
-    for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
-        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if not whole or (value < 1 and not (name == "max_steps" and value == -1)):
-            raise ValueError(
-                f"{name} must be a whole number of at least 1, got {value!r}: training no "
-                "steps leaves the network's random weights (leave max_epochs out for the "
-                "default budget)."
-            )
+    if max_steps is not None and max_steps != -1:  # Lightning's -1: no limit
+        check_whole_number("max_steps", max_steps, 1, why)
 
 
 @contextlib.contextmanager
