@@ -35,6 +35,7 @@ from quality import (
     SETTINGS,
     SPLIT,
     _md,
+    cpu_threads,
     prepare_run,
     train_model,
     write_lines,
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         f"{', '.join(f'{f:g}' for f in factors)} x the default epochs, training seeds "
         f"{cfg['train_seeds']}; mean ± sd over training seeds of the mean squared noise-"
         f"prediction error per dimension. Known answer: held-out and unseen cells (both "
-        f"never seen) score alike. Total wall time {wall:.1f} min on 2 CPU cores.",
+        f"never seen) score alike. Total wall time {wall:.1f} min on {cpu_threads()}.",
     ]
     for dataset, part in table.groupby("dataset", sort=False):
         stats = part.groupby(["t", "budget", "cells"])["error"].agg(["mean", "std"])

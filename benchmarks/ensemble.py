@@ -40,6 +40,7 @@ from quality import (
     SPLIT,
     _fixed_rows,
     _md,
+    cpu_threads,
     prepare_run,
     train_model,
     write_lines,
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         f"0-{MEMBERS * n_mixtures - 1}, {n_mixtures} mixture(s) of {MEMBERS} of them, "
         f"generation seeds {cfg['seeds']}, {cfg['n_cells']} cells per type; mean over the "
         "evaluated types, then mean ± sd over runs (model or mixture x generation seed). "
-        f"Total wall time {wall:.1f} min on 2 CPU cores.",
+        f"Total wall time {wall:.1f} min on {cpu_threads()}.",
     ]
     for dataset, part in table.groupby("dataset", sort=False):
         stats = part.groupby("row", sort=False)[list(METRICS)].agg(["mean", "std"])

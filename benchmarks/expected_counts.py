@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from quality import LOADERS, _md, write_lines
+from quality import LOADERS, _md, cpu_threads, page_path, write_lines
 
 SETTINGS = {
     "cpu": {"epochs": 100, "rows": 5000, "reference_rows": 200, "reference_draws": 2000},
@@ -98,7 +97,9 @@ def one_row(name: str, adata, likelihood: str, settings: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="smoke test; numbers meaningless")
-    parser.add_argument("--markdown", default="docs/benchmarks/expected_counts.md")
+    parser.add_argument(
+        "--markdown", default=None, help="default: docs/benchmarks/ (--fast: benchmark_out/)"
+    )
     args = parser.parse_args(argv)
     settings = SETTINGS["fast" if args.fast else "cpu"]
     began = time.perf_counter()
@@ -127,13 +128,13 @@ def main(argv=None) -> int:
         "standard error: its absolute value averages 0.80 when the difference is the "
         "reference's Monte-Carlo error alone. Times on the same "
         f"{settings['rows']:,} latents (scVI {settings['epochs']} epochs, the cells' own "
-        "latents; the train part of quality.py's split 0), 2 CPU cores. "
+        f"latents; the train part of quality.py's split 0), {cpu_threads()}. "
         f"Wall time {minutes:.1f} min.",
         "",
         _md(table.rename_axis("per value")),
         "",
     ]
-    write_lines(Path(args.markdown), lines)
+    write_lines(page_path(args.markdown, "expected_counts", args.fast), lines)
     print("\n".join(lines))
     return 0
 

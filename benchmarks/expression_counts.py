@@ -27,11 +27,10 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from quality import LABELS, _md, _split, write_lines
+from quality import LABELS, _md, _split, cpu_threads, page_path, write_lines
 
 SETTINGS = {
     "cpu": {"splits": 3, "n_cells": 200, "epochs": None},
@@ -125,7 +124,9 @@ def one_split(seed: int, settings: dict) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="smoke test; numbers meaningless")
-    parser.add_argument("--markdown", default="docs/benchmarks/expression_counts.md")
+    parser.add_argument(
+        "--markdown", default=None, help="default: docs/benchmarks/ (--fast: benchmark_out/)"
+    )
     args = parser.parse_args(argv)
     settings = SETTINGS["fast" if args.fast else "cpu"]
     warnings.filterwarnings("ignore")
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
         "`.X` against the held-out cells (reference PCA on the train cells), read against the "
         "control (two halves of the held-out cells) and the known answer, real cells nobody "
         "saw, which must sit at it. Mean over splits; blank where a row has no such value. "
-        f"Wall time {minutes:.1f} min on 2 CPU cores.",
+        f"Wall time {minutes:.1f} min on {cpu_threads()}.",
         "",
         _md(means.rename_axis("decoding")),
         "",
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
         _md(pd.DataFrame(rows).round(3), index=False),
         "",
     ]
-    write_lines(Path(args.markdown), lines)
+    write_lines(page_path(args.markdown, "expression_counts", args.fast), lines)
     print("\n".join(lines))
     return 0
 

@@ -20,6 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+#: everything the check writes (models, a file of cells): removed when the script ends
+_SCRATCH = tempfile.TemporaryDirectory(prefix="scbranch-gpu-check-")
+
+
+def _scratch() -> Path:
+    """A fresh folder under the check's scratch directory."""
+    return Path(tempfile.mkdtemp(dir=_SCRATCH.name))
+
 
 def _sync():
     if torch.cuda.is_available():
@@ -171,7 +179,7 @@ def _defaults(accel: str, dry: bool) -> dict:
     print(res["devices"], flush=True)
 
     # save on the GPU, load there: the same cells and counts, class ratios kept
-    model_dir = Path(tempfile.mkdtemp()) / "model"
+    model_dir = _scratch() / "model"
     model.save(str(model_dir))
     loaded = sb.BranchedDiffusion.load(str(model_dir), accelerator=accel)
     a = model.generate(n_cells=20, seed=5, counts=True, progress_bar=False)
@@ -188,7 +196,7 @@ def _defaults(accel: str, dry: bool) -> dict:
     if int(pd.__version__.split(".")[0]) >= 3:
         ad.settings.allow_write_nullable_strings = True
     res["pandas"] = pd.__version__
-    path = Path(tempfile.mkdtemp()) / "cells.h5ad"
+    path = _scratch() / "cells.h5ad"
     n_stream = 20 if dry else 10_000
     _sync()
     t0 = time.perf_counter()
@@ -335,7 +343,7 @@ def main() -> None:
 
         # 4. save on GPU, load, identical samples
 
-        model_dir = Path(tempfile.mkdtemp()) / "model"
+        model_dir = _scratch() / "model"
         model.save(str(model_dir))
         loaded = sb.BranchedDiffusion.load(str(model_dir))
         a = model.generate(n_cells=20, seed=5, progress_bar=False).obsm["X_pca"]
@@ -388,7 +396,7 @@ def main() -> None:
             if h.shape[0] >= 2:
                 g = counts[(gc.obs["cell_type"] == label).to_numpy()]
                 rho[str(label)] = round(float(gene_moment_spearman(g, h)[0]), 3)
-        scvi_dir = Path(tempfile.mkdtemp()) / "scvi_model"
+        scvi_dir = _scratch() / "scvi_model"
         ms.save(str(scvi_dir))
         same = sb.BranchedDiffusion.load(str(scvi_dir), accelerator=accel)
         cpu = sb.BranchedDiffusion.load(str(scvi_dir))

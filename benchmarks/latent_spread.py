@@ -42,6 +42,7 @@ from quality import (
     SETTINGS,
     SPLIT,
     _md,
+    cpu_threads,
     prepare_run,
     scores_of,
     train_model,
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
             "",
             _md(nearest_table(nearest).round(3)),
         ]
-    lines += ["", f"Wall time {(time.perf_counter() - t0) / 60:.1f} min on 2 CPU cores."]
+    lines += ["", f"Wall time {(time.perf_counter() - t0) / 60:.1f} min on {cpu_threads()}."]
     print(write_lines(markdown, lines))
     return 0
 

@@ -42,6 +42,7 @@ from quality import (
     SPLIT,
     _fmt,
     _md,
+    cpu_threads,
     decode_in_space,
     default_setup,
     prepare_run,
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
         "cells' PC scores (out-of-sample projections) with each fit; metrics: `tl.evaluate(gen, "
         "held, train=train)`, mean over classes, then mean ± sd over seeds. Count columns: the "
         "drawn counts against the unseen cells' real counts (`probe` row: the real counts "
-        "themselves). `fit_s`: seconds to fit on the train cells (2 CPU cores).",
+        f"themselves). `fit_s`: seconds to fit on the train cells ({cpu_threads()}).",
         "",
         "Read every row against the control and `probe: real cells, unseen`, which must sit at "
         "the control.",

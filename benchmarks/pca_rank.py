@@ -39,6 +39,7 @@ from quality import (
     SPLIT,
     TrainCellsProbe,
     _md,
+    cpu_threads,
     prepare_run,
     scores_of,
     write_lines,
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             "",
             _md(table(df)),
             "",
-            "Fit time of the models (set-up and training, seconds, 2 CPU cores):",
+            f"Fit time of the models (set-up and training, seconds, {cpu_threads()}):",
             "",
             _md(pd.DataFrame(costs), index=False),
         ]

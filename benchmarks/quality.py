@@ -101,11 +101,11 @@ SETTINGS = {
         "scvi_epochs": 400,
         "accelerator": "gpu",
     },
-    "fast": {
+    "fast": {  # a smoke test: one generation seed (a variants page took 15 min with two)
         "steps": 20,
         "batch_size": 64,
         "n_cells": 40,
-        "seeds": [0, 1],
+        "seeds": [0],
         "train_seeds": [0, 1],
         "scvi_epochs": 2,
         "accelerator": "cpu",
@@ -1118,6 +1118,26 @@ def write_lines(path: Path, lines: list[str]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
+
+
+def cpu_threads() -> str:
+    """The compute a page's times were measured on: torch's CPU threads (``--threads``)."""
+    import torch
+
+    return f"{torch.get_num_threads()} CPU threads"
+
+
+def page_path(markdown: str | None, name: str, fast: bool = False) -> Path:
+    """Where a script writes its page: ``markdown``, else ``docs/benchmarks/<name>.md``.
+
+    A ``--fast`` run's page goes to ``benchmark_out/`` instead (its numbers mean nothing, and
+    it must not replace the committed page); both are found from the repository, not from the
+    working directory.
+    """
+    if markdown:
+        return Path(markdown).resolve()
+    folder = ROOT / "benchmark_out" if fast else ROOT / "docs" / "benchmarks"
+    return folder / f"{name}.md"
 
 
 def prepare_run(args, name: str) -> Path:

@@ -400,21 +400,25 @@ def main() -> None:
         generated = work / f"generated_{n}.h5ad"
         result = work / "result.json"
         rows[n] = dict(previous.get(n, {}))
-        if "simulate" in stages:
-            rows[n]["simulate"] = run_stage("simulate", result, n=n, atlas=atlas, parameters=params)
-        if "expression" in stages:
-            for arch in ARCHITECTURES:
-                rows[n][f"expression_{arch}"] = run_stage(
-                    "expression", result, n=n, atlas=atlas, architecture=arch, **common
+        try:
+            if "simulate" in stages:
+                rows[n]["simulate"] = run_stage(
+                    "simulate", result, n=n, atlas=atlas, parameters=params
                 )
-        if "scvi" in stages:
-            rows[n]["scvi"] = run_stage("scvi", result, n=n, atlas=atlas, model=model, **common)
-        if "generate" in stages:
-            rows[n]["generate"] = run_stage(
-                "generate", result, n=n, model=model, generated=generated, device=args.device
-            )
-        generated.unlink(missing_ok=True)  # files of a million cells are many GB
-        atlas.unlink(missing_ok=True)
+            if "expression" in stages:
+                for arch in ARCHITECTURES:
+                    rows[n][f"expression_{arch}"] = run_stage(
+                        "expression", result, n=n, atlas=atlas, architecture=arch, **common
+                    )
+            if "scvi" in stages:
+                rows[n]["scvi"] = run_stage("scvi", result, n=n, atlas=atlas, model=model, **common)
+            if "generate" in stages:
+                rows[n]["generate"] = run_stage(
+                    "generate", result, n=n, model=model, generated=generated, device=args.device
+                )
+        finally:  # also after a failed stage: files of a million cells are many GB
+            generated.unlink(missing_ok=True)
+            atlas.unlink(missing_ok=True)
         (work / "scale.json").write_text(json.dumps(rows, indent=1))
     args.stages_run = sorted(stages, key=list(STAGES).index)
     write_page(rows, args, reference, Path(args.page))

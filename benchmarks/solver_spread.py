@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from quality import _md, write_lines
+from quality import _md, cpu_threads, page_path, write_lines
 
 import scbranch as sb
 from scbranch.module import VPSDE, BranchTree, sample
@@ -54,9 +53,10 @@ def exact_eps(mean: np.ndarray, cov: np.ndarray, sde: VPSDE):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-cells", type=int, default=4000)
-    parser.add_argument("--markdown", default="docs/benchmarks/solver_spread.md")
+    parser.add_argument("--markdown", default=None, help="default: docs/benchmarks/")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     adata = sb.datasets.pbmc68k()
     x = np.asarray(adata.obsm["X_pca"][:, :30], dtype=np.float64)
@@ -92,6 +92,10 @@ def main(argv=None) -> int:
     summary = table.groupby("sampler", sort=False)[["PCs 1-5", "PCs 6-30", "PCs 6-30 max"]]
     summary = summary.mean().round(3)
     known = summary.loc[f"{KNOWN_ANSWER[0]}, {KNOWN_ANSWER[1]} steps"]
+    # the instrument holds if the fine-step sampler lands within 3 sampling errors of 1
+    error = np.sqrt(2 / args.n_cells)
+    held = all(abs(known[k] - 1) <= 3 * error for k in ("PCs 1-5", "PCs 6-30"))
+    verdict = "returns the true variance" if held else "MISSES the true variance: read no row"
     wall = (time.perf_counter() - start) / 60
     lines = [
         "# Spread the solvers add with the exact score "
@@ -103,11 +107,11 @@ def main(argv=None) -> int:
         f"`scbranch.module.sample` ({args.n_cells} cells, seed 0, each solver's default "
         "spacing as `generate` uses). Rows: generated / true variance per component, mean "
         "over the types (the last column: the largest component's ratio, mean over types). "
-        f"Wall time {wall:.1f} min on 2 CPU cores.",
+        f"Wall time {wall:.1f} min on {cpu_threads()}.",
         "",
-        f"Known answer: Euler-Maruyama at {KNOWN_ANSWER[1]} steps returns the true variance "
+        f"Known answer: Euler-Maruyama at {KNOWN_ANSWER[1]} steps {verdict} "
         f"(PCs 1-5 {known['PCs 1-5']:.3f}, PCs 6-30 {known['PCs 6-30']:.3f}; sampling error "
-        f"of a variance of {args.n_cells} cells about {np.sqrt(2 / args.n_cells):.1%}).",
+        f"of a variance of {args.n_cells} cells about {error:.1%}, 3 of them allowed).",
         "",
         _md(summary),
         "",
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
         _md(table.round(3), index=False),
         "",
     ]
-    text = write_lines(Path(args.markdown), lines)
+    text = write_lines(page_path(args.markdown, "solver_spread"), lines)
     print(text)
     return 0
 

@@ -39,7 +39,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from quality import LOADERS, SETTINGS, SPLIT, _md, prepare_run, run_dataset, write_lines
+from quality import (
+    LOADERS,
+    SETTINGS,
+    SPLIT,
+    _md,
+    cpu_threads,
+    prepare_run,
+    run_dataset,
+    write_lines,
+)
 
 logger = logging.getLogger("split_seeds")
 DEFAULT = "conditioned"
@@ -183,7 +192,7 @@ def write_markdown(
         "the space and its decoder cost a perfect generator) and "
         f"`{SPACE_PROBES[1]}` (the training cells as the models see them, decoded: where a "
         "generator that copied its training cells lands). `mmd` is the fixed-bandwidth RBF-MMD². "
-        f"Wall time {wall_s / 60:.1f} min on 2 CPU cores over every run that made these rows "
+        f"Wall time {wall_s / 60:.1f} min on {cpu_threads()} over every run that made these rows "
         "(the first and each `--add`; per run in `meta.json`).",
     ]
     for name, values in results.items():
@@ -214,7 +223,9 @@ def write_markdown(
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="pbmc68k")
-    parser.add_argument("--splits", type=int, default=10, help="number of split seeds")
+    parser.add_argument(
+        "--splits", type=int, default=None, help="number of split seeds (default 10; --fast 2)"
+    )
     parser.add_argument(
         "--first-split",
         type=int,
@@ -257,6 +268,8 @@ def main(argv=None) -> int:
         "baselines": not args.add,
         "probes_only": args.no_scvi,  # quality.py: the fixed rows without scVI resampling
     }
+    if args.splits is None:
+        args.splits = 2 if args.fast else 10
     if args.first_split < 0:
         parser.error(f"--first-split must be at least 0, got {args.first_split}")
     if not 1 <= args.train_seeds <= len(cfg["train_seeds"]):

@@ -44,6 +44,7 @@ from quality import (
     LOADERS,
     SPLIT,
     _md,
+    cpu_threads,
     model_options,
     prepare_run,
     train_model,
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
             "",
             _md(table(df)),
             "",
-            "Fit time (set-up and training, 2 CPU cores, seconds) and the optimiser steps run "
+            f"Fit time (set-up and training, {cpu_threads()}, seconds) and the optimiser steps run "
             "(whole epochs, so at least the budget):",
             "",
             _md(costs.round({"fit_s": 0}), index=False),

@@ -37,6 +37,7 @@ from quality import (
     SETTINGS,
     SPLIT,
     _md,
+    cpu_threads,
     default_setup,
     prepare_run,
     write_lines,
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         "(0.05, 0.1, 0.2, 0.3, 0.5). Known answer: from the 1 x to the 4 x model the "
         "validation loss must change as the unseen cells' error does (both are new cells). "
         f"Early stopping: patience {PATIENCE} checks. Total wall time {wall:.1f} min on "
-        "2 CPU cores.",
+        f"{cpu_threads()}.",
     ]
     for dataset, part in finals.groupby("dataset", sort=False):
         by_budget = part.set_index(["train_seed", "budget"])
