@@ -39,6 +39,24 @@ def _old_cells(model, classes, seed=1):
     return model.generate(n_cells=30, labels=classes, seed=seed, progress_bar=False)
 
 
+def _interpretations(model, old, classes) -> dict:
+    """Old types' trajectories and a transmutation: their clean-cell estimates included."""
+    source = old[old.obs["cell_type"] == classes[0]][:10].copy()
+    return {
+        "trajectories": model.generate(
+            n_cells=10,
+            labels=classes,
+            seed=1,
+            trajectory_times=[1.0, 0.7, 0.4, 0.1, 0.0],
+            progress_bar=False,
+        ),
+        "transmutation": model.transmute(source, target=classes[1], progress_bar=False),
+        "sde transmutation": model.transmute(
+            source, target=classes[2], mode="sde", seed=0, progress_bar=False
+        ),
+    }
+
+
 @pytest.fixture(scope="module", params=["branched", "conditioned"])
 def extended(request):
     sim = _sim()
@@ -54,10 +72,19 @@ def extended(request):
         for solver in ("heun", "em")
     }
     old_tree = model.tree
+    # one thread, as the tests run (conftest's fixture does not reach a module fixture): a
+    # reduction split over other threads rounds differently in the last bit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        interpretations = _interpretations(model, old, classes)
+    finally:
+        torch.set_num_threads(threads)
     model.add_classes(sim, labels=["c3"], max_epochs=50, progress_bar=False)
     return {
         "model": model,
         "before": before,
+        "interpretations": interpretations,
         "classes": classes,
         "sim": sim,
         "old": old,
@@ -80,6 +107,20 @@ def test_old_classes_are_bit_identical_after_extension(extended, tmp_path):
         assert loaded.classes == [*classes, "c3"]
         again = _old_cells(loaded, classes)
         np.testing.assert_array_equal(again.obsm[REP], extended["before"]["heun"].obsm[REP])
+
+
+def test_old_types_interpretations_are_bit_identical_after_extension(extended, tmp_path):
+    # their clean-cell estimates too: the calibrated denoiser's Gaussians and weights come
+    # from the classes each head was trained on (before, from every stored type's cells,
+    # which moved a transmutation's X_pca by up to 0.057 in an audit)
+    model, old, classes = extended["model"], extended["old"], extended["classes"]
+    assert model.tree.branches[model.tree.root].trained == (0, 1, 2)
+    model.save(tmp_path / "m")
+    for current in (model, sb.BranchedDiffusion.load(tmp_path / "m")):
+        after = _interpretations(current, old, classes)
+        for kind, before in extended["interpretations"].items():
+            np.testing.assert_array_equal(after[kind].obsm[REP], before.obsm[REP], err_msg=kind)
+            np.testing.assert_array_equal(after[kind].X, before.X, err_msg=kind)
 
 
 def test_new_class_is_placed_where_its_crossover_says(extended):
@@ -301,6 +342,9 @@ def test_fine_tune_shared_trades_identity_for_the_shared_path(architecture):
     assert any(not torch.equal(a, b) for a, b in zip(root_before, root_after, strict=True))
     after = _old_cells(model, classes)
     assert not np.array_equal(after.obsm[REP], before.obsm[REP])  # documented: not zero-forgetting
+    # the heads of c3's path above its branch point learnt it (clean estimates follow)
+    path = [b for b in model.tree.path(3) if model.tree.branches[b].t_start > 0]
+    assert path and all(3 in model.tree.branches[b].trained for b in path)
     # every requires_grad flag is restored
     assert all(p.requires_grad for p in model.module.parameters())
 
@@ -464,8 +508,14 @@ def test_training_after_extension_is_refused_naming_the_way_to_train_every_type(
         model.train(max_epochs=1, enable_progress_bar=False)
     model.save(tmp_path / "m")
     every = sb.BranchedDiffusion.load(tmp_path / "m", adata=sim.copy())
+    root = every.tree.branches[every.tree.root]
+    assert root.trained == (0, 1, 2)  # c3 passes through the root; its head never saw it
     every.train(max_epochs=1, enable_progress_bar=False)  # the way the message names
     assert every.is_trained and every.classes == ["c0", "c1", "c2", "c3"]
+    # every head has now learnt every class on its branch: the saved tree says so
+    assert all(b.trained == b.classes for b in every.tree.branches)
+    every.save(tmp_path / "every")
+    assert "trained" not in sb.BranchedDiffusion.load(tmp_path / "every").tree.to_dict()
 
 
 def test_a_type_joining_inside_a_named_group_is_logged(caplog):

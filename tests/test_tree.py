@@ -208,6 +208,33 @@ def test_dict_round_trip():
         BranchTree.from_dict({k: v for k, v in d.items() if k != "parent"})
 
 
+def test_what_trained_each_head_survives_a_round_trip_and_is_checked(tmp_path):
+    tree = BranchTree.from_merges(["A", "B", "C"], [((0,), (1,), 0.3), ((0, 1), (2,), 0.6)])
+    new = tree.add_class("D", sibling=2, t=0.4)
+    # C's leaf split at 0.4: its upper part (and the root above) now hold D, never trained on it
+    upper, lower = new.branches[2], new.branches[5]
+    assert (upper.classes, upper.trained) == ((2, 3), (2,))
+    assert (lower.classes, lower.trained, lower.head) == ((2,), (2,), upper.head)
+    assert new.branches[new.root].trained == (0, 1, 2) and new.branches[6].trained == (3,)
+    d = new.to_dict()
+    assert d["trained"].sum() == d["membership"].sum() - 2  # D on the upper part and the root
+    back = BranchTree.from_dict(d)
+    assert [b.trained for b in back.branches] == [b.trained for b in new.branches]
+    adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32), uns={"tree": d})
+    adata.write_h5ad(tmp_path / "t.h5ad")
+    again = BranchTree.from_dict(ad.read_h5ad(tmp_path / "t.h5ad").uns["tree"])
+    assert [b.trained for b in again.branches] == [b.trained for b in new.branches]
+    new.mark_trained([2])
+    assert new.branches[2].trained == (2, 3) and new.branches[new.root].trained == (0, 1, 2)
+    for bad, match in [
+        (np.zeros_like(d["trained"]), "trained on classes \\[\\]"),
+        (np.ones_like(d["trained"]), "not a non-empty part of its classes"),
+        (d["trained"][:3], "'trained' has shape"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            BranchTree.from_dict({**d, "trained": bad})
+
+
 def test_h5ad_round_trip(tmp_path):
     tree = BranchTree.from_merges(["CD4 T", "B/plasma", "c+", "d", "e", "f"], SIX[1])
     adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32))

@@ -132,11 +132,11 @@ def add_classes(
 
     Notes
     -----
-    What stays exactly as it was for the old types: :meth:`generate` and :meth:`hybrids`
-    (the same parameters at every time). Clean-cell estimates of trajectories and
-    transmutations (``obsm[obsm_key]`` and the genes decoded from them) come from a
-    denoiser fitted on the stored reference cells of every type, so they move a little once
-    the new type's cells join them; the noisy states (``obsm['scbranch_state']``) do not.
+    What stays exactly as it was for the old types: :meth:`generate`, :meth:`hybrids`,
+    :meth:`transmute` and trajectories (the same parameters at every time), clean-cell
+    estimates included: their denoiser takes each branch's Gaussian from the classes that
+    trained its head, so a new type passing through the branches above its branch point
+    leaves them as they were (``model.tree.branches[b].trained``; docs/method.md).
     A type that joins inside a named group of the tree (e.g. of a given ``hierarchy``)
     becomes part of it: ``generate({group: n})`` then draws some of its cells (logged).
 

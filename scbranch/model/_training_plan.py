@@ -262,6 +262,10 @@ class DiffusionTrainingPlan(TrainingPlan):
         # scvi-tools leaves the module in eval mode after training, and Lightning keeps the
         # mode it finds; a second ``train`` call must train in training mode (GPU head batching)
         self.module.train()
+        if getattr(self.module, "tree", None) is not None:
+            # every head now learns every class on its branch, types added by add_classes
+            # included (the clean-cell estimates' Gaussians follow: module/_denoiser.py)
+            self.module.tree.mark_trained()
         super().on_fit_start()
 
     def on_train_start(self) -> None:  # noqa: D102

@@ -12,11 +12,14 @@ where ``x_t`` says little about ``x_0``.
     x0 = g + w(t) (x0_net - g),
 
 with ``g`` the posterior mean under the Gaussian of the row's branch (the mean and shrunk
-covariance of the cells of its classes, weighted by the classes' training sizes) and
+covariance of the cells of the classes that trained its head, ``Branch.trained``, weighted
+by the classes' training sizes) and
 ``w(t)`` in [0, 1] the least-squares weight of the network's deviation from ``g`` on the
-model's stored reference cells, noised at a grid of times (cross-fitted: each half of every
-type is judged against Gaussians fitted on the other half, so the Gaussians are as
-out-of-sample there as for the cells being estimated). ``w`` is near 0 at high noise,
+model's stored reference cells of the classes trained together (the root's), noised at a
+grid of times (cross-fitted: each half of every type is judged against Gaussians fitted on
+the other half, so the Gaussians are as out-of-sample there as for the cells being
+estimated). A class added later (``add_classes``) therefore leaves every old class's
+estimate as it was, bit for bit. ``w`` is near 0 at high noise,
 where the network adds only error, and near 1 at low noise, where it knows more than a
 Gaussian; in between it takes what the network adds there. On the calibration's own draws
 the weighted estimate is, by construction, at least as close to the clean cells as either
@@ -31,7 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._gaussian_skip import class_statistics, group_moments, uses_full_covariance
+from ._gaussian_skip import (
+    class_statistics,
+    group_moments,
+    uses_full_covariance,
+    within_class_variance,
+)
 from ._random import normal, seeded_generator
 from ._sde import VPSDE
 from ._transport import denoise
@@ -141,16 +149,23 @@ class CalibratedDenoiser:
         z = x0.detach().cpu().numpy().astype(np.float64)
         full = _class_stats(z, lab, n_classes)
         times = np.linspace(sde.t_min, 1.0, N_CALIBRATION_TIMES)
+        # the weight is fitted on the classes the network was trained on together (the root
+        # head's): a class added later (add_classes) leaves every old type's estimate as it
+        # was, bit for bit, and takes the weight its branch's head was fitted under
+        joint = np.flatnonzero(np.isin(lab, tree.branches[tree.root].trained))
         # cross-fitted: the weight is fitted on cells the Gaussians did not see (each half of
         # every class against the Gaussians of the other half), as the cells it will estimate
         # are; Gaussians fitted on the same cells would look better than they are
         rng = np.random.default_rng(seed)
-        fold = _two_folds(lab, rng)
-        half_stats = [_class_stats(z[fold != f], lab[fold != f], n_classes, full) for f in (0, 1)]
+        fold = np.full(len(lab), -1)
+        fold[joint] = _two_folds(lab[joint], rng)
+        half_stats = [
+            _class_stats(z[fold == 1 - f], lab[fold == 1 - f], n_classes, full) for f in (0, 1)
+        ]
         halves = [cls._from_stats(tree, sde, times, sizes, x0, st) for st in half_stats]
-        keep = np.arange(len(lab))
+        keep = joint
         if len(keep) > N_CALIBRATION_CELLS:
-            keep = np.sort(rng.permutation(len(keep))[:N_CALIBRATION_CELLS])
+            keep = keep[np.sort(rng.permutation(len(keep))[:N_CALIBRATION_CELLS])]
         device, dtype = x0.device, x0.dtype
         rows = torch.as_tensor(keep, device=device)
         x0s = x0[rows].repeat(N_CALIBRATION_DRAWS, 1)
@@ -264,4 +279,10 @@ def _branch_moments(tree: BranchTree, stats: dict, sizes: np.ndarray) -> dict[st
         "sums": stats["sums"] * scale[:, None],
         "second": stats["second"] * scale.reshape(-1, *([1] * (stats["second"].ndim - 1))),
     }
-    return group_moments(scaled, [b.classes for b in tree.branches])
+    # the classes that trained each branch's head: a class added later passes through the
+    # branches above its branch point, whose heads (and so whose Gaussians) never saw it; the
+    # covariances are shrunk towards the spread within the classes trained together, which
+    # a class added later leaves as it was too
+    joint = list(tree.branches[tree.root].trained)
+    prior = within_class_variance({key: value[joint] for key, value in scaled.items()})
+    return group_moments(scaled, [b.trained for b in tree.branches], prior_var=prior)

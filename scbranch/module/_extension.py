@@ -293,6 +293,7 @@ def add_class_head(
         y_all = torch.cat([own, torch.as_tensor(reference["labels"][replay], device=device)])
         heads = [head, *shared_heads(module.tree, code, placement.t)]
         losses += train_heads(module, heads, x_all, y_all, (t_min, 1.0), progress=progress, **train)
+        module.tree.mark_trained(shared_branches(module.tree, code, placement.t))
     return {
         "label": name,
         "joins": placement.sibling,
@@ -308,9 +309,14 @@ def add_class_head(
     }
 
 
+def shared_branches(tree, label: int, t: float) -> list[int]:
+    """The branches on class ``label``'s path from time ``t`` up (shared with others)."""
+    return [b for b in tree.path(label) if tree.branches[b].t_start >= t]
+
+
 def shared_heads(tree, label: int, t: float) -> list[int]:
     """Heads of the branches on class ``label``'s path from time ``t`` up (shared with others)."""
-    return [tree.branches[b].head for b in tree.path(label) if tree.branches[b].t_start >= t]
+    return [tree.branches[b].head for b in shared_branches(tree, label, t)]
 
 
 def default_head_steps(n_cells: int, batch_size: int, max_epochs: int | None) -> int:

@@ -41,6 +41,10 @@ class Branch:
     parent: int = -1
     children: tuple[int, ...] = field(default_factory=tuple)
     head: int = -1
+    #: the classes whose cells trained the branch's head over this interval (None: all of
+    #: ``classes``); a class added later (:meth:`BranchTree.add_class`) passes through the
+    #: branches above its branch point without having trained their heads
+    trained: tuple[int, ...] | None = None
 
     @property
     def length(self) -> float:
@@ -93,6 +97,8 @@ class BranchTree:
                 raise ValueError(f"Branch at position {i} has id {b.id}; ids must be positions.")
             if b.head < 0:
                 b.head = b.id
+            if b.trained is None:
+                b.trained = b.classes
         self.validate()
         self._build_lookup()
 
@@ -283,7 +289,9 @@ class BranchTree:
         part keeps its id and head and gains the new class; the lower part gets a new id and the
         SAME head, so old classes follow exactly the same heads at every time; the new class
         gets a leaf ``(name, 0, t)`` with a new head (index ``n_heads``). Ids and heads of all
-        other branches are unchanged.
+        other branches are unchanged, and so is what their heads were trained on
+        (``Branch.trained``): the branches above the new class's branch point list it among
+        their classes, not among the classes that trained them (:meth:`mark_trained`).
 
         Examples
         --------
@@ -293,13 +301,15 @@ class BranchTree:
         ('((A:0.3,C:0.3):0.3,B:0.6);', 4)
         >>> new.breakpoints([0, 1]) == tree.breakpoints([0, 1])
         True
+        >>> new.branches[new.root].classes, new.branches[new.root].trained
+        ((0, 1, 2), (0, 1))
         """
         if name in self.classes:
             raise ValueError(f"The tree already has a class {name!r}.")
         if not 0.0 < t < 1.0:
             raise ValueError(f"The branch point must lie in (0, 1), got {t}.")
         branches = [
-            Branch(b.id, b.classes, b.t_start, b.t_end, b.parent, b.children, b.head)
+            Branch(b.id, b.classes, b.t_start, b.t_end, b.parent, b.children, b.head, b.trained)
             for b in self.branches
         ]
         new = self.n_classes
@@ -318,6 +328,7 @@ class BranchTree:
             parent=split.id,
             children=split.children,
             head=split.head,
+            trained=split.trained,
         )
         leaf = Branch(
             id=len(branches) + 1,
@@ -340,6 +351,23 @@ class BranchTree:
         tree.node_names = dict(self.node_names)
         return tree
 
+    def mark_trained(self, branches: Sequence[int] | None = None) -> None:
+        """Record that the heads of ``branches`` (default: all) were trained on all their classes.
+
+        Training the whole network (``train()``) trains every head on every class that
+        passes through its branch; extension trains the new class's head alone, or with
+        ``fine_tune_shared`` the heads above its branch point too.
+
+        Examples
+        --------
+        >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.6)]).add_class("C", 0, 0.3)
+        >>> tree.mark_trained()
+        >>> tree.branches[tree.root].trained
+        (0, 1, 2)
+        """
+        for b in range(self.n_branches) if branches is None else branches:
+            self.branches[b].trained = self.branches[b].classes
+
     def validate(self) -> None:
         """Check that every class sits on exactly one branch at every time in [0, 1]."""
         n = len(self.classes)
@@ -359,6 +387,11 @@ class BranchTree:
         for b in self.branches:
             if b.t_end < b.t_start:
                 raise ValueError(f"Branch {b.id} ends ({b.t_end}) before it starts ({b.t_start}).")
+            if not b.trained or not set(b.trained) <= set(b.classes):
+                raise ValueError(
+                    f"Branch {b.id}'s head was trained on classes {list(b.trained or ())}, "
+                    f"not a non-empty part of its classes {list(b.classes)}."
+                )
             if b.children:
                 union = sorted(c for ch in b.children for c in self.branches[ch].classes)
                 if union != sorted(b.classes):
@@ -433,8 +466,12 @@ class BranchTree:
     def to_dict(self) -> dict:
         """An h5ad-safe description (only str keys, numpy arrays and scalars)."""
         membership = np.zeros((self.n_branches, self.n_classes), dtype=np.int8)
+        trained = np.zeros_like(membership)
         for b in self.branches:
             membership[b.id, list(b.classes)] = 1
+            trained[b.id, list(b.trained)] = 1
+        # only once it differs (after an extension): records of other trees stay as they were
+        extra = {} if np.array_equal(trained, membership) else {"trained": trained}
         return {
             "classes": np.array(self.classes, dtype=object),
             "membership": membership,
@@ -445,6 +482,7 @@ class BranchTree:
             "node_names": np.array(list(self.node_names), dtype=object),
             "node_branches": np.array(list(self.node_names.values()), dtype=np.int64),
             "newick": self.to_newick(),
+            **extra,
         }
 
     @classmethod
@@ -460,8 +498,14 @@ class BranchTree:
             t_start = np.asarray(d["t_start"], dtype=float)
             t_end = np.asarray(d["t_end"], dtype=float)
             head = np.asarray(d.get("head", np.arange(len(parent)))).astype(int)
+            trained = np.asarray(d.get("trained", membership))
         except KeyError as err:
             raise ValueError(f"Not a scbranch hierarchy: missing field {err}.") from None
+        if trained.shape != membership.shape:
+            raise ValueError(
+                f"Not a scbranch hierarchy: 'trained' has shape {trained.shape}, 'membership' "
+                f"{membership.shape}."
+            )
         children = {i: [] for i in range(len(parent))}
         for i, p in enumerate(parent):
             if p >= 0:
@@ -475,6 +519,7 @@ class BranchTree:
                 parent=int(parent[i]),
                 children=tuple(children[i]),
                 head=int(head[i]),
+                trained=tuple(int(c) for c in np.flatnonzero(trained[i])),
             )
             for i in range(len(parent))
         ]
