@@ -550,3 +550,74 @@ def test_extension_keeps_every_buffer_on_the_models_device(architecture, gaussia
     extend_module(module, "D", Placement(sibling=2, t=0.2, crossover=np.zeros(3)))
     tensors = dict(module.named_buffers()) | dict(module.named_parameters())
     assert {name for name, x in tensors.items() if x.device.type != "meta"} == set()
+
+
+def _joined(model, new: str) -> tuple[list[str], float]:
+    """The types of the branch a new type's leaf hangs from, and its branch time."""
+    tree = model.tree
+    leaf = tree.branches[tree.leaf(tree.classes.index(new))]
+    parent = tree.branches[leaf.parent]
+    return sorted(tree.classes[c] for c in parent.classes if tree.classes[c] != new), leaf.t_end
+
+
+def test_joins_places_a_type_where_the_user_says(caplog):
+    # the crossover rule puts c3 next to c2 (the simulated tree's true sibling); a user who
+    # knows better names a type, a time, or a group of a given hierarchy
+    sim = _sim(n_per_class=20, depth=3)  # (((c0, c1), (c2, c3)), ((c4, c5), (c6, c7)))
+    old = _without(sim, ["c3", "c5", "c6"])
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key=REP)
+    groups = {"left": ["c0", "c1", "c2"], "right": ["c4", "c7"]}
+    model = sb.BranchedDiffusion(old, hierarchy=groups, **FAST)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    right = model.tree.branches[model.tree.node("right")]
+    window = (right.t_start, right.t_end)
+    with caplog.at_level("INFO", logger="scbranch"):
+        model.add_classes(
+            sim,
+            labels=["c3", "c5", "c6"],
+            joins={"c3": "c0", "c5": ("c2", 0.45), "c6": "right"},
+            max_epochs=1,
+            progress_bar=False,
+        )
+    c3, c5, c6 = model.extensions_
+    # a type: joins it at its crossover time against it
+    assert (c3["joins"], c3["placed_by"]) == ("c0", "c0")
+    assert c3["t"] == pytest.approx(max(c3["crossover"], 0.02))
+    assert _joined(model, "c3")[1] == pytest.approx(c3["t"])
+    # a type and a time: exactly there
+    assert (c5["joins"], c5["t"], c5["placed_by"]) == ("c2", 0.45, "c2")
+    assert model.tree.branch_time(model.tree.classes.index("c5"), 2) == pytest.approx(0.45)
+    # a group: a child of its branch, inside it, and a member of the group
+    types, t = _joined(model, "c6")
+    assert types == ["c4", "c7"] and window[0] < t < window[1] and c6["placed_by"] == "right"
+    assert "c6" in [model.tree.classes[c] for c in model.tree.expand("right")]
+    # c6 crosses c7 (0.44) far below the group's short branch (0.88-0.90): moved, and said
+    assert c6["crossover"] < window[0] and "outside the group's branch" in caplog.text
+    # the record reaches generated cells' uns
+    record = model.generate(5, labels=["c5"], seed=0, progress_bar=False).uns["scbranch"]
+    assert list(record["model"]["extensions"]["placed_by"]) == ["c0", "c2", "right"]
+
+
+@pytest.mark.parametrize(
+    "joins, error, match",
+    [
+        (["c0"], TypeError, "must map new types"),
+        ({"c9": "c0"}, KeyError, "not among the types added"),
+        ({"c3": "Myeloid"}, KeyError, "neither a cell type"),
+        ({"c3": ("c0", 1.0)}, ValueError, "number in \\(0, 1\\)"),
+        ({"c3": ("c0", True)}, ValueError, "number in \\(0, 1\\)"),
+        ({"c3": ("c0", 0.3, 0.1)}, TypeError, "\\(name, branch time\\)"),
+        ({"c3": ("left", 0.99)}, ValueError, "spans branch times"),
+    ],
+)
+def test_joins_bad_input_is_refused_before_anything_changes(joins, error, match):
+    sim = _sim(n_per_class=20)
+    old = _without(sim, ["c3"])
+    sb.BranchedDiffusion.setup_anndata(old, labels_key="cell_type", obsm_key=REP)
+    model = sb.BranchedDiffusion(old, **FAST)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    model.tree.name_node("left", ["c0", "c1"])  # a clade the user named
+    newick = model.tree.to_newick()
+    with pytest.raises(error, match=match):
+        model.add_classes(sim, labels=["c3"], joins=joins, max_epochs=1, progress_bar=False)
+    assert model.classes == ["c0", "c1", "c2"] and model.tree.to_newick() == newick

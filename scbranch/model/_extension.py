@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from numbers import Real
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +24,7 @@ from .._constants import REGISTRY_KEYS
 from .._utils import progress
 from .._validation import check_obs_key, check_whole_number, to_dense
 from ..module._discovery import DiscoveryOptions, subsample_per_class
-from ..module._extension import EXTENSION_LR, add_class_head
+from ..module._extension import EXTENSION_LR, PlacementRequest, add_class_head
 from ..module._recipe import TrainingRecipe
 from ._calibration import forget_calibrations
 
@@ -52,6 +53,7 @@ def add_classes(
     labels: Sequence[str] | None = None,
     *,
     labels_key: str | None = None,
+    joins: Mapping[str, str | tuple[str, float]] | None = None,
     max_epochs: int | None = None,
     batch_size: int = 64,
     lr: float | None = None,
@@ -88,6 +90,15 @@ def add_classes(
         New types to add (default: every type in ``adata`` the model does not know).
     labels_key
         Column of ``adata.obs`` with the types (default: the model's).
+    joins
+        Where new types join the tree, where you know better than their crossover times
+        (types not listed are placed by them). ``{new: known}``: the new type joins the cell
+        type ``known``, or the named group ``known`` of the tree (``model.tree.node_names``:
+        the groups of a given ``hierarchy``, clades you named), at its crossover time
+        against it (for a group: against the group's type it crosses first, moved into the
+        group's branch if it falls outside); ``{new: (known, t)}``: at branch time ``t``
+        (for a group, within its branch). The record says how each type was placed
+        (``model.extensions_[i]["placed_by"]``, with its crossover time).
     max_epochs
         Passes over a new type's cells (default: :meth:`train`'s rule for them, about 100
         epochs, with extension's own floor: within 500-16,000 optimiser steps).
@@ -149,6 +160,10 @@ def add_classes(
     --------
     >>> model.add_classes(adata_new, labels=["Megakaryocyte"], max_epochs=100)  # doctest: +SKIP
     >>> model.generate(n_cells={"Megakaryocyte": 200}, seed=0)  # doctest: +SKIP
+
+    Where a type joins, when you know better than its crossover times:
+
+    >>> model.add_classes(adata_new, joins={"Dendritic": "Myeloid"})  # doctest: +SKIP
     """
     if not model.module.follows_tree:
         raise ValueError(
@@ -171,6 +186,7 @@ def add_classes(
         )
     labels_key = labels_key or model.labels_key
     labels = new_labels(model, adata, labels, labels_key)
+    joins = check_joins(model, labels, joins)
     data = new_class_data(model, adata, labels_key, labels, min_cells)
     record = model.hierarchy_record_ or {}
     options = DiscoveryOptions.from_params(record.get("params"), seed=seed)
@@ -196,6 +212,7 @@ def add_classes(
                 recipe=recipe,
                 fine_tune_shared=fine_tune_shared,
                 own_head=own_head,
+                request=placement_request(model.tree, joins.get(name)),
                 seed=seed,
                 progress=progress(f"Training {name}", progress_bar),
             )
@@ -292,6 +309,62 @@ def new_labels(model: BranchedDiffusion, adata: AnnData, labels, labels_key: str
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels lists a type twice: {labels}.")
     return labels
+
+
+def check_joins(model: BranchedDiffusion, labels: list[str], joins) -> dict:
+    """``joins`` of :func:`add_classes` checked before anything changes: ``{new: (known, t)}``."""
+    if joins is None:
+        return {}
+    if not isinstance(joins, Mapping):
+        raise TypeError(
+            f"joins must map new types to where they join, e.g. {{'{labels[0]}': "
+            f"'{model.classes[0]}'}}; got {type(joins).__name__}."
+        )
+    unknown = [k for k in joins if k not in labels]
+    if unknown:
+        raise KeyError(f"joins names {unknown}, which are not among the types added: {labels}.")
+    known = [*model.classes, *model.tree.node_names]
+    checked = {}
+    for new, where in joins.items():
+        if isinstance(where, str):
+            name, t = where, None
+        elif isinstance(where, Sequence) and len(where) == 2 and isinstance(where[0], str):
+            name, t = where
+        else:
+            raise TypeError(
+                f"joins[{new!r}] must name a cell type or a group, or be (name, branch time); "
+                f"got {where!r}."
+            )
+        # a type added earlier in the same call is known by the time this one is placed
+        if name not in known and name not in labels[: labels.index(new)]:
+            raise KeyError(
+                f"joins[{new!r}] = {name!r} is neither a cell type of the model {model.classes} "
+                f"nor a named group of its tree {sorted(model.tree.node_names)}."
+            )
+        if t is not None and (isinstance(t, bool) or not isinstance(t, Real) or not 0 < t < 1):
+            raise ValueError(
+                f"joins[{new!r}] gives the branch time {t!r}; it must be a number in (0, 1)."
+            )
+        checked[new] = (str(name), None if t is None else float(t))
+    return checked
+
+
+def placement_request(tree, where: tuple[str, float | None] | None) -> PlacementRequest | None:
+    """Where ``add_classes(joins=...)`` puts a type, on the tree as it is when it is added."""
+    if where is None:
+        return None
+    name, t = where
+    if name in tree.classes:
+        return PlacementRequest(name, (tree.classes.index(name),), t)
+    branch = tree.branches[tree.node(name)]
+    window = (branch.t_start, branch.t_end)
+    if t is not None and not window[0] < t < window[1]:
+        raise ValueError(
+            f"The group {name!r} spans branch times {window[0]:.3f}-{window[1]:.3f}; a type "
+            f"joining it at t={t} would join another branch. Give a time in between, or no "
+            "time (its crossover time, moved into the group's branch)."
+        )
+    return PlacementRequest(name, tuple(branch.classes), t, window)
 
 
 def new_class_data(

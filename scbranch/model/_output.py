@@ -29,6 +29,8 @@ _EXTENSION_FIELDS = {
     "label": np.nan,
     "joins": np.nan,
     "t": np.nan,
+    "crossover": np.nan,  # its crossover time against the type it joins
+    "placed_by": "crossover",  # or the type or group add_classes(joins=...) named
     "n_cells": np.nan,
     "n_steps": np.nan,
     "lr": np.nan,

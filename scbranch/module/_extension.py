@@ -89,6 +89,55 @@ def place_class(
     return Placement(sibling, float(max(cross[sibling], o.min_branch_length)), cross)
 
 
+@dataclass
+class PlacementRequest:
+    """Where a user says a new class joins: one class, or a named group of the tree.
+
+    ``classes``: the class, or the group's classes (the new class joins the one it crosses
+    first). ``t``: the branch time (None: that crossover time). ``window``: a group's branch
+    ``(t_start, t_end)``, which the branch time must lie in for the class to join the group
+    itself rather than a part of it or what lies above it.
+    """
+
+    name: str
+    classes: tuple[int, ...]
+    t: float | None = None
+    window: tuple[float, float] | None = None
+
+    def apply(self, placement: Placement, min_branch_length: float) -> Placement:
+        """``placement`` (from the crossover times) moved to where the request says.
+
+        Examples
+        --------
+        >>> found = Placement(sibling=0, t=0.3, crossover=np.array([0.3, 0.5, 0.7]))
+        >>> PlacementRequest("B or C", (1, 2)).apply(found, 0.02).sibling
+        1
+        >>> PlacementRequest("B and C", (1, 2), window=(0.6, 1.0)).apply(found, 0.02).t
+        0.62
+        """
+        cross = placement.crossover
+        sibling = self.classes[int(np.argmin(cross[list(self.classes)]))]
+        if self.t is not None:
+            return Placement(sibling, float(self.t), cross)
+        t = max(float(cross[sibling]), min_branch_length)
+        if self.window is not None:
+            lo, hi = self.window
+            margin = min(min_branch_length, (hi - lo) / 4)  # a branch of its own on both sides
+            inside = float(np.clip(t, lo + margin, hi - margin))
+            if inside != t:
+                logger.info(
+                    "The new type crosses %r at t=%.3f, outside the group's branch (%.3f-%.3f): "
+                    "it joins the group at t=%.3f.",
+                    self.name,
+                    t,
+                    lo,
+                    hi,
+                    inside,
+                )
+            t = inside
+        return Placement(sibling, t, cross)
+
+
 def extend_module(
     module, name: str, placement: Placement, own_head: bool | str = False
 ) -> tuple[int, int]:
@@ -237,6 +286,7 @@ def add_class_head(
     recipe: TrainingRecipe,
     fine_tune_shared: bool = False,
     own_head: bool | str = False,
+    request: PlacementRequest | None = None,
     seed: int = 0,
     progress: Callable | None = None,
 ) -> dict:
@@ -264,17 +314,23 @@ def add_class_head(
     own_head
         A conditioned network's new branch gets head blocks or an output layer of its own
         (see :func:`extend_module`).
+    request
+        Where the user says the class joins (default: where its crossover times say).
 
     Returns
     -------
-    ``{"label", "joins" (class index), "t", "n_cells", "n_steps", "final_loss", "lr",
-    "fine_tune_shared", "own_head", "own_readout"}`` (``own_head``: head blocks of its own;
-    ``own_readout``: an output layer of its own on the shared blocks).
+    ``{"label", "joins" (class index), "t", "crossover" (its crossover time against the
+    class it joins), "placed_by" (``"crossover"``, or the class or group requested),
+    "n_cells", "n_steps", "final_loss", "lr", "fine_tune_shared", "own_head",
+    "own_readout"}`` (``own_head``: head blocks of its own; ``own_readout``: an output layer
+    of its own on the shared blocks).
     """
     code = module.tree.n_classes
     placement = place_class(
         reference["x"], reference["labels"], code, z, module.sde, options, class_names=class_names
     )
+    if request is not None:
+        placement = request.apply(placement, options.min_branch_length)
     _, head = extend_module(module, name, placement, own_head=own_head)
     # the new leaf's Gaussian from the new cells; every old branch keeps its own bit for bit
     module.fit_gaussian_skip([(0, len(z), z)], np.full(len(z), code), 0.0, 1.0, first=head)
@@ -298,6 +354,8 @@ def add_class_head(
         "label": name,
         "joins": placement.sibling,
         "t": placement.t,
+        "crossover": float(placement.crossover[placement.sibling]),
+        "placed_by": "crossover" if request is None else request.name,
         "n_cells": len(z),
         "n_steps": len(losses),
         "final_loss": float(np.mean(losses[-50:])),
