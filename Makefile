@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test docs lint clean
+.PHONY: setup demo test docs lint bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ docs: $(VENV)/.docs-installed
 
 lint: setup
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check scbranch tests benchmarks docs && $(PY) -m ruff format --check scbranch tests benchmarks docs/conf.py docs/_ext
+
+# every benchmark's fast mode, in a clean clone of the last commit (about 45 min on 2 cores):
+# it must exit 0 and write nothing into the tree (benchmarks/smoke.py)
+bench-smoke: setup
+	$(PY) benchmarks/smoke.py
 
 clean:
 	rm -rf $(DEMO_OUT) lightning_logs scvi_log .pytest_cache docs/_build docs/generated
