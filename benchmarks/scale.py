@@ -357,8 +357,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--work", default=str(ROOT / "benchmark_out" / "scale"))
-    parser.add_argument("--page", default=str(ROOT / "docs" / "benchmarks" / "scale.md"))
+    parser.add_argument(
+        "--work", "--out", dest="work", default=str(ROOT / "benchmark_out" / "scale")
+    )
+    parser.add_argument("--page", default=None, help="default: docs/benchmarks/scale.md")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="smoke test: 2,000 and 4,000 cells, 20 steps (numbers meaningless); the page goes "
+        "to --work",
+    )
     parser.add_argument(
         "--stages",
         default="simulate,expression,scvi,generate",
@@ -379,6 +387,11 @@ def main() -> None:
         out = STAGES[args.stage](args)
         Path(args.result).write_text(json.dumps(out))
         return
+    if args.fast:
+        args.sizes, args.steps, args.warmup = "2000,4000", 20, 5
+    if args.page is None:  # a smoke run's page never replaces the committed one
+        page = Path(args.work) / "scale.md" if args.fast else ROOT / "docs/benchmarks/scale.md"
+        args.page = str(page)
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

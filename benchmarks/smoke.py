@@ -1,9 +1,9 @@
 """Smoke run of every benchmark script: its fast mode runs, and writes nothing into the tree.
 
 A benchmark nobody ran since the code changed is a page that can no longer be regenerated.
-This runs each script of ``benchmarks/`` that has a smoke mode (``--fast`` in its ``--help``)
-in a clean clone of the repository's last commit, with its outputs sent to a scratch folder
-outside the clone (``--out``, or ``--markdown`` for the scripts that write a page only), and
+This runs each script of ``benchmarks/`` that has a smoke mode (``--fast``, or ``--dry-run``,
+in its ``--help``) in a clean clone of the repository's last commit, with its outputs sent to
+a scratch folder outside the clone (``--out``, and ``--markdown`` where a script has it), and
 reports per script:
 
   rc        the exit status (0 expected; 124: killed at ``--timeout``)
@@ -101,9 +101,11 @@ def smoke_one(name: str, clone: Path, scratch: Path, timeout: float) -> Verdict:
     rc, _ = _run([sys.executable, script, "--help"], clone, 120, out / "help.txt")
     usage = (out / "help.txt").read_text(errors="replace")
     try:
-        if rc != 0 or "--fast" not in usage:
+        # gpu_check's smoke mode is its CPU dry run
+        flag = next((f for f in ("--fast", "--dry-run") if f in usage), None)
+        if rc != 0 or flag is None:
             return Verdict(name, None if rc == 0 else rc, last_line=_last_line(out / "help.txt"))
-        cmd = [sys.executable, script, "--fast"]
+        cmd = [sys.executable, script, flag]
         if "--out" in usage:
             cmd += ["--out", str(out / "out")]
         if "--markdown" in usage:
