@@ -364,8 +364,8 @@ def main() -> None:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="smoke test: 10,000 and 12,000 cells (the rarest of 60 types needs 3), 20 steps (numbers meaningless); the page goes "
-        "to --work",
+        help="smoke test: 10,000 and 12,000 cells (the rarest of 60 types needs 3), 20 steps "
+        "(numbers meaningless); the page goes to --work",
     )
     parser.add_argument(
         "--stages",
