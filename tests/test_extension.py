@@ -621,3 +621,21 @@ def test_joins_bad_input_is_refused_before_anything_changes(joins, error, match)
     with pytest.raises(error, match=match):
         model.add_classes(sim, labels=["c3"], joins=joins, max_epochs=1, progress_bar=False)
     assert model.classes == ["c0", "c1", "c2"] and model.tree.to_newick() == newick
+
+
+def test_joins_may_name_a_type_added_earlier_in_the_same_call():
+    sim = _sim(n_per_class=20)
+    old = _without(sim, ["c2", "c3"])
+    model = _model(old, max_epochs=1)
+    model.add_classes(
+        sim, labels=["c2", "c3"], joins={"c3": "c2"}, max_epochs=1, progress_bar=False
+    )
+    assert [(e["label"], e["joins"], e["placed_by"]) for e in model.extensions_] == [
+        ("c2", model.extensions_[0]["joins"], "crossover"),
+        ("c3", "c2", "c2"),
+    ]
+    # a type added after it is not known yet when it is placed
+    later = _model(_without(sim, ["c2", "c3"]), max_epochs=1)
+    with pytest.raises(KeyError, match="neither a cell type"):
+        later.add_classes(sim, labels=["c3", "c2"], joins={"c3": "c2"}, progress_bar=False)
+    assert later.classes == ["c0", "c1"]
