@@ -346,6 +346,8 @@ def check_joins(model: BranchedDiffusion, labels: list[str], joins) -> dict:
                 f"joins[{new!r}] gives the branch time {t!r}; it must be a number in (0, 1)."
             )
         checked[new] = (str(name), None if t is None else float(t))
+        if name in model.tree.node_names:  # a time outside the group's branch, refused now
+            placement_request(model.tree, checked[new])
     return checked
 
 
