@@ -27,6 +27,10 @@ _NEWICK_SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 class Branch:
     """One branch of the tree (one score head over one time interval).
 
+    ``trained`` holds the classes whose cells trained the branch's head over the interval: all
+    of ``classes``, unless a class was added later (:meth:`BranchTree.add_class`) and passes
+    through the branch without having trained its head.
+
     Examples
     --------
     >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.5)])
@@ -41,9 +45,9 @@ class Branch:
     parent: int = -1
     children: tuple[int, ...] = field(default_factory=tuple)
     head: int = -1
-    #: the classes whose cells trained the branch's head over this interval (None: all of
-    #: ``classes``); a class added later (:meth:`BranchTree.add_class`) passes through the
-    #: branches above its branch point without having trained their heads
+    # the classes whose cells trained the branch's head over this interval (None: all of
+    # `classes`); a class added later (BranchTree.add_class) passes through the branches
+    # above its branch point without having trained their heads
     trained: tuple[int, ...] | None = None
 
     @property
