@@ -152,7 +152,7 @@ class CalibratedDenoiser:
         # the weight is fitted on the classes the network was trained on together (the root
         # head's): a class added later (add_classes) leaves every old type's estimate as it
         # was, bit for bit, and takes the weight its branch's head was fitted under
-        joint = np.flatnonzero(np.isin(lab, tree.branches[tree.root].trained))
+        joint = np.flatnonzero(np.isin(lab, tree.trained_together))
         # cross-fitted: the weight is fitted on cells the Gaussians did not see (each half of
         # every class against the Gaussians of the other half), as the cells it will estimate
         # are; Gaussians fitted on the same cells would look better than they are
@@ -283,6 +283,6 @@ def _branch_moments(tree: BranchTree, stats: dict, sizes: np.ndarray) -> dict[st
     # branches above its branch point, whose heads (and so whose Gaussians) never saw it; the
     # covariances are shrunk towards the spread within the classes trained together, which
     # a class added later leaves as it was too
-    joint = list(tree.branches[tree.root].trained)
+    joint = list(tree.trained_together)
     prior = within_class_variance({key: value[joint] for key, value in scaled.items()})
     return group_moments(scaled, [b.trained for b in tree.branches], prior_var=prior)

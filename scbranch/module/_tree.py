@@ -355,6 +355,18 @@ class BranchTree:
         tree.node_names = dict(self.node_names)
         return tree
 
+    @property
+    def trained_together(self) -> tuple[int, ...]:
+        """The classes the whole network was trained on together (the root head's).
+
+        Examples
+        --------
+        >>> tree = BranchTree.from_merges(["A", "B"], [((0,), (1,), 0.6)]).add_class("C", 0, 0.3)
+        >>> tree.trained_together
+        (0, 1)
+        """
+        return self.branches[self.root].trained
+
     def mark_trained(self, branches: Sequence[int] | None = None) -> None:
         """Record that the heads of ``branches`` (default: all) were trained on all their classes.
 
