@@ -151,6 +151,33 @@ def test_ddp_history_goes_to_a_shared_temporary_directory(tmp_path, monkeypatch)
     assert not os.path.exists(shared)
 
 
+def test_ddp_logging_interval_counts_each_process_share_of_an_epoch(monkeypatch):
+    # 640 cells in batches of 64: 10 steps an epoch, 5 per process on two devices; an interval
+    # of 10 made Lightning warn that the epoch is shorter than its logging interval
+    from scbranch.model._training_plan import ddp_processes
+
+    monkeypatch.delenv("SCBRANCH_DDP_LOG_DIR", raising=False)
+    monkeypatch.setattr("scbranch.model._training_plan.atexit.register", lambda *a, **k: None)
+    cases = [
+        ({}, 10),
+        ({"devices": 2}, 10),  # two devices without DDP: Lightning's default strategy decides
+        ({"strategy": "ddp", "devices": 2}, 5),
+        ({"strategy": "ddp_spawn", "devices": [0, 1, 2]}, 4),
+        ({"strategy": "ddp", "devices": "0,1"}, 5),
+        ({"strategy": "ddp", "devices": "4"}, 3),
+        ({"strategy": "ddp", "devices": 2, "num_nodes": 2}, 3),
+        ({"strategy": "ddp", "devices": 2, "log_every_n_steps": 7}, 7),  # the user's own
+    ]
+    for options, interval in cases:
+        kwargs = dict(options)
+        trainer_defaults(kwargs, None, 640, 64, train_size=1.0, validation_size=None)
+        assert kwargs["log_every_n_steps"] == interval, options
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    assert ddp_processes({"strategy": "ddp"}) == 4  # "auto": every visible GPU
+    assert ddp_processes({"strategy": "ddp", "devices": -1}) == 4
+
+
 def test_a_device_index_is_an_index_not_a_number_of_devices(monkeypatch):
     # load(dir, device=1) and `generate --device 1` gave cuda:0 (Lightning reads devices=1 as
     # "one device"), --device 2 cuda:0 too and --device 0 an error; emulated on two GPUs

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .._constants import NOISE_KEYS, REGISTRY_KEYS
 from ..io._rows import RowMatrix, is_on_disk, is_streamed
 from ._data import balanced_indices
+from ._training_plan import ddp_processes
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +414,8 @@ def model_datamodule(
     labels = model.get_from_registry(model.adata, REGISTRY_KEYS.LABELS_KEY)
     # Lightning warns when an epoch is shorter than its logging interval; incomplete global
     # batches are dropped here
-    full = max(1, math.floor(model.adata.n_obs * train_size / batch_size))
+    per_step = batch_size * ddp_processes(trainer_kwargs)  # rows of one step, all processes
+    full = max(1, math.floor(model.adata.n_obs * train_size / per_step))
     trainer_kwargs["log_every_n_steps"] = min(trainer_kwargs.get("log_every_n_steps", 50), full)
     return BlockDataModule(
         model.space.training_matrix(model.adata),
