@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         "cells' correlation with the truth where it is exact, and lie above it where it is an "
         "upper bound (few cells).",
         "",
-        _md(check.round(3), index=False),
+        _md(check.round(3).replace(-0.0, 0.0), index=False),  # no '-0' in the table
         "",
         "## Ceiling against the held-out cells, by gene set",
         "",
