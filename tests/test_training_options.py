@@ -152,30 +152,34 @@ def test_ddp_history_goes_to_a_shared_temporary_directory(tmp_path, monkeypatch)
 
 
 def test_ddp_logging_interval_counts_each_process_share_of_an_epoch(monkeypatch):
-    # 640 cells in batches of 64: 10 steps an epoch, 5 per process on two devices; an interval
-    # of 10 made Lightning warn that the epoch is shorter than its logging interval
-    from scbranch.model._training_plan import ddp_processes
+    # 120 cells in batches of 10: 12 steps an epoch, 6 per process on two devices; an interval
+    # of 12 made Lightning warn that the epoch is shorter than its logging interval
+    from lightning.pytorch.strategies import DDPStrategy
 
-    monkeypatch.delenv("SCBRANCH_DDP_LOG_DIR", raising=False)
-    monkeypatch.setattr("scbranch.model._training_plan.atexit.register", lambda *a, **k: None)
+    from scbranch.model._streaming import ddp_processes, model_datamodule
+
+    model = _model(n_per_class=30)  # 4 classes
     cases = [
-        ({}, 10),
-        ({"devices": 2}, 10),  # two devices without DDP: Lightning's default strategy decides
-        ({"strategy": "ddp", "devices": 2}, 5),
-        ({"strategy": "ddp_spawn", "devices": [0, 1, 2]}, 4),
-        ({"strategy": "ddp", "devices": "0,1"}, 5),
-        ({"strategy": "ddp", "devices": "4"}, 3),
-        ({"strategy": "ddp", "devices": 2, "num_nodes": 2}, 3),
-        ({"strategy": "ddp", "devices": 2, "log_every_n_steps": 7}, 7),  # the user's own
+        ("auto", "cpu", {}, 12),
+        (2, "cpu", {}, 12),  # two devices without DDP: Lightning's default strategy decides
+        (2, "cpu", {"strategy": "ddp"}, 6),
+        ([0, 1, 2], "gpu", {"strategy": "ddp_spawn"}, 4),
+        ("0,1", "gpu", {"strategy": DDPStrategy()}, 6),
+        ("4", "gpu", {"strategy": "ddp"}, 3),
+        (2, "gpu", {"strategy": "ddp", "num_nodes": 2}, 3),
+        ("auto", "cpu", {"strategy": "ddp"}, 12),  # Lightning's CPU "auto" is one process
+        (2, "cpu", {"strategy": "ddp", "log_every_n_steps": 5}, 5),  # the user's own
     ]
-    for options, interval in cases:
+    for devices, accelerator, options, interval in cases:
         kwargs = dict(options)
-        trainer_defaults(kwargs, None, 640, 64, train_size=1.0, validation_size=None)
-        assert kwargs["log_every_n_steps"] == interval, options
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+        model_datamodule(
+            model, devices, accelerator, batch_size=10, train_size=1.0, validation_size=None,
+            class_balance=0.0, trainer_kwargs=kwargs,
+        )  # fmt: skip
+        assert kwargs["log_every_n_steps"] == interval, (devices, accelerator, options)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
-    assert ddp_processes({"strategy": "ddp"}) == 4  # "auto": every visible GPU
-    assert ddp_processes({"strategy": "ddp", "devices": -1}) == 4
+    assert ddp_processes("auto", "gpu", {"strategy": "ddp"}) == 4  # every visible GPU
+    assert ddp_processes(-1, "auto", {"strategy": "ddp"}) == 4
 
 
 def test_a_device_index_is_an_index_not_a_number_of_devices(monkeypatch):

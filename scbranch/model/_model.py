@@ -525,15 +525,11 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         if use_block_loader(self, loader, devices, trainer_kwargs):
             data = {
                 "datamodule": model_datamodule(
-                    self,
-                    batch_size=batch_size,
-                    train_size=train_size,
-                    validation_size=validation_size,
-                    class_balance=class_balance,
-                    trainer_kwargs=trainer_kwargs,
-                    **loader_kwargs,
+                    self, devices, accelerator, batch_size=batch_size, train_size=train_size,
+                    validation_size=validation_size, class_balance=class_balance,
+                    trainer_kwargs=trainer_kwargs, **loader_kwargs,
                 )
-            }
+            }  # fmt: skip
         else:  # scvi-tools' own splitter and loader, class-balanced afresh every epoch
             trainer_kwargs.setdefault("reload_dataloaders_every_n_epochs", int(class_balance > 0))
             data = dict(train_size=train_size, batch_size=batch_size)

@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from .._constants import NOISE_KEYS, REGISTRY_KEYS
 from ..io._rows import RowMatrix, is_on_disk, is_streamed
 from ._data import balanced_indices
-from ._training_plan import ddp_processes
 
 logger = logging.getLogger(__name__)
 
@@ -395,8 +394,37 @@ def several_devices(devices, strategy) -> bool:
     return isinstance(devices, list | tuple) and len(devices) > 1
 
 
+def ddp_processes(devices, accelerator, trainer_kwargs: Mapping) -> int:
+    """How many processes share each step under DDP (1 without a DDP ``strategy``).
+
+    ``train()``'s ``devices`` (Lightning's forms) on ``accelerator``, times ``num_nodes``.
+
+    Examples
+    --------
+    >>> ddp_processes("0,1", "gpu", {"strategy": "ddp"}), ddp_processes(4, "gpu", {})
+    (2, 1)
+    """
+    if "ddp" not in str(trainer_kwargs.get("strategy", "")).lower():  # a name or DDPStrategy
+        return 1
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, str) and "," in devices:  # device indices: "0,1" (or "1,")
+        count = len([i for i in devices.split(",") if i.strip()])
+    elif isinstance(devices, list | tuple):
+        count = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        count = devices
+    elif "cpu" in str(accelerator).lower():  # "auto" or -1 on the CPU: Lightning runs one
+        count = 1
+    else:  # "auto" or -1: every visible GPU
+        count = torch.cuda.device_count()
+    return max(1, count) * max(1, int(trainer_kwargs.get("num_nodes", 1)))
+
+
 def model_datamodule(
     model,
+    devices,
+    accelerator,
     *,
     batch_size: int,
     train_size: float,
@@ -407,14 +435,15 @@ def model_datamodule(
 ) -> BlockDataModule:
     """The block loader over a model's training data (its space's matrix and labels).
 
-    Its seed is scvi-tools' global seed, which scvi-tools' own loader uses too.
+    ``devices`` and ``accelerator`` are ``train()``'s. Its seed is scvi-tools' global seed,
+    which scvi-tools' own loader uses too.
     """
     import scvi
 
     labels = model.get_from_registry(model.adata, REGISTRY_KEYS.LABELS_KEY)
     # Lightning warns when an epoch is shorter than its logging interval; incomplete global
-    # batches are dropped here
-    per_step = batch_size * ddp_processes(trainer_kwargs)  # rows of one step, all processes
+    # batches are dropped here, and under DDP each process takes its share of every step
+    per_step = batch_size * ddp_processes(devices, accelerator, trainer_kwargs)
     full = max(1, math.floor(model.adata.n_obs * train_size / per_step))
     trainer_kwargs["log_every_n_steps"] = min(trainer_kwargs.get("log_every_n_steps", 50), full)
     return BlockDataModule(

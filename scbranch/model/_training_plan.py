@@ -115,30 +115,6 @@ def _shared_ddp_log_dir(trainer_kwargs: dict) -> None:
     trainer_kwargs["log_save_dir"] = os.environ[_DDP_LOG_DIR]
 
 
-def ddp_processes(trainer_kwargs: dict) -> int:
-    """How many processes share an epoch's batches: a DDP run's devices (times its nodes), else 1.
-
-    Each process of a DDP run sees its share of the batches, so an epoch is that many times
-    shorter per process; Lightning counts its logging interval in those steps.
-    """
-    if "ddp" not in str(trainer_kwargs.get("strategy", "")).lower():
-        return 1
-    devices = trainer_kwargs.get("devices", "auto")
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if isinstance(devices, str) and "," in devices:  # "0,1": device indices
-        devices = [d for d in devices.split(",") if d.strip()]
-    if isinstance(devices, list | tuple):
-        count = len(devices)
-    elif isinstance(devices, int) and devices > 0:
-        count = devices
-    else:  # "auto" or -1: every visible GPU (a CPU run gets one process)
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 1
-    return max(1, count) * max(1, int(trainer_kwargs.get("num_nodes", 1)))
-
-
 def trainer_defaults(
     trainer_kwargs: dict,
     max_epochs: int | None,
@@ -157,10 +133,8 @@ def trainer_defaults(
     if max_epochs is None:
         max_epochs = default_max_epochs(round(n_cells * train_size), batch_size)
     check_budget(max_epochs, trainer_kwargs)
-    # log at least once an epoch (Lightning warns when an epoch is shorter than its interval),
-    # counted in each DDP process's share of the epoch's batches
-    per_process = max(1, math.ceil(steps_per_epoch / ddp_processes(trainer_kwargs)))
-    trainer_kwargs.setdefault("log_every_n_steps", min(50, per_process))
+    # log at least once an epoch (Lightning warns when an epoch is shorter than its interval)
+    trainer_kwargs.setdefault("log_every_n_steps", min(50, steps_per_epoch))
     trainer_kwargs.setdefault("gradient_clip_val", TrainingRecipe.grad_clip)
     _shared_ddp_log_dir(trainer_kwargs)
     held_out = (1.0 - train_size) if validation_size is None else validation_size
