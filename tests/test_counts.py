@@ -575,3 +575,26 @@ def test_an_scvi_model_changed_after_the_diffusion_is_refused(scvi_model_and_dat
         sb.BranchedDiffusion.load(tmp_path / "swapped")
     loaded = sb.BranchedDiffusion.load(tmp_path / "m")  # the weights it was saved with load
     assert loaded.space.info["weights_sha256"] == model.space.info["weights_sha256"]
+
+
+def test_an_scvi_model_takes_the_expressions_topology_with_times_from_its_latent(
+    scvi_model_and_data,
+):
+    # docs/spaces.md: a tree found in an scVI latent can lose coarse clades
+    # (docs/benchmarks/latent_tree.md), so the tree is learnt on the expression and given
+    from scbranch.tl._compare import clades
+
+    vae, _, adata = scvi_model_and_data
+    adata = adata.copy()
+    sb.tl.branch_hierarchy(
+        adata, groupby=LABELS, layer="counts", target_sum=1e4, key_added="expression_tree"
+    )
+    expression = sb.tl.read_hierarchy(adata, "expression_tree")[0]
+    model = sb.BranchedDiffusion.from_scvi_model(
+        vae, labels_key=LABELS, adata=adata, hierarchy=adata.uns["expression_tree"]["newick"],
+        **FAST_MODEL,
+    )  # fmt: skip
+    assert set(clades(model.tree)) == set(clades(expression))  # the same topology ...
+    assert model.hierarchy_record_["params"]["given"] == "newick"
+    times = sorted(clades(model.tree).values())  # ... with the latent's branch times
+    assert times != sorted(clades(expression).values())
