@@ -17,13 +17,13 @@ torch and scvi-tools themselves (about 0.6 GB on import). Stages:
   60 types) and once with the branch-conditioned network (``architecture="conditioned"``).
 - ``scvi``: train scVI on the counts on disk (block loader, fixed steps), encode every cell
   block by block, build a diffusion model on the latent (in memory) and train it.
+- ``generate``: load the scVI-latent model and generate as many cells as the atlas holds,
+  counts included, to an .h5ad file (``generate(out=...)``, blocks), without scVI's dense
+  normalised expression (``layers=["counts"]``).
 
 Known answer: the atlas's true tree is in ``uns["simulation"]["newick"]``; the expression and
 scVI-latent stages compare the tree their set-up discovered with it (``tree_recovery``: share
 of the true clades found at each level, and found clades that cross a true one).
-- ``generate``: load the scVI-latent model and generate as many cells as the atlas holds,
-  counts included, to an .h5ad file (``generate(out=...)``, blocks), without scVI's dense
-  normalised expression (``layers=["counts"]``).
 
 Time per training step excludes the first ``--warmup`` steps and the set-up; "per cell" is per
 cell processed (steps x batch) or generated. Throughput ratios between sizes are read within
@@ -87,7 +87,7 @@ def _timed_steps(model, a) -> float:
 
 def true_clades(newick: str) -> dict[frozenset, int]:
     """The simulated tree's clades (two or more types, not all), each at its level (1: a
-    reference type's leaves, 2: a level-2 type's); a clade met twice keeps its higher level."""
+    reference type's leaves, 2: a level-2 type's); a clade at both levels counts at level 1."""
     from scbranch.module._topology import parse_newick
 
     root = parse_newick(newick)
