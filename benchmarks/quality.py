@@ -522,18 +522,19 @@ def train_options(spec: str) -> dict:
 
 def train_kwargs(spec: str, n_cells: int, cfg: dict) -> dict:
     """``model.train()`` arguments of a row on ``n_cells`` cells: the batch size, the row's
-    training variants and the budget (``budget<k>``: k x the default epochs; else
-    ``cfg['steps']`` optimiser steps, or `None`: the package's default)."""
+    training variants and the budget: ``cfg['steps']`` optimiser steps, or with `None` the
+    package's default, times k for a ``budget<k>`` row."""
     from scbranch.module._recipe import default_max_epochs
 
     training = {"batch_size": cfg["batch_size"], **train_options(spec)}
     factor = training.pop("budget_factor", None)
-    if factor is not None:  # a multiple of the default budget, whatever the data size
+    steps_per_epoch = max(1, math.ceil(n_cells / training["batch_size"]))
+    if cfg["steps"] is not None:  # the configuration's budget (a smoke run's 20 steps too)
+        steps = cfg["steps"] * (1.0 if factor is None else factor)
+        training["max_epochs"] = max(1, math.ceil(steps / steps_per_epoch))
+    elif factor is not None:  # a multiple of the default budget, whatever the data size
         default = default_max_epochs(n_cells, training["batch_size"])
         training["max_epochs"] = max(1, round(factor * default))
-    elif cfg["steps"] is not None:
-        steps_per_epoch = max(1, math.ceil(n_cells / training["batch_size"]))
-        training["max_epochs"] = max(1, math.ceil(cfg["steps"] / steps_per_epoch))
     return training
 
 

@@ -93,6 +93,11 @@ def test_training_variants_set_train_options_and_leave_the_model_alone():
     assert quality.model_options("conditioned:epochs100") == {"architecture": "conditioned"}
     assert "max_epochs" not in quality.train_kwargs("conditioned", 351, cfg)
     assert quality.train_kwargs("conditioned", 351, {**cfg, "steps": 600})["max_epochs"] == 100
+    # a smoke run's budget (20 steps) scales too: budget_real --fast trained 2x the default
+    # budget (334 epochs here) and ran past the smoke runner's 15 minutes
+    fast = {**cfg, "steps": 20}
+    assert quality.train_kwargs("conditioned:budget2", 351, fast)["max_epochs"] == 7  # 40 steps
+    assert quality.train_kwargs("conditioned:budget0.5", 351, fast)["max_epochs"] == 2
     assert quality.model_options("conditioned:budget2") == {"architecture": "conditioned"}
 
 
