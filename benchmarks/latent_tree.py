@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 from quality import _md, write_lines
-from scale import fit_parameters, tree_recovery
+from scale import crossing_clades, fit_parameters, tree_recovery
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TYPES = 60
@@ -123,9 +123,7 @@ def annotation_trees(steps: list[int], latents: list[int]) -> list[dict]:
             {
                 "representation": label,
                 f"annotation clades found (of {len(truth)})": sum(c in got for c in truth),
-                "crossing clades": sum(
-                    any(c & t and not (c <= t or t <= c) for t in truth) for c in got
-                ),
+                "crossing clades": crossing_clades(got, truth),
             }
         )
 

@@ -101,6 +101,11 @@ def true_clades(newick: str) -> dict[frozenset, int]:
     return out
 
 
+def crossing_clades(found, truth) -> int:
+    """Found clades that cross a true one: neither inside it, around it, nor apart from it."""
+    return sum(any(c & t and not (c <= t or t <= c) for t in truth) for c in found)
+
+
 def tree_recovery(tree, newick: str) -> dict:
     """The known answer of set-up: how much of the simulated tree the discovered one holds.
 
@@ -109,18 +114,16 @@ def tree_recovery(tree, newick: str) -> dict:
     apart from it); a discovered tree resolves the true tree's multifurcations into further
     clades, which do not cross any true clade and are not errors.
     """
+    from scbranch.tl._compare import clades
+
     truth = true_clades(newick)
-    found = {
-        frozenset(tree.classes[c] for c in b.classes)
-        for b in tree.branches
-        if 1 < len(b.classes) < tree.n_classes
-    }
+    found = set(clades(tree))
     out = {}
     for level in (1, 2):
         want = [c for c, lv in truth.items() if lv == level]
         out[f"recall_level{level}"] = sum(c in found for c in want) / max(len(want), 1)
         out[f"n_true_level{level}"] = len(want)
-    out["conflicts"] = sum(any(c & t and not (c <= t or t <= c) for t in truth) for c in found)
+    out["conflicts"] = crossing_clades(found, truth)
     out["n_found"] = len(found)
     return out
 
