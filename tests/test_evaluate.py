@@ -87,6 +87,26 @@ def test_wrong_classes_are_caught(data):
     assert _mean(report, "gene_mean_spearman", "genes")["ratio"] < 0.95
 
 
+def test_a_poor_generators_log_scale_cells_are_judged_not_refused(data):
+    # an under-trained diffusion's cells sit on the log scale with negative values and a few
+    # entries past 20 (a 20-step model's ODE reached 22.6); the scale guard once called them
+    # "not log-transformed" and refused to judge them
+    poor = data["good"].copy()
+    x = np.asarray(poor.X.toarray() if sp.issparse(poor.X) else poor.X, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    x = x + rng.normal(0, 1.5, x.shape).astype(np.float32)
+    x[0, 0], x[1, 1] = 22.6, -10.5
+    poor.X = x
+    report = sb.tl.evaluate(poor, data["held"], "cell_type", train=data["train"])
+    auroc = _mean(report, "auroc")
+    assert auroc["generated"] > auroc["control"] + 0.15  # judged, and judged bad
+    # non-negative values past 20 are still normalised expression that was never logged
+    unlogged = data["good"].copy()
+    unlogged.X = np.expm1(np.asarray(x.clip(0, None)))
+    with pytest.raises(ValueError, match=r"generated \(not log-transformed\)"):
+        sb.tl.evaluate(unlogged, data["held"], "cell_type")
+
+
 def test_copies_of_training_cells_are_caught_by_train_distance(data):
     # copies of the training cells are new-looking to every distribution metric (they ARE
     # real cells the reference never compared), and only their distance to the training

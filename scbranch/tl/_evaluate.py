@@ -122,11 +122,14 @@ def _scale(m, n_rows: int = 500) -> str:
     """``"raw counts"``, ``"not log-transformed"`` or ``"log-normalised"`` (first rows).
 
     log1p of normalised expression stays below ~14 (log1p(1e6)); larger values are counts
-    (integers) or normalised values that were never log-transformed.
+    (integers) or normalised values that were never log-transformed. Counts and normalised
+    values are never negative, so a matrix with negative values is on a log scale whatever
+    its largest value: a poorly trained generator's cells reach past 20 in a few entries
+    (a 20-step model's ODE cells did) and must be judged as bad cells, not refused.
     """
     rows = m[: min(n_rows, m.shape[0])]
     values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
-    if not values.size or float(values.max()) <= 20:
+    if not values.size or float(values.max()) <= 20 or float(values.min()) < 0:
         return "log-normalised"
     return "raw counts" if bool(np.all(values == np.round(values))) else "not log-transformed"
 
