@@ -118,18 +118,26 @@ def _expression(adata: AnnData, layer: str | None, name: str):
     return m
 
 
-def _scale(m, n_rows: int = 500) -> str:
-    """``"raw counts"``, ``"not log-transformed"`` or ``"log-normalised"`` (first rows).
+SCALED = "scaled or centred: negative values"
 
-    log1p of normalised expression stays below ~14 (log1p(1e6)); larger values are counts
-    (integers) or normalised values that were never log-transformed. Counts and normalised
-    values are never negative, so a matrix with negative values is on a log scale whatever
-    its largest value: a poorly trained generator's cells reach past 20 in a few entries
-    (a 20-step model's ODE cells did) and must be judged as bad cells, not refused.
+
+def _scale(m, *, real: bool, n_rows: int = 500) -> str:
+    """``"raw counts"``, ``"not log-transformed"``, :data:`SCALED` or ``"log-normalised"``.
+
+    Read from the first ``n_rows`` rows. log1p of normalised expression stays below ~14
+    (log1p(1e6)); larger values are counts (integers) or normalised values that were never
+    log-transformed. Neither is ever negative, and neither is log1p: real cells with negative
+    values were scaled or centred (``sc.pp.scale``, as scanpy's tutorials leave ``.X``).
+    Generated cells on the log scale may be negative, and a poorly trained generator's reach
+    past 20 in a few entries (a 20-step model's ODE cells did): they are judged as bad cells,
+    not refused.
     """
     rows = m[: min(n_rows, m.shape[0])]
     values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
-    if not values.size or float(values.max()) <= 20 or float(values.min()) < 0:
+    negative = bool(values.size) and float(values.min()) < 0
+    if real and negative:
+        return SCALED
+    if not values.size or float(values.max()) <= 20 or negative:
         return "log-normalised"
     return "raw counts" if bool(np.all(values == np.round(values))) else "not log-transformed"
 
@@ -574,14 +582,20 @@ def _expressions(generated, real, fitting, layer, fitting_name: str = "train") -
     # every object on one scale: a train set of counts fitted the reference PCA and the
     # label-fidelity classifier on another scale than the cells it judged, silently
     names = {"generated": "generated", "real": "real", "fitting": fitting_name}
-    scales = {names[name]: _scale(m) for name, m in expr.items()}
+    scales = {names[name]: _scale(m, real=name != "generated") for name, m in expr.items()}
     if len(set(scales.values())) > 1:
         listing = ", ".join(f"{name} ({kind})" for name, kind in scales.items())
+        scaled = (
+            " Scaled expression is not log-normalised: pass the log-normalised values "
+            "(`adata.raw.to_adata()` where `.raw` holds them)."
+            if SCALED in scales.values()
+            else ""
+        )
         raise ValueError(
             f"The expression of {listing} is not on one scale: evaluate compares "
             "log-normalised expression in every object (`train` included). Normalise the "
             "others with `sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)`, "
-            "or pass the `layer` that holds it in every object."
+            f"or pass the `layer` that holds it in every object.{scaled}"
         )
     return expr
 
