@@ -295,7 +295,8 @@ def evaluate(
         Generated cells (e.g. from :meth:`~scbranch.BranchedDiffusion.generate`), with
         log-normalised expression in ``.X`` (or ``layer``) and the class in ``obs[labels_key]``.
     real
-        Real cells the model never saw (held out), with the generated genes.
+        Real cells the model never saw (held out), with the generated genes, log-normalised
+        like ``generated`` (not scaled: z-scores of ``sc.pp.scale`` are refused).
     labels_key
         Column of ``obs`` with the cell types, in ``generated``, ``real`` (and ``train``).
     train
