@@ -118,26 +118,18 @@ def _expression(adata: AnnData, layer: str | None, name: str):
     return m
 
 
-SCALED = "scaled or centred: negative values"
+def _scale(m, n_rows: int = 500) -> str:
+    """``"raw counts"``, ``"not log-transformed"`` or ``"log-normalised"`` (first rows).
 
-
-def _scale(m, *, real: bool, n_rows: int = 500) -> str:
-    """``"raw counts"``, ``"not log-transformed"``, :data:`SCALED` or ``"log-normalised"``.
-
-    Read from the first ``n_rows`` rows. log1p of normalised expression stays below ~14
-    (log1p(1e6)); larger values are counts (integers) or normalised values that were never
-    log-transformed. Neither is ever negative, and neither is log1p: real cells with negative
-    values were scaled or centred (``sc.pp.scale``, as scanpy's tutorials leave ``.X``).
-    Generated cells on the log scale may be negative, and a poorly trained generator's reach
-    past 20 in a few entries (a 20-step model's ODE cells did): they are judged as bad cells,
-    not refused.
+    log1p of normalised expression stays below ~14 (log1p(1e6)); larger values are counts
+    (integers) or normalised values that were never log-transformed. Neither is ever negative,
+    so a matrix with negative values is on a log (or other signed) scale whatever its largest
+    value: a poorly trained generator's cells reach past 20 in a few entries (a 20-step
+    model's ODE cells did) and are judged as bad cells, not refused.
     """
     rows = m[: min(n_rows, m.shape[0])]
     values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
-    negative = bool(values.size) and float(values.min()) < 0
-    if real and negative:
-        return SCALED
-    if not values.size or float(values.max()) <= 20 or negative:
+    if not values.size or float(values.max()) <= 20 or float(values.min()) < 0:
         return "log-normalised"
     return "raw counts" if bool(np.all(values == np.round(values))) else "not log-transformed"
 
@@ -296,7 +288,7 @@ def evaluate(
         log-normalised expression in ``.X`` (or ``layer``) and the class in ``obs[labels_key]``.
     real
         Real cells the model never saw (held out), with the generated genes, log-normalised
-        like ``generated`` (not scaled: z-scores of ``sc.pp.scale`` are refused).
+        like ``generated`` (not scaled: z-scores of ``sc.pp.scale`` draw a warning).
     labels_key
         Column of ``obs`` with the cell types, in ``generated``, ``real`` (and ``train``).
     train
@@ -583,22 +575,39 @@ def _expressions(generated, real, fitting, layer, fitting_name: str = "train") -
     # every object on one scale: a train set of counts fitted the reference PCA and the
     # label-fidelity classifier on another scale than the cells it judged, silently
     names = {"generated": "generated", "real": "real", "fitting": fitting_name}
-    scales = {names[name]: _scale(m, real=name != "generated") for name, m in expr.items()}
+    scales = {names[name]: _scale(m) for name, m in expr.items()}
     if len(set(scales.values())) > 1:
         listing = ", ".join(f"{name} ({kind})" for name, kind in scales.items())
-        scaled = (
-            " Scaled expression is not log-normalised: pass the log-normalised values "
-            "(`adata.raw.to_adata()` where `.raw` holds them)."
-            if SCALED in scales.values()
-            else ""
-        )
         raise ValueError(
             f"The expression of {listing} is not on one scale: evaluate compares "
             "log-normalised expression in every object (`train` included). Normalise the "
             "others with `sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)`, "
-            f"or pass the `layer` that holds it in every object.{scaled}"
+            "or pass the `layer` that holds it in every object."
         )
+    # the fitting cells are a part of `real` when no `train` is given: one warning
+    for name in ("real", "fitting") if fitting_name == "train" else ("real",):
+        _warn_if_scaled(expr[name], names[name])
     return expr
+
+
+def _warn_if_scaled(m, name: str, n_rows: int = 500) -> None:
+    """Warn when real cells hold negative values: z-scores, not log-normalised expression.
+
+    scanpy's tutorials leave ``sc.pp.scale``'s z-scores in ``.X``, below 10 and so on the
+    log scale for :func:`_scale`. A warning, as at set-up (``check_lognormalized``): other
+    signed features can be judged too (the instrument's Gaussian known answer is one).
+    """
+    rows = m[: min(n_rows, m.shape[0])]
+    values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
+    if values.size and float(values.min()) < 0:
+        warnings.warn(
+            f"{name} holds negative values (min {float(values.min()):.3g}), so it is not "
+            "log-normalised expression (scaled with sc.pp.scale?), and the generated cells are "
+            "judged against other units. Pass the log-normalised values "
+            "(`adata.raw.to_adata()` where `.raw` holds them, or `layer=`).",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _spaces(generated, real, fitting, expr, use_rep, reference_pca, n_comps, seed) -> dict:
