@@ -429,6 +429,19 @@ def default_setup(train, obsm_key: str = LATENT):
 UNSHARED_FROM = 0.90
 
 
+def expression_newick(train) -> str:
+    """The topology an expression model of ``train`` discovers (on its log-normalised ``.X``),
+    as Newick: a latent model given it keeps the topology and takes its branch times from its
+    own latent (docs/spaces.md, the scVI section). ``train`` is not modified."""
+    import anndata as ad
+
+    import scbranch as sb
+
+    cells = ad.AnnData(X=train.X, obs=train.obs[[LABELS]].copy())
+    sb.tl.branch_hierarchy(cells, groupby=LABELS, key_added="expression_tree")
+    return cells.uns["expression_tree"]["newick"]
+
+
 def unshared_tree(classes):
     """A tree on ``classes`` whose branch points all lie at t >= :data:`UNSHARED_FROM`: each
     type follows its own function wherever the types differ, as a model without sharing would."""
@@ -544,7 +557,9 @@ def model_options(spec: str, classes=None) -> dict:
     Variants: ``per_branch`` (``gaussian_skip="per_branch"``), ``flow`` (``objective="flow"``:
     flow matching), ``late`` (discovery with
     ``epsilon=0``: later branch points, less sharing), ``unshared`` (the tree of
-    :func:`unshared_tree` on ``classes``: no sharing where the types differ), ``width<N>``
+    :func:`unshared_tree` on ``classes``: no sharing where the types differ), ``exprtree``
+    (the topology the train cells' log-normalised expression gives, :func:`expression_newick`,
+    with branch times from the model's own space), ``width<N>``
     (the network's width, e.g. ``width512``), ``white`` (the diffusion runs on the scores with
     every component scaled to unit within-type variance, on the default's tree, and its latents
     are scaled back and decoded by the default space: a preconditioning experiment),
@@ -570,6 +585,8 @@ def model_options(spec: str, classes=None) -> dict:
             options["discovery_kwargs"] = {"epsilon": 0.0}
         elif variant == "unshared":
             options["hierarchy"] = unshared_tree(classes)
+        elif variant == "exprtree":  # needs the train cells: train_model gives the Newick
+            options["expression_tree"] = True
         elif variant in SPACE_VARIANTS:
             options["space"] = variant
         elif variant.startswith("width") and variant[5:].isdigit():
@@ -611,6 +628,8 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     options = model_options(architecture, classes)
     space = options.pop("space", None)
     n_pcs = options.pop("n_pcs", None)
+    if options.pop("expression_tree", False):
+        options["hierarchy"] = expression_newick(train)
     if options.pop("precondition", False):
         training = train_kwargs(architecture, train.n_obs, cfg)
         return PreconditionedModel(train, options, training, cfg["accelerator"])
