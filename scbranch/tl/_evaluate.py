@@ -118,6 +118,12 @@ def _expression(adata: AnnData, layer: str | None, name: str):
     return m
 
 
+def _first_values(m, n_rows: int) -> np.ndarray:
+    """The stored values of the first ``n_rows`` rows (a sparse matrix's explicit entries)."""
+    rows = m[: min(n_rows, m.shape[0])]
+    return rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
+
+
 def _scale(m, n_rows: int = 500) -> str:
     """``"raw counts"``, ``"not log-transformed"`` or ``"log-normalised"`` (first rows).
 
@@ -127,8 +133,7 @@ def _scale(m, n_rows: int = 500) -> str:
     value: a poorly trained generator's cells reach past 20 in a few entries (a 20-step
     model's ODE cells did) and are judged as bad cells, not refused.
     """
-    rows = m[: min(n_rows, m.shape[0])]
-    values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
+    values = _first_values(m, n_rows)
     if not values.size or float(values.max()) <= 20 or float(values.min()) < 0:
         return "log-normalised"
     return "raw counts" if bool(np.all(values == np.round(values))) else "not log-transformed"
@@ -597,8 +602,7 @@ def _warn_if_scaled(m, name: str, n_rows: int = 500) -> None:
     log scale for :func:`_scale`. A warning, as at set-up (``check_lognormalized``): other
     signed features can be judged too (the instrument's Gaussian known answer is one).
     """
-    rows = m[: min(n_rows, m.shape[0])]
-    values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
+    values = _first_values(m, n_rows)
     if values.size and float(values.min()) < 0:
         warnings.warn(
             f"{name} holds negative values (min {float(values.min()):.3g}), so it is not "
