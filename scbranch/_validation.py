@@ -195,6 +195,28 @@ def check_cells(adata: AnnData, what: str = "adata") -> None:
             )
 
 
+def warn_if_negative(
+    values: np.ndarray, where: str, consequence: str, fix: str, *, stacklevel: int
+) -> bool:
+    """Warn that ``values`` (a matrix's stored values) are not log-normalised if any is negative.
+
+    Log-normalised expression is never negative; z-scores of ``sc.pp.scale`` are. A warning,
+    not an error: other signed features can be diffused and judged. ``consequence`` says what
+    the caller does with them, ``fix`` what to pass instead. Returns whether it warned.
+    """
+    import warnings
+
+    if not values.size or float(values.min()) >= 0:
+        return False
+    warnings.warn(
+        f"{where} holds negative values (min {float(values.min()):.3g}), so it is not "
+        f"log-normalised expression (scaled with sc.pp.scale?), and {consequence}. {fix}",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return True
+
+
 def check_lognormalized(m, where: str, *, n_check: int = 100_000) -> None:
     """Warn if ``m`` holds negative values, which log-normalised expression never has.
 
@@ -205,16 +227,15 @@ def check_lognormalized(m, where: str, *, n_check: int = 100_000) -> None:
 
     values = m.data if sp.issparse(m) else np.asarray(m).ravel()
     values = np.asarray(values[:n_check], dtype=np.float64)
-    if values.size and values.min() < 0:
-        warnings.warn(
-            f"{where} holds negative values (min {values.min():.3g}), so it is not log-normalised "
-            "expression (scaled with sc.pp.scale?), and generated expression is clipped at 0. "
-            "Pass the log-normalised layer with `layer=` (keep one before scaling: "
-            "`adata.layers['lognorm'] = adata.X.copy()`), or diffuse a latent with `obsm_key=`.",
-            UserWarning,
-            stacklevel=4,
-        )
-    elif values.size and values.max() > 20 and np.all(values == np.round(values)):
+    negative = warn_if_negative(
+        values,
+        where,
+        "generated expression is clipped at 0",
+        "Pass the log-normalised layer with `layer=` (keep one before scaling: "
+        "`adata.layers['lognorm'] = adata.X.copy()`), or diffuse a latent with `obsm_key=`.",
+        stacklevel=4,
+    )
+    if not negative and values.size and values.max() > 20 and np.all(values == np.round(values)):
         # integers above any log-normalised value (log1p(1e4) ~ 9.2): raw counts
         warnings.warn(
             f"{where} looks like raw counts (integers up to {values.max():.0f}), not "

@@ -35,7 +35,7 @@ from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
 from .._keys import Key
-from .._validation import check_finite, check_obs_key
+from .._validation import check_finite, check_obs_key, warn_if_negative
 from ..metrics._classifier import classifier_auroc
 from ..metrics._de import N_TOP_MARKERS, lfc_spearman, log_fold_changes, marker_overlap, top_markers
 from ..metrics._distances import mmd_rbf, wasserstein2
@@ -599,19 +599,17 @@ def _warn_if_scaled(m, name: str, n_rows: int = 500) -> None:
     """Warn when real cells hold negative values: z-scores, not log-normalised expression.
 
     scanpy's tutorials leave ``sc.pp.scale``'s z-scores in ``.X``, below 10 and so on the
-    log scale for :func:`_scale`. A warning, as at set-up (``check_lognormalized``): other
-    signed features can be judged too (the instrument's Gaussian known answer is one).
+    log scale for :func:`_scale`. A warning, as at set-up: other signed features can be judged
+    too (the instrument's Gaussian known answer is one).
     """
-    values = _first_values(m, n_rows)
-    if values.size and float(values.min()) < 0:
-        warnings.warn(
-            f"{name} holds negative values (min {float(values.min()):.3g}), so it is not "
-            "log-normalised expression (scaled with sc.pp.scale?), and the generated cells are "
-            "judged against other units. Pass the log-normalised values "
-            "(`adata.raw.to_adata()` where `.raw` holds them, or `layer=`).",
-            UserWarning,
-            stacklevel=4,
-        )
+    warn_if_negative(
+        _first_values(m, n_rows),
+        name,
+        "the generated cells are judged against other units",
+        "Pass the log-normalised values (`adata.raw.to_adata()` where `.raw` holds them, or "
+        "`layer=`).",
+        stacklevel=4,
+    )
 
 
 def _spaces(generated, real, fitting, expr, use_rep, reference_pca, n_comps, seed) -> dict:
