@@ -161,6 +161,13 @@ def test_scvi_fits_on_counts_on_disk_and_encodes_as_in_memory(tmp_path):
     model = sb.BranchedDiffusion.from_scvi_model(
         vae, labels_key="cell_type", adata=backed, width=16
     )
+    # the default tree's topology comes from the counts, read from disk block by block: the
+    # same tree as from the cells in memory
+    in_memory = sb.BranchedDiffusion.from_scvi_model(
+        vae, labels_key="cell_type", adata=adata.copy(), width=16
+    )
+    assert model.hierarchy_record_["params"]["topology_target_sum"] == 1e4
+    assert model.tree.to_newick() == in_memory.tree.to_newick()
     _train(model)
     gen = model.generate(5, seed=0, progress_bar=False)
     assert gen.layers["counts"].shape == (15, adata.n_vars)

@@ -577,24 +577,102 @@ def test_an_scvi_model_changed_after_the_diffusion_is_refused(scvi_model_and_dat
     assert loaded.space.info["weights_sha256"] == model.space.info["weights_sha256"]
 
 
-def test_an_scvi_model_takes_the_expressions_topology_with_times_from_its_latent(
+def test_an_scvi_models_default_tree_has_the_expressions_topology_and_its_latents_times(
     scvi_model_and_data,
 ):
-    # docs/spaces.md: a tree found in an scVI latent can lose coarse clades
-    # (docs/benchmarks/latent_tree.md), so the tree is learnt on the expression and given
+    # a tree found in an scVI latent can lose coarse clades that the expression keeps
+    # (docs/benchmarks/latent_tree.md): the default topology is the expression's (the counts
+    # scVI models, log1p(CP10k)), the branch times the latent's
     from scbranch.tl._compare import clades
 
-    vae, _, adata = scvi_model_and_data
-    adata = adata.copy()
+    vae, model, adata = scvi_model_and_data
+    cells = adata.copy()
+    sb.tl.branch_hierarchy(cells, groupby=LABELS, use_rep="X_scVI", key_added="latent_tree")
     sb.tl.branch_hierarchy(
-        adata, groupby=LABELS, layer="counts", target_sum=1e4, key_added="expression_tree"
+        cells, groupby=LABELS, layer="counts", target_sum=1e4, key_added="expression_tree"
     )
-    expression = sb.tl.read_hierarchy(adata, "expression_tree")[0]
-    model = sb.BranchedDiffusion.from_scvi_model(
-        vae, labels_key=LABELS, adata=adata, hierarchy=adata.uns["expression_tree"]["newick"],
+    latent = sb.tl.read_hierarchy(cells, "latent_tree")[0]
+    expression = sb.tl.read_hierarchy(cells, "expression_tree")[0]
+    # this 3-epoch scVI's latent loses clades the expression has (Dendritic with CD14+ Mono)
+    assert set(clades(latent)) != set(clades(expression))
+    assert set(clades(model.tree)) == set(clades(expression))  # the topology: expression's
+    params = model.hierarchy_record_["params"]
+    assert params["use_rep"] == "X_scVI" and params["given"] == "discovered"
+    assert (params["topology_layer"], params["topology_target_sum"]) == ("counts", 1e4)
+    # the same tree as the expression's Newick given by hand, timed on the latent
+    given = sb.BranchedDiffusion.from_scvi_model(
+        vae, labels_key=LABELS, adata=cells, hierarchy=cells.uns["expression_tree"]["newick"],
         **FAST_MODEL,
     )  # fmt: skip
-    assert set(clades(model.tree)) == set(clades(expression))  # the same topology ...
-    assert model.hierarchy_record_["params"]["given"] == "newick"
-    times = sorted(clades(model.tree).values())  # ... with the latent's branch times
-    assert times != sorted(clades(expression).values())
+    assert given.hierarchy_record_["params"]["given"] == "newick"
+    assert set(clades(given.tree)) == set(clades(model.tree))
+    np.testing.assert_allclose(
+        sorted(clades(model.tree).values()), sorted(clades(given.tree).values())
+    )
+    assert sorted(clades(model.tree).values()) != sorted(clades(expression).values())
+    # more genes in adata than in scVI: the topology comes from scVI's genes only
+    wider = _pbmc(260)
+    wider.obs["batch"] = adata.obs["batch"].to_numpy()
+    assert wider.n_vars > adata.n_vars
+    on_wider = sb.BranchedDiffusion.from_scvi_model(
+        vae, labels_key=LABELS, adata=wider, **FAST_MODEL
+    )
+    assert on_wider.tree.to_newick() == model.tree.to_newick()
+
+
+def test_an_scvi_model_reuses_a_stored_trees_topology_only_when_it_is_the_expressions(
+    scvi_model_and_data, caplog
+):
+    vae, model, adata = scvi_model_and_data
+    key = "scbranch_hierarchy"
+    # a tree of the expression (scVI's counts, CP10k): its topology, timed on the latent
+    cells = adata.copy()
+    sb.tl.branch_hierarchy(cells, groupby=LABELS, layer="counts", target_sum=1e4)
+    with caplog.at_level("INFO", logger="scbranch"):
+        reused = sb.BranchedDiffusion.from_scvi_model(
+            vae, labels_key=LABELS, adata=cells, **FAST_MODEL
+        )
+    assert "Using the topology of the hierarchy stored in adata.uns['scbranch_hierarchy']" in (
+        caplog.text
+    )
+    assert reused.tree.to_newick() == model.tree.to_newick()
+    assert reused.hierarchy_record_["params"]["given"] == "tree"
+    # a tree of the latent is what the model would not learn: kept only when named
+    cells = adata.copy()
+    sb.tl.branch_hierarchy(cells, groupby=LABELS, use_rep="X_scVI")
+    stored = sb.tl.read_hierarchy(cells)[0].to_newick()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scbranch"):
+        default = sb.BranchedDiffusion.from_scvi_model(
+            vae, labels_key=LABELS, adata=cells, **FAST_MODEL
+        )
+    assert f"pass hierarchy={key!r} to use that tree as is" in caplog.text
+    assert default.tree.to_newick() == model.tree.to_newick() != stored
+    named = sb.BranchedDiffusion.from_scvi_model(
+        vae, labels_key=LABELS, adata=cells, hierarchy=key, **FAST_MODEL
+    )
+    assert named.tree.to_newick() == stored
+    # a tree of the expression of other genes than scVI's: not reused, and named it fails
+    wider = _pbmc(260)
+    wider.obs["batch"] = adata.obs["batch"].to_numpy()
+    sb.tl.branch_hierarchy(wider, groupby=LABELS, layer="counts", target_sum=1e4)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scbranch"):
+        default = sb.BranchedDiffusion.from_scvi_model(
+            vae, labels_key=LABELS, adata=wider, **FAST_MODEL
+        )
+    assert "of other genes (adata holds 260 genes, the scVI model 200)" in caplog.text
+    assert default.tree.to_newick() == model.tree.to_newick()
+    with pytest.raises(ValueError, match="of other genes"):
+        sb.BranchedDiffusion.from_scvi_model(
+            vae, labels_key=LABELS, adata=wider, hierarchy=key, **FAST_MODEL
+        )
+    # a tree of another representation names the call that fits
+    cells = adata.copy()
+    sb.tl.branch_hierarchy(cells, groupby=LABELS, layer="counts")
+    with pytest.raises(
+        ValueError, match=r"branch_hierarchy\(\.\.\., layer='counts', target_sum=10000\)"
+    ):
+        sb.BranchedDiffusion.from_scvi_model(
+            vae, labels_key=LABELS, adata=cells, hierarchy=key, **FAST_MODEL
+        )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -50,6 +52,14 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     }
     with pytest.raises(ValueError, match="Unknown variant"):
         quality.model_options("conditioned:pcs")
+    assert quality.model_options("conditioned:exprtree")["expression_tree"] is True
+    assert quality.model_options("conditioned:scvi:latenttree")["latent_tree"] is True
+    # the latent's own tree is the default of every other space: refused before any training
+    cells = ad.AnnData(
+        np.zeros((4, 2), np.float32), obs=pd.DataFrame({"cell_type": pd.Categorical(list("aabb"))})
+    )
+    with pytest.raises(ValueError, match="latenttree applies to scvi rows only"):
+        quality.train_model(cells, quality.SETTINGS["fast"], 0, "conditioned:latenttree")
     assert quality.model_options("branched:expression:per_branch") == {
         "architecture": "branched",
         "space": "expression",

@@ -211,6 +211,9 @@ class RowMatrix:
         Applied to every block of rows read (rows of the raw matrix in, rows out).
     block_rows
         Rows per block when streaming.
+    n_features
+        Features of a transformed row when the transform changes their number (it selects
+        columns); default: the matrix's.
 
     Examples
     --------
@@ -219,15 +222,22 @@ class RowMatrix:
     ([[8.0, 10.0], [0.0, 2.0]], (3, 2))
     """
 
-    def __init__(self, matrix, transform: Callable | None = None, block_rows: int = BLOCK_ROWS):
+    def __init__(
+        self,
+        matrix,
+        transform: Callable | None = None,
+        block_rows: int = BLOCK_ROWS,
+        n_features: int | None = None,
+    ):
         self.matrix = matrix
         self.transform = transform
         self.block_rows = int(block_rows)
+        self.n_features = int(matrix.shape[1] if n_features is None else n_features)
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(cells, features)``."""
-        return tuple(int(s) for s in self.matrix.shape)
+        return int(self.matrix.shape[0]), self.n_features
 
     @property
     def on_disk(self) -> bool:

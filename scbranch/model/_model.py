@@ -170,6 +170,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             tree, self.hierarchy_record_ = resolve_hierarchy(
                 hierarchy, adata, x, labels, classes, sde, options, groupby=self.labels_key,
                 use_rep=use_rep, layer=layer, target_sum=target_sum,
+                topology=self.space.topology_source(adata),
             )  # fmt: skip
             hierarchy = tree.to_dict()  # the resolved tree is what init_params_ saves
             self.class_counts_ = np.bincount(labels, minlength=len(classes))

@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,15 @@ from anndata import AnnData
 
 from .._logging import quiet_training_warnings
 from .._validation import check_counts, check_finite, check_genes, check_obs_key, to_dense
-from ..io._rows import count_nonfinite, is_on_disk, iter_blocks, read_block, read_rows
+from ..io._rows import (
+    RowMatrix,
+    count_nonfinite,
+    is_on_disk,
+    iter_blocks,
+    read_block,
+    read_rows,
+)
+from ._counts import normalize_block
 from ._expected_log1p import expected_log1p
 from ._plain import read_plain, save_tensors, write_plain
 
@@ -297,6 +306,23 @@ def _counts_matrix(adata: AnnData, info: dict):
         )
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
     return (adata.layers[layer] if layer else adata.X), columns, where
+
+
+def normalized_counts(adata: AnnData, info: dict, target_sum: float) -> RowMatrix:
+    """``log1p(CP<target_sum>)`` of the counts scVI reads, in its genes, read block by block.
+
+    What ``sb.tl.branch_hierarchy(layer=..., target_sum=...)`` discovers on when ``adata``
+    holds exactly the scVI model's genes; on disk it stays on disk. The counts were checked
+    when the cells were encoded.
+    """
+    counts, columns, _ = _counts_matrix(adata, info)
+    if np.array_equal(columns, np.arange(counts.shape[1])):
+        return RowMatrix(counts, transform=partial(normalize_block, target_sum=target_sum))
+    return RowMatrix(  # adata holds more genes than scVI: its genes, selected per block
+        counts,
+        transform=lambda block: normalize_block(block[:, columns], target_sum),
+        n_features=len(columns),
+    )
 
 
 def _batch_values(adata: AnnData, info: dict) -> pd.Categorical | None:

@@ -183,6 +183,7 @@ def resolve_hierarchy(
     use_rep: str | None,
     layer: str | None,
     target_sum: float | None = None,
+    topology=None,
 ) -> tuple[BranchTree, dict]:
     """The tree a model uses, and its record: given, stored in ``adata.uns``, or discovered.
 
@@ -191,18 +192,25 @@ def resolve_hierarchy(
     :func:`branch_hierarchy`; its times come from ``matrix``), or `None` (reuse
     ``uns['scbranch_hierarchy']`` when it was computed on the same classes, grouping,
     representation and forward process; else discover one on ``matrix``).
+
+    ``topology`` (a :class:`~scbranch.model._spaces._base.TopologySource`, scVI models) moves
+    the default's topology to another matrix: the tree is discovered there and timed on
+    ``matrix``. A stored hierarchy then gives its topology when it was computed there; one
+    computed on ``matrix`` is used as it is only when its key is named.
     """
     if isinstance(hierarchy, BranchTree):
         return hierarchy, {}
+    timed = partial(
+        given_record, adata, matrix, labels, classes, sde, options,
+        groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum,
+    )  # fmt: skip
     if hierarchy is not None and is_given(hierarchy, adata):
-        return given_record(
-            adata, matrix, labels, classes, sde, options, hierarchy,
-            groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum,
-        )  # fmt: skip
+        return timed(hierarchy)
     if isinstance(hierarchy, Mapping):
         tree_dict = hierarchy.get("tree", hierarchy)
         return BranchTree.from_dict(tree_dict), dict(hierarchy) if "tree" in hierarchy else {}
     key = hierarchy if isinstance(hierarchy, str) else Key.uns.HIERARCHY
+    own = (use_rep, layer, target_sum)
     if key in adata.uns:
         record = adata.uns[key]
         params = record.get("params", {})
@@ -217,18 +225,20 @@ def resolve_hierarchy(
             params.get("layer") or None,
             float(params["target_sum"]) if params.get("target_sum") else None,
         )
-        if stored != (use_rep, layer, target_sum):
-            rerun = f", target_sum={target_sum:g}" if target_sum else ""
-            problems.append(
-                f"it was computed on {_representation(*stored)}, the model learns "
-                f"{_representation(use_rep, layer, target_sum)} (rerun "
-                f"`sb.tl.branch_hierarchy(...{rerun})` on it, or pass "
-                f"hierarchy=adata.uns[{key!r}]['tree'] to use that tree as is)"
-            )
+        retime = topology is not None and stored == topology.rep and topology.mismatch is None
+        if not retime and (stored != own or (topology is not None and key != hierarchy)):
+            problems.append(_representation_problem(key, stored, own, topology))
         try:
             sde.check_same(params, what=f"hierarchy in adata.uns[{key!r}]")
         except (ValueError, KeyError) as err:
             problems.append(str(err))
+        if not problems and retime:
+            logger.info(
+                "Using the topology of the hierarchy stored in adata.uns[%r], timed on %s.",
+                key,
+                _representation(*own),
+            )
+            return _topology_from(timed(tree), topology, "tree")
         if not problems:
             logger.info("Using the hierarchy stored in adata.uns[%r].", key)
             return tree, dict(record)
@@ -242,12 +252,61 @@ def resolve_hierarchy(
         )
     elif isinstance(hierarchy, str):
         raise KeyError(f"hierarchy={hierarchy!r} is not a key of adata.uns.")
+    if topology is not None:
+        found, _ = discover_record(
+            topology.matrix, labels, classes, sde, options, groupby=groupby,
+            use_rep=topology.use_rep, layer=topology.layer, target_sum=topology.target_sum,
+        )  # fmt: skip
+        tree, record = _topology_from(timed(found), topology, "discovered")
+        logger.info(
+            "Discovered the topology on %s, timed on %s: %s",
+            _representation(*topology.rep),
+            _representation(*own),
+            tree.to_newick(3),
+        )
+        return tree, record
     tree, record = discover_record(
         matrix, labels, classes, sde, options,
         groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum,
     )  # fmt: skip
     logger.info("Discovered hierarchy: %s", tree.to_newick(3))
     return tree, record
+
+
+def _representation_problem(key: str, stored: tuple, own: tuple, topology) -> str:
+    """Why a stored hierarchy's representation does not fit a model, with the call that fits."""
+    if topology is None or stored not in (own, topology.rep):
+        learns = own if topology is None else topology.rep
+        _, layer, target_sum = learns
+        rerun = (f", layer={layer!r}" if topology is not None and layer else "") + (
+            f", target_sum={target_sum:g}" if target_sum else ""
+        )
+        what = "learns" if topology is None else "learns its topology on"
+        return (
+            f"it was computed on {_representation(*stored)}, the model {what} "
+            f"{_representation(*learns)} (rerun `sb.tl.branch_hierarchy(...{rerun})` on it, or "
+            f"pass hierarchy=adata.uns[{key!r}]['tree'] to use that tree as is)"
+        )
+    if stored == topology.rep:  # the topology's representation, of other genes
+        return (
+            f"it was computed on {_representation(*stored)} of other genes ({topology.mismatch}); "
+            "pass `adata` with the scVI model's genes"
+        )
+    return (  # the diffused latent itself: kept as it is only when named
+        f"it was computed on {_representation(*stored)}, and the model learns its topology on "
+        f"{_representation(*topology.rep)} with branch times on {_representation(*own)} "
+        f"(pass hierarchy={key!r} to use that tree as is)"
+    )
+
+
+def _topology_from(resolved: tuple[BranchTree, dict], topology, given: str) -> tuple:
+    """A tree timed on the model's matrix, its record saying where its topology came from."""
+    tree, record = resolved
+    params = dict(record["params"])
+    params["given"] = given
+    for name, value in representation_params(*topology.rep).items():
+        params[f"topology_{name}"] = value
+    return tree, {**record, "params": params}
 
 
 def branch_hierarchy(

@@ -80,6 +80,40 @@ class Decoded:
     obs: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TopologySource:
+    """Where a model learns its tree's topology when its branch times come from another matrix.
+
+    Parameters
+    ----------
+    matrix
+        The (dense, sparse or streamed) matrix the topology is discovered on.
+    use_rep, layer, target_sum
+        The arguments of ``sb.tl.branch_hierarchy`` that discover a tree on ``matrix``: a
+        hierarchy stored with them gives its topology to the model.
+    mismatch
+        Why a hierarchy stored with those arguments was not computed on ``matrix`` (the
+        genes differ), or `None` when it was.
+
+    Examples
+    --------
+    >>> source = TopologySource(np.eye(2), None, "counts", 1e4)
+    >>> source.rep
+    (None, 'counts', 10000.0)
+    """
+
+    matrix: object
+    use_rep: str | None
+    layer: str | None
+    target_sum: float | None
+    mismatch: str | None = None
+
+    @property
+    def rep(self) -> tuple[str | None, str | None, float | None]:
+        """``(use_rep, layer, target_sum)``, as :attr:`Space.hierarchy_rep` gives them."""
+        return self.use_rep, self.layer, self.target_sum
+
+
 class Space:
     """Base class: the few operations the model needs from a representation.
 
@@ -146,6 +180,13 @@ class Space:
         diffuses.
         """
         return self.obsm_key, None if self.obsm_key else self.layer, None
+
+    def topology_source(self, adata: AnnData) -> TopologySource | None:
+        """Where the default tree's topology is learned, when not on :attr:`hierarchy_rep`.
+
+        `None` (the default): topology and branch times both come from the diffused matrix.
+        """
+        return None
 
     # ------------------------------------------------------------------ cells in
     def encode(self, adata: AnnData, what: str = "the cells") -> np.ndarray:

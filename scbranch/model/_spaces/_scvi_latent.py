@@ -30,13 +30,17 @@ from .._scvi import (
     latent_of,
     library_sizes_of,
     load_scvi_weights,
+    normalized_counts,
     save_scvi_weights,
     scvi_info,
     weights_fingerprint,
 )
-from ._base import Decoded, Space, register_space
+from ._base import Decoded, Space, TopologySource, register_space
 
 logger = logging.getLogger(__name__)
+
+#: counts per cell at which the default tree's topology is learned (scanpy's usual CP10k)
+TOPOLOGY_TARGET_SUM = 1e4
 
 
 @register_space
@@ -166,6 +170,25 @@ class ScviSpace(Space):
         # the latent is the scVI model's function of the counts: new cells get it here, as
         # from_scvi_model(vae, adata=...) writes it (an existing obsm entry is only checked)
         self.store_latent(self.vae, adata, self.obsm_key, labels_key)
+
+    def topology_source(self, adata) -> TopologySource:  # noqa: D102
+        # scVI latents lose coarse clades that the expression keeps (a simulated atlas's true
+        # tree and two annotations, docs/benchmarks/latent_tree.md), and the expression's
+        # topology costs nothing in the cells (docs/benchmarks/expression_tree.md): the
+        # topology comes from the counts scVI models, normalised as scanpy users do, and the
+        # branch times from the latent the diffusion runs in
+        layer = self.info["layer"] or None
+        genes = adata.var_names.astype(str)
+        mismatch = None  # the same genes in any order give the same tree
+        if len(genes) != len(self.var_names) or set(genes) != set(self.var_names):
+            mismatch = f"adata holds {adata.n_vars} genes, the scVI model {len(self.var_names)}"
+        return TopologySource(
+            normalized_counts(adata, self.info, TOPOLOGY_TARGET_SUM),
+            None,
+            layer,
+            TOPOLOGY_TARGET_SUM,
+            mismatch,
+        )
 
     @property
     def n_input(self) -> int:  # noqa: D102
