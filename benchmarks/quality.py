@@ -559,7 +559,9 @@ def model_options(spec: str, classes=None) -> dict:
     ``epsilon=0``: later branch points, less sharing), ``unshared`` (the tree of
     :func:`unshared_tree` on ``classes``: no sharing where the types differ), ``exprtree``
     (the topology the train cells' log-normalised expression gives, :func:`expression_newick`,
-    with branch times from the model's own space), ``width<N>``
+    with branch times from the model's own space), ``latenttree`` (scVI rows: the tree
+    discovered in scVI's latent, topology and times, which ``from_scvi_model`` used before it
+    took the expression's topology), ``width<N>``
     (the network's width, e.g. ``width512``), ``white`` (the diffusion runs on the scores with
     every component scaled to unit within-type variance, on the default's tree, and its latents
     are scaled back and decoded by the default space: a preconditioning experiment),
@@ -587,6 +589,8 @@ def model_options(spec: str, classes=None) -> dict:
             options["hierarchy"] = unshared_tree(classes)
         elif variant == "exprtree":  # needs the train cells: train_model gives the Newick
             options["expression_tree"] = True
+        elif variant == "latenttree":  # needs the scVI latent: train_model discovers it
+            options["latent_tree"] = True
         elif variant in SPACE_VARIANTS:
             options["space"] = variant
         elif variant.startswith("width") and variant[5:].isdigit():
@@ -628,6 +632,9 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     options = model_options(architecture, classes)
     space = options.pop("space", None)
     n_pcs = options.pop("n_pcs", None)
+    latent_tree = options.pop("latent_tree", False)
+    if latent_tree and space != "scvi":
+        raise ValueError(f"{architecture!r}: latenttree applies to scvi rows only.")
     if options.pop("expression_tree", False):
         options["hierarchy"] = expression_newick(train)
     if options.pop("precondition", False):
@@ -647,9 +654,12 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
             enable_progress_bar=False,
         )
         scvi.settings.seed = seed  # the diffusion starts from the same state as the others
-        model = sb.BranchedDiffusion.from_scvi_model(
-            vae, labels_key=LABELS, adata=train.copy(), **options
-        )
+        cells = train.copy()
+        if latent_tree:  # the tree of the latent itself, named so that it is used as it is
+            cells.obsm["X_scVI"] = vae.get_latent_representation(cells)
+            sb.tl.branch_hierarchy(cells, groupby=LABELS, use_rep="X_scVI", key_added="latent")
+            options["hierarchy"] = "latent"
+        model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=cells, **options)
     else:
         adata = default_setup(train, None if space == "expression" else obsm_key)
         model = sb.BranchedDiffusion(adata, **options)
