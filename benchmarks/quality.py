@@ -653,12 +653,15 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
             accelerator=cfg["accelerator"],
             enable_progress_bar=False,
         )
-        scvi.settings.seed = seed  # the diffusion starts from the same state as the others
         cells = train.copy()
         if latent_tree:  # the tree of the latent itself, named so that it is used as it is
-            cells.obsm["X_scVI"] = vae.get_latent_representation(cells)
+            # the latent exactly as from_scvi_model stores it (same encoder batches)
+            sb.model.ScviSpace.store_latent(vae, cells, "X_scVI", LABELS)
             sb.tl.branch_hierarchy(cells, groupby=LABELS, use_rep="X_scVI", key_added="latent")
             options["hierarchy"] = "latent"
+        # after any encoding (scVI's data loader draws from the global generator): the
+        # diffusion starts from the same state as the others
+        scvi.settings.seed = seed
         model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=cells, **options)
     else:
         adata = default_setup(train, None if space == "expression" else obsm_key)
