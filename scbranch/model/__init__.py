@@ -10,6 +10,7 @@ from ._spaces import (
     PcaSpace,
     ScviSpace,
     Space,
+    TopologySource,
     register_space,
 )
 from ._training_plan import DiffusionTrainingPlan
@@ -23,6 +24,7 @@ __all__ = [
     "PcaSpace",
     "ScviSpace",
     "Space",
+    "TopologySource",
     "UntrustedModelError",
     "convert_legacy",
     "fit_scvi",

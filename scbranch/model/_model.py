@@ -342,7 +342,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             keys, docs/api.md; an existing entry must hold the same latents). Keep the scVI
             model as it is: one trained further is refused (its decoder no longer fits).
         **model_kwargs
-            Options of :class:`BranchedDiffusion` (``width``, ``hierarchy``, ...).
+            Options of :class:`BranchedDiffusion` (``width``, ``hierarchy``, ...). The default
+            tree takes its topology from the expression (scVI's counts, log1p(CP10k)) and its
+            branch times from the latent (``docs/spaces.md``).
 
         Returns
         -------

@@ -193,7 +193,7 @@ def resolve_hierarchy(
     ``uns['scbranch_hierarchy']`` when it was computed on the same classes, grouping,
     representation and forward process; else discover one on ``matrix``).
 
-    ``topology`` (a :class:`~scbranch.model._spaces._base.TopologySource`, scVI models) moves
+    ``topology`` (a :class:`~scbranch.model.TopologySource`, scVI models) moves
     the default's topology to another matrix: the tree is discovered there and timed on
     ``matrix``. A stored hierarchy then gives its topology when it was computed there; one
     computed on ``matrix`` is used as it is only when its key is named.

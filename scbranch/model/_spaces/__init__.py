@@ -27,7 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._base import SPACES, Decoded, Space, auto_noise, check_noise, register_space
+from ._base import (
+    SPACES,
+    Decoded,
+    Space,
+    TopologySource,
+    auto_noise,
+    check_noise,
+    register_space,
+)
 from ._expression import EXPRESSION_ADVICE_GENES, ExpressionSpace
 from ._gene_counts import MAX_MEAN_COUNT, _GeneSpace, _SizeFactorCounts
 from ._pca import NB_FIT_CELLS, PcaSpace
@@ -43,6 +51,7 @@ __all__ = [
     "PcaSpace",
     "ScviSpace",
     "Space",
+    "TopologySource",
     "_GeneSpace",
     "_SizeFactorCounts",
     "auto_noise",

@@ -110,7 +110,7 @@ class TopologySource:
 
     @property
     def rep(self) -> tuple[str | None, str | None, float | None]:
-        """``(use_rep, layer, target_sum)``, as :attr:`Space.hierarchy_rep` gives them."""
+        """``(use_rep, layer, target_sum)``, as ``Space.hierarchy_rep`` gives them."""
         return self.use_rep, self.layer, self.target_sum
 
 
@@ -182,7 +182,7 @@ class Space:
         return self.obsm_key, None if self.obsm_key else self.layer, None
 
     def topology_source(self, adata: AnnData) -> TopologySource | None:
-        """Where the default tree's topology is learned, when not on :attr:`hierarchy_rep`.
+        """Where the default tree's topology is learned, when not on ``hierarchy_rep``.
 
         `None` (the default): topology and branch times both come from the diffused matrix.
         """
