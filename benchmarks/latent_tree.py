@@ -13,7 +13,8 @@ options) from:
   set-up discovers from (``scale.py``'s known answer);
 - ``PCA (30)``: the first 30 PCs of the same log-normalised expression (scanpy's ``pca``);
 - ``scVI latent``: the latent means of ``sb.model.fit_scvi`` trained for the given number of
-  steps (batch 128) with ``n_latent`` dimensions, what ``from_scvi_model`` discovers from.
+  steps (batch 128) with ``n_latent`` dimensions, what ``from_scvi_model`` discovered its
+  tree from until it took the expression's topology (it times that topology on the latent).
 
 Columns (``scale.tree_recovery``): share of the true clades of two or more types found, at
 level 1 (a reference type's leaves) and level 2 (a level-2 type's leaves); crossing: found
