@@ -290,7 +290,8 @@ def _representation_problem(key: str, stored: tuple, own: tuple, topology) -> st
     if stored == topology.rep:  # the topology's representation, of other genes
         return (
             f"it was computed on {_representation(*stored)} of other genes ({topology.mismatch}); "
-            "pass `adata` with the scVI model's genes"
+            "rerun it on the scVI model's genes only, or pass "
+            f"hierarchy=adata.uns[{key!r}]['tree'] to use that tree as is"
         )
     return (  # the diffused latent itself: kept as it is only when named
         f"it was computed on {_representation(*stored)}, and the model learns its topology on "
