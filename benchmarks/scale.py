@@ -23,7 +23,8 @@ torch and scvi-tools themselves (about 0.6 GB on import). Stages:
 
 Known answer: the atlas's true tree is in ``uns["simulation"]["newick"]``; the expression and
 scVI-latent stages compare the tree their set-up discovered with it (``tree_recovery``: share
-of the true clades found at each level, and found clades that cross a true one).
+of the true clades found at each level, and found clades that cross a true one); the scVI
+model's topology comes from the normalised counts, its branch times from the latent.
 
 Time per training step excludes the first ``--warmup`` steps and the set-up; "per cell" is per
 cell processed (steps x batch) or generated. Throughput ratios between sizes are read within
@@ -302,15 +303,17 @@ def tree_lines(rows: dict, sizes: list[int], latent_arch: str, steps: int) -> li
         "",
         "### Known answer: the simulated hierarchy, found from the file",
         "",
-        "Set-up discovers the hierarchy from the cells (a subsample read from disk, or the scVI "
-        "latent); the atlas's true tree is known (`uns['simulation']['newick']`). Found: share "
+        "Set-up discovers the hierarchy from the cells: an expression model on a subsample read "
+        "from disk, an scVI-latent model its topology on the normalised counts read from disk "
+        "(`from_scvi_model`'s default) and its branch times on the latent. The atlas's true "
+        "tree is known (`uns['simulation']['newick']`). Found: share "
         "of the true clades of two or more types that the found tree holds, level 1 (a "
         f"reference type's leaves, {first['n_true_level1']} clades) and level 2 (a level-2 "
         f"type's leaves, {first['n_true_level2']} clades). Crossing: found clades that cross a "
         "true clade, the errors; the found tree also splits the true tree's multifurcations "
-        "into further clades, which cross none and are not errors. The scVI rows' latent is "
-        f"the timing run's scVI ({steps} steps of 128 cells), not a fitted one: it reads that "
-        "model, not scVI latents in general.",
+        "into further clades, which cross none and are not errors. The scVI rows' branch times "
+        f"come from the timing run's scVI ({steps} steps of 128 cells), not a fitted one; trees "
+        "discovered in scVI latents themselves lose clades ([latent_tree](latent_tree.md)).",
         "",
         "| cells | model | level 1 found | level 2 found | crossing clades | clades in the "
         "found tree |",
@@ -390,8 +393,9 @@ def write_page(rows: dict, args, reference: str, page: Path) -> None:
         "",
         f"Steps: {args.steps} per model (batch {args.batch} for the diffusion, 128 for scVI), "
         f"timed after {args.warmup} warm-up steps. Set-up reads the whole matrix a few times "
-        "(per-gene moments, size factors, the discovery subsample): it grows with the cells; "
-        "a step does not.",
+        "(per-gene moments, size factors, the discovery subsample; for the scVI model the "
+        "encoding and the normalised counts' moments for the tree's topology): it grows with "
+        "the cells; a step does not.",
         "",
         "## Generating to disk",
         "",
