@@ -30,15 +30,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from latent_tree import N_TYPES, ROOT, atlas_study, simulated_atlas
 from quality import _md, write_lines
-from scale import fit_parameters, tree_recovery
-
-ROOT = Path(__file__).resolve().parents[1]
-N_TYPES = 60
+from scale import tree_recovery
 
 
 def add_batches(adata, sd: float, confounding: float, seed: int):
@@ -139,24 +136,13 @@ def main(argv=None) -> int:
     import anndata as ad
     import torch
 
-    import scbranch as sb
-
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    default_page = out if args.fast else ROOT / "docs" / "benchmarks"
-    markdown = Path(args.markdown) if args.markdown else default_page / "batch_topology.md"
     t_all = time.perf_counter()
-    reference = fit_parameters(out / "atlas_parameters.npz")
-    params = sb.datasets.AtlasParameters.load(out / "atlas_parameters.npz")
+    out, markdown, reference, params = atlas_study(args, "batch_topology.md")
     steps = [int(s) for s in args.steps.split(",")]
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        path = out / f"atlas_{seed}.h5ad"
-        sb.datasets.simulate_atlas(
-            path, args.cells, n_types=N_TYPES, parameters=params, seed=seed, overwrite=True,
-            progress_bar=False,
-        )  # fmt: skip
+        path = simulated_atlas(out, args.cells, params, seed)
         try:
             atlas = ad.read_h5ad(path)
         finally:

@@ -49,6 +49,32 @@ ROOT = Path(__file__).resolve().parents[1]
 N_TYPES = 60
 
 
+def atlas_study(args, page: str) -> tuple[Path, Path, str, object]:
+    """``(out, markdown, reference, params)`` of a study on simulated atlases: the output
+    folder (made), the page (``--fast``: under ``out``), what the atlas parameters were fitted
+    on, and the parameters (fitted once, kept in ``out``). Shared with batch_topology.py."""
+    import scbranch as sb
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    default_page = out if args.fast else ROOT / "docs" / "benchmarks"
+    markdown = Path(args.markdown) if args.markdown else default_page / page
+    reference = fit_parameters(out / "atlas_parameters.npz")
+    return out, markdown, reference, sb.datasets.AtlasParameters.load(out / "atlas_parameters.npz")
+
+
+def simulated_atlas(out: Path, cells: int, params, seed: int) -> Path:
+    """A simulated atlas of :data:`N_TYPES` types written to ``out`` (the caller deletes it)."""
+    import scbranch as sb
+
+    path = out / f"atlas_{seed}.h5ad"
+    sb.datasets.simulate_atlas(
+        path, cells, n_types=N_TYPES, parameters=params, seed=seed, overwrite=True,
+        progress_bar=False,
+    )  # fmt: skip
+    return path
+
+
 def trees_of(atlas_path: Path, steps: list[int], latents: list[int], seed: int) -> list[dict]:
     """Every representation's discovered tree against the atlas's true one."""
     import anndata as ad
@@ -206,27 +232,16 @@ def main(argv=None) -> int:
         args.seeds, args.steps, args.n_latent, args.cells = "0", "50", "10", 3000
     import torch
 
-    import scbranch as sb
-
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    default_page = out if args.fast else ROOT / "docs" / "benchmarks"
-    markdown = Path(args.markdown) if args.markdown else default_page / "latent_tree.md"
+    out, markdown, reference, params = atlas_study(args, "latent_tree.md")
     t_all = time.perf_counter()
-    reference = fit_parameters(out / "atlas_parameters.npz")
-    params = sb.datasets.AtlasParameters.load(out / "atlas_parameters.npz")
     steps = [int(s) for s in args.steps.split(",")]
     latents = [int(s) for s in args.n_latent.split(",")]
     rows = []
     if args.reuse_simulated:  # an earlier run's simulated rows (same settings), recorded below
         rows = pd.read_csv(args.reuse_simulated, keep_default_na=False).to_dict("records")
     for seed in [] if args.reuse_simulated else [int(s) for s in args.seeds.split(",")]:
-        path = out / f"atlas_{seed}.h5ad"
-        sb.datasets.simulate_atlas(
-            path, args.cells, n_types=N_TYPES, parameters=params, seed=seed, overwrite=True,
-            progress_bar=False,
-        )  # fmt: skip
+        path = simulated_atlas(out, args.cells, params, seed)
         try:
             rows += trees_of(path, steps, latents, seed)
         finally:
