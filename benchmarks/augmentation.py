@@ -308,6 +308,7 @@ def run_split(name: str, adata, rare: list[str], seed: int, cfg: dict) -> list[d
                 "method": row,
                 "n_added": len(y_add),
                 "fit_s": cost.get(row, {}).get("fit_s", 0.0),
+                "tree": cost.get(row, {}).get("newick", ""),  # diffusion rows: the model's tree
                 **scores(y_test, pred, rare),
             }
         )
@@ -365,6 +366,36 @@ def against_baselines(rows: pd.DataFrame) -> pd.DataFrame | None:
                 f"{int((d < 0).sum())} down)"
             )
     return pd.DataFrame(out).T
+
+
+#: a row variant read against the same row without it, paired by split
+TREE_VARIANT = ":latenttree"
+
+
+def against_tree(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """Each scVI row against the same row with the tree of scVI's latent (``:latenttree``, the
+    default before the expression's topology), paired by split; the splits where the two
+    models' trees differ are counted (where they are the same, so are the rows)."""
+    table = rows.pivot_table(index="split", columns="method", values="rare_macro_f1")
+    trees = rows.pivot_table(index="split", columns="method", values="tree", aggfunc="first")
+    out = {}
+    for variant in [m for m in _order(table) if TREE_VARIANT in m]:
+        model = variant.replace(TREE_VARIANT, "")
+        if model not in table:
+            continue
+        d = (table[model] - table[variant]).dropna()
+        differ = (trees[model] != trees[variant]).loc[d.index] if model in trees else None
+        out[model] = {
+            f"minus {variant}": f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} "
+            f"({int((d > 0).sum())} up, {int((d < 0).sum())} down)",
+            "splits whose trees differ": ""
+            if differ is None
+            else f"{int(differ.sum())} / {len(d)}",
+            "mean difference where they differ": (
+                "" if differ is None or not differ.any() else f"{d[differ].mean():+.3f}"
+            ),
+        }
+    return pd.DataFrame(out).T if out else None
 
 
 def per_type(rows: pd.DataFrame) -> pd.DataFrame:
@@ -433,6 +464,15 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
                 "baseline's: mean ± sd over splits; splits up and down):",
                 "",
                 _md(paired),
+            ]
+        by_tree = against_tree(r)
+        if by_tree is not None:
+            lines += [
+                "",
+                "Each scVI row against the same row with the tree of scVI's latent (the default "
+                "before the expression's topology), paired by split (mean ± sd over splits):",
+                "",
+                _md(by_tree),
             ]
         lines += [
             "",

@@ -709,6 +709,7 @@ def fit_methods(train, unseen, cfg, train_seed: int) -> tuple[dict, dict]:
             )
             info[arch]["steps"] = int(model.trainer.global_step)
             info[arch]["tree"] = describe_tree(model.tree)
+            info[arch]["newick"] = model.tree.to_newick()
             models[spec] = (model, arch)
         rows[arch] = _Generator(model, anchors=train, **generate_options(arch))
     if not cfg.get("baselines", True):  # the diffusion models only

@@ -155,6 +155,35 @@ def test_against_baselines_pairs_each_generator_with_each_baseline_by_split():
     assert augmentation.against_baselines(rows[rows["method"] != "model"]) is None
 
 
+def test_against_tree_pairs_each_row_with_its_latent_tree_and_counts_differing_trees():
+    # split 0: the same tree, the same F1; splits 1 and 2: other trees, +0.2 and -0.1
+    rows = pd.DataFrame(
+        [
+            {"split": s, "method": m, "rare_macro_f1": f, "tree": t}
+            for s, (f_new, f_old, t_old) in enumerate(
+                [(0.5, 0.5, "(A,B);"), (0.7, 0.5, "((A,B),C);"), (0.3, 0.4, "((A,C),B);")]
+            )
+            for m, f, t in [
+                ("real only", 0.2, ""),
+                (
+                    "conditioned:scvi",
+                    f_new,
+                    "(A,B);" if s == 0 else "((A,B),C);" if s == 2 else "(A,(B,C));",
+                ),
+                ("conditioned:scvi" + augmentation.TREE_VARIANT, f_old, t_old),
+            ]
+        ]
+    )
+    table = augmentation.against_tree(rows)
+    assert list(table.index) == ["conditioned:scvi"]
+    row = table.loc["conditioned:scvi"]
+    # differences 0.0, +0.2, -0.1: mean 0.033, sd 0.153
+    assert row["minus conditioned:scvi:latenttree"] == "+0.033 ± 0.153 (1 up, 1 down)"
+    assert row["splits whose trees differ"] == "2 / 3"
+    assert row["mean difference where they differ"] == "+0.050"
+    assert augmentation.against_tree(rows[~rows["method"].str.contains("latenttree")]) is None
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--splits", "1"], "--splits must be at least 2"), (["--first-split", "-1"], "at least 0")],
