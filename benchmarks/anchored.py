@@ -57,7 +57,7 @@ INTRO = (
 BANDWIDTH = 1.0
 
 
-def _smoothed_bootstrap(train):
+def _smoothed_bootstrap(train, unseen=None, cfg=None):
     """``sb.baselines.SmoothedBootstrap`` at :data:`BANDWIDTH` in the models' latent, decoded by
     their space (negative binomial): the same estimator and draws as quality.py's baseline row
     (``quality.SpaceDecodedGaussian``), so the two pages' numbers agree."""
@@ -68,7 +68,7 @@ def _smoothed_bootstrap(train):
     return SpaceDecodedGaussian(adata, sb.BranchedDiffusion(adata), bandwidth=BANDWIDTH)
 
 
-def _train_copies(train):
+def _train_copies(train, unseen=None, cfg=None):
     import scbranch as sb
 
     adata = default_setup(train)

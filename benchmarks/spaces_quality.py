@@ -16,6 +16,10 @@ Rows:
 (``--rows branched,branched:scvi,branched:expression`` gives the same with one head per branch,
 the spaces page of scbranch 0.1.)
   probe: real cells, unseen   the known answer
+  probe: unseen cells through scVI   the unseen real cells encoded by an scVI model of the
+                       train cells and decoded as the scVI row's cells are: the best any
+                       generator of scVI latents can do (quality.py's decoded unseen PC scores
+                       for the PCA space)
   probe: per-class Gaussian, genes   each type's log-normalised genes drawn from a Gaussian
                        with the type's mean, its top-30 covariance and a per-gene remainder,
                        negative values set to 0: what continuous noise in gene space looks
@@ -97,8 +101,62 @@ class GeneSpaceGaussian:
         return out
 
 
-#: probes judged next to the model rows (row name -> fitted on the train cells)
-PROBES = {"probe: per-class Gaussian, genes": GeneSpaceGaussian}
+class ScviDecodedProbe:
+    """The unseen real cells through scVI: encoded by an scVI model of the train cells (the
+    ``:scvi`` row's, same epochs, its seed the generation seed) to their latent means and
+    decoded as that row's generated cells are (class library sizes, counts drawn from scVI's
+    likelihood, log-normalised). The best any generator of scVI latents can do, as quality.py's
+    decoded unseen PC scores are for the PCA space."""
+
+    def __init__(self, train, unseen, cfg):
+        self.train, self.unseen, self.cfg = train, unseen, cfg
+        self.labels = unseen.obs[LABELS].astype(str).to_numpy()
+
+    def generate(self, n_cells: int, seed: int):
+        """Up to ``n_cells`` unseen cells of every type (a seeded subset), through scVI."""
+        import scvi
+
+        import scbranch as sb
+
+        scvi.settings.seed = seed
+        vae = sb.model.fit_scvi(
+            self.train,
+            counts_layer="counts",
+            max_epochs=self.cfg["scvi_epochs"],
+            seed=seed,
+            accelerator=self.cfg["accelerator"],
+            enable_progress_bar=False,
+        )
+        # an untrained diffusion model: its scVI space (encoder, decoder, library sizes) is
+        # all the probe uses
+        model = sb.BranchedDiffusion.from_scvi_model(
+            vae, labels_key=LABELS, adata=self.train.copy()
+        )
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(self.labels == c))[:n_cells]
+                for c in pd.unique(self.labels)
+            ]
+        )
+        cells = self.unseen[idx]
+        z = model.encode(cells, "the unseen cells")
+        codes = np.array([model.classes.index(c) for c in self.labels[idx]])
+        space = model.space
+        options = space.resolve_options(counts=None, batch=None, residual_noise=False)
+        out = space.decode(z, codes, options, seed)
+        gen = ad.AnnData(out.X, var=pd.DataFrame(index=out.var_names))  # sparse, as generated
+        gen.obs_names = [f"cell{i}" for i in range(len(idx))]
+        gen.obs[LABELS] = pd.Categorical(self.labels[idx], categories=pd.unique(self.labels))
+        return gen
+
+
+#: probes judged next to the model rows (row name -> made from the train cells, the unseen
+#: cells and the settings)
+PROBES = {
+    "probe: per-class Gaussian, genes": lambda train, unseen, cfg: GeneSpaceGaussian(train),
+    "probe: unseen cells through scVI": ScviDecodedProbe,
+}
 
 
 def main(argv=None) -> int:

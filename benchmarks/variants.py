@@ -182,10 +182,10 @@ def main(
 ) -> int:
     """Parse the study's command line, train its rows, write its page.
 
-    ``probes``: row name -> callable of the train cells returning a generator (no training
-    seed; cheap), judged next to the model rows on every run. ``comparisons``: pairs of rows
-    compared per class and metric besides every row against the default. ``headline``: the
-    metrics of the page's main table.
+    ``probes``: row name -> callable of the train cells, the unseen cells and the settings
+    returning a generator (no training seed), judged next to the model rows on every run.
+    ``comparisons``: pairs of rows compared per class and metric besides every row against
+    the default. ``headline``: the metrics of the page's main table.
     """
     name = Path(script).stem
     parser = argparse.ArgumentParser(description=title)
@@ -248,7 +248,7 @@ def main(
             parts.append(unseen_rows(dataset, train, held, unseen, cfg))
         else:
             parts.insert(0, old_rows)
-        fitted = {row: make(train) for row, make in (probes or {}).items()}
+        fitted = {row: make(train, unseen, cfg) for row, make in (probes or {}).items()}
         if fitted:
             parts.append(probe_rows(dataset, fitted, train, held, cfg))
         all_rows = pd.concat(parts, ignore_index=True)

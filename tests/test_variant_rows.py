@@ -189,6 +189,48 @@ def test_gene_space_gaussian_recovers_a_known_gaussian_and_never_goes_negative()
         np.testing.assert_allclose(np.cov(drawn.T), true_cov, atol=0.25)
 
 
+def test_scvi_probe_decodes_each_unseen_cells_own_latent_not_its_labels_type():
+    # two types with disjoint marker genes; two unseen cells of type b are labelled a: the
+    # probe (the unseen cells through scVI) must give them b's markers, as a generator of
+    # type a would not
+    import scipy.sparse as sp
+
+    spaces_quality = pytest.importorskip("spaces_quality")
+    rng = np.random.default_rng(0)
+    genes = 20
+    rate = {
+        "a": np.r_[np.full(10, 20.0), np.full(10, 0.2)],
+        "b": np.r_[np.full(10, 0.2), np.full(10, 20.0)],
+    }
+
+    def cells(kinds, labels):
+        counts = rng.poisson([rate[k] for k in kinds]).astype(np.float32)
+        out = ad.AnnData(
+            np.log1p(counts / counts.sum(1, keepdims=True) * 1e4),
+            obs=pd.DataFrame({spaces_quality.LABELS: pd.Categorical(labels)}),
+            var=pd.DataFrame(index=[f"g{i}" for i in range(genes)]),
+        )
+        out.layers["counts"] = sp.csr_matrix(counts)
+        out.obs_names = [f"c{i}" for i in range(len(kinds))]
+        return out
+
+    kinds = list("a" * 40 + "b" * 40)
+    train = cells(kinds, kinds)
+    unseen = cells(list("aaaabb"), list("aaaaab"))  # the 5th cell is a b labelled a
+    probe = spaces_quality.ScviDecodedProbe(
+        train, unseen, {"scvi_epochs": 50, "accelerator": "cpu"}
+    )
+    gen = probe.generate(10, seed=0)
+    labels = gen.obs[spaces_quality.LABELS].astype(str).to_numpy()
+    assert sorted(labels) == sorted("aaaaab") and list(gen.var_names) == list(train.var_names)
+    x = gen.X.toarray()  # sparse, as the scVI space's generated cells
+    b_markers = x[:, 10:].mean(1) - x[:, :10].mean(1)
+    # within type a: four cells with a's markers, one with b's (its own latent, not a's)
+    a_rows = np.sort(b_markers[labels == "a"])
+    assert (a_rows[:4] < 0).all() and a_rows[4] > 0
+    assert (b_markers[labels == "b"] > 0).all()
+
+
 def test_sampler_variants_change_the_generate_options_not_the_model():
     assert quality.model_spec("branched:sde") == "branched"
     assert quality.model_spec("flat:unshared:ode") == "flat:unshared"
