@@ -54,7 +54,10 @@ INTRO = (
     "diffuses the out-of-fold PC scores and decodes with the negative binomial, "
     "`conditioned:scvi` scVI's latent means (scVI fitted on the train cells with the training "
     "seed) decoded by scVI, `conditioned:expression` the log-normalised genes themselves. "
-    "Fit (s) includes scVI's training for the scVI row."
+    "Fit (s) includes scVI's training for the scVI row. `probe: unseen cells through scVI` "
+    "is the ceiling of the scVI row: the unseen real cells encoded by an scVI model of the "
+    "train cells (seeded with the generation seed, so the scVI models of the row's training "
+    "seeds) and decoded as that row's cells are."
 )
 
 
