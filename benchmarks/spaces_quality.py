@@ -17,9 +17,9 @@ Rows:
 the spaces page of scbranch 0.1.)
   probe: real cells, unseen   the known answer
   probe: unseen cells through scVI   the unseen real cells encoded by an scVI model of the
-                       train cells and decoded as the scVI row's cells are: the best any
-                       generator of scVI latents can do (quality.py's decoded unseen PC scores
-                       for the PCA space)
+                       train cells and decoded as the scVI row's cells are: what a generator
+                       matching new cells' latents exactly would score (quality.py's decoded
+                       unseen PC scores for the PCA space)
   probe: per-class Gaussian, genes   each type's log-normalised genes drawn from a Gaussian
                        with the type's mean, its top-30 covariance and a per-gene remainder,
                        negative values set to 0: what continuous noise in gene space looks
@@ -55,9 +55,9 @@ INTRO = (
     "`conditioned:scvi` scVI's latent means (scVI fitted on the train cells with the training "
     "seed) decoded by scVI, `conditioned:expression` the log-normalised genes themselves. "
     "Fit (s) includes scVI's training for the scVI row. `probe: unseen cells through scVI` "
-    "is the ceiling of the scVI row: the unseen real cells encoded by an scVI model of the "
-    "train cells (seeded with the generation seed, so the scVI models of the row's training "
-    "seeds) and decoded as that row's cells are."
+    "is the scVI row with new cells' exact latents: the unseen real cells encoded by an scVI "
+    "model of the train cells (seeded with the generation seed, so the scVI models of the "
+    "row's training seeds) and decoded as that row's cells are."
 )
 
 
@@ -108,7 +108,8 @@ class ScviDecodedProbe:
     """The unseen real cells through scVI: encoded by an scVI model of the train cells (the
     ``:scvi`` row's, same epochs, its seed the generation seed) to their latent means and
     decoded as that row's generated cells are (class library sizes, counts drawn from scVI's
-    likelihood, log-normalised). The best any generator of scVI latents can do, as quality.py's
+    likelihood, log-normalised). What a generator that matched new cells' latents exactly would
+    score (latents that decode better than real cells' own could score better), as quality.py's
     decoded unseen PC scores are for the PCA space."""
 
     def __init__(self, train, unseen, cfg):
