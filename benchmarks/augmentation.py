@@ -386,7 +386,7 @@ def against_tree(rows: pd.DataFrame) -> pd.DataFrame | None:
         d = (table[model] - table[variant]).dropna()
         differ = (trees[model] != trees[variant]).loc[d.index] if model in trees else None
         out[model] = {
-            f"minus {variant}": f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} "
+            "minus the same row with the latent's tree": f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} "
             f"({int((d > 0).sum())} up, {int((d < 0).sum())} down)",
             "splits whose trees differ": ""
             if differ is None

@@ -178,10 +178,17 @@ def test_against_tree_pairs_each_row_with_its_latent_tree_and_counts_differing_t
     assert list(table.index) == ["conditioned:scvi"]
     row = table.loc["conditioned:scvi"]
     # differences 0.0, +0.2, -0.1: mean 0.033, sd 0.153
-    assert row["minus conditioned:scvi:latenttree"] == "+0.033 ± 0.153 (1 up, 1 down)"
+    assert row["minus the same row with the latent's tree"] == "+0.033 ± 0.153 (1 up, 1 down)"
     assert row["splits whose trees differ"] == "2 / 3"
     assert row["mean difference where they differ"] == "+0.050"
     assert augmentation.against_tree(rows[~rows["method"].str.contains("latenttree")]) is None
+    # a second pair (the same models without their noise model) is a second row of one table
+    denoised = rows[rows["method"].str.startswith("conditioned")].assign(
+        method=lambda r: r["method"] + ":denoised"  # conditioned:scvi:latenttree:denoised
+    )
+    both = augmentation.against_tree(pd.concat([rows, denoised]))
+    assert sorted(both.index) == ["conditioned:scvi", "conditioned:scvi:denoised"]
+    assert both.notna().all().all() and both.shape[1] == table.shape[1]
 
 
 @pytest.mark.parametrize(
