@@ -305,6 +305,15 @@ def decode_in_space(model, z, labels, noise, seed: int):
     return ad.AnnData(X=np.asarray(out.X), obs=obs, var=pd.DataFrame(index=out.var_names))
 
 
+def class_subset(labels: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
+    """Rows of a seeded random subset of at most ``n_cells`` cells of every class, classes in
+    order of appearance: the real cells a probe passes on as its generated ones."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:n_cells] for c in pd.unique(labels)]
+    )
+
+
 class DecodedProbe:
     """Real cells' coordinates ``z`` decoded by a model's space with one noise model."""
 
@@ -314,13 +323,7 @@ class DecodedProbe:
         self.labels = _labels(cells)
 
     def generate(self, n_cells, seed):
-        rng = np.random.default_rng(seed)
-        idx = np.concatenate(
-            [
-                rng.permutation(np.flatnonzero(self.labels == c))[:n_cells]
-                for c in pd.unique(self.labels)
-            ]
-        )
+        idx = class_subset(self.labels, n_cells, seed)
         return decode_in_space(self.model, self.z[idx], self.labels[idx], self.noise, seed)
 
 

@@ -44,7 +44,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import variants
-from quality import LABELS
+from quality import LABELS, class_subset
 
 ROWS = ("conditioned", "conditioned:scvi", "conditioned:expression")
 TITLE = "The three spaces on the corrected instrument"
@@ -136,13 +136,7 @@ class ScviDecodedProbe:
         model = sb.BranchedDiffusion.from_scvi_model(
             vae, labels_key=LABELS, adata=self.train.copy()
         )
-        rng = np.random.default_rng(seed)
-        idx = np.concatenate(
-            [
-                rng.permutation(np.flatnonzero(self.labels == c))[:n_cells]
-                for c in pd.unique(self.labels)
-            ]
-        )
+        idx = class_subset(self.labels, n_cells, seed)
         cells = self.unseen[idx]
         z = model.encode(cells, "the unseen cells")
         codes = np.array([model.classes.index(c) for c in self.labels[idx]])
