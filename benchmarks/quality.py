@@ -314,6 +314,57 @@ def class_subset(labels: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
     )
 
 
+def pooled_within_variance(z: np.ndarray, labels) -> np.ndarray:
+    """Per component: the within-type variance pooled over the types with at least 2 cells
+    (sum of squared deviations from each type's mean over cells minus types).
+
+    Examples
+    --------
+    >>> z = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 1.0], [12.0, 3.0]])
+    >>> pooled_within_variance(z, np.array(["a", "a", "b", "b"])).tolist()  # b's centre far
+    [2.0, 1.0]
+    """
+    labels = np.asarray(labels)
+    groups = [z[labels == c] for c in np.unique(labels) if (labels == c).sum() > 1]
+    deviations = [g - g.mean(0) for g in groups]
+    n_cells = sum(len(d) for d in deviations)
+    return (np.concatenate(deviations) ** 2).sum(0) / (n_cells - len(deviations))
+
+
+def shrink_to_validation(z: np.ndarray, labels, validation: np.ndarray) -> np.ndarray:
+    """Latents with the in-sample cells' spread shrunk to the out-of-sample cells'.
+
+    Per component, the cells not in ``validation`` (the ones an encoder was trained on) get
+    their deviation from their type's centre scaled by sqrt(v_val / v_in), the pooled
+    within-type variances of the ``validation`` cells and of the others (never widened: at
+    most 1); the ``validation`` cells keep theirs. scVI's encoder gives the cells it trained on
+    2-3 times the within-type variance new cells get (docs/benchmarks/scvi_latent_spread.md):
+    the ``:shrunk`` rows ask whether undoing that helps, as out-of-fold scores did for PCA.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> lab = np.repeat(["a", "b"], 2000)
+    >>> z = rng.normal(size=(4000, 2)) * [1.0, 3.0] + (lab == "b")[:, None] * 10
+    >>> validation = np.arange(4000) % 10 == 0
+    >>> z[validation] = 10 * (lab[validation] == "b")[:, None] + rng.normal(size=(400, 2))
+    >>> out = shrink_to_validation(z, lab, validation)
+    >>> np.round(pooled_within_variance(out[~validation], lab[~validation]), 1).tolist()
+    [1.0, 1.0]
+    """
+    labels = np.asarray(labels)
+    ratio = pooled_within_variance(z[validation], labels[validation]) / pooled_within_variance(
+        z[~validation], labels[~validation]
+    )
+    factor = np.sqrt(np.minimum(ratio, 1.0))
+    out = np.array(z, dtype=np.float64)
+    for c in np.unique(labels):
+        rows = (labels == c) & ~validation
+        centre = z[labels == c].mean(0)
+        out[rows] = centre + (z[rows] - centre) * factor
+    return out
+
+
 class DecodedProbe:
     """Real cells' coordinates ``z`` decoded by a model's space with one noise model."""
 
@@ -564,7 +615,9 @@ def model_options(spec: str, classes=None) -> dict:
     (the topology the train cells' log-normalised expression gives, :func:`expression_newick`,
     with branch times from the model's own space), ``latenttree`` (scVI rows: the tree
     discovered in scVI's latent, topology and times, which ``from_scvi_model`` used before it
-    took the expression's topology), ``width<N>``
+    took the expression's topology), ``shrunk`` (scVI rows: the diffusion learns the train cells'
+    latents shrunk to the spread of scVI's validation cells, :func:`shrink_to_validation`),
+    ``width<N>``
     (the network's width, e.g. ``width512``), ``white`` (the diffusion runs on the scores with
     every component scaled to unit within-type variance, on the default's tree, and its latents
     are scaled back and decoded by the default space: a preconditioning experiment),
@@ -594,6 +647,8 @@ def model_options(spec: str, classes=None) -> dict:
             options["expression_tree"] = True
         elif variant == "latenttree":  # needs the scVI latent: train_model discovers it
             options["latent_tree"] = True
+        elif variant == "shrunk":  # needs scVI's validation cells: train_model shrinks
+            options["shrink_latent"] = True
         elif variant in SPACE_VARIANTS:
             options["space"] = variant
         elif variant.startswith("width") and variant[5:].isdigit():
@@ -636,8 +691,12 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     space = options.pop("space", None)
     n_pcs = options.pop("n_pcs", None)
     latent_tree = options.pop("latent_tree", False)
-    if latent_tree and space != "scvi":
-        raise ValueError(f"{architecture!r}: latenttree applies to scvi rows only.")
+    shrink = options.pop("shrink_latent", False)
+    for variant, asked in (("latenttree", latent_tree), ("shrunk", shrink)):
+        if asked and space != "scvi":
+            raise ValueError(f"{architecture!r}: {variant} applies to scvi rows only.")
+    if latent_tree and shrink:
+        raise ValueError(f"{architecture!r}: shrunk rows take the default tree.")
     if options.pop("expression_tree", False):
         options["hierarchy"] = expression_newick(train)
     if options.pop("precondition", False):
@@ -665,7 +724,12 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
         # after any encoding (scVI's data loader draws from the global generator): the
         # diffusion starts from the same state as the others
         scvi.settings.seed = seed
-        model = sb.BranchedDiffusion.from_scvi_model(vae, labels_key=LABELS, adata=cells, **options)
+        if shrink:
+            model = model_on_shrunk_latent(vae, cells, options)
+        else:
+            model = sb.BranchedDiffusion.from_scvi_model(
+                vae, labels_key=LABELS, adata=cells, **options
+            )
     else:
         adata = default_setup(train, None if space == "expression" else obsm_key)
         model = sb.BranchedDiffusion(adata, **options)
@@ -673,6 +737,42 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     model.train(**training, accelerator=cfg["accelerator"], enable_progress_bar=False)
     logger.info("%s (training seed %d)", model, seed)
     return model
+
+
+def validation_mask(vae, n_cells: int) -> np.ndarray:
+    """The cells scVI held out of its own training (scvi-tools' validation split); ``vae``
+    trained by ``sb.model.fit_scvi`` on ``n_cells`` cells, in their order."""
+    mask = np.zeros(n_cells, dtype=bool)
+    mask[np.asarray(vae.validation_indices, dtype=int)] = True
+    return mask
+
+
+def model_on_shrunk_latent(vae, cells, options: dict):
+    """A scVI-space model built as ``from_scvi_model`` builds it (tree, standardisation,
+    per-branch Gaussians, library sizes), on the latents of :func:`shrink_to_validation`.
+
+    The scVI space refuses latents that are not its encoder's (so that a user cannot pair a
+    latent with the wrong decoder); for this experiment that check is the one thing switched
+    off, by having the space read the shrunk latents where it reads the encoder's.
+    """
+    from unittest import mock
+
+    import scbranch as sb
+    import scbranch.model._spaces._scvi_latent as scvi_space
+
+    sb.model.ScviSpace.store_latent(vae, cells, "X_scVI", LABELS)
+    labels = cells.obs[LABELS].astype(str).to_numpy()
+    validation = validation_mask(vae, cells.n_obs)
+    shrunk = shrink_to_validation(np.asarray(cells.obsm["X_scVI"]), labels, validation)
+    shrunk = shrunk.astype(np.float32)
+    cells.obsm["X_scVI_shrunk"] = shrunk
+
+    def latent_of(vae, adata, info, rows=None):
+        return shrunk if rows is None else shrunk[rows]
+
+    sb.BranchedDiffusion.setup_anndata(cells, labels_key=LABELS, obsm_key="X_scVI_shrunk")
+    with mock.patch.object(scvi_space, "latent_of", latent_of):
+        return sb.BranchedDiffusion(cells, scvi_model=vae, **options)
 
 
 def describe_tree(tree) -> str:

@@ -11,6 +11,10 @@ Rows:
   conditioned          the default: out-of-fold PC scores (30), negative-binomial decoding
   conditioned:scvi     scVI's latent means (scVI trained on the train cells' counts with the
                        same seed, ``scvi_epochs``), decoded by scVI: counts from its likelihood
+  conditioned:scvi:shrunk  the same, with the train cells' latents shrunk to the spread of
+                       scVI's validation cells before the diffusion learns them (scVI's
+                       encoder gives the cells it trained on 2-3 times new cells' within-type
+                       variance, scvi_latent_spread.py; quality.shrink_to_validation)
   conditioned:expression   the 2,000 (pbmc3k) / 765 (pbmc68k) log-normalised genes, no
                        encoder; negative values set to 0
 (``--rows branched,branched:scvi,branched:expression`` gives the same with one head per branch,
@@ -20,6 +24,11 @@ the spaces page of scbranch 0.1.)
                        train cells and decoded as the scVI row's cells are: what a generator
                        matching new cells' latents exactly would score (quality.py's decoded
                        unseen PC scores for the PCA space)
+  probe: train cells through scVI   the train cells scVI trained on, their latents decoded
+                       the same way: what the scVI row's diffusion would score if it learned
+                       its training latents perfectly
+  probe: train cells through scVI, shrunk   the same latents shrunk as the :shrunk row's:
+                       what that row would score if it learned them perfectly
   probe: per-class Gaussian, genes   each type's log-normalised genes drawn from a Gaussian
                        with the type's mean, its top-30 covariance and a per-gene remainder,
                        negative values set to 0: what continuous noise in gene space looks
@@ -39,14 +48,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import variants
-from quality import LABELS, class_subset
+from quality import LABELS, class_subset, shrink_to_validation, validation_mask
 
-ROWS = ("conditioned", "conditioned:scvi", "conditioned:expression")
+ROWS = ("conditioned", "conditioned:scvi", "conditioned:scvi:shrunk", "conditioned:expression")
 TITLE = "The three spaces on the corrected instrument"
 INTRO = (
     "One model per space, the package's default network (branch-conditioned) and budget "
@@ -57,7 +67,11 @@ INTRO = (
     "Fit (s) includes scVI's training for the scVI row. `probe: unseen cells through scVI` "
     "is the scVI row with new cells' exact latents: the unseen real cells encoded by an scVI "
     "model of the train cells (seeded with the generation seed, so the scVI models of the "
-    "row's training seeds) and decoded as that row's cells are."
+    "row's training seeds) and decoded as that row's cells are; `probe: train cells through "
+    "scVI` the same with the train cells scVI trained on (not its validation cells), the "
+    "latents the scVI row learns, and `..., shrunk` those latents with each type's spread "
+    "shrunk, per component, to that of scVI's validation cells (out-of-sample for its "
+    "encoder), which `conditioned:scvi:shrunk` learns."
 )
 
 
@@ -105,47 +119,78 @@ class GeneSpaceGaussian:
 
 
 class ScviDecodedProbe:
-    """The unseen real cells through scVI: encoded by an scVI model of the train cells (the
+    """Real cells' own latents through scVI: encoded by an scVI model of the train cells (the
     ``:scvi`` row's, same epochs, its seed the generation seed) to their latent means and
     decoded as that row's generated cells are (class library sizes, counts drawn from scVI's
-    likelihood, log-normalised). What a generator that matched new cells' latents exactly would
-    score (latents that decode better than real cells' own could score better), as quality.py's
-    decoded unseen PC scores are for the PCA space."""
+    likelihood, log-normalised).
 
-    def __init__(self, train, unseen, cfg):
-        self.train, self.unseen, self.cfg = train, unseen, cfg
-        self.labels = unseen.obs[LABELS].astype(str).to_numpy()
+    ``source="unseen"``: the unseen real cells, what a generator that matched new cells'
+    latents exactly would score (latents that decode better than real cells' own could score
+    better), as quality.py's decoded unseen PC scores are for the PCA space. ``"train"``: the
+    train cells scVI trained on (not its validation cells), the latents the ``:scvi`` row's
+    diffusion learns: what it would score if it learned them perfectly. ``"train_shrunk"``:
+    the same latents shrunk to the spread of scVI's validation cells
+    (``quality.shrink_to_validation``, what the ``:shrunk`` row learns).
+    """
+
+    #: (id of the train cells, seed) -> (the train cells, untrained diffusion model, train
+    #: cells' latents): the probes of one run share scVI's fits (the cells are kept so that
+    #: their id is not reused)
+    _fits: dict = {}
+
+    def __init__(self, train, unseen, cfg, source: str = "unseen"):
+        if source not in ("unseen", "train", "train_shrunk"):
+            raise ValueError(f"Unknown source {source!r}.")
+        self.train, self.unseen, self.cfg, self.source = train, unseen, cfg, source
+
+    def _fit(self, seed: int):
+        """The scVI space of the train cells with scVI seeded by ``seed``, and their latents."""
+        key = (id(self.train), seed)
+        if key not in self._fits:
+            import scvi
+
+            import scbranch as sb
+
+            scvi.settings.seed = seed
+            vae = sb.model.fit_scvi(
+                self.train,
+                counts_layer="counts",
+                max_epochs=self.cfg["scvi_epochs"],
+                seed=seed,
+                accelerator=self.cfg["accelerator"],
+                enable_progress_bar=False,
+            )
+            # an untrained diffusion model: its scVI space (encoder, decoder, library sizes)
+            # is all the probe uses
+            model = sb.BranchedDiffusion.from_scvi_model(
+                vae, labels_key=LABELS, adata=self.train.copy()
+            )
+            z = model.encode(self.train, "the train cells")
+            self._fits[key] = (self.train, model, z)
+        return self._fits[key][1:]
 
     def generate(self, n_cells: int, seed: int):
-        """Up to ``n_cells`` unseen cells of every type (a seeded subset), through scVI."""
-        import scvi
-
-        import scbranch as sb
-
-        scvi.settings.seed = seed
-        vae = sb.model.fit_scvi(
-            self.train,
-            counts_layer="counts",
-            max_epochs=self.cfg["scvi_epochs"],
-            seed=seed,
-            accelerator=self.cfg["accelerator"],
-            enable_progress_bar=False,
-        )
-        # an untrained diffusion model: its scVI space (encoder, decoder, library sizes) is
-        # all the probe uses
-        model = sb.BranchedDiffusion.from_scvi_model(
-            vae, labels_key=LABELS, adata=self.train.copy()
-        )
-        idx = class_subset(self.labels, n_cells, seed)
-        cells = self.unseen[idx]
-        z = model.encode(cells, "the unseen cells")
-        codes = np.array([model.classes.index(c) for c in self.labels[idx]])
+        """Up to ``n_cells`` cells of every type (a seeded subset), through scVI."""
+        model, z_train = self._fit(seed)
+        if self.source == "unseen":
+            labels = self.unseen.obs[LABELS].astype(str).to_numpy()
+            idx = class_subset(labels, n_cells, seed)
+            z = model.encode(self.unseen[idx], "the unseen cells")
+        else:
+            labels = self.train.obs[LABELS].astype(str).to_numpy()
+            validation = validation_mask(model.scvi_model, self.train.n_obs)
+            if self.source == "train_shrunk":
+                z_train = shrink_to_validation(z_train, labels, validation)
+            labels, z_train = labels[~validation], z_train[~validation]
+            idx = class_subset(labels, n_cells, seed)
+            z = z_train[idx]
+        codes = np.array([model.classes.index(c) for c in labels[idx]])
         space = model.space
         options = space.resolve_options(counts=None, batch=None, residual_noise=False)
-        out = space.decode(z, codes, options, seed)
+        out = space.decode(np.asarray(z, dtype=np.float32), codes, options, seed)
         gen = ad.AnnData(out.X, var=pd.DataFrame(index=out.var_names))  # sparse, as generated
         gen.obs_names = [f"cell{i}" for i in range(len(idx))]
-        gen.obs[LABELS] = pd.Categorical(self.labels[idx], categories=pd.unique(self.labels))
+        gen.obs[LABELS] = pd.Categorical(labels[idx], categories=pd.unique(labels))
         return gen
 
 
@@ -154,6 +199,8 @@ class ScviDecodedProbe:
 PROBES = {
     "probe: per-class Gaussian, genes": lambda train, unseen, cfg: GeneSpaceGaussian(train),
     "probe: unseen cells through scVI": ScviDecodedProbe,
+    "probe: train cells through scVI": partial(ScviDecodedProbe, source="train"),
+    "probe: train cells through scVI, shrunk": partial(ScviDecodedProbe, source="train_shrunk"),
 }
 
 

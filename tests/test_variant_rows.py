@@ -60,6 +60,11 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     )
     with pytest.raises(ValueError, match="latenttree applies to scvi rows only"):
         quality.train_model(cells, quality.SETTINGS["fast"], 0, "conditioned:latenttree")
+    with pytest.raises(ValueError, match="shrunk applies to scvi rows only"):
+        quality.train_model(cells, quality.SETTINGS["fast"], 0, "conditioned:shrunk")
+    with pytest.raises(ValueError, match="shrunk rows take the default tree"):
+        row = "conditioned:scvi:latenttree:shrunk"
+        quality.train_model(cells, quality.SETTINGS["fast"], 0, row)
     assert quality.model_options("branched:expression:per_branch") == {
         "architecture": "branched",
         "space": "expression",
@@ -193,26 +198,11 @@ def test_scvi_probe_decodes_each_unseen_cells_own_latent_not_its_labels_type():
     # two types with disjoint marker genes; two unseen cells of type b are labelled a: the
     # probe (the unseen cells through scVI) must give them b's markers, as a generator of
     # type a would not
-    import scipy.sparse as sp
-
     spaces_quality = pytest.importorskip("spaces_quality")
     rng = np.random.default_rng(0)
-    genes = 20
-    rate = {
-        "a": np.r_[np.full(10, 20.0), np.full(10, 0.2)],
-        "b": np.r_[np.full(10, 0.2), np.full(10, 20.0)],
-    }
 
     def cells(kinds, labels):
-        counts = rng.poisson([rate[k] for k in kinds]).astype(np.float32)
-        out = ad.AnnData(
-            np.log1p(counts / counts.sum(1, keepdims=True) * 1e4),
-            obs=pd.DataFrame({spaces_quality.LABELS: pd.Categorical(labels)}),
-            var=pd.DataFrame(index=[f"g{i}" for i in range(genes)]),
-        )
-        out.layers["counts"] = sp.csr_matrix(counts)
-        out.obs_names = [f"c{i}" for i in range(len(kinds))]
-        return out
+        return _two_type_cells(rng, kinds, labels, spaces_quality.LABELS)
 
     kinds = list("a" * 40 + "b" * 40)
     train = cells(kinds, kinds)
@@ -229,6 +219,71 @@ def test_scvi_probe_decodes_each_unseen_cells_own_latent_not_its_labels_type():
     a_rows = np.sort(b_markers[labels == "a"])
     assert (a_rows[:4] < 0).all() and a_rows[4] > 0
     assert (b_markers[labels == "b"] > 0).all()
+
+
+def _two_type_cells(rng, kinds, labels, labels_key):
+    """Counts of two types with disjoint marker genes (a: genes 0-9, b: 10-19)."""
+    import scipy.sparse as sp
+
+    rate = {
+        "a": np.r_[np.full(10, 20.0), np.full(10, 0.2)],
+        "b": np.r_[np.full(10, 0.2), np.full(10, 20.0)],
+    }
+    counts = rng.poisson([rate[k] for k in kinds]).astype(np.float32)
+    out = ad.AnnData(
+        np.log1p(counts / counts.sum(1, keepdims=True) * 1e4),
+        obs=pd.DataFrame({labels_key: pd.Categorical(labels)}),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(20)]),
+    )
+    out.layers["counts"] = sp.csr_matrix(counts)
+    out.obs_names = [f"c{i}" for i in range(len(kinds))]
+    return out
+
+
+def test_scvi_train_probe_decodes_the_cells_scvi_trained_on_each_its_own_latent():
+    # eight b cells labelled a among the train cells: the train-cells probe must return every
+    # cell scVI trained on (none of its validation cells) with its own markers, so exactly the
+    # mislabelled ones outside the validation split come out as a's with b's markers
+    spaces_quality = pytest.importorskip("spaces_quality")
+    rng = np.random.default_rng(1)
+    kinds = list("a" * 40 + "b" * 48)
+    labels = list("a" * 40 + "a" * 8 + "b" * 40)
+    train = _two_type_cells(rng, kinds, labels, spaces_quality.LABELS)
+    cfg = {"scvi_epochs": 50, "accelerator": "cpu"}
+    probe = spaces_quality.ScviDecodedProbe(train, train[:4], cfg, source="train")
+    gen = probe.generate(1000, seed=0)
+    model, _ = probe._fit(0)
+    validation = quality.validation_mask(model.scvi_model, train.n_obs)
+    assert 0 < validation.sum() < 12 and gen.n_obs == (~validation).sum()  # 10 %: 8 cells
+    out_labels = gen.obs[spaces_quality.LABELS].astype(str).to_numpy()
+    x = gen.X.toarray()
+    b_markers = x[:, 10:].mean(1) - x[:, :10].mean(1)
+    mislabelled_in_sample = int((~validation[40:48]).sum())
+    assert 0 < mislabelled_in_sample
+    assert int(((out_labels == "a") & (b_markers > 0)).sum()) == mislabelled_in_sample
+    assert (b_markers[out_labels == "b"] > 0).all()
+
+
+def test_shrunk_scvi_model_learns_the_shrunk_latents_the_package_would_refuse():
+    import scbranch as sb
+
+    rng = np.random.default_rng(2)
+    kinds = list("a" * 40 + "b" * 40)
+    train = _two_type_cells(rng, kinds, kinds, quality.LABELS)
+    vae = sb.model.fit_scvi(train, max_epochs=50, seed=0, accelerator="cpu")
+    cells = train.copy()
+    model = quality.model_on_shrunk_latent(vae, cells, {"width": 16})
+    z = np.asarray(cells.obsm["X_scVI"])
+    validation = quality.validation_mask(vae, cells.n_obs)
+    expected = quality.shrink_to_validation(z, np.array(kinds), validation)
+    learned = np.asarray(model.adata.obsm[model.space.obsm_key])
+    np.testing.assert_allclose(learned, expected, rtol=1e-5, atol=1e-6)
+    in_sample = quality.pooled_within_variance(z[~validation], np.array(kinds)[~validation])
+    shrunk = quality.pooled_within_variance(learned[~validation], np.array(kinds)[~validation])
+    assert (shrunk <= in_sample * (1 + 1e-6)).all() and (shrunk < in_sample).any()
+    assert model.scvi_model is vae and model.tree.classes == ["a", "b"]
+    with pytest.raises(ValueError, match="not the scVI model's latent mean"):
+        sb.BranchedDiffusion(cells, scvi_model=vae)  # the check the experiment switches off
 
 
 def test_sampler_variants_change_the_generate_options_not_the_model():
