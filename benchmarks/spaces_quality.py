@@ -26,7 +26,8 @@ the spaces page of scbranch 0.1.)
                        unseen PC scores for the PCA space)
   probe: train cells through scVI   the train cells scVI trained on, their latents decoded
                        the same way: what the scVI row's diffusion would score if it learned
-                       its training latents perfectly
+                       its training latents perfectly (all of them but the 10 % scVI held out
+                       for validation, which the row learns too)
   probe: train cells through scVI, shrunk   the same latents shrunk as the :shrunk row's:
                        what that row would score if it learned them perfectly
   probe: per-class Gaussian, genes   each type's log-normalised genes drawn from a Gaussian
@@ -68,8 +69,9 @@ INTRO = (
     "is the scVI row with new cells' exact latents: the unseen real cells encoded by an scVI "
     "model of the train cells (seeded with the generation seed, so the scVI models of the "
     "row's training seeds) and decoded as that row's cells are; `probe: train cells through "
-    "scVI` the same with the train cells scVI trained on (not its validation cells), the "
-    "latents the scVI row learns, and `..., shrunk` those latents with each type's spread "
+    "scVI` the same with the train cells scVI trained on, the latents the scVI row learns "
+    "less the 10 % scVI held out for validation, and `..., shrunk` those latents with each "
+    "type's spread "
     "shrunk, per component, to that of scVI's validation cells (out-of-sample for its "
     "encoder), which `conditioned:scvi:shrunk` learns."
 )
@@ -127,9 +129,9 @@ class ScviDecodedProbe:
     ``source="unseen"``: the unseen real cells, what a generator that matched new cells'
     latents exactly would score (latents that decode better than real cells' own could score
     better), as quality.py's decoded unseen PC scores are for the PCA space. ``"train"``: the
-    train cells scVI trained on (not its validation cells), the latents the ``:scvi`` row's
-    diffusion learns: what it would score if it learned them perfectly. ``"train_shrunk"``:
-    the same latents shrunk to the spread of scVI's validation cells
+    train cells scVI trained on, the latents the ``:scvi`` row's diffusion learns less the
+    10 % scVI held out for validation: what it would score if it learned them perfectly.
+    ``"train_shrunk"``: the same latents shrunk to the spread of scVI's validation cells
     (``quality.shrink_to_validation``, what the ``:shrunk`` row learns).
     """
 
