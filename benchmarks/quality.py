@@ -617,6 +617,7 @@ def model_options(spec: str, classes=None) -> dict:
     discovered in scVI's latent, topology and times, which ``from_scvi_model`` used before it
     took the expression's topology), ``shrunk`` (scVI rows: the diffusion learns the train cells'
     latents shrunk to the spread of scVI's validation cells, :func:`shrink_to_validation`),
+    ``scviepochs<N>`` (scVI rows: scVI trained N epochs instead of ``cfg['scvi_epochs']``),
     ``width<N>``
     (the network's width, e.g. ``width512``), ``white`` (the diffusion runs on the scores with
     every component scaled to unit within-type variance, on the default's tree, and its latents
@@ -649,6 +650,8 @@ def model_options(spec: str, classes=None) -> dict:
             options["latent_tree"] = True
         elif variant == "shrunk":  # needs scVI's validation cells: train_model shrinks
             options["shrink_latent"] = True
+        elif variant.startswith("scviepochs") and variant[10:].isdigit():
+            options["scvi_epochs"] = int(variant[10:])
         elif variant in SPACE_VARIANTS:
             options["space"] = variant
         elif variant.startswith("width") and variant[5:].isdigit():
@@ -692,7 +695,9 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
     n_pcs = options.pop("n_pcs", None)
     latent_tree = options.pop("latent_tree", False)
     shrink = options.pop("shrink_latent", False)
-    for variant, asked in (("latenttree", latent_tree), ("shrunk", shrink)):
+    scvi_epochs = options.pop("scvi_epochs", None)
+    asked_of_scvi = (("latenttree", latent_tree), ("shrunk", shrink), ("scviepochs", scvi_epochs))
+    for variant, asked in asked_of_scvi:
         if asked and space != "scvi":
             raise ValueError(f"{architecture!r}: {variant} applies to scvi rows only.")
     if latent_tree and shrink:
@@ -710,7 +715,7 @@ def train_model(train, cfg, seed: int, architecture: str = "branched", obsm_key:
         vae = sb.model.fit_scvi(
             train,
             counts_layer="counts",
-            max_epochs=cfg["scvi_epochs"],
+            max_epochs=cfg["scvi_epochs"] if scvi_epochs is None else scvi_epochs,
             seed=seed,
             accelerator=cfg["accelerator"],
             enable_progress_bar=False,

@@ -60,6 +60,9 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     )
     with pytest.raises(ValueError, match="latenttree applies to scvi rows only"):
         quality.train_model(cells, quality.SETTINGS["fast"], 0, "conditioned:latenttree")
+    assert quality.model_options("conditioned:scvi:scviepochs50")["scvi_epochs"] == 50
+    with pytest.raises(ValueError, match="scviepochs applies to scvi rows only"):
+        quality.train_model(cells, quality.SETTINGS["fast"], 0, "conditioned:scviepochs50")
     with pytest.raises(ValueError, match="shrunk applies to scvi rows only"):
         quality.train_model(cells, quality.SETTINGS["fast"], 0, "conditioned:shrunk")
     with pytest.raises(ValueError, match="shrunk rows take the default tree"):
@@ -315,3 +318,23 @@ def test_within_type_scale_gives_every_component_unit_within_type_variance():
     np.testing.assert_allclose(pooled / (len(labels) - 3), 1.0)
     # the types' separation is kept (scaling, not whitening across types)
     assert abs(scaled[labels == "B", 2].mean() - scaled[labels == "A", 2].mean()) > 10
+
+
+def test_scviepochs_rows_train_scvi_for_their_own_epochs(monkeypatch):
+    import scbranch as sb
+
+    class Asked(Exception):
+        pass
+
+    def fit_scvi(adata, **kwargs):
+        raise Asked(kwargs["max_epochs"])
+
+    monkeypatch.setattr(sb.model, "fit_scvi", fit_scvi)
+    cells = ad.AnnData(
+        np.ones((4, 2), np.float32), obs=pd.DataFrame({"cell_type": pd.Categorical(list("aabb"))})
+    )
+    cfg = {**quality.SETTINGS["fast"], "scvi_epochs": 7}
+    for row, epochs in (("conditioned:scvi", 7), ("conditioned:scvi:scviepochs50", 50)):
+        with pytest.raises(Asked) as asked:
+            quality.train_model(cells, cfg, 0, row)
+        assert asked.value.args == (epochs,)
