@@ -315,8 +315,8 @@ def class_subset(labels: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
 
 
 def pooled_within_variance(z: np.ndarray, labels) -> np.ndarray:
-    """Per component: the within-type variance pooled over the types with at least 2 cells
-    (sum of squared deviations from each type's mean over cells minus types).
+    """Per component: the within-type variance pooled over the types (sum of squared
+    deviations from each type's mean over cells minus types; a one-cell type adds nothing).
 
     Examples
     --------
@@ -324,11 +324,11 @@ def pooled_within_variance(z: np.ndarray, labels) -> np.ndarray:
     >>> pooled_within_variance(z, np.array(["a", "a", "b", "b"])).tolist()  # b's centre far
     [2.0, 1.0]
     """
-    labels = np.asarray(labels)
-    groups = [z[labels == c] for c in np.unique(labels) if (labels == c).sum() > 1]
-    deviations = [g - g.mean(0) for g in groups]
-    n_cells = sum(len(d) for d in deviations)
-    return (np.concatenate(deviations) ** 2).sum(0) / (n_cells - len(deviations))
+    from scbranch.module._gaussian_skip import class_statistics, within_class_variance
+
+    types, codes = np.unique(np.asarray(labels), return_inverse=True)
+    stats = class_statistics([(0, len(z), z)], codes, len(types), 0.0, 1.0, full=False)
+    return within_class_variance(stats)  # the package's pooled variance (its Gaussian skip)
 
 
 def shrink_to_validation(z: np.ndarray, labels, validation: np.ndarray) -> np.ndarray:
@@ -405,11 +405,7 @@ def within_type_scale(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per component, 1 / the pooled within-type standard deviation of ``z``: ``z * scale``
     has unit within-type variance in every component (the package's pooled within-type
     variance, what small types' Gaussians are shrunk towards)."""
-    from scbranch.module._gaussian_skip import class_statistics, within_class_variance
-
-    types, codes = np.unique(labels, return_inverse=True)
-    stats = class_statistics([(0, len(z), z)], codes, len(types), 0.0, 1.0, full=False)
-    return 1.0 / np.sqrt(within_class_variance(stats))
+    return 1.0 / np.sqrt(pooled_within_variance(z, labels))
 
 
 class PreconditionedModel:

@@ -15,7 +15,7 @@ scVI never saw). Rows:
 
 Reported per row: the geometric mean of the ratio over the latent's components (they are not
 ordered, so no bands), then mean ± sd over splits, and the smallest and largest component.
-Types with fewer than 2 cells in a set are left out of that set's pooled variance.
+A type with one cell in a set adds nothing to that set's pooled variance.
 
 Usage (from the repository root): python benchmarks/scvi_latent_spread.py [--splits 3]
 """
