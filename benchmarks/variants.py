@@ -118,6 +118,27 @@ def _wall_time(cfg, meta: dict) -> str:
     return text + f"; rows of earlier runs reused from {chain}{before}."
 
 
+def comparison_pairs(cfg: dict, present: set[str]) -> list[tuple[str, str]]:
+    """The (row, row) pairs compared per class and metric that this dataset has both rows of.
+
+    Every row against the default, then ``cfg['comparisons']``. A ``--reuse`` or
+    ``--report-only`` run can hold a row for one dataset only (a row run with ``--datasets``
+    on one of them); its pairs are left out of the other dataset's page, not a crash.
+
+    >>> cfg = {"architectures": ("conditioned", "a", "b"), "comparisons": [("a", "b")]}
+    >>> comparison_pairs(cfg, {"conditioned", "a", "b"})
+    [('conditioned', 'a'), ('conditioned', 'b'), ('a', 'b')]
+    >>> comparison_pairs(cfg, {"conditioned", "a"})
+    [('conditioned', 'a')]
+    """
+    pairs = [(DEFAULT, other) for other in cfg["architectures"] if other != DEFAULT]
+    pairs += [tuple(p) for p in cfg.get("comparisons", ()) if tuple(p) not in pairs]
+    kept = [p for p in pairs if set(p) <= present]
+    for pair in (p for p in pairs if p not in kept):
+        logger.info("no per-class comparison of %s vs %s: a row is absent here", *pair)
+    return kept
+
+
 def write_page(path, title: str, intro: str, results: dict, cfg, meta: dict) -> str:
     """The study's page: per dataset the headline table, per-class tables, row vs default."""
     lines = [
@@ -154,9 +175,7 @@ def write_page(path, title: str, intro: str, results: dict, cfg, meta: dict) -> 
         lines += ["", f"## {name}", "", _md(table.fillna(""))]
         for metric in ("auroc", "label_fidelity"):
             lines += ["", f"{metric} per class (mean over runs):", "", _md(per_class(rows, metric))]
-        pairs = [(DEFAULT, other) for other in cfg["architectures"] if other != DEFAULT]
-        pairs += [p for p in cfg.get("comparisons", ()) if p not in pairs]
-        for first, other in pairs:
+        for first, other in comparison_pairs(cfg, set(rows["method"])):
             cmp = per_class_comparison(rows, first, other)
             wins = cmp["winner"].value_counts()
             lines += [
