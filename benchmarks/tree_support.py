@@ -1,0 +1,161 @@
+"""Tree support by class size: how far a tree learned from few cells of a type can be trusted.
+
+A learned tree's clades are read off similarity curves of a few cells per type; with few cells
+those curves are noisy and close branch points can swap. ``sb.tl.branch_stability`` measures
+that (bootstrap support: the share of replicates on 80 % of each type's cells whose tree has the
+same clade). This study reads, for every clade of many learned trees, its support against the
+fewest cells of its types, and whether it is a clade of the reference tree, to ground the
+package's hint (``scbranch.tl._branch_hierarchy.FEW_CELLS_FOR_TREE``): discovery on a type
+with fewer cells than that logs a warning pointing to ``sb.tl.branch_stability``.
+
+Per dataset, for every cap m (each type subsampled to at most m cells; ``all``: no cap) and
+repeat r (the subsample's and discovery's seed): ``sb.tl.branch_hierarchy`` (defaults), then
+``sb.tl.branch_stability`` of that tree (``n_bootstrap`` replicates, seed r). Every internal
+non-root clade gives a row: the fewest cells of its types, its support, and whether the
+reference tree has it. The reference is the simulated truth (the known answer) or, on real
+cells, the tree discovered on all cells (seed 0).
+
+Known answer: on simulated trees the true clades are known, so the support can be checked as
+an instrument: clades that are true must score high support and clades that are not must score
+low, at every cell count. On real cells the reference is itself a learned tree.
+
+Data: ``discovery.py``'s datasets (pbmc68k, pbmc3k's train cells, two simulated trees of 16
+types whose branch times crowd as ``decay`` nears 1).
+
+Usage (from the repository root, in the project's venv):
+  python benchmarks/tree_support.py          # about 10 min on 2 cores
+  python benchmarks/tree_support.py --fast   # smoke test (numbers meaningless)
+Writes docs/benchmarks/tree_support.md (--fast: under --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+from discovery import clades, datasets
+from quality import LABELS, _md, cpu_threads, prepare_run, write_lines
+
+SETTINGS = {
+    "cpu": {"caps": (5, 10, 20, 40, None), "repeats": 5, "n_bootstrap": 20},
+    "fast": {"caps": (5, None), "repeats": 2, "n_bootstrap": 3},
+}
+#: fewest cells of a clade's types, binned; the hint fires below the package's threshold
+BINS = [0, 5, 10, 19, 40, np.inf]
+logger = logging.getLogger("tree_support")
+
+
+def capped(adata, m: int | None, seed: int):
+    """Every type subsampled (without replacement) to at most ``m`` cells; ``None``: all."""
+    if m is None:
+        return adata.copy()
+    rng = np.random.default_rng(seed)
+    rows = [
+        rng.choice(idx, min(m, len(idx)), replace=False)
+        for idx in adata.obs.groupby(LABELS, observed=True).indices.values()
+    ]
+    return adata[np.sort(np.concatenate(rows))].copy()
+
+
+def clade_rows(adata, reference: set, n_bootstrap: int, seed: int) -> list[dict]:
+    """One row per internal non-root clade of the tree learned on ``adata``."""
+    import scbranch as sb
+
+    sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=seed)
+    table = sb.tl.branch_stability(adata, n_bootstrap=n_bootstrap, seed=seed, progress_bar=False)
+    sizes = adata.obs[LABELS].value_counts()
+    support = {
+        frozenset(c.split(", ")): s for c, s in zip(table["classes"], table["support"], strict=True)
+    }
+    return [
+        {
+            "fewest cells": int(min(sizes[c] for c in clade)),
+            "support": support[clade],
+            "in reference": clade in reference,
+        }
+        for clade in clades(adata.uns["scbranch_hierarchy"])
+    ]
+
+
+def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per bin of the fewest cells: clades, mean support, share under 0.5, share in reference;
+    and the mean support of the clades in and not in the reference tree."""
+    binned = pd.cut(rows["fewest cells"], BINS, right=True)
+    grouped = rows.groupby(binned, observed=True)
+    table = pd.DataFrame(
+        {
+            "clades": grouped.size(),
+            "mean support": grouped["support"].mean(),
+            "support < 0.5": grouped["support"].apply(lambda s: (s < 0.5).mean()),
+            "in reference tree": grouped["in reference"].mean(),
+            "support, in reference": grouped.apply(
+                lambda g: g.loc[g["in reference"], "support"].mean(), include_groups=False
+            ),
+            "support, not in reference": grouped.apply(
+                lambda g: g.loc[~g["in reference"], "support"].mean(), include_groups=False
+            ),
+        }
+    )
+    table.index = [f"{int(b.left) + 1}-{b.right:.0f}" for b in table.index]
+    return table.rename_axis("fewest cells of the clade's types").round(2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fast", action="store_true", help="smoke-test settings")
+    parser.add_argument("--out", default="benchmark_out/tree_support")
+    parser.add_argument("--markdown", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    cfg_name = "fast" if args.fast else "cpu"
+    cfg = SETTINGS[cfg_name]
+    import scbranch as sb
+    from scbranch.tl._branch_hierarchy import FEW_CELLS_FOR_TREE
+
+    markdown = prepare_run(args, "tree_support")
+    t_all = time.perf_counter()
+    lines = [
+        "# Tree support by class size (generated by `benchmarks/tree_support.py`; do not edit "
+        "by hand)",
+        "",
+        f"{cfg_name} settings: each type capped at {[m or 'all' for m in cfg['caps']]} cells, "
+        f"{cfg['repeats']} repeats each, `branch_stability` with {cfg['n_bootstrap']} "
+        "replicates of 80 % of each type's cells. One row per clade of the learned trees, "
+        "binned by the fewest cells of its types; the reference tree is the simulated truth "
+        "(the known answer) or the tree of all cells. The package warns when a type has fewer "
+        f"than {FEW_CELLS_FOR_TREE} cells (bins up to 19). See the script's docstring.",
+    ]
+    for name, (adata, truth) in datasets().items():
+        if truth is None:
+            sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=0)
+            reference = set(clades(adata.uns["scbranch_hierarchy"]))
+        else:
+            reference = set(truth) - {frozenset(adata.obs[LABELS].astype(str).unique())}
+        rows = pd.DataFrame(
+            [
+                row
+                for m in cfg["caps"]
+                for r in range(cfg["repeats"])
+                for row in clade_rows(capped(adata, m, r), reference, cfg["n_bootstrap"], r)
+            ]
+        )
+        table = summary(rows)
+        sizes = adata.obs[LABELS].value_counts()
+        lines += [
+            "",
+            f"## {name}: {adata.n_obs} cells, {len(sizes)} types ({sizes.min()}-{sizes.max()} "
+            f"a type), reference: {'the true tree' if truth is not None else 'all cells'}",
+            "",
+            _md(table),
+        ]
+        logger.info("%s\n%s", name, table.to_string())
+    lines += ["", f"Total {(time.perf_counter() - t_all) / 60:.1f} min on {cpu_threads()}."]
+    write_lines(markdown, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
