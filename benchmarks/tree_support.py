@@ -40,7 +40,7 @@ from discovery import clades, datasets
 from quality import LABELS, _md, cpu_threads, prepare_run, write_lines
 
 SETTINGS = {
-    "cpu": {"caps": (5, 10, 20, 40, None), "repeats": 5, "n_bootstrap": 20},
+    "cpu": {"caps": (5, 10, 20, 40, None), "repeats": 10, "n_bootstrap": 50},
     "fast": {"caps": (5, None), "repeats": 2, "n_bootstrap": 3},
 }
 #: fewest cells of a clade's types, binned; the hint fires below the package's threshold
