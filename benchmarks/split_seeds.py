@@ -108,7 +108,8 @@ def across(values: pd.DataFrame, metric: str) -> pd.DataFrame:
     for row in [*rows_of(table), CONTROL]:
         v = table[row]
         entry = {"mean": v.mean(), "se": v.std(ddof=1) / np.sqrt(n)}
-        for ref in (CONTROL, UNSEEN, "per-class Gaussian", "scVI resampling"):
+        # model rows other than the default are also read against it (a space, a variant)
+        for ref in (CONTROL, UNSEEN, DEFAULT, "per-class Gaussian", "scVI resampling"):
             if ref == row or ref not in table:
                 continue
             d = v - table[ref]

@@ -61,6 +61,9 @@ def test_paired_differences_cancel_the_split_to_split_noise():
     assert table.loc[split_seeds.UNSEEN, "minus control (real vs real)"] == "+0.000 ± 0.000"
     assert table.loc[split_seeds.DEFAULT, "minus per-class Gaussian"] == "-0.020 ± 0.000"
     assert table.loc[split_seeds.DEFAULT, "below per-class Gaussian (splits)"] == "4/4"
+    # every other row is also read against the default, paired by split
+    assert table.loc[split_seeds.UNSEEN, f"minus {split_seeds.DEFAULT}"] == "-0.100 ± 0.000"
+    assert f"minus {split_seeds.DEFAULT}" not in table.loc[split_seeds.DEFAULT].dropna()
     np.testing.assert_allclose(
         table.loc[split_seeds.DEFAULT, "mean"], np.mean(list(CONTROLS.values())) + GAP
     )

@@ -440,7 +440,10 @@ def branch_hierarchy(
     beta0, beta1, t_min
         Forward process; must match the model's (the defaults do).
     min_cells_per_class
-        Types with fewer cells raise an error.
+        Types with fewer cells raise an error. A discovered tree that types with fewer than
+        20 cells shaped logs a warning naming them: clades resting on so few cells recur in
+        under half of bootstrap replicates on PBMCs (docs/benchmarks/tree_support.md); read
+        their support with :func:`~scbranch.tl.branch_stability`.
     seed
         Random seed for subsampling and noise.
     key_added
