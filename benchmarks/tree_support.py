@@ -6,7 +6,7 @@ that (bootstrap support: the share of replicates on 80 % of each type's cells wh
 same clade). This study reads, for every clade of many learned trees, its support against the
 fewest cells of its types, and whether it is a clade of the reference tree, to ground the
 package's hint (``scbranch.tl._branch_hierarchy.FEW_CELLS_FOR_TREE``): discovery on a type
-with fewer cells than that logs a warning pointing to ``sb.tl.branch_stability``.
+with that many cells or fewer logs a warning pointing to ``sb.tl.branch_stability``.
 
 Per dataset, for every cap m (each type subsampled to at most m cells; ``all``: no cap) and
 repeat r (the subsample's and discovery's seed): ``sb.tl.branch_hierarchy`` (defaults), then
@@ -43,7 +43,7 @@ SETTINGS = {
     "cpu": {"caps": (5, 10, 20, 40, None), "repeats": 10, "n_bootstrap": 50},
     "fast": {"caps": (5, None), "repeats": 2, "n_bootstrap": 3},
 }
-#: fewest cells of a clade's types, binned; the hint fires below the package's threshold
+#: fewest cells of a clade's types, binned; the hint fires up to the package's threshold (40)
 BINS = [0, 5, 10, 19, 40, np.inf]
 logger = logging.getLogger("tree_support")
 
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
         f"{cfg['repeats']} repeats each, `branch_stability` with {cfg['n_bootstrap']} "
         "replicates of 80 % of each type's cells. One row per clade of the learned trees, "
         "binned by the fewest cells of its types; the reference tree is the simulated truth "
-        "(the known answer) or the tree of all cells. The package warns when a type has fewer "
-        f"than {FEW_CELLS_FOR_TREE} cells (bins up to 19). See the script's docstring.",
+        "(the known answer) or the tree of all cells. The package warns when a type has "
+        f"{FEW_CELLS_FOR_TREE} cells or fewer. See the script's docstring.",
     ]
     for name, (adata, truth) in datasets().items():
         if truth is None:
