@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -188,14 +189,13 @@ def warn_few_cells(labels: np.ndarray, classes: list[str], groupby: str) -> None
         return
     listing = ", ".join(f"{c!r} ({n})" for c, n in few[:5])
     listing += f" and {len(few) - 5} more" if len(few) > 5 else ""
-    logger.warning(
-        "The tree was learned with %d cells or fewer of type(s) %s in adata.obs[%r]; clades "
-        "resting on so few cells may not recur on other cells. Check how often each does with "
-        "`sb.tl.branch_stability(adata)` after `sb.tl.branch_hierarchy` (drawn by "
-        "`sb.pl.branch_tree`), or give the tree (`hierarchy=`).",
-        FEW_CELLS_FOR_TREE,
-        listing,
-        groupby,
+    warnings.warn(
+        f"The tree was learned with {FEW_CELLS_FOR_TREE} cells or fewer of type(s) {listing} in "
+        f"adata.obs[{groupby!r}]; clades resting on so few cells may not recur on other cells. "
+        "Check how often each does with `sb.tl.branch_stability(adata)` after "
+        "`sb.tl.branch_hierarchy` (`sb.pl.branch_tree` draws it).",
+        UserWarning,
+        stacklevel=2,
     )
 
 
