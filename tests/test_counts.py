@@ -676,3 +676,21 @@ def test_an_scvi_model_reuses_a_stored_trees_topology_only_when_it_is_the_expres
         sb.BranchedDiffusion.from_scvi_model(
             vae, labels_key=LABELS, adata=cells, hierarchy=key, **FAST_MODEL
         )
+
+
+def test_fit_scvi_trains_small_data_800_epochs_unless_told(monkeypatch):
+    # the scVI space's cells improve with scVI's epochs on small data (docs/evaluation.md):
+    # fit_scvi's default is 800 epochs up to 10,000 cells, scvi-tools' heuristic from 20,000
+    import scvi
+    from scvi.model._utils import get_max_epochs_heuristic
+
+    asked = []
+    monkeypatch.setattr(
+        scvi.model.SCVI, "train", lambda self, max_epochs=None, **kw: asked.append(max_epochs)
+    )
+    adata = _pbmc()
+    sb.model.fit_scvi(adata, counts_layer="counts")
+    sb.model.fit_scvi(adata, counts_layer="counts", max_epochs=7)
+    assert asked == [800, 7]
+    for n in (20_000, 45_000, 1_000_000):  # large data: exactly scvi-tools' own default
+        assert sb.model.default_scvi_epochs(n) == get_max_epochs_heuristic(n)

@@ -43,7 +43,8 @@ class ScviResampling(Baseline):
     n_latent, n_hidden, n_layers, gene_likelihood
         Options of :class:`scvi.model.SCVI`.
     max_epochs
-        Training epochs (`None`: scvi-tools' heuristic).
+        Training epochs (`None`: :func:`~scbranch.model.fit_scvi`'s default,
+        :func:`~scbranch.model.default_scvi_epochs`).
     seed
         Seed of scvi-tools (initialisation and minibatches).
     min_cells_per_class

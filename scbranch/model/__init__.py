@@ -2,7 +2,7 @@
 
 from ._model import BranchedDiffusion
 from ._persistence import UntrustedModelError, convert_legacy
-from ._scvi import fit_scvi
+from ._scvi import default_scvi_epochs, fit_scvi
 from ._spaces import (
     SPACES,
     Decoded,
@@ -27,6 +27,7 @@ __all__ = [
     "TopologySource",
     "UntrustedModelError",
     "convert_legacy",
+    "default_scvi_epochs",
     "fit_scvi",
     "register_space",
 ]
