@@ -77,7 +77,7 @@ def default_scvi_epochs(n_cells: int) -> int:
 
     From 20,000 cells on this is scvi-tools' own heuristic (a fixed number of cell passes);
     below, scvi-tools stops at 400 epochs, and scbranch trains small data longer
-    (:data:`SMALL_DATA_EPOCHS`, measured in docs/evaluation.md).
+    (800 epochs, measured in docs/evaluation.md, "scVI trained longer").
 
     Examples
     --------
