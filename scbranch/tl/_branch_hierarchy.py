@@ -440,8 +440,8 @@ def branch_hierarchy(
         Forward process; must match the model's (the defaults do).
     min_cells_per_class
         Types with fewer cells raise an error. A discovered tree that types with 40 cells or
-        fewer shaped logs a warning naming them: clades resting on so few cells recurred in
-        39-65 % of bootstrap replicates on PBMCs, against 86-98 % above 40
+        fewer shaped issues a ``UserWarning`` naming them: clades resting on so few cells
+        recurred in 39-65 % of bootstrap replicates on PBMCs, against 86-98 % above 40
         (docs/benchmarks/tree_support.md); read their support with
         :func:`~scbranch.tl.branch_stability`.
     seed
