@@ -680,7 +680,7 @@ def test_an_scvi_model_reuses_a_stored_trees_topology_only_when_it_is_the_expres
 
 def test_fit_scvi_trains_small_data_800_epochs_unless_told(monkeypatch):
     # the scVI space's cells improve with scVI's epochs on small data (docs/evaluation.md):
-    # fit_scvi's default is 800 epochs up to 10,000 cells, scvi-tools' heuristic from 20,000
+    # fit_scvi's default is 800 epochs on a few hundred cells, else scvi-tools' heuristic
     import scvi
     from scvi.model._utils import get_max_epochs_heuristic
 
@@ -688,9 +688,10 @@ def test_fit_scvi_trains_small_data_800_epochs_unless_told(monkeypatch):
     monkeypatch.setattr(
         scvi.model.SCVI, "train", lambda self, max_epochs=None, **kw: asked.append(max_epochs)
     )
-    adata = _pbmc()
+    adata = _pbmc()  # 700 cells: 300,000 cell passes take 429 epochs
+    sb.model.fit_scvi(adata[:351].copy(), counts_layer="counts")  # pbmc68k_reduced's train size
     sb.model.fit_scvi(adata, counts_layer="counts")
     sb.model.fit_scvi(adata, counts_layer="counts", max_epochs=7)
-    assert asked == [800, 7]
-    for n in (20_000, 45_000, 1_000_000):  # large data: exactly scvi-tools' own default
+    assert asked == [800, round(300_000 / 700), 7]
+    for n in (750, 1_846, 20_000, 45_000, 1_000_000):  # from 750 cells: scvi-tools' default
         assert sb.model.default_scvi_epochs(n) == get_max_epochs_heuristic(n)

@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="With --scvi: scVI training epochs (default: 800 up to 10,000 cells, then "
-        "8e6 / cells, scvi-tools' heuristic from 20,000 cells on).",
+        help="With --scvi: scVI training epochs (default: scvi-tools' heuristic, but 800 on "
+        "up to 375 cells and more than 400 below 750).",
     )
     fit.add_argument(
         "--out",
