@@ -52,7 +52,7 @@ DECODE_CHUNK = 4096
 INIT_CELLS = 10_000
 #: scVI's default epochs: scvi-tools' heuristic (400 up to 20,000 cells, 8e6 / n_cells above:
 #: a fixed number of cell passes), but at least MIN_CELL_PASSES / n_cells epochs (at most
-#: SMALL_DATA_EPOCHS), so that small data get as many cell passes as 800 epochs of
+#: SMALL_DATA_EPOCHS), so that small data get about as many cell passes as 800 epochs of
 #: pbmc68k_reduced's 351 training cells. The diffusion learns scVI's latent and is judged by
 #: the cells scVI decodes from it: on fresh splits 800 epochs instead of 400 move the scVI
 #: space from 0.106 to 0.066 AUROC behind the PCA default on those 351 cells (dispersion
