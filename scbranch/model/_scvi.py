@@ -60,7 +60,6 @@ INIT_CELLS = 10_000
 #: 0.602; docs/evaluation.md, 'scVI trained longer').
 SMALL_DATA_EPOCHS = 800
 MIN_CELL_PASSES = 300_000
-CELL_PASSES = 8_000_000
 
 
 @contextmanager
@@ -88,9 +87,11 @@ def default_scvi_epochs(n_cells: int) -> int:
     >>> [default_scvi_epochs(n) for n in (100, 351, 600, 750, 1_846, 20_000, 100_000, 10**8)]
     [800, 800, 500, 400, 400, 400, 80, 1]
     """
+    from scvi.model._utils import get_max_epochs_heuristic
+
     n = max(int(n_cells), 1)
-    scvi_tools = min(400, max(1, round(CELL_PASSES / n)))
-    return int(max(scvi_tools, min(SMALL_DATA_EPOCHS, round(MIN_CELL_PASSES / n))))
+    small_data = min(SMALL_DATA_EPOCHS, round(MIN_CELL_PASSES / n))
+    return int(max(get_max_epochs_heuristic(n), small_data))
 
 
 def fit_scvi(
