@@ -695,3 +695,9 @@ def test_fit_scvi_trains_small_data_800_epochs_unless_told(monkeypatch):
     assert asked == [800, round(300_000 / 700), 7]
     for n in (750, 1_846, 20_000, 45_000, 1_000_000):  # from 750 cells: scvi-tools' default
         assert sb.model.default_scvi_epochs(n) == get_max_epochs_heuristic(n)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, float("nan"), "700", True])
+def test_default_scvi_epochs_refuses_what_is_not_a_number_of_cells(bad):
+    with pytest.raises(ValueError, match="n_cells must be a positive integer"):
+        sb.model.default_scvi_epochs(bad)

@@ -89,7 +89,9 @@ def default_scvi_epochs(n_cells: int) -> int:
     """
     from scvi.model._utils import get_max_epochs_heuristic
 
-    n = max(int(n_cells), 1)
+    if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
+        raise ValueError(f"n_cells must be a positive integer (number of cells), got {n_cells!r}.")
+    n = int(n_cells)
     small_data = min(SMALL_DATA_EPOCHS, round(MIN_CELL_PASSES / n))
     return int(max(get_max_epochs_heuristic(n), small_data))
 
