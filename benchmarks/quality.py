@@ -159,13 +159,45 @@ def _model_pca(train, n_comps: int = 30):
     sc.pp.pca(train, n_comps=n_comps, random_state=0)
 
 
-def load_pbmc68k(seed: int, fractions=(0.5, 0.5)):
-    """pbmc68k split per type (train first); the models' PCA is fitted on the train part."""
+#: the fewest train cells :func:`fewer_train_cells` leaves a type (all of them when it has
+#: fewer): pbmc68k_reduced's rarest evaluated-size types have 6 or 7 train cells
+FEWEST_PER_TYPE = 6
+
+
+def fewer_train_cells(train, n_train: int | None, seed: int):
+    """``train`` cut to about ``n_train`` cells, every type in proportion to its share and at
+    least :data:`FEWEST_PER_TYPE` (seeded; ``None``: unchanged). What a smaller dataset of the
+    same types looks like, for questions of data size (the held-out and unseen parts stay).
+
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> labels = pd.Categorical(["a"] * 90 + ["b"] * 10)
+    >>> cells = ad.AnnData(np.zeros((100, 1)), obs=pd.DataFrame({LABELS: labels}))
+    >>> fewer_train_cells(cells, 30, seed=0).obs[LABELS].value_counts().sort_index().tolist()
+    [27, 6]
+    """
+    if n_train is None:
+        return train
+    if n_train >= train.n_obs:
+        raise ValueError(f"n_train={n_train} is not fewer than the {train.n_obs} train cells.")
+    rng = np.random.default_rng(seed)
+    labels = train.obs[LABELS].astype(str).to_numpy()
+    keep = []
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        n = max(min(FEWEST_PER_TYPE, where.size), round(where.size * n_train / train.n_obs))
+        keep.append(rng.choice(where, size=n, replace=False))
+    return train[np.sort(np.concatenate(keep))].copy()
+
+
+def load_pbmc68k(seed: int, fractions=(0.5, 0.5), n_train: int | None = None):
+    """pbmc68k split per type (train first); the models' PCA is fitted on the train part,
+    after cutting it to ``n_train`` cells (:func:`fewer_train_cells`)."""
     import scbranch as sb
 
     adata = sb.datasets.pbmc68k()
     del adata.obsm["X_pca"], adata.varm["PCs"]
     parts = _split(adata, fractions, seed)
+    parts[0] = fewer_train_cells(parts[0], n_train, seed)
     _model_pca(parts[0])
     return tuple(parts)
 
@@ -187,8 +219,15 @@ def select_genes(train, n_hvg: int | None, hvg_flavor: str):
     return probe.var_names[probe.var["highly_variable"]]
 
 
-def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat", fractions=(0.7, 0.3)):
-    """pbmc3k split per type (train first); ``n_hvg`` HVGs chosen on the train cells only.
+def load_pbmc3k(
+    seed: int,
+    n_hvg: int = 2000,
+    hvg_flavor: str = "seurat",
+    fractions=(0.7, 0.3),
+    n_train: int | None = None,
+):
+    """pbmc3k split per type (train first); ``n_hvg`` HVGs chosen on the train cells only
+    (after cutting them to ``n_train`` cells, :func:`fewer_train_cells`).
 
     ``hvg_flavor="seurat"`` (scanpy's default) ranks genes by dispersion on log-normalised
     counts; ``"seurat_v3"`` (what scvi-tools recommends for count models) on the raw counts.
@@ -202,6 +241,7 @@ def load_pbmc3k(seed: int, n_hvg: int = 2000, hvg_flavor: str = "seurat", fracti
     adata = ad.read_h5ad(PBMC3K)
     adata.obs[LABELS] = adata.obs[LABELS].astype("category")
     parts = _split(adata, fractions, seed)
+    parts[0] = fewer_train_cells(parts[0], n_train, seed)
     genes = select_genes(parts[0], n_hvg, hvg_flavor)
     out = []
     for part in parts:

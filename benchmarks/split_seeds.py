@@ -23,6 +23,7 @@ copied its training cells would score).
 Usage (from the repository root):
   python benchmarks/split_seeds.py                           # pbmc68k, 10 splits, ~15 min
   python benchmarks/split_seeds.py --datasets pbmc3k --splits 5
+  python benchmarks/split_seeds.py --datasets pbmc3k@351   # pbmc3k's types on 351 train cells
   python benchmarks/split_seeds.py --add --architectures conditioned --train-seeds 3 \
       --out benchmark_out/split_seeds_3x3   # the default at 3 x 3 seeds, on an earlier
                                             # run's baselines copied into that folder
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from quality import (
+    FEWEST_PER_TYPE,
     LOADERS,
     SETTINGS,
     SPLIT,
@@ -59,6 +61,20 @@ BASELINES = ("per-class Gaussian", "smoothed bootstrap", "scVI resampling")
 #: the models see them, decoded (a generator that copied them lands there)
 SPACE_PROBES = ("probe: unseen cells via the PCs", "probe: train cells' out-of-fold scores")
 ROWS = (DEFAULT, *BASELINES, UNSEEN, *SPACE_PROBES)
+
+
+def dataset_of(name: str) -> tuple[str, int | None]:
+    """The loader and the number of train cells a dataset's name asks for: ``"<loader>"``, or
+    ``"<loader>@<n>"`` for its train cells cut to about n (quality.fewer_train_cells; the
+    held-out and unseen cells stay), a smaller dataset of the same types.
+
+    >>> dataset_of("pbmc3k"), dataset_of("pbmc3k@351")
+    (('pbmc3k', None), ('pbmc3k', 351))
+    """
+    loader, _, n_train = name.partition("@")
+    if loader not in LOADERS or (n_train and not n_train.isdigit()):
+        raise ValueError(f"Unknown dataset {name!r}: one of {sorted(LOADERS)}, or '<name>@<n>'.")
+    return loader, int(n_train) if n_train else None
 
 
 def rows_of(table: pd.DataFrame) -> list[str]:
@@ -194,7 +210,10 @@ def write_markdown(
         f"`{SPACE_PROBES[1]}` (the training cells as the models see them, decoded: where a "
         "generator that copied its training cells lands). `mmd` is the fixed-bandwidth RBF-MMD². "
         f"Wall time {wall_s / 60:.1f} min on {cpu_threads()} over every run that made these rows "
-        "(the first and each `--add`; per run in `meta.json`).",
+        "(the first and each `--add`; per run in `meta.json`). A dataset named `<name>@<n>` "
+        "has its train cells cut to about n, every type in proportion and keeping at least "
+        f"{FEWEST_PER_TYPE} cells (its held-out and unseen cells, and so the control, are "
+        "`<name>`'s).",
     ]
     for name, values in results.items():
         splits = values.index.get_level_values("split").unique()
@@ -276,18 +295,24 @@ def main(argv=None) -> int:
     if not 1 <= args.train_seeds <= len(cfg["train_seeds"]):
         parser.error(f"--train-seeds must be 1-{len(cfg['train_seeds'])}, got {args.train_seeds}")
     cfg["train_seeds"] = cfg["train_seeds"][: args.train_seeds]
+    for name in args.datasets.split(","):
+        try:
+            dataset_of(name)
+        except ValueError as error:
+            parser.error(str(error))
     markdown = prepare_run(args, "split_seeds")
     results, raw = {}, {}
     meta_path = Path("meta.json")
     walls = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     for name in args.datasets.split(","):
+        loader, n_train = dataset_of(name)
         if args.report_only:
             rows = pd.read_csv(f"rows_{name}.csv")
         else:
             t0 = time.perf_counter()
             parts = []
             for split in range(args.first_split, args.first_split + args.splits):
-                train, held, unseen = LOADERS[name](seed=split, fractions=SPLIT)
+                train, held, unseen = LOADERS[loader](seed=split, fractions=SPLIT, n_train=n_train)
                 rows, _ = run_dataset(name, train, held, unseen, cfg)
                 parts.append(rows.assign(split=split))
                 logger.info("%s: split %d done", name, split)
