@@ -56,7 +56,7 @@ INIT_CELLS = 10_000
 #: pbmc68k_reduced's 351 training cells. The diffusion learns scVI's latent and is judged by
 #: the cells scVI decodes from it: on fresh splits 800 epochs instead of 400 move the scVI
 #: space from 0.106 to 0.066 AUROC behind the PCA default on those 351 cells (dispersion
-#: 1.12x the control against 1.07x), while on pbmc3k's 1,846 they tie 400 (0.600 against
+#: 1.12x the control against 1.07x), while on pbmc3k's 1,318 they tie 400 (0.600 against
 #: 0.602; docs/evaluation.md, 'scVI trained longer').
 SMALL_DATA_EPOCHS = 800
 MIN_CELL_PASSES = 300_000
@@ -80,7 +80,7 @@ def default_scvi_epochs(n_cells: int) -> int:
     scvi-tools trains 400 epochs up to 20,000 cells and ``8e6 / n`` above. scbranch keeps
     that, but trains at least ``300,000 / n`` epochs (at most 800): 800 on up to 375 cells,
     then fewer, and scvi-tools' 400 from 750 cells on. On 351 training cells 800 epochs gave
-    better cells than 400; on 1,846 they tied (docs/evaluation.md, "scVI trained longer").
+    better cells than 400; on 1,318 they tied (docs/evaluation.md, "scVI trained longer").
 
     Examples
     --------
