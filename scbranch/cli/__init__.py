@@ -1,4 +1,4 @@
-"""Command line of scbranch: ``scbranch demo``, ``fit``, ``generate`` and ``convert``.
+"""Command line of scbranch: ``demo``, ``hierarchy``, ``fit``, ``generate``, ``convert``.
 
 One job per file: ``_checks.py`` (argument types, input checks, exit statuses),
 ``_commands.py`` (what each subcommand does), ``_parser.py`` (the parser, rendered by
@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..tl._branch_hierarchy import STABILITY_HINT
 from ._checks import (
     _USER_ERRORS,
     EXIT_FAILURE,
@@ -35,8 +36,14 @@ _FLAGS = {
     "`layer=`": "`--layer`",
     "`counts_layer=`": "`--counts-layer`",
     "`obsm_key=`": "`--rep`",
+    # a key that is not in the file: "labels_key='celltype' is not a column of adata.obs"
+    "labels_key='": "--labels '",
+    "groupby='": "--labels '",
+    "use_rep='": "--rep '",
     # the output appearing while cells are generated is caught by the writer, in Python terms
     "overwrite=True": "--overwrite",
+    # discovery's few-cells warning (scbranch fit): the command that reads a tree's support
+    STABILITY_HINT: "`scbranch hierarchy DATA.h5ad --labels KEY --support 50` (--plot draws it)",
 }
 
 

@@ -88,26 +88,29 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
 
 
 def _check_output_file(
-    path: Path, overwrite: bool, inputs: Mapping[str, str | None] | None = None
+    path: Path,
+    overwrite: bool,
+    inputs: Mapping[str, str | None] | None = None,
+    option: str = "--out",
+    kind: str = "a file name ending in .h5ad or .zarr",
 ) -> None:
     """Refuse to replace an existing file or store unless ``overwrite`` (or a directory).
 
     ``inputs`` (flag -> path) are files this command reads: never replaced, ``--overwrite``
     or not (``--anchors cells.h5ad --out cells.h5ad --overwrite`` replaced the user's cells).
+    ``option`` and ``kind`` name the output's flag and what it should be, for the messages.
     """
     for flag, source in (inputs or {}).items():
         if source is not None and path.resolve() == Path(source).resolve():
             raise FileExistsError(
-                f"--out {str(path)!r} is the file {flag} reads; writing generated cells there "
-                "would destroy it, even with --overwrite. Choose another name."
+                f"{option} {str(path)!r} is the file {flag} reads; writing there would destroy "
+                "it, even with --overwrite. Choose another name."
             )
     if path.is_dir() and path.suffix != ".zarr":
-        raise FileExistsError(
-            f"--out {str(path)!r} is a directory; give a file name ending in .h5ad or .zarr."
-        )
+        raise FileExistsError(f"{option} {str(path)!r} is a directory; give {kind}.")
     if path.exists() and not overwrite:
         raise FileExistsError(
-            f"--out {str(path)!r} already exists; choose another file or pass --overwrite to "
+            f"{option} {str(path)!r} already exists; choose another file or pass --overwrite to "
             "replace it."
         )
     # a name ending in neither .h5ad nor .zarr: generate(out=) warns (written as .h5ad)

@@ -7,6 +7,9 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from ..module._solvers import (
     DEFAULT_ANCHOR_TIME,
     DEFAULT_SOLVER,
@@ -308,3 +311,82 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     convert_legacy(args.old_dir, out, overwrite=args.overwrite)
     _say(args, f"Converted {args.old_dir} to {out} (tensors and plain data; no pickle)")
     return 0
+
+
+def _cmd_hierarchy(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    outputs = {"--out": args.out, "--table": args.table, "--plot": args.plot}
+    outputs = {flag: Path(path) for flag, path in outputs.items() if path is not None}
+    kinds = {"--out": "a file name ending in .h5ad", "--table": "a .csv file name"}
+    # Check everything cheap before reading data and bootstrapping.
+    for flag, path in outputs.items():
+        _check_output_file(
+            path,
+            args.overwrite,
+            {"DATA.h5ad": args.data},
+            option=flag,
+            kind=kinds.get(flag, "an image file name (.png, .pdf, .svg)"),
+        )
+    if args.support is not None and args.support < 2:
+        raise CLIError(f"--support needs 2 or more resamples to read a spread, not {args.support}.")
+    resolved = [path.resolve() for path in outputs.values()]
+    if len(set(resolved)) < len(resolved):
+        raise CLIError(f"{', '.join(outputs)} name the same file; give each its own.")
+
+    from ..tl import branch_hierarchy, branch_stability, read_hierarchy
+
+    adata = _read_h5ad(data)
+    logger.info("Learning the tree of obs[%r] in %s.", args.labels, args.rep or args.layer or ".X")
+    branch_hierarchy(
+        adata,
+        args.labels,
+        use_rep=args.rep,
+        layer=args.layer,
+        target_sum=args.target_sum,
+        hierarchy=args.newick,
+        seed=args.seed,
+    )
+    tree, _ = read_hierarchy(adata)
+    _say(args, f"Hierarchy of {len(tree.classes)} cell types: {tree.to_newick()}")
+    if args.support is not None:
+        table = branch_stability(
+            adata, n_bootstrap=args.support, seed=args.seed, progress_bar=not args.quiet
+        )
+        _say(args, f"Support over {args.support} resamples of 80 % of each type's cells:")
+        for row in table.itertuples():
+            interval = "never recurs" if np.isnan(row.t_lo) else f"{row.t_lo:.3f}-{row.t_hi:.3f}"
+            _say(args, f"  {row.support:4.0%}  t {row.t:.3f} ({interval})  {row.classes}")
+    else:
+        table = _branch_points(tree)
+    if "--table" in outputs:
+        table.to_csv(outputs["--table"], index=False)
+        _say(args, f"Wrote the branch points to {outputs['--table']}")
+    if "--plot" in outputs:
+        import matplotlib.pyplot as plt
+
+        from ..pl import branch_tree
+
+        fig = branch_tree(adata, show=False, return_fig=True)
+        try:
+            fig.savefig(outputs["--plot"], bbox_inches="tight")
+        finally:
+            plt.close(fig)
+        _say(args, f"Drew the tree into {outputs['--plot']}")
+    if "--out" in outputs:
+        adata.write_h5ad(outputs["--out"])
+        _say(args, f"Wrote the cells with the tree to {outputs['--out']}")
+    return 0
+
+
+def _branch_points(tree) -> pd.DataFrame:
+    """The internal branches of ``tree``: id, classes and branch time (the root included)."""
+    rows = [
+        {
+            "branch": branch.id,
+            "classes": ", ".join(tree.classes[c] for c in branch.classes),
+            "t": branch.t_start,
+        }
+        for branch in tree.branches
+        if branch.children
+    ]
+    return pd.DataFrame(rows)

@@ -24,7 +24,7 @@ from ._checks import (
     _positive_int,
     _seed,
 )
-from ._commands import _cmd_convert, _cmd_demo, _cmd_fit, _cmd_generate
+from ._commands import _cmd_convert, _cmd_demo, _cmd_fit, _cmd_generate, _cmd_hierarchy
 
 
 # ---------------------------------------------------------------------------- parser
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     Returns
     -------
-    The parser, with the subcommands ``demo``, ``fit`` and ``generate``.
+    The parser, with the subcommands ``demo``, ``hierarchy``, ``fit``, ``generate`` and
+    ``convert``.
 
     Examples
     --------
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=_epilog(
             f"{PROG} demo --out demo_out --fast",
+            f"{PROG} hierarchy pbmc.h5ad --labels cell_type --rep X_pca --support 50",
             f"{PROG} fit pbmc.h5ad --labels cell_type --rep X_pca --out pbmc_model",
             f"{PROG} generate pbmc_model --n-cells 500 --out generated.h5ad",
             "",
@@ -128,6 +130,107 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(demo, bars=False)
     demo.set_defaults(handler=_cmd_demo)
+
+    # ------------------------------------------------------------------ hierarchy
+    hier = sub.add_parser(
+        "hierarchy",
+        formatter_class=fmt,
+        help="Learn the cell-type tree of an .h5ad file and how often each branch point recurs.",
+        description=textwrap.dedent(
+            """\
+            Learn the branch tree over the cell types of an .h5ad file: the diffusion time at
+            which types become indistinguishable under noise (scbranch.tl.branch_hierarchy).
+            Prints the tree in Newick format. --support N learns it again on N resamples of 80 %
+            of each type's cells (scbranch.tl.branch_stability) and prints how often each branch
+            point recurs: clades resting on types of 40 cells or fewer often do not. --out
+            writes the cells with the tree in uns['scbranch_hierarchy'], which 'scbranch fit'
+            reuses when given the same --labels and --rep/--layer. The input file is never
+            modified."""
+        ),
+        epilog=_epilog(
+            f"{PROG} hierarchy pbmc.h5ad --labels cell_type --rep X_pca --support 50",
+            f"{PROG} hierarchy pbmc.h5ad --labels cell_type --rep X_pca --support 50 "
+            "--out pbmc_tree.h5ad --table support.csv --plot tree.png",
+            f"{PROG} hierarchy pbmc.h5ad --labels cell_type --rep X_pca "
+            "--newick '((B,(CD4 T,CD8 T)),(CD14 Mono,FCGR3A Mono));'",
+        ),
+    )
+    hier.add_argument("data", metavar="DATA.h5ad", help="AnnData file with the cells.")
+    hier.add_argument(
+        "--labels",
+        required=True,
+        metavar="KEY",
+        help="Column of .obs with the cell types (e.g. cell_type).",
+    )
+    hier_rep = hier.add_mutually_exclusive_group()
+    hier_rep.add_argument(
+        "--rep",
+        metavar="KEY",
+        default=None,
+        help="Key of .obsm with the representation to learn the tree in (e.g. X_pca); what "
+        "'fit --rep' learns.",
+    )
+    hier_rep.add_argument(
+        "--layer",
+        metavar="L",
+        default=None,
+        help="Layer with log-normalised expression to learn the tree in (default without "
+        "--rep: .X).",
+    )
+    hier.add_argument(
+        "--target-sum",
+        type=float,
+        default=None,
+        metavar="T",
+        help="When the expression holds RAW COUNTS: learn in log1p(counts / total * T) (e.g. 1e4).",
+    )
+    hier.add_argument(
+        "--newick",
+        metavar="TREE",
+        default=None,
+        help="Your own topology over the cell types, e.g. '((B,T),Mono);': only the branch "
+        "times come from the data. Every type of --labels must appear once.",
+    )
+    hier.add_argument(
+        "--support",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="Learn the tree again on N resamples and report each branch point's support (the "
+        "share of resamples in which it recurs) and the spread of its time; 50 is usual.",
+    )
+    hier.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="N",
+        help="Random seed of the forward noise and the resamples (default: %(default)s).",
+    )
+    hier.add_argument(
+        "--out",
+        metavar="OUT.h5ad",
+        default=None,
+        help="Write the cells with the tree (and the support) to this new .h5ad file.",
+    )
+    hier.add_argument(
+        "--table",
+        metavar="CSV",
+        default=None,
+        help="Write the branch points (classes, branch time and, with --support, support and "
+        "interval) to this CSV file.",
+    )
+    hier.add_argument(
+        "--plot",
+        metavar="FILE",
+        default=None,
+        help="Draw the tree (scbranch.pl.branch_tree, with the supports) into this image file "
+        "(.png, .pdf, .svg).",
+    )
+    hier.add_argument(
+        "--overwrite", action="store_true", help="Replace --out, --table or --plot files."
+    )
+    _common(hier)
+    hier.set_defaults(handler=_cmd_hierarchy)
 
     # ------------------------------------------------------------------ fit
     fit = sub.add_parser(

@@ -177,6 +177,12 @@ def discover_record(
     return result.tree, hierarchy_record(result, params)
 
 
+#: how the few-cells warning says to check a tree's support (the command line names its own)
+STABILITY_HINT = (
+    "`sb.tl.branch_stability(adata)` after `sb.tl.branch_hierarchy` (`sb.pl.branch_tree` draws it)"
+)
+
+
 def warn_few_cells(labels: np.ndarray, classes: list[str], groupby: str) -> None:
     """Warn when types with at most :data:`FEW_CELLS_FOR_TREE` cells shaped a learned tree.
 
@@ -192,8 +198,7 @@ def warn_few_cells(labels: np.ndarray, classes: list[str], groupby: str) -> None
     warnings.warn(
         f"The tree was learned with {FEW_CELLS_FOR_TREE} cells or fewer of type(s) {listing} in "
         f"adata.obs[{groupby!r}]; clades resting on so few cells may not recur on other cells. "
-        "Check how often each does with `sb.tl.branch_stability(adata)` after "
-        "`sb.tl.branch_hierarchy` (`sb.pl.branch_tree` draws it).",
+        f"Check how often each does with {STABILITY_HINT}.",
         UserWarning,
         stacklevel=2,
     )

@@ -1,0 +1,136 @@
+"""``scbranch hierarchy``: the tree of an .h5ad file and its support, from the command line.
+
+Known answers: on cells simulated around a known binary tree the command prints and stores
+exactly the true clades, each recurring in every resample; a topology the user gives is kept
+as given (support 1 by construction); ``scbranch fit`` on the written file trains on that tree.
+"""
+
+import hashlib
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+
+import scbranch as sb
+from scbranch.cli import main
+from scbranch.tl._compare import clades
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
+
+
+@pytest.fixture
+def simulated(tmp_path):
+    sim = sb.datasets.simulate_tree(depth=2, n_per_class=60, dim=8, seed=0)
+    path = tmp_path / "cells.h5ad"
+    sim.to_anndata().write_h5ad(path)
+    return sim, path
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("scbranch: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_hierarchy_recovers_a_simulated_tree_with_full_support(simulated, tmp_path, capsys):
+    sim, data = simulated
+    before = _digest(data)
+    out, table, plot = tmp_path / "tree.h5ad", tmp_path / "support.csv", tmp_path / "tree.png"
+    argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent"]
+    rc = main([*argv, "--support", "5", "--out", str(out), "--table", str(table)] + ["-q"])
+    assert rc == 0
+    rc = main([*argv, "--plot", str(plot)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Hierarchy of 4 cell types: " in printed and plot.stat().st_size > 0
+    assert _digest(data) == before  # the input file is never modified
+
+    stored = ad.read_h5ad(out)
+    tree, _ = sb.tl.read_hierarchy(stored)
+    true_clades = {s for s in sim.true_splits if len(s) < len(sim.classes)}
+    assert set(clades(tree)) == true_clades
+    support = pd.read_csv(table)
+    assert len(support) == len(sim.true_splits)  # every branch point, the root included
+    assert np.allclose(support["support"], 1.0)  # a clean tree recurs in every resample
+    assert (support["n_recur"] == 5).all()
+    assert sb.tl.read_stability(stored)["support"].tolist() == support["support"].tolist()
+
+
+def test_hierarchy_keeps_a_users_topology_and_fit_reuses_the_written_tree(simulated, tmp_path):
+    _, data = simulated
+    out = tmp_path / "given.h5ad"
+    given = "((c0,c2),(c1,c3));"  # not the data's tree: kept, only the times are the data's
+    argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent", "-q"]
+    rc = main([*argv, "--newick", given, "--support", "3", "--out", str(out)])
+    assert rc == 0
+    tree, record = sb.tl.read_hierarchy(ad.read_h5ad(out))
+    assert set(clades(tree)) == {frozenset({"c0", "c2"}), frozenset({"c1", "c3"})}
+    assert sb.tl.read_stability(ad.read_h5ad(out))["support"].eq(1.0).all()
+
+    rc = main(
+        ["fit", str(out), "--labels", "cell_type", "--rep", "X_latent", "--out", "model"]
+        + ["--max-epochs", "1", "--width", "16", "--accelerator", "cpu", "-q"]
+    )
+    assert rc == 0
+    model = sb.BranchedDiffusion.load("model")
+    assert model.tree.to_newick() == tree.to_newick()
+
+
+def test_hierarchy_without_support_writes_the_branch_times(simulated, tmp_path):
+    _, data = simulated
+    table = tmp_path / "points.csv"
+    rc = main(
+        ["hierarchy", str(data), "--labels", "cell_type", "--table", str(table), "-q"]
+        + ["--rep", "X_latent"]
+    )
+    assert rc == 0
+    points = pd.read_csv(table)
+    assert list(points.columns) == ["branch", "classes", "t"]
+    assert len(points) == 3 and points["t"].between(0, 1).all()
+    assert points["classes"].str.count(",").max() == 3  # the root: all four types
+
+
+def test_the_few_cells_warning_names_the_command_not_python(tmp_path, capsys):
+    sim = sb.datasets.simulate_tree(depth=1, n_per_class=30, dim=4, seed=0)
+    sim.to_anndata().write_h5ad(tmp_path / "few.h5ad")
+    rc = main(["hierarchy", str(tmp_path / "few.h5ad"), "--labels", "cell_type", "-q"])
+    assert rc == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "40 cells or fewer" in line]
+    assert len(warned) == 1 and warned[0].startswith("scbranch: warning: ")
+    assert "`scbranch hierarchy DATA.h5ad --labels KEY --support 50`" in warned[0]
+    assert "sb.tl" not in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labels", "celltype"], "--labels 'celltype' is not a column of adata.obs"),
+        (["--labels", "cell_type", "--rep", "X_pac"], "--rep 'X_pac' is not in adata.obsm"),
+        (["--labels", "cell_type", "--support", "1"], "--support needs 2 or more resamples"),
+        (["--labels", "cell_type", "--newick", "((c0,c1),cX);"], "['cX']"),
+        (["--labels", "cell_type", "--out", "cells.h5ad", "--overwrite"], "would destroy it"),
+        (["--labels", "cell_type", "--table", "a.csv", "--plot", "a.csv"], "the same file"),
+        (["--labels", "cell_type", "--table", "exists.csv"], "pass --overwrite"),
+        (["--labels", "cell_type", "--out", "."], "--out '.' is a directory"),
+    ],
+)
+def test_hierarchy_bad_input_is_one_line(simulated, tmp_path, capsys, extra, message):
+    _, data = simulated
+    (tmp_path / "exists.csv").write_text("mine\n")
+    rc = main(["hierarchy", str(data), *extra])
+    assert rc == 2
+    assert message in _error_line(capsys)
+    assert (tmp_path / "exists.csv").read_text() == "mine\n"  # not replaced
+    assert not (tmp_path / "a.csv").exists()
