@@ -377,7 +377,7 @@ def test_usage_errors_exit_2(argv, capsys):
     assert "scbranch" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["fit"], ["generate"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["hierarchy"], ["fit"], ["generate"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
@@ -397,6 +397,11 @@ def test_help(command, capsys):
             "--overwrite",
             "dpm2m",
         ]:
+            assert option in text
+    if command == []:
+        assert "hierarchy" in text  # every subcommand is listed
+    if command == ["hierarchy"]:
+        for option in ["--labels", "--rep", "--layer", "--newick", "--support", "--table"]:
             assert option in text
     if command == ["fit"]:
         for option in [
