@@ -134,3 +134,26 @@ def test_hierarchy_bad_input_is_one_line(simulated, tmp_path, capsys, extra, mes
     assert message in _error_line(capsys)
     assert (tmp_path / "exists.csv").read_text() == "mine\n"  # not replaced
     assert not (tmp_path / "a.csv").exists()
+
+
+def test_fit_takes_a_users_topology_from_newick(simulated, tmp_path):
+    _, data = simulated
+    given = "((c0,c3),(c1,c2));"  # not the data's tree
+    rc = main(
+        ["fit", str(data), "--labels", "cell_type", "--rep", "X_latent", "--newick", given]
+        + ["--out", "model", "--max-epochs", "1", "--width", "16", "--accelerator", "cpu", "-q"]
+    )
+    assert rc == 0
+    tree = sb.BranchedDiffusion.load("model").tree
+    assert set(clades(tree)) == {frozenset({"c0", "c3"}), frozenset({"c1", "c2"})}
+
+
+def test_hierarchy_of_cells_left_on_disk_is_the_same_tree(simulated, tmp_path, capsys):
+    _, data = simulated
+    argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent"]
+    assert main([*argv, "--table", "memory.csv", "-q"]) == 0
+    assert main([*argv, "--backed", "--table", "disk.csv", "-q"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv("memory.csv"), pd.read_csv("disk.csv"))
+    assert main([*argv, "--backed", "--out", "tree.h5ad"]) == 2  # would copy the atlas
+    assert "scbranch fit --newick" in _error_line(capsys)
+    assert not (tmp_path / "tree.h5ad").exists()

@@ -70,14 +70,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from ..model import BranchedDiffusion
 
     scvi.settings.seed = args.seed
-    logger.info("Reading %s%s.", data, " (expression left on disk)" if args.backed else "")
-    if args.backed or data.suffix == ".zarr":
-        from ..io import read_backed
-
-        adata = read_backed(data)
-    else:
-        adata = _read_h5ad(data)
+    adata = _read_cells(data, args.backed)
     model_kwargs = {"architecture": args.architecture, "objective": args.objective}
+    if args.newick is not None:  # the user's topology; branch times from these cells
+        model_kwargs["hierarchy"] = args.newick
     if args.width is not None:
         model_kwargs["width"] = args.width
     if args.scvi:
@@ -156,6 +152,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         )
     _say(args, f"Saved model to {out}")
     return 0
+
+
+def _read_cells(data: Path, backed: bool):
+    """The cells of DATA, in memory or with the expression left on disk (--backed, .zarr)."""
+    backed = backed or data.suffix == ".zarr"
+    logger.info("Reading %s%s.", data, " (expression left on disk)" if backed else "")
+    if not backed:
+        return _read_h5ad(data)
+    from ..io import read_backed
+
+    return read_backed(data)
 
 
 def _validation_kwargs(args) -> dict:
@@ -329,13 +336,19 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
         )
     if args.support is not None and args.support < 2:
         raise CLIError(f"--support needs 2 or more resamples to read a spread, not {args.support}.")
+    backed = args.backed or data.suffix == ".zarr"
+    if backed and "--out" in outputs:
+        raise CLIError(
+            "--out writes a copy of the cells, which --backed leaves on disk; drop --out and "
+            "give the printed tree to 'scbranch fit --newick' (or --table for the branch points)."
+        )
     resolved = [path.resolve() for path in outputs.values()]
     if len(set(resolved)) < len(resolved):
         raise CLIError(f"{', '.join(outputs)} name the same file; give each its own.")
 
     from ..tl import branch_hierarchy, branch_stability, read_hierarchy
 
-    adata = _read_h5ad(data)
+    adata = _read_cells(data, backed)
     logger.info("Learning the tree of obs[%r] in %s.", args.labels, args.rep or args.layer or ".X")
     branch_hierarchy(
         adata,

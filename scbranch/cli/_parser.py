@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--newick '((B,(CD4 T,CD8 T)),(CD14 Mono,FCGR3A Mono));'",
         ),
     )
-    hier.add_argument("data", metavar="DATA.h5ad", help="AnnData file with the cells.")
+    hier.add_argument(
+        "data", metavar="DATA.h5ad", help="AnnData file (or .zarr store) with the cells."
+    )
     hier.add_argument(
         "--labels",
         required=True,
@@ -183,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="T",
         help="When the expression holds RAW COUNTS: learn in log1p(counts / total * T) (e.g. 1e4).",
+    )
+    hier.add_argument(
+        "--backed",
+        action="store_true",
+        help="Leave the expression matrix on disk (atlases; always on for a .zarr store): "
+        "discovery reads at most a few hundred cells of each type. Not with --out; give the "
+        "printed tree to 'scbranch fit --newick'.",
     )
     hier.add_argument(
         "--newick",
@@ -314,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Leave the expression matrix on disk and read it in blocks of cells (atlases "
         "larger than memory; always on for a .zarr store). Only obs, var, obsm and uns are "
         "loaded.",
+    )
+    fit.add_argument(
+        "--newick",
+        metavar="TREE",
+        default=None,
+        help="Your own topology over the cell types (e.g. '((B,T),Mono);', or the tree that "
+        "'scbranch hierarchy' printed): only the branch times come from the data. Default: the "
+        "tree stored by 'scbranch hierarchy --out', else one learned from the cells.",
     )
     fit.add_argument(
         "--batch-key",
