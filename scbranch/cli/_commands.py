@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from ..module._solvers import (
     DEFAULT_ANCHOR_TIME,
@@ -30,6 +29,8 @@ from ._checks import (
 )
 
 logger = logging.getLogger(__name__)
+#: share of each type's cells in every resample of ``hierarchy --support`` (branch_stability's)
+SUPPORT_FRACTION = 0.8
 
 
 # ---------------------------------------------------------------------------- subcommands
@@ -347,6 +348,7 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
         raise CLIError(f"{', '.join(outputs)} name the same file; give each its own.")
 
     from ..tl import branch_hierarchy, branch_stability, read_hierarchy
+    from ..tl._branch_stability import branch_points
 
     adata = _read_cells(data, backed)
     logger.info("Learning the tree of obs[%r] in %s.", args.labels, args.rep or args.layer or ".X")
@@ -363,14 +365,22 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
     _say(args, f"Hierarchy of {len(tree.classes)} cell types: {tree.to_newick()}")
     if args.support is not None:
         table = branch_stability(
-            adata, n_bootstrap=args.support, seed=args.seed, progress_bar=not args.quiet
+            adata,
+            n_bootstrap=args.support,
+            fraction=SUPPORT_FRACTION,
+            seed=args.seed,
+            progress_bar=not args.quiet,
         )
-        _say(args, f"Support over {args.support} resamples of 80 % of each type's cells:")
+        _say(
+            args,
+            f"Support over {args.support} resamples of {SUPPORT_FRACTION:.0%} of each type's "
+            "cells:",
+        )
         for row in table.itertuples():
             interval = "never recurs" if np.isnan(row.t_lo) else f"{row.t_lo:.3f}-{row.t_hi:.3f}"
             _say(args, f"  {row.support:4.0%}  t {row.t:.3f} ({interval})  {row.classes}")
     else:
-        table = _branch_points(tree)
+        table = branch_points(tree)
     if "--table" in outputs:
         table.to_csv(outputs["--table"], index=False)
         _say(args, f"Wrote the branch points to {outputs['--table']}")
@@ -389,17 +399,3 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
         adata.write_h5ad(outputs["--out"])
         _say(args, f"Wrote the cells with the tree to {outputs['--out']}")
     return 0
-
-
-def _branch_points(tree) -> pd.DataFrame:
-    """The internal branches of ``tree``: id, classes and branch time (the root included)."""
-    rows = [
-        {
-            "branch": branch.id,
-            "classes": ", ".join(tree.classes[c] for c in branch.classes),
-            "t": branch.t_start,
-        }
-        for branch in tree.branches
-        if branch.children
-    ]
-    return pd.DataFrame(rows)

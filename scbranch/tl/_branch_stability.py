@@ -348,14 +348,26 @@ def read_stability(adata: AnnData, key: str = Key.uns.HIERARCHY) -> pd.DataFrame
             "`scbranch.tl.branch_stability`."
         )
     columns = {f: np.asarray(stability[f]).ravel() for f in _FIELDS}
-    table = pd.DataFrame(
+    table = branch_points(tree, branch).assign(
+        **{f: columns[f].astype(np.int64 if f == "n_recur" else np.float64) for f in _FIELDS}
+    )
+    return table[COLUMNS]
+
+
+def branch_points(tree: BranchTree, branch=None) -> pd.DataFrame:
+    """Id, classes and branch time of the internal branches ``branch`` (default: all, root too).
+
+    The first columns of :func:`branch_stability`'s table, and the whole table without support.
+    """
+    if branch is None:
+        branch = [b.id for b in tree.branches if b.children]
+    branch = np.asarray(branch, dtype=np.int64)
+    return pd.DataFrame(
         {
             "branch": branch,
             "classes": [
                 ", ".join(tree.classes[c] for c in tree.branches[b].classes) for b in branch
             ],
             "t": np.array([tree.branches[b].t_start for b in branch], dtype=np.float64),
-            **{f: columns[f].astype(np.int64 if f == "n_recur" else np.float64) for f in _FIELDS},
         }
     )
-    return table[COLUMNS]
