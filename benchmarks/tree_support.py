@@ -25,6 +25,8 @@ types whose branch times crowd as ``decay`` nears 1).
 Usage (from the repository root, in the project's venv):
   python benchmarks/tree_support.py          # about 4 min on 1 thread
   python benchmarks/tree_support.py --fast   # smoke test (numbers meaningless)
+  python benchmarks/tree_support.py --curves expected \
+      --markdown docs/benchmarks/tree_support_expected.md   # noiseless similarity curves
 Writes docs/benchmarks/tree_support.md (--fast: under --out).
 """
 
@@ -60,11 +62,14 @@ def capped(adata, m: int | None, seed: int):
     return adata[np.sort(np.concatenate(rows))].copy()
 
 
-def clade_rows(adata, reference: set, n_bootstrap: int, seed: int) -> list[dict]:
-    """One row per internal non-root clade of the tree learned on ``adata``."""
+def clade_rows(
+    adata, reference: set, n_bootstrap: int, seed: int, discovery: dict | None = None
+) -> list[dict]:
+    """One row per internal non-root clade of the tree learned on ``adata`` (``discovery``:
+    options of ``branch_hierarchy``, which ``branch_stability`` reuses)."""
     import scbranch as sb
 
-    sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=seed)
+    sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=seed, **(discovery or {}))
     table = sb.tl.branch_stability(adata, n_bootstrap=n_bootstrap, seed=seed, progress_bar=False)
     sizes = adata.obs[LABELS].value_counts()
     support = {
@@ -109,7 +114,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmark_out/tree_support")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--curves",
+        choices=("sampled", "expected"),
+        default=None,
+        help="discovery's similarity curves (default: the package's)",
+    )
+    parser.add_argument(
+        "--noise-draws", type=int, default=None, help="discovery's n_noise_draws (sampled curves)"
+    )
     args = parser.parse_args(argv)
+    discovery = {
+        key: value
+        for key, value in (("curves", args.curves), ("n_noise_draws", args.noise_draws))
+        if value is not None
+    }
     cfg_name = "fast" if args.fast else "cpu"
     cfg = SETTINGS[cfg_name]
     import scbranch as sb
@@ -126,11 +145,12 @@ def main(argv=None) -> int:
         "replicates of 80 % of each type's cells. One row per clade of the learned trees, "
         "binned by the fewest cells of its types; the reference tree is the simulated truth "
         "(the known answer) or the tree of all cells. The package warns when a type has "
-        f"{FEW_CELLS_FOR_TREE} cells or fewer. See the script's docstring.",
+        f"{FEW_CELLS_FOR_TREE} cells or fewer. See the script's docstring. Discovery options: "
+        f"{discovery or 'the package defaults'} (for every tree, the reference included).",
     ]
     for name, (adata, truth) in datasets().items():
         if truth is None:
-            sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=0)
+            sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=0, **discovery)
             reference = set(clades(adata.uns["scbranch_hierarchy"]))
         else:
             reference = set(truth) - {frozenset(adata.obs[LABELS].astype(str).unique())}
@@ -138,7 +158,8 @@ def main(argv=None) -> int:
         for m in cfg["caps"]:
             for r in range(cfg["repeats"]):
                 try:
-                    rows += clade_rows(capped(adata, m, r), reference, cfg["n_bootstrap"], r)
+                    cells = capped(adata, m, r)
+                    rows += clade_rows(cells, reference, cfg["n_bootstrap"], r, discovery)
                 except ValueError as err:  # discovery can fail on a few cells; counted
                     logger.warning("%s, cap %s, repeat %d: %s", name, m, r, err)
                     failed.append(f"cap {m or 'all'}, repeat {r}")
