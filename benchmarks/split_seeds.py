@@ -135,6 +135,34 @@ def across(values: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(out).T
 
 
+def paired(values: pd.DataFrame, row: str, other: str) -> pd.DataFrame:
+    """``row`` against ``other`` on every reported metric, paired by split: the mean ± SE of
+    the difference, the splits where ``row`` is lower, and each row over the control.
+
+    >>> values = pd.DataFrame(
+    ...     {"generated": [0.6, 0.7, 0.5, 0.62], "control": [0.5, 0.5, 0.4, 0.4]},
+    ...     index=pd.MultiIndex.from_tuples(
+    ...         [(s, m, "auroc") for s in (0, 1) for m in ("a", "b")],
+    ...         names=["split", "method", "metric"],
+    ...     ),
+    ... )
+    >>> paired(values, "a", "b").loc["auroc", "a minus b"]
+    '-0.110 ± 0.010'
+    """
+    table = split_table(values)
+    out = {}
+    for metric in [m for m in REPORTED if m in table.index.get_level_values("metric")]:
+        t = table.xs(metric, level="metric")
+        d = t[row] - t[other]
+        out[metric] = {
+            f"{row} minus {other}": f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)):.3f}",
+            f"{row} lower (splits)": f"{int((d < 0).sum())}/{len(d)}",
+            f"{row} / control": round((t[row] / t[CONTROL]).mean(), 3),
+            f"{other} / control": round((t[other] / t[CONTROL]).mean(), 3),
+        }
+    return pd.DataFrame(out).T.rename_axis("metric")
+
+
 def must_show(values: pd.DataFrame) -> pd.DataFrame:
     """The default and the known answer against each must-show, per split and on the means."""
     table = split_table(values)
@@ -189,7 +217,12 @@ def seed_margins(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def write_markdown(
-    path: Path, results: dict, cfg: dict, wall_s: float, raw: dict | None = None
+    path: Path,
+    results: dict,
+    cfg: dict,
+    wall_s: float,
+    raw: dict | None = None,
+    compare: list[tuple[str, str]] | None = None,
 ) -> str:
     raw = raw or {}
     lines = [
@@ -235,6 +268,12 @@ def write_markdown(
                     _md(seed_margins(raw[name], metric)),
                     "",
                 ]
+        for row, other in compare or []:
+            if row in set(values.index.get_level_values("method")) and other in set(
+                values.index.get_level_values("method")
+            ):
+                lines += [f"### {row} against {other}, paired by split", ""]
+                lines += [_md(paired(values, row, other)), ""]
         auroc = split_table(values).xs("auroc", level="metric")
         lines += ["### AUROC per split", "", _md(auroc[[*rows_of(auroc), CONTROL]].round(3)), ""]
     return write_lines(path, lines)
@@ -281,7 +320,18 @@ def main(argv=None) -> int:
         help="run only the --architectures rows (no baselines, no probes) and add them to the "
         "rows of an earlier run in --out, replacing rows of the same name",
     )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="ROW,OTHER",
+        help="also read ROW against OTHER on every metric, paired by split (repeatable; e.g. "
+        "conditioned:scvi:scviepochs800,conditioned:scvi:scviepochs400)",
+    )
     args = parser.parse_args(argv)
+    compare = [tuple(pair.split(",")) for pair in args.compare]
+    if any(len(pair) != 2 for pair in compare):
+        parser.error(f"--compare takes ROW,OTHER, got {args.compare}")
     cfg = {
         **SETTINGS["fast" if args.fast else "cpu"],
         "architectures": tuple(args.architectures.split(",")),
@@ -327,7 +377,7 @@ def main(argv=None) -> int:
             meta_path.write_text(json.dumps(walls))
         results[name], raw[name] = per_split(rows), rows
     wall = sum(w for key, w in walls.items() if key.split(" ")[0] in results)
-    print(write_markdown(markdown, results, cfg, wall, raw))
+    print(write_markdown(markdown, results, cfg, wall, raw, compare))
     return 0
 
 
