@@ -74,8 +74,10 @@ SIMULATED = [
 logger = logging.getLogger("discovery")
 
 
-def datasets() -> dict:
-    """name -> (AnnData with ``obsm['X_pca']`` and ``obs[LABELS]``, true clades or None)."""
+def datasets(simulated: list[dict] | None = None) -> dict:
+    """name -> (AnnData with ``obsm['X_pca']`` and ``obs[LABELS]``, true clades or None);
+    ``simulated``: the ``simulate_tree`` parameters of the simulated sets (default
+    :data:`SIMULATED`)."""
     import scbranch as sb
     from scbranch.datasets import simulate_tree
 
@@ -85,7 +87,7 @@ def datasets() -> dict:
         out["pbmc3k (train cells)"] = (train, None)
     else:
         logger.warning("%s not found: pbmc3k skipped.", PBMC3K)
-    for params in SIMULATED:
+    for params in SIMULATED if simulated is None else simulated:
         sim = simulate_tree(**params)
         adata = sim.to_anndata(labels_key=LABELS, obsm_key="X_pca")
         name = f"simulated tree ({len(sim.classes)} classes, decay {params['decay']})"

@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 import pandas as pd
-from discovery import clades, datasets
+from discovery import SIMULATED, clades, datasets
 from quality import LABELS, _md, cpu_threads, prepare_run, write_lines
 
 SETTINGS = {
@@ -123,7 +123,16 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--noise-draws", type=int, default=None, help="discovery's n_noise_draws (sampled curves)"
     )
+    parser.add_argument(
+        "--decays",
+        default=None,
+        help="decays of the simulated trees, e.g. 0.9,0.95 (nearer 1: crowded branch times, "
+        "where discovery errs and false clades appear; default: discovery.py's)",
+    )
     args = parser.parse_args(argv)
+    simulated = None
+    if args.decays:
+        simulated = [{**SIMULATED[0], "decay": float(d)} for d in args.decays.split(",")]
     discovery = {
         key: value
         for key, value in (("curves", args.curves), ("n_noise_draws", args.noise_draws))
@@ -148,7 +157,7 @@ def main(argv=None) -> int:
         f"{FEW_CELLS_FOR_TREE} cells or fewer. See the script's docstring. Discovery options: "
         f"{discovery or 'the package defaults'} (for every tree, the reference included).",
     ]
-    for name, (adata, truth) in datasets().items():
+    for name, (adata, truth) in datasets(simulated).items():
         if truth is None:
             sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=0, **discovery)
             reference = set(clades(adata.uns["scbranch_hierarchy"]))

@@ -688,12 +688,14 @@ def test_fit_scvi_trains_small_data_800_epochs_unless_told(monkeypatch):
     monkeypatch.setattr(
         scvi.model.SCVI, "train", lambda self, max_epochs=None, **kw: asked.append(max_epochs)
     )
-    adata = _pbmc()  # 700 cells: 300,000 cell passes take 429 epochs
+    adata = _pbmc()  # 700 cells
     sb.model.fit_scvi(adata[:351].copy(), counts_layer="counts")  # pbmc68k_reduced's train size
     sb.model.fit_scvi(adata, counts_layer="counts")
     sb.model.fit_scvi(adata, counts_layer="counts", max_epochs=7)
-    assert asked == [800, round(300_000 / 700), 7]
-    for n in (750, 1_846, 20_000, 45_000, 1_000_000):  # from 750 cells: scvi-tools' default
+    assert asked == [800, 800, 7]
+    # between 750 and 1,500 cells: 600,000 cell passes, more than scvi-tools' 400 epochs
+    assert [sb.model.default_scvi_epochs(n) for n in (751, 1_000, 1_318)] == [799, 600, 455]
+    for n in (1_500, 1_846, 20_000, 45_000, 1_000_000):  # from 1,500 cells: scvi-tools' default
         assert sb.model.default_scvi_epochs(n) == get_max_epochs_heuristic(n)
 
 

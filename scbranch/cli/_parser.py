@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="With --scvi: scVI training epochs (default: scvi-tools' heuristic, but 800 on "
-        "up to 375 cells and more than 400 below 750).",
+        "up to 750 cells and more than 400 below 1,500).",
     )
     fit.add_argument(
         "--out",
