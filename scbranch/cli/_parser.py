@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"{PROG} hierarchy pbmc.h5ad --labels cell_type --rep X_pca --support 50",
             f"{PROG} hierarchy pbmc.h5ad --labels cell_type --rep X_pca --support 50 "
             "--out pbmc_tree.h5ad --table support.csv --plot tree.png",
-            f"{PROG} hierarchy pbmc.h5ad --labels cell_type --rep X_pca "
-            "--newick '((B,(CD4 T,CD8 T)),(CD14 Mono,FCGR3A Mono));'",
+            f"{PROG} hierarchy pbmc3k.h5ad --labels cell_type --target-sum 1e4 --newick "
+            "'((B,(CD4 T,CD8 T,NK)),(CD14 Mono,FCGR3A Mono,DC),Megakaryocyte);'",
         ),
     )
     hier.add_argument(
