@@ -157,3 +157,14 @@ def test_hierarchy_of_cells_left_on_disk_is_the_same_tree(simulated, tmp_path, c
     assert main([*argv, "--backed", "--out", "tree.h5ad"]) == 2  # would copy the atlas
     assert "scbranch fit --newick" in _error_line(capsys)
     assert not (tmp_path / "tree.h5ad").exists()
+
+
+def test_hierarchy_with_noiseless_curves_is_deterministic(simulated, tmp_path):
+    sim, data = simulated
+    argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent", "-q"]
+    for seed in ("0", "1"):
+        assert main([*argv, "--curves", "expected", "--seed", seed, "--out", f"t{seed}.h5ad"]) == 0
+    trees = [sb.tl.read_hierarchy(ad.read_h5ad(f"t{seed}.h5ad")) for seed in ("0", "1")]
+    assert trees[0][1]["params"]["curves"] == "expected"  # what branch_stability reruns
+    assert trees[0][0].to_newick() == trees[1][0].to_newick()  # no noise: the seed is moot
+    assert set(clades(trees[0][0])) == {s for s in sim.true_splits if len(s) < 4}

@@ -359,6 +359,7 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
         layer=args.layer,
         target_sum=args.target_sum,
         hierarchy=args.newick,
+        curves=args.curves,
         seed=args.seed,
     )
     tree, _ = read_hierarchy(adata)
