@@ -340,8 +340,9 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
     backed = args.backed or data.suffix == ".zarr"
     if backed and "--out" in outputs:
         raise CLIError(
-            "--out writes a copy of the cells, which --backed leaves on disk; drop --out and "
-            "give the printed tree to 'scbranch fit --newick' (or --table for the branch points)."
+            "--out writes a copy of the cells, which --backed (always on for a .zarr store) "
+            "leaves on disk; drop --out and give the printed tree to 'scbranch fit --newick' "
+            "(or --table for the branch points)."
         )
     resolved = [path.resolve() for path in outputs.values()]
     if len(set(resolved)) < len(resolved):
