@@ -55,9 +55,9 @@ INIT_CELLS = 10_000
 #: SMALL_DATA_EPOCHS): 800 epochs up to 750 cells, scvi-tools' 400 from 1,500. The diffusion
 #: learns scVI's latent and is judged by the cells scVI decodes from it. On fresh splits 800
 #: epochs against 400 lowered the scVI space's AUROC by 0.040 on 351 cells (pbmc68k_reduced),
-#: 0.011 on 357 and 0.025 on 702 (pbmc3k's types), and tied on 1,318 (pbmc3k), where 400
-#: epochs are 527,000 cell passes; the cells' dispersion rose by 0.02-0.05 x the control below
-#: 750 cells (docs/evaluation.md, 'scVI trained longer').
+#: 0.011 on 357 and 0.025 on 702 (pbmc3k's types), and tied on 1,001 (600 and 800 epochs) and
+#: on 1,318 (pbmc3k), where 400 epochs are 527,000 cell passes; the cells' dispersion rose by
+#: 0.02-0.05 x the control below 750 cells (docs/evaluation.md, 'scVI trained longer').
 SMALL_DATA_EPOCHS = 800
 MIN_CELL_PASSES = 600_000
 
