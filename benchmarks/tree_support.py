@@ -63,13 +63,21 @@ def capped(adata, m: int | None, seed: int):
 
 
 def clade_rows(
-    adata, reference: set, n_bootstrap: int, seed: int, discovery: dict | None = None
+    adata,
+    reference: set,
+    n_bootstrap: int,
+    seed: int,
+    discovery: dict | None = None,
+    support_curves: str | None = None,
 ) -> list[dict]:
     """One row per internal non-root clade of the tree learned on ``adata`` (``discovery``:
-    options of ``branch_hierarchy``, which ``branch_stability`` reuses)."""
+    options of ``branch_hierarchy``, which ``branch_stability`` reuses, except the curves when
+    ``support_curves`` names the replicates' own)."""
     import scbranch as sb
 
     sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=seed, **(discovery or {}))
+    if support_curves is not None:  # the replicates' curves, not the learned tree's
+        adata.uns["scbranch_hierarchy"]["params"]["curves"] = support_curves
     table = sb.tl.branch_stability(adata, n_bootstrap=n_bootstrap, seed=seed, progress_bar=False)
     sizes = adata.obs[LABELS].value_counts()
     support = {
@@ -124,6 +132,13 @@ def main(argv=None) -> int:
         "--noise-draws", type=int, default=None, help="discovery's n_noise_draws (sampled curves)"
     )
     parser.add_argument(
+        "--support-curves",
+        choices=("sampled", "expected"),
+        default=None,
+        help="the bootstrap replicates' curves (default: the learned tree's, as "
+        "branch_stability does), e.g. sampled replicates around a tree of expected curves",
+    )
+    parser.add_argument(
         "--decays",
         default=None,
         help="decays of the simulated trees, e.g. 0.9,0.95 (nearer 1: crowded branch times, "
@@ -155,7 +170,8 @@ def main(argv=None) -> int:
         "binned by the fewest cells of its types; the reference tree is the simulated truth "
         "(the known answer) or the tree of all cells. The package warns when a type has "
         f"{FEW_CELLS_FOR_TREE} cells or fewer. See the script's docstring. Discovery options: "
-        f"{discovery or 'the package defaults'} (for every tree, the reference included).",
+        f"{discovery or 'the package defaults'} (for every tree, the reference included); "
+        f"the replicates' curves: {args.support_curves or 'the same'}.",
     ]
     for name, (adata, truth) in datasets(simulated).items():
         if truth is None:
@@ -168,7 +184,9 @@ def main(argv=None) -> int:
             for r in range(cfg["repeats"]):
                 try:
                     cells = capped(adata, m, r)
-                    rows += clade_rows(cells, reference, cfg["n_bootstrap"], r, discovery)
+                    rows += clade_rows(
+                        cells, reference, cfg["n_bootstrap"], r, discovery, args.support_curves
+                    )
                 except ValueError as err:  # discovery can fail on a few cells; counted
                     logger.warning("%s, cap %s, repeat %d: %s", name, m, r, err)
                     failed.append(f"cap {m or 'all'}, repeat {r}")
