@@ -168,3 +168,23 @@ def test_hierarchy_with_noiseless_curves_is_deterministic(simulated, tmp_path):
     assert trees[0][1]["params"]["curves"] == "expected"  # what branch_stability reruns
     assert trees[0][0].to_newick() == trees[1][0].to_newick()  # no noise: the seed is moot
     assert set(clades(trees[0][0])) == {s for s in sim.true_splits if len(s) < 4}
+
+
+def test_bad_values_in_the_file_and_a_bad_newick_for_fit_are_one_line(simulated, tmp_path, capsys):
+    _, data = simulated
+    cells = ad.read_h5ad(data)
+    cells.obsm["X_latent"][3, 2] = np.nan
+    cells.write_h5ad(tmp_path / "nan.h5ad")
+    cells = ad.read_h5ad(data)
+    cells.obs.loc[cells.obs_names[:2], "cell_type"] = np.nan
+    cells.write_h5ad(tmp_path / "unlabelled.h5ad")
+    cases = [
+        (["hierarchy", "nan.h5ad", "--rep", "X_latent"], "NaN or infinite"),
+        (["hierarchy", "unlabelled.h5ad", "--rep", "X_latent"], "2 missing value(s)"),
+        (["hierarchy", str(data), "--target-sum", "nan"], "--target-sum must be a positive"),
+        (["fit", str(data), "--rep", "X_latent", "--newick", "((c0,c1),cX);", "--out", "m"], "cX"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--labels", "cell_type"]) == 2
+        assert message in _error_line(capsys)
+    assert not (tmp_path / "m").exists()

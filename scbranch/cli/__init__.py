@@ -40,6 +40,7 @@ _FLAGS = {
     "labels_key='": "--labels '",
     "groupby='": "--labels '",
     "use_rep='": "--rep '",
+    "target_sum must": "--target-sum must",
     # the output appearing while cells are generated is caught by the writer, in Python terms
     "overwrite=True": "--overwrite",
     # discovery's few-cells warning (scbranch fit): the command that reads a tree's support
