@@ -76,9 +76,14 @@ def clade_rows(
     import scbranch as sb
 
     sb.tl.branch_hierarchy(adata, groupby=LABELS, use_rep="X_pca", seed=seed, **(discovery or {}))
-    if support_curves is not None:  # the replicates' curves, not the learned tree's
-        adata.uns["scbranch_hierarchy"]["params"]["curves"] = support_curves
-    table = sb.tl.branch_stability(adata, n_bootstrap=n_bootstrap, seed=seed, progress_bar=False)
+    learned_with = adata.uns["scbranch_hierarchy"]["params"]["curves"]
+    table = sb.tl.branch_stability(
+        adata,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        curves=support_curves or learned_with,
+        progress_bar=False,
+    )
     sizes = adata.obs[LABELS].value_counts()
     support = {
         frozenset(c.split(", ")): s for c, s in zip(table["classes"], table["support"], strict=True)
@@ -135,8 +140,8 @@ def main(argv=None) -> int:
         "--support-curves",
         choices=("sampled", "expected"),
         default=None,
-        help="the bootstrap replicates' curves (default: the learned tree's, as "
-        "branch_stability does), e.g. sampled replicates around a tree of expected curves",
+        help="the bootstrap replicates' curves (default: the learned tree's; branch_stability's "
+        "own default is sampled), e.g. sampled replicates around a tree of expected curves",
     )
     parser.add_argument(
         "--decays",

@@ -163,11 +163,18 @@ def test_hierarchy_with_noiseless_curves_is_deterministic(simulated, tmp_path):
     sim, data = simulated
     argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent", "-q"]
     for seed in ("0", "1"):
-        assert main([*argv, "--curves", "expected", "--seed", seed, "--out", f"t{seed}.h5ad"]) == 0
+        rc = main([*argv, "--curves", "expected", "--seed", seed, "--out", f"t{seed}.h5ad"])
+        assert rc == 0
     trees = [sb.tl.read_hierarchy(ad.read_h5ad(f"t{seed}.h5ad")) for seed in ("0", "1")]
-    assert trees[0][1]["params"]["curves"] == "expected"  # what branch_stability reruns
+    assert trees[0][1]["params"]["curves"] == "expected"
     assert trees[0][0].to_newick() == trees[1][0].to_newick()  # no noise: the seed is moot
     assert set(clades(trees[0][0])) == {s for s in sim.true_splits if len(s) < 4}
+    # its support comes from resamples that draw noise (a noiseless tree's wrong clades would
+    # otherwise recur in most of them)
+    assert main([*argv, "--curves", "expected", "--support", "3", "--out", "s.h5ad"]) == 0
+    stored = ad.read_h5ad("s.h5ad").uns["scbranch_hierarchy"]
+    assert stored["params"]["curves"] == "expected"
+    assert stored["stability"]["params"]["curves"] == "sampled"
 
 
 def test_bad_values_in_the_file_and_a_bad_newick_for_fit_are_one_line(simulated, tmp_path, capsys):

@@ -204,10 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--curves",
         choices=("sampled", "expected"),
         default="sampled",
-        help="'sampled' (default; the paper's): similarity curves of noised cells; "
-        "'expected': their noiseless limit, deterministic, which found the true tree of "
-        "simulated data far more often, but whose --support gives wrong clades 0.55-0.77 "
-        "(docs/method.md).",
+        help="The tree's similarity curves: 'sampled' (default; the paper's): curves of noised "
+        "cells; 'expected': their noiseless limit, deterministic, which found the true tree of "
+        "simulated data far more often (docs/method.md). --support's resamples always draw "
+        "noise, which keeps wrong clades' support low.",
     )
     hier.add_argument(
         "--support",
