@@ -145,3 +145,14 @@ def test_old_models_load_only_when_trusted_and_convert_once(
     assert (tmp_path / "new" / "notes.txt").read_text() == "mine too"
     assert (tmp_path / "old" / "model.pt").is_file()
     shutil.rmtree(tmp_path / "old")
+
+
+def test_variable_width_strings_from_a_zarr_store_save_as_plain_strings():
+    # anndata reads string arrays of a .zarr store's uns as numpy 2's StringDType ("T"), and
+    # fit on a store holding a hierarchy failed to save it ("Cannot save arrays of dtype")
+    from scbranch.model._plain import pack, unpack
+
+    names = np.array(["B cells", "NK"], dtype=np.dtypes.StringDType())
+    value, arrays = pack({"classes": names})
+    back = unpack(value, arrays)["classes"]
+    assert back.dtype.kind == "U" and back.tolist() == ["B cells", "NK"]

@@ -50,9 +50,11 @@ class _Packer:
                 key = f"a{len(self.arrays)}"
                 self.arrays[key] = obj
                 return {"__ndarray__": key}
-            if obj.dtype.kind in "OUS":
+            # "T": numpy 2's variable-width strings, which anndata reads from zarr stores
+            if obj.dtype.kind in "OUST":
+                kind = "U" if obj.dtype.kind == "T" else obj.dtype.kind
                 return {"__objarray__": [self.pack(v) for v in obj.ravel().tolist()],
-                        "shape": list(obj.shape), "kind": obj.dtype.kind}  # fmt: skip
+                        "shape": list(obj.shape), "kind": kind}  # fmt: skip
             raise TypeError(f"Cannot save arrays of dtype {obj.dtype} as plain data.")
         if isinstance(obj, pd.DataFrame):
             return {
