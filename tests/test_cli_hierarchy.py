@@ -154,9 +154,40 @@ def test_hierarchy_of_cells_left_on_disk_is_the_same_tree(simulated, tmp_path, c
     assert main([*argv, "--table", "memory.csv", "-q"]) == 0
     assert main([*argv, "--backed", "--table", "disk.csv", "-q"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv("memory.csv"), pd.read_csv("disk.csv"))
-    assert main([*argv, "--backed", "--out", "tree.h5ad"]) == 2  # would copy the atlas
-    assert "scbranch fit --newick" in _error_line(capsys)
-    assert not (tmp_path / "tree.h5ad").exists()
+    assert main([*argv, "--backed", "--out", "tree.zarr"]) == 2  # a copy keeps the format
+    assert "name it with .h5ad" in _error_line(capsys)
+    assert not (tmp_path / "tree.zarr").exists()
+
+
+def test_hierarchy_of_cells_left_on_disk_writes_a_copy_with_the_tree(simulated, tmp_path):
+    # an atlas's expression is copied as it is on disk, never read; only uns gains the tree
+    sim, data = simulated
+    before = _digest(data)
+    argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent", "-q"]
+    assert main([*argv, "--backed", "--support", "3", "--out", "tree.h5ad"]) == 0
+    assert _digest(data) == before
+    cells, copy = ad.read_h5ad(data), ad.read_h5ad("tree.h5ad")
+    np.testing.assert_array_equal(copy.X, cells.X)
+    pd.testing.assert_frame_equal(copy.obs, cells.obs)
+    np.testing.assert_array_equal(copy.obsm["X_latent"], cells.obsm["X_latent"])
+    assert set(copy.uns) == set(cells.uns) | {"scbranch_hierarchy"}
+    tree, _ = sb.tl.read_hierarchy(copy)
+    assert set(clades(tree)) == {s for s in sim.true_splits if len(s) < 4}
+    assert sb.tl.read_stability(copy)["n_recur"].eq(3).all()
+
+    # a .zarr store: the same, as a store, and fit trains on the tree it finds there
+    cells.write_zarr("cells.zarr")
+    argv[1] = "cells.zarr"
+    assert main([*argv, "--out", "tree.zarr"]) == 0
+    stored = sb.io.read_backed("tree.zarr")  # through the store's consolidated metadata
+    assert sb.tl.read_hierarchy(stored)[0].to_newick() == tree.to_newick()
+    assert "scbranch_hierarchy" not in sb.io.read_backed("cells.zarr").uns
+    rc = main(
+        ["fit", "tree.zarr", "--labels", "cell_type", "--rep", "X_latent", "--out", "model"]
+        + ["--max-epochs", "1", "--width", "16", "--accelerator", "cpu", "-q"]
+    )
+    assert rc == 0
+    assert sb.BranchedDiffusion.load("model").tree.to_newick() == tree.to_newick()
 
 
 def test_hierarchy_with_noiseless_curves_is_deterministic(simulated, tmp_path):

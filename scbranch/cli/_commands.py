@@ -322,10 +322,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_hierarchy(args: argparse.Namespace) -> int:
+    from .._keys import Key
+    from ..io import is_zarr_path
+
     data = Path(args.data)
     outputs = {"--out": args.out, "--table": args.table, "--plot": args.plot}
     outputs = {flag: Path(path) for flag, path in outputs.items() if path is not None}
-    kinds = {"--out": "a file name ending in .h5ad", "--table": "a .csv file name"}
+    kinds = {"--out": "a file name ending in .h5ad or .zarr", "--table": "a .csv file name"}
     # Check everything cheap before reading data and bootstrapping.
     for flag, path in outputs.items():
         _check_output_file(
@@ -337,12 +340,13 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
         )
     if args.support is not None and args.support < 2:
         raise CLIError(f"--support needs 2 or more resamples to read a spread, not {args.support}.")
-    backed = args.backed or data.suffix == ".zarr"
-    if backed and "--out" in outputs:
+    backed = args.backed or is_zarr_path(data)
+    if backed and "--out" in outputs and is_zarr_path(outputs["--out"]) != is_zarr_path(data):
+        # the cells left on disk are copied as they are, not converted
+        suffix = ".zarr" if is_zarr_path(data) else ".h5ad"
         raise CLIError(
-            "--out writes a copy of the cells, which --backed (always on for a .zarr store) "
-            "leaves on disk; drop --out and give the printed tree to 'scbranch fit --newick' "
-            "(or --table for the branch points)."
+            f"--out copies {str(data)!r} as it is on disk, with the tree added: name it with "
+            f"{suffix}, or drop --backed to read the cells and write them in either format."
         )
     resolved = [path.resolve() for path in outputs.values()]
     if len(set(resolved)) < len(resolved):
@@ -398,6 +402,15 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
             plt.close(fig)
         _say(args, f"Drew the tree into {outputs['--plot']}")
     if "--out" in outputs:
-        adata.write_h5ad(outputs["--out"])
-        _say(args, f"Wrote the cells with the tree to {outputs['--out']}")
+        out = outputs["--out"]
+        if backed:  # a copy of the file or store with the tree in uns; .X is never read
+            from ..io import copy_with_uns
+
+            key = Key.uns.HIERARCHY
+            copy_with_uns(data, out, {key: adata.uns[key]}, overwrite=args.overwrite)
+        elif is_zarr_path(out):
+            adata.write_zarr(out)
+        else:
+            adata.write_h5ad(out)
+        _say(args, f"Wrote the cells with the tree to {out}")
     return 0

@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         metavar="OUT.h5ad",
         default=None,
-        help="Write the cells with the tree (and the support) to this new .h5ad file.",
+        help="Write the cells with the tree (and the support) to this new .h5ad file or .zarr "
+        "store. With --backed (and for a .zarr store) it is a copy of DATA as it is on disk, "
+        "the expression never read, with the tree added, so use DATA's format.",
     )
     hier.add_argument(
         "--table",
