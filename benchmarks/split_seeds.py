@@ -232,7 +232,8 @@ def write_markdown(
         "quality.py's protocol (train / held-out / unseen "
         f"{' / '.join(f'{f:.0%}' for f in SPLIT)} per class, reference PCA on the train cells, "
         "`tl.evaluate`), repeated for several split seeds, with the training seeds each dataset's "
-        f"heading gives and generation seeds {cfg['seeds']}, {cfg['n_cells']} cells per type. "
+        f"heading gives and generation seeds {cfg['seeds']}, {cfg['n_cells']} cells per type; "
+        f"scVI trained {scvi_epochs_text(cfg['scvi_epochs'])} unless a row says otherwise. "
         "Per split: the mean over evaluated types, then over the runs (training x generation "
         "seeds); across splits: mean ± standard error. "
         "Differences are paired by split. Read every row against the control (two halves of the "
@@ -279,6 +280,26 @@ def write_markdown(
     return write_lines(path, lines)
 
 
+def scvi_epochs_of(value: str) -> int | None:
+    """``--scvi-epochs``: a positive number of epochs, or ``None`` for the package's default.
+
+    >>> scvi_epochs_of("800"), scvi_epochs_of("default")
+    (800, None)
+    """
+    if value == "default":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--scvi-epochs takes a positive number or 'default', got {value!r}")
+    return int(value)
+
+
+def scvi_epochs_text(epochs: int | None) -> str:
+    """How the page names scVI's training."""
+    if epochs is None:
+        return "the package's default epochs (`sb.model.default_scvi_epochs`)"
+    return f"{epochs} epochs"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="pbmc68k")
@@ -296,6 +317,14 @@ def main(argv=None) -> int:
         "--no-scvi",
         action="store_true",
         help="the baselines and probes without scVI resampling (its training dominates a run)",
+    )
+    parser.add_argument(
+        "--scvi-epochs",
+        default=None,
+        metavar="N|default",
+        help="epochs of every scVI model (scVI resampling and the scVI-space rows without a "
+        "scviepochs variant): a number, or 'default' for the package's own "
+        "(sb.model.default_scvi_epochs: 800 up to 750 cells); default: the settings' 200",
     )
     parser.add_argument(
         "--train-seeds",
@@ -338,6 +367,11 @@ def main(argv=None) -> int:
         "baselines": not args.add,
         "probes_only": args.no_scvi,  # quality.py: the fixed rows without scVI resampling
     }
+    if args.scvi_epochs is not None:
+        try:
+            cfg["scvi_epochs"] = scvi_epochs_of(args.scvi_epochs)
+        except ValueError as error:
+            parser.error(str(error))
     if args.splits is None:
         args.splits = 2 if args.fast else 10
     if args.first_split < 0:
