@@ -175,6 +175,10 @@ def test_hierarchy_of_cells_left_on_disk_writes_a_copy_with_the_tree(simulated, 
     assert set(clades(tree)) == {s for s in sim.true_splits if len(s) < 4}
     assert sb.tl.read_stability(copy)["n_recur"].eq(3).all()
 
+    # cells read into memory may be written as a store
+    assert main([*argv, "--out", "memory.zarr"]) == 0
+    assert sb.tl.read_hierarchy(ad.read_zarr("memory.zarr"))[0].to_newick() == tree.to_newick()
+
     # a .zarr store: the same, as a store, and fit trains on the tree it finds there
     cells.write_zarr("cells.zarr")
     argv[1] = "cells.zarr"
