@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backed",
         action="store_true",
         help="Leave the expression matrix on disk (atlases; always on for a .zarr store): "
-        "discovery reads at most a few hundred cells of each type. Not with --out; give the "
-        "printed tree to 'scbranch fit --newick'.",
+        "discovery reads at most a few hundred cells of each type. --out is then a copy of "
+        "DATA as it is on disk with the tree added.",
     )
     hier.add_argument(
         "--newick",
