@@ -10,6 +10,7 @@ import anndata as ad
 import pytest
 import scvi
 import torch
+from _cli import error_line
 
 import scbranch
 from scbranch.cli import main
@@ -65,14 +66,6 @@ def _fake_module(run_demo):
     module = types.ModuleType("scbranch._demo")
     module.run_demo = run_demo
     return module
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("scbranch: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_fit_saves_model_and_prints_tree(fitted):
@@ -144,7 +137,7 @@ def test_fit_with_a_validation_share_reports_and_keeps_the_held_out_error(tmp_pa
     rc = main([*args, "--overwrite", "--early-stopping"])
     assert rc == 2
     assert "--early-stopping watches the error on held-out cells: add --validation-size" in (
-        _error_line(capsys)
+        error_line(capsys)
     )
     with pytest.raises(SystemExit):
         main([*args, "--overwrite", "--validation-size", "1.5"])
@@ -194,7 +187,7 @@ def test_generate_round_trip(fitted, tmp_path, capsys):
         ["generate", str(fitted["model_dir"]), "--n-cells", "5", "--out", str(out), "--seed", "0"]
     )
     assert rc == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "--overwrite" in line and str(out) in line
     before = gen.obsm["X_latent"].copy()
     rc = main(
@@ -267,7 +260,7 @@ def test_generate_unknown_label(fitted, tmp_path, capsys):
         ]
     )
     assert rc == 2
-    assert "Neuron" in _error_line(capsys)
+    assert "Neuron" in error_line(capsys)
     assert not out.exists()
 
 
@@ -277,7 +270,7 @@ def test_generate_noise_needs_a_pca_decoder(fitted, tmp_path, capsys):
     argv = ["generate", str(fitted["model_dir"]), "--n-cells", "2", "--out", str(out)]
     rc = main([*argv, "--noise", "nb"])
     assert rc == 2
-    assert "decode a PCA" in _error_line(capsys)
+    assert "decode a PCA" in error_line(capsys)
     assert not out.exists()
     with pytest.raises(SystemExit):
         main([*argv, "--noise", "poisson"])
@@ -288,7 +281,7 @@ def test_fit_wrong_labels_key(fitted, capsys):
         ["fit", str(fitted["data"]), "--labels", "celltype", "--rep", "X_latent", "--out", "m2"]
     )
     assert rc == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "'celltype'" in line and "cell_type" in line  # names the key and the choices
     assert not Path("m2").exists()
 
@@ -298,12 +291,12 @@ def test_fit_wrong_rep_and_missing_file(fitted, capsys):
         main(["fit", str(fitted["data"]), "--labels", "cell_type", "--rep", "X_pca", "--out", "m3"])
         == 2
     )
-    assert "X_pca" in _error_line(capsys)
+    assert "X_pca" in error_line(capsys)
     assert main(["fit", "nope.h5ad", "--labels", "cell_type", "--out", "m4"]) == 2
-    assert "nope.h5ad" in _error_line(capsys)
+    assert "nope.h5ad" in error_line(capsys)
     Path("bad.h5ad").write_text("not hdf5")
     assert main(["fit", "bad.h5ad", "--labels", "cell_type", "--out", "m5"]) == 2
-    assert "bad.h5ad" in _error_line(capsys)
+    assert "bad.h5ad" in error_line(capsys)
 
 
 def test_fit_refuses_non_empty_out(fitted, capsys):
@@ -311,16 +304,16 @@ def test_fit_refuses_non_empty_out(fitted, capsys):
     Path("busy/keep.txt").write_text("x")
     rc = main(["fit", str(fitted["data"]), "--labels", "cell_type", "--out", "busy"])
     assert rc == 2
-    assert "--overwrite" in _error_line(capsys)
+    assert "--overwrite" in error_line(capsys)
 
 
 def test_generate_missing_model_dir(tmp_path, capsys):
     rc = main(["generate", str(tmp_path / "no_model"), "--n-cells", "5", "--out", "g.h5ad"])
     assert rc == 2
-    assert "no_model" in _error_line(capsys)
+    assert "no_model" in error_line(capsys)
     Path("empty_model").mkdir()
     assert main(["generate", "empty_model", "--n-cells", "5", "--out", "g.h5ad"]) == 2
-    assert "model.json" in _error_line(capsys)
+    assert "model.json" in error_line(capsys)
     assert not Path("g.h5ad").exists()
 
 
@@ -330,7 +323,7 @@ def test_gpu_without_cuda_fails_early(fitted, capsys):
         ["fit", str(fitted["data"]), "--labels", "cell_type", "--out", "m6", "--accelerator", "gpu"]
     )
     assert rc == 2
-    assert "--accelerator gpu" in _error_line(capsys)
+    assert "--accelerator gpu" in error_line(capsys)
 
 
 def test_device_arguments():
@@ -488,7 +481,7 @@ def test_demo_user_error_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "scbranch._demo", _fake_module(fake_run_demo))
     assert main(["demo", "--out", "d"]) == 2
-    assert "--overwrite" in _error_line(capsys)
+    assert "--overwrite" in error_line(capsys)
 
 
 def test_fit_scvi_and_generate_counts(tmp_path, capsys):
@@ -522,7 +515,7 @@ def test_fit_scvi_and_generate_counts(tmp_path, capsys):
     assert counts.data.min() >= 0 and np.all(counts.data == np.round(counts.data))
     # log-normalised .X where counts are needed: one clear line, exit 2
     rc = main(["fit", str(data), "--scvi", "--out", str(tmp_path / "bad"), *common])
-    assert rc == 2 and "must hold raw counts" in _error_line(capsys)
+    assert rc == 2 and "must hold raw counts" in error_line(capsys)
     rc = main(
         [
             "fit",
@@ -536,10 +529,10 @@ def test_fit_scvi_and_generate_counts(tmp_path, capsys):
             *common,
         ]
     )
-    assert rc == 2 and "--batch-key applies to --scvi" in _error_line(capsys)
+    assert rc == 2 and "--batch-key applies to --scvi" in error_line(capsys)
     argv = ["fit", str(data), "--rep", "X_pca", "--scvi-epochs", "3", "--out"]
     assert main([*argv, str(tmp_path / "bad3"), *common]) == 2
-    assert "--scvi-epochs applies to --scvi" in _error_line(capsys)
+    assert "--scvi-epochs applies to --scvi" in error_line(capsys)
 
 
 def test_fit_out_of_fold_learns_new_cells_spread_and_generates_nb(tmp_path, capsys):
@@ -558,11 +551,11 @@ def test_fit_out_of_fold_learns_new_cells_spread_and_generates_nb(tmp_path, caps
     assert ad.read_h5ad(out).uns["scbranch"]["params"]["residual_noise"] == "nb"
     # a latent that is not a PCA, or no --rep: one clear line, exit 2
     no_rep = ["fit", str(data), "--out-of-fold", "--out", str(tmp_path / "bad"), *common]
-    assert main(no_rep) == 2 and "--rep" in _error_line(capsys)
+    assert main(no_rep) == 2 and "--rep" in error_line(capsys)
     adata.obsm["X_other"] = adata.obsm["X_pca"][:, :5].copy()
     adata.write_h5ad(data)
     bad = [*fit[:3], "X_other", *fit[4:], "--out-of-fold", "--out", str(tmp_path / "bad2")]
-    assert main(bad) == 2 and "--out-of-fold" in _error_line(capsys)
+    assert main(bad) == 2 and "--out-of-fold" in error_line(capsys)
 
 
 def test_fit_a_pca_of_a_layer_decodes_into_it(tmp_path, capsys):
@@ -579,7 +572,7 @@ def test_fit_a_pca_of_a_layer_decodes_into_it(tmp_path, capsys):
     gen = ad.read_h5ad(out)
     assert list(gen.var_names) == list(adata.var_names)  # decoded into the layer's genes
     scvi = ["fit", *common, "--scvi", "--layer", "lognorm", "--out", str(tmp_path / "bad")]
-    assert main(scvi) == 2 and "--counts-layer" in _error_line(capsys)
+    assert main(scvi) == 2 and "--counts-layer" in error_line(capsys)
 
 
 def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):
@@ -597,7 +590,7 @@ def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     # an existing file needs --overwrite; every type of the file without --labels
     assert main([*argv, "--n-cells", "2", "--out", str(out)]) == 2
-    assert "--overwrite" in _error_line(capsys)
+    assert "--overwrite" in error_line(capsys)
     rc = main([*argv, "--n-cells", "2", "--out", str(out), "--overwrite", "--anchor-time", "0.5"])
     assert rc == 0
     gen = ad.read_h5ad(out)
@@ -607,12 +600,12 @@ def test_generate_anchored_from_a_file(fitted, tmp_path, capsys):
     before = data.read_bytes()
     same = str(data.parent / "." / data.name)
     assert main([*argv, "--n-cells", "2", "--out", same, "--overwrite"]) == 2
-    assert "--anchors reads" in _error_line(capsys)
+    assert "--anchors reads" in error_line(capsys)
     assert data.read_bytes() == before
     # nor the file the model was fitted on, though the model is loaded without it
     plain = ["generate", str(fitted["model_dir"]), "--n-cells", "2", "--overwrite"]
     assert main([*plain, "--out", same]) == 2
-    assert "was trained from" in _error_line(capsys)
+    assert "was trained from" in error_line(capsys)
     assert data.read_bytes() == before
 
 
@@ -629,7 +622,7 @@ def test_generate_anchored_bad_options(fitted, tmp_path, capsys, extra, message)
     out = tmp_path / "x.h5ad"
     argv = ["generate", str(fitted["model_dir"]), "--anchors", str(fitted["data"])]
     assert main([*argv, "--n-cells", "2", "--out", str(out), *extra]) == 2
-    assert message in _error_line(capsys)
+    assert message in error_line(capsys)
     assert not out.exists()
 
 
@@ -638,10 +631,10 @@ def test_generate_anchored_bad_anchor_time_and_file(fitted, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--anchors", str(fitted["data"]), "--anchor-time", "0"])
     assert main([*argv, "--anchors", str(tmp_path / "none.h5ad")]) == 2
-    assert "none.h5ad" in _error_line(capsys)
+    assert "none.h5ad" in error_line(capsys)
     # an option of anchored generation without --anchors is refused, not ignored
     assert main([*argv, "--anchor-time", "0.3"]) == 2
-    assert "add --anchors" in _error_line(capsys)
+    assert "add --anchors" in error_line(capsys)
 
 
 def _generate_two(fitted, out) -> list[str]:
@@ -652,7 +645,7 @@ def _generate_two(fitted, out) -> list[str]:
 def test_a_type_name_split_at_its_comma_points_to_label(fitted, tmp_path, capsys):
     argv = _generate_two(fitted, tmp_path / "g.h5ad")
     assert main([*argv, "--labels", "c2, naive"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "['naive']" in line and "--label" in line and "splits at commas" in line
     assert not (tmp_path / "g.h5ad").exists()
     assert main([*argv, "--labels", "c2,c3"]) == 0
@@ -662,10 +655,10 @@ def test_a_device_index_without_a_gpu_is_refused(fitted, tmp_path, capsys):
     # --device 3 on a machine without a GPU was ignored (rc 0, cells made on the CPU)
     argv = _generate_two(fitted, tmp_path / "g.h5ad")
     assert main([*argv, "--accelerator", "cpu", "--device", "1"]) == 2
-    assert "drop --device" in _error_line(capsys)
+    assert "drop --device" in error_line(capsys)
     import torch
 
     if not torch.cuda.is_available():
         assert main([*argv, "--device", "3"]) == 2
-        assert "no CUDA GPU" in _error_line(capsys)
+        assert "no CUDA GPU" in error_line(capsys)
     assert not (tmp_path / "g.h5ad").exists()

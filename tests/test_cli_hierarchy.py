@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scvi
+from _cli import error_line
 
 import scbranch as sb
 from scbranch.cli import main
@@ -34,14 +35,6 @@ def simulated(tmp_path):
 
 def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("scbranch: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_hierarchy_recovers_a_simulated_tree_with_full_support(simulated, tmp_path, capsys):
@@ -131,7 +124,7 @@ def test_hierarchy_bad_input_is_one_line(simulated, tmp_path, capsys, extra, mes
     (tmp_path / "exists.csv").write_text("mine\n")
     rc = main(["hierarchy", str(data), *extra])
     assert rc == 2
-    assert message in _error_line(capsys)
+    assert message in error_line(capsys)
     assert (tmp_path / "exists.csv").read_text() == "mine\n"  # not replaced
     assert not (tmp_path / "a.csv").exists()
 
@@ -155,7 +148,7 @@ def test_hierarchy_of_cells_left_on_disk_is_the_same_tree(simulated, tmp_path, c
     assert main([*argv, "--backed", "--table", "disk.csv", "-q"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv("memory.csv"), pd.read_csv("disk.csv"))
     assert main([*argv, "--backed", "--out", "tree.zarr"]) == 2  # a copy keeps the format
-    assert "name it with .h5ad" in _error_line(capsys)
+    assert "name it with .h5ad" in error_line(capsys)
     assert not (tmp_path / "tree.zarr").exists()
 
 
@@ -228,5 +221,5 @@ def test_bad_values_in_the_file_and_a_bad_newick_for_fit_are_one_line(simulated,
     ]
     for argv, message in cases:
         assert main([*argv, "--labels", "cell_type"]) == 2
-        assert message in _error_line(capsys)
+        assert message in error_line(capsys)
     assert not (tmp_path / "m").exists()
