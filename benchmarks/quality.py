@@ -646,7 +646,8 @@ def model_options(spec: str, classes=None) -> dict:
 
     Variants: ``per_branch`` (``gaussian_skip="per_branch"``), ``flow`` (``objective="flow"``:
     flow matching), ``late`` (discovery with
-    ``epsilon=0``: later branch points, less sharing), ``unshared`` (the tree of
+    ``epsilon=0``: later branch points, less sharing), ``expected`` (discovery with
+    ``curves="expected"``: the noiseless similarity curves), ``unshared`` (the tree of
     :func:`unshared_tree` on ``classes``: no sharing where the types differ), ``exprtree``
     (the topology the train cells' log-normalised expression gives, :func:`expression_newick`,
     with branch times from the model's own space), ``latenttree`` (scVI rows: the tree
@@ -677,7 +678,12 @@ def model_options(spec: str, classes=None) -> dict:
         elif variant == "flow":
             options["objective"] = variant
         elif variant == "late":
-            options["discovery_kwargs"] = {"epsilon": 0.0}
+            options["discovery_kwargs"] = {**options.get("discovery_kwargs", {}), "epsilon": 0.0}
+        elif variant == "expected":
+            options["discovery_kwargs"] = {
+                **options.get("discovery_kwargs", {}),
+                "curves": "expected",
+            }
         elif variant == "unshared":
             options["hierarchy"] = unshared_tree(classes)
         elif variant == "exprtree":  # needs the train cells: train_model gives the Newick

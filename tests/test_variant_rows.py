@@ -36,6 +36,8 @@ def test_model_options_reads_every_variant_and_refuses_unknown_ones():
     assert quality.model_options("conditioned") == {"architecture": "conditioned"}
     assert quality.model_options("branched:per_branch")["gaussian_skip"] == "per_branch"
     assert quality.model_options("branched:late")["discovery_kwargs"] == {"epsilon": 0.0}
+    both = quality.model_options("conditioned:late:expected")["discovery_kwargs"]
+    assert both == {"epsilon": 0.0, "curves": "expected"}
     options = quality.model_options("branched:unshared", ["A", "B"])
     assert options["hierarchy"].n_classes == 2
     with pytest.raises(ValueError, match="Unknown variant"):
