@@ -67,13 +67,22 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import LABELS, PBMC3K, _md, fit_methods, prepare_run, select_genes, write_lines
+from quality import (
+    LABELS,
+    PBMC3K,
+    _md,
+    fit_methods,
+    prepare_run,
+    scvi_epochs_text,
+    select_genes,
+    write_lines,
+)
 
 SETTINGS = {
     "cpu": {
         "steps": None,  # the package's default budget
         "batch_size": 64,
-        "scvi_epochs": 200,
+        "scvi_epochs": None,  # the package's own; pages before stop 66 trained 200
         "splits": [0, 1, 2, 3, 4],
         "n_rare": 5,
         "n_aug": 50,
@@ -426,7 +435,7 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
         f"diffusion models {budget} (batch {cfg['batch_size']}) on the out-of-fold scores of a "
         f"30-PC space of the reduced train cells, negative-binomial decoding (`:scvi` rows: "
         "in the latent of an scVI model of the same cells, decoded by it), scVI "
-        f"{cfg['scvi_epochs']} epochs. Classifier: genes "
+        f"trained {scvi_epochs_text(cfg['scvi_epochs'])}. Classifier: genes "
         "scaled on the training set (clipped at 10), multinomial logistic regression (the "
         "CellTypist recipe)."
         + (f" Total wall time {wall_s / 60:.1f} min." if np.isfinite(wall_s) else ""),

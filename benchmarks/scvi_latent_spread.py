@@ -37,6 +37,7 @@ from quality import (
     cpu_threads,
     pooled_within_variance,
     prepare_run,
+    scvi_epochs_text,
     train_model,
     validation_mask,
     write_lines,
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
         "`benchmarks/scvi_latent_spread.py`; do not edit by hand)",
         "",
         "Per split, an scVI model of the train cells (the `:scvi` rows' model: "
-        f"{cfg['scvi_epochs']} epochs, training seed 0, scvi-tools' 90 / 10 % train / "
+        f"{scvi_epochs_text(cfg['scvi_epochs'])}, training seed 0, scvi-tools' 90 / 10 % train / "
         "validation split of the train cells) encodes each set of cells to its latent means; "
         "each set's within-type variance, pooled over the types and taken per component, over "
         "the held-out real cells' (never seen by scVI). Geometric mean over the latent's "

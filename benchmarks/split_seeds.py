@@ -49,6 +49,8 @@ from quality import (
     cpu_threads,
     prepare_run,
     run_dataset,
+    scvi_epochs_of,
+    scvi_epochs_text,
     write_lines,
 )
 
@@ -280,26 +282,6 @@ def write_markdown(
     return write_lines(path, lines)
 
 
-def scvi_epochs_of(value: str) -> int | None:
-    """``--scvi-epochs``: a positive number of epochs, or ``None`` for the package's default.
-
-    >>> scvi_epochs_of("800"), scvi_epochs_of("default")
-    (800, None)
-    """
-    if value == "default":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"--scvi-epochs takes a positive number or 'default', got {value!r}")
-    return int(value)
-
-
-def scvi_epochs_text(epochs: int | None) -> str:
-    """How the page names scVI's training."""
-    if epochs is None:
-        return "the package's default epochs (`sb.model.default_scvi_epochs`)"
-    return f"{epochs} epochs"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="pbmc68k")
@@ -324,7 +306,7 @@ def main(argv=None) -> int:
         metavar="N|default",
         help="epochs of every scVI model (scVI resampling and the scVI-space rows without a "
         "scviepochs variant): a number, or 'default' for the package's own "
-        "(sb.model.default_scvi_epochs: 800 up to 750 cells); default: the settings' 200",
+        "(sb.model.default_scvi_epochs: 800 up to 750 cells, the settings' default)",
     )
     parser.add_argument(
         "--train-seeds",
