@@ -271,12 +271,14 @@ def write_markdown(
                     _md(seed_margins(raw[name], metric)),
                     "",
                 ]
+        methods = set(values.index.get_level_values("method"))
         for row, other in compare or []:
-            if row in set(values.index.get_level_values("method")) and other in set(
-                values.index.get_level_values("method")
-            ):
-                lines += [f"### {row} against {other}, paired by split", ""]
-                lines += [_md(paired(values, row, other)), ""]
+            missing = [m for m in (row, other) if m not in methods]
+            if missing:  # a typo or a row of another dataset: say so instead of a silent gap
+                logger.warning("%s: --compare %s,%s names no row %s", name, row, other, missing)
+                continue
+            lines += [f"### {row} against {other}, paired by split", ""]
+            lines += [_md(paired(values, row, other)), ""]
         auroc = split_table(values).xs("auroc", level="metric")
         lines += ["### AUROC per split", "", _md(auroc[[*rows_of(auroc), CONTROL]].round(3)), ""]
     return write_lines(path, lines)

@@ -323,7 +323,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_hierarchy(args: argparse.Namespace) -> int:
     from .._keys import Key
-    from ..io import is_zarr_path
+    from ..io import copy_with_uns, is_zarr_path
 
     data = Path(args.data)
     outputs = {"--out": args.out, "--table": args.table, "--plot": args.plot}
@@ -404,8 +404,6 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
     if "--out" in outputs:
         out = outputs["--out"]
         if backed:  # a copy of the file or store with the tree in uns; .X is never read
-            from ..io import copy_with_uns
-
             key = Key.uns.HIERARCHY
             copy_with_uns(data, out, {key: adata.uns[key]}, overwrite=args.overwrite)
         elif is_zarr_path(out):

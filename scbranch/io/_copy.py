@@ -120,5 +120,4 @@ def _set_zarr_uns(path: Path, uns: Mapping[str, object]) -> None:
     _set_entries(group, uns)
     # anndata writes consolidated metadata and reads through it: without it being rewritten,
     # readers of the copy would not see the new entries
-    if (path / ".zmetadata").exists() or (path / "zarr.json").exists():
-        zarr.consolidate_metadata(str(path))
+    zarr.consolidate_metadata(str(path))
