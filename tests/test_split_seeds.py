@@ -126,6 +126,9 @@ def test_seed_margins_read_the_combined_seed_sd_split_by_split(spread, beaten):
         (["--train-seeds", "9"], "--train-seeds must be 1-3, got 9"),
         (["--train-seeds", "0"], "--train-seeds must be 1-3, got 0"),
         (["--first-split", "-1"], "--first-split must be at least 0, got -1"),
+        (["--scvi-epochs", "0"], "--scvi-epochs takes a positive number or 'default'"),
+        (["--scvi-epochs", "many"], "got 'many'"),
+        (["--compare", "a,b,c"], "--compare takes ROW,OTHER"),
     ],
 )
 def test_bad_seed_options_get_a_clear_error_before_anything_runs(argv, message, capsys):
