@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
-from ._gaussian import PerClassGaussian
+from ._gaussian import PerClassGaussian, gaussian_noise
 
 
 class SmoothedBootstrap(PerClassGaussian):
@@ -69,6 +69,6 @@ class SmoothedBootstrap(PerClassGaussian):
         for c, n in counts.items():
             mean, cells = self.means_[c], self.cells_[c]
             x = cells[rng.integers(len(cells), size=n)]
-            noise = rng.multivariate_normal(np.zeros(len(mean)), self.covariances_[c], size=n)
+            noise = gaussian_noise(self.factors_[c], n, rng)
             out.append(mean + (x - mean + h * noise) / np.sqrt(1.0 + h * h))
         return np.vstack(out)

@@ -11,6 +11,36 @@ from ..model._decoding import decode, fit_pca_decoder
 from ._base import Baseline
 
 
+def covariance_factor(covariance: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor ``L`` of a covariance (``L @ L.T``), to draw Gaussian noise with.
+
+    Unlike numpy's ``multivariate_normal``, which factors with an SVD, the Cholesky factor is
+    unique and moves continuously with the covariance. That matters for Ledoit-Wolf covariances
+    of types with fewer cells than dimensions: their shrunk null space is one repeated
+    eigenvalue, inside which an SVD may return any basis, and which one it returns changed with
+    the number of BLAS threads, so the same seed drew other cells on another machine
+    (docs/evaluation.md, "What a rerun reproduces"). A covariance that is only positive
+    semi-definite gets a jitter of 1e-10 of its mean variance first.
+
+    Examples
+    --------
+    >>> L = covariance_factor(np.array([[4.0, 2.0], [2.0, 2.0]]))
+    >>> L.round(6).tolist()
+    [[2.0, 0.0], [1.0, 1.0]]
+    """
+    cov = (np.asarray(covariance, dtype=np.float64) + np.asarray(covariance).T) / 2.0
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        jitter = 1e-10 * max(float(np.trace(cov)) / len(cov), np.finfo(np.float64).tiny)
+        return np.linalg.cholesky(cov + jitter * np.eye(len(cov)))
+
+
+def gaussian_noise(factor: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws of ``N(0, L L^T)``, ``L`` from :func:`covariance_factor`."""
+    return rng.standard_normal((n, len(factor))) @ factor.T
+
+
 class PerClassGaussian(Baseline):
     """One multivariate Gaussian per cell type in ``obsm[obsm_key]`` (e.g. 30 PCs).
 
@@ -64,13 +94,14 @@ class PerClassGaussian(Baseline):
             zc = z[self.labels_ == c].astype(np.float64)
             self.means_[c] = zc.mean(0)
             self.covariances_[c] = LedoitWolf().fit(zc).covariance_
+        self.factors_ = {c: covariance_factor(cov) for c, cov in self.covariances_.items()}
         self.decoder_ = fit_pca_decoder(adata, obsm_key, layer)
 
     def _latents(self, counts, rng) -> np.ndarray:
         """``counts[c]`` latents of every class ``c``, in class order."""
         return np.vstack(
             [
-                rng.multivariate_normal(self.means_[c], self.covariances_[c], size=n)
+                self.means_[c] + gaussian_noise(self.factors_[c], n, rng)
                 for c, n in counts.items()
             ]
         )
