@@ -1210,7 +1210,7 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
         f"{cfg['seeds']}, scVI trained {scvi_epochs_text(cfg['scvi_epochs'])}, "
         f"{cfg['accelerator']}. "
         f"Total wall time {wall_s / 60:.1f} min. Split per class: train / held-out / unseen "
-        f"{' / '.join(f'{f:.0%}' for f in SPLIT)}.",
+        f"{' / '.join(f'{f:.0%}' for f in SPLIT)}. " + environment_text(),
         "",
         "Configuration: the package's default. The models (and the per-class Gaussian) "
         "work on the train cells' out-of-fold PC scores (`sb.tl.pca_out_of_fold`), set up "
@@ -1334,6 +1334,60 @@ def cpu_threads() -> str:
     return f"{torch.get_num_threads()} CPU threads"
 
 
+#: what a page's numbers were drawn with: a rerun in another environment is a new draw of
+#: every row that samples (docs/evaluation.md, "What a rerun reproduces")
+ENVIRONMENT_PACKAGES = (
+    "scbranch", "numpy", "scipy", "scikit-learn", "torch", "scvi-tools", "anndata", "scanpy"
+)  # fmt: skip
+
+
+def environment() -> str:
+    """The commit, package versions and BLAS threads of this process, as one line of text."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    from threadpoolctl import threadpool_info
+
+    def installed(package: str) -> str:
+        try:
+            return f"{package} {version(package)}"
+        except PackageNotFoundError:
+            return f"{package} (not installed)"
+
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):  # not a git checkout, or no git
+        commit = "unknown"
+    pools = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    blas = sorted({f"{i['internal_api']} {i['num_threads']}" for i in pools})
+    return (
+        f"commit {commit}; "
+        + ", ".join(installed(p) for p in ENVIRONMENT_PACKAGES)
+        + f"; BLAS threads: {', '.join(blas) or 'none found'}"
+    )
+
+
+def record_environment(run: str, path: Path = Path("environment.json"), add: bool = True) -> None:
+    """Record this process's :func:`environment` under ``run`` in ``path`` (in the run's --out).
+
+    ``add``: keep the other runs recorded there (split_seeds' ``--add`` runs make one page).
+    """
+    known = json.loads(path.read_text()) if add and path.exists() else {}
+    known[run] = environment()
+    path.write_text(json.dumps(known, indent=1))
+
+
+def environment_text(path: Path = Path("environment.json")) -> str:
+    """A page's sentence on what its rows were drawn with (:func:`record_environment`)."""
+    if not path.exists():
+        return "Environment: not recorded (the run predates `environment.json`)."
+    runs = json.loads(path.read_text())
+    return "Environment: " + "; ".join(f"{run}: {env}" for run, env in runs.items()) + "."
+
+
 def page_path(markdown: str | None, name: str, fast: bool = False) -> Path:
     """Where a script writes its page: ``markdown``, else ``docs/benchmarks/<name>.md``.
 
@@ -1453,6 +1507,7 @@ def main(argv=None) -> int:
     }
     meta["wall_s"] = time.perf_counter() - t_all
     Path("meta.json").write_text(json.dumps(meta))
+    record_environment(",".join(results), add=False)
     text = write_markdown(markdown, results, cfg_name, cfg, meta["wall_s"])
     print(text)
     return 0

@@ -47,7 +47,9 @@ from quality import (
     SPLIT,
     _md,
     cpu_threads,
+    environment_text,
     prepare_run,
+    record_environment,
     run_dataset,
     scvi_epochs_of,
     scvi_epochs_text,
@@ -249,7 +251,7 @@ def write_markdown(
         "(the first and each `--add`; per run in `meta.json`). A dataset named `<name>@<n>` "
         "has its train cells cut to about n, every type in proportion and keeping at least "
         f"{FEWEST_PER_TYPE} cells (its held-out and unseen cells, and so the control, are "
-        "`<name>`'s).",
+        "`<name>`'s). " + environment_text(),
     ]
     for name, values in results.items():
         splits = values.index.get_level_values("split").unique()
@@ -393,6 +395,7 @@ def main(argv=None) -> int:
             key = f"{name} {args.architectures}" if args.add else name
             walls[key] = time.perf_counter() - t0  # each dataset may come from its own run
             meta_path.write_text(json.dumps(walls))
+            record_environment(key)
         results[name], raw[name] = per_split(rows), rows
     wall = sum(w for key, w in walls.items() if key.split(" ")[0] in results)
     print(write_markdown(markdown, results, cfg, wall, raw, compare))

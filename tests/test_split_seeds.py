@@ -166,3 +166,22 @@ def test_train_distance_is_tabled_but_is_no_must_show():
     assert split_seeds.across(values, "train_distance").loc[split_seeds.DEFAULT, "mean"] > 0
     checked = split_seeds.must_show(values).index.get_level_values("metric")
     assert "train_distance" not in checked and set(checked) == set(split_seeds.MUST)
+
+
+def test_pages_record_what_their_rows_were_drawn_with(tmp_path):
+    # a rerun with other package versions or BLAS threads is a new draw of every sampled row,
+    # so a page names its environment, one entry per run that made its rows
+    import quality
+
+    line = quality.environment()
+    for package in quality.ENVIRONMENT_PACKAGES:
+        assert f"{package} " in line
+    assert "numpy " + np.__version__ in line and "BLAS threads: " in line
+    path = tmp_path / "environment.json"
+    assert "not recorded" in quality.environment_text(path)
+    quality.record_environment("pbmc68k", path)
+    quality.record_environment("pbmc68k conditioned:scvi", path)
+    assert quality.environment_text(path).count("numpy ") == 2
+    quality.record_environment("pbmc3k", path, add=False)
+    text = quality.environment_text(path)
+    assert text.startswith("Environment: pbmc3k: commit ") and text.count("numpy ") == 1
