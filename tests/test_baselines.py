@@ -212,7 +212,9 @@ def test_decode_with_a_model_decodes_the_latents_as_the_model_does(pbmc):
         gauss.generate(2, decode_with=model, batch="b0")
 
 
-@pytest.mark.parametrize("baseline", [sb.baselines.PerClassGaussian, sb.baselines.SmoothedBootstrap])
+@pytest.mark.parametrize(
+    "baseline", [sb.baselines.PerClassGaussian, sb.baselines.SmoothedBootstrap]
+)
 def test_same_seed_draws_the_same_cells_from_a_covariance_equal_to_float_precision(baseline):
     # A type with fewer cells than dimensions: its Ledoit-Wolf covariance repeats one eigenvalue
     # over the null space, where an SVD may return any basis. Cells differing by 1e-12 (what
@@ -229,3 +231,15 @@ def test_same_seed_draws_the_same_cells_from_a_covariance_equal_to_float_precisi
     ]
     assert np.abs(draws[0] - draws[1]).max() < 1e-4
     assert draws[0].std(0).min() > 0.1  # the null space is drawn from, not left empty
+
+
+def test_a_zero_covariance_draws_the_class_mean():
+    # quality.py's class-mean probe zeroes the fitted covariances: its cells must be the means
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"cell_type": ["a"] * 30}, index=[f"c{i}" for i in range(30)])
+    gauss = sb.baselines.PerClassGaussian(
+        ad.AnnData(obs=obs, obsm={"X_lat": rng.normal(size=(30, 4))}), "cell_type", "X_lat"
+    )
+    gauss.covariances_["a"] = np.zeros((4, 4))
+    drawn = gauss.generate(n_cells=50, seed=0).obsm["X_lat"]
+    np.testing.assert_allclose(drawn, np.broadcast_to(gauss.means_["a"], (50, 4)), atol=1e-6)

@@ -69,6 +69,6 @@ class SmoothedBootstrap(PerClassGaussian):
         for c, n in counts.items():
             mean, cells = self.means_[c], self.cells_[c]
             x = cells[rng.integers(len(cells), size=n)]
-            noise = gaussian_noise(self.factors_[c], n, rng)
+            noise = gaussian_noise(self.covariances_[c], n, rng)
             out.append(mean + (x - mean + h * noise) / np.sqrt(1.0 + h * h))
         return np.vstack(out)

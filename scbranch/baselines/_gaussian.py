@@ -36,8 +36,13 @@ def covariance_factor(covariance: np.ndarray) -> np.ndarray:
         return np.linalg.cholesky(cov + jitter * np.eye(len(cov)))
 
 
-def gaussian_noise(factor: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` draws of ``N(0, L L^T)``, ``L`` from :func:`covariance_factor`."""
+def gaussian_noise(covariance: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws of ``N(0, covariance)`` through its :func:`covariance_factor`.
+
+    Factored at every call (a 30 x 30 Cholesky takes microseconds), so a covariance changed
+    after fitting, as the class-mean probe's zeros, is the one drawn from.
+    """
+    factor = covariance_factor(covariance)
     return rng.standard_normal((n, len(factor))) @ factor.T
 
 
@@ -94,14 +99,13 @@ class PerClassGaussian(Baseline):
             zc = z[self.labels_ == c].astype(np.float64)
             self.means_[c] = zc.mean(0)
             self.covariances_[c] = LedoitWolf().fit(zc).covariance_
-        self.factors_ = {c: covariance_factor(cov) for c, cov in self.covariances_.items()}
         self.decoder_ = fit_pca_decoder(adata, obsm_key, layer)
 
     def _latents(self, counts, rng) -> np.ndarray:
         """``counts[c]`` latents of every class ``c``, in class order."""
         return np.vstack(
             [
-                self.means_[c] + gaussian_noise(self.factors_[c], n, rng)
+                self.means_[c] + gaussian_noise(self.covariances_[c], n, rng)
                 for c, n in counts.items()
             ]
         )
