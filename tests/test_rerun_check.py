@@ -1,0 +1,48 @@
+"""benchmarks/rerun_check.py judges made-up runs as its known answers say.
+
+Rows equal in every run agree; a Gaussian row that moves between thread counts is caught; a
+Cholesky sampler whose rows move, or an SVD sampler whose rows do not, is reported NOT MET.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+rerun_check = pytest.importorskip("rerun_check")
+
+
+def _runs(svd_moves: bool, cholesky_moves: bool = False) -> dict:
+    base = {
+        "per-class Gaussian": [0.55, 0.60],
+        "smoothed bootstrap": [0.58, 0.61],
+        "probe: real cells, unseen": [0.49, 0.51],
+    }
+    results = {}
+    for sampler, moves in (("cholesky", cholesky_moves), ("svd", svd_moves)):
+        for threads in rerun_check.THREADS:
+            shift = 0.03 * (threads - 1) if moves else 0.0
+            results[(sampler, threads)] = {
+                name: [v + (shift if name in rerun_check.GAUSSIAN_ROWS else 0.0) for v in values]
+                for name, values in base.items()
+            }
+    return results
+
+
+def test_rows_that_move_between_thread_counts_are_caught():
+    summary = rerun_check.table(_runs(svd_moves=True))
+    moved = summary[~summary["same in every run"]]
+    assert set(moved["sampler"]) == {"svd"}
+    assert set(moved["row"]) == set(rerun_check.GAUSSIAN_ROWS)
+    assert moved["largest difference"].round(6).tolist() == [0.03, 0.03]
+    lines = rerun_check.verdicts(summary)
+    assert "**yes**" in lines[0] and all("**met**" in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("svd_moves, cholesky_moves", [(False, False), (True, True)])
+def test_a_sampler_that_does_not_behave_as_expected_is_not_met(svd_moves, cholesky_moves):
+    lines = rerun_check.verdicts(rerun_check.table(_runs(svd_moves, cholesky_moves)))
+    assert sum("NOT MET" in line for line in lines) == 1
