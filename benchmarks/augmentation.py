@@ -49,7 +49,8 @@ Usage (from the repository root, in the project's venv):
                                                # few test cells, about 10 min
   python benchmarks/augmentation.py --fast     # smoke test (numbers meaningless)
 More diffusion rows for an earlier run: run them alone (``--architectures branched:per_branch
---no-baselines --out DIR``), append DIR/rows.csv to the earlier rows.csv and rebuild the page
+--no-baselines --out DIR``), append DIR/rows.csv to the earlier rows.csv (and DIR's
+environment.json entries to its environment.json, which the page quotes) and rebuild the page
 (``--report-only``).
 Writes docs/benchmarks/augmentation.md and, under --out, the per-split CSV.
 """
@@ -71,8 +72,10 @@ from quality import (
     LABELS,
     PBMC3K,
     _md,
+    environment_text,
     fit_methods,
     prepare_run,
+    record_environment,
     scvi_epochs_text,
     select_genes,
     write_lines,
@@ -438,7 +441,9 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
         f"trained {scvi_epochs_text(cfg['scvi_epochs'])}. Classifier: genes "
         "scaled on the training set (clipped at 10), multinomial logistic regression (the "
         "CellTypist recipe)."
-        + (f" Total wall time {wall_s / 60:.1f} min." if np.isfinite(wall_s) else ""),
+        + (f" Total wall time {wall_s / 60:.1f} min." if np.isfinite(wall_s) else "")
+        + " "
+        + environment_text(),
         "",
         "Read every row against the two known answers: new real cells of the rare types "
         "(`probe: real rare cells, unseen`, the rare train cells that were put aside, at most "
@@ -569,6 +574,7 @@ def main(argv=None) -> int:
             rows += run_split(name, adata, rare, seed, cfg)
             wall_s = time.perf_counter() - t_all
             pd.DataFrame(rows).assign(wall_s=wall_s, run=run).to_csv("rows.csv", index=False)
+            record_environment(run)
     rows = pd.DataFrame(rows)
     print(write_markdown(markdown, rows, info, cfg_name, cfg, wall_s))
     return 0
