@@ -15,7 +15,7 @@ Two known answers:
   it changed with the threads. The package's Cholesky sampler must agree in every run.
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/rerun_check.py            # about 6 min on 2 cores (4 runs of pbmc68k)
+  python benchmarks/rerun_check.py            # 9 min on 2 cores beside two other runs
   python benchmarks/rerun_check.py --fast     # one generation seed
 Writes docs/benchmarks/rerun_check.md.
 """
