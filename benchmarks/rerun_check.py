@@ -4,7 +4,9 @@ A page's numbers are one draw; whether a rerun elsewhere reproduces them decides
 moved number is a finding or a new draw. This fits quality.py's untrained rows (per-class
 Gaussian, smoothed bootstrap and the probes) on split 0 and evaluates them with each
 generation seed, once per BLAS thread count (``OMP_NUM_THREADS``, a fresh process each), and
-reports each row's AUROC per run and whether every run gave it to the digit.
+reports each row's AUROC per run and whether every run gave it to the digit. The Cholesky
+runs also train the package's default model with as many torch threads, to measure whether a
+trained row reproduces on another core count.
 
 Two known answers:
   rows that copy or decode real cells (unseen real cells, the probes, the control) must agree
@@ -39,6 +41,8 @@ THREADS = (1, 2)
 SAMPLERS = ("cholesky", "svd")
 #: rows drawn from a fitted Gaussian: the ones the sampler decides
 GAUSSIAN_ROWS = ("per-class Gaussian", "smoothed bootstrap")
+#: the package's default model, trained in each Cholesky run with as many torch threads
+TRAINED = "conditioned (default model, trained)"
 
 
 def _svd_noise(covariance, n, rng):
@@ -57,6 +61,12 @@ def worker(dataset: str, seeds: list[int], sampler: str) -> dict:
     cfg = {**SETTINGS["cpu"], "architectures": (), "probes_only": True, "train_seeds": [0]}
     train, held, unseen = LOADERS[dataset](seed=0, fractions=SPLIT)
     rows, _ = fit_methods(train, unseen, cfg, 0)
+    if sampler == "cholesky":  # a trained row too: training seed 0, the threads of this run
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        trained = {**cfg, "architectures": ("conditioned",), "baselines": False}
+        rows[TRAINED] = fit_methods(train, unseen, trained, 0)[0]["conditioned"]
     out: dict[str, list[float]] = {}
     for name, method in rows.items():
         for seed in seeds:
@@ -109,12 +119,19 @@ def table(results: dict[tuple[str, int], dict]) -> pd.DataFrame:
 def verdicts(summary: pd.DataFrame) -> list[str]:
     """The known answers, each with its measured value."""
     lines = []
-    fixed = summary[~summary["row"].isin(GAUSSIAN_ROWS)]
+    fixed = summary[~summary["row"].isin((*GAUSSIAN_ROWS, TRAINED))]
     ok = bool(fixed["same in every run"].all())
     lines.append(
         "- Rows that draw nothing from a fitted Gaussian agree in every run: "
         f"**{'yes' if ok else 'NO'}** (largest difference {fixed['largest difference'].max():.2g})."
     )
+    trained = summary[summary["row"] == TRAINED]
+    if not trained.empty:  # a measurement, not a known answer: float sums in other orders
+        lines.append(
+            f"- The default model trained and sampled under each thread count (torch and BLAS): "
+            f"largest AUROC difference {trained['largest difference'].max():.3g}"
+            f"{' (the same to the digit)' if trained['same in every run'].all() else ''}."
+        )
     for sampler, expect in (("cholesky", True), ("svd", False)):
         part = summary[(summary["sampler"] == sampler) & summary["row"].isin(GAUSSIAN_ROWS)]
         if part.empty:
@@ -162,7 +179,9 @@ def main(argv=None) -> int:
         "mean over evaluated types, then over generation seeds; `same in every run`: every "
         "seed's value equal to the digit in every run. Known answers: rows that draw nothing "
         "from a fitted Gaussian agree in every run; the SVD sampler's Gaussian rows differ, the "
-        'Cholesky sampler\'s agree (docs/evaluation.md, "What a rerun reproduces").',
+        'Cholesky sampler\'s agree (docs/evaluation.md, "What a rerun reproduces"). The '
+        f"Cholesky runs also train the default model (`{TRAINED}`, training seed 0) with as "
+        "many torch threads: a measurement of what a trained row does on another core count.",
     ]
     for dataset in args.datasets.split(","):
         results = {
