@@ -17,7 +17,7 @@ Two known answers:
   it changed with the threads. The package's Cholesky sampler must agree in every run.
 
 Usage (from the repository root, in the project's venv):
-  python benchmarks/rerun_check.py            # 9 min on 2 cores beside two other runs
+  python benchmarks/rerun_check.py            # 11 min on 2 cores beside another run
   python benchmarks/rerun_check.py --fast     # one generation seed
 Writes docs/benchmarks/rerun_check.md.
 """
