@@ -574,7 +574,7 @@ def main(argv=None) -> int:
             rows += run_split(name, adata, rare, seed, cfg)
             wall_s = time.perf_counter() - t_all
             pd.DataFrame(rows).assign(wall_s=wall_s, run=run).to_csv("rows.csv", index=False)
-            record_environment(run)
+            record_environment(run, add=False)  # rows.csv holds this run only
     rows = pd.DataFrame(rows)
     print(write_markdown(markdown, rows, info, cfg_name, cfg, wall_s))
     return 0
