@@ -494,7 +494,7 @@ def write_markdown(path: Path, rows: pd.DataFrame, info: dict, cfg_name: str, cf
             "",
             _md(per_type(r)),
         ]
-    return write_lines(path, lines)
+    return write_lines(path, lines, environment_line=False)  # each run's, from environment.json
 
 
 def main(argv=None) -> int:

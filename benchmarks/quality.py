@@ -1316,11 +1316,18 @@ def write_markdown(path: Path, results: dict, cfg_name: str, cfg: dict, wall_s: 
                 _md(comp, index=False),
                 "",
             ]
-    return write_lines(path, lines)
+    return write_lines(path, lines, environment_line=False)  # each run's, from environment.json
 
 
-def write_lines(path: Path, lines: list[str]) -> str:
-    """Write a generated markdown report (creating its folder) and return its text."""
+def write_lines(path: Path, lines: list[str], environment_line: bool = True) -> str:
+    """Write a generated markdown report (creating its folder) and return its text.
+
+    ``environment_line``: end the page with the :func:`environment` of the process writing it,
+    which for a script without ``--report-only`` is the run's own (pages that rebuild from an
+    earlier run's CSVs name each run's instead, from ``environment.json``, and pass False).
+    """
+    if environment_line:
+        lines = [*lines, "", f"Written in: {environment()}."]
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -283,7 +283,7 @@ def write_markdown(
             lines += [_md(paired(values, row, other)), ""]
         auroc = split_table(values).xs("auroc", level="metric")
         lines += ["### AUROC per split", "", _md(auroc[[*rows_of(auroc), CONTROL]].round(3)), ""]
-    return write_lines(path, lines)
+    return write_lines(path, lines, environment_line=False)  # each run's, from environment.json
 
 
 def main(argv=None) -> int:

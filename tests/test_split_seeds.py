@@ -185,3 +185,13 @@ def test_pages_record_what_their_rows_were_drawn_with(tmp_path):
     quality.record_environment("pbmc3k", path, add=False)
     text = quality.environment_text(path)
     assert text.startswith("Environment: pbmc3k: commit ") and text.count("numpy ") == 1
+
+
+def test_other_pages_end_with_the_environment_that_wrote_them(tmp_path):
+    import quality
+
+    text = quality.write_lines(tmp_path / "page.md", ["# A page", "", "| a |"])
+    assert text.splitlines()[-1].startswith("Written in: commit ")
+    assert "scikit-learn " in text.splitlines()[-1]
+    bare = quality.write_lines(tmp_path / "rebuilt.md", ["# A page"], environment_line=False)
+    assert bare == "# A page" and (tmp_path / "rebuilt.md").read_text() == bare
