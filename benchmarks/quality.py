@@ -1377,21 +1377,29 @@ def environment() -> str:
     )
 
 
-def record_environment(run: str, path: Path = Path("environment.json"), add: bool = True) -> None:
+def record_environment(
+    run: str, path: Path = Path("environment.json"), add: bool = True, forget=None
+) -> None:
     """Record this process's :func:`environment` under ``run`` in ``path`` (in the run's --out).
 
-    ``add``: keep the other runs recorded there (split_seeds' ``--add`` runs make one page).
+    ``add``: keep the other runs recorded there (split_seeds' ``--add`` runs make one page),
+    less those for which ``forget(run)`` is true (runs whose rows this one replaced).
     """
     known = json.loads(path.read_text()) if add and path.exists() else {}
+    known = {r: env for r, env in known.items() if forget is None or not forget(r)}
     known[run] = environment()
     path.write_text(json.dumps(known, indent=1))
 
 
-def environment_text(path: Path = Path("environment.json")) -> str:
-    """A page's sentence on what its rows were drawn with (:func:`record_environment`)."""
-    if not path.exists():
+def environment_text(path: Path = Path("environment.json"), keep=None) -> str:
+    """A page's sentence on what its rows were drawn with (:func:`record_environment`).
+
+    ``keep(run)``: only the runs whose rows the page shows (default: every run recorded).
+    """
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs = {r: env for r, env in runs.items() if keep is None or keep(r)}
+    if not runs:
         return "Environment: not recorded (the run predates `environment.json`)."
-    runs = json.loads(path.read_text())
     return "Environment: " + "; ".join(f"{run}: {env}" for run, env in runs.items()) + "."
 
 

@@ -251,7 +251,7 @@ def write_markdown(
         "(the first and each `--add`; per run in `meta.json`). A dataset named `<name>@<n>` "
         "has its train cells cut to about n, every type in proportion and keeping at least "
         f"{FEWEST_PER_TYPE} cells (its held-out and unseen cells, and so the control, are "
-        "`<name>`'s). " + environment_text(),
+        "`<name>`'s). " + environment_text(keep=lambda run: run.split(" ")[0] in results),
     ]
     for name, values in results.items():
         splits = values.index.get_level_values("split").unique()
@@ -393,9 +393,14 @@ def main(argv=None) -> int:
                 rows = pd.concat([earlier, rows], ignore_index=True)
             rows.to_csv(f"rows_{name}.csv", index=False)
             key = f"{name} {args.architectures}" if args.add else name
+
+            def replaced(run: str, name=name) -> bool:  # a fresh run's rows replace all of them
+                return not args.add and run.split(" ")[0] == name
+
+            walls = {k: w for k, w in walls.items() if not replaced(k)}
             walls[key] = time.perf_counter() - t0  # each dataset may come from its own run
             meta_path.write_text(json.dumps(walls))
-            record_environment(key)
+            record_environment(key, forget=replaced)
         results[name], raw[name] = per_split(rows), rows
     wall = sum(w for key, w in walls.items() if key.split(" ")[0] in results)
     print(write_markdown(markdown, results, cfg, wall, raw, compare))

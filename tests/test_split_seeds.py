@@ -9,6 +9,7 @@ and not when they spread by 0.02.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -182,6 +183,12 @@ def test_pages_record_what_their_rows_were_drawn_with(tmp_path):
     quality.record_environment("pbmc68k", path)
     quality.record_environment("pbmc68k conditioned:scvi", path)
     assert quality.environment_text(path).count("numpy ") == 2
+    # a page shows only its datasets' runs; a fresh run forgets the runs whose rows it replaced
+    only_3k = quality.environment_text(path, keep=lambda run: run.startswith("pbmc3k"))
+    assert "not recorded" in only_3k
+    quality.record_environment("pbmc3k", path)
+    quality.record_environment("pbmc68k", path, forget=lambda run: run.split(" ")[0] == "pbmc68k")
+    assert list(json.loads(path.read_text())) == ["pbmc3k", "pbmc68k"]
     quality.record_environment("pbmc3k", path, add=False)
     text = quality.environment_text(path)
     assert text.startswith("Environment: pbmc3k: commit ") and text.count("numpy ") == 1
