@@ -553,6 +553,8 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     run = time.strftime("%Y-%m-%dT%H:%M:%S")  # rows of several runs (--no-baselines) add up
     rows, info = [], {}
+    if not args.report_only:
+        record_environment(run, add=False)  # once: this run's rows.csv holds this run only
     if args.report_only:
         previous = pd.read_csv("rows.csv")
         rows = previous[previous["dataset"].isin(args.datasets.split(","))].to_dict("records")
@@ -574,7 +576,6 @@ def main(argv=None) -> int:
             rows += run_split(name, adata, rare, seed, cfg)
             wall_s = time.perf_counter() - t_all
             pd.DataFrame(rows).assign(wall_s=wall_s, run=run).to_csv("rows.csv", index=False)
-            record_environment(run, add=False)  # rows.csv holds this run only
     rows = pd.DataFrame(rows)
     print(write_markdown(markdown, rows, info, cfg_name, cfg, wall_s))
     return 0

@@ -165,6 +165,9 @@ def main(argv=None) -> int:
         Path(args.result).write_text(json.dumps(worker(args.worker, seeds, args.sampler)))
         return 0
     seeds = seeds[:1] if args.fast else seeds
+    unknown = [d for d in args.datasets.split(",") if d not in LOADERS]
+    if unknown:  # before any worker starts: a worker's traceback would hide the cause
+        parser.error(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
     markdown = page_path(args.markdown, "rerun_check", args.fast)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,11 @@ def test_a_trained_row_is_measured_not_judged():
     trained = [line for line in lines if "default model trained" in line]
     assert len(trained) == 1 and "0.001" in trained[0] and "to the digit" not in trained[0]
     assert not any("NOT MET" in line for line in lines)
+
+
+def test_an_unknown_dataset_is_refused_before_any_worker_starts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        rerun_check.main(["--datasets", "pbmc4k", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "unknown pbmc4k; choose from pbmc" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
