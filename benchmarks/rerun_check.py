@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from quality import LABELS, LOADERS, SETTINGS, SPLIT, _md, environment, fit_methods, page_path
+from quality import LOADERS, SETTINGS, SPLIT, _md, environment, page_path, run_dataset
 
 #: the thread counts every row is drawn under
 THREADS = (1, 2)
@@ -51,31 +51,32 @@ def _svd_noise(covariance, n, rng):
 
 
 def worker(dataset: str, seeds: list[int], sampler: str) -> dict:
-    """AUROC (mean over types) of every untrained row and the control, per generation seed."""
-    import scbranch as sb
-
+    """AUROC (mean over types) of every row and the control, per generation seed: quality.py's
+    own fitting and evaluation (``run_dataset``), with the default model in Cholesky runs."""
     if sampler == "svd":
         from scbranch.baselines import _bootstrap, _gaussian
 
         _gaussian.gaussian_noise = _bootstrap.gaussian_noise = _svd_noise
-    cfg = {**SETTINGS["cpu"], "architectures": (), "probes_only": True, "train_seeds": [0]}
-    train, held, unseen = LOADERS[dataset](seed=0, fractions=SPLIT)
-    rows, _ = fit_methods(train, unseen, cfg, 0)
-    if sampler == "cholesky":  # a trained row too: training seed 0, the threads of this run
+    else:  # a trained row too: training seed 0, the threads of this run
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        trained = {**cfg, "architectures": ("conditioned",), "baselines": False}
-        rows[TRAINED] = fit_methods(train, unseen, trained, 0)[0]["conditioned"]
-    out: dict[str, list[float]] = {}
-    for name, method in rows.items():
-        for seed in seeds:
-            report = sb.tl.evaluate(method.generate(cfg["n_cells"], seed), held, LABELS,
-                                    train=train, seed=seed)  # fmt: skip
-            auroc = report[(report["group"] == "mean") & (report["metric"] == "auroc")]
-            out.setdefault(name, []).append(float(auroc["generated"].iloc[0]))
-            if name == "probe: real cells, unseen":
-                out.setdefault("real vs real (control)", []).append(float(auroc["control"].iloc[0]))
+    cfg = {
+        **SETTINGS["cpu"],
+        "architectures": ("conditioned",) if sampler == "cholesky" else (),
+        "probes_only": True,  # the fixed rows, without scVI resampling
+        "train_seeds": [0],
+        "seeds": seeds,
+    }
+    train, held, unseen = LOADERS[dataset](seed=0, fractions=SPLIT)
+    rows, _ = run_dataset(dataset, train, held, unseen, cfg)
+    auroc = rows[(rows["group"] == "mean") & (rows["metric"] == "auroc")]
+    out = {
+        (TRAINED if method == "conditioned" else method): part["generated"].tolist()
+        for method, part in auroc.groupby("method", sort=False)
+    }
+    control = auroc[auroc["method"] == "probe: real cells, unseen"]
+    out["real vs real (control)"] = control["control"].tolist()
     return out
 
 
