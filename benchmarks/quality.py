@@ -1351,15 +1351,10 @@ ENVIRONMENT_PACKAGES = (
 def environment() -> str:
     """The commit, package versions and BLAS threads of this process, as one line of text."""
     import subprocess
-    from importlib.metadata import PackageNotFoundError, version
 
     from threadpoolctl import threadpool_info
 
-    def installed(package: str) -> str:
-        try:
-            return f"{package} {version(package)}"
-        except PackageNotFoundError:
-            return f"{package} (not installed)"
+    from scbranch._versions import package_versions
 
     try:
         commit = subprocess.run(
@@ -1372,7 +1367,7 @@ def environment() -> str:
     blas = sorted({f"{i['internal_api']} {i['num_threads']}" for i in pools})
     return (
         f"commit {commit}; "
-        + ", ".join(installed(p) for p in ENVIRONMENT_PACKAGES)
+        + ", ".join(f"{p} {v}" for p, v in package_versions(ENVIRONMENT_PACKAGES).items())
         + f"; BLAS threads: {', '.join(blas) or 'none found'}"
     )
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._versions import package_versions
+
 logger = logging.getLogger(__name__)
 
 #: (max_epochs, batch_size, cells generated per type) of the full and the fast (test) demo;
@@ -231,6 +233,7 @@ def run_demo(
         **{k: round(v, 2) for k, v in timings.items()},
         "n_network_calls": int(gen.uns[Key.uns.GENERATED]["params"]["n_network_calls"]),
         "settings": cfg,
+        "versions": package_versions(),  # what the same seed reproduces these numbers with
     }
     paths["summary"].write_text(json.dumps(summary, indent=2))
     _log_report(report, summary)

@@ -33,6 +33,7 @@ def test_gaussian_reproduces_class_moments():
     sample = gen.obsm["X_lat"]
     np.testing.assert_allclose(sample.mean(0), [5, -2, 1], atol=0.05)
     np.testing.assert_allclose(np.cov(sample.T), cov, atol=0.08)
+    assert gen.uns["scbranch"]["versions"]["numpy"] == np.__version__
 
 
 def test_gaussian_decodes_like_the_model(pbmc):

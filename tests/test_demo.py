@@ -1,5 +1,7 @@
 """The demo pipeline, for real, with a tiny training budget (the full run is `make demo`)."""
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -44,6 +46,9 @@ def test_demo_fast_writes_everything(tmp_path):
     assert 0 <= summary["transmutation_success"] <= 1
     assert (out / "model" / "model.safetensors").exists()
     assert 0 <= summary["label_fidelity_control"] <= 1
+    # the numbers say which versions drew them (another torch or numpy draws other cells)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["versions"]["torch"] == gen.uns["scbranch"]["versions"]["torch"]
     evaluation = pd.read_csv(out / "evaluation.csv")
     assert {"auroc", "w2", "label_fidelity", "train_distance"} <= set(evaluation["metric"])
     assert summary["train_distance_ratio"] > 0  # generated cells are not copies

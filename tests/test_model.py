@@ -104,6 +104,10 @@ def test_generated_h5ad_round_trip(trained, tmp_path):
     assert "hierarchy" in back.uns["scbranch"]
     tree = sb.module.BranchTree.from_dict(back.uns["scbranch"]["hierarchy"])
     assert tree.to_newick() == model.tree.to_newick()
+    # the versions a seed reproduces the cells with, as installed here
+    versions = dict(back.uns["scbranch"]["versions"])
+    assert versions["torch"] == torch.__version__ and versions["numpy"] == np.__version__
+    assert set(versions) == {"scbranch", "torch", "numpy", "scipy", "scvi-tools", "anndata"}
 
 
 def test_user_adata_only_documented_changes():

@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from .._keys import Key
 from .._validation import check_obs_key
+from .._versions import package_versions
 from ..model._output import cell_counts
 
 if TYPE_CHECKING:
@@ -173,6 +174,8 @@ class Baseline:
                 **out.get("params", options),
             },
             "model": {"architecture": self.name, "labels_key": self.labels_key},
+            # a seed reproduces these cells only with the same versions (docs/evaluation.md)
+            "versions": package_versions(),
         }
         return adata
 

@@ -19,6 +19,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._keys import Key
+from .._versions import package_versions
 
 if TYPE_CHECKING:
     from ._model import BranchedDiffusion
@@ -237,6 +238,8 @@ def uns_record(model: BranchedDiffusion, params: dict, decoded: bool) -> dict:
             **model.module.sde.to_dict(),
         },
         "hierarchy": model.tree.to_dict(),
+        # a seed reproduces these cells only with the same versions (docs/evaluation.md)
+        "versions": package_versions(),
     }
 
 
