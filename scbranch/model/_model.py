@@ -605,7 +605,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             step per segment plus 12 (recorded in ``uns['scbranch']['params']``).
         share
             Share the reverse path above branch points between types (fewer network calls;
-            cells of different types then share noisy ancestors). `False` gives independent paths.
+            cells of different types then share noisy ancestors, so a type's cells depend on
+            the types requested with it: their branch points and numbers of cells). `False`
+            gives independent paths: a type's cells are then the same whatever else is
+            requested (with the same seed).
         seed
             Random seed; `None` draws one (it is recorded in ``uns['scbranch']['params']``).
         spacing
