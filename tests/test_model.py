@@ -632,3 +632,18 @@ def test_a_seed_that_is_not_a_whole_number_is_named(trained, seed):
     _, model = trained
     with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
         model.generate(n_cells=2, seed=seed, progress_bar=False)
+
+
+@pytest.mark.parametrize("as_categorical", [True, False])
+def test_integer_cluster_ids_as_labels_train_and_generate(as_categorical):
+    # leiden codes or cat.codes: the registry keeps them as integers, the model names them
+    # as text; training refused them as "added with add_classes" before
+    adata = _sim_adata()
+    codes = adata.obs["cell_type"].cat.codes.to_numpy()
+    adata.obs["cell_type"] = pd.Categorical(codes) if as_categorical else codes
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    assert model.classes == [str(c) for c in sorted(set(codes))]
+    gen = model.generate(n_cells={"1": 3}, seed=0, progress_bar=False)
+    assert list(gen.obs["cell_type"].astype(str)) == ["1"] * 3

@@ -51,7 +51,9 @@ def check_training_data(model) -> None:
             "`BranchedDiffusion.load(dir_path, adata)`, or save it with `save_anndata=True`."
         )
     known = model.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
-    missing = [c for c in model.classes if c not in set(known["categorical_mapping"])]
+    # as text: model.classes are the registry's categories as str (integer cluster ids too)
+    present = {str(c) for c in known["categorical_mapping"]}
+    missing = [c for c in model.classes if c not in present]
     if missing:  # add_classes' types: training on the old cells alone would move their weights
         raise ValueError(
             f"The model's AnnData holds no cells of {missing}, added with add_classes: train() "
