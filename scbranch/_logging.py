@@ -4,6 +4,9 @@ import contextlib
 import logging
 import warnings
 
+# scvi-tools' AnnDataManager prints with rich.pretty without importing it, so the model's
+# view_anndata_setup / view_setup_args failed unless something else had imported it
+import rich.pretty  # noqa: F401
 from rich.console import Console
 from rich.logging import RichHandler
 

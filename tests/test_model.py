@@ -647,3 +647,12 @@ def test_integer_cluster_ids_as_labels_train_and_generate(as_categorical):
     assert model.classes == [str(c) for c in sorted(set(codes))]
     gen = model.generate(n_cells={"1": 3}, seed=0, progress_bar=False)
     assert list(gen.obs["cell_type"].astype(str)) == ["1"] * 3
+
+
+def test_the_setup_views_inherited_from_scvi_tools_print(capsys):
+    adata = _sim_adata()
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    model = sb.BranchedDiffusion(adata, width=16, n_head_blocks=1)
+    model.view_anndata_setup(hide_state_registries=True)
+    model.view_setup_method_args()
+    assert "labels_key" in capsys.readouterr().out

@@ -81,6 +81,47 @@ def test_a_pickle_in_place_of_an_old_model_needs_trust_and_never_runs_without(tm
     assert not marker.exists()
 
 
+def test_the_registry_readers_inherited_from_scvi_tools_never_unpickle(pca_model, tmp_path, capsys):
+    # scvi-tools' load_registry / view_setup_args torch.load model.pt: a planted one ran
+    pca_model.save(tmp_path / "m")
+    marker = tmp_path / "marker"
+    (tmp_path / "m" / "model.pt").write_bytes(malicious_pickle(marker))
+    registry = sb.BranchedDiffusion.load_registry(tmp_path / "m")
+    assert registry["setup_args"]["labels_key"] == "cell_type"
+    sb.BranchedDiffusion.view_setup_args(tmp_path / "m")
+    assert "cell_type" in capsys.readouterr().out
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "model.pt").write_bytes(malicious_pickle(marker))
+    for read in (sb.BranchedDiffusion.load_registry, sb.BranchedDiffusion.view_setup_args):
+        with pytest.raises(UntrustedModelError, match="scbranch convert"):
+            read(tmp_path / "old")
+    with pytest.raises(ValueError, match="convert_legacy"):
+        sb.BranchedDiffusion.convert_legacy_save(tmp_path / "old", tmp_path / "new")
+    assert not marker.exists() and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda doc: doc["content"].pop("attributes"),
+        lambda doc: doc.update(content=[1, 2]),
+        lambda doc: doc["content"]["attributes"].update(module=5),
+        lambda doc: doc["content"]["attributes"].update(generate="x"),
+    ],
+    ids=["no attributes", "a list", "module replaced", "method replaced"],
+)
+def test_a_damaged_model_record_is_refused_as_corrupt(pca_model, tmp_path, damage):
+    import json
+
+    pca_model.save(tmp_path / "m")
+    path = tmp_path / "m" / "model.json"
+    doc = json.loads(path.read_text())
+    damage(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="corrupt"):
+        sb.BranchedDiffusion.load(tmp_path / "m")
+
+
 def test_the_nested_scvi_model_is_read_as_plain_data(scvi_model, tmp_path):
     scvi_model.save(tmp_path / "s")
     scvi_files = sorted(p.name for p in (tmp_path / "s" / "scvi").iterdir())

@@ -784,6 +784,10 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     # ------------------------------------------------------------------ persistence
     save = _persistence.save
     load = classmethod(_persistence.load)
+    # scvi-tools' versions of these unpickle model.pt (a file scbranch never writes)
+    load_registry = staticmethod(_persistence.load_registry)
+    view_setup_args = staticmethod(_persistence.view_setup_args)
+    convert_legacy_save = classmethod(_persistence.convert_legacy_save)
 
     def to_device(self, device: str | int | torch.device) -> None:
         """Move the model (and a nested scVI model) to ``device``.

@@ -246,6 +246,8 @@ def load(
         )
     try:
         content = read_plain(paths["json"], paths["npz"], kind="model")
+        if not isinstance(content, dict):
+            raise PlainFormatError(f"it holds a {type(content).__name__}, not a model record")
         saved_format = int(content.get("format_version", 0))
         if saved_format > FORMAT_VERSION:
             raise NewerFormatError(
@@ -278,7 +280,7 @@ def load(
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         damaged = PlainFormatError(f"its {name} space is damaged ({err!r})")
         raise _corrupt(directory, damaged) from err
-    model = _rebuild(cls, content["attributes"], space, state, directory)
+    model = _rebuild(cls, content.get("attributes"), space, state, directory)
     if adata is None and paths["adata"].is_file():
         # saved with save_anndata=True: attached as scvi-tools does (anndata reads plain data)
         import anndata
@@ -287,8 +289,107 @@ def load(
     return _finish(model, adata, accelerator, device, parse_device_args)
 
 
+def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
+    """The scvi-tools registry saved with a model, read as plain data (no unpickling).
+
+    Replaces scvi-tools' ``BaseModelClass.load_registry``, which reads a pickled ``model.pt``
+    (scbranch writes none: a file planted there would run its code).
+
+    Parameters
+    ----------
+    dir_path
+        Directory the model was saved to.
+    prefix
+        Prefix of the saved file names.
+
+    Returns
+    -------
+    The registry: ``setup_args``, ``field_registries`` and the model's name.
+
+    Examples
+    --------
+    >>> BranchedDiffusion.load_registry("pbmc_model/")["setup_args"]  # doctest: +SKIP
+    {'labels_key': 'cell_type', 'obsm_key': 'X_pca', ...}
+    """
+    directory = Path(dir_path)
+    paths = _paths(directory, prefix or "")
+    if not paths["json"].is_file():
+        if paths["legacy"].is_file():
+            raise UntrustedModelError(
+                f"{str(directory)!r} holds a model saved by scbranch < 0.2 as a pickle "
+                f"({paths['legacy'].name}), whose registry can only be read by unpickling it. "
+                "If you trust where it came from, rewrite it once as plain data with "
+                "`scbranch convert DIR --out NEW_DIR --trust-pickle`."
+            )
+        raise FileNotFoundError(
+            f"{str(directory)!r} holds no '{paths['json'].name}': it is not (or not completely) "
+            "a saved scbranch model."
+        )
+    try:
+        content = read_plain(paths["json"], paths["npz"], kind="model")
+        registry = content["attributes"]["registry_"]
+        if not isinstance(registry, dict) or "setup_args" not in registry:
+            raise PlainFormatError("its registry is damaged")
+    except (PlainFormatError, KeyError, TypeError) as err:
+        raise _corrupt(directory, err) from err
+    return registry
+
+
+def view_setup_args(dir_path: str | Path, prefix: str | None = None) -> None:
+    """Print the ``setup_anndata`` arguments of a saved model, read as plain data.
+
+    Replaces scvi-tools' version, which unpickles ``model.pt``
+    (:func:`load_registry`).
+
+    Parameters
+    ----------
+    dir_path
+        Directory the model was saved to.
+    prefix
+        Prefix of the saved file names.
+
+    Examples
+    --------
+    >>> BranchedDiffusion.view_setup_args("pbmc_model/")  # doctest: +SKIP
+    Setup via `BranchedDiffusion.setup_anndata` with arguments: ...
+    """
+    from scvi.data import AnnDataManager
+
+    AnnDataManager.view_setup_method_args(load_registry(dir_path, prefix))
+
+
+def convert_legacy_save(cls, dir_path, output_dir_path, overwrite=False, prefix=None, **kwargs):
+    """Refused: scvi-tools' converter is for its own pre-0.15 pickles, not scbranch's.
+
+    A scbranch < 0.2 model (a pickle) is rewritten as plain data by
+    :func:`~scbranch.model.convert_legacy` (``scbranch convert``), which unpickles it: only for
+    models you trust.
+
+    Examples
+    --------
+    >>> BranchedDiffusion.convert_legacy_save("old/", "new/")  # doctest: +SKIP
+    Traceback (most recent call last):
+    ValueError: ...
+    """
+    raise ValueError(
+        "BranchedDiffusion.convert_legacy_save is scvi-tools' converter for scvi-tools' own "
+        "pre-0.15 pickles and does not apply to scbranch models. A model saved by scbranch "
+        "< 0.2 is rewritten as plain data by `scbranch.model.convert_legacy(old_dir, "
+        "new_dir)` (CLI: `scbranch convert OLD --out NEW --trust-pickle`); it unpickles the "
+        "old files, so convert only models you trust."
+    )
+
+
 def _rebuild(cls, attributes: dict, space, state: dict, directory: Path):
     """The model from its saved attributes, space and weights."""
+    if not isinstance(attributes, dict):
+        raise _corrupt(directory, PlainFormatError("it records no attributes"))
+    # only what save writes (public names ending in "_", _attributes): a damaged or crafted
+    # file must not replace the module, the space or a method
+    foreign = sorted(k for k in attributes if not (k.endswith("_") and not k.startswith("_")))
+    if foreign:
+        damaged = PlainFormatError(f"it sets attributes {foreign}, which save never writes")
+        raise _corrupt(directory, damaged)
     attributes = dict(attributes)
     try:
         registry = attributes.pop("registry_")
