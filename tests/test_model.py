@@ -656,3 +656,19 @@ def test_the_setup_views_inherited_from_scvi_tools_print(capsys):
     model.view_anndata_setup(hide_state_registries=True)
     model.view_setup_method_args()
     assert "labels_key" in capsys.readouterr().out
+
+
+def test_requests_read_as_users_write_them(trained):
+    adata, model = trained
+    one = model.classes[1]
+    # one type as a string is that type, not its letters (they were read as labels 'c', ...)
+    gen = model.generate(2, labels=one, seed=0, progress_bar=False)
+    assert list(gen.obs["cell_type"].astype(str)) == [one, one]
+    # value_counts() counts as a dict
+    asked = adata.obs["cell_type"].value_counts().iloc[:2] // 20
+    gen = model.generate(asked, seed=0, progress_bar=False)
+    assert gen.obs["cell_type"].value_counts()[asked.index].tolist() == asked.tolist()
+    with pytest.raises(ValueError, match="labels="):
+        model.generate([one, model.classes[0]], progress_bar=False)
+    with pytest.raises(ValueError, match="more than once"):
+        model.generate(2, labels=[one, one], progress_bar=False)

@@ -13,7 +13,7 @@ from anndata import AnnData
 from .._keys import Key
 from .._validation import check_obs_key
 from .._versions import package_versions
-from ..model._output import cell_counts
+from ..model._output import cell_counts, counts_as_dict
 
 if TYPE_CHECKING:
     from ..model import BranchedDiffusion
@@ -64,10 +64,9 @@ class Baseline:
             )
 
     def _counts(self, n_cells: int | Mapping[str, int], labels: Sequence[str] | None) -> dict:
+        n_cells = counts_as_dict(n_cells)
         if isinstance(n_cells, Mapping) and labels is not None:
             raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
-        if isinstance(labels, str):  # one type, not its letters
-            labels = [labels]
         counts = cell_counts(n_cells, self.classes if labels is None else labels)
         unknown = [c for c in counts if c not in self.classes]
         if unknown:

@@ -34,7 +34,14 @@ from .._validation import check_obs_key
 from ..module._solvers import DEFAULT_ANCHOR_TIME, DEFAULT_N_STEPS
 from ..module._transport import denoise, transport
 from ._blocks import check_output, write_anndata
-from ._output import cell_counts, generated_block, generation_params, uns_record, warn_if_untrained
+from ._output import (
+    cell_counts,
+    counts_as_dict,
+    generated_block,
+    generation_params,
+    uns_record,
+    warn_if_untrained,
+)
 from ._spaces import auto_noise
 
 if TYPE_CHECKING:
@@ -67,6 +74,7 @@ def anchor_rows(labels: np.ndarray, requested: Mapping[int, int], seed: int) -> 
 def _requested(model: BranchedDiffusion, labels: np.ndarray, n_cells) -> dict[int, int]:
     """Class index -> new cells, for the types present among the anchors."""
     present = [c for c in model.classes if np.any(labels == c)]
+    n_cells = counts_as_dict(n_cells)
     if isinstance(n_cells, Mapping):
         wanted = cell_counts(n_cells, ())
         groups = [w for w in wanted if w not in model.classes and w in model.tree.node_names]

@@ -585,13 +585,15 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         n_cells
             Cells per type (an int, for every type in ``labels``), or a dict
-            ``{cell type or node: count}``. A named node of the tree (a group of a given
-            hierarchy, or one named with ``model.tree.name_node``) stands for the mixture of
-            the types below it: its cells are spread over them (``node_weights``), each
-            records its type in ``obs[labels_key]`` and the node in
+            ``{cell type or node: count}`` (a pandas Series such as
+            ``adata.obs[key].value_counts()`` counts as one). A named node of the tree (a
+            group of a given hierarchy, or one named with ``model.tree.name_node``) stands
+            for the mixture of the types below it: its cells are spread over them
+            (``node_weights``), each records its type in ``obs[labels_key]`` and the node in
             ``obs['scbranch_requested_node']``.
         labels
-            Types to generate when ``n_cells`` is an int (default: all).
+            Types to generate when ``n_cells`` is an int (default: all); one string is one
+            type. Each type once: for more cells of some, give ``n_cells`` as a dict.
         solver
             A solver of :data:`~scbranch.module.SOLVERS`: ``"em"`` (reverse SDE, Euler-Maruyama,
             1 call per step; alias ``"sde"``; the default: closest to real cells), ``"ei"``

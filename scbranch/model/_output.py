@@ -59,10 +59,43 @@ def cell_count(value, name: str) -> int:
 
 
 def cell_counts(n_cells, names: Sequence[str]) -> dict[str, int]:
-    """``{name: cells}`` from ``generate``'s ``n_cells``: a dict, or one count for every name."""
+    """``{name: cells}`` from ``generate``'s ``n_cells``: a dict, or one count for every name.
+
+    A pandas Series (``obs[key].value_counts()``) counts as a dict.
+    """
+    n_cells = counts_as_dict(n_cells)
     if isinstance(n_cells, Mapping):
         return {str(k): cell_count(v, repr(str(k))) for k, v in n_cells.items()}
-    return {str(c): cell_count(n_cells, "every type") for c in names}
+    if isinstance(n_cells, str) or np.ndim(n_cells) > 0:
+        raise ValueError(
+            f"n_cells is a number of cells for every type, or a dict {{type: cells}}; got "
+            f"{n_cells!r}. To generate some types only, name them in `labels=` "
+            "(`generate(100, labels=['B', 'NK'])`) or give each its number in a dict."
+        )
+    return {str(c): cell_count(n_cells, "every type") for c in as_names(names, "labels")}
+
+
+def counts_as_dict(n_cells):
+    """A pandas Series of counts (``obs[key].value_counts()``) as a dict; anything else as is."""
+    return n_cells.to_dict() if isinstance(n_cells, pd.Series) else n_cells
+
+
+def as_names(value, name: str) -> list[str]:
+    """``value`` as a list of distinct names: one string is one name, not its letters.
+
+    Examples
+    --------
+    >>> as_names("CD19+ B", "labels"), as_names(["B", "NK"], "labels")
+    (['CD19+ B'], ['B', 'NK'])
+    """
+    names = [value] if isinstance(value, str) else [str(v) for v in value]
+    repeated = sorted({v for v in names if names.count(v) > 1})
+    if repeated:
+        raise ValueError(
+            f"{name} names {repeated} more than once; name each once (to ask for more cells "
+            "of some types, give each its number in a dict)."
+        )
+    return names
 
 
 def warn_if_untrained(model: BranchedDiffusion, action: str) -> None:
@@ -94,6 +127,7 @@ def requested_cells(
     """
     if node_weights not in ("size", "uniform"):
         raise ValueError(f"node_weights must be 'size' or 'uniform', got {node_weights!r}.")
+    n_cells = counts_as_dict(n_cells)
     if isinstance(n_cells, Mapping) and labels is not None:
         raise ValueError("Pass per-class counts as a dict OR `labels`, not both.")
     asked = cell_counts(n_cells, tree.classes if labels is None else labels)
