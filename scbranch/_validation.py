@@ -120,12 +120,37 @@ def check_class_sizes(
             listing += f" and {len(small) - len(shown)} more"
         many = len(small) > len(classes) / 2 and len(classes) > 20
         hint = f" ({len(classes)} classes: is it the cell-type column?)" if many else ""
-        raise ValueError(
-            f"Class(es) {listing} of adata.obs[{labels_key!r}] have fewer than {min_cells} cells"
-            f"{hint}, {why} Unused categories can be dropped with "
+        # only a categorical column has types without cells (and .cat to drop them with)
+        unused = (
+            " Unused categories can be dropped with "
             f"`adata.obs[{labels_key!r}] = "
             f"adata.obs[{labels_key!r}].cat.remove_unused_categories()`."
+            if any(n == 0 for _, n in small)
+            else ""
         )
+        raise ValueError(
+            f"Class(es) {listing} of adata.obs[{labels_key!r}] have fewer than {min_cells} cells"
+            f"{hint}, {why}{unused}"
+        )
+
+
+def check_discovery_sizes(
+    labels: np.ndarray, classes: Sequence[str], min_cells: int, labels_key: str
+) -> None:
+    """:func:`check_class_sizes` for hierarchy discovery, which needs 2 cells of every type.
+
+    A type's similarity curve compares its cells with each other; below 2 the discovery
+    failed naming a class index. ``min_cells`` below 2 cannot lower that floor.
+    """
+    if int(min_cells) >= 2:
+        check_class_sizes(labels, classes, int(min_cells), labels_key)
+        return
+    check_class_sizes(
+        labels, classes, 2, labels_key,
+        why="too few for hierarchy discovery, which compares a type's cells with each other "
+        "(min_cells_per_class cannot go below 2 here). Remove them, merge them into a related "
+        "label, or pass a hierarchy (`hierarchy=`).",
+    )  # fmt: skip
 
 
 #: what to do about non-count data where ``counts_layer=`` is the argument that names counts

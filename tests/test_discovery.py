@@ -643,3 +643,47 @@ def test_standardiser_of_sparse_and_large_dense_matrices_equals_numpys(kind, mon
     np.testing.assert_allclose(shift, exact.mean(0), rtol=1e-12)
     assert scale == pytest.approx(np.sqrt(np.mean((exact - exact.mean(0)) ** 2)), rel=1e-10)
     np.testing.assert_allclose(_discovery.column_variance(x), exact.var(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ({"n_times": 1}, "n_times must be at least 10"),
+        ({"n_per_class": 1}, "n_per_class must be at least 2"),
+        ({"n_per_class": 2.5}, "n_per_class must be an integer"),
+        ({"epsilon": -1.0}, "epsilon must be a number >= 0"),
+        ({"smooth_sigma": float("nan")}, "smooth_sigma must be a number >= 0"),
+        ({"min_branch_length": 1.5}, "units of diffusion time"),
+    ],
+)
+def test_discovery_options_out_of_range_are_named(option, match):
+    # they failed later as "never become indistinguishable ... increase epsilon"
+    from scbranch.module import DiscoveryOptions
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        DiscoveryOptions(**option)
+
+
+def test_a_one_cell_type_is_named_whatever_min_cells_per_class():
+    import anndata as ad
+    import pandas as pd
+
+    import scbranch as sb
+
+    sim = simulate_tree(depth=2, n_per_class=20, dim=4, seed=0)
+    keep = np.r_[np.flatnonzero(sim.labels != 0), np.flatnonzero(sim.labels == 0)[:1]]
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([sim.classes[i] for i in sim.labels[keep]])},
+        index=[f"c{i}" for i in range(len(keep))],
+    )
+    adata = ad.AnnData(obs=obs, obsm={"X_lat": sim.x[keep]})
+    named = f"'{sim.classes[0]}' \\(1 cell\\).*hierarchy discovery"
+    with pytest.raises(ValueError, match=named):  # said "Class index 0 has 1 cell(s)"
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_lat", min_cells_per_class=1)
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_lat")
+    with pytest.raises(ValueError, match=named):
+        sb.BranchedDiffusion(adata, min_cells_per_class=1)
+    # a column without unused categories is not told to drop them with .cat
+    with pytest.raises(ValueError) as err:
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_lat")
+    assert "remove_unused_categories" not in str(err.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,10 @@ CURVES = ("sampled", "expected")
 LINKAGES = ("average", "single")
 
 
+#: fewest points of the diffusion-time grid: a coarser grid cannot place branch times
+MIN_TIMES = 10
+
+
 @dataclass(frozen=True)
 class DiscoveryOptions:
     """The options of hierarchy discovery, named once for every place that discovers or places.
@@ -196,6 +201,22 @@ class DiscoveryOptions:
             )
         if self.linkage not in LINKAGES:
             raise ValueError(f"linkage must be one of {LINKAGES}, got {self.linkage!r}.")
+        # out of range, these failed later as "never become indistinguishable"
+        for name, least in (("n_per_class", 2), ("n_times", MIN_TIMES)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(f"{name} must be an integer, got {value!r}.")
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}.")
+        for name in ("epsilon", "smooth_sigma", "min_branch_length"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not 0 <= float(value) < np.inf:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+        if self.min_branch_length >= 1:
+            raise ValueError(
+                f"min_branch_length is in units of diffusion time (0-1), got "
+                f"{self.min_branch_length}."
+            )
 
     @classmethod
     def from_params(cls, params: Mapping | None, **overrides) -> DiscoveryOptions:

@@ -16,8 +16,8 @@ from .._keys import Key
 from .._validation import (
     TARGET_SUM_FIX,
     check_cells,
-    check_class_sizes,
     check_counts,
+    check_discovery_sizes,
     check_finite,
     check_obs_key,
     check_target_sum,
@@ -161,6 +161,7 @@ def discover_record(
     The one place where data are standardised (all cells, per-dimension centring, one global
     scale) and subsampled for discovery, shared by :func:`branch_hierarchy` and the model.
     """
+    check_discovery_sizes(labels, classes, 1, groupby)  # the floor of 2, whoever calls
     keep = subsample_per_class(labels, len(classes), options.n_per_class, options.seed)
     shift, scale = global_standardizer(matrix)  # all cells, exactly as the model does
     result = discover_hierarchy(
@@ -493,7 +494,7 @@ def branch_hierarchy(
     cats = cats.remove_unused_categories()
     classes = [str(c) for c in cats.categories]
     labels = np.asarray(cats.codes, dtype=np.int64)
-    check_class_sizes(labels, classes, min_cells_per_class, groupby)
+    check_discovery_sizes(labels, classes, min_cells_per_class, groupby)
     sde = VPSDE(beta0=beta0, beta1=beta1, t_min=t_min)
     options = DiscoveryOptions(
         n_per_class=n_per_class,
