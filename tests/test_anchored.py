@@ -171,6 +171,15 @@ def test_non_finite_anchors_are_refused(trained):
         model.generate_anchored(bad, 3, progress_bar=False)
 
 
+def test_anchors_with_one_name_are_refused(trained):
+    # obs['scbranch_anchor'] read ['a', 'a', 'a']: which cell each came from was lost
+    adata, model = trained
+    same = adata[:4].copy()
+    same.obs_names = ["a"] * 4
+    with pytest.raises(ValueError, match="obs_names are not unique.*obs_names_make_unique"):
+        model.generate_anchored(same, 3, progress_bar=False)
+
+
 def test_the_seed_draws_the_noise(exact):
     adata, model = exact
     one = model.generate_anchored(adata, {"B": 50}, seed=5, progress_bar=False).obsm["X_z"]

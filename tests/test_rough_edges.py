@@ -251,3 +251,24 @@ def test_generated_obs_names_are_unique_and_labels_known(files):
     assert gen.obs_names.is_unique
     assert isinstance(gen.obs["cell_type"].dtype, pd.CategoricalDtype)
     assert np.isfinite(gen.obsm["X_pca"]).all()
+
+
+def test_non_finite_weights_are_refused_at_load_and_at_generate(files, tmp_path):
+    # damaged bytes load (safetensors has no checksum) and gave all-NaN cells without a word
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(files / "model", tmp_path / "m")
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    weights[name][0] = float("nan")
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ValueError, match="NaN or inf values. The directory is corrupt"):
+        sb.BranchedDiffusion.load(tmp_path / "m")
+    model = sb.BranchedDiffusion.load(files / "model")
+    with torch.no_grad():  # a training that diverged
+        next(model.module.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite values.*diverged"):
+        model.generate(n_cells=2, seed=0, progress_bar=False)

@@ -30,7 +30,7 @@ from anndata import AnnData
 
 from .._keys import Key
 from .._utils import progress, resolve_seed
-from .._validation import check_obs_key
+from .._validation import check_cells, check_obs_key
 from ..module._solvers import DEFAULT_ANCHOR_TIME, DEFAULT_N_STEPS
 from ..module._transport import denoise, transport
 from ._blocks import check_output, write_anndata
@@ -180,6 +180,7 @@ def generate_anchored(
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:
         raise ValueError("`adata` holds no anchor cells.")
+    check_cells(adata)  # obs['scbranch_anchor'] names each new cell's anchor: unique names
     sde = model.module.sde
     anchor_time = float(anchor_time)
     if not sde.t_min < anchor_time <= 1.0:

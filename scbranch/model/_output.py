@@ -305,6 +305,13 @@ def generated_block(
     ``options`` are the decoding options (``counts``, ``batch``, ``residual_noise``) and
     ``seed`` the seed of the decoder's random parts.
     """
+    bad = int((~np.isfinite(z)).any(axis=1).sum()) if len(z) else 0
+    if bad:  # NaN cells decode to NaN genes and counts without a word otherwise
+        raise RuntimeError(
+            f"The model made {bad} of {len(z)} cells with non-finite values (NaN or inf): its "
+            "weights are damaged or its training diverged (see `model.history['train_loss']`). "
+            "Retrain it (a lower `lr=`), or load an intact copy."
+        )
     decoded = model.space.decode(z, codes, options, int(seed))
     if options.get("layers") is not None:  # generate(layers=...): only the layers asked for
         decoded.layers = {k: v for k, v in decoded.layers.items() if k in options["layers"]}

@@ -406,6 +406,11 @@ def _rebuild(cls, attributes: dict, space, state: dict, directory: Path):
         for key, value in attributes.items():
             setattr(model, key, value)
         model.module.load_state_dict(state)
+        broken = sorted(
+            k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()
+        )
+        if broken:  # damaged bytes (safetensors has no checksum) or a diverged training
+            raise ValueError(f"its weights {broken[:3]} hold NaN or inf values")
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise _corrupt(directory, err) from err
     model._model_summary_string = model._summary()
