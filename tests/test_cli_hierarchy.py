@@ -223,3 +223,35 @@ def test_bad_values_in_the_file_and_a_bad_newick_for_fit_are_one_line(simulated,
         assert main([*argv, "--labels", "cell_type"]) == 2
         assert message in error_line(capsys)
     assert not (tmp_path / "m").exists()
+
+
+def test_q_still_prints_the_tree_and_its_support(simulated, capsys):
+    # -q printed nothing: without --out the tree is all the command gives
+    _, data = simulated
+    argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent", "-q"]
+    assert main([*argv, "--support", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hierarchy of 4 cell types: (") and "Support over 2 resamples" in out
+
+
+def test_outputs_are_checked_before_the_work_and_new_folders_made(simulated, tmp_path, capsys):
+    _, data = simulated
+    argv = ["hierarchy", str(data), "--labels", "cell_type", "--rep", "X_latent", "-q"]
+    # an unknown image format failed after discovery and every resample, with --table written
+    rc = main([*argv, "--table", "t.csv", "--plot", "tree.xyz", "--support", "2"])
+    assert rc == 2 and "--plot" in error_line(capsys) and not (tmp_path / "t.csv").exists()
+    # a folder that does not exist yet is made, as generate --out does (h5py failed in it)
+    assert main([*argv, "--out", "new/tree.h5ad", "--table", "other/t.csv"]) == 0
+    assert (tmp_path / "new" / "tree.h5ad").is_file() and (tmp_path / "other" / "t.csv").is_file()
+    # a folder given as the data is a folder, not "No such .h5ad file"
+    assert main(["hierarchy", str(tmp_path), "--labels", "cell_type", "-q"]) == 2
+    assert "is a directory" in error_line(capsys)
+
+
+def test_an_unknown_option_shows_the_commands_usage(simulated, capsys):
+    _, data = simulated
+    with pytest.raises(SystemExit) as code:
+        main(["hierarchy", str(data), "--labels", "cell_type", "--bogus"])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.startswith("usage: scbranch hierarchy")
+    assert "unrecognized arguments: --bogus" in err

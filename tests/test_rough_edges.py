@@ -272,3 +272,23 @@ def test_non_finite_weights_are_refused_at_load_and_at_generate(files, tmp_path)
         next(model.module.parameters()).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="non-finite values.*diverged"):
         model.generate(n_cells=2, seed=0, progress_bar=False)
+
+
+def test_cli_errors_name_flags_and_what_is_missing(files, tmp_path, capfd):
+    data = str(files / "pbmc.h5ad")
+    rc = main(["fit", data, "--labels", "cell_type", "--rep", "X_nope", "--out", "m", "-q"])
+    err = capfd.readouterr().err
+    assert rc == 2 and "--rep 'X_nope'" in err and "obsm_key" not in err, err
+    argv = ["generate", str(files / "model"), "--n-cells", "2", "--out", str(tmp_path / "g.h5ad")]
+    rc = main([*argv, "--noise", "nb", "-q"])
+    err = capfd.readouterr().err
+    assert rc == 2 and "--noise nb" in err and "--counts-layer counts" in err, err
+    assert "residual_noise" not in err and "setup_anndata" not in err
+    # convert asked to trust a pickle in a path that does not exist
+    for missing in (str(tmp_path / "nope"), data):
+        assert main(["convert", missing, "--out", str(tmp_path / "new")]) == 2
+        err = capfd.readouterr().err
+        assert "trust" not in err and ("does not exist" in err or "a file" in err), err
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tmp_path / "empty"), "--out", str(tmp_path / "new")]) == 2
+    assert "holds no model.pt" in capfd.readouterr().err

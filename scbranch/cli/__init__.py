@@ -8,6 +8,7 @@ docs/cli.md); :func:`main` runs a command and turns bad input into one line and 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
@@ -40,6 +41,12 @@ _FLAGS = {
     "labels_key='": "--labels '",
     "groupby='": "--labels '",
     "use_rep='": "--rep '",
+    "obsm_key='": "--rep '",
+    "`layer='counts'`": "`--layer counts`",
+    "residual_noise='nb'": "--noise nb",
+    "`setup_anndata(..., counts_layer='counts')`": "`scbranch fit ... --counts-layer counts`",
+    "`batch` applies": "--batch applies",
+    "layers=[": "--layers [",
     "target_sum must": "--target-sum must",
     # the output appearing while cells are generated is caught by the writer, in Python terms
     "overwrite=True": "--overwrite",
@@ -105,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     From a shell: ``scbranch fit pbmc.h5ad --labels cell_type --rep X_pca --out pbmc_model``.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's top-level error printed the top-level usage, not the command's
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     loggers = [
         logging.getLogger(name)
         for name in ("scbranch", "scvi", "lightning.pytorch", "lightning.fabric")

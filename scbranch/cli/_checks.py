@@ -119,6 +119,10 @@ def _check_output_file(
 def _read_h5ad(path: Path):
     import anndata
 
+    if path.is_dir():  # said "No such .h5ad file" of a folder that exists
+        raise FileNotFoundError(
+            f"{str(path)!r} is a directory, not an .h5ad file (a zarr store's name ends in .zarr)."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"No such .h5ad file: {str(path)!r}.")
     try:

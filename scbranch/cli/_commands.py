@@ -351,6 +351,16 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
     resolved = [path.resolve() for path in outputs.values()]
     if len(set(resolved)) < len(resolved):
         raise CLIError(f"{', '.join(outputs)} name the same file; give each its own.")
+    if "--plot" in outputs:  # matplotlib's refusal came after discovery and every resample
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if outputs["--plot"].suffix.lstrip(".").lower() not in formats:
+            raise CLIError(
+                f"--plot {str(outputs['--plot'])!r}: matplotlib writes no "
+                f"{outputs['--plot'].suffix or 'extensionless'!r} file; end the name with one "
+                f"of {', '.join('.' + f for f in sorted(formats))}."
+            )
 
     from ..tl import branch_hierarchy, branch_stability, read_hierarchy
     from ..tl._branch_stability import branch_points
@@ -368,7 +378,9 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     tree, _ = read_hierarchy(adata)
-    _say(args, f"Hierarchy of {len(tree.classes)} cell types: {tree.to_newick()}")
+    # the tree and its support are this command's result, printed under -q too (with -q it
+    # printed nothing, though without --out it writes nothing else)
+    print(f"Hierarchy of {len(tree.classes)} cell types: {tree.to_newick()}")
     if args.support is not None:
         table = branch_stability(
             adata,
@@ -377,16 +389,16 @@ def _cmd_hierarchy(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress_bar=not args.quiet,
         )
-        _say(
-            args,
-            f"Support over {args.support} resamples of {SUPPORT_FRACTION:.0%} of each type's "
-            "cells:",
+        print(
+            f"Support over {args.support} resamples of {SUPPORT_FRACTION:.0%} of each type's cells:"
         )
         for row in table.itertuples():
             interval = "never recurs" if np.isnan(row.t_lo) else f"{row.t_lo:.3f}-{row.t_hi:.3f}"
-            _say(args, f"  {row.support:4.0%}  t {row.t:.3f} ({interval})  {row.classes}")
+            print(f"  {row.support:4.0%}  t {row.t:.3f} ({interval})  {row.classes}")
     else:
         table = branch_points(tree)
+    for path in outputs.values():  # as generate --out does: a new folder is made, not refused
+        path.parent.mkdir(parents=True, exist_ok=True)
     if "--table" in outputs:
         table.to_csv(outputs["--table"], index=False)
         _say(args, f"Wrote the branch points to {outputs['--table']}")

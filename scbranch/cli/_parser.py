@@ -33,13 +33,14 @@ def _epilog(*lines: str) -> str:
     return head + "\n" + "\n".join(f"  {line}" if line else "" for line in lines)
 
 
-def _common(parser: argparse.ArgumentParser, bars: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, bars: bool = True, result: str = "") -> None:
     parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
         help="Show only warnings and errors: no progress messages"
-        + (" and no progress bars." if bars else "."),
+        + (" and no progress bars." if bars else ".")
+        + (f" {result}" if result else ""),
     )
     parser.add_argument(
         "--traceback",
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     hier.add_argument(
         "--overwrite", action="store_true", help="Replace --out, --table or --plot files."
     )
-    _common(hier)
+    _common(hier, result="The tree (and its support) is printed all the same: it is the result.")
     hier.set_defaults(handler=_cmd_hierarchy)
 
     # ------------------------------------------------------------------ fit

@@ -531,8 +531,20 @@ def _load_legacy(cls, directory: Path, paths: dict, adata, accelerator, device, 
 
 
 def check_convertible(old_dir: str | Path) -> None:
-    """Refuse a directory already in today's format: there is nothing to convert (or trust)."""
+    """Refuse what holds no old model: nothing to convert (or to trust).
+
+    A missing path, a file, a directory without ``model.pt``, or one already in today's format;
+    checked before anyone is asked to trust a pickle that is not there.
+    """
     old = Path(old_dir)
+    if not old.is_dir():
+        what = "a file, not a model directory" if old.exists() else "does not exist"
+        raise FileNotFoundError(f"{str(old)!r} {what}: give the directory of a saved model.")
+    if not (old / LEGACY).is_file() and not (old / "model.json").is_file():
+        raise FileNotFoundError(
+            f"{str(old)!r} holds no {LEGACY}: it is not a model saved by scbranch < 0.2 (nothing "
+            "to convert)."
+        )
     if (old / "model.json").is_file() and not (old / LEGACY).is_file():
         raise ValueError(
             f"{str(old)!r} is already in today's format (model.json, no pickle): there is "
