@@ -42,3 +42,32 @@ def progress(description: str, enabled: bool = True) -> Callable[[Iterable], Ite
         return track(iterable, description=description, style="tqdm")
 
     return wrap
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning names the first line outside scbranch.
+
+    Call it in the function that warns: ``warnings.warn(..., stacklevel=user_stacklevel())``.
+    A fixed stacklevel names the right line for one caller only (the few-cells warning of
+    discovery named scbranch's own file when ``tl.branch_hierarchy`` called it). The command
+    line counts as the user: its warnings stay scbranch's, which it prints as one line.
+
+    Examples
+    --------
+    >>> user_stacklevel() >= 1
+    True
+    """
+    import inspect
+    import os
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    cli = os.path.join(package, "cli")
+    frame = inspect.currentframe().f_back  # the function that warns: stacklevel 1
+    level = 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(package + os.sep) or name.startswith(cli + os.sep):
+            break
+        frame = frame.f_back
+        level += 1
+    return level

@@ -687,3 +687,18 @@ def test_a_one_cell_type_is_named_whatever_min_cells_per_class():
     with pytest.raises(ValueError) as err:
         sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_lat")
     assert "remove_unused_categories" not in str(err.value)
+
+
+def test_the_few_cells_warning_names_the_users_line():
+    # it named scbranch/tl/_branch_hierarchy.py (a fixed stacklevel) whoever called it
+    import scbranch as sb
+
+    adata = simulate_tree(depth=1, n_per_class=30, dim=4, seed=0).to_anndata()
+    with pytest.warns(UserWarning, match="cells or fewer") as record:
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent")
+    assert {w.filename for w in record if "cells or fewer" in str(w.message)} == {__file__}
+    adata = simulate_tree(depth=1, n_per_class=30, dim=4, seed=0).to_anndata()  # no tree yet
+    sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", obsm_key="X_latent")
+    with pytest.warns(UserWarning, match="cells or fewer") as record:
+        sb.BranchedDiffusion(adata, width=16)
+    assert {w.filename for w in record if "cells or fewer" in str(w.message)} == {__file__}

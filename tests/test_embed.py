@@ -169,7 +169,7 @@ def test_cells_in_another_pca_than_the_references_are_refused(pbmc, tmp_path):
 
 def test_embed_like_bad_input(pbmc):
     new = pbmc[:10].copy()
-    with pytest.raises(KeyError, match="reference.obsm has no 'X_tsne'.*sc.tl.umap"):
+    with pytest.raises(KeyError, match="reference.obsm has no 'X_tsne'.*sc.tl.tsne"):
         sb.tl.embed_like(new, pbmc, basis="tsne")
     # writing the placement over the coordinates it was placed from (a generated latent)
     with pytest.raises(ValueError, match="key_added='X_pca' is the representation"):

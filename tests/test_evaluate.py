@@ -175,6 +175,10 @@ def test_latent_space_and_subsets(data):
     assert set(report.space) == {"X_latent"}
     assert set(report.metric) == {"w2", "label_fidelity"}
     assert set(report.group) == {"beta", "mean"}
+    # one group as a string is that group (it was split into letters: 'b', 'e', ...)
+    kwargs = dict(train=train, use_rep="X_latent", reference_pca=False, metrics=["w2"])
+    one = sb.tl.evaluate(gen, held, "cell_type", groups="beta", **kwargs)
+    assert set(one.group) == {"beta", "mean"}
 
 
 def test_small_classes_get_fidelity_only(data, caplog):

@@ -13,6 +13,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._keys import Key
+from .._utils import user_stacklevel
 from .._validation import (
     TARGET_SUM_FIX,
     check_cells,
@@ -201,7 +202,7 @@ def warn_few_cells(labels: np.ndarray, classes: list[str], groupby: str) -> None
         f"adata.obs[{groupby!r}]; clades resting on so few cells may not recur on other cells. "
         f"Check how often each does with {STABILITY_HINT}.",
         UserWarning,
-        stacklevel=2,
+        stacklevel=user_stacklevel(),  # branch_hierarchy, the model, add_classes: the user's line
     )
 
 

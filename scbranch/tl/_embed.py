@@ -20,7 +20,7 @@ def _basis_key(reference: AnnData, basis: str) -> str:
     if key not in reference.obsm:
         raise KeyError(
             f"basis={basis!r}: reference.obsm has no {key!r} (available: "
-            f"{list(reference.obsm.keys())}). Compute it first, e.g. `sc.tl.umap(reference)`."
+            f"{list(reference.obsm.keys())}). Compute it first, e.g. `sc.tl.{key[2:]}(reference)`."
         )
     return key
 

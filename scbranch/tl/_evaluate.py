@@ -42,6 +42,7 @@ from ..metrics._distances import mmd_rbf, wasserstein2
 from ..metrics._genes import gene_moment_spearman, zero_fraction_error
 from ..metrics._quality import _classifier
 from ..metrics._reference import ReferencePCA, split_for_fitting
+from ..model._output import as_names
 
 logger = logging.getLogger(__name__)
 
@@ -549,7 +550,7 @@ def _resolve_groups(groups, gen_labels, real_labels, labels_key) -> list[str]:
     if groups is None:
         groups = present_gen
     else:
-        groups = [str(g) for g in groups]
+        groups = as_names(groups, "groups")  # one string is one group, not its letters
         empty = [g for g in groups if g not in set(present_gen)]
         if empty:
             raise ValueError(
