@@ -24,6 +24,10 @@ def check_whole_number(name: str, value, least: int = 1, why: str = "") -> None:
 
 def check_obs_key(adata: AnnData, key: str, what: str = "labels_key") -> None:
     """Raise if ``key`` is not a column of ``adata.obs`` or has missing values."""
+    if not isinstance(key, str):  # a list raised "unhashable type: 'list'"
+        raise TypeError(
+            f"{what} names one column of adata.obs (a string), got {type(key).__name__} {key!r}."
+        )
     if key not in adata.obs.columns:
         raise KeyError(
             f"{what}={key!r} is not a column of adata.obs. Available columns: "

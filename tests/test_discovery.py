@@ -702,3 +702,14 @@ def test_the_few_cells_warning_names_the_users_line():
     with pytest.warns(UserWarning, match="cells or fewer") as record:
         sb.BranchedDiffusion(adata, width=16)
     assert {w.filename for w in record if "cells or fewer" in str(w.message)} == {__file__}
+
+
+def test_a_list_as_groupby_and_a_single_type_are_named():
+    import scbranch as sb
+
+    adata = simulate_tree(depth=1, n_per_class=50, dim=4, seed=0).to_anndata()
+    with pytest.raises(TypeError, match="one column of adata.obs"):  # "unhashable type: 'list'"
+        sb.tl.branch_hierarchy(adata, groupby=["cell_type"], use_rep="X_latent")
+    adata.obs["one"] = "only"
+    with pytest.warns(UserWarning, match="one type \\('only'\\).*no branch"):
+        sb.tl.branch_hierarchy(adata, groupby="one", use_rep="X_latent")

@@ -618,11 +618,12 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             and ``"pc"`` (Song et al.), ``"interpolant"`` for ``"ddim"``, else ``"logsnr"``.
         residual_noise
             PCA-space models: what decoded cells carry beyond their PCA profile (the latent is
-            unchanged). `False`: the denoised profile. `True`/``"gaussian"``: per-gene Gaussian
-            noise of real cells' size outside the PCs (values can be negative). ``"nb"``: counts
-            from a per-gene negative binomial around the decoded mean times the class's ratio
-            per gene (what it holds outside the PCs), library sizes of the class (needs
-            ``counts_layer``; ``layers['counts']`` with ``counts=True``), ``.X`` their
+            unchanged). `False`: the denoised profile (the PCA reconstruction, which can dip
+            below 0 where real log-normalised values are 0). `True`/``"gaussian"``: per-gene
+            Gaussian noise of real cells' size outside the PCs (values can be negative).
+            ``"nb"``: counts from a per-gene negative binomial around the decoded mean times
+            the class's ratio per gene (what it holds outside the PCs), library sizes of the
+            class (needs ``counts_layer``; ``layers['counts']`` with ``counts=True``), ``.X`` their
             log-normalisation with its PC scores set back to the generated ones (counting
             noise and what the PCs leave out, no noise added to the scores). ``"auto"``:
             ``"nb"`` for PCA models set up with ``counts_layer``, else `False` (also with
