@@ -22,23 +22,25 @@ def check_whole_number(name: str, value, least: int = 1, why: str = "") -> None:
         )
 
 
-def check_obs_key(adata: AnnData, key: str, what: str = "labels_key") -> None:
-    """Raise if ``key`` is not a column of ``adata.obs`` or has missing values."""
+def check_obs_key(adata: AnnData, key: str, what: str = "labels_key", name: str = "adata") -> None:
+    """Raise if ``key`` is not a column of ``adata.obs`` or has missing values.
+
+    ``name``: what the caller calls ``adata`` (``generated``, ``train``), for the message.
+    """
     if not isinstance(key, str):  # a list raised "unhashable type: 'list'"
         raise TypeError(
             f"{what} names one column of adata.obs (a string), got {type(key).__name__} {key!r}."
         )
     if key not in adata.obs.columns:
         raise KeyError(
-            f"{what}={key!r} is not a column of adata.obs. Available columns: "
+            f"{what}={key!r} is not a column of {name}.obs. Available columns: "
             f"{list(adata.obs.columns)}."
         )
     n_missing = int(pd.isna(adata.obs[key]).sum())
     if n_missing:
         raise ValueError(
-            f"adata.obs[{key!r}] has {n_missing} missing value(s). Drop or label those cells "
-            "first, "
-            f"e.g. `adata = adata[adata.obs[{key!r}].notna()].copy()`."
+            f"{name}.obs[{key!r}] has {n_missing} missing value(s). Drop or label those cells "
+            f"first, e.g. `{name} = {name}[{name}.obs[{key!r}].notna()].copy()`."
         )
 
 

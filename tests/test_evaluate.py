@@ -195,8 +195,12 @@ def test_small_classes_get_fidelity_only(data, caplog):
 
 def test_bad_input_gives_clear_errors(data):
     good, held = data["good"], data["held"]
-    with pytest.raises(KeyError, match="labels_key='celltype' is not a column"):
+    with pytest.raises(KeyError, match="labels_key='celltype' is not a column of generated.obs"):
         sb.tl.evaluate(good, held, "celltype")
+    unlabelled = held.copy()
+    unlabelled.obs = unlabelled.obs.rename(columns={"cell_type": "type"})
+    with pytest.raises(KeyError, match="is not a column of real.obs"):  # said adata.obs
+        sb.tl.evaluate(good, unlabelled, "cell_type")
     renamed = held.copy()
     renamed.var_names = [f"x{i}" for i in range(N_GENES)]
     with pytest.raises(ValueError, match=r"60 of 60 generated genes are not in real.var_names"):
@@ -209,7 +213,7 @@ def test_bad_input_gives_clear_errors(data):
     nolabel = held.copy()
     nolabel.obs["cell_type"] = nolabel.obs["cell_type"].cat.add_categories("x")
     nolabel.obs.iloc[0, 0] = np.nan
-    with pytest.raises(ValueError, match="missing value"):
+    with pytest.raises(ValueError, match="real.obs.*missing value"):
         sb.tl.evaluate(good, nolabel, "cell_type")
     raw = held.copy()
     raw.X = raw.layers["counts"].copy()

@@ -384,7 +384,7 @@ def evaluate(
     for name, data in named.items():
         if not isinstance(data, AnnData):
             raise TypeError(f"`{name}` must be an AnnData, got {type(data).__name__}.")
-        check_obs_key(data, labels_key)
+        check_obs_key(data, labels_key, name=name)
     if generated.n_obs == 0:
         raise ValueError("`generated` holds no cells.")
     gen_labels = generated.obs[labels_key].astype(str).to_numpy()

@@ -101,7 +101,7 @@ def transmutation_success(
                 f"labels_key={labels_key!r} is not a column of {name}.obs (available: "
                 f"{list(data.obs.columns)}); pass `labels_key=` naming the cell types."
             )
-        check_obs_key(data, labels_key)
+        check_obs_key(data, labels_key, name=name)
     paired = _paired_rows(transmuted)
     train_y = train.obs[labels_key].astype(str).to_numpy()
     held_y = heldout.obs[labels_key].astype(str).to_numpy() if heldout is not None else None
