@@ -713,3 +713,13 @@ def test_a_list_as_groupby_and_a_single_type_are_named():
     adata.obs["one"] = "only"
     with pytest.warns(UserWarning, match="one type \\('only'\\).*no branch"):
         sb.tl.branch_hierarchy(adata, groupby="one", use_rep="X_latent")
+
+
+def test_options_of_a_given_hierarchy_are_checked_without_one():
+    # times="x" passed unseen when no hierarchy was given
+    import scbranch as sb
+
+    adata = simulate_tree(depth=1, n_per_class=50, dim=4, seed=0).to_anndata()
+    for bad in ({"times": "x"}, {"multifurcations": "x"}):
+        with pytest.raises(ValueError, match="times must be one of"):
+            sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", **bad)

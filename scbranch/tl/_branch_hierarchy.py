@@ -33,6 +33,7 @@ from ..module._discovery import (
     standardized_rows,
     subsample_per_class,
 )
+from ..module._topology import MULTIFURCATIONS, TIME_SOURCES
 from ._given_hierarchy import given_record, is_given
 
 logger = logging.getLogger(__name__)
@@ -519,6 +520,13 @@ def branch_hierarchy(
         seed=seed,
     )
     if hierarchy is None:
+        # they shape a given hierarchy only, but a typo should not pass unseen
+        if times not in TIME_SOURCES or multifurcations not in MULTIFURCATIONS:
+            raise ValueError(
+                f"times must be one of {TIME_SOURCES} and multifurcations one of "
+                f"{MULTIFURCATIONS}, got {times!r} and {multifurcations!r} (both apply to a "
+                "given `hierarchy=` only)."
+            )
         _, record = discover_record(
             matrix, labels, classes, sde, options,
             groupby=groupby, use_rep=use_rep, layer=layer, target_sum=target_sum,
