@@ -332,3 +332,35 @@ def test_branch_similarity_legend_of_many_types_stays_on_the_figure():
     box, page = legend.get_window_extent(), fig.bbox
     assert box.y0 >= page.y0 - 1 and box.y1 <= page.y1 + 1
     assert box.x0 >= page.x0 - 1 and box.x1 <= page.x1 + 1
+
+
+# ---------------------------------------------------------------------- save= (scanpy's)
+@pytest.mark.parametrize("name", sb.pl.__all__)
+def test_every_plot_takes_scanpys_save(name):
+    import inspect
+
+    assert "save" in inspect.signature(getattr(sb.pl, name)).parameters
+
+
+@pytest.fixture
+def figdir(tmp_path):
+    import scanpy as sc
+
+    before = sc.settings.figdir  # a property of scanpy's settings: set and put back by hand
+    sc.settings.figdir = tmp_path / "figures"
+    yield
+    sc.settings.figdir = before
+
+
+def test_save_writes_where_scanpy_writes(adata, tmp_path, figdir):
+    import scanpy as sc
+
+    sb.pl.branch_tree(adata, save=True, show=False)
+    assert (tmp_path / "figures" / f"branch_tree.{sc.settings.file_format_figs}").is_file()
+    sb.pl.branch_similarity(adata, save="_sim.svg", show=False)
+    svg = tmp_path / "figures" / "branch_similarity_sim.svg"
+    assert svg.read_text().lstrip().startswith("<?xml")
+    sb.pl.branch_tree(adata, save="_pbmc", show=False)  # no suffix: scanpy's format
+    assert (tmp_path / "figures" / f"branch_tree_pbmc.{sc.settings.file_format_figs}").is_file()
+    with pytest.raises(TypeError, match="save must be"):
+        sb.pl.branch_tree(adata, save=3, show=False)

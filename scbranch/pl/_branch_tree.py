@@ -74,6 +74,7 @@ def branch_tree(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: bool | str | None = None,
     **kwargs: Any,
 ) -> Axes | Figure | None:
     """Dendrogram of the branch tree, with diffusion time as its height.
@@ -116,6 +117,10 @@ def branch_tree(
         Show the plot, do not return axis. If `None`, follows ``scanpy.settings.autoshow``.
     return_fig
         Return the :class:`~matplotlib.figure.Figure` instead of the axes (and do not show).
+    save
+        Also write the figure to ``scanpy.settings.figdir``, as scanpy's plots do, named
+        ``branch_tree``: `True` adds ``scanpy.settings.file_format_figs``, a string
+        is added to the name (``"_pbmc.pdf"``; its suffix sets the format).
     **kwargs
         Passed to :class:`~matplotlib.collections.LineCollection` for the tree's lines,
         e.g. ``colors``, ``linewidths``.
@@ -255,7 +260,7 @@ def branch_tree(
         for label, color in zip(ticks, colors, strict=True):
             if color is not None:
                 label.set_color(color)
-    return _finish(ax, show, return_fig)
+    return _finish(ax, show, return_fig, save, "branch_tree")
 
 
 _STABILITY_COLOR = "#1f77b4"
@@ -359,6 +364,7 @@ def branch_similarity(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: bool | str | None = None,
     legend: bool = True,
 ) -> Axes | Figure | None:
     """Similarity curves along the forward diffusion from which the branch tree was built.
@@ -386,6 +392,10 @@ def branch_similarity(
         Show the plot, do not return axis. If `None`, follows ``scanpy.settings.autoshow``.
     return_fig
         Return the :class:`~matplotlib.figure.Figure` instead of the axes (and do not show).
+    save
+        Also write the figure to ``scanpy.settings.figdir``, as scanpy's plots do, named
+        ``branch_similarity``: `True` adds ``scanpy.settings.file_format_figs``, a string
+        is added to the name (``"_pbmc.pdf"``; its suffix sets the format).
     legend
         Draw a legend (types and line styles) to the right of the axes.
 
@@ -500,4 +510,4 @@ def branch_similarity(
             alignment="left",
             ncols=n_columns,
         )
-    return _finish(ax, show, return_fig)
+    return _finish(ax, show, return_fig, save, "branch_similarity")

@@ -34,6 +34,7 @@ def compare_hierarchies(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: bool | str | None = None,
     **kwargs: Any,
 ) -> Axes | Figure | None:
     """Two hierarchies as mirrored dendrograms, the same cell types linked between them.
@@ -60,6 +61,10 @@ def compare_hierarchies(
         Show the figure (`None`: follow ``scanpy.settings.autoshow``).
     return_fig
         Return the figure instead of showing it.
+    save
+        Also write the figure to ``scanpy.settings.figdir``, as scanpy's plots do, named
+        ``compare_hierarchies``: `True` adds ``scanpy.settings.file_format_figs``, a string
+        is added to the name (``"_pbmc.pdf"``; its suffix sets the format).
     **kwargs
         Passed to :func:`~scbranch.pl.branch_tree` for both trees.
 
@@ -124,4 +129,4 @@ def compare_hierarchies(
     ax_mid.set_xlim(0, 1)
     ax_mid.set_ylim(n - 0.5, -0.5)
     ax_mid.axis("off")
-    return _finish(ax_mid, show, return_fig)
+    return _finish(ax_mid, show, return_fig, save, "compare_hierarchies")

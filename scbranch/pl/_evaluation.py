@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D
 
 from .._keys import Key
 from ..tl._evaluate import METRICS, REFERENCE_SPACE, read_evaluation
-from ._utils import _default_colors
+from ._utils import _default_colors, save_figure
 
 
 def _select(report: pd.DataFrame, metrics, space, groups) -> tuple[pd.DataFrame, list[str]]:
@@ -74,6 +74,7 @@ def evaluation(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: bool | str | None = None,
 ) -> Axes | list[Axes] | Figure | None:
     """Each metric per class as dots, next to its real-vs-real control.
 
@@ -109,6 +110,10 @@ def evaluation(
         Show the figure; `None` follows ``scanpy.settings.autoshow``.
     return_fig
         Return the figure instead of showing it.
+    save
+        Also write the figure to ``scanpy.settings.figdir``, as scanpy's plots do, named
+        ``evaluation``: `True` adds ``scanpy.settings.file_format_figs``, a string
+        is added to the name (``"_pbmc.pdf"``; its suffix sets the format).
 
     Returns
     -------
@@ -207,6 +212,7 @@ def evaluation(
     ]
     axes[-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
 
+    save_figure(fig, save, "evaluation")
     if return_fig:
         return fig
     if show is None:

@@ -92,6 +92,7 @@ def trajectories(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: bool | str | None = None,
 ) -> Axes | Figure | None:
     """Trajectories drawn over the real cells in their embedding (e.g. the UMAP).
 
@@ -131,6 +132,10 @@ def trajectories(
         Show the figure; `None` follows ``scanpy.settings.autoshow``.
     return_fig
         Return the figure instead of showing it.
+    save
+        Also write the figure to ``scanpy.settings.figdir``, as scanpy's plots do, named
+        ``trajectories``: `True` adds ``scanpy.settings.file_format_figs``, a string
+        is added to the name (``"_pbmc.pdf"``; its suffix sets the format).
 
     Returns
     -------
@@ -253,7 +258,7 @@ def trajectories(
     ax.legend(
         handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False, fontsize=8
     )
-    return _finish(ax, show, return_fig)
+    return _finish(ax, show, return_fig, save, "trajectories")
 
 
 # ------------------------------------------------------------------------ genes
@@ -296,6 +301,7 @@ def transmutation_genes(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: bool | str | None = None,
 ) -> Axes | Figure | None:
     """Heatmap of genes changing along a transmutation: mean change from the source, per step.
 
@@ -324,6 +330,10 @@ def transmutation_genes(
         Show the figure; `None` follows ``scanpy.settings.autoshow``.
     return_fig
         Return the figure instead of showing it.
+    save
+        Also write the figure to ``scanpy.settings.figdir``, as scanpy's plots do, named
+        ``transmutation_genes``: `True` adds ``scanpy.settings.file_format_figs``, a string
+        is added to the name (``"_pbmc.pdf"``; its suffix sets the format).
 
     Returns
     -------
@@ -410,4 +420,4 @@ def transmutation_genes(
         ax.axvline(pos, color="black", ls="--", lw=1.0, label="branch point")
     ax.set_title(f"to {group}", fontsize=10)
     ax.figure.colorbar(image, ax=ax, label="mean change from source", shrink=0.8)
-    return _finish(ax, show, return_fig)
+    return _finish(ax, show, return_fig, save, "transmutation_genes")

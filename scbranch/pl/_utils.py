@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,8 @@ from matplotlib.colors import is_color_like, to_hex
 from matplotlib.figure import Figure
 
 from ..module import BranchTree
+
+logger = logging.getLogger(__name__)
 
 
 def _get_hierarchy(adata: AnnData | BranchTree, key: str) -> tuple[BranchTree, dict | None]:
@@ -72,13 +76,47 @@ def _new_axes(figsize: tuple[float, float]) -> Axes:
     return fig.add_subplot(1, 1, 1)
 
 
-def _finish(ax: Axes, show: bool | None, return_fig: bool) -> Axes | Figure | None:
+#: suffixes that set a saved figure's format (others get scanpy's default format appended)
+_FIGURE_FORMATS = (".png", ".pdf", ".svg", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def save_figure(fig: Figure, save: bool | str | None, name: str) -> Path | None:
+    """Write ``fig`` where scanpy's ``save=`` writes: ``settings.figdir / f"{name}{save}"``.
+
+    Examples
+    --------
+    >>> import matplotlib.pyplot as plt
+    >>> save_figure(plt.figure(), None, "branch_tree") is None
+    True
+    """
+    if save is None or save is False:
+        return None
+    from scanpy import settings
+
+    if not isinstance(save, bool | str):
+        raise TypeError(f"save must be True, False or a string to add to the name, got {save!r}.")
+    suffix = "" if save is True else save
+    filename = f"{name}{suffix}"
+    if not filename.lower().endswith(_FIGURE_FORMATS):
+        filename += f".{settings.file_format_figs}"
+    path = Path(settings.figdir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")  # at rcParams["savefig.dpi"], as scanpy sets it
+    logger.info("Saved the figure to %s.", path)
+    return path
+
+
+def _finish(
+    ax: Axes, show: bool | None, return_fig: bool, save: bool | str | None = None, name: str = ""
+) -> Axes | Figure | None:
     """Apply scanpy's rules for what a plotting function returns.
 
+    ``save`` writes the figure first (:func:`save_figure`, named after the function ``name``).
     ``return_fig=True`` returns the :class:`~matplotlib.figure.Figure` without showing it.
     Otherwise ``show=None`` follows ``scanpy.settings.autoshow``; showing calls
     :func:`matplotlib.pyplot.show` and returns `None`, not showing returns the Axes.
     """
+    save_figure(ax.figure, save, name)
     if return_fig:
         return ax.figure
     if show is None:
