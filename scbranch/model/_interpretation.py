@@ -113,7 +113,8 @@ def transmute(
     adata
         Real cells in the model's representation (``obsm[obsm_key]`` in the same latent
         space, the model's genes for expression models, or counts of the scVI model's genes
-        for scVI models).
+        for scVI models: encoded by its encoder as the training cells were, so
+        ``obsm['X_scVI']`` is not read and generated cells need ``counts=True``).
     target
         The type to transmute into.
     source

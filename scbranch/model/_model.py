@@ -424,7 +424,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             Cells in the model's representation: ``obsm[obsm_key]`` in the same latent space,
-            the model's genes (expression models), counts of the scVI model's genes (scVI).
+            the model's genes (expression models), counts of the scVI model's genes (scVI;
+            encoded by scVI's encoder, as the training cells were: ``obsm['X_scVI']`` is not
+            read).
         what
             How to name the cells in error messages.
 
@@ -698,7 +700,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         values can dip below 0; for scanpy's statistics, ``counts=True`` and normalize_total +
         log1p of ``layers['counts']`` give plain log-normalised counts; scVI models: the counts
         log-normalised to 10,000 per cell, sparse, with scVI's normalised expression in
-        ``layers['scale']`` and library sizes in ``obs['scbranch_library_size']``), counts in
+        ``layers['scale']`` and the library size each cell's counts were drawn around
+        (their expected total, not the drawn one) in ``obs['scbranch_library_size']``), counts in
         ``layers['counts']`` (sparse CSR; see ``counts``), and provenance in
         ``uns['scbranch']`` (with ``block_rows`` and ``n_blocks``). The file written to
         ``out`` holds exactly this AnnData (cells ``gen0``, ``gen1``, ... in block order, in
