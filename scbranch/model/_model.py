@@ -4,8 +4,7 @@ The class holds the user API (set-up, training, generation, interpretation, exte
 persistence) and delegates the rest: the representation to its :class:`~scbranch.model.Space`
 (``_spaces.py``), the AnnData it returns to ``_output.py``, transmutation, hybrids and
 trajectories to ``_interpretation.py``, anchored generation to ``_anchored.py``, saving and
-loading to ``_persistence.py``, and the numerics to
-:class:`~scbranch.module.BranchedDiffusionModule`.
+loading to ``_persistence.py``, the numerics to :class:`~scbranch.module.BranchedDiffusionModule`.
 """
 
 from __future__ import annotations
@@ -424,9 +423,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             Cells in the model's representation: ``obsm[obsm_key]`` in the same latent space,
-            the model's genes (expression models), counts of the scVI model's genes (scVI;
-            encoded by scVI's encoder, as the training cells were: ``obsm['X_scVI']`` is not
-            read).
+            the model's genes (expression models), counts of the scVI model's genes (scVI).
         what
             How to name the cells in error messages.
 
@@ -587,15 +584,13 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         n_cells
             Cells per type (an int, for every type in ``labels``), or a dict
-            ``{cell type or node: count}`` (a pandas Series such as
-            ``adata.obs[key].value_counts()`` counts as one). A named node of the tree (a
-            group of a given hierarchy, or one named with ``model.tree.name_node``) stands
-            for the mixture of the types below it: its cells are spread over them
+            ``{cell type or node: count}`` (or a Series, e.g. ``value_counts()``). A named node
+            of the tree (a group of a given hierarchy, or one named with ``tree.name_node``)
+            stands for the mixture of the types below it: its cells are spread over them
             (``node_weights``), each records its type in ``obs[labels_key]`` and the node in
             ``obs['scbranch_requested_node']``.
         labels
-            Types to generate when ``n_cells`` is an int (default: all); one string is one
-            type. Each type once: for more cells of some, give ``n_cells`` as a dict.
+            Types to generate when ``n_cells`` is an int (default: all), each named once.
         solver
             A solver of :data:`~scbranch.module.SOLVERS`: ``"em"`` (reverse SDE, Euler-Maruyama,
             1 call per step; alias ``"sde"``; the default: closest to real cells), ``"ei"``
@@ -609,10 +604,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             step per segment plus 12 (recorded in ``uns['scbranch']['params']``).
         share
             Share the reverse path above branch points between types (fewer network calls;
-            cells of different types then share noisy ancestors, so a type's cells depend on
-            the types requested with it: their branch points and numbers of cells). `False`
-            gives independent paths: a type's cells are then the same whatever else is
-            requested (with the same seed).
+            cells of different types share noisy ancestors, and depend on what else is asked
+            for). `False`: independent paths, the same whatever else is asked for.
         seed
             Random seed; `None` draws one (it is recorded in ``uns['scbranch']['params']``).
         spacing
@@ -620,17 +613,16 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
             and ``"pc"`` (Song et al.), ``"interpolant"`` for ``"ddim"``, else ``"logsnr"``.
         residual_noise
             PCA-space models: what decoded cells carry beyond their PCA profile (the latent is
-            unchanged). `False`: the denoised profile (the PCA reconstruction, which can dip
-            below 0 where real log-normalised values are 0). `True`/``"gaussian"``: per-gene
-            Gaussian noise of real cells' size outside the PCs (values can be negative).
-            ``"nb"``: counts from a per-gene negative binomial around the decoded mean times
-            the class's ratio per gene (what it holds outside the PCs), library sizes of the
-            class (needs ``counts_layer``; ``layers['counts']`` with ``counts=True``), ``.X`` their
-            log-normalisation with its PC scores set back to the generated ones (counting
-            noise and what the PCs leave out, no noise added to the scores). ``"auto"``:
+            unchanged). `False`: the denoised profile (can dip below 0). `True`/``"gaussian"``:
+            per-gene Gaussian noise of real cells' size outside the PCs (values can be
+            negative). ``"nb"``: counts from a per-gene negative binomial around the decoded
+            mean times the class's ratio per gene (what it holds outside the PCs), library sizes
+            of the class (needs ``counts_layer``; ``layers['counts']`` with ``counts=True``),
+            ``.X`` their log-normalisation with its PC scores set back to the generated ones
+            (counting noise and what the PCs leave out, none added to the scores). ``"auto"``:
             ``"nb"`` for PCA models set up with ``counts_layer``, else `False` (also with
-            ``trajectory_times``); docs/benchmarks/noise_models.md, class_ratios.md. To add
-            cells to a classifier's training set, `False` (docs/evaluation.md, useful cells).
+            ``trajectory_times``; docs/benchmarks/noise_models.md). To add cells to a
+            classifier's training set, `False` (docs/evaluation.md, useful cells).
         counts
             Also return counts in ``layers['counts']``. scVI models do unless `False` (sampled
             from scVI's likelihood with library sizes drawn from the class); with `False`,
@@ -648,10 +640,8 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         calibrate_spread
             Give each type's cells, per dimension of the diffused representation, the spread of
             its training cells around the centre of the model's cells (measured once per type
-            and sampler on 500 cells, kept until the network changes): a network trained on a
-            type's few dozen cells smooths them and makes its cells wider. Brought
-            pbmc68k_reduced's dispersion from 1.05 to 1.02 of real cells' at no gain in AUROC
-            (docs/evaluation.md, "Spread calibration"); off by default. Not for trajectories.
+            and sampler on 500 cells): a network trained on a type's few dozen cells makes its
+            cells wider (docs/evaluation.md, "Spread calibration"). Not for trajectories.
         trajectory_times
             Return trajectories instead of cells: every cell's state at these times (in
             ``[t_min, 1]``, or 0 for the final cell), one row per (cell, time) with the columns
@@ -700,9 +690,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         values can dip below 0; for scanpy's statistics, ``counts=True`` and normalize_total +
         log1p of ``layers['counts']`` give plain log-normalised counts; scVI models: the counts
         log-normalised to 10,000 per cell, sparse, with scVI's normalised expression in
-        ``layers['scale']`` and the library size each cell's counts were drawn around
-        (their expected total, not the drawn one) in ``obs['scbranch_library_size']``), counts in
-        ``layers['counts']`` (sparse CSR; see ``counts``), and provenance in
+        ``layers['scale']`` and the totals the counts are drawn around in
+        ``obs['scbranch_library_size']``), counts in ``layers['counts']`` (sparse CSR; see
+        ``counts``), and provenance (parameters, tree, package versions) in
         ``uns['scbranch']`` (with ``block_rows`` and ``n_blocks``). The file written to
         ``out`` holds exactly this AnnData (cells ``gen0``, ``gen1``, ... in block order, in
         every call: ``ad.concat([gen_a, gen_b], index_unique="-")`` keeps two calls' apart).
@@ -715,9 +705,7 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
         >>> tr = model.generate(100, trajectory_times=[1.0, 0.6, 0.3, 0.0])  # doctest: +SKIP
         >>> model.generate(100_000, counts=True, seed=0, out="cells.zarr")  # doctest: +SKIP
         PosixPath('cells.zarr')
-        >>> model.generate(  # doctest: +SKIP
-        ...     10**6, seed=0, out="cells.h5ad", devices=["cuda:0", "cuda:1"]
-        ... )
+        >>> model.generate(10**6, out="cells.h5ad", devices=["cuda:0", "cuda:1"])  # doctest: +SKIP
         PosixPath('cells.h5ad')
         """
         warn_if_untrained(self, "Generating")
@@ -790,10 +778,9 @@ class BranchedDiffusion(UnsupervisedTrainingMixin, BaseModelClass):
     # ------------------------------------------------------------------ persistence
     save = _persistence.save
     load = classmethod(_persistence.load)
-    # scvi-tools' versions of these unpickle model.pt (a file scbranch never writes)
-    load_registry = staticmethod(_persistence.load_registry)
-    view_setup_args = staticmethod(_persistence.view_setup_args)
-    convert_legacy_save = classmethod(_persistence.convert_legacy_save)
+    load_registry = staticmethod(_persistence.load_registry)  # scvi-tools': from a pickle
+    view_setup_args = staticmethod(_persistence.view_setup_args)  # (as this one)
+    convert_legacy_save = classmethod(_persistence.convert_legacy_save)  # for scvi's pickles
 
     def to_device(self, device: str | int | torch.device) -> None:
         """Move the model (and a nested scVI model) to ``device``.
