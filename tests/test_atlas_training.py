@@ -409,3 +409,18 @@ def test_setup_anndata_target_sum_must_be_a_positive_number(target_sum):
     adata = _counts_adata(n_per_type=10)
     with pytest.raises(ValueError, match="target_sum must be a positive number"):
         sb.BranchedDiffusion.setup_anndata(adata, labels_key="cell_type", target_sum=target_sum)
+
+
+def test_a_zarr_store_removed_under_a_model_is_named_not_read_as_zeros(tmp_path):
+    # zarr reads chunks that are gone as the fill value: the model trained on zeros silently
+    import shutil
+
+    _counts_adata(n_per_type=40).write_zarr(tmp_path / "a.zarr")
+    data = sb.io.read_backed(tmp_path / "a.zarr")
+    sb.BranchedDiffusion.setup_anndata(data, labels_key="cell_type", target_sum=1e4)
+    model = sb.BranchedDiffusion(data, width=16, n_head_blocks=1)
+    shutil.rmtree(tmp_path / "a.zarr")
+    with pytest.raises(FileNotFoundError, match="a.zarr' these cells are read from is gone"):
+        _train(model)
+    with pytest.raises(FileNotFoundError, match="is gone"):  # and any other read of its rows
+        sb.io._rows.read_rows(data.X, np.arange(3))

@@ -55,7 +55,32 @@ def read_block(m, start: int, stop: int, dtype=np.float64):
     >>> read_block(np.arange(6).reshape(3, 2), 1, 3).tolist()
     [[2.0, 3.0], [4.0, 5.0]]
     """
+    check_store_present(m)
     return _as_block(m[start:stop], dtype)
+
+
+def check_store_present(m) -> None:
+    """Raise if ``m`` is read from a zarr store that has gone (moved or deleted).
+
+    zarr answers reads of chunks that are gone with the fill value, so the cells of a removed
+    store read as zeros and a model trained on them without an error. An open ``.h5ad`` file
+    keeps its data while open, and is not checked.
+
+    Examples
+    --------
+    >>> check_store_present(np.zeros((2, 2)))  # in memory: nothing to check
+    """
+    from pathlib import Path
+
+    root = getattr(getattr(getattr(m, "group", None), "store", None), "root", None)
+    if root is None:
+        root = getattr(getattr(m, "store", None), "root", None)  # a dense zarr array
+    if root is not None and not Path(root).exists():
+        raise FileNotFoundError(
+            f"The .zarr store {str(root)!r} these cells are read from is gone (moved or "
+            "deleted since it was opened); read now, its cells would be zeros. Open it again "
+            "with `sb.io.read_backed` and set the model up on it."
+        )
 
 
 def read_rows(m, rows: np.ndarray, dtype=np.float64):
@@ -82,6 +107,7 @@ def read_rows(m, rows: np.ndarray, dtype=np.float64):
     rows = np.asarray(rows, dtype=np.int64)
     if not is_on_disk(m):
         return _as_block(m[rows], dtype)
+    check_store_present(m)
     unique, back = np.unique(rows, return_inverse=True)
     block = _as_block(m[unique], dtype)
     return block[back]

@@ -7,6 +7,7 @@ import torch
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
 from .._constants import REGISTRY_KEYS
+from ..io._rows import check_store_present
 
 
 def balanced_indices(labels: np.ndarray, class_balance: float, seed: int | list[int]) -> np.ndarray:
@@ -50,6 +51,8 @@ def check_training_data(model) -> None:
             "This model holds no AnnData to train on (loaded without it): load it with "
             "`BranchedDiffusion.load(dir_path, adata)`, or save it with `save_anndata=True`."
         )
+    for matrix in (model.adata.X, *model.adata.layers.values()):
+        check_store_present(matrix)  # before Lightning starts: a removed store reads as zeros
     known = model.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
     # as text: model.classes are the registry's categories as str (integer cluster ids too)
     present = {str(c) for c in known["categorical_mapping"]}
