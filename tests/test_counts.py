@@ -703,3 +703,17 @@ def test_fit_scvi_trains_small_data_800_epochs_unless_told(monkeypatch):
 def test_default_scvi_epochs_refuses_what_is_not_a_number_of_cells(bad):
     with pytest.raises(ValueError, match="n_cells must be a positive integer"):
         sb.model.default_scvi_epochs(bad)
+
+
+def test_a_pca_without_loadings_says_why_it_makes_no_counts():
+    # the error told the user to set up counts_layer=, which they had
+    adata = sb.datasets.pbmc68k()
+    del adata.varm["PCs"]
+    sb.BranchedDiffusion.setup_anndata(
+        adata, labels_key=LABELS, obsm_key="X_pca", counts_layer="counts"
+    )
+    with pytest.warns(UserWarning, match="counts_layer='counts' is ignored.*varm\\['PCs'\\]"):
+        model = sb.BranchedDiffusion(adata, **FAST_MODEL)
+    for asked in ({"counts": True}, {"residual_noise": "nb"}):
+        with pytest.raises(ValueError, match="no PCA loadings in varm\\['PCs'\\]"):
+            model.generate(n_cells=2, progress_bar=False, **asked)

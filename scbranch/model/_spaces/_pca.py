@@ -101,7 +101,8 @@ class PcaSpace(_GeneSpace):
         if setup.get("counts_layer") and space.decoder is None:
             warnings.warn(
                 f"counts_layer={setup['counts_layer']!r} is ignored: obsm[{obsm_key!r}] has no "
-                "map back to genes, so generated cells have no expression to turn into counts.",
+                "map back to genes (the loadings `sc.pp.pca` stores in varm['PCs']), so "
+                "generated cells have no expression to turn into counts.",
                 UserWarning,
                 stacklevel=4,
             )
@@ -199,10 +200,13 @@ class PcaSpace(_GeneSpace):
         return x
 
     def resolve_options(self, *, counts, batch, residual_noise) -> dict:  # noqa: D102
-        if residual_noise and self.decoder is None:
+        if (residual_noise or counts) and self.decoder is None:
+            asked = "residual_noise" if residual_noise else "counts"
             raise ValueError(
-                "residual_noise applies to models that decode a PCA to genes; this model "
-                f"(diffusing obsm[{self.obsm_key!r}] without PCA loadings) has no PCA decoder."
+                f"{asked} needs a map from the PCA back to genes, and this model (diffusing "
+                f"obsm[{self.obsm_key!r}]) was set up without one: its AnnData had no PCA "
+                "loadings in varm['PCs'] (`sc.pp.pca` stores them), so its `counts_layer` was "
+                "ignored. Set up cells whose varm['PCs'] holds the loadings of this PCA."
             )
         return super().resolve_options(counts=counts, batch=batch, residual_noise=residual_noise)
 
