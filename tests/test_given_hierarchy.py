@@ -138,6 +138,13 @@ def test_every_form_gives_the_same_tree():
         )
     assert set(trees["obs"].node_names) == {"left", "right", "ll", "lr", "rl", "rr"}
     assert adata.uns["obs"]["params"]["given"] == "obs"
+    # the stored Newick names the groups, so given back it keeps them (it dropped them)
+    stored = adata.uns["obs"]["newick"]
+    assert ")ll:" in stored and ")left:" in stored
+    sb.tl.branch_hierarchy(
+        adata, groupby="cell_type", use_rep="X_latent", hierarchy=stored, key_added="again"
+    )
+    assert _record_tree(adata, "again").node_names.keys() == trees["obs"].node_names.keys()
 
 
 def test_newick_lengths_give_the_times_when_asked():

@@ -463,19 +463,25 @@ class BranchTree:
 
     # ------------------------------------------------------------------ export
     def to_newick(self, digits: int = 4) -> str:
-        """The tree in Newick format with branch lengths in units of diffusion time."""
+        """The tree in Newick format with branch lengths in units of diffusion time.
 
-        def name(c: int) -> str:
-            s = self.classes[c]
+        Named nodes (:meth:`name_node`, the groups of a given hierarchy) are written as
+        internal labels, so the string given back as a hierarchy keeps them.
+        """
+
+        def quoted(s: str) -> str:
             return s if _NEWICK_SAFE.match(s) else "'" + s.replace("'", "''") + "'"
+
+        group = {bid: quoted(name) for name, bid in self.node_names.items()}
 
         def rec(bid: int) -> str:
             b = self.branches[bid]
             length = f"{round(b.length, digits):g}"
             if not b.children:
-                return f"{name(b.classes[0])}:{length}"
+                return f"{quoted(self.classes[b.classes[0]])}:{length}"
             inner = ",".join(rec(ch) for ch in b.children)
-            return f"({inner}):{length}" if b.parent >= 0 else f"({inner})"
+            label = group.get(bid, "")
+            return f"({inner}){label}:{length}" if b.parent >= 0 else f"({inner}){label}"
 
         return rec(self.root) + ";"
 
