@@ -402,3 +402,22 @@ def test_a_stored_hierarchy_of_another_representation_is_named_with_the_fix():
         sb.BranchedDiffusion(adata, hierarchy="other", **FAST)
     model = sb.BranchedDiffusion(adata, hierarchy=adata.uns["other"]["tree"], **FAST)
     assert model.tree.classes == _record_tree(adata, "other").classes
+
+
+def test_annotation_levels_with_gaps_or_the_types_themselves_are_refused_and_a_dendrogram_read():
+    adata = _sim()
+    lineage = dict(zip(CLASSES, ["ll", "ll", "lr", "lr", "rl", "rl", "rr", "rr"], strict=True))
+    adata.obs["lineage"] = adata.obs["cell_type"].map(lineage).astype(object)
+    with pytest.raises(HierarchyError, match="holds the types themselves"):  # pandas' Grouper
+        sb.tl.branch_hierarchy(
+            adata, groupby="cell_type", use_rep="X_latent", hierarchy=["lineage", "cell_type"]
+        )
+    gaps = adata.copy()
+    gaps.obs.loc[gaps.obs["cell_type"] == CLASSES[0], "lineage"] = np.nan
+    with pytest.raises(HierarchyError, match=f"no value for 80 cell\\(s\\).*'{CLASSES[0]}'"):
+        # the missing level was read as a group "nan": the type moved without a word
+        sb.tl.branch_hierarchy(gaps, groupby="cell_type", use_rep="X_latent", hierarchy="lineage")
+    sc.tl.dendrogram(adata, groupby="cell_type", use_rep="X_latent")
+    for form in ("dendrogram_cell_type", adata.uns["dendrogram_cell_type"]):  # the dict too
+        sb.tl.branch_hierarchy(adata, groupby="cell_type", use_rep="X_latent", hierarchy=form)
+        assert adata.uns["scbranch_hierarchy"]["params"]["given"] == "dendrogram"

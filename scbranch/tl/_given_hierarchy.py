@@ -60,6 +60,19 @@ def _from_columns(adata: AnnData, columns: Sequence[str], groupby: str, classes)
             f"Hierarchy column(s) {missing} are not in adata.obs"
             + (f" ({'; '.join(hints)})." if hints else ".")
         )
+    if groupby in columns:  # pandas said "Grouper for 'cell_type' not 1-dimensional"
+        raise HierarchyError(
+            f"obs[{groupby!r}] holds the types themselves; the annotation levels are the "
+            f"coarser columns above them (e.g. ['compartment', 'lineage']), without {groupby!r}."
+        )
+    for column in columns:  # read as the group "nan", a missing level put its types elsewhere
+        types = obs.loc[obs[column].isna(), groupby]
+        if len(types):
+            raise HierarchyError(
+                f"obs[{column!r}] has no value for {len(types)} cell(s) of the type(s) "
+                f"{sorted(map(str, pd.unique(types)))}: every type must lie in a group of each "
+                "level. Fill them in, or give the hierarchy as a nested dict."
+            )
     levels = [*columns, groupby]
     values = obs[levels].astype(str)
     # every group of a level lies in exactly one group of the level above it
@@ -153,6 +166,8 @@ def read_topology(adata: AnnData, hierarchy, groupby: str, classes) -> tuple[Nod
     tree = _scbranch_tree(adata, hierarchy)
     if tree is not None:  # its topology and, for times="newick", its own branch times
         return topology_of(tree), "tree"
+    if isinstance(hierarchy, Mapping) and "linkage" in hierarchy:  # the dict, not its key
+        return _from_dendrogram(hierarchy, groupby, classes, "<hierarchy=>"), "dendrogram"
     if isinstance(hierarchy, Mapping):
         return from_nested(dict(hierarchy)), "nested"
     if isinstance(hierarchy, str):
