@@ -87,3 +87,16 @@ def test_refusals_name_the_fix_and_leave_files_alone(tmp_path):
 
     sb.io.copy_with_uns(source, tmp_path / "taken.h5ad", {"x": 1}, overwrite=True)
     assert ad.read_h5ad(tmp_path / "taken.h5ad").uns["x"] == 1
+
+
+def test_a_new_folder_is_made_and_keys_a_file_cannot_hold_are_refused(tmp_path):
+    # a folder that did not exist failed naming the hidden temporary copy; an int key failed
+    # inside anndata and a key with "/" came back nested
+    _cells().write_h5ad(tmp_path / "a.h5ad")
+    out = tmp_path / "new" / "b.h5ad"
+    sb.io.copy_with_uns(tmp_path / "a.h5ad", out, {"entry": {"t": 1}})
+    assert ad.read_h5ad(out).uns["entry"]["t"] == 1
+    for bad in ({"entry": {1: 2}}, {"a/b": 1}):
+        with pytest.raises(ValueError, match="keys written to a file must be strings"):
+            sb.io.copy_with_uns(tmp_path / "a.h5ad", tmp_path / "c.h5ad", bad)
+    assert not (tmp_path / "c.h5ad").exists()

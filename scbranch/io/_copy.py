@@ -77,6 +77,8 @@ def copy_with_uns(
     if dest.resolve() == source.resolve():
         raise ValueError(f"{str(dest)!r} is the source itself; name a new file for the copy.")
     check_writable(dest, overwrite)
+    _check_keys(uns, "uns")
+    dest.parent.mkdir(parents=True, exist_ok=True)  # as generate(out=) makes a new folder
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if zarr_store:
@@ -121,3 +123,16 @@ def _set_zarr_uns(path: Path, uns: Mapping[str, object]) -> None:
     # anndata writes consolidated metadata and reads through it: without it being rewritten,
     # readers of the copy would not see the new entries
     zarr.consolidate_metadata(str(path))
+
+
+def _check_keys(value, where: str) -> None:
+    """Refuse what anndata cannot write as keys: non-strings, and "/" (read back as nesting)."""
+    if not isinstance(value, Mapping):
+        return
+    for key, item in value.items():
+        if not isinstance(key, str) or "/" in key:
+            raise ValueError(
+                f"{where} holds the key {key!r}: keys written to a file must be strings "
+                "without '/' (a '/' would come back as a nested entry). Rename it."
+            )
+        _check_keys(item, f"{where}[{key!r}]")

@@ -45,10 +45,10 @@ def is_zarr_path(path: str | os.PathLike) -> bool:
 
     Examples
     --------
-    >>> is_zarr_path("cells.zarr"), is_zarr_path("cells.h5ad")
-    (True, False)
+    >>> is_zarr_path("cells.zarr"), is_zarr_path("cells.h5ad"), is_zarr_path("cells.ZARR")
+    (True, False, True)
     """
-    return Path(path).suffix in ZARR_SUFFIXES
+    return Path(path).suffix.lower() in ZARR_SUFFIXES  # cells.ZARR is a store too
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:

@@ -123,7 +123,7 @@ def check_output(out: str | os.PathLike, overwrite: bool, *, reading: Iterable =
             "generated cells there would destroy them, even with overwrite=True. Choose "
             "another name."
         )
-    if path.suffix not in (".h5ad", ".zarr"):
+    if path.suffix.lower() not in (".h5ad", ".zarr"):
         logger.warning("Writing an .h5ad file to %s, whose name does not end in .h5ad.", path)
     return path
 
