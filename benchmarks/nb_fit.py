@@ -16,6 +16,11 @@ on the same cells:
                        class's ratio of observed to decoded counts per gene (class ratios,
                        benchmarks/class_ratios.py)
 
+Every fit decodes as the package does since the per-cell library means
+(``scbranch.model._counts.cell_means``): a cell's means sum to its library size. The column
+``total spread / real`` (per type, the sd of log totals over the real cells', geometric mean
+over types) reads 1 for the real cells.
+
 Rows are the decoder's known answer: the PC scores of real cells nothing saw (the unseen
 split), decoded with each fit, judged by ``tl.evaluate(gen, held, train=train)`` (reference PCA
 on the train cells) next to the real unseen cells themselves, which must sit at the control.
@@ -30,6 +35,7 @@ Writes docs/benchmarks/nb_fit.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -49,6 +55,22 @@ from quality import (
     scores_of,
     write_lines,
 )
+
+
+def total_spread(totals, real_totals, labels, min_cells: int = 10) -> float:
+    """Per type, the sd of log totals over the real cells' (geometric mean over types).
+
+    A type's cells have their own depth; the decoded mean used to set it too, and spread
+    generated totals wider than real ones. The real cells themselves read 1.
+    """
+    ratios = [
+        np.std(np.log(np.maximum(totals[labels == c], 1)))
+        / np.std(np.log(np.maximum(real_totals[labels == c], 1)))
+        for c in np.unique(labels)
+        if (labels == c).sum() >= min_cells
+    ]
+    return float(np.exp(np.mean(np.log(ratios))))
+
 
 SETTINGS = {"cpu": {"seeds": [0, 1, 2]}, "fast": {"seeds": [0]}}
 
@@ -89,8 +111,34 @@ def scales_raised(counts, factors, expected, expression, n_rounds: int = 4, seed
     }
 
 
-def fits(adata, space) -> dict:
-    """Fit name -> (negative binomial parameters, seconds)."""
+#: the fit set-up makes
+DEFAULT_FIT = "default: bisected, class ratios"
+
+
+@contextlib.contextmanager
+def depth_from_the_profile():
+    """Decode (and fit) as before the per-cell library means: the decoded profile set depth.
+
+    Both modules' ``cell_means`` are replaced by the identity for the block, so the one run
+    reads the change against what it changed.
+    """
+    import scbranch.model._counts as fit_module
+    import scbranch.model._spaces._gene_counts as decode_module
+
+    saved = fit_module.cell_means, decode_module.cell_means
+
+    def as_decoded(mu, factors, target_sum):
+        return np.asarray(mu, dtype=np.float64)
+
+    fit_module.cell_means = decode_module.cell_means = as_decoded
+    try:
+        yield
+    finally:
+        fit_module.cell_means, decode_module.cell_means = saved
+
+
+def fits(adata, space, only: str | None = None) -> dict:
+    """Fit name -> (negative binomial parameters, seconds); ``only``: that fit alone."""
     from scbranch._validation import to_dense
     from scbranch.model._counts import fit_negative_binomial
     from scbranch.model._decoding import decode
@@ -107,10 +155,12 @@ def fits(adata, space) -> dict:
         "scales raised": lambda: scales_raised(counts, factors, expected, expression),
         "dispersion bisected": lambda: fit_negative_binomial(counts, factors, expected, expression),
         # what set-up fits: the same, around each class's own mean (benchmarks/class_ratios.py)
-        "default: bisected, class ratios": lambda: fit_negative_binomial(
+        DEFAULT_FIT: lambda: fit_negative_binomial(
             counts, factors, expected, expression, codes=codes, n_classes=n_classes
         ),
     }.items():
+        if only is not None and name != only:
+            continue
         t0 = time.perf_counter()
         out[name] = (fit(), time.perf_counter() - t0)
     return out
@@ -141,6 +191,7 @@ def run_dataset(name, loader, cfg) -> tuple[pd.DataFrame, dict]:
             rec["mean total / real"] = totals.mean() / real_totals.mean()
             rec["median total / real"] = np.median(totals) / np.median(real_totals)
             rec["zero fraction"] = 1 - counts.nnz / np.prod(counts.shape)
+            rec["total spread / real"] = total_spread(totals, real_totals, labels)
         records.append(rec)
 
     from quality import TrainCellsProbe
@@ -151,12 +202,21 @@ def run_dataset(name, loader, cfg) -> tuple[pd.DataFrame, dict]:
         records[-1]["zero fraction"] = real_zeros
     codes = np.array([model.classes.index(c) for c in labels])
     options = space.resolve_options(counts=True, batch=None, residual_noise="nb")
-    for fit_name, (nb, fit_s) in fits(default_setup(train), space).items():
+
+    def decode_all(row, nb, fit_s):
         space.counts.nb = nb
         for seed in cfg["seeds"]:
             counts = space.decode(np.asarray(z, np.float32), codes, options, seed).layers["counts"]
             gen = decode_in_space(model, z, labels, "nb", seed)
-            judge(f"unseen cells' PC scores, {fit_name} fit", gen, seed, counts, fit_s)
+            judge(row, gen, seed, counts, fit_s)
+
+    with depth_from_the_profile():  # the decoder before per-cell library means, fitted so too
+        ((nb, fit_s),) = fits(default_setup(train), space, only=DEFAULT_FIT).values()
+        decode_all(
+            "unseen cells' PC scores, default fit, depth from the profile (before)", nb, fit_s
+        )
+    for fit_name, (nb, fit_s) in fits(default_setup(train), space).items():
+        decode_all(f"unseen cells' PC scores, {fit_name} fit", nb, fit_s)
     meta = {
         "n_train": train.n_obs,
         "n_unseen": unseen.n_obs,
@@ -170,7 +230,10 @@ def run_dataset(name, loader, cfg) -> tuple[pd.DataFrame, dict]:
 def table(df: pd.DataFrame) -> pd.DataFrame:
     order = list(dict.fromkeys(df["row"]))
     metrics = [m for _, m in METRICS]
-    cols = ["mean total / real", "median total / real", "zero fraction", *metrics, "fit_s"]
+    cols = [
+        "mean total / real", "median total / real", "total spread / real", "zero fraction",
+        *metrics, "fit_s",
+    ]  # fmt: skip
     out = {}
     for row in order:
         g = df[df["row"] == row]

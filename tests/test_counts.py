@@ -717,3 +717,28 @@ def test_a_pca_without_loadings_says_why_it_makes_no_counts():
     for asked in ({"counts": True}, {"residual_noise": "nb"}):
         with pytest.raises(ValueError, match="no PCA loadings in varm\\['PCs'\\]"):
             model.generate(n_cells=2, progress_bar=False, **asked)
+
+
+def test_generated_counts_sum_to_the_library_size_of_their_size_factor():
+    # the decoded profile set the depth too: expm1 of it does not sum to the normalised total,
+    # so generated totals spread 1.32x as wide as real ones per type (pbmc68k_reduced)
+    adata = sb.datasets.pbmc68k()
+    sb.BranchedDiffusion.setup_anndata(
+        adata, labels_key=LABELS, obsm_key="X_pca", counts_layer="counts"
+    )
+    model = sb.BranchedDiffusion(adata, **FAST_MODEL)
+    space = model.space
+    options = space.resolve_options(counts=True, batch=None, residual_noise="nb")
+    z = model.encode(adata)
+    codes = adata.obs[LABELS].cat.codes.to_numpy()
+    target = space.counts.nb["target_sum"]
+    totals = {}
+    for shift in (0.0, 3.0):  # a profile moved along PC 1: another expm1 sum, the same depth
+        moved = z.copy()
+        moved[:, 0] += shift
+        out = space.decode(moved, codes, options, seed=0)
+        library = out.obs["scbranch_size_factor"] * target
+        totals[shift] = np.asarray(out.layers["counts"].sum(1)).ravel() / library
+    for ratio in totals.values():  # counting noise around the library size, no more
+        assert 0.97 < np.median(ratio) < 1.03 and np.std(np.log(ratio)) < 0.15
+    assert abs(np.log(totals[0.0]).mean() - np.log(totals[3.0]).mean()) < 0.02

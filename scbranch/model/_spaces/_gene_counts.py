@@ -15,6 +15,7 @@ from ..._validation import (
     check_genes,
 )
 from .._counts import (
+    cell_means,
     class_pools,
     counts_from_expression,
     draw_from_pools,
@@ -93,7 +94,10 @@ class _SizeFactorCounts:
             mu = mu * nb["scale"]
             if "class_ratio" in nb:  # models saved before the class ratios: the global mean
                 mu = mu * nb["class_ratio"][codes]
-            mu = np.minimum(mu, MAX_MEAN_COUNT)
+            # the cell's depth is its size factor: the means sum to its library size, as real
+            # counts sum to theirs (cell_means; an overflowed gene takes the cell's whole total)
+            mu = np.nan_to_num(mu, posinf=MAX_MEAN_COUNT)
+            mu = np.minimum(cell_means(mu, factors, nb["target_sum"]), MAX_MEAN_COUNT)
         counts = sample_negative_binomial(
             mu, nb["inverse_dispersion"], np.random.default_rng([seed, 4])
         )
