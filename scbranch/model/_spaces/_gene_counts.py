@@ -77,9 +77,10 @@ class _SizeFactorCounts:
 
         The cell's size factor comes from its class (as for ``counts=True``), the mean is the
         gene's scaled decoded mean times its class's ratio for the gene (what the class holds
-        outside the latent, ``class_ratios``) and the noise the gene's fitted negative
-        binomial, so the cells carry the counting noise and the variation the latent leaves
-        out, as scVI's cells do. ``.X`` is ``log1p(counts / total * target_sum)``, like the
+        outside the latent, ``class_ratios``), rescaled so that the cell's means sum to its
+        library size (``cell_means``), and the noise the gene's fitted negative binomial, so
+        the cells carry the counting noise and the variation the latent leaves out, as scVI's
+        cells do. ``.X`` is ``log1p(counts / total * target_sum)``, like the
         set-up data (:class:`PcaSpace` then sets its PC scores back to the generated ones).
         """
         nb = self.nb
