@@ -715,7 +715,7 @@ def test_a_pca_without_loadings_says_why_it_makes_no_counts():
     with pytest.warns(UserWarning, match="counts_layer='counts' is ignored.*varm\\['PCs'\\]"):
         model = sb.BranchedDiffusion(adata, **FAST_MODEL)
     for asked in ({"counts": True}, {"residual_noise": "nb"}):
-        with pytest.raises(ValueError, match="no PCA loadings in varm\\['PCs'\\]"):
+        with pytest.raises(ValueError, match="found no loadings in varm\\['PCs'\\]"):
             model.generate(n_cells=2, progress_bar=False, **asked)
 
 

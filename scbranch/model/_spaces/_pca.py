@@ -203,10 +203,10 @@ class PcaSpace(_GeneSpace):
         if (residual_noise or counts) and self.decoder is None:
             asked = "residual_noise" if residual_noise else "counts"
             raise ValueError(
-                f"{asked} needs a map from the PCA back to genes, and this model (diffusing "
-                f"obsm[{self.obsm_key!r}]) was set up without one: its AnnData had no PCA "
-                "loadings in varm['PCs'] (`sc.pp.pca` stores them), so its `counts_layer` was "
-                "ignored. Set up cells whose varm['PCs'] holds the loadings of this PCA."
+                f"{asked} applies to models that decode a PCA to genes; this model (diffusing "
+                f"obsm[{self.obsm_key!r}] without PCA loadings) has no PCA decoder: set-up "
+                "found no loadings in varm['PCs'] (`sc.pp.pca` stores them), so a "
+                "`counts_layer` given with it was ignored."
             )
         return super().resolve_options(counts=counts, batch=batch, residual_noise=residual_noise)
 
