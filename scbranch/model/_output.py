@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -89,12 +90,11 @@ def as_names(value, name: str) -> list[str]:
     (['CD19+ B'], ['B', 'NK'])
     """
     names = [value] if isinstance(value, str) else [str(v) for v in value]
-    repeated = sorted({v for v in names if names.count(v) > 1})
+    repeated = sorted(v for v, n in Counter(names).items() if n > 1)
     if repeated:
-        raise ValueError(
-            f"{name} names {repeated} more than once; name each once (to ask for more cells "
-            "of some types, give each its number in a dict)."
-        )
+        # generate's labels: a second mention meant more cells, which a dict says
+        more = " (for more cells of some, a dict gives each its number)" if name == "labels" else ""
+        raise ValueError(f"{name} names {repeated} more than once; name each once{more}.")
     return names
 
 
