@@ -89,7 +89,7 @@ def save_figure(fig: Figure, save: bool | str | None, name: str) -> Path | None:
     >>> save_figure(plt.figure(), None, "branch_tree") is None
     True
     """
-    if save is None or save is False:
+    if save is None or (isinstance(save, bool | str) and not save):  # False or "", as scanpy
         return None
     from scanpy import settings
 
