@@ -285,3 +285,15 @@ def test_evaluate_refuses_what_it_cannot_judge_and_warns_about_what_it_judges_ba
     with caplog.at_level(logging.WARNING, logger="scbranch"):
         sb.tl.evaluate(no_counts, held, "cell_type", metrics=["zero_fraction_error"])
     assert "count metrics are not evaluated" in caplog.text
+
+
+def test_counts_are_refused_in_every_object_and_at_low_counts(data):
+    # counts in every object passed (the check wanted one scale, not the log scale), and
+    # counts that never reach 20 passed as log-normalised (most genes of a real dataset)
+    good, held, train = data["good"], data["held"], data["train"]
+    with pytest.raises(ValueError, match=r"generated \(raw counts\).*not log-normalised"):
+        sb.tl.evaluate(good, held, "cell_type", train=train, layer="counts", metrics=["w2"])
+    low = good.copy()
+    low.X = low.layers["counts"].minimum(5)  # whole numbers, the largest 5
+    with pytest.raises(ValueError, match=r"generated \(raw counts\).*not on one scale"):
+        sb.tl.evaluate(low, held, "cell_type", train=train, metrics=["w2"])
