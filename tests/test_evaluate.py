@@ -297,3 +297,22 @@ def test_counts_are_refused_in_every_object_and_at_low_counts(data):
     low.X = low.layers["counts"].minimum(5)  # whole numbers, the largest 5
     with pytest.raises(ValueError, match=r"generated \(raw counts\).*not on one scale"):
         sb.tl.evaluate(low, held, "cell_type", train=train, metrics=["w2"])
+
+
+def test_arrays_wrapped_by_users_are_judged_by_their_cells_not_their_names(data, caplog):
+    # AnnData built from arrays name cells "0", "1", ...: held-out and train cells were
+    # reported as the same cells; a generated gene named twice was counted twice
+    import warnings
+
+    good, held, train = (data[k].copy() for k in ("good", "held", "train"))
+    for a in (good, held, train):
+        a.obs_names = [str(i) for i in range(a.n_obs)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "also in `train`" warning
+        sb.tl.evaluate(good, held, "cell_type", train=train, metrics=["w2"])
+    with pytest.warns(UserWarning, match="also in `train`"):  # the same cells still are
+        sb.tl.evaluate(good, train, "cell_type", train=train, metrics=["w2"])
+    twice = good[:, :5].copy()
+    twice.var_names = ["g0", "g1", "g2", "g3", "g0"]
+    with pytest.raises(ValueError, match="generated.var_names are not unique"):
+        sb.tl.evaluate(twice, held, "cell_type", train=train, metrics=["w2"])

@@ -70,6 +70,11 @@ class ReferencePCA:
             raise ValueError(
                 f"Too few cells ({x.shape[0]}) or genes ({x.shape[1]}) to fit a reference PCA."
             )
+        if n_comps < self.n_comps:  # was silent: a 1,000-component request fitted 350
+            logger.info(
+                "The reference PCA has %d components, not the %d asked for: %d fitting cells "
+                "and %d genes allow no more.", n_comps, self.n_comps, x.shape[0], x.shape[1],
+            )  # fmt: skip
         self._pca = PCA(n_components=n_comps, random_state=self.seed).fit(x)
         self.n_fit_cells_ = x.shape[0]
         return self

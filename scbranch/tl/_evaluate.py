@@ -35,7 +35,7 @@ from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
 from .._keys import Key
-from .._validation import check_finite, check_obs_key, warn_if_negative
+from .._validation import check_finite, check_obs_key, to_dense, warn_if_negative
 from ..metrics._classifier import classifier_auroc
 from ..metrics._de import N_TOP_MARKERS, lfc_spearman, log_fold_changes, marker_overlap, top_markers
 from ..metrics._distances import mmd_rbf, wasserstein2
@@ -157,8 +157,11 @@ def _gene_positions(generated: AnnData, other: AnnData, name: str) -> np.ndarray
             "cells with the same genes (e.g. the AnnData the model was trained on, or "
             "`real[:, generated.var_names]`)."
         )
-    if not index.is_unique:
-        raise ValueError(f"{name}.var_names are not unique; run `{name}.var_names_make_unique()`.")
+    for data, label in ((other, name), (generated, "generated")):  # a gene counted twice
+        if not data.var_names.is_unique:
+            raise ValueError(
+                f"{label}.var_names are not unique; run `{label}.var_names_make_unique()`."
+            )
     return pos
 
 
@@ -498,7 +501,7 @@ def _fitting_cells(real, train, labels_key, groups, fit_fraction, min_cells, see
     """
     if train is not None:
         shared = real.obs_names.intersection(train.obs_names)
-        if len(shared):
+        if len(shared) and _same_cells(real, train, shared):
             # the reference space would be fitted on cells it then compares: the bias the
             # protocol exists to avoid (train_distance's control falls to 0)
             warnings.warn(
@@ -549,6 +552,21 @@ def _fitting_cells(real, train, labels_key, groups, fit_fraction, min_cells, see
     )
 
 
+def _same_cells(real: AnnData, train: AnnData, names, n_check: int = 200) -> bool:
+    """Whether cells named alike in both hold the same expression (or it cannot be told).
+
+    AnnData built from arrays name their cells "0", "1", ...: the names meet, the cells need
+    not (a user's held-out and train cells were reported as one, falsely).
+    """
+    names = list(names[:n_check])
+    genes = real.var_names.intersection(train.var_names)[:n_check]
+    if not len(genes) or real.X is None or train.X is None:
+        return True
+    a = to_dense(real[names, genes].X).astype(np.float64)
+    b = to_dense(train[names, genes].X).astype(np.float64)
+    return bool(np.any(np.all(np.isclose(a, b), axis=1)))
+
+
 def _resolve_groups(groups, gen_labels, real_labels, labels_key) -> list[str]:
     present_gen = list(pd.unique(gen_labels))
     present_real = set(real_labels)
@@ -566,8 +584,9 @@ def _resolve_groups(groups, gen_labels, real_labels, labels_key) -> list[str]:
     if no_real:
         raise ValueError(
             f"Class(es) {no_real} have generated cells but no real cells in "
-            f"real.obs[{labels_key!r}], so there is nothing to compare with. Pass held-out cells "
-            "of every generated class, or restrict with `groups=[...]`."
+            f"real.obs[{labels_key!r}] (which holds {sorted(present_real)[:10]}), so there is "
+            "nothing to compare with. Pass held-out cells of every generated class, or restrict "
+            "with `groups=[...]`."
         )
     too_few = [g for g in groups if (real_labels == g).sum() < 2]
     if too_few:
