@@ -241,3 +241,34 @@ def test_median_bandwidth_of_many_cells_reads_a_sample_near_the_exact_median(mon
     sampled = sb.metrics.median_bandwidth(x, y)
     assert sampled != exact and sampled == pytest.approx(exact, rel=0.03)
     assert sb.metrics.median_bandwidth(x, y) == sampled  # seeded
+
+
+def test_metrics_name_bad_input_instead_of_failing_inside():
+    # lists failed on .shape, 1-D on an index, NaN and no cells passed into the numbers,
+    # a kNN with too few training cells raised scikit-learn's n_neighbors error
+    from scbranch.metrics import (
+        centroid_spread,
+        gene_mean_ceiling,
+        label_fidelity,
+        top_markers,
+        zero_fraction_error,
+    )
+
+    assert zero_fraction_error([[0, 1], [0, 0]], [[0, 1], [1, 1]]) == 0.5
+    for bad, match in (
+        ([0, 1], "2-D"),
+        (np.zeros((0, 2)), "at least one cell"),
+        (np.array([[np.nan, 1.0]]), "NaN"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            zero_fraction_error(bad, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="2-D"):
+        gene_mean_ceiling(np.arange(10.0))
+    nan = np.full((10, 3), np.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        top_markers(nan, ["a"] * 5 + ["b"] * 5, ["a", "b"])
+    with pytest.raises(ValueError, match="NaN"):
+        centroid_spread(nan, ["a"] * 10, np.ones((10, 3)), ["a"] * 10)
+    x = np.random.default_rng(0).normal(size=(4, 2))
+    with pytest.raises(ValueError, match="at least 15 training cells"):
+        label_fidelity(x, ["a"] * 4, x[:1], ["a"], x, ["a"] * 4)

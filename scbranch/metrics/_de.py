@@ -25,6 +25,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import spearmanr
 
+from .._validation import check_finite
+
 #: pseudocount of the log fold change, in normalised-expression units (counts per 10,000)
 PSEUDOCOUNT = 1.0
 #: markers compared per type
@@ -143,6 +145,7 @@ def top_markers(
     if isinstance(n_top, bool) or int(n_top) != n_top or n_top < 1:
         raise ValueError(f"n_top must be a whole number >= 1, got {n_top!r}.")
     keep = np.isin(labels, groups)
+    check_finite(x, "`x` (the cells top_markers ranks)")  # NaN ranked into markers, silently
     n_genes = x.shape[1]
     names = np.asarray(var_names if var_names is not None else np.arange(n_genes)).astype(str)
     sub = x[keep]

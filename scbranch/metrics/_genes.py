@@ -75,10 +75,7 @@ def zero_fraction(m) -> np.ndarray:
     >>> zero_fraction(np.array([[0, 1], [0, 0]])).tolist()
     [1.0, 0.5]
     """
-    if not sp.issparse(m):
-        m = np.asarray(m)  # lists and other array-likes too
-    if m.ndim != 2:
-        raise ValueError(f"zero_fraction needs cells x genes (2-D), got shape {m.shape}.")
+    m = _cells_by_genes(m, "zero_fraction")
     n = m.shape[0]
     if sp.issparse(m):
         m = sp.csc_matrix(m, copy=True)  # never the caller's matrix: the next lines edit it
@@ -106,9 +103,24 @@ def zero_fraction_error(x, y) -> float:
     >>> zero_fraction_error(np.array([[0, 1], [0, 0]]), np.array([[0, 1], [1, 1]]))
     0.5
     """
+    x, y = _cells_by_genes(x, "x"), _cells_by_genes(y, "y")  # lists, 1-D, NaN, no cells
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y have different numbers of genes: {x.shape[1]} vs {y.shape[1]}.")
     return float(np.abs(zero_fraction(x) - zero_fraction(y)).mean())
+
+
+def _cells_by_genes(m, name: str):
+    """``m`` as a cells x genes matrix with cells and finite values, or a clear error.
+
+    Lists failed on ``.shape``, 1-D input on an index, NaN passed as a count and no cells
+    gave NaN with numpy's warnings.
+    """
+    if not sp.issparse(m):
+        m = np.asarray(m)  # lists and other array-likes too
+    if m.ndim != 2 or m.shape[0] == 0:
+        raise ValueError(f"{name} needs cells x genes (2-D, at least one cell), got {m.shape}.")
+    check_finite(m, name)
+    return m
 
 
 def gene_mean_ceiling(x, n_splits: int = 50, seed: int = 0) -> float:
@@ -148,6 +160,7 @@ def gene_mean_ceiling(x, n_splits: int = 50, seed: int = 0) -> float:
     >>> round(gene_mean_ceiling(x), 2)
     0.99
     """
+    x = _cells_by_genes(x, "x (the cells given to gene_mean_ceiling)")  # 1-D gave NaN
     n = x.shape[0]
     if n < 4:
         raise ValueError(f"gene_mean_ceiling needs at least 4 cells to split into halves; got {n}.")

@@ -15,12 +15,16 @@ from anndata import AnnData
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
+from .._validation import check_finite
 from ._reference import ReferencePCA
+
+#: neighbours of the label-fidelity kNN
+KNN_NEIGHBOURS = 15
 
 
 def _classifier(kind: str, seed: int):
     if kind == "knn":
-        return KNeighborsClassifier(n_neighbors=15)
+        return KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS)
     if kind == "logreg":
         return LogisticRegression(max_iter=5000, random_state=seed)
     raise ValueError(f"classifier must be 'knn' or 'logreg', got {kind!r}.")
@@ -69,6 +73,13 @@ def label_fidelity(
     >>> label_fidelity(x, y, x, y, x, y)["ratio"].round(2).tolist()
     [1.0, 1.0]
     """
+    for name, m in (("generated", generated), ("train", train), ("heldout", heldout)):
+        check_finite(np.asarray(m), f"`{name}`")
+    if classifier == "knn" and len(train) < KNN_NEIGHBOURS:  # scikit-learn's n_neighbors error
+        raise ValueError(
+            f"label_fidelity's kNN classifier needs at least {KNN_NEIGHBOURS} training cells, "
+            f"got {len(train)}; pass more, or classifier='logreg'."
+        )
     clf = _classifier(classifier, seed).fit(np.asarray(train), np.asarray(train_labels))
     gen_pred = clf.predict(np.asarray(generated))
     ctrl_pred = clf.predict(np.asarray(heldout))
@@ -121,6 +132,8 @@ def centroid_spread(
     """
     gl, rl = np.asarray(generated_labels), np.asarray(reference_labels)
     g_all, r_all = np.asarray(generated), np.asarray(reference)
+    check_finite(g_all, "`generated`")  # a NaN gave a NaN row without a word
+    check_finite(r_all, "`reference`")
     rows = {}
     for c in pd.unique(rl):
         g, r = g_all[gl == c], r_all[rl == c]
