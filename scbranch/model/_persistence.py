@@ -69,9 +69,14 @@ def _paths(directory: Path, prefix: str) -> dict[str, Path]:
     }
 
 
+def _is_saved(name: str) -> bool:
+    """Whether ``save`` writes the attribute ``name``: public, ending with ``_`` (scvi-tools')."""
+    return name.endswith("_") and not name.startswith("_")
+
+
 def _attributes(model) -> dict:
     """What scvi-tools saves of a model: every public attribute whose name ends with ``_``."""
-    return {k: v for k, v in vars(model).items() if k.endswith("_") and not k.startswith("_")}
+    return {k: v for k, v in vars(model).items() if _is_saved(k)}
 
 
 def save(
@@ -386,7 +391,7 @@ def _rebuild(cls, attributes: dict, space, state: dict, directory: Path):
         raise _corrupt(directory, PlainFormatError("it records no attributes"))
     # only what save writes (public names ending in "_", _attributes): a damaged or crafted
     # file must not replace the module, the space or a method
-    foreign = sorted(k for k in attributes if not (k.endswith("_") and not k.startswith("_")))
+    foreign = sorted(k for k in attributes if not _is_saved(k))
     if foreign:
         damaged = PlainFormatError(f"it sets attributes {foreign}, which save never writes")
         raise _corrupt(directory, damaged)
