@@ -7,6 +7,7 @@ from pathlib import Path
 
 from anndata import AnnData
 
+from ._rows import zarr_store_root
 from ._writer import is_zarr_path
 
 
@@ -113,7 +114,7 @@ def backing_paths(*datasets: AnnData | None) -> set[Path]:
         if adata.isbacked and adata.filename is not None:
             paths.add(Path(adata.filename).resolve())
         for matrix in (adata.X, *adata.layers.values()):
-            root = getattr(getattr(getattr(matrix, "group", None), "store", None), "root", None)
+            root = zarr_store_root(matrix)
             if root is not None:  # a zarr store's local directory
                 paths.add(Path(root).resolve())
     return paths

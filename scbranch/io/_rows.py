@@ -59,6 +59,21 @@ def read_block(m, start: int, stop: int, dtype=np.float64):
     return _as_block(m[start:stop], dtype)
 
 
+def zarr_store_root(m):
+    """The local directory of the zarr store ``m`` is read from, or `None` (not zarr).
+
+    anndata's on-disk sparse datasets hold it as ``.group.store.root``, dense zarr arrays as
+    ``.store.root``.
+
+    Examples
+    --------
+    >>> zarr_store_root(np.zeros((2, 2))) is None
+    True
+    """
+    root = getattr(getattr(getattr(m, "group", None), "store", None), "root", None)
+    return root if root is not None else getattr(getattr(m, "store", None), "root", None)
+
+
 def check_store_present(m) -> None:
     """Raise if ``m`` is read from a zarr store that has gone (moved or deleted).
 
@@ -72,9 +87,7 @@ def check_store_present(m) -> None:
     """
     from pathlib import Path
 
-    root = getattr(getattr(getattr(m, "group", None), "store", None), "root", None)
-    if root is None:
-        root = getattr(getattr(m, "store", None), "root", None)  # a dense zarr array
+    root = zarr_store_root(m)
     if root is not None and not Path(root).exists():
         raise FileNotFoundError(
             f"The .zarr store {str(root)!r} these cells are read from is gone (moved or "
