@@ -62,9 +62,9 @@ def cell_count(value, name: str) -> int:
 def cell_counts(n_cells, names: Sequence[str]) -> dict[str, int]:
     """``{name: cells}`` from ``generate``'s ``n_cells``: a dict, or one count for every name.
 
-    A pandas Series (``obs[key].value_counts()``) counts as a dict.
+    Callers pass a Series of counts through :func:`counts_as_dict` first (their own checks
+    need the dict).
     """
-    n_cells = counts_as_dict(n_cells)
     if isinstance(n_cells, Mapping):
         return {str(k): cell_count(v, repr(str(k))) for k, v in n_cells.items()}
     if isinstance(n_cells, str) or np.ndim(n_cells) > 0:
