@@ -1,7 +1,8 @@
-"""Small helpers shared across the package: seeds and progress bars."""
+"""Small helpers shared across the package: seeds, progress bars, names and warnings."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -71,3 +72,20 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def as_names(value, name: str) -> list[str]:
+    """``value`` as a list of distinct names: one string is one name, not its letters.
+
+    Examples
+    --------
+    >>> as_names("CD19+ B", "labels"), as_names(["B", "NK"], "labels")
+    (['CD19+ B'], ['B', 'NK'])
+    """
+    names = [value] if isinstance(value, str) else [str(v) for v in value]
+    repeated = sorted(v for v, n in Counter(names).items() if n > 1)
+    if repeated:
+        # generate's labels: a second mention meant more cells, which a dict says
+        more = " (for more cells of some, a dict gives each its number)" if name == "labels" else ""
+        raise ValueError(f"{name} names {repeated} more than once; name each once{more}.")
+    return names

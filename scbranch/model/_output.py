@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._keys import Key
+from .._utils import as_names
 from .._versions import package_versions
 
 if TYPE_CHECKING:
@@ -79,23 +79,6 @@ def cell_counts(n_cells, names: Sequence[str]) -> dict[str, int]:
 def counts_as_dict(n_cells):
     """A pandas Series of counts (``obs[key].value_counts()``) as a dict; anything else as is."""
     return n_cells.to_dict() if isinstance(n_cells, pd.Series) else n_cells
-
-
-def as_names(value, name: str) -> list[str]:
-    """``value`` as a list of distinct names: one string is one name, not its letters.
-
-    Examples
-    --------
-    >>> as_names("CD19+ B", "labels"), as_names(["B", "NK"], "labels")
-    (['CD19+ B'], ['B', 'NK'])
-    """
-    names = [value] if isinstance(value, str) else [str(v) for v in value]
-    repeated = sorted(v for v, n in Counter(names).items() if n > 1)
-    if repeated:
-        # generate's labels: a second mention meant more cells, which a dict says
-        more = " (for more cells of some, a dict gives each its number)" if name == "labels" else ""
-        raise ValueError(f"{name} names {repeated} more than once; name each once{more}.")
-    return names
 
 
 def warn_if_untrained(model: BranchedDiffusion, action: str) -> None:

@@ -35,6 +35,7 @@ from anndata import AnnData
 from sklearn.neighbors import NearestNeighbors
 
 from .._keys import Key
+from .._utils import as_names
 from .._validation import check_finite, check_obs_key, to_dense, warn_if_negative
 from ..metrics._classifier import classifier_auroc
 from ..metrics._de import N_TOP_MARKERS, lfc_spearman, log_fold_changes, marker_overlap, top_markers
@@ -42,7 +43,6 @@ from ..metrics._distances import mmd_rbf, wasserstein2
 from ..metrics._genes import gene_moment_spearman, zero_fraction_error
 from ..metrics._quality import _classifier
 from ..metrics._reference import ReferencePCA, split_for_fitting
-from ..model._output import as_names
 
 logger = logging.getLogger(__name__)
 
