@@ -95,6 +95,8 @@ def test_the_registry_readers_inherited_from_scvi_tools_never_unpickle(pca_model
     for read in (sb.BranchedDiffusion.load_registry, sb.BranchedDiffusion.view_setup_args):
         with pytest.raises(UntrustedModelError, match="scbranch convert"):
             read(tmp_path / "old")
+    with pytest.raises(FileNotFoundError, match="holds no 'model.json'"):
+        sb.BranchedDiffusion.load_registry(tmp_path)  # not a model directory
     with pytest.raises(ValueError, match="convert_legacy"):
         sb.BranchedDiffusion.convert_legacy_save(tmp_path / "old", tmp_path / "new")
     assert not marker.exists() and not (tmp_path / "new").exists()
